@@ -1,1 +1,5 @@
-//! Placeholder.
+//! The control library behind `tap-ctl` (the role of the C `libblktapctl`).
+//!
+//! [`paths`] names the files of the control directory shared with `tapdisk`.
+
+pub mod paths;

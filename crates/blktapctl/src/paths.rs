@@ -1,0 +1,80 @@
+//! Well-known filesystem locations shared by `tap-ctl` and `tapdisk`.
+//!
+//! Everything lives under one control directory, `/run/blktap-control` by default. The
+//! environment variable [`CONTROL_DIR_ENV`] overrides it, so tests (and several independent
+//! stacks on one host) can run side by side without touching each other.
+
+use std::path::PathBuf;
+
+/// Environment variable that overrides the control directory.
+pub const CONTROL_DIR_ENV: &str = "BLKTAP_CONTROL_DIR";
+
+/// The control directory used when [`CONTROL_DIR_ENV`] is unset.
+pub const DEFAULT_CONTROL_DIR: &str = "/run/blktap-control";
+
+/// Highest minor number `allocate` hands out (inclusive), as in the C stack.
+pub const MAX_MINOR: u32 = 16383;
+
+/// The control directory: `$BLKTAP_CONTROL_DIR` or `/run/blktap-control`.
+pub fn control_dir() -> PathBuf {
+    match std::env::var_os(CONTROL_DIR_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(DEFAULT_CONTROL_DIR),
+    }
+}
+
+/// Directory holding the per-minor marker files (`<ctl dir>/tapdisk`).
+pub fn marker_dir() -> PathBuf {
+    control_dir().join("tapdisk")
+}
+
+/// Marker file of one minor: `<ctl dir>/tapdisk/tapdisk-<minor>`.
+pub fn marker_path(minor: u32) -> PathBuf {
+    marker_dir().join(format!("tapdisk-{minor}"))
+}
+
+/// Control socket of one tapdisk process: `<ctl dir>/ctl<pid>`.
+pub fn ctl_socket_path(pid: u32) -> PathBuf {
+    control_dir().join(format!("ctl{pid}"))
+}
+
+/// NBD (fixed newstyle) socket of one VBD: `<ctl dir>/nbd<pid>.<minor>`.
+pub fn nbd_socket_path(pid: u32, minor: u32) -> PathBuf {
+    control_dir().join(format!("nbd{pid}.{minor}"))
+}
+
+/// Parses the pid out of a control socket file name (`ctl<pid>`).
+pub fn parse_ctl_socket_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("ctl")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Parses the minor out of a marker file name (`tapdisk-<minor>`).
+pub fn parse_marker_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("tapdisk-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|minor| *minor <= MAX_MINOR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_socket_and_marker_names() {
+        assert_eq!(parse_ctl_socket_name("ctl1234"), Some(1234));
+        assert_eq!(parse_ctl_socket_name("ctl"), None);
+        assert_eq!(parse_ctl_socket_name("ctl12x"), None);
+        assert_eq!(parse_ctl_socket_name("nbd12.3"), None);
+        assert_eq!(parse_marker_name("tapdisk-0"), Some(0));
+        assert_eq!(parse_marker_name("tapdisk-16383"), Some(16383));
+        assert_eq!(parse_marker_name("tapdisk-16384"), None);
+        assert_eq!(parse_marker_name("tapdisk-"), None);
+        assert_eq!(parse_marker_name("tapdisk--1"), None);
+    }
+}

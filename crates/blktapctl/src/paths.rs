@@ -4,7 +4,7 @@
 //! environment variable [`CONTROL_DIR_ENV`] overrides it, so tests (and several independent
 //! stacks on one host) can run side by side without touching each other.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Environment variable that overrides the control directory.
 pub const CONTROL_DIR_ENV: &str = "BLKTAP_CONTROL_DIR";
@@ -61,6 +61,58 @@ pub fn parse_marker_name(name: &str) -> Option<u32> {
     digits.parse().ok().filter(|minor| *minor <= MAX_MINOR)
 }
 
+/// One control directory, passed explicitly through the library.
+///
+/// The free functions above always read the environment; a `ControlDir` value lets callers (and
+/// tests running in parallel threads) name the directory without touching process-global state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlDir {
+    root: PathBuf,
+}
+
+impl ControlDir {
+    /// A control directory rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory named by the environment ([`control_dir`]).
+    pub fn from_env() -> Self {
+        Self::new(control_dir())
+    }
+
+    /// The control directory itself (`<ctl dir>`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory holding the per-minor marker files (`<ctl dir>/tapdisk`).
+    pub fn marker_dir(&self) -> PathBuf {
+        self.root.join("tapdisk")
+    }
+
+    /// Marker file of one minor: `<ctl dir>/tapdisk/tapdisk-<minor>`.
+    pub fn marker_path(&self, minor: u32) -> PathBuf {
+        self.marker_dir().join(format!("tapdisk-{minor}"))
+    }
+
+    /// Control socket of one tapdisk process: `<ctl dir>/ctl<pid>`.
+    pub fn ctl_socket_path(&self, pid: u32) -> PathBuf {
+        self.root.join(format!("ctl{pid}"))
+    }
+
+    /// NBD (fixed newstyle) socket of one VBD: `<ctl dir>/nbd<pid>.<minor>`.
+    pub fn nbd_socket_path(&self, pid: u32, minor: u32) -> PathBuf {
+        self.root.join(format!("nbd{pid}.{minor}"))
+    }
+}
+
+impl Default for ControlDir {
+    fn default() -> Self {
+        Self::from_env()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +128,15 @@ mod tests {
         assert_eq!(parse_marker_name("tapdisk-16384"), None);
         assert_eq!(parse_marker_name("tapdisk-"), None);
         assert_eq!(parse_marker_name("tapdisk--1"), None);
+    }
+
+    #[test]
+    fn explicit_control_dir_names_its_files() {
+        let dir = ControlDir::new("/x/ctl");
+        assert_eq!(dir.root(), Path::new("/x/ctl"));
+        assert_eq!(dir.marker_dir(), Path::new("/x/ctl/tapdisk"));
+        assert_eq!(dir.marker_path(7), Path::new("/x/ctl/tapdisk/tapdisk-7"));
+        assert_eq!(dir.ctl_socket_path(42), Path::new("/x/ctl/ctl42"));
+        assert_eq!(dir.nbd_socket_path(42, 7), Path::new("/x/ctl/nbd42.7"));
     }
 }

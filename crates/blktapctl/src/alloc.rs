@@ -1,0 +1,296 @@
+//! Minor allocation with marker files (the v4 scheme, no kernel device).
+//!
+//! A minor is "allocated" while `<ctl dir>/tapdisk/tapdisk-<minor>` exists. Allocation holds an
+//! exclusive `flock` on the marker directory while it picks the lowest missing number, so
+//! concurrent `tap-ctl allocate` calls never hand out the same minor. A tapdisk that attached a
+//! minor keeps an exclusive `flock` on its marker; `free` refuses to remove a marker it cannot
+//! lock itself.
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{flock, FlockOperation};
+
+use crate::error::{Error, Result};
+use crate::paths::{parse_marker_name, ControlDir, MAX_MINOR};
+
+/// Creates `<ctl dir>` (0755) and `<ctl dir>/tapdisk` (0700) if they are missing.
+fn prepare_directories(dir: &ControlDir) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir.root())
+        .map_err(|e| {
+            Error::from_io(
+                &e,
+                format!("creating control directory {}", dir.root().display()),
+            )
+        })?;
+    let markers = dir.marker_dir();
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&markers)
+        .map_err(|e| {
+            Error::from_io(
+                &e,
+                format!("creating marker directory {}", markers.display()),
+            )
+        })
+}
+
+/// Opens the marker directory and takes an exclusive (blocking) lock on it; the lock is
+/// released when the returned file is dropped.
+fn lock_marker_dir(markers: &Path) -> Result<File> {
+    let handle = File::open(markers).map_err(|e| {
+        Error::from_io(
+            &e,
+            format!("opening marker directory {}", markers.display()),
+        )
+    })?;
+    flock(&handle, FlockOperation::LockExclusive).map_err(|e| {
+        Error::from_errno(e, format!("locking marker directory {}", markers.display()))
+    })?;
+    Ok(handle)
+}
+
+/// Allocates the lowest free minor: creates its marker file (mode 0600) and returns
+/// `(minor, marker path)`. Fails with `ENOSPC` when all of `0..=MAX_MINOR` are taken.
+pub fn allocate(dir: &ControlDir) -> Result<(u32, PathBuf)> {
+    prepare_directories(dir)?;
+    let markers = dir.marker_dir();
+    let _lock = lock_marker_dir(&markers)?;
+
+    let mut taken = vec![false; usize::try_from(MAX_MINOR).unwrap_or(usize::MAX) + 1];
+    let entries = std::fs::read_dir(&markers).map_err(|e| {
+        Error::from_io(
+            &e,
+            format!("reading marker directory {}", markers.display()),
+        )
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|e| {
+            Error::from_io(
+                &e,
+                format!("reading marker directory {}", markers.display()),
+            )
+        })?;
+        let minor = entry.file_name().to_str().and_then(parse_marker_name);
+        if let Some(slot) = minor
+            .and_then(|m| usize::try_from(m).ok())
+            .and_then(|m| taken.get_mut(m))
+        {
+            *slot = true;
+        }
+    }
+
+    for minor in 0..=MAX_MINOR {
+        let index = usize::try_from(minor).unwrap_or(usize::MAX);
+        if taken.get(index).copied().unwrap_or(true) {
+            continue;
+        }
+        let path = dir.marker_path(minor);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(_) => return Ok((minor, path)),
+            // Created by someone who does not take the directory lock: skip it.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::from_io(
+                    &e,
+                    format!("creating marker file {}", path.display()),
+                ))
+            }
+        }
+    }
+    Err(Error::new(
+        libc::ENOSPC,
+        format!(
+            "all minors 0..={MAX_MINOR} are allocated in {}",
+            markers.display()
+        ),
+    ))
+}
+
+/// Frees `minor`: removes its marker file unless a tapdisk holds the marker's lock.
+///
+/// Errors: `ENOENT` when the marker does not exist; `EAGAIN` (= `EWOULDBLOCK`, what the C tool
+/// returns) when the marker is locked, i.e. the minor is still attached to a tapdisk.
+pub fn free(dir: &ControlDir, minor: u32) -> Result<()> {
+    let markers = dir.marker_dir();
+    let _lock = lock_marker_dir(&markers)?;
+    let path = dir.marker_path(minor);
+    let marker = File::open(&path).map_err(|e| {
+        Error::from_io(
+            &e,
+            format!("opening marker file {} of minor {minor}", path.display()),
+        )
+    })?;
+    flock(&marker, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        let context = format!(
+            "marker file {} of minor {minor} is locked by a tapdisk (still attached?)",
+            path.display()
+        );
+        Error::from_errno(e, context)
+    })?;
+    std::fs::remove_file(&path).map_err(|e| {
+        Error::from_io(
+            &e,
+            format!("removing marker file {} of minor {minor}", path.display()),
+        )
+    })
+}
+
+/// Minors that currently have a marker file, ascending. A missing directory means none.
+pub fn allocated_minors(dir: &ControlDir) -> Result<Vec<u32>> {
+    let markers = dir.marker_dir();
+    let entries = match std::fs::read_dir(&markers) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::from_io(
+                &e,
+                format!("reading marker directory {}", markers.display()),
+            ))
+        }
+    };
+    let mut minors = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| {
+            Error::from_io(
+                &e,
+                format!("reading marker directory {}", markers.display()),
+            )
+        })?;
+        if let Some(minor) = entry.file_name().to_str().and_then(parse_marker_name) {
+            minors.push(minor);
+        }
+    }
+    minors.sort_unstable();
+    Ok(minors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn temp_control_dir() -> (tempfile::TempDir, ControlDir) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = ControlDir::new(tmp.path().join("blktap-control"));
+        (tmp, dir)
+    }
+
+    #[test]
+    fn allocate_creates_directories_and_first_marker() {
+        let (_tmp, dir) = temp_control_dir();
+        let (minor, path) = allocate(&dir).expect("allocate");
+        assert_eq!(minor, 0);
+        assert_eq!(path, dir.marker_path(0));
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(
+            mode(&path) & 0o077,
+            0,
+            "marker must not be group/other accessible"
+        );
+        assert_eq!(mode(&dir.marker_dir()) & 0o077, 0);
+        assert!(dir.root().is_dir());
+    }
+
+    #[test]
+    fn lowest_free_minor_is_reused() {
+        let (_tmp, dir) = temp_control_dir();
+        for expected in 0..4 {
+            assert_eq!(allocate(&dir).expect("allocate").0, expected);
+        }
+        free(&dir, 1).expect("free 1");
+        free(&dir, 2).expect("free 2");
+        assert_eq!(allocate(&dir).expect("allocate").0, 1);
+        assert_eq!(allocate(&dir).expect("allocate").0, 2);
+        assert_eq!(allocate(&dir).expect("allocate").0, 4);
+        assert_eq!(allocated_minors(&dir).expect("list"), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn unrelated_files_do_not_count_as_minors() {
+        let (_tmp, dir) = temp_control_dir();
+        std::fs::create_dir_all(dir.marker_dir()).expect("mkdir");
+        for name in ["tapdisk-x", "other", "tapdisk-99999"] {
+            std::fs::write(dir.marker_dir().join(name), b"").expect("write");
+        }
+        assert_eq!(allocate(&dir).expect("allocate").0, 0);
+        assert_eq!(allocated_minors(&dir).expect("list"), vec![0]);
+    }
+
+    #[test]
+    fn concurrent_allocations_get_distinct_minors() {
+        let (_tmp, dir) = temp_control_dir();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    (0..8)
+                        .map(|_| allocate(&dir).expect("allocate").0)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all = BTreeSet::new();
+        for handle in threads {
+            for minor in handle.join().expect("thread") {
+                assert!(all.insert(minor), "minor {minor} handed out twice");
+            }
+        }
+        assert_eq!(all, (0..64).collect::<BTreeSet<u32>>());
+    }
+
+    #[test]
+    fn free_of_missing_marker_is_enoent() {
+        let (_tmp, dir) = temp_control_dir();
+        allocate(&dir).expect("allocate");
+        let err = free(&dir, 5).expect_err("no marker for 5");
+        assert_eq!(err.errno(), libc::ENOENT);
+        assert!(err.context().contains("tapdisk-5"), "{err}");
+    }
+
+    #[test]
+    fn free_without_control_dir_is_enoent() {
+        let (_tmp, dir) = temp_control_dir();
+        assert_eq!(free(&dir, 0).expect_err("no dir").errno(), libc::ENOENT);
+        assert_eq!(allocated_minors(&dir).expect("empty"), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn free_refuses_a_locked_marker() {
+        let (_tmp, dir) = temp_control_dir();
+        let (minor, path) = allocate(&dir).expect("allocate");
+        // Stand in for a tapdisk that attached the minor.
+        let holder = File::open(&path).expect("open marker");
+        flock(&holder, FlockOperation::LockExclusive).expect("lock marker");
+        let err = free(&dir, minor).expect_err("locked");
+        assert_eq!(err.errno(), libc::EAGAIN);
+        assert!(path.exists());
+        drop(holder);
+        free(&dir, minor).expect("free after unlock");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn full_range_gives_enospc() {
+        let (_tmp, dir) = temp_control_dir();
+        std::fs::create_dir_all(dir.marker_dir()).expect("mkdir");
+        for minor in 0..=MAX_MINOR {
+            std::fs::write(dir.marker_path(minor), b"").expect("write");
+        }
+        assert_eq!(allocate(&dir).expect_err("full").errno(), libc::ENOSPC);
+        free(&dir, 77).expect("free");
+        assert_eq!(allocate(&dir).expect("allocate").0, 77);
+    }
+}

@@ -147,6 +147,23 @@ pub fn free(dir: &ControlDir, minor: u32) -> Result<()> {
     })
 }
 
+/// How long [`free_settling`] keeps retrying a marker that is still locked.
+pub const FREE_SETTLE_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`free`], retrying for up to [`FREE_SETTLE_TIME`] while the marker is locked: used right
+/// after a detach (or a kill), when the tapdisk may release its lock only as it exits.
+pub fn free_settling(dir: &ControlDir, minor: u32) -> Result<()> {
+    let deadline = std::time::Instant::now() + FREE_SETTLE_TIME;
+    loop {
+        match free(dir, minor) {
+            Err(e) if e.errno() == libc::EAGAIN && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Minors that currently have a marker file, ascending. A missing directory means none.
 pub fn allocated_minors(dir: &ControlDir) -> Result<Vec<u32>> {
     let markers = dir.marker_dir();

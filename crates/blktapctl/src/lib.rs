@@ -1,16 +1,33 @@
 //! The control library behind `tap-ctl` (the role of the C `libblktapctl`).
 //!
-//! [`paths`] names the files of the control directory shared with `tapdisk`; [`alloc`] hands
-//! out minors as marker files; [`spawn`] starts a tapdisk and waits for its control socket.
+//! * [`paths`] names the files of the control directory shared with `tapdisk`;
+//! * [`alloc`] hands out minors as marker files;
+//! * [`spawn`] starts a tapdisk and waits for its control socket;
+//! * [`ipc`] is the control-socket client, [`ops`] the per-VBD requests built on it;
+//! * [`list`] joins minors, tapdisks and VBDs for `tap-ctl list`;
+//! * [`create`] strings allocate + spawn + attach + open together, undoing on failure.
+//!
 //! Every operation takes a [`ControlDir`] so callers choose the directory explicitly;
-//! [`ControlDir::from_env`] gives the default one.
+//! [`ControlDir::from_env`] gives the default one. Every failure is an [`Error`]: an errno and
+//! what was being done.
 
 pub mod alloc;
+pub mod create;
 pub mod error;
+pub mod ipc;
+pub mod list;
+pub mod ops;
 pub mod paths;
 pub mod spawn;
 
-pub use alloc::{allocate, allocated_minors, free};
+pub use alloc::{allocate, allocated_minors, free, free_settling};
+pub use create::{create, create_with, CreatedVbd};
 pub use error::{strerror, Error, Result};
+pub use list::{find_minor, find_pid, list, list_pid, ListFilter, ListRow};
+pub use ops::{
+    attach, close, destroy, detach, get_pid, info, list_vbds, open, pause, stats, unpause,
+    OpenRequest, ResumeRequest, VbdEntry,
+};
 pub use paths::ControlDir;
 pub use spawn::{find_tapdisk, spawn, spawn_with};
+pub use tapdisk_proto::{ImageInfo, OpenFlags};

@@ -1,0 +1,75 @@
+//! `tap-ctl create`: allocate a minor, spawn a tapdisk, attach the minor and open the image,
+//! undoing every completed step when a later one fails.
+
+use std::path::{Path, PathBuf};
+
+use rustix::process::{kill_process, Pid, Signal};
+
+use crate::alloc::{allocate, free_settling};
+use crate::error::Result;
+use crate::ops::{attach, detach, open, OpenRequest};
+use crate::paths::ControlDir;
+use crate::spawn::{find_tapdisk, spawn_with};
+use tapdisk_proto::ImageInfo;
+
+/// A VBD brought up by [`create`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedVbd {
+    pub minor: u32,
+    pub pid: u32,
+    /// The minor's marker file (what `tap-ctl create` prints).
+    pub marker: PathBuf,
+    pub image: ImageInfo,
+}
+
+/// [`create_with`] using the tapdisk binary found by [`find_tapdisk`].
+pub fn create(dir: &ControlDir, req: &OpenRequest) -> Result<CreatedVbd> {
+    let tapdisk = find_tapdisk().map_err(|e| e.within("spawning tapdisk"))?;
+    create_with(dir, &tapdisk, req)
+}
+
+/// Allocates a minor, spawns `tapdisk`, attaches the minor and opens `req` on it.
+///
+/// On failure everything done so far is undone (best effort; the first error is returned):
+/// after a failed open the minor is detached, which makes the new tapdisk exit; if attach
+/// never succeeded the tapdisk is killed with SIGTERM; the minor is freed.
+pub fn create_with(dir: &ControlDir, tapdisk: &Path, req: &OpenRequest) -> Result<CreatedVbd> {
+    let (minor, marker) = allocate(dir).map_err(|e| e.within("allocating a minor"))?;
+
+    let pid = match spawn_with(dir, tapdisk) {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = free_settling(dir, minor);
+            return Err(e.within("spawning tapdisk"));
+        }
+    };
+
+    if let Err(e) = attach(dir, pid, minor) {
+        terminate(pid);
+        let _ = free_settling(dir, minor);
+        return Err(e.within(format!("attaching minor {minor} to tapdisk {pid}")));
+    }
+
+    match open(dir, pid, minor, req) {
+        Ok(image) => Ok(CreatedVbd {
+            minor,
+            pid,
+            marker,
+            image,
+        }),
+        Err(e) => {
+            if detach(dir, pid, minor).is_err() {
+                terminate(pid);
+            }
+            let _ = free_settling(dir, minor);
+            Err(e.within(format!("opening {} on minor {minor}", req.params)))
+        }
+    }
+}
+
+/// Sends SIGTERM to a tapdisk we started (errors ignored: it may already be gone).
+fn terminate(pid: u32) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = kill_process(pid, Signal::TERM);
+    }
+}

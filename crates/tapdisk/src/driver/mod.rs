@@ -1,0 +1,190 @@
+//! Image drivers: the formats a VBD's image chain is built from.
+//!
+//! The interface follows tapdisk's `struct tap_disk`: a driver is opened from a path with
+//! [`OpenOptions`], reports its [`DiskInfo`], names its parent (if any) so the chain can be
+//! opened below it, validates that parent, and serves reads, writes, flushes, discards and
+//! block-status queries. Reads may leave sector ranges *absent* ([`ReadOutcome::absent`]): the
+//! image chain forwards those to the parent image (or fills them with zeros at the bottom).
+//!
+//! Every request method takes `&self` and returns a future, so a driver serves requests from
+//! several queues at once and completes them asynchronously.
+
+pub mod aio;
+
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::IoFuture;
+use crate::iobuf::IoBuf;
+
+/// Bytes per sector used for VBD addressing (the C stack's `SECTOR_SIZE`).
+pub const SECTOR_SIZE: u64 = 512;
+
+/// What a driver reports about its disk (tapdisk's `td_disk_info_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DiskInfo {
+    /// Size in 512-byte sectors.
+    pub sectors: u64,
+    /// Logical sector size in bytes.
+    pub sector_size: u32,
+    /// `VDISK_*` information bits (e.g. `VDISK_READONLY` 0x4).
+    pub info: u32,
+}
+
+/// The `VDISK_READONLY` information bit.
+pub const VDISK_READONLY: u32 = 0x4;
+
+/// How an image is opened (the subset of tapdisk's `TD_OPEN_*` flags a driver sees).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpenOptions {
+    /// Open read-only; writes fail with `EPERM`.
+    pub read_only: bool,
+    /// Don't use `O_DIRECT` (go through the page cache).
+    pub no_o_direct: bool,
+    /// The image may be shared with other VBDs in this process (read-only parents).
+    pub shareable: bool,
+}
+
+/// The registered image types, with the C stack's `DISK_TYPE_*` numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskType {
+    /// Raw file or block device.
+    Aio,
+    /// Virtual Hard Disk (fixed, dynamic, differencing).
+    Vhd,
+    /// Whole image held in memory.
+    Ram,
+    /// NBD client.
+    Nbd,
+}
+
+impl DiskType {
+    /// Looks up a type by its `type:` prefix name. `Err(ENOENT)` for unknown names, as tapdisk.
+    pub fn from_name(name: &str) -> Result<Self, io::Error> {
+        match name {
+            "aio" => Ok(Self::Aio),
+            "vhd" => Ok(Self::Vhd),
+            "ram" => Ok(Self::Ram),
+            "nbd" => Ok(Self::Nbd),
+            _ => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        }
+    }
+
+    /// The `type:` prefix name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Aio => "aio",
+            Self::Vhd => "vhd",
+            Self::Ram => "ram",
+            Self::Nbd => "nbd",
+        }
+    }
+
+    /// The C stack's `DISK_TYPE_*` number (shown in stats).
+    pub fn number(self) -> u32 {
+        match self {
+            Self::Aio => 0,
+            Self::Vhd => 4,
+            Self::Ram => 5,
+            Self::Nbd => 15,
+        }
+    }
+}
+
+/// Where an image's parent lives (tapdisk's `td_disk_id_t`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentLink {
+    /// The parent's type.
+    pub disk_type: DiskType,
+    /// The parent's path.
+    pub path: PathBuf,
+}
+
+/// Allocation state of a sector range, for NBD block status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Holds data in this image.
+    Data,
+    /// Known to read as zeros (a hole).
+    Zero,
+    /// Not present in this image: ask the parent.
+    Absent,
+}
+
+/// One run of a block-status answer, in sectors relative to the query start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRun {
+    /// Number of sectors in the run.
+    pub sectors: u64,
+    /// Their state.
+    pub state: Allocation,
+}
+
+/// Result of a driver read.
+#[derive(Debug)]
+pub struct ReadOutcome {
+    /// The buffer, filled wherever the image holds data.
+    pub buf: IoBuf,
+    /// Sector ranges (relative to the request's first sector) this image does not hold; the
+    /// chain reads them from the parent.
+    pub absent: Vec<Range<u64>>,
+}
+
+/// A disk image format driver (tapdisk's `struct tap_disk`).
+pub trait ImageDriver: Send + Sync + fmt::Debug {
+    /// The driver's type.
+    fn disk_type(&self) -> DiskType;
+    /// Size, sector size and info bits.
+    fn info(&self) -> DiskInfo;
+    /// The image's own path.
+    fn path(&self) -> &Path;
+    /// The parent image to open below this one, if any (`td_get_parent_id`).
+    fn parent(&self) -> Option<ParentLink> {
+        None
+    }
+    /// Checks that `parent` really is this image's parent (`td_validate_parent`).
+    fn validate_parent(&self, _parent: &dyn ImageDriver) -> io::Result<()> {
+        Ok(())
+    }
+    /// Reads `buf.len()` bytes starting at `sector`.
+    fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, ReadOutcome>;
+    /// Writes `buf` starting at `sector`.
+    fn write(&self, sector: u64, buf: Arc<IoBuf>) -> IoFuture<'_, ()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> IoFuture<'_, ()>;
+    /// Discards `count` sectors at `sector` (they then read as zeros).
+    fn discard(&self, _sector: u64, _count: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)) })
+    }
+    /// Allocation state of `count` sectors at `sector`.
+    fn block_status(&self, _sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
+        Box::pin(async move {
+            Ok(vec![StatusRun {
+                sectors: count,
+                state: Allocation::Data,
+            }])
+        })
+    }
+    /// Driver-specific status for `tap-ctl stats` as JSON text, or `None` for `null`.
+    fn stats_json(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Opens an image of `disk_type` at `path` (`td_open`).
+pub fn open_image(
+    disk_type: DiskType,
+    path: &Path,
+    options: OpenOptions,
+) -> io::Result<Box<dyn ImageDriver>> {
+    match disk_type {
+        DiskType::Aio => Ok(Box::new(aio::AioImage::open(path, options)?)),
+        // Known names whose drivers are not built yet: ENOSYS, as tapdisk does.
+        DiskType::Vhd | DiskType::Ram | DiskType::Nbd => {
+            Err(io::Error::from_raw_os_error(libc::ENOSYS))
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The `pread`/`pwrite` engine: blocking positioned I/O on tokio's blocking thread pool.
+//!
+//! Simple and portable; also the reference the faster engines are tested against.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::{IoEngine, IoFuture};
+use crate::iobuf::IoBuf;
+
+/// Runs each request as a blocking `pread`/`pwrite` on a worker thread.
+#[derive(Debug)]
+pub struct PreadEngine {
+    file: Arc<File>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl PreadEngine {
+    /// An engine over an already opened file.
+    pub fn new(file: File) -> Self {
+        Self {
+            file: Arc::new(file),
+            pending: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Runs `op` on the blocking pool, counting it as pending meanwhile.
+    fn run<T, F>(&self, op: F) -> IoFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&File) -> io::Result<T> + Send + 'static,
+    {
+        let file = Arc::clone(&self.file);
+        let pending = Arc::clone(&self.pending);
+        pending.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async move {
+            let result = tokio::task::spawn_blocking(move || {
+                let result = op(&file);
+                pending.fetch_sub(1, Ordering::Relaxed);
+                result
+            })
+            .await;
+            result.unwrap_or_else(|join_error| Err(io::Error::other(join_error)))
+        })
+    }
+}
+
+/// Reads until `buf` is full, zero-filling whatever lies past the end of the file.
+fn read_full_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => {
+                done += n;
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl IoEngine for PreadEngine {
+    fn read_at(&self, mut buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf> {
+        self.run(move |file| {
+            read_full_at(file, buf.as_mut_slice(), offset)?;
+            Ok(buf)
+        })
+    }
+
+    fn write_at(&self, buf: Arc<IoBuf>, offset: u64) -> IoFuture<'_, ()> {
+        self.run(move |file| file.write_all_at(buf.as_slice(), offset))
+    }
+
+    fn sync_data(&self) -> IoFuture<'_, ()> {
+        self.run(|file| file.sync_data())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.run(move |file| {
+            let mode =
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+            rustix::fs::fallocate(file, mode, offset, len).map_err(io::Error::from)
+        })
+    }
+
+    fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_then_reads_back_and_zero_fills_past_eof() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(8192).unwrap();
+        let engine = PreadEngine::new(file);
+        let data = Arc::new(IoBuf::copy_from(&[0x5a; 4096]));
+        engine.write_at(data, 4096).await.unwrap();
+        engine.sync_data().await.unwrap();
+        let buf = engine.read_at(IoBuf::zeroed(8192), 4096).await.unwrap();
+        assert!(buf.as_slice()[..4096].iter().all(|b| *b == 0x5a));
+        assert!(buf.as_slice()[4096..].iter().all(|b| *b == 0));
+        assert_eq!(engine.pending(), 0);
+    }
+}

@@ -1,0 +1,146 @@
+//! The NBD frontend: a VBD exported at `<ctl dir>/nbd<pid>.<minor>`.
+//!
+//! The protocol lives in the `nbd` crate; this module only adapts a [`Vbd`] to its
+//! [`nbd::Export`] trait. Every connection's requests go through the same VBD queue, so all
+//! clients see each other's writes, and pausing the VBD holds every connection's requests.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nbd::{Export, ExportInfo, Extent, NbdServer, ServerConfig};
+
+use crate::driver::{Allocation, SECTOR_SIZE};
+use crate::iobuf::IoBuf;
+use crate::vbd::Vbd;
+
+/// Largest request the export accepts (advertised as the maximum block size).
+pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// Sector number of a byte range that must be sector-aligned.
+fn aligned_sectors(offset: u64, len: u64) -> io::Result<(u64, u64)> {
+    if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+        return Err(einval());
+    }
+    Ok((offset / SECTOR_SIZE, len / SECTOR_SIZE))
+}
+
+/// A VBD seen through the NBD `Export` trait.
+#[derive(Debug)]
+pub struct VbdExport {
+    vbd: Arc<Vbd>,
+    info: ExportInfo,
+}
+
+impl VbdExport {
+    /// Wraps an open VBD; its size and mode are fixed for the export's lifetime (resume refuses
+    /// size changes).
+    pub fn new(vbd: Arc<Vbd>, name: &str) -> io::Result<Self> {
+        let disk = vbd.disk_info().ok_or_else(einval)?;
+        let read_only = disk.info & crate::driver::VDISK_READONLY != 0;
+        let info = ExportInfo {
+            size: disk.sectors * SECTOR_SIZE,
+            read_only,
+            can_flush: true,
+            can_trim: false,
+            can_write_zeroes: false,
+            can_fast_zero: false,
+            can_cache: false,
+            can_multi_conn: true,
+            min_block: u32::try_from(SECTOR_SIZE).unwrap_or(512),
+            preferred_block: 4096,
+            max_block: MAX_REQUEST_BYTES,
+            description: Some(name.to_owned()),
+        };
+        Ok(Self { vbd, info })
+    }
+}
+
+impl Export for VbdExport {
+    fn info(&self) -> ExportInfo {
+        self.info.clone()
+    }
+
+    async fn read(&self, offset: u64, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+        let (sector, _) = aligned_sectors(offset, buf.len() as u64)?;
+        let data = self.vbd.read(sector, IoBuf::zeroed(buf.len())).await?;
+        buf.copy_from_slice(data.as_slice());
+        Ok(buf)
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        let (sector, _) = aligned_sectors(offset, data.len() as u64)?;
+        self.vbd.write(sector, IoBuf::copy_from(&data)).await?;
+        if fua {
+            self.vbd.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.vbd.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        // Round outwards to whole sectors; extents are reported in bytes.
+        let first = offset / SECTOR_SIZE;
+        let end = offset.saturating_add(len).div_ceil(SECTOR_SIZE);
+        let runs = self.vbd.block_status(first, end - first).await?;
+        let mut extents = Vec::with_capacity(runs.len());
+        let mut at = first * SECTOR_SIZE;
+        for run in runs {
+            let run_end = at + run.sectors * SECTOR_SIZE;
+            let length = run_end.min(offset + len) - at.max(offset);
+            let flags = match run.state {
+                Allocation::Data => 0,
+                Allocation::Zero | Allocation::Absent => 3,
+            };
+            if length > 0 {
+                extents.push(Extent { length, flags });
+            }
+            at = run_end;
+        }
+        Ok(extents)
+    }
+}
+
+/// The running NBD export of one VBD.
+#[derive(Debug)]
+pub struct NbdFrontend {
+    server: NbdServer,
+    socket: PathBuf,
+}
+
+impl NbdFrontend {
+    /// Binds `socket` (replacing a stale file, mode 0600) and starts serving `vbd` on it.
+    pub fn start(vbd: Arc<Vbd>, socket: &Path, name: &str) -> io::Result<Self> {
+        let export = Arc::new(VbdExport::new(vbd, name)?);
+        match std::fs::remove_file(socket) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = tokio::net::UnixListener::bind(socket)?;
+        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let config = ServerConfig {
+            export_name: name.to_owned(),
+            ..ServerConfig::default()
+        };
+        let server = NbdServer::start(listener, export, config);
+        Ok(Self {
+            server,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    /// Stops accepting, drops every connection and removes the socket file.
+    pub async fn stop(self) {
+        self.server.shutdown().await;
+        if let Err(e) = std::fs::remove_file(&self.socket) {
+            tracing::warn!(socket = %self.socket.display(), "cannot remove NBD socket: {e}");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! tapdisk: the daemon that serves virtual block devices (VBDs) from disk images.
+//!
+//! Data flows one way: a **frontend** ([`frontend`], e.g. the NBD export) submits requests
+//! to a **VBD** ([`vbd`]), which passes them to its **image chain** ([`image`]) of format
+//! **drivers** ([`driver`]), which do file I/O through an **I/O engine** ([`engine`]).
+//! The **control socket** ([`control`]) receives `tap-ctl`'s messages and hands them to the
+//! process state ([`server`]), which creates, opens, pauses and closes VBDs.
+
+pub mod control;
+pub mod driver;
+pub mod engine;
+pub mod frontend;
+pub mod image;
+pub mod iobuf;
+pub mod logging;
+pub mod server;
+pub mod stats;
+pub mod sys;
+pub mod vbd;

@@ -1,0 +1,414 @@
+//! The state of one tapdisk process and its control-message handlers.
+//!
+//! A tapdisk hosts any number of VBDs, keyed by minor. Each attached VBD holds the `flock` on
+//! its marker file `<ctl dir>/tapdisk/tapdisk-<minor>` (so `tap-ctl free` refuses it), and each
+//! open VBD serves an NBD export. The process exits after its last VBD is detached.
+//!
+//! Handlers return `Err(errno)`; the control layer turns that into an `ERROR` reply.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tapdisk_proto::{
+    Body, ImageInfo, ListEntry, Message, MessageType, OpenFlags, Params, StatInfo,
+};
+use tokio::sync::watch;
+
+use crate::driver::{DiskInfo, OpenOptions};
+use crate::frontend::nbd::NbdFrontend;
+use crate::stats;
+use crate::vbd::{OpenRequest, Vbd, DEFAULT_REQUEST_TIMEOUT};
+
+/// Extra bytes a control request may carry after its 544-byte message.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Trailer {
+    /// CBT log path (OPEN/RESUME with `ADD_LOG`).
+    pub log_path: Option<String>,
+    /// Encryption key (OPEN with `OPEN_ENCRYPTED`).
+    pub key: Option<Vec<u8>>,
+}
+
+/// What the control layer writes back.
+#[derive(Debug)]
+pub enum Reply {
+    /// One message.
+    Message(Message),
+    /// A `LIST` stream (already terminated by its `count == 0` entry).
+    List(Vec<Message>),
+    /// A `STATS_RSP` followed by its text.
+    Stats(Message, String),
+}
+
+/// Open flags this tapdisk implements; any other flag is refused with `EOPNOTSUPP`.
+const SUPPORTED_OPEN_FLAGS: u32 =
+    OpenFlags::RDONLY.0 | OpenFlags::NO_O_DIRECT.0 | OpenFlags::SHARED.0;
+
+/// One attached VBD.
+#[derive(Debug)]
+struct Slot {
+    vbd: Arc<Vbd>,
+    /// The locked marker file; dropping it releases the lock.
+    _marker: File,
+    nbd: Option<NbdFrontend>,
+}
+
+/// One tapdisk process.
+#[derive(Debug)]
+pub struct Tapdisk {
+    pid: u32,
+    control_dir: PathBuf,
+    slots: Mutex<BTreeMap<u16, Slot>>,
+    /// Serialises the requests that change state (all but PID, LIST, STATS, DISK_INFO).
+    exclusive: tokio::sync::Mutex<()>,
+    /// Set to true once the last VBD is detached.
+    exit: watch::Sender<bool>,
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// The errno of an error, `EIO` when it has none.
+fn errno_of(error: &io::Error) -> i32 {
+    error.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn image_info(info: DiskInfo) -> ImageInfo {
+    ImageInfo {
+        sectors: info.sectors,
+        sector_size: info.sector_size,
+        info: info.info,
+    }
+}
+
+impl Tapdisk {
+    /// The state of process `pid` using `control_dir`.
+    pub fn new(pid: u32, control_dir: PathBuf) -> Self {
+        Self {
+            pid,
+            control_dir,
+            slots: Mutex::new(BTreeMap::new()),
+            exclusive: tokio::sync::Mutex::new(()),
+            exit: watch::channel(false).0,
+        }
+    }
+
+    fn slots(&self) -> MutexGuard<'_, BTreeMap<u16, Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn vbd(&self, minor: u16) -> io::Result<Arc<Vbd>> {
+        self.slots()
+            .get(&minor)
+            .map(|slot| Arc::clone(&slot.vbd))
+            .ok_or_else(|| errno(libc::ENODEV))
+    }
+
+    /// Resolves once the process should exit (its last VBD was detached).
+    pub async fn wait_for_exit(&self) {
+        let mut exit = self.exit.subscribe();
+        let _ = exit.wait_for(|done| *done).await;
+    }
+
+    /// True when the request type may run while another request is being handled.
+    pub fn is_reentrant(msg_type: MessageType) -> bool {
+        matches!(
+            msg_type,
+            MessageType::Pid | MessageType::List | MessageType::Stats | MessageType::DiskInfo
+        )
+    }
+
+    /// Handles one decoded request.
+    pub async fn handle(&self, request: &Message, trailer: &Trailer) -> Reply {
+        let cookie = request.cookie;
+        let result = if Self::is_reentrant(request.msg_type) {
+            self.dispatch(request, trailer).await
+        } else {
+            let _turn = self.exclusive.lock().await;
+            self.dispatch(request, trailer).await
+        };
+        result.unwrap_or_else(|e| {
+            let code = errno_of(&e);
+            tracing::info!(minor = cookie, "{} failed: {e}", request.msg_type.name());
+            Reply::Message(Message::error(cookie, code))
+        })
+    }
+
+    async fn dispatch(&self, request: &Message, trailer: &Trailer) -> io::Result<Reply> {
+        let minor = request.cookie;
+        let reply = |msg_type, body| Ok(Reply::Message(Message::new(msg_type, minor, body)));
+        match (request.msg_type, &request.body) {
+            (MessageType::Pid, _) => {
+                let pid = i32::try_from(self.pid).map_err(|_| errno(libc::EOVERFLOW))?;
+                reply(MessageType::PidRsp, Body::Pid(pid))
+            }
+            (MessageType::Attach, _) => {
+                self.attach(minor)?;
+                reply(MessageType::AttachRsp, Body::Empty)
+            }
+            (MessageType::Detach, _) => {
+                self.detach(minor)?;
+                reply(
+                    MessageType::DetachRsp,
+                    Body::Response {
+                        error: 0,
+                        message: String::new(),
+                    },
+                )
+            }
+            (MessageType::Open, Body::Params(params)) => {
+                let info = self.open(minor, params, trailer).await?;
+                reply(MessageType::OpenRsp, Body::Image(image_info(info)))
+            }
+            (MessageType::Close, _) => {
+                self.close(minor, false).await?;
+                reply(MessageType::CloseRsp, Body::Empty)
+            }
+            (MessageType::ForceShutdown, _) => {
+                self.close(minor, true).await?;
+                reply(MessageType::CloseRsp, Body::Empty)
+            }
+            (MessageType::Pause, _) => {
+                self.vbd(minor)?.pause().await?;
+                reply(MessageType::PauseRsp, Body::Empty)
+            }
+            (MessageType::Resume, Body::Params(params)) => {
+                self.resume(minor, params, trailer).await?;
+                reply(MessageType::ResumeRsp, Body::Empty)
+            }
+            (MessageType::List, _) => Ok(Reply::List(self.list())),
+            (MessageType::Stats, _) => {
+                let text = self.stats_text(minor)?;
+                let length = u64::try_from(text.len()).map_err(|_| errno(libc::EOVERFLOW))?;
+                let stat = StatInfo {
+                    msg_type: MessageType::StatsRsp as u16,
+                    cookie: minor,
+                    length,
+                };
+                Ok(Reply::Stats(
+                    Message::new(MessageType::StatsRsp, minor, Body::Stat(stat)),
+                    text,
+                ))
+            }
+            (MessageType::DiskInfo, _) => {
+                let info = self
+                    .vbd(minor)?
+                    .disk_info()
+                    .ok_or_else(|| errno(libc::EINVAL))?;
+                reply(MessageType::DiskInfoRsp, Body::Image(image_info(info)))
+            }
+            (
+                MessageType::XenblkifConnect
+                | MessageType::XenblkifDisconnect
+                | MessageType::Commit
+                | MessageType::QueryCommitJob
+                | MessageType::CancelCommitJob,
+                _,
+            ) => Err(errno(libc::EOPNOTSUPP)),
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    fn attach(&self, minor: u16) -> io::Result<()> {
+        if minor == tapdisk_proto::COOKIE_ALL {
+            return Err(errno(libc::EINVAL));
+        }
+        let mut slots = self.slots();
+        if slots.contains_key(&minor) {
+            return Err(errno(libc::EEXIST));
+        }
+        let marker_path = self
+            .control_dir
+            .join("tapdisk")
+            .join(format!("tapdisk-{minor}"));
+        let marker = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&marker_path)
+            .inspect_err(|e| {
+                tracing::error!(
+                    minor,
+                    "attach: cannot open marker {}: {e}",
+                    marker_path.display()
+                );
+            })?;
+        rustix::fs::flock(
+            &marker,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .map_err(|e| {
+            tracing::error!(
+                minor,
+                "attach: marker {} is locked by another tapdisk",
+                marker_path.display()
+            );
+            if e == rustix::io::Errno::WOULDBLOCK {
+                errno(libc::EBUSY)
+            } else {
+                io::Error::from(e)
+            }
+        })?;
+        slots.insert(
+            minor,
+            Slot {
+                vbd: Arc::new(Vbd::new(minor)),
+                _marker: marker,
+                nbd: None,
+            },
+        );
+        tracing::info!(minor, "attached");
+        Ok(())
+    }
+
+    fn detach(&self, minor: u16) -> io::Result<()> {
+        let mut slots = self.slots();
+        let slot = slots.get(&minor).ok_or_else(|| errno(libc::ENODEV))?;
+        if slot.vbd.is_open() {
+            return Err(errno(libc::EBUSY));
+        }
+        slots.remove(&minor);
+        let last = slots.is_empty();
+        drop(slots);
+        tracing::info!(minor, "detached");
+        if last {
+            self.exit.send_replace(true);
+        }
+        Ok(())
+    }
+
+    async fn open(&self, minor: u16, params: &Params, trailer: &Trailer) -> io::Result<DiskInfo> {
+        let vbd = self.vbd(minor).map_err(|_| errno(libc::EINVAL))?;
+        let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
+        if unsupported != 0 || trailer.log_path.is_some() || trailer.key.is_some() {
+            tracing::error!(
+                minor,
+                "open: flags {unsupported:#x} are not supported by this tapdisk"
+            );
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        if params.path.is_empty() {
+            return Err(errno(libc::EINVAL));
+        }
+        let options = OpenOptions {
+            read_only: params.flags.contains(OpenFlags::RDONLY),
+            no_o_direct: params.flags.contains(OpenFlags::NO_O_DIRECT),
+            shareable: params.flags.contains(OpenFlags::SHARED),
+        };
+        let timeout = match params.req_timeout {
+            0 => DEFAULT_REQUEST_TIMEOUT,
+            secs => Duration::from_secs(u64::from(secs)),
+        };
+        let request = OpenRequest {
+            params: params.path.clone(),
+            options,
+            timeout,
+        };
+        let info = vbd.open(request).await.inspect_err(|e| {
+            tracing::error!(minor, "open {} failed: {e}", params.path);
+        })?;
+        let socket = self.control_dir.join(format!("nbd{}.{minor}", self.pid));
+        match NbdFrontend::start(Arc::clone(&vbd), &socket, &params.path) {
+            Ok(frontend) => {
+                if let Some(slot) = self.slots().get_mut(&minor) {
+                    slot.nbd = Some(frontend);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    minor,
+                    "cannot start the NBD export at {}: {e}",
+                    socket.display()
+                );
+                vbd.close(true).await;
+                return Err(e);
+            }
+        }
+        tracing::info!(minor, "opened {} ({} sectors)", params.path, info.sectors);
+        Ok(info)
+    }
+
+    async fn close(&self, minor: u16, force: bool) -> io::Result<()> {
+        let (vbd, nbd) = {
+            let mut slots = self.slots();
+            let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;
+            (Arc::clone(&slot.vbd), slot.nbd.take())
+        };
+        if let Some(nbd) = nbd {
+            nbd.stop().await;
+        }
+        vbd.close(force).await;
+        tracing::info!(minor, force, "closed");
+        Ok(())
+    }
+
+    async fn resume(&self, minor: u16, params: &Params, trailer: &Trailer) -> io::Result<()> {
+        let vbd = self.vbd(minor)?;
+        let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
+        if unsupported != 0 || trailer.log_path.is_some() || !params.secondary.is_empty() {
+            tracing::error!(
+                minor,
+                "resume: flags {unsupported:#x}, a CBT log or a secondary are not supported"
+            );
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        let new_params = (!params.path.is_empty()).then(|| params.path.clone());
+        vbd.resume(new_params).await
+    }
+
+    fn list(&self) -> Vec<Message> {
+        let slots = self.slots();
+        let total = slots.len();
+        let mut messages = Vec::with_capacity(total + 1);
+        for (index, (minor, slot)) in slots.iter().enumerate() {
+            let entry = ListEntry {
+                count: i32::try_from(total - index).unwrap_or(i32::MAX),
+                minor: i32::from(*minor),
+                state: i32::try_from(slot.vbd.state()).unwrap_or(i32::MAX),
+                path: slot.vbd.params().unwrap_or_default(),
+            };
+            messages.push(Message::new(
+                MessageType::ListRsp,
+                *minor,
+                Body::List(entry),
+            ));
+        }
+        let end = ListEntry {
+            count: 0,
+            minor: -1,
+            state: 0,
+            path: String::new(),
+        };
+        messages.push(Message::new(
+            MessageType::ListRsp,
+            tapdisk_proto::COOKIE_ALL,
+            Body::List(end),
+        ));
+        messages
+    }
+
+    fn stats_text(&self, minor: u16) -> io::Result<String> {
+        let slots = self.slots();
+        if minor == tapdisk_proto::COOKIE_ALL {
+            return Ok(stats::all_stats(
+                slots.values().map(|slot| slot.vbd.as_ref()),
+            ));
+        }
+        let slot = slots.get(&minor).ok_or_else(|| errno(libc::ENODEV))?;
+        Ok(stats::vbd_stats(&slot.vbd))
+    }
+
+    /// Closes every VBD (forced) and stops their exports; used on SIGTERM/SIGINT.
+    pub async fn shutdown(&self) {
+        let minors: Vec<u16> = self.slots().keys().copied().collect();
+        for minor in minors {
+            let _ = self.close(minor, true).await;
+        }
+        self.slots().clear();
+    }
+}

@@ -1,0 +1,54 @@
+//! Process plumbing that needs `unsafe`: forking into the background.
+//!
+//! This is the only module of the daemon with `unsafe` code.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+
+/// The daemon side of a fork: report readiness (or failure) to the waiting parent through it.
+#[derive(Debug)]
+pub struct ReadyPipe {
+    pipe: File,
+}
+
+impl ReadyPipe {
+    /// Tells the parent to exit with `status` (0 = ready) and closes the pipe.
+    pub fn report(self, status: i32) {
+        let mut pipe = self.pipe;
+        // If the parent is gone there is nobody left to tell.
+        let _ = pipe.write_all(&status.to_le_bytes());
+    }
+}
+
+/// Forks. The parent waits until the child reports through its [`ReadyPipe`] and exits with
+/// the reported status (`EIO` if the child died first); only the child returns.
+///
+/// Must be called before any thread is started.
+pub fn daemonize() -> io::Result<ReadyPipe> {
+    let (read_end, write_end): (OwnedFd, OwnedFd) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io::Error::from)?;
+    // SAFETY: the process is still single-threaded here (main calls this before building the
+    // tokio runtime or spawning anything), so the child gets a consistent copy of all state and
+    // may keep running ordinary Rust code.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            drop(read_end);
+            rustix::process::setsid().map_err(io::Error::from)?;
+            Ok(ReadyPipe {
+                pipe: File::from(write_end),
+            })
+        }
+        _ => {
+            drop(write_end);
+            let mut status = [0u8; 4];
+            let code = match File::from(read_end).read_exact(&mut status) {
+                Ok(()) => i32::from_le_bytes(status),
+                Err(_) => libc::EIO,
+            };
+            std::process::exit(code);
+        }
+    }
+}

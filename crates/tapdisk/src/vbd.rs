@@ -1,0 +1,659 @@
+//! The virtual block device (VBD): one minor's request queue in front of its image chain.
+//!
+//! Every frontend (the NBD export today; ublk and FUSE later) submits requests through
+//! [`Vbd`], which
+//! - holds requests at its gate while the VBD is pausing or paused, and lets them through on
+//!   resume;
+//! - checks bounds (past the end: `EINVAL` for reads, `ENOSPC` for writes) and refuses writes to
+//!   a read-only disk (`EPERM`);
+//! - retries requests that fail with `EAGAIN`, `EBUSY` or `EINTR` (every second, `EBUSY` at
+//!   once) until the request timeout (120 s by default) runs out;
+//! - counts sectors, requests and retries for `tap-ctl stats`.
+//!
+//! Pausing stops intake, waits for in-flight requests to drain, then closes the image chain so
+//! that no file descriptor of it stays open (the toolstack may now snapshot or coalesce the
+//! images). Resuming reopens the chain, optionally from a new path, and refuses a chain whose
+//! size, sector size or information bits differ (`EMEDIUMTYPE`).
+//!
+//! Any number of frontend queues may submit concurrently: the state lock is held only for
+//! bookkeeping, never across I/O.
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::driver::{DiskInfo, OpenOptions, StatusRun, SECTOR_SIZE};
+use crate::image::ImageChain;
+use crate::iobuf::IoBuf;
+
+/// VBD state bits, as shown by `tap-ctl list` (tapdisk's `TD_VBD_*`).
+pub mod state {
+    /// The VBD is dead (queue killed).
+    pub const DEAD: u32 = 0x1;
+    /// No image chain is open.
+    pub const CLOSED: u32 = 0x2;
+    /// Intake stopped, waiting for in-flight requests.
+    pub const QUIESCE_REQUESTED: u32 = 0x4;
+    /// Intake stopped and nothing in flight.
+    pub const QUIESCED: u32 = 0x8;
+    /// A pause is in progress.
+    pub const PAUSE_REQUESTED: u32 = 0x10;
+    /// Paused: images closed until resume.
+    pub const PAUSED: u32 = 0x20;
+    /// A close is in progress.
+    pub const SHUTDOWN_REQUESTED: u32 = 0x40;
+    /// The last resume failed; the VBD stays paused.
+    pub const RESUME_FAILED: u32 = 0x200;
+}
+
+/// Request slots reported as the driver's `max` in stats.
+pub const MAX_REQUESTS: usize = 352;
+
+/// Default request timeout (`-t` overrides it per VBD).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Pause between retries of a request that failed with `EAGAIN` or `EINTR`.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a resume retries reopening images that fail with a transient error.
+const RESUME_OPEN_ATTEMPTS: u32 = 10;
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Errors worth retrying, as tapdisk: `EAGAIN`, `EBUSY`, `EINTR`.
+fn is_retryable(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+    )
+}
+
+/// Direction of a request, for bounds checks and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+    /// Flush and other requests that touch no sectors.
+    None,
+}
+
+/// Per-VBD counters.
+#[derive(Debug, Default)]
+pub struct VbdCounters {
+    /// Sectors read and written: `[read, write]`.
+    pub secs: [AtomicU64; 2],
+    /// Requests received.
+    pub received: AtomicU64,
+    /// Requests completed (successfully or not).
+    pub returned: AtomicU64,
+    /// Requests completed with an error.
+    pub errors: AtomicU64,
+    /// Retries of failed requests.
+    pub retries: AtomicU64,
+}
+
+/// What a VBD is opened with.
+#[derive(Debug, Clone)]
+pub struct OpenRequest {
+    /// `type:/path` of the leaf image.
+    pub params: String,
+    /// Driver open options.
+    pub options: OpenOptions,
+    /// Request timeout.
+    pub timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: u32,
+    /// `type:/path` while the VBD is open (including while paused).
+    params: Option<String>,
+    options: OpenOptions,
+    timeout: Duration,
+    chain: Option<Arc<ImageChain>>,
+    /// Disk information from the last successful open (kept while paused).
+    info: Option<DiskInfo>,
+    in_flight: usize,
+}
+
+/// One virtual block device.
+#[derive(Debug)]
+pub struct Vbd {
+    minor: u16,
+    inner: Mutex<Inner>,
+    /// Bumped on every state change; waiters subscribe, then re-check the state.
+    changes: watch::Sender<u64>,
+    counters: VbdCounters,
+}
+
+/// Marks one request as in flight until dropped.
+struct InFlight<'a> {
+    vbd: &'a Vbd,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.vbd.lock();
+        inner.in_flight -= 1;
+        let drained = inner.in_flight == 0;
+        drop(inner);
+        if drained {
+            self.vbd.notify();
+        }
+    }
+}
+
+/// Opens a chain on the blocking pool (opening a file may block on slow storage).
+async fn open_chain(request: &OpenRequest) -> io::Result<ImageChain> {
+    let params = request.params.clone();
+    let options = request.options;
+    tokio::task::spawn_blocking(move || ImageChain::open(&params, options))
+        .await
+        .unwrap_or_else(|join_error| Err(io::Error::other(join_error)))
+}
+
+impl Vbd {
+    /// A new, attached but closed VBD for `minor`.
+    pub fn new(minor: u16) -> Self {
+        Self {
+            minor,
+            inner: Mutex::new(Inner {
+                state: state::CLOSED,
+                params: None,
+                options: OpenOptions::default(),
+                timeout: DEFAULT_REQUEST_TIMEOUT,
+                chain: None,
+                info: None,
+                in_flight: 0,
+            }),
+            changes: watch::channel(0).0,
+            counters: VbdCounters::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock is a bug elsewhere; the state itself stays usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn notify(&self) {
+        self.changes
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// The minor number (VBD id).
+    pub fn minor(&self) -> u16 {
+        self.minor
+    }
+
+    /// Current state bits.
+    pub fn state(&self) -> u32 {
+        self.lock().state
+    }
+
+    /// `type:/path` while open (also while paused).
+    pub fn params(&self) -> Option<String> {
+        self.lock().params.clone()
+    }
+
+    /// True while an image chain is logically open (including while paused).
+    pub fn is_open(&self) -> bool {
+        self.lock().params.is_some()
+    }
+
+    /// Disk information of the open (or paused) disk.
+    pub fn disk_info(&self) -> Option<DiskInfo> {
+        self.lock().info
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &VbdCounters {
+        &self.counters
+    }
+
+    /// The open chain, if any (not while paused).
+    pub fn chain(&self) -> Option<Arc<ImageChain>> {
+        self.lock().chain.clone()
+    }
+
+    /// Opens the image chain. `EALREADY` if already open.
+    pub async fn open(&self, request: OpenRequest) -> io::Result<DiskInfo> {
+        if self.is_open() {
+            return Err(errno(libc::EALREADY));
+        }
+        let chain = open_chain(&request).await?;
+        let info = chain.info();
+        let mut inner = self.lock();
+        if inner.params.is_some() {
+            return Err(errno(libc::EALREADY));
+        }
+        inner.params = Some(request.params);
+        inner.options = request.options;
+        inner.timeout = request.timeout;
+        inner.chain = Some(Arc::new(chain));
+        inner.info = Some(info);
+        inner.state = 0;
+        drop(inner);
+        self.notify();
+        Ok(info)
+    }
+
+    /// Waits until `done` holds for the state.
+    async fn wait_until(&self, mut done: impl FnMut(&Inner) -> bool) {
+        loop {
+            let mut changes = self.changes.subscribe();
+            if done(&self.lock()) {
+                return;
+            }
+            // The sender lives as long as `self`, so this only returns on a change.
+            let _ = changes.changed().await;
+        }
+    }
+
+    /// Pauses: stops intake, drains in-flight requests, closes the chain.
+    pub async fn pause(&self) -> io::Result<()> {
+        {
+            let mut inner = self.lock();
+            if inner.params.is_none() {
+                return Err(errno(libc::EINVAL));
+            }
+            if inner.state & state::PAUSED != 0 {
+                return Ok(());
+            }
+            inner.state |= state::PAUSE_REQUESTED | state::QUIESCE_REQUESTED;
+        }
+        self.notify();
+        self.wait_until(|inner| inner.in_flight == 0).await;
+        let chain = {
+            let mut inner = self.lock();
+            inner.state &= !(state::PAUSE_REQUESTED | state::QUIESCE_REQUESTED);
+            inner.state |= state::QUIESCED | state::CLOSED | state::PAUSED;
+            inner.chain.take()
+        };
+        drop(chain);
+        self.notify();
+        tracing::info!(minor = self.minor, "paused");
+        Ok(())
+    }
+
+    /// Resumes a paused VBD, reopening its chain (from `new_params` if given).
+    pub async fn resume(&self, new_params: Option<String>) -> io::Result<()> {
+        let (request, old_info) = {
+            let inner = self.lock();
+            if inner.state & state::PAUSED == 0 {
+                return Err(errno(libc::EINVAL));
+            }
+            let params = new_params
+                .or_else(|| inner.params.clone())
+                .ok_or_else(|| errno(libc::EINVAL))?;
+            let request = OpenRequest {
+                params,
+                options: inner.options,
+                timeout: inner.timeout,
+            };
+            (request, inner.info)
+        };
+        let mut attempt = 1;
+        let chain = loop {
+            match open_chain(&request).await {
+                Ok(chain) => break chain,
+                Err(e)
+                    if attempt < RESUME_OPEN_ATTEMPTS
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EAGAIN | libc::EBUSY)
+                        ) =>
+                {
+                    tracing::warn!(
+                        minor = self.minor,
+                        "resume: reopening {} failed ({e}), retrying",
+                        request.params
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_INTERVAL).await;
+                }
+                Err(e) => {
+                    self.lock().state |= state::RESUME_FAILED;
+                    tracing::error!(
+                        minor = self.minor,
+                        "resume: cannot open {}: {e}",
+                        request.params
+                    );
+                    return Err(e);
+                }
+            }
+        };
+        let info = chain.info();
+        if let Some(old) = old_info {
+            if old != info {
+                self.lock().state |= state::RESUME_FAILED;
+                tracing::error!(
+                    minor = self.minor,
+                    "resume: {} has {} sectors of {} bytes (info {:#x}), the disk had {} of {} (info {:#x})",
+                    request.params, info.sectors, info.sector_size, info.info,
+                    old.sectors, old.sector_size, old.info
+                );
+                return Err(errno(libc::EMEDIUMTYPE));
+            }
+        }
+        {
+            let mut inner = self.lock();
+            inner.params = Some(request.params);
+            inner.chain = Some(Arc::new(chain));
+            inner.info = Some(info);
+            inner.state &=
+                !(state::PAUSED | state::QUIESCED | state::CLOSED | state::RESUME_FAILED);
+        }
+        self.notify();
+        tracing::info!(minor = self.minor, "resumed");
+        Ok(())
+    }
+
+    /// Closes the chain. Unless `force`, waits for in-flight requests first; requests waiting at
+    /// the gate (e.g. while paused) fail with `ESHUTDOWN`.
+    pub async fn close(&self, force: bool) {
+        self.lock().state |= state::SHUTDOWN_REQUESTED;
+        self.notify();
+        if !force {
+            self.wait_until(|inner| inner.in_flight == 0).await;
+        }
+        let chain = {
+            let mut inner = self.lock();
+            inner.params = None;
+            inner.state = state::CLOSED;
+            inner.chain.take()
+        };
+        drop(chain);
+        self.notify();
+    }
+
+    /// Admits one request: waits while paused, then checks state and bounds.
+    async fn enter(
+        &self,
+        access: Access,
+        sector: u64,
+        sectors: u64,
+    ) -> io::Result<(Arc<ImageChain>, InFlight<'_>)> {
+        loop {
+            let mut changes = self.changes.subscribe();
+            {
+                let mut inner = self.lock();
+                if inner.state & (state::DEAD | state::SHUTDOWN_REQUESTED) != 0
+                    || inner.params.is_none()
+                {
+                    return Err(errno(libc::ESHUTDOWN));
+                }
+                if let Some(chain) = inner.chain.clone() {
+                    if inner.state & (state::QUIESCE_REQUESTED | state::QUIESCED) == 0 {
+                        let info = chain.info();
+                        let end = sector.checked_add(sectors);
+                        if end.is_none_or(|end| end > info.sectors) {
+                            return Err(errno(if access == Access::Write {
+                                libc::ENOSPC
+                            } else {
+                                libc::EINVAL
+                            }));
+                        }
+                        if access == Access::Write && inner.options.read_only {
+                            return Err(errno(libc::EPERM));
+                        }
+                        inner.in_flight += 1;
+                        return Ok((chain, InFlight { vbd: self }));
+                    }
+                }
+            }
+            let _ = changes.changed().await;
+        }
+    }
+
+    /// Runs one request with admission, retry and accounting.
+    async fn submit<T, F, Fut>(
+        &self,
+        access: Access,
+        sector: u64,
+        sectors: u64,
+        mut attempt: F,
+    ) -> io::Result<T>
+    where
+        F: FnMut(Arc<ImageChain>) -> Fut,
+        Fut: Future<Output = io::Result<T>>,
+    {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut retries = 0u32;
+        let result = loop {
+            let (chain, in_flight) = match self.enter(access, sector, sectors).await {
+                Ok(admitted) => admitted,
+                Err(e) => break Err(e),
+            };
+            let timeout = self.lock().timeout;
+            let result = attempt(chain).await;
+            drop(in_flight);
+            match result {
+                Err(e) if is_retryable(&e) => {
+                    if started.elapsed() >= timeout {
+                        tracing::error!(
+                            minor = self.minor,
+                            sector,
+                            "request timed out, retried {retries} times: {e}"
+                        );
+                        break Err(e);
+                    }
+                    retries += 1;
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    let pause = if e.raw_os_error() == Some(libc::EBUSY) {
+                        Duration::from_millis(10)
+                    } else {
+                        RETRY_INTERVAL
+                    };
+                    tokio::time::sleep(pause).await;
+                }
+                other => break other,
+            }
+        };
+        self.counters.returned.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(_) => match access {
+                Access::Read => self.counters.secs[0].fetch_add(sectors, Ordering::Relaxed),
+                Access::Write => self.counters.secs[1].fetch_add(sectors, Ordering::Relaxed),
+                Access::None => 0,
+            },
+            Err(_) => self.counters.errors.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    /// Reads `buf.len()` bytes (a multiple of 512) at `sector`.
+    pub async fn read(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        let len = buf.len();
+        let sectors = sectors_of(len)?;
+        let mut first = Some(buf);
+        self.submit(Access::Read, sector, sectors, move |chain| {
+            let buf = first.take().unwrap_or_else(|| IoBuf::zeroed(len));
+            async move { chain.read(sector, buf).await }
+        })
+        .await
+    }
+
+    /// Writes `buf` (a multiple of 512 bytes) at `sector`.
+    pub async fn write(&self, sector: u64, buf: IoBuf) -> io::Result<()> {
+        let sectors = sectors_of(buf.len())?;
+        let buf = Arc::new(buf);
+        self.submit(Access::Write, sector, sectors, move |chain| {
+            let buf = Arc::clone(&buf);
+            async move { chain.write(sector, buf).await }
+        })
+        .await
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> io::Result<()> {
+        self.submit(
+            Access::None,
+            0,
+            0,
+            |chain| async move { chain.flush().await },
+        )
+        .await
+    }
+
+    /// Discards `count` sectors at `sector`.
+    pub async fn discard(&self, sector: u64, count: u64) -> io::Result<()> {
+        self.submit(Access::Write, sector, count, move |chain| async move {
+            chain.discard(sector, count).await
+        })
+        .await
+    }
+
+    /// Allocation status of `count` sectors at `sector`.
+    pub async fn block_status(&self, sector: u64, count: u64) -> io::Result<Vec<StatusRun>> {
+        self.submit(Access::Read, sector, count, move |chain| async move {
+            chain.block_status(sector, count).await
+        })
+        .await
+    }
+}
+
+/// Sectors in a byte length; `EINVAL` unless it is a whole number of sectors.
+fn sectors_of(len: usize) -> io::Result<u64> {
+    let len = len as u64;
+    if len % SECTOR_SIZE != 0 {
+        return Err(errno(libc::EINVAL));
+    }
+    Ok(len / SECTOR_SIZE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_image(dir: &tempfile::TempDir, name: &str, bytes: usize, fill: u8) -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, vec![fill; bytes]).unwrap();
+        format!("aio:{}", path.display())
+    }
+
+    fn request(params: String) -> OpenRequest {
+        OpenRequest {
+            params,
+            options: OpenOptions::default(),
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    #[tokio::test]
+    async fn open_read_write_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let vbd = Vbd::new(3);
+        assert_eq!(vbd.state(), state::CLOSED);
+        let info = vbd
+            .open(request(raw_image(&dir, "a.img", 65536, 0)))
+            .await
+            .unwrap();
+        assert_eq!(info.sectors, 128);
+        assert_eq!(vbd.state(), 0);
+        vbd.write(1, IoBuf::copy_from(&[7; 1024])).await.unwrap();
+        let buf = vbd.read(0, IoBuf::zeroed(2048)).await.unwrap();
+        assert!(buf.as_slice()[512..1536].iter().all(|b| *b == 7));
+        let past_end = vbd.read(127, IoBuf::zeroed(1024)).await.unwrap_err();
+        assert_eq!(past_end.raw_os_error(), Some(libc::EINVAL));
+        let write_past_end = vbd.write(128, IoBuf::zeroed(512)).await.unwrap_err();
+        assert_eq!(write_past_end.raw_os_error(), Some(libc::ENOSPC));
+        let overflow = vbd.read(u64::MAX, IoBuf::zeroed(512)).await.unwrap_err();
+        assert_eq!(overflow.raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(vbd.counters().secs[1].load(Ordering::Relaxed), 2);
+        let again = vbd
+            .open(request(raw_image(&dir, "b.img", 512, 0)))
+            .await
+            .unwrap_err();
+        assert_eq!(again.raw_os_error(), Some(libc::EALREADY));
+        vbd.close(false).await;
+        assert_eq!(vbd.state(), state::CLOSED);
+        assert!(vbd.read(0, IoBuf::zeroed(512)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn read_only_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let vbd = Vbd::new(0);
+        let mut req = request(raw_image(&dir, "a.img", 4096, 0));
+        req.options.read_only = true;
+        vbd.open(req).await.unwrap();
+        let err = vbd.write(0, IoBuf::zeroed(512)).await.unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[tokio::test]
+    async fn pause_holds_requests_and_resume_switches_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let vbd = Arc::new(Vbd::new(1));
+        vbd.open(request(raw_image(&dir, "a.img", 8192, 0xaa)))
+            .await
+            .unwrap();
+        vbd.pause().await.unwrap();
+        assert_eq!(vbd.state(), 0x2a);
+        assert!(vbd.chain().is_none());
+        let reader = {
+            let vbd = Arc::clone(&vbd);
+            tokio::spawn(async move { vbd.read(0, IoBuf::zeroed(512)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reader.is_finished());
+        // Another file of a different size is refused and the VBD stays paused.
+        let bigger = raw_image(&dir, "big.img", 16384, 0);
+        let err = vbd.resume(Some(bigger)).await.unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EMEDIUMTYPE));
+        assert_ne!(vbd.state() & state::PAUSED, 0);
+        // A file of the same size is accepted and served.
+        let other = raw_image(&dir, "b.img", 8192, 0xbb);
+        vbd.resume(Some(other.clone())).await.unwrap();
+        assert_eq!(vbd.state(), 0);
+        assert_eq!(vbd.params(), Some(other));
+        let buf = reader.await.unwrap().unwrap();
+        assert!(buf.as_slice().iter().all(|b| *b == 0xbb));
+    }
+
+    #[tokio::test]
+    async fn resume_requires_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let vbd = Vbd::new(1);
+        vbd.open(request(raw_image(&dir, "a.img", 4096, 0)))
+            .await
+            .unwrap();
+        assert_eq!(
+            vbd.resume(None).await.unwrap_err().raw_os_error(),
+            Some(libc::EINVAL)
+        );
+    }
+
+    #[tokio::test]
+    async fn close_fails_requests_waiting_at_the_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let vbd = Arc::new(Vbd::new(1));
+        vbd.open(request(raw_image(&dir, "a.img", 4096, 0)))
+            .await
+            .unwrap();
+        vbd.pause().await.unwrap();
+        let waiter = {
+            let vbd = Arc::clone(&vbd);
+            tokio::spawn(async move { vbd.read(0, IoBuf::zeroed(512)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        vbd.close(false).await;
+        let err = waiter.await.unwrap().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESHUTDOWN));
+    }
+}

@@ -1,1 +1,34 @@
-//! Placeholder.
+//! VHD images as Xen's tapdisk and `vhd-util` use them.
+//!
+//! * Pure format code (no I/O): [`footer`], [`header`], [`locator`],
+//!   [`bat`], [`bitmap`], [`batmap`], [`geometry`].
+//! * Images over a small positional I/O trait ([`io::BlockFile`]):
+//!   [`image::VhdImage`] (mapping, reads, writes, allocation),
+//!   [`chain::Chain`] (parents through locators), [`create`].
+//! * Maintenance: [`check`], [`journal`], [`ops`] (coalesce, resize,
+//!   fill, repair, modify, copy).
+#![forbid(unsafe_code)]
+
+pub mod bat;
+pub mod batmap;
+pub mod bitmap;
+mod bytes;
+pub mod chain;
+pub mod check;
+pub mod create;
+pub mod error;
+pub mod footer;
+pub mod geometry;
+pub mod header;
+pub mod image;
+pub mod io;
+pub mod journal;
+pub mod locator;
+pub mod ops;
+
+pub use bytes::ones_complement_checksum;
+pub use chain::Chain;
+pub use error::{FormatError, Result, VhdError};
+pub use footer::{DiskType, Footer};
+pub use image::{Extent, OpenOptions, VhdImage};
+pub use io::BlockFile;

@@ -57,7 +57,7 @@ impl MemExport {
     fn range(&self, offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
         let size = self.info.size;
         match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(offset as usize..end as usize),
+            Some(end) if end <= size => Ok(to_usize(offset)..to_usize(end)),
             _ => Err(io::Error::from_raw_os_error(22)),
         }
     }
@@ -114,7 +114,7 @@ impl Export for MemExport {
         while pos < end {
             let next = ((pos / MAP_BLOCK) + 1) * MAP_BLOCK;
             let stop = next.min(end);
-            let zero = data[pos as usize..stop as usize].iter().all(|&b| b == 0);
+            let zero = data[to_usize(pos)..to_usize(stop)].iter().all(|&b| b == 0);
             let flags = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
             match extents.last_mut() {
                 Some(last) if last.flags == flags => last.length += stop - pos,
@@ -127,6 +127,10 @@ impl Export for MemExport {
         }
         Ok(extents)
     }
+}
+
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).expect("test sizes fit in usize")
 }
 
 /// A server on a UNIX socket in its own temporary directory, on its own runtime.

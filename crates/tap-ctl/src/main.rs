@@ -1,2 +1,31 @@
-//! Placeholder.
-fn main() {}
+//! `tap-ctl`: the command-line front end of the blktap control library.
+//!
+//! See [`cli`] for the command set and its compatibility rules with the C tool. The control
+//! directory comes from `BLKTAP_CONTROL_DIR` (default `/run/blktap-control`).
+
+mod cli;
+mod getopt;
+
+use std::io::{IsTerminal, Write};
+
+fn main() {
+    let argv: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
+    let action = cli::parse(&argv);
+    let dir = blktapctl::ControlDir::from_env();
+    let stdout = std::io::stdout();
+    let stdout_is_tty = stdout.is_terminal();
+    let mut out = stdout.lock();
+    let mut err = std::io::stderr().lock();
+    let mut io = cli::Io {
+        out: &mut out,
+        err: &mut err,
+        stdout_is_tty,
+    };
+    let status = cli::run(action, &dir, &mut io);
+    let _ = out.flush();
+    drop(out);
+    std::process::exit(status);
+}

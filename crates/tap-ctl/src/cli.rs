@@ -1,0 +1,887 @@
+//! Command-line parsing and execution of `tap-ctl`, compatible with the C tool.
+//!
+//! Conventions kept from the C tool: with no arguments or an unknown command the global usage
+//! goes to stdout with exit status 0; `-h` prints a command's usage on stdout (exit 0); an
+//! unknown option, a missing option value, a missing required option or a malformed number
+//! prints the usage on stderr and exits with `EINVAL` (22); `--debug` is removed wherever it
+//! appears (accepted, no debug output yet). A failed operation prints
+//! `tap-ctl: <command>: <what failed>: <strerror>` on stderr and exits with the errno.
+//!
+//! Options the daemon does not implement yet (`create -d -r -e -2 -s -C`, `open -r -e -2 -s -C
+//! -E`, `unpause -2 -c`) are parsed and then refused with "not supported yet" and
+//! `EOPNOTSUPP` (95), without contacting any tapdisk. `major` and `check` belonged to the
+//! kernel-device (v3) stack: `major` reports that no blktap device major exists (`ENOSYS`),
+//! `check` prints `ok` because nothing kernel-side is needed.
+
+use std::io::Write;
+use std::time::Duration;
+
+use blktapctl::{ControlDir, Error, ListFilter, OpenFlags, OpenRequest, ResumeRequest};
+
+use crate::getopt::Getopt;
+
+/// The commands, in the order the global usage lists them.
+pub const COMMANDS: [&str; 15] = [
+    "list", "allocate", "free", "create", "destroy", "spawn", "attach", "detach", "open", "close",
+    "pause", "unpause", "stats", "major", "check",
+];
+
+/// A fully parsed command line ready to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    List {
+        filter: ListFilter,
+    },
+    Allocate,
+    Free {
+        minor: u32,
+    },
+    Create {
+        request: OpenRequest,
+    },
+    Destroy {
+        pid: u32,
+        minor: u32,
+        timeout: Option<Duration>,
+    },
+    Spawn,
+    Attach {
+        pid: u32,
+        minor: u32,
+    },
+    Detach {
+        pid: u32,
+        minor: u32,
+    },
+    Open {
+        pid: u32,
+        minor: u32,
+        request: OpenRequest,
+    },
+    Close {
+        pid: u32,
+        minor: u32,
+        force: bool,
+        timeout: Option<Duration>,
+    },
+    Pause {
+        pid: u32,
+        minor: u32,
+        timeout: Option<Duration>,
+    },
+    Unpause {
+        pid: u32,
+        minor: u32,
+        request: ResumeRequest,
+    },
+    Stats {
+        pid: u32,
+        minor: u32,
+    },
+    Major,
+    Check,
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Run `command` (named `name` in error messages).
+    Run {
+        name: &'static str,
+        command: Command,
+    },
+    /// Print this text on stdout and exit 0.
+    Help(String),
+    /// Print `message` (if any) and the usage on stderr, exit `EINVAL`.
+    Usage {
+        message: Option<String>,
+        usage: String,
+    },
+    /// Refuse an option the daemon cannot honour yet: exit `EOPNOTSUPP`.
+    Unsupported { name: &'static str, what: String },
+}
+
+/// Why parsing stopped before producing a [`Command`] (the non-`Run` cases of [`Action`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    Help(String),
+    Usage {
+        message: Option<String>,
+        usage: String,
+    },
+    Unsupported {
+        name: &'static str,
+        what: String,
+    },
+}
+
+impl From<Stop> for Action {
+    fn from(stop: Stop) -> Self {
+        match stop {
+            Stop::Help(text) => Action::Help(text),
+            Stop::Usage { message, usage } => Action::Usage { message, usage },
+            Stop::Unsupported { name, what } => Action::Unsupported { name, what },
+        }
+    }
+}
+
+/// The global usage (`usage: tap-ctl COMMAND [OPTIONS]` plus the command list).
+pub fn global_usage() -> String {
+    format!(
+        "usage: tap-ctl COMMAND [OPTIONS]\nCOMMAND := {{ {} }}\n",
+        COMMANDS.join(" | ")
+    )
+}
+
+/// The usage text of one command.
+pub fn usage(name: &str) -> String {
+    let text = match name {
+        "list" => {
+            "usage: list [-h] [-p pid] [-m minor] [-t type] [-f file]\n\n\
+                   Lists VBDs, tapdisks and allocated minors; on a terminal as\n\
+                   pid minor state type file, otherwise as pid= minor= state= args= fields\n"
+        }
+        "allocate" => "usage: allocate [-h]\n",
+        "free" => "usage: free <-m minor>\n",
+        "create" => {
+            "usage: create <-a type:/path/to/file> [-R read-only] [-D no O_DIRECT] \
+                     [-t request timeout in seconds] [-d device name] [-r read cache] \
+                     [-e <minor> reuse parent chain] [-2 <type:/path> secondary image] \
+                     [-s standby secondary] [-C <logfile> changed-block log]\n"
+        }
+        "destroy" => "usage: destroy <-p pid> <-m minor> [-t timeout in seconds]\n",
+        "spawn" => "usage: spawn [-h]\n",
+        "attach" => "usage: attach <-p pid> <-m minor>\n",
+        "detach" => "usage: detach <-p pid> <-m minor>\n",
+        "open" => {
+            "usage: open <-p pid> <-m minor> <-a type:/path/to/file> [-R read-only] \
+                   [-D no O_DIRECT] [-t request timeout in seconds] [-r read cache] \
+                   [-e <minor> reuse parent chain] [-2 <type:/path> secondary image] \
+                   [-s standby secondary] [-C <logfile> changed-block log] \
+                   [-E key on stdin]\n"
+        }
+        "close" => "usage: close <-p pid> <-m minor> [-f force] [-t timeout in seconds]\n",
+        "pause" => "usage: pause <-p pid> <-m minor> [-t timeout in seconds]\n",
+        "unpause" => {
+            "usage: unpause <-p pid> <-m minor> [-a type:/path/to/file] \
+                      [-2 <type:/path> secondary image] [-c <logfile> changed-block log]\n"
+        }
+        "stats" => {
+            "usage: stats <-p pid> <-m minor>\n\n\
+                    Prints the VBD statistics as a JSON-style object; images are listed \
+                    leaf first, root last\n"
+        }
+        "major" => "usage: major [-h]\n",
+        "check" => "usage: check\n(checks whether this host can run tapdisk)\n",
+        _ => return global_usage(),
+    };
+    text.to_owned()
+}
+
+/// Options collected by one command's getopt loop.
+#[derive(Debug, Default)]
+struct Collected {
+    pid: Option<u32>,
+    minor: Option<u32>,
+    args: Option<String>,
+    timeout_secs: Option<u64>,
+    force: bool,
+    readonly: bool,
+    no_o_direct: bool,
+    driver: Option<String>,
+    file: Option<String>,
+    /// Options given that the daemon does not support yet: (letter, description).
+    unsupported: Vec<(char, &'static str)>,
+}
+
+/// A number option's value, or the usage error for it.
+fn number<T: std::str::FromStr>(name: &str, letter: char, value: &str) -> Result<T, Stop> {
+    let digits_only = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    value
+        .parse::<T>()
+        .ok()
+        .filter(|_| digits_only)
+        .ok_or_else(|| Stop::Usage {
+            message: Some(format!(
+                "tap-ctl: {name}: invalid value '{value}' for -{letter}"
+            )),
+            usage: usage(name),
+        })
+}
+
+fn usage_error(name: &str, message: Option<String>) -> Stop {
+    Stop::Usage {
+        message,
+        usage: usage(name),
+    }
+}
+
+/// Runs getopt over `args` for command `name`, filling [`Collected`]. `Err` is the action to
+/// take instead (help or usage error).
+fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected, Stop> {
+    let mut c = Collected::default();
+    for item in Getopt::new(args, spec) {
+        let (letter, value) = item.map_err(|e| usage_error(name, Some(format!("tap-ctl: {e}"))))?;
+        let value = value.unwrap_or_default();
+        match (name, letter) {
+            (_, 'h') => return Err(Stop::Help(usage(name))),
+            // -b / -c of `major` chose block or character majors; neither exists here.
+            ("major", _) => {}
+            (_, 'p') => c.pid = Some(number(name, letter, &value)?),
+            (_, 'm') => c.minor = Some(number(name, letter, &value)?),
+            (_, 'a') => c.args = Some(value),
+            (_, 'f') if name == "list" => c.file = Some(value),
+            (_, 'f') => c.force = true,
+            ("list", 't') => c.driver = Some(value),
+            (_, 't') => c.timeout_secs = Some(number(name, letter, &value)?),
+            (_, 'R') => c.readonly = true,
+            (_, 'D') => c.no_o_direct = true,
+            (_, 'd') => c.unsupported.push(('d', "device name")),
+            (_, 'r') => c.unsupported.push(('r', "read cache")),
+            (_, 'e') => {
+                number::<u32>(name, letter, &value)?;
+                c.unsupported.push(('e', "reuse of a parent chain"));
+            }
+            (_, '2') => c.unsupported.push(('2', "secondary image")),
+            (_, 's') => c.unsupported.push(('s', "standby secondary")),
+            (_, 'C' | 'c') => c.unsupported.push((letter, "changed-block log")),
+            (_, 'E') => c.unsupported.push(('E', "encryption")),
+            _ => {}
+        }
+    }
+    Ok(c)
+}
+
+/// Requires `-p` and `-m`.
+fn pid_minor(name: &str, c: &Collected) -> Result<(u32, u32), Stop> {
+    match (c.pid, c.minor) {
+        (Some(pid), Some(minor)) => Ok((pid, minor)),
+        _ => Err(usage_error(name, None)),
+    }
+}
+
+/// Refuses the first unsupported option, if any.
+fn refuse_unsupported(name: &'static str, c: &Collected) -> Result<(), Stop> {
+    match c.unsupported.first() {
+        Some((letter, what)) => Err(Stop::Unsupported {
+            name,
+            what: format!("option -{letter} ({what})"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Request timeout (`-t` of open/create) in seconds, at most `u16::MAX`.
+fn request_timeout(name: &str, c: &Collected) -> Result<u16, Stop> {
+    match c.timeout_secs {
+        None => Ok(0),
+        Some(secs) => u16::try_from(secs).map_err(|_| {
+            usage_error(
+                name,
+                Some(format!(
+                    "tap-ctl: {name}: request timeout {secs} is above {}",
+                    u16::MAX
+                )),
+            )
+        }),
+    }
+}
+
+fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
+    let mut flags = OpenFlags::default();
+    if c.readonly {
+        flags |= OpenFlags::RDONLY;
+    }
+    if c.no_o_direct {
+        flags |= OpenFlags::NO_O_DIRECT;
+    }
+    OpenRequest {
+        params: args,
+        flags,
+        request_timeout: timeout,
+        ..OpenRequest::default()
+    }
+}
+
+/// Parses one command (`name` is a member of [`COMMANDS`]) and its arguments.
+fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
+    let spec = match name {
+        "list" => "m:p:t:f:h",
+        "allocate" | "spawn" => "h",
+        "free" => "m:h",
+        "create" => "a:RDd:e:r2:st:C:h",
+        "destroy" | "pause" => "p:m:t:h",
+        "attach" | "detach" | "stats" => "p:m:h",
+        "open" => "a:RDm:p:e:r2:st:C:Eh",
+        "close" => "p:m:ft:h",
+        "unpause" => "p:m:a:2:c:h",
+        "major" => "bch",
+        _ => "",
+    };
+    if name == "check" {
+        return if args.is_empty() {
+            Ok(Command::Check)
+        } else {
+            Err(usage_error(name, None))
+        };
+    }
+    let c = collect(name, args, spec)?;
+    let timeout = c.timeout_secs.map(Duration::from_secs);
+    let command = match name {
+        "list" => Command::List {
+            filter: ListFilter {
+                pid: c.pid,
+                minor: c.minor,
+                driver: c.driver,
+                path: c.file,
+            },
+        },
+        "allocate" => Command::Allocate,
+        "spawn" => Command::Spawn,
+        "major" => Command::Major,
+        "free" => Command::Free {
+            minor: c.minor.ok_or_else(|| usage_error(name, None))?,
+        },
+        "create" => {
+            let args = c.args.clone().ok_or_else(|| usage_error(name, None))?;
+            let req_timeout = request_timeout(name, &c)?;
+            refuse_unsupported(name, &c)?;
+            Command::Create {
+                request: open_request(args, &c, req_timeout),
+            }
+        }
+        "open" => {
+            let (pid, minor) = pid_minor(name, &c)?;
+            let args = c.args.clone().ok_or_else(|| usage_error(name, None))?;
+            let req_timeout = request_timeout(name, &c)?;
+            refuse_unsupported(name, &c)?;
+            Command::Open {
+                pid,
+                minor,
+                request: open_request(args, &c, req_timeout),
+            }
+        }
+        "unpause" => {
+            let (pid, minor) = pid_minor(name, &c)?;
+            refuse_unsupported(name, &c)?;
+            Command::Unpause {
+                pid,
+                minor,
+                request: ResumeRequest {
+                    params: c.args,
+                    ..ResumeRequest::default()
+                },
+            }
+        }
+        _ => {
+            let (pid, minor) = pid_minor(name, &c)?;
+            match name {
+                "destroy" => Command::Destroy {
+                    pid,
+                    minor,
+                    timeout,
+                },
+                "attach" => Command::Attach { pid, minor },
+                "detach" => Command::Detach { pid, minor },
+                "close" => Command::Close {
+                    pid,
+                    minor,
+                    force: c.force,
+                    timeout,
+                },
+                "pause" => Command::Pause {
+                    pid,
+                    minor,
+                    timeout,
+                },
+                _ => Command::Stats { pid, minor },
+            }
+        }
+    };
+    Ok(command)
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(argv: &[String]) -> Action {
+    let args: Vec<String> = argv.iter().filter(|a| *a != "--debug").cloned().collect();
+    let Some((first, rest)) = args.split_first() else {
+        return Action::Help(global_usage());
+    };
+    let Some(name) = COMMANDS.iter().copied().find(|c| c == first) else {
+        return Action::Help(global_usage());
+    };
+    match parse_command(name, rest) {
+        Ok(command) => Action::Run { name, command },
+        Err(stop) => stop.into(),
+    }
+}
+
+/// Where a run writes, and whether stdout is a terminal (it changes `list` and `spawn`).
+pub struct Io<'a> {
+    pub out: &'a mut dyn Write,
+    pub err: &'a mut dyn Write,
+    pub stdout_is_tty: bool,
+}
+
+impl std::fmt::Debug for Io<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Io")
+            .field("stdout_is_tty", &self.stdout_is_tty)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Carries out `action` against control directory `dir`; returns the exit status.
+/// Write errors on stdout/stderr (e.g. a closed pipe) are ignored, as the C tool ignores them.
+pub fn run(action: Action, dir: &ControlDir, io: &mut Io<'_>) -> i32 {
+    match action {
+        Action::Help(text) => {
+            let _ = io.out.write_all(text.as_bytes());
+            0
+        }
+        Action::Usage { message, usage } => {
+            if let Some(message) = message {
+                let _ = writeln!(io.err, "{message}");
+            }
+            let _ = io.err.write_all(usage.as_bytes());
+            libc::EINVAL
+        }
+        Action::Unsupported { name, what } => {
+            let _ = writeln!(
+                io.err,
+                "tap-ctl: {name}: {what} is not supported yet: {}",
+                blktapctl::strerror(libc::EOPNOTSUPP)
+            );
+            libc::EOPNOTSUPP
+        }
+        Action::Run { name, command } => match execute(command, dir, io) {
+            Ok(()) => 0,
+            Err(err) => {
+                let _ = writeln!(io.err, "tap-ctl: {name}: {err}");
+                err.errno()
+            }
+        },
+    }
+}
+
+fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Error> {
+    match command {
+        Command::List { filter } => {
+            let rows = match filter.pid {
+                Some(pid) => blktapctl::list_pid(dir, pid)?,
+                None => blktapctl::list(dir)?,
+            };
+            for row in rows.iter().filter(|row| filter.matches(row)) {
+                let line = if io.stdout_is_tty {
+                    row.format_table_row()
+                } else {
+                    row.format_dict()
+                };
+                let _ = writeln!(io.out, "{line}");
+            }
+        }
+        Command::Allocate => {
+            let (_, marker) = blktapctl::allocate(dir)?;
+            let _ = writeln!(io.out, "{}", marker.display());
+        }
+        Command::Free { minor } => blktapctl::free(dir, minor)?,
+        Command::Create { request } => {
+            let created = blktapctl::create(dir, &request)?;
+            let _ = writeln!(io.out, "{}", created.marker.display());
+        }
+        Command::Destroy {
+            pid,
+            minor,
+            timeout,
+        } => blktapctl::destroy(dir, pid, minor, timeout)?,
+        Command::Spawn => {
+            let pid = blktapctl::spawn(dir)?;
+            if io.stdout_is_tty {
+                let _ = writeln!(io.out, "tapdisk spawned with pid {pid}");
+            } else {
+                let _ = writeln!(io.out, "{pid}");
+            }
+        }
+        Command::Attach { pid, minor } => blktapctl::attach(dir, pid, minor)?,
+        Command::Detach { pid, minor } => blktapctl::detach(dir, pid, minor)?,
+        Command::Open {
+            pid,
+            minor,
+            request,
+        } => {
+            blktapctl::open(dir, pid, minor, &request)?;
+        }
+        Command::Close {
+            pid,
+            minor,
+            force,
+            timeout,
+        } => blktapctl::close(dir, pid, minor, force, timeout)?,
+        Command::Pause {
+            pid,
+            minor,
+            timeout,
+        } => blktapctl::pause(dir, pid, minor, timeout)?,
+        Command::Unpause {
+            pid,
+            minor,
+            request,
+        } => blktapctl::unpause(dir, pid, minor, &request)?,
+        Command::Stats { pid, minor } => {
+            let text = blktapctl::stats(dir, pid, Some(minor))?;
+            let _ = writeln!(io.out, "{text}");
+        }
+        Command::Major => {
+            return Err(Error::new(
+                libc::ENOSYS,
+                "this blktap stack has no kernel block device, hence no device major",
+            ))
+        }
+        Command::Check => {
+            let _ = writeln!(io.out, "ok");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    fn command(line: &str) -> Command {
+        match parse(&args(line)) {
+            Action::Run { command, .. } => command,
+            other => panic!("{line:?} did not parse to a command: {other:?}"),
+        }
+    }
+
+    fn is_usage_error(line: &str) -> bool {
+        matches!(parse(&args(line)), Action::Usage { .. })
+    }
+
+    fn unsupported(line: &str) -> Option<String> {
+        match parse(&args(line)) {
+            Action::Unsupported { what, .. } => Some(what),
+            _ => None,
+        }
+    }
+
+    /// Runs an action with captured output: (status, stdout, stderr).
+    fn run_captured(action: Action, tty: bool) -> (i32, String, String) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = ControlDir::new(tmp.path().join("ctl"));
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut io = Io {
+            out: &mut out,
+            err: &mut err,
+            stdout_is_tty: tty,
+        };
+        let status = run(action, &dir, &mut io);
+        (
+            status,
+            String::from_utf8(out).expect("utf8"),
+            String::from_utf8(err).expect("utf8"),
+        )
+    }
+
+    #[test]
+    fn no_args_or_unknown_command_prints_global_usage_and_succeeds() {
+        for line in [
+            "",
+            "frobnicate",
+            "--debug",
+            "a-very-long-command-name-beyond-24",
+        ] {
+            let action = parse(&args(line));
+            assert_eq!(action, Action::Help(global_usage()), "{line:?}");
+            let (status, out, err) = run_captured(action, false);
+            assert_eq!(status, 0);
+            assert!(out.starts_with("usage: tap-ctl COMMAND [OPTIONS]\nCOMMAND := { list |"));
+            assert!(out.ends_with("| major | check }\n"), "{out}");
+            assert!(err.is_empty());
+        }
+    }
+
+    #[test]
+    fn every_command_parses() {
+        assert_eq!(
+            command("list"),
+            Command::List {
+                filter: ListFilter::default()
+            }
+        );
+        assert_eq!(
+            command("list -p 12 -m3 -t vhd -f /x.vhd"),
+            Command::List {
+                filter: ListFilter {
+                    pid: Some(12),
+                    minor: Some(3),
+                    driver: Some("vhd".to_owned()),
+                    path: Some("/x.vhd".to_owned()),
+                }
+            }
+        );
+        assert_eq!(command("allocate"), Command::Allocate);
+        assert_eq!(command("free -m 7"), Command::Free { minor: 7 });
+        let mut request = OpenRequest::new("vhd:/a.vhd");
+        request.flags = OpenFlags::RDONLY | OpenFlags::NO_O_DIRECT;
+        request.request_timeout = 30;
+        assert_eq!(
+            command("create -a vhd:/a.vhd -RD -t 30"),
+            Command::Create {
+                request: request.clone()
+            }
+        );
+        assert_eq!(
+            command("destroy -p 1 -m 2 -t 120"),
+            Command::Destroy {
+                pid: 1,
+                minor: 2,
+                timeout: Some(Duration::from_secs(120))
+            }
+        );
+        assert_eq!(command("spawn"), Command::Spawn);
+        assert_eq!(
+            command("attach -p 1 -m 2"),
+            Command::Attach { pid: 1, minor: 2 }
+        );
+        assert_eq!(
+            command("detach -p 1 -m 2"),
+            Command::Detach { pid: 1, minor: 2 }
+        );
+        assert_eq!(
+            command("open -p 1 -m 2 -a vhd:/a.vhd -R -D -t 30"),
+            Command::Open {
+                pid: 1,
+                minor: 2,
+                request
+            }
+        );
+        assert_eq!(
+            command("close -p 1 -m 2 -f -t 120"),
+            Command::Close {
+                pid: 1,
+                minor: 2,
+                force: true,
+                timeout: Some(Duration::from_secs(120))
+            }
+        );
+        assert_eq!(
+            command("close -p 1 -m 2"),
+            Command::Close {
+                pid: 1,
+                minor: 2,
+                force: false,
+                timeout: None
+            }
+        );
+        assert_eq!(
+            command("pause -p 1 -m 2 -t 5"),
+            Command::Pause {
+                pid: 1,
+                minor: 2,
+                timeout: Some(Duration::from_secs(5))
+            }
+        );
+        assert_eq!(
+            command("unpause -p 1 -m 2"),
+            Command::Unpause {
+                pid: 1,
+                minor: 2,
+                request: ResumeRequest::default()
+            }
+        );
+        assert_eq!(
+            command("unpause -p 1 -m 2 -a aio:/b.img"),
+            Command::Unpause {
+                pid: 1,
+                minor: 2,
+                request: ResumeRequest {
+                    params: Some("aio:/b.img".to_owned()),
+                    ..ResumeRequest::default()
+                }
+            }
+        );
+        assert_eq!(
+            command("stats -p 1 -m 2"),
+            Command::Stats { pid: 1, minor: 2 }
+        );
+        assert_eq!(command("major"), Command::Major);
+        assert_eq!(command("major -b -c"), Command::Major);
+        assert_eq!(command("check"), Command::Check);
+    }
+
+    #[test]
+    fn attached_values_and_debug_anywhere() {
+        assert_eq!(
+            command("attach -p123 -m4"),
+            Command::Attach { pid: 123, minor: 4 }
+        );
+        assert_eq!(
+            command("--debug attach --debug -p123 -m 4 --debug"),
+            Command::Attach { pid: 123, minor: 4 }
+        );
+        assert_eq!(
+            command("open -Rp5 -m6 -avhd:/a.vhd").clone(),
+            Command::Open {
+                pid: 5,
+                minor: 6,
+                request: OpenRequest {
+                    flags: OpenFlags::RDONLY,
+                    ..OpenRequest::new("vhd:/a.vhd")
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn missing_options_and_bad_values_are_usage_errors() {
+        for line in [
+            "free",
+            "create",
+            "create -R",
+            "destroy -p 1",
+            "attach -m 1",
+            "detach -p 1",
+            "open -p 1 -m 2",
+            "open -m 2 -a vhd:/x",
+            "close -m 2",
+            "pause -p 1",
+            "unpause -m 1",
+            "stats -p 1",
+            "attach -p abc -m 1",
+            "attach -p -5 -m 1",
+            "attach -p 1 -m",
+            "free -m 1x",
+            "close -p 1 -m 2 -t soon",
+            "open -p 1 -m 2 -a vhd:/x -t 70000",
+            "list -x",
+            "allocate -d tapdev0",
+            "spawn -c slice",
+            "check -h",
+            "attach -p 1 -m 2 --verbose",
+            "open -p 1 -m 2 -a vhd:/x -e notanumber",
+        ] {
+            assert!(is_usage_error(line), "{line:?} should be a usage error");
+        }
+        let (status, out, err) = run_captured(parse(&args("attach -p 1")), false);
+        assert_eq!(status, 22);
+        assert!(out.is_empty());
+        assert_eq!(err, "usage: attach <-p pid> <-m minor>\n");
+        let (status, _, err) = run_captured(parse(&args("attach -x")), false);
+        assert_eq!(status, 22);
+        assert!(
+            err.starts_with("tap-ctl: invalid option -- 'x'\nusage: attach"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn help_goes_to_stdout_with_status_zero() {
+        for name in COMMANDS.iter().filter(|c| **c != "check") {
+            let (status, out, err) = run_captured(parse(&args(&format!("{name} -h"))), false);
+            assert_eq!(status, 0, "{name}");
+            assert!(out.starts_with(&format!("usage: {name}")), "{name}: {out}");
+            assert!(err.is_empty());
+        }
+        // -h wins even when required options are missing, but not over an earlier bad option.
+        assert!(matches!(parse(&args("open -h")), Action::Help(_)));
+        assert!(is_usage_error("open -x -h"));
+    }
+
+    #[test]
+    fn unimplemented_flags_are_refused_with_eopnotsupp() {
+        for (line, letter) in [
+            ("create -a vhd:/x -d tapdev3", 'd'),
+            ("create -a vhd:/x -r", 'r'),
+            ("create -a vhd:/x -e 3", 'e'),
+            ("create -a vhd:/x -2 vhd:/m", '2'),
+            ("create -a vhd:/x -s", 's'),
+            ("create -a vhd:/x -C /log", 'C'),
+            ("open -p 1 -m 2 -a vhd:/x -r", 'r'),
+            ("open -p 1 -m 2 -a vhd:/x -e 3", 'e'),
+            ("open -p 1 -m 2 -a vhd:/x -2 vhd:/m", '2'),
+            ("open -p 1 -m 2 -a vhd:/x -s", 's'),
+            ("open -p 1 -m 2 -a vhd:/x -C /log", 'C'),
+            ("open -p 1 -m 2 -a vhd:/x -E", 'E'),
+            ("unpause -p 1 -m 2 -2 vhd:/m", '2'),
+            ("unpause -p 1 -m 2 -c /log", 'c'),
+        ] {
+            let what = unsupported(line).unwrap_or_else(|| panic!("{line:?} not refused"));
+            assert!(
+                what.starts_with(&format!("option -{letter} ")),
+                "{line}: {what}"
+            );
+        }
+        // A usage error still wins over an unsupported flag.
+        assert!(is_usage_error("open -p 1 -m 2 -r"));
+        let (status, out, err) = run_captured(parse(&args("open -p 1 -m 2 -a vhd:/x -E")), false);
+        assert_eq!(status, 95);
+        assert!(out.is_empty());
+        assert_eq!(
+            err,
+            "tap-ctl: open: option -E (encryption) is not supported yet: Operation not supported\n"
+        );
+    }
+
+    #[test]
+    fn failures_print_command_context_and_exit_with_errno() {
+        // No tapdisk listens in the fresh control directory.
+        let (status, out, err) = run_captured(parse(&args("attach -p 4 -m 1")), false);
+        assert_eq!(status, libc::ENOENT);
+        assert!(out.is_empty());
+        assert!(
+            err.starts_with("tap-ctl: attach: connecting to tapdisk 4 at "),
+            "{err}"
+        );
+        assert!(err.ends_with(": No such file or directory\n"), "{err}");
+        let (status, _, err) = run_captured(parse(&args("major")), false);
+        assert_eq!(status, libc::ENOSYS);
+        assert!(err.starts_with("tap-ctl: major: "), "{err}");
+    }
+
+    #[test]
+    fn allocate_list_free_round_trip() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = ControlDir::new(tmp.path().join("ctl"));
+        let go = |line: &str, tty: bool| {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let mut io = Io {
+                out: &mut out,
+                err: &mut err,
+                stdout_is_tty: tty,
+            };
+            let status = run(parse(&args(line)), &dir, &mut io);
+            (
+                status,
+                String::from_utf8(out).expect("utf8"),
+                String::from_utf8(err).expect("utf8"),
+            )
+        };
+        let (status, out, _) = go("allocate", false);
+        assert_eq!(status, 0);
+        assert_eq!(out, format!("{}\n", dir.marker_path(0).display()));
+        go("allocate", false);
+        assert_eq!(
+            go("list", false),
+            (0, "minor=0\nminor=1\n".to_owned(), String::new())
+        );
+        assert_eq!(go("list -m 1", false).1, "minor=1\n");
+        assert_eq!(
+            go("list", true).1,
+            "       -    0    -          - -\n       -    1    -          - -\n"
+        );
+        assert_eq!(go("free -m 0", false), (0, String::new(), String::new()));
+        let (status, _, err) = go("free -m 0", false);
+        assert_eq!(status, libc::ENOENT);
+        assert!(
+            err.starts_with("tap-ctl: free: opening marker file "),
+            "{err}"
+        );
+        assert_eq!(go("check", false).1, "ok\n");
+    }
+}

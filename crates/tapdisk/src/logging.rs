@@ -4,7 +4,7 @@
 //! up in the journal under the `tapdisk` identifier. If `/dev/log` is missing, lines are
 //! dropped rather than blocking or failing the daemon.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
@@ -97,6 +97,7 @@ pub fn init_stderr() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter())
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

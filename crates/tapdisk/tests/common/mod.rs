@@ -1,0 +1,269 @@
+//! Shared harness for the end-to-end tests: a private control directory per test, helpers
+//! to run the real `tap-ctl` and `tapdisk` binaries, and cleanup of every process they start.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The built `tapdisk` binary.
+pub fn tapdisk_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tapdisk"))
+}
+
+/// The built `tap-ctl` binary (next to `tapdisk` in the target directory).
+pub fn tap_ctl_bin() -> PathBuf {
+    let path = tapdisk_bin().with_file_name("tap-ctl");
+    assert!(
+        path.exists(),
+        "{} is missing: build every binary first (`cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+/// True when an external tool is on PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Asserts that an external tool is installed (the setup step installs them all).
+pub fn require(tool: &str) {
+    assert!(
+        have(tool),
+        "{tool} is not installed: run scripts/setup.sh first"
+    );
+}
+
+/// A per-test control directory and the processes started in it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub ctl_dir: PathBuf,
+}
+
+/// One row of `tap-ctl list`, parsed as XenServer's SM does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListRow {
+    pub pid: Option<u32>,
+    pub minor: Option<u32>,
+    pub state: Option<u32>,
+    pub args: Option<String>,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("blktap-test")
+            .tempdir()
+            .unwrap();
+        let ctl_dir = dir.path().join("ctl");
+        Self { dir, ctl_dir }
+    }
+
+    /// A `tap-ctl` command running against this environment's control directory.
+    pub fn tap_ctl_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(tap_ctl_bin());
+        cmd.args(args)
+            .env("BLKTAP_CONTROL_DIR", &self.ctl_dir)
+            .env("BLKTAP_TAPDISK", tapdisk_bin());
+        cmd
+    }
+
+    pub fn tap_ctl(&self, args: &[&str]) -> Output {
+        self.tap_ctl_cmd(args).output().unwrap()
+    }
+
+    /// Runs tap-ctl and returns its stdout, failing the test on a non-zero exit.
+    pub fn tap_ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.tap_ctl(args);
+        assert!(
+            out.status.success(),
+            "tap-ctl {args:?} failed with {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs tap-ctl expecting failure with `errno` as exit status; returns stderr.
+    pub fn tap_ctl_err(&self, args: &[&str], errno: i32) -> String {
+        let out = self.tap_ctl(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(errno),
+            "tap-ctl {args:?}: stderr {stderr}"
+        );
+        assert!(
+            !stderr.trim().is_empty(),
+            "tap-ctl {args:?} failed without a message"
+        );
+        stderr
+    }
+
+    /// A file of `len` bytes where byte i is `(i / 512 + seed) as u8`.
+    pub fn raw_image(&self, name: &str, len: usize, seed: u8) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i / 512).to_le_bytes()[0].wrapping_add(seed))
+            .collect();
+        std::fs::write(&path, data).unwrap();
+        path
+    }
+
+    /// `tap-ctl create -a aio:<path>`; returns (pid, minor).
+    pub fn create(&self, image: &Path, extra: &[&str]) -> (u32, u32) {
+        let params = format!("aio:{}", image.display());
+        let mut args = vec!["create", "-a", &params];
+        args.extend_from_slice(extra);
+        let out = self.tap_ctl_ok(&args);
+        let marker = out.trim();
+        let minor: u32 = marker
+            .rsplit_once("tapdisk-")
+            .expect("create prints the marker path")
+            .1
+            .parse()
+            .unwrap();
+        assert_eq!(
+            Path::new(marker),
+            self.ctl_dir
+                .join("tapdisk")
+                .join(format!("tapdisk-{minor}"))
+        );
+        let row = self
+            .list()
+            .into_iter()
+            .find(|row| row.minor == Some(minor))
+            .expect("created VBD is listed");
+        (row.pid.expect("listed with a pid"), minor)
+    }
+
+    pub fn destroy(&self, pid: u32, minor: u32) {
+        self.tap_ctl_ok(&["destroy", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+    }
+
+    /// `tap-ctl list` parsed as SM does: `split(' ', 3)`, `key=value`, state in hex.
+    pub fn list(&self) -> Vec<ListRow> {
+        self.tap_ctl_ok(&["list"])
+            .lines()
+            .map(parse_list_line)
+            .collect()
+    }
+
+    pub fn nbd_socket(&self, pid: u32, minor: u32) -> PathBuf {
+        self.ctl_dir.join(format!("nbd{pid}.{minor}"))
+    }
+
+    pub fn nbd_uri(&self, pid: u32, minor: u32) -> String {
+        format!(
+            "nbd+unix:///?socket={}",
+            self.nbd_socket(pid, minor).display()
+        )
+    }
+
+    /// Pids of tapdisks with a control socket in this environment.
+    pub fn tapdisk_pids(&self) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir(&self.ctl_dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("ctl")?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// Files left in the control directory (sockets and markers).
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for dir in [self.ctl_dir.clone(), self.ctl_dir.join("tapdisk")] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                        found.push(entry.file_name().to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for pid in self.tapdisk_pids() {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+        }
+    }
+}
+
+/// Parses one non-tty `tap-ctl list` line.
+pub fn parse_list_line(line: &str) -> ListRow {
+    let mut row = ListRow::default();
+    let fields: HashMap<&str, &str> = line
+        .splitn(4, ' ')
+        .filter_map(|field| field.split_once('='))
+        .collect();
+    row.pid = fields.get("pid").map(|v| v.parse().unwrap());
+    row.minor = fields.get("minor").map(|v| v.parse().unwrap());
+    row.state = fields
+        .get("state")
+        .map(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).unwrap());
+    row.args = fields.get("args").map(|v| (*v).to_owned());
+    row
+}
+
+/// True while process `pid` exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `limit` for `condition`.
+pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
+/// Runs an external command, asserting success; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -7,7 +7,10 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use rustix::io::{ioctl_fionbio, Errno};
+use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use std::time::{Duration, Instant};
 
 use tapdisk_proto::{Body, Message, MessageType, MESSAGE_SIZE};
@@ -33,9 +36,9 @@ impl Connection {
     pub fn connect(dir: &ControlDir, pid: u32, timeout: Option<Duration>) -> Result<Self> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let socket = dir.ctl_socket_path(pid);
-        let stream = UnixStream::connect(&socket).map_err(|e| {
-            Error::from_io(
-                &e,
+        let stream = connect_socket(&socket, deadline).map_err(|e| {
+            Error::from_errno(
+                e,
                 format!("connecting to tapdisk {pid} at {}", socket.display()),
             )
         })?;
@@ -189,6 +192,38 @@ impl Connection {
         let reply = self.receive()?;
         check_reply(self.pid, request, expected, reply)
     }
+}
+
+/// Connects to `socket`. With a deadline the connect itself is bounded too: a non-blocking
+/// connect is retried while the listener's backlog is full (`EAGAIN`), up to the deadline.
+fn connect_socket(
+    socket: &Path,
+    deadline: Option<Instant>,
+) -> std::result::Result<UnixStream, Errno> {
+    let Some(deadline) = deadline else {
+        return UnixStream::connect(socket)
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO));
+    };
+    let addr = SocketAddrUnix::new(socket)?;
+    let fd = socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    loop {
+        match connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(Errno::INTR) => {}
+            Err(Errno::AGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(Errno::AGAIN) => return Err(Errno::TIMEDOUT),
+            Err(e) => return Err(e),
+        }
+    }
+    ioctl_fionbio(&fd, false)?;
+    Ok(UnixStream::from(fd))
 }
 
 /// Maps a reply to `Ok(reply)` when it has type `expected` (and, when it carries a response

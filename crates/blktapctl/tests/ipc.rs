@@ -299,3 +299,33 @@ fn out_of_range_minor_is_einval_without_contacting_anyone() {
         libc::EINVAL
     );
 }
+
+#[test]
+fn connect_to_a_saturated_listener_times_out() {
+    use rustix::net::{bind, listen, socket, AddressFamily, SocketAddrUnix, SocketType};
+    let (_tmp, dir) = temp_dir();
+    let path = dir.ctl_socket_path(41);
+    // A listener with the smallest backlog that never accepts.
+    let listener = socket(AddressFamily::UNIX, SocketType::STREAM, None).expect("socket");
+    bind(&listener, &SocketAddrUnix::new(&path).expect("addr")).expect("bind");
+    listen(&listener, 0).expect("listen");
+    // Fill the backlog; further connects would block forever without a bounded connect.
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )
+        .expect("socket");
+        if rustix::net::connect(&fd, &SocketAddrUnix::new(&path).expect("addr")).is_ok() {
+            fillers.push(fd);
+        }
+    }
+    assert!(!fillers.is_empty(), "backlog never accepted a connection");
+    let started = Instant::now();
+    let err = blktapctl::pause(&dir, 41, 0, Some(Duration::from_millis(300))).expect_err("timeout");
+    assert_eq!(err.errno(), libc::ETIMEDOUT, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy, unit tests, and the end-to-end tests that
+# drive the real tap-ctl/tapdisk/vhd-util binaries against qemu-img, qemu-io, fio, nbdinfo.
+# Run as root (the tests create loop devices and FUSE mounts). Installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test"
+cargo test --workspace 2>&1 | tee /tmp/blktap-cargo-test.log

@@ -1289,15 +1289,17 @@ pub fn clamp_extents(extents: &[Extent], length: u32, limit: usize) -> Vec<(u32,
     let mut left = length;
     let mut out: Vec<(u32, u32)> = Vec::new();
     for extent in extents {
-        if left == 0 || out.len() >= limit.max(1) {
+        if left == 0 {
             break;
         }
         let take = u32::try_from(extent.length.min(u64::from(left))).unwrap_or(left);
         if take == 0 {
             continue;
         }
+        let full = out.len() >= limit.max(1);
         match out.last_mut() {
             Some(last) if last.1 == extent.flags => last.0 += take,
+            _ if full => break,
             _ => out.push((take, extent.flags)),
         }
         left -= take;
@@ -1387,5 +1389,566 @@ pub fn split_read(offset: u64, data: &[u8]) -> Vec<ReadChunk> {
 impl fmt::Display for OptionHeader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "option {} ({} bytes)", self.option, self.length)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn full_info() -> ExportInfo {
+        ExportInfo {
+            can_flush: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            can_fast_zero: true,
+            can_cache: true,
+            can_multi_conn: true,
+            description: Some("desc".into()),
+            ..ExportInfo::new(0x1_0000_0000)
+        }
+    }
+
+    fn negotiation(no_zeroes: bool) -> Negotiation {
+        Negotiation::new(
+            "vbd",
+            full_info(),
+            ClientFlags {
+                fixed_newstyle: true,
+                no_zeroes,
+            },
+        )
+    }
+
+    fn option(n: &mut Negotiation, option: u32, data: &[u8]) -> (OptionOutcome, Vec<u8>) {
+        let mut out = Vec::new();
+        let header = OptionHeader {
+            option,
+            length: u32::try_from(data.len()).unwrap(),
+        };
+        let outcome = n.handle_option(header, data, &mut out).unwrap();
+        (outcome, out)
+    }
+
+    #[test]
+    fn greeting_bytes() {
+        assert_eq!(
+            server_greeting().as_slice(),
+            b"NBDMAGICIHAVEOPT\x00\x03".as_slice()
+        );
+    }
+
+    #[test]
+    fn client_flags() {
+        assert_eq!(
+            parse_client_flags([0, 0, 0, 3]),
+            Ok(ClientFlags {
+                fixed_newstyle: true,
+                no_zeroes: true
+            })
+        );
+        assert_eq!(parse_client_flags([0, 0, 0, 0]), Ok(ClientFlags::default()));
+        assert_eq!(
+            parse_client_flags([0, 0, 0, 4]),
+            Err(ProtoError::UnknownClientFlags {
+                flags: 4,
+                unknown: 4
+            })
+        );
+    }
+
+    #[test]
+    fn option_header_parse_and_limits() {
+        let bytes = *b"IHAVEOPT\x00\x00\x00\x07\x00\x00\x00\x0a";
+        assert_eq!(
+            OptionHeader::parse(&bytes),
+            Ok(OptionHeader {
+                option: 7,
+                length: 10
+            })
+        );
+        assert_eq!(OptionHeader::parse(&bytes).unwrap().encode(), bytes);
+        let too_long = *b"IHAVEOPT\x00\x00\x00\x07\x00\x01\x00\x01";
+        assert_eq!(
+            OptionHeader::parse(&too_long),
+            Err(ProtoError::OptionTooLong {
+                option: 7,
+                length: 0x1_0001
+            })
+        );
+        let bad = *b"IHAVEOPX\x00\x00\x00\x07\x00\x00\x00\x00";
+        assert!(matches!(
+            OptionHeader::parse(&bad),
+            Err(ProtoError::BadOptionMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn export_name_reply_with_and_without_zeroes() {
+        let (outcome, out) = option(&mut negotiation(true), OPT_EXPORT_NAME, b"x");
+        assert!(matches!(outcome, OptionOutcome::Transmission(_)));
+        let flags = 0x0d6du16; // HAS_FLAGS|FLUSH|FUA|TRIM|WRITE_ZEROES|MULTI_CONN|CACHE|FAST_ZERO
+        let mut expected = vec![0, 0, 0, 1, 0, 0, 0, 0];
+        expected.extend_from_slice(&flags.to_be_bytes());
+        assert_eq!(out, expected);
+        let (_, out) = option(&mut negotiation(false), OPT_EXPORT_NAME, b"");
+        assert_eq!(out.len(), 8 + 2 + 124);
+        assert_eq!(&out[..10], expected.as_slice());
+    }
+
+    #[test]
+    fn list_reply_bytes() {
+        let (outcome, out) = option(&mut negotiation(true), OPT_LIST, &[]);
+        assert_eq!(outcome, OptionOutcome::Continue);
+        let expected: Vec<u8> = [
+            &OPTION_REPLY_MAGIC.to_be_bytes()[..],
+            &[0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 7, 0, 0, 0, 3],
+            b"vbd",
+            &OPTION_REPLY_MAGIC.to_be_bytes()[..],
+            &[0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn abort_acks_and_closes() {
+        let (outcome, out) = option(&mut negotiation(true), OPT_ABORT, &[]);
+        assert_eq!(outcome, OptionOutcome::Close);
+        let expected: Vec<u8> = [
+            &OPTION_REPLY_MAGIC.to_be_bytes()[..],
+            &[0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn unknown_option_is_unsupported() {
+        let (outcome, out) = option(&mut negotiation(true), 99, b"junk");
+        assert_eq!(outcome, OptionOutcome::Continue);
+        assert_eq!(&out[8..16], &[0, 0, 0, 99, 0x80, 0, 0, 1]);
+    }
+
+    #[test]
+    fn go_reply_items() {
+        let mut n = negotiation(true);
+        let data = [0, 0, 0, 1, b'a', 0, 2, 0, 1, 0, 2];
+        let (outcome, out) = option(&mut n, OPT_GO, &data);
+        let OptionOutcome::Transmission(session) = outcome else {
+            panic!("GO must enter transmission");
+        };
+        assert!(!session.structured);
+        assert_eq!(session.max_request, DEFAULT_MAX_BLOCK);
+        // EXPORT item: 20-byte header + 12 bytes.
+        let reply = |kind: u32, data: &[u8]| -> Vec<u8> {
+            let mut v = Vec::new();
+            encode_option_reply(&mut v, OPT_GO, kind, data);
+            v
+        };
+        let expected: Vec<u8> = [
+            reply(REP_INFO, &[0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0x0d, 0x6d]),
+            reply(REP_INFO, &[0, 1, b'a']),
+            reply(REP_INFO, b"\x00\x02desc"),
+            reply(REP_INFO, &[0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0]),
+            reply(REP_ACK, &[]),
+        ]
+        .concat();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn structured_and_meta_context_negotiation() {
+        let mut n = negotiation(true);
+        let query = [
+            &[0u8, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15][..],
+            b"base:allocation",
+        ]
+        .concat();
+        // Before structured replies: invalid.
+        let (_, out) = option(&mut n, OPT_SET_META_CONTEXT, &query);
+        assert_eq!(&out[12..16], &REP_ERR_INVALID.to_be_bytes());
+        let (_, out) = option(&mut n, OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(&out[12..16], &REP_ACK.to_be_bytes());
+        let (_, out) = option(&mut n, OPT_SET_META_CONTEXT, &query);
+        let mut expected = Vec::new();
+        encode_option_reply(
+            &mut expected,
+            OPT_SET_META_CONTEXT,
+            REP_META_CONTEXT,
+            b"\x00\x00\x00\x01base:allocation",
+        );
+        encode_option_reply(&mut expected, OPT_SET_META_CONTEXT, REP_ACK, &[]);
+        assert_eq!(out, expected);
+        // Listing with no query lists base:allocation with id 0.
+        let (_, out) = option(&mut n, OPT_LIST_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&out[20..24], &[0, 0, 0, 0]);
+        assert_eq!(&out[24..39], b"base:allocation");
+        // Unknown context: just ACK.
+        let other = [&[0u8, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5][..], b"x:foo"].concat();
+        let (_, out) = option(&mut n, OPT_LIST_META_CONTEXT, &other);
+        assert_eq!(out.len(), 20);
+        let (outcome, _) = option(&mut n, OPT_GO, &[0, 0, 0, 0, 0, 0]);
+        let OptionOutcome::Transmission(session) = outcome else {
+            panic!("GO must enter transmission");
+        };
+        assert!(session.structured);
+        assert_eq!(session.base_allocation, Some(BASE_ALLOCATION_ID));
+        assert_ne!(session.transmission_flags & TFLAG_SEND_DF, 0);
+    }
+
+    #[test]
+    fn malformed_options() {
+        let mut n = negotiation(true);
+        for (code, data) in [
+            (OPT_GO, &[0u8, 0, 0, 5, b'a'][..]),
+            (OPT_INFO, &[0, 0, 0, 0, 0, 1]),
+            (OPT_INFO, &[0, 0, 0, 0, 0, 0, 0]),
+            (OPT_LIST, &[1]),
+            (OPT_STRUCTURED_REPLY, &[1]),
+        ] {
+            let (outcome, out) = option(&mut n, code, data);
+            assert_eq!(outcome, OptionOutcome::Continue);
+            assert_eq!(
+                &out[12..16],
+                &REP_ERR_INVALID.to_be_bytes(),
+                "option {code}"
+            );
+        }
+        let mut out = Vec::new();
+        let header = OptionHeader {
+            option: OPT_EXPORT_NAME,
+            length: 2,
+        };
+        assert!(matches!(
+            n.handle_option(header, &[0xff, 0xfe], &mut out),
+            Err(ProtoError::BadExportName { .. })
+        ));
+    }
+
+    #[test]
+    fn request_header_roundtrip() {
+        let bytes: [u8; 28] = [
+            0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10, 0,
+            0, 0, 2, 0,
+        ];
+        let header = RequestHeader::parse(&bytes).unwrap();
+        assert_eq!(
+            header,
+            RequestHeader {
+                flags: CMD_FLAG_FUA,
+                command: CMD_WRITE,
+                cookie: 0x0102_0304_0506_0708,
+                offset: 4096,
+                length: 512,
+            }
+        );
+        assert_eq!(header.encode(), bytes);
+        let mut bad = bytes;
+        bad[3] = 0x14;
+        assert_eq!(
+            RequestHeader::parse(&bad),
+            Err(ProtoError::BadRequestMagic { found: 0x2560_9514 })
+        );
+    }
+
+    fn session(info: ExportInfo) -> Session {
+        let (_, _, max) = info.block_sizes();
+        Session {
+            transmission_flags: info.transmission_flags(false),
+            info,
+            structured: false,
+            base_allocation: None,
+            max_request: max,
+        }
+    }
+
+    fn classify(
+        session: &Session,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+    ) -> RequestAction {
+        classify_request(
+            session,
+            &RequestHeader {
+                flags,
+                command,
+                cookie: 0,
+                offset,
+                length,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn classification_rules() {
+        let s = session(ExportInfo::new(1 << 20));
+        let rejected = |action: RequestAction| match action {
+            RequestAction::Reject { error, discard, .. } => (error, discard),
+            other => panic!("expected a rejection, got {other:?}"),
+        };
+        assert!(matches!(
+            classify(&s, CMD_READ, 0, 0, 512),
+            RequestAction::Execute(Command::Read { .. })
+        ));
+        assert_eq!(rejected(classify(&s, CMD_READ, 0, 1 << 20, 1)), (EINVAL, 0));
+        assert_eq!(
+            rejected(classify(&s, CMD_READ, CMD_FLAG_FUA, 0, 1)),
+            (EINVAL, 0)
+        );
+        assert_eq!(
+            rejected(classify(&s, CMD_WRITE, 0, (1 << 20) - 1, 2)),
+            (ENOSPC, 2)
+        );
+        assert_eq!(
+            rejected(classify(&s, CMD_WRITE, CMD_FLAG_FUA, 0, 2)),
+            (EINVAL, 2)
+        );
+        assert_eq!(rejected(classify(&s, CMD_FLUSH, 0, 0, 0)), (EINVAL, 0));
+        assert_eq!(rejected(classify(&s, 77, 0, 0, 0)), (EINVAL, 0));
+        assert_eq!(
+            classify(&s, CMD_DISC, 0xffff, 5, 5),
+            RequestAction::Disconnect
+        );
+        assert_eq!(
+            classify_request(
+                &s,
+                &RequestHeader {
+                    flags: 0,
+                    command: CMD_WRITE,
+                    cookie: 0,
+                    offset: 0,
+                    length: DEFAULT_MAX_BLOCK + 1
+                }
+            ),
+            Err(ProtoError::WriteTooLarge {
+                offset: 0,
+                length: DEFAULT_MAX_BLOCK + 1,
+                limit: DEFAULT_MAX_BLOCK
+            })
+        );
+        let ro = session(ExportInfo {
+            read_only: true,
+            can_trim: true,
+            ..ExportInfo::new(1 << 20)
+        });
+        assert_eq!(rejected(classify(&ro, CMD_WRITE, 0, 0, 10)), (EPERM, 10));
+        assert_eq!(rejected(classify(&ro, CMD_TRIM, 0, 0, 10)), (EPERM, 0));
+        let full = session(full_info());
+        assert!(matches!(
+            classify(
+                &full,
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA,
+                0,
+                10
+            ),
+            RequestAction::Execute(Command::WriteZeroes {
+                flags: WriteZeroesFlags {
+                    no_hole: true,
+                    fast: true,
+                    fua: true
+                },
+                ..
+            })
+        ));
+        assert_eq!(
+            rejected(classify(&full, CMD_BLOCK_STATUS, 0, 0, 10)),
+            (EINVAL, 0)
+        );
+    }
+
+    #[test]
+    fn reply_encodings() {
+        assert_eq!(
+            simple_reply(0x1122_3344_5566_7788, EIO),
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]
+        );
+        let mut out = Vec::new();
+        encode_error_chunk(&mut out, 1, EINVAL, "bad");
+        assert_eq!(
+            out,
+            [
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9, 0, 0, 0,
+                22, 0, 3, b'b', b'a', b'd'
+            ]
+        );
+        out.clear();
+        encode_offset_hole(&mut out, 2, 4096, 8192, true);
+        assert_eq!(&out[4..8], &[0, 1, 0, 2]);
+        assert_eq!(
+            &out[16..],
+            &[0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0x20, 0]
+        );
+        out.clear();
+        encode_block_status_chunk(&mut out, 3, 1, &[(512, 3), (1024, 0)]);
+        assert_eq!(
+            &out[16..],
+            &[0, 0, 0, 20, 0, 0, 0, 1, 0, 0, 2, 0, 0, 0, 0, 3, 0, 0, 4, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn io_error_mapping() {
+        let map = |code| nbd_error_from_io(&std::io::Error::from_raw_os_error(code));
+        assert_eq!(map(1), EPERM);
+        assert_eq!(map(28), ENOSPC);
+        assert_eq!(map(122), ENOSPC);
+        assert_eq!(map(95), ENOTSUP);
+        assert_eq!(map(2), EIO);
+        assert_eq!(map(108), ESHUTDOWN);
+        assert_eq!(nbd_error_from_io(&std::io::Error::other("x")), EIO);
+    }
+
+    #[test]
+    fn split_read_chunks() {
+        let mut data = vec![0u8; 3 * 4096 + 100];
+        data[4096 + 10] = 1;
+        // Offset 100 is unaligned: first 3996 bytes are data (partial block).
+        let chunks = split_read(100, &data);
+        assert_eq!(
+            chunks,
+            vec![
+                ReadChunk::Data {
+                    offset: 100,
+                    range: 0..3996 + 4096
+                },
+                ReadChunk::Hole {
+                    offset: 8192,
+                    length: 4096
+                },
+                ReadChunk::Data {
+                    offset: 12288,
+                    range: 3996 + 8192..data.len()
+                },
+            ]
+        );
+        assert!(split_read(0, &[]).is_empty());
+    }
+
+    #[test]
+    fn clamp_extents_rules() {
+        let extents = [
+            Extent {
+                length: 0,
+                flags: 3,
+            },
+            Extent {
+                length: 100,
+                flags: 3,
+            },
+            Extent {
+                length: 50,
+                flags: 3,
+            },
+            Extent {
+                length: u64::MAX,
+                flags: 0,
+            },
+        ];
+        assert_eq!(clamp_extents(&extents, 1000, 10), vec![(150, 3), (850, 0)]);
+        assert_eq!(clamp_extents(&extents, 1000, 1), vec![(150, 3)]);
+        assert_eq!(clamp_extents(&[], 1000, 1), vec![]);
+    }
+
+    #[test]
+    fn block_size_sanitising() {
+        let mut info = ExportInfo::new(1);
+        assert_eq!(info.block_sizes(), (1, 4096, DEFAULT_MAX_BLOCK));
+        info.min_block = 3;
+        info.preferred_block = 100;
+        info.max_block = 7;
+        assert_eq!(info.block_sizes(), (1, 4096, DEFAULT_MAX_BLOCK));
+        info.min_block = 512;
+        info.preferred_block = 65536;
+        info.max_block = 2 << 20;
+        assert_eq!(info.block_sizes(), (512, 65536, 2 << 20));
+    }
+
+    proptest! {
+        #[test]
+        fn option_phase_never_panics(input in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut n = negotiation(false);
+            let mut rest = input.as_slice();
+            let mut out = Vec::new();
+            while rest.len() >= OPTION_HEADER_LEN {
+                let (head, tail) = rest.split_at(OPTION_HEADER_LEN);
+                let mut head: [u8; OPTION_HEADER_LEN] = head.try_into().unwrap();
+                head[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+                let Ok(header) = OptionHeader::parse(&head) else { break };
+                let len = usize::try_from(header.length).unwrap().min(tail.len());
+                let (data, tail) = tail.split_at(len);
+                match n.handle_option(header, data, &mut out) {
+                    Ok(OptionOutcome::Continue) => {}
+                    _ => break,
+                }
+                rest = tail;
+            }
+        }
+
+        #[test]
+        fn parse_option_never_panics(code in 0u32..16, data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_option(code, &data);
+        }
+
+        #[test]
+        fn request_handling_never_panics(
+            bytes in proptest::array::uniform28(any::<u8>()),
+            size in any::<u64>(),
+            structured in any::<bool>(),
+            read_only in any::<bool>(),
+        ) {
+            let mut raw = bytes;
+            raw[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            let header = RequestHeader::parse(&raw).unwrap();
+            let mut info = full_info();
+            info.size = size;
+            info.read_only = read_only;
+            let mut s = session(info);
+            s.structured = structured;
+            s.base_allocation = structured.then_some(1);
+            match classify_request(&s, &header) {
+                Ok(RequestAction::Execute(Command::Read { offset, length, .. })) => {
+                    prop_assert!(in_bounds(offset, u64::from(length), size));
+                    prop_assert!(length <= s.max_request);
+                }
+                Ok(RequestAction::Execute(Command::Write { offset, length, .. })) => {
+                    prop_assert!(!read_only);
+                    prop_assert!(in_bounds(offset, u64::from(length), size));
+                }
+                Ok(RequestAction::Reject { discard, .. }) => {
+                    prop_assert!(discard == 0 || header.command == CMD_WRITE);
+                    prop_assert!(discard <= s.max_request);
+                }
+                _ => {}
+            }
+        }
+
+        #[test]
+        fn split_read_covers_the_buffer(offset in any::<u64>(), data in proptest::collection::vec(0u8..2, 0..20000)) {
+            let offset = offset % (1 << 40);
+            let chunks = split_read(offset, &data);
+            let mut covered = 0usize;
+            for chunk in chunks {
+                match chunk {
+                    ReadChunk::Data { offset: at, range } => {
+                        prop_assert_eq!(at, offset + covered as u64);
+                        prop_assert_eq!(range.start, covered);
+                        covered = range.end;
+                    }
+                    ReadChunk::Hole { offset: at, length } => {
+                        prop_assert_eq!(at, offset + covered as u64);
+                        let end = covered + length as usize;
+                        prop_assert!(data[covered..end].iter().all(|&b| b == 0));
+                        covered = end;
+                    }
+                }
+            }
+            prop_assert_eq!(covered, data.len());
+        }
     }
 }

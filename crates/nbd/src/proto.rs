@@ -1045,14 +1045,19 @@ pub fn classify_request(
     match header.command {
         CMD_DISC => Ok(RequestAction::Disconnect),
         CMD_WRITE => {
-            if length > session.max_request {
+            // Payloads up to the 32 MiB default are always skipped to keep the stream in
+            // sync, even when the export advertises a smaller maximum.
+            let skippable = session.max_request.max(DEFAULT_MAX_BLOCK);
+            if length > skippable {
                 return Err(ProtoError::WriteTooLarge {
                     offset,
                     length,
-                    limit: session.max_request,
+                    limit: skippable,
                 });
             }
-            let error = if !allowed(0) {
+            let error = if length > session.max_request {
+                Some((EINVAL, "write larger than the maximum block size"))
+            } else if !allowed(0) {
                 Some((EINVAL, "unsupported or unnegotiated flags on NBD_CMD_WRITE"))
             } else if info.read_only {
                 Some((EPERM, "export is read-only"))
@@ -1351,6 +1356,9 @@ pub enum ReadChunk {
 /// Granularity at which a structured read reply turns zero runs into holes.
 pub const HOLE_GRANULARITY: usize = 4096;
 
+/// Compared against (a memcmp) to find all-zero blocks quickly.
+static ZERO_BLOCK: [u8; HOLE_GRANULARITY] = [0; HOLE_GRANULARITY];
+
 /// Split a read buffer into data and hole chunks: every `HOLE_GRANULARITY`-aligned (in
 /// export offsets) all-zero block becomes part of a hole, everything else data. Adjacent
 /// pieces of the same kind merge. An empty buffer gives no chunks.
@@ -1366,7 +1374,7 @@ pub fn split_read(offset: u64, data: &[u8]) -> Vec<ReadChunk> {
             .unwrap_or(HOLE_GRANULARITY)
             .min(data.len() - pos);
         let block = &data[pos..pos + step];
-        let is_hole = step == HOLE_GRANULARITY && block.iter().all(|&byte| byte == 0);
+        let is_hole = step == HOLE_GRANULARITY && block == ZERO_BLOCK.as_slice();
         match (chunks.last_mut(), is_hole) {
             (Some(ReadChunk::Hole { length, .. }), true) => {
                 *length += u32::try_from(step).unwrap_or(0);
@@ -1684,8 +1692,33 @@ mod tests {
         .unwrap()
     }
 
+    fn rejected_small_read(session: &Session) -> RequestAction {
+        classify(session, CMD_READ, 0, 0, 2 << 20)
+    }
+
     #[test]
     fn classification_rules() {
+        let small = session(ExportInfo {
+            max_block: 1 << 20,
+            ..ExportInfo::new(64 << 20)
+        });
+        let rejected_small = classify(&small, CMD_WRITE, 0, 0, 2 << 20);
+        assert!(matches!(
+            rejected_small,
+            RequestAction::Reject {
+                error: EINVAL,
+                discard: 0x20_0000,
+                ..
+            }
+        ));
+        assert_eq!(
+            rejected_small_read(&small),
+            RequestAction::Reject {
+                error: EINVAL,
+                discard: 0,
+                reason: "read larger than the maximum block size"
+            }
+        );
         let s = session(ExportInfo::new(1 << 20));
         let rejected = |action: RequestAction| match action {
             RequestAction::Reject { error, discard, .. } => (error, discard),

@@ -390,6 +390,8 @@ async fn serve_connection<E: Export>(
 enum Reply {
     /// A simple reply header without payload.
     Simple([u8; proto::SIMPLE_REPLY_LEN]),
+    /// A successful simple read reply: header, then the data.
+    SimpleData([u8; proto::SIMPLE_REPLY_LEN], Vec<u8>),
     /// Pre-encoded bytes (structured chunks without data).
     Bytes(Vec<u8>),
     /// Protocol bytes interleaved with ranges of a data buffer: for each piece, write
@@ -404,6 +406,10 @@ enum Reply {
 async fn write_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: &Reply) -> io::Result<()> {
     match reply {
         Reply::Simple(header) => out.write_all(header).await,
+        Reply::SimpleData(header, data) => {
+            out.write_all(header).await?;
+            out.write_all(data).await
+        }
         Reply::Bytes(bytes) => out.write_all(bytes).await,
         Reply::WithData { meta, data, pieces } => {
             for (meta_range, data_range) in pieces {
@@ -660,10 +666,7 @@ fn read_reply(
     no_fragment: bool,
 ) -> Reply {
     if !structured {
-        let mut meta = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
-        meta.extend_from_slice(&proto::simple_reply(cookie, 0));
-        let pieces = vec![(0..meta.len(), 0..data.len())];
-        return Reply::WithData { meta, data, pieces };
+        return Reply::SimpleData(proto::simple_reply(cookie, 0), data);
     }
     if data.is_empty() {
         let mut bytes = Vec::with_capacity(proto::STRUCTURED_HEADER_LEN);

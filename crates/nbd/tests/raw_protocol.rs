@@ -325,6 +325,25 @@ async fn rejected_writes_consume_their_payload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_above_advertised_max_block_get_einval() {
+    let export = Arc::new(MemExport::new(8 << 20).with_info(|info| info.max_block = 64 * 1024));
+    let server = Server::start(Arc::clone(&export), config());
+    let mut stream = server.connect().await;
+    negotiate(&mut stream, false, false).await;
+    send_request(&mut stream, proto::CMD_WRITE, 0, 1, 0, 1 << 20).await;
+    stream.write_all(&vec![0x77; 1 << 20]).await.unwrap();
+    assert_eq!(read_simple(&mut stream).await, (proto::EINVAL, 1));
+    send_request(&mut stream, proto::CMD_READ, 0, 2, 0, 128 * 1024).await;
+    assert_eq!(read_simple(&mut stream).await, (proto::EINVAL, 2));
+    send_request(&mut stream, proto::CMD_READ, 0, 3, 0, 64 * 1024).await;
+    assert_eq!(read_simple(&mut stream).await, (0, 3));
+    assert_eq!(read_n(&mut stream, 64 * 1024).await, vec![0; 64 * 1024]);
+    disconnect_and_expect_nothing_more(&mut stream).await;
+    assert!(export.snapshot().iter().all(|&b| b == 0));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_export_refuses_writes_with_eperm() {
     let export = Arc::new(MemExport::new(1 << 20).with_info(|info| info.read_only = true));
     let server = Server::start(Arc::clone(&export), config());

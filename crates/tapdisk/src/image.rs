@@ -116,6 +116,22 @@ impl ImageChain {
         Ok(Self { images })
     }
 
+    /// A chain of already opened drivers, leaf first (for drivers opened by other means,
+    /// and for tests). `EINVAL` when empty.
+    pub fn from_drivers(drivers: Vec<Box<dyn ImageDriver>>) -> io::Result<Self> {
+        if drivers.is_empty() {
+            return Err(einval());
+        }
+        let images = drivers
+            .into_iter()
+            .map(|driver| Image {
+                driver,
+                counters: ImageCounters::default(),
+            })
+            .collect();
+        Ok(Self { images })
+    }
+
     /// The images, leaf first.
     pub fn images(&self) -> &[Image] {
         &self.images

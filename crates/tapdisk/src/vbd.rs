@@ -22,7 +22,9 @@ use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 
@@ -235,6 +237,11 @@ impl Vbd {
             return Err(errno(libc::EALREADY));
         }
         let chain = open_chain(&request).await?;
+        self.install(chain, request)
+    }
+
+    /// Makes an opened chain the VBD's image.
+    pub fn install(&self, chain: ImageChain, request: OpenRequest) -> io::Result<DiskInfo> {
         let info = chain.info();
         let mut inner = self.lock();
         if inner.params.is_some() {
@@ -624,6 +631,104 @@ mod tests {
         assert_eq!(vbd.params(), Some(other));
         let buf = reader.await.unwrap().unwrap();
         assert!(buf.as_slice().iter().all(|b| *b == 0xbb));
+    }
+
+    /// A one-sector-per-read driver whose reads fail with `errno` while `failures` lasts.
+    #[derive(Debug)]
+    struct Flaky {
+        failures: std::sync::atomic::AtomicU32,
+        errno: i32,
+        path: std::path::PathBuf,
+    }
+
+    impl crate::driver::ImageDriver for Flaky {
+        fn disk_type(&self) -> crate::driver::DiskType {
+            crate::driver::DiskType::Aio
+        }
+        fn info(&self) -> DiskInfo {
+            DiskInfo {
+                sectors: 8,
+                sector_size: 512,
+                info: 0,
+            }
+        }
+        fn path(&self) -> &std::path::Path {
+            &self.path
+        }
+        fn read(
+            &self,
+            _sector: u64,
+            buf: IoBuf,
+        ) -> crate::engine::IoFuture<'_, crate::driver::ReadOutcome> {
+            let fail = self
+                .failures
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            let errno = self.errno;
+            Box::pin(async move {
+                if fail {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                Ok(crate::driver::ReadOutcome {
+                    buf,
+                    absent: Vec::new(),
+                })
+            })
+        }
+        fn write(&self, _sector: u64, _buf: Arc<IoBuf>) -> crate::engine::IoFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn flush(&self) -> crate::engine::IoFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn flaky_vbd(failures: u32, errno: i32, timeout: Duration) -> Vbd {
+        let driver = Flaky {
+            failures: failures.into(),
+            errno,
+            path: "/flaky".into(),
+        };
+        let chain = ImageChain::from_drivers(vec![Box::new(driver)]).unwrap();
+        let vbd = Vbd::new(9);
+        let request = OpenRequest {
+            params: "aio:/flaky".into(),
+            options: OpenOptions::default(),
+            timeout,
+        };
+        vbd.install(chain, request).unwrap();
+        vbd
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_are_retried_every_second() {
+        let vbd = flaky_vbd(2, libc::EAGAIN, DEFAULT_REQUEST_TIMEOUT);
+        let started = tokio::time::Instant::now();
+        vbd.read(0, IoBuf::zeroed(512)).await.unwrap();
+        assert!(started.elapsed() >= 2 * RETRY_INTERVAL);
+        assert_eq!(vbd.counters().retries.load(Ordering::Relaxed), 2);
+        assert_eq!(vbd.counters().errors.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_at_the_request_timeout() {
+        let vbd = flaky_vbd(u32::MAX, libc::EINTR, Duration::from_secs(5));
+        let started = tokio::time::Instant::now();
+        let err = vbd.read(0, IoBuf::zeroed(512)).await.unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINTR));
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert!(started.elapsed() < Duration::from_secs(7));
+        assert_eq!(vbd.counters().errors.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hard_errors_are_not_retried() {
+        let vbd = flaky_vbd(1, libc::EIO, DEFAULT_REQUEST_TIMEOUT);
+        let err = vbd.read(0, IoBuf::zeroed(512)).await.unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert_eq!(vbd.counters().retries.load(Ordering::Relaxed), 0);
+        // The next read succeeds: one failure does not kill the VBD.
+        vbd.read(0, IoBuf::zeroed(512)).await.unwrap();
     }
 
     #[tokio::test]

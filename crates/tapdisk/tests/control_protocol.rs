@@ -162,7 +162,9 @@ fn malformed_requests_get_einval_and_the_daemon_keeps_serving() {
     );
 
     // Random garbage of exactly one message's size.
-    let garbage: Vec<u8> = (0..MESSAGE_SIZE).map(|i| (i * 131 % 251).to_le_bytes()[0]).collect();
+    let garbage: Vec<u8> = (0..MESSAGE_SIZE)
+        .map(|i| (i * 131 % 251).to_le_bytes()[0])
+        .collect();
     let reply = exchange(&socket, &garbage);
     assert_eq!(reply.len(), MESSAGE_SIZE);
 

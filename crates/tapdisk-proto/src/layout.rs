@@ -91,6 +91,9 @@ pub const QUERY_TOTAL: usize = UNION + 8;
 /// `query.status` (`char[256]`).
 pub const QUERY_STATUS: usize = UNION + 16;
 
+/// `u.string.text` (`char[256]`), used by the BLOCK_DEVICE_RSP extension.
+pub const STRING_TEXT: usize = UNION;
+
 /// Copies `N` bytes starting at `offset`. Callers only pass offsets from this module, which
 /// all lie inside a `MESSAGE_SIZE` buffer, so the slice is always in range.
 fn array<const N: usize>(buf: &[u8], offset: usize) -> [u8; N] {

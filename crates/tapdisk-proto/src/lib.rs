@@ -124,11 +124,15 @@ pub enum MessageType {
     QueryCommitJobRsp = 34,
     CancelCommitJob = 35,
     CancelCommitJobRsp = 36,
+    /// blktap-rs extension: ask which kernel block device serves a VBD.
+    BlockDevice = 64,
+    /// blktap-rs extension: the block device path (empty when the VBD has none).
+    BlockDeviceRsp = 65,
 }
 
 impl MessageType {
     /// Every message type, in numeric order.
-    pub const ALL: [MessageType; 36] = [
+    pub const ALL: [MessageType; 38] = [
         Self::Error,
         Self::RuntimeError,
         Self::Pid,
@@ -165,6 +169,8 @@ impl MessageType {
         Self::QueryCommitJobRsp,
         Self::CancelCommitJob,
         Self::CancelCommitJobRsp,
+        Self::BlockDevice,
+        Self::BlockDeviceRsp,
     ];
 
     /// The upper-case protocol name, e.g. `"OPEN"` or `"LIST_RSP"`.
@@ -206,13 +212,15 @@ impl MessageType {
             Self::QueryCommitJobRsp => "QUERY_COMMIT_JOB_RSP",
             Self::CancelCommitJob => "CANCEL_COMMIT_JOB",
             Self::CancelCommitJobRsp => "CANCEL_COMMIT_JOB_RSP",
+            Self::BlockDevice => "BLOCK_DEVICE",
+            Self::BlockDeviceRsp => "BLOCK_DEVICE_RSP",
         }
     }
 
-    /// The type for a wire value, or `None` for 0 and anything above 36.
+    /// The type for a wire value: 1..=36 (the C stack's and XCP-ng's types) and the
+    /// blktap-rs extensions 64..=65; `None` for anything else.
     pub fn from_u16(v: u16) -> Option<Self> {
-        let index = usize::from(v).checked_sub(1)?;
-        Self::ALL.get(index).copied()
+        Self::ALL.iter().copied().find(|t| t.as_u16() == v)
     }
 
     /// The wire value of this type.
@@ -241,6 +249,7 @@ impl MessageType {
             Self::Commit => Self::CommitRsp,
             Self::QueryCommitJob => Self::QueryCommitJobRsp,
             Self::CancelCommitJob => Self::CancelCommitJobRsp,
+            Self::BlockDevice => Self::BlockDeviceRsp,
             _ => return None,
         })
     }
@@ -294,8 +303,16 @@ impl OpenFlags {
     pub const NO_O_DIRECT: Self = Self(0x200);
     /// An encryption key follows the message (`-E`).
     pub const OPEN_ENCRYPTED: Self = Self(0x400);
-    /// Union of every flag defined above.
+    /// Union of every flag the C stack defines.
     pub const KNOWN: Self = Self(0x7FF);
+    /// blktap-rs extension: serve no kernel block device (NBD only).
+    pub const BLOCKDEV_NONE: Self = Self(0x1_0000);
+    /// blktap-rs extension: serve the VBD as a ublk block device.
+    pub const BLOCKDEV_UBLK: Self = Self(0x2_0000);
+    /// blktap-rs extension: serve the VBD as a FUSE file attached to a loop device.
+    pub const BLOCKDEV_FUSE: Self = Self(0x4_0000);
+    /// The block-device choice bits; none set means "automatic" (ublk, else FUSE + loop).
+    pub const BLOCKDEV_MASK: Self = Self(0x7_0000);
 
     /// No flags.
     pub const fn empty() -> Self {
@@ -437,6 +454,8 @@ pub enum BodyKind {
     Stat,
     Blkif,
     Query,
+    /// `u.string`: one 256-byte string.
+    Text,
 }
 
 /// The union member carried by messages of type `t`.
@@ -452,6 +471,7 @@ pub fn body_kind(t: MessageType) -> BodyKind {
         T::StatsRsp => BodyKind::Stat,
         T::XenblkifConnect | T::XenblkifDisconnect => BodyKind::Blkif,
         T::QueryCommitJobRsp => BodyKind::Query,
+        T::BlockDeviceRsp => BodyKind::Text,
         T::Pid
         | T::Attach
         | T::AttachRsp
@@ -471,7 +491,8 @@ pub fn body_kind(t: MessageType) -> BodyKind {
         | T::Exit
         | T::CommitRsp
         | T::QueryCommitJob
-        | T::CancelCommitJobRsp => BodyKind::Empty,
+        | T::CancelCommitJobRsp
+        | T::BlockDevice => BodyKind::Empty,
     }
 }
 
@@ -492,6 +513,8 @@ pub enum Body {
     Stat(StatInfo),
     Blkif(Blkif),
     Query(Query),
+    /// A NUL-terminated string in the 256-byte `u.string` member.
+    Text(String),
 }
 
 impl Body {
@@ -508,6 +531,7 @@ impl Body {
             Self::Stat(_) => BodyKind::Stat,
             Self::Blkif(_) => BodyKind::Blkif,
             Self::Query(_) => BodyKind::Query,
+            Self::Text(_) => BodyKind::Text,
         }
     }
 }
@@ -530,7 +554,7 @@ pub enum DecodeError {
         expected: usize,
         actual: usize,
     },
-    #[error("unknown message type {value} in field type at offset 0 (valid: 1..=36)")]
+    #[error("unknown message type {value} in field type at offset 0 (valid: 1..=36, 64..=65)")]
     UnknownType { value: u16 },
     #[error("unterminated string in {field} at offset {offset}: no NUL within {PATH_LEN} bytes")]
     UnterminatedString { field: &'static str, offset: usize },
@@ -839,6 +863,9 @@ impl Message {
                     "query.status",
                 )?;
             }
+            Body::Text(text) => {
+                write_c_string(&mut buf, layout::STRING_TEXT, PATH_LEN, text, "string.text")?;
+            }
         }
         Ok(buf)
     }
@@ -927,6 +954,12 @@ impl Message {
                 total_progress: read_u64(buf, layout::QUERY_TOTAL),
                 status: read_c_string(buf, layout::QUERY_STATUS, PATH_LEN, "query.status")?,
             }),
+            BodyKind::Text => Body::Text(read_c_string(
+                buf,
+                layout::STRING_TEXT,
+                PATH_LEN,
+                "string.text",
+            )?),
         };
         check_ranges(&body)?;
         Ok(Message {

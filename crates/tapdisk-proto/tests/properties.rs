@@ -128,6 +128,7 @@ fn body(kind: BodyKind) -> BoxedStrategy<Body> {
                 })
             })
             .boxed(),
+        BodyKind::Text => c_string().prop_map(Body::Text).boxed(),
     }
 }
 

@@ -47,7 +47,7 @@ fn message_size_is_544() {
 
 #[test]
 fn every_type_number_and_name() {
-    let expected: [(u16, &str); 36] = [
+    let expected: [(u16, &str); 38] = [
         (1, "ERROR"),
         (2, "RUNTIME_ERROR"),
         (3, "PID"),
@@ -84,6 +84,8 @@ fn every_type_number_and_name() {
         (34, "QUERY_COMMIT_JOB_RSP"),
         (35, "CANCEL_COMMIT_JOB"),
         (36, "CANCEL_COMMIT_JOB_RSP"),
+        (64, "BLOCK_DEVICE"),
+        (65, "BLOCK_DEVICE_RSP"),
     ];
     for (number, name) in expected {
         let t = MessageType::from_u16(number).expect("known type");
@@ -94,6 +96,8 @@ fn every_type_number_and_name() {
     }
     assert_eq!(MessageType::from_u16(0), None);
     assert_eq!(MessageType::from_u16(37), None);
+    assert_eq!(MessageType::from_u16(63), None);
+    assert_eq!(MessageType::from_u16(66), None);
     assert_eq!(MessageType::from_u16(u16::MAX), None);
     assert_eq!(
         MessageType::try_from(37),
@@ -102,7 +106,7 @@ fn every_type_number_and_name() {
 }
 
 /// Types whose union is unused: encode writes zeros and decode ignores those bytes.
-const EMPTY_TYPES: [(u16, MessageType); 20] = [
+const EMPTY_TYPES: [(u16, MessageType); 21] = [
     (3, MessageType::Pid),
     (5, MessageType::Attach),
     (6, MessageType::AttachRsp),
@@ -123,6 +127,7 @@ const EMPTY_TYPES: [(u16, MessageType); 20] = [
     (32, MessageType::CommitRsp),
     (33, MessageType::QueryCommitJob),
     (36, MessageType::CancelCommitJobRsp),
+    (64, MessageType::BlockDevice),
 ];
 
 #[test]
@@ -439,11 +444,45 @@ fn query_commit_job_rsp_fixture() {
 
 #[test]
 fn every_type_has_a_fixture_test() {
-    let covered_elsewhere = [1, 2, 4, 7, 8, 11, 16, 18, 20, 22, 24, 26, 29, 31, 34, 35];
+    let covered_elsewhere = [
+        1, 2, 4, 7, 8, 11, 16, 18, 20, 22, 24, 26, 29, 31, 34, 35, 65,
+    ];
     let mut all: Vec<u16> = EMPTY_TYPES.iter().map(|(n, _)| *n).collect();
     all.extend(covered_elsewhere);
     all.sort_unstable();
-    assert_eq!(all, (1..=36).collect::<Vec<u16>>());
+    assert_eq!(all, (1..=36).chain(64..=65).collect::<Vec<u16>>());
+}
+
+#[test]
+fn block_device_rsp_carries_a_string() {
+    // blktap-rs extension: type 65, the path in u.string.text at absolute offset 8.
+    let mut fixture = header(65, 3);
+    put(&mut fixture, 8, b"/dev/ublkb3");
+    let message = Message::new(
+        MessageType::BlockDeviceRsp,
+        3,
+        Body::Text("/dev/ublkb3".into()),
+    );
+    assert_wire(&message, &fixture);
+    assert_eq!(body_kind(MessageType::BlockDeviceRsp), BodyKind::Text);
+    let mut unterminated = header(65, 3);
+    unterminated[8..8 + 256].fill(b'x');
+    assert!(matches!(
+        Message::decode(&unterminated),
+        Err(DecodeError::UnterminatedString {
+            field: "string.text",
+            offset: 8
+        })
+    ));
+}
+
+#[test]
+fn block_device_flags_are_outside_the_c_flags() {
+    assert_eq!(OpenFlags::BLOCKDEV_MASK.bits() & OpenFlags::KNOWN.bits(), 0);
+    assert_eq!(
+        OpenFlags::BLOCKDEV_NONE | OpenFlags::BLOCKDEV_UBLK | OpenFlags::BLOCKDEV_FUSE,
+        OpenFlags::BLOCKDEV_MASK
+    );
 }
 
 #[test]

@@ -1,1 +1,332 @@
-//! journal (in progress).
+//! Undo journal for metadata-moving operations (resize). Before a region of
+//! the VHD is changed, its old bytes are appended to the journal and
+//! synced; while the operation runs the VHD's footers are poisoned
+//! (`v_poison`) so nothing opens a half-changed image. Reverting writes
+//! every saved region back and truncates the VHD to its old length.
+//!
+//! Layout (big-endian): a 512-byte header `{ "vjournal", vhd uuid[16],
+//! vhd_footer_offset u64, data_entries u32, metadata_entries u32,
+//! data_offset u64, metadata_offset u64, journal_eof u64, zero pad }`,
+//! then entries `{ cookie u64 = 0xaaaa12344321aaaa, type u32, size u32,
+//! offset u64, checksum u32, pad u32 }` each followed by `size` bytes.
+//! The field order follows the C journal; byte compatibility with journals
+//! written by the C tools is not a goal.
+
+use crate::bytes::{array, be32, be64, ones_complement_checksum, put32, put64};
+use crate::error::{FormatError, Result, VhdError};
+use crate::io::BlockFile;
+
+/// Journal header cookie.
+pub const JOURNAL_COOKIE: [u8; 8] = *b"vjournal";
+/// Entry cookie.
+pub const ENTRY_COOKIE: u64 = 0xaaaa_1234_4321_aaaa;
+const HEADER: u64 = 512;
+const ENTRY: usize = 32;
+
+/// What a journal entry saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Primary footer.
+    Footer = 1,
+    /// Backup footer at offset 0.
+    FooterCopy = 2,
+    /// Dynamic header.
+    Header = 3,
+    /// Parent locator payload.
+    Locator = 4,
+    /// BAT.
+    Bat = 5,
+    /// Batmap header.
+    BatmapHeader = 6,
+    /// Batmap map.
+    BatmapMap = 7,
+    /// A data block (bitmap and data).
+    Data = 8,
+}
+
+impl EntryKind {
+    fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Footer,
+            2 => Self::FooterCopy,
+            3 => Self::Header,
+            4 => Self::Locator,
+            5 => Self::Bat,
+            6 => Self::BatmapHeader,
+            7 => Self::BatmapMap,
+            8 => Self::Data,
+            _ => return None,
+        })
+    }
+}
+
+/// One saved region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// What it is.
+    pub kind: EntryKind,
+    /// Offset in the VHD.
+    pub offset: u64,
+    /// Old bytes.
+    pub data: Vec<u8>,
+}
+
+/// Decoded journal header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalHeader {
+    /// UUID of the journaled VHD.
+    pub uuid: [u8; 16],
+    /// Primary footer offset of the VHD before the operation; the VHD is
+    /// truncated to this plus 512 on revert.
+    pub vhd_footer_offset: u64,
+    /// Data block entries.
+    pub data_entries: u32,
+    /// Metadata entries.
+    pub metadata_entries: u32,
+    /// End of the last committed entry.
+    pub journal_eof: u64,
+}
+
+impl JournalHeader {
+    fn to_bytes(&self) -> [u8; 512] {
+        let mut b = [0u8; 512];
+        b[..8].copy_from_slice(&JOURNAL_COOKIE);
+        b[8..24].copy_from_slice(&self.uuid);
+        put64(&mut b, 24, self.vhd_footer_offset);
+        put32(&mut b, 32, self.data_entries);
+        put32(&mut b, 36, self.metadata_entries);
+        put64(&mut b, 40, HEADER);
+        put64(&mut b, 48, HEADER);
+        put64(&mut b, 56, self.journal_eof);
+        b
+    }
+
+    /// Parses a journal header.
+    pub fn parse(b: &[u8]) -> Result<Self, FormatError> {
+        if b.len() < 512 {
+            return Err(FormatError::Truncated {
+                structure: "journal header",
+                offset: 0,
+                needed: 512,
+                available: b.len(),
+            });
+        }
+        if b[..8] != JOURNAL_COOKIE {
+            return Err(FormatError::field(
+                "journal header",
+                "cookie",
+                0,
+                "expected \"vjournal\"",
+            ));
+        }
+        Ok(Self {
+            uuid: array(b, 8),
+            vhd_footer_offset: be64(b, 24),
+            data_entries: be32(b, 32),
+            metadata_entries: be32(b, 36),
+            journal_eof: be64(b, 56),
+        })
+    }
+}
+
+/// A journal being written.
+#[derive(Debug)]
+pub struct Journal<J: BlockFile> {
+    file: J,
+    header: JournalHeader,
+    name: String,
+}
+
+impl<J: BlockFile> Journal<J> {
+    /// Starts a journal in `file` for a VHD with `uuid` whose primary footer
+    /// is at `vhd_footer_offset`.
+    pub fn create(file: J, name: &str, uuid: [u8; 16], vhd_footer_offset: u64) -> Result<Self> {
+        let header = JournalHeader {
+            uuid,
+            vhd_footer_offset,
+            data_entries: 0,
+            metadata_entries: 0,
+            journal_eof: HEADER,
+        };
+        let j = Self {
+            file,
+            header,
+            name: name.to_string(),
+        };
+        j.file
+            .set_len(0)
+            .map_err(|e| VhdError::io(format!("{name}: truncate journal"), e))?;
+        j.write_header()?;
+        j.sync()?;
+        Ok(j)
+    }
+
+    fn write_header(&self) -> Result<()> {
+        self.file
+            .write_at(&self.header.to_bytes(), 0)
+            .map_err(|e| VhdError::io(format!("{}: write journal header", self.name), e))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file
+            .sync()
+            .map_err(|e| VhdError::io(format!("{}: sync journal", self.name), e))
+    }
+
+    /// Saves `data` (the current bytes at `offset` of the VHD) and makes the
+    /// entry durable before returning.
+    pub fn add(&mut self, kind: EntryKind, offset: u64, data: &[u8]) -> Result<()> {
+        let size = u32::try_from(data.len())
+            .map_err(|_| VhdError::InvalidArgument("journal entry too large".into()))?;
+        let mut e = [0u8; ENTRY];
+        put64(&mut e, 0, ENTRY_COOKIE);
+        put32(&mut e, 8, kind as u32);
+        put32(&mut e, 12, size);
+        put64(&mut e, 16, offset);
+        put32(&mut e, 24, ones_complement_checksum(data, None));
+        let mut buf = e.to_vec();
+        buf.extend_from_slice(data);
+        let at = self.header.journal_eof;
+        self.file
+            .write_at(&buf, at)
+            .map_err(|e| VhdError::io(format!("{}: write journal entry at {at}", self.name), e))?;
+        self.sync()?;
+        self.header.journal_eof += buf.len() as u64;
+        if kind == EntryKind::Data {
+            self.header.data_entries += 1;
+        } else {
+            self.header.metadata_entries += 1;
+        }
+        self.write_header()?;
+        self.sync()
+    }
+
+    /// Saves the current bytes of `vhd` in `[offset, offset + len)`, clipped
+    /// to its end.
+    pub fn save<F: BlockFile>(
+        &mut self,
+        vhd: &F,
+        kind: EntryKind,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let flen = vhd
+            .len()
+            .map_err(|e| VhdError::io(format!("{}: size", self.name), e))?;
+        let len = len.min(flen.saturating_sub(offset));
+        if len == 0 {
+            return Ok(());
+        }
+        let mut b = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        vhd.read_at(&mut b, offset)
+            .map_err(|e| VhdError::io(format!("{}: read VHD at {offset}", self.name), e))?;
+        self.add(kind, offset, &b)
+    }
+
+    /// Marks the operation complete: the entry counts are zeroed and the
+    /// journal truncated (the caller then removes the file).
+    pub fn commit(mut self) -> Result<J> {
+        self.header.data_entries = 0;
+        self.header.metadata_entries = 0;
+        self.header.journal_eof = HEADER;
+        self.write_header()?;
+        self.file
+            .set_len(HEADER)
+            .map_err(|e| VhdError::io(format!("{}: truncate journal", self.name), e))?;
+        self.sync()?;
+        Ok(self.file)
+    }
+}
+
+/// Reads a journal's header and committed entries.
+pub fn read_journal<J: BlockFile>(j: &J) -> Result<(JournalHeader, Vec<Entry>)> {
+    let mut hb = [0u8; 512];
+    j.read_at(&mut hb, 0)
+        .map_err(|e| VhdError::io("read journal header", e))?;
+    let header = JournalHeader::parse(&hb)?;
+    let total = u64::from(header.data_entries) + u64::from(header.metadata_entries);
+    let len = j.len().map_err(|e| VhdError::io("journal size", e))?;
+    let mut at = HEADER;
+    let mut entries = Vec::new();
+    for i in 0..total {
+        let mut e = [0u8; ENTRY];
+        j.read_at(&mut e, at)
+            .map_err(|err| VhdError::io(format!("read journal entry {i} at {at}"), err))?;
+        if be64(&e, 0) != ENTRY_COOKIE {
+            return Err(FormatError::field("journal entry", "cookie", at, "bad cookie").into());
+        }
+        let kind = EntryKind::from_u32(be32(&e, 8))
+            .ok_or_else(|| FormatError::field("journal entry", "type", at + 8, "unknown type"))?;
+        let size = u64::from(be32(&e, 12));
+        let offset = be64(&e, 16);
+        if at + ENTRY as u64 + size > len {
+            return Err(FormatError::field(
+                "journal entry",
+                "size",
+                at + 12,
+                "past end of journal",
+            )
+            .into());
+        }
+        let mut data = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        j.read_at(&mut data, at + ENTRY as u64)
+            .map_err(|err| VhdError::io(format!("read journal entry {i} data"), err))?;
+        if ones_complement_checksum(&data, None) != be32(&e, 24) {
+            return Err(
+                FormatError::field("journal entry", "checksum", at + 24, "mismatch").into(),
+            );
+        }
+        entries.push(Entry { kind, offset, data });
+        at += ENTRY as u64 + size;
+    }
+    Ok((header, entries))
+}
+
+/// Rolls `vhd` back to the state saved in `journal`: restores every saved
+/// region and truncates to the old length. A committed (empty) journal
+/// leaves the VHD untouched.
+pub fn revert<F: BlockFile, J: BlockFile>(vhd: &F, journal: &J) -> Result<usize> {
+    let (header, entries) = read_journal(journal)?;
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    for e in &entries {
+        vhd.write_at(&e.data, e.offset)
+            .map_err(|err| VhdError::io(format!("revert: write at {}", e.offset), err))?;
+    }
+    vhd.set_len(header.vhd_footer_offset + 512)
+        .map_err(|e| VhdError::io("revert: truncate", e))?;
+    vhd.sync().map_err(|e| VhdError::io("revert: sync", e))?;
+    Ok(entries.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemFile;
+
+    #[test]
+    fn save_and_revert() {
+        let vhd = MemFile::new(b"0123456789".repeat(60));
+        let jf = MemFile::default();
+        let mut j = Journal::create(jf.clone(), "j", [1; 16], 88).unwrap();
+        j.save(&vhd, EntryKind::Header, 2, 4).unwrap();
+        j.save(&vhd, EntryKind::Data, 598, 100).unwrap();
+        vhd.write_at(b"xxxx", 2).unwrap();
+        vhd.write_at(b"yyyyyyyy", 596).unwrap();
+        let (h, e) = read_journal(&jf).unwrap();
+        assert_eq!(h.metadata_entries, 1);
+        assert_eq!(h.data_entries, 1);
+        assert_eq!(e[1].data, b"89");
+        assert_eq!(revert(&vhd, &jf).unwrap(), 2);
+        let c = vhd.contents();
+        assert_eq!(c.len(), 600);
+        assert_eq!(&c[..10], b"0123456789");
+        assert_eq!(&c[590..600], b"012345yy89");
+        // committed journals revert nothing
+        let j = Journal::create(MemFile::default(), "j", [1; 16], 88).unwrap();
+        let f = j.commit().unwrap();
+        assert_eq!(revert(&vhd, &f).unwrap(), 0);
+        assert!(read_journal(&MemFile::new(vec![0; 512])).is_err());
+    }
+}

@@ -1,1 +1,676 @@
-//! ops (in progress).
+//! Maintenance operations of `vhd-util`: coalesce (child into parent),
+//! resize (fast, within the `-S` preallocation, or journaled), fill,
+//! repair, modify (reparent, physical size, zero BAT), copy (flatten a
+//! chain into a new dynamic VHD) and snapshot-target selection.
+
+use std::path::{Path, PathBuf};
+
+use crate::bat::{Bat, BAT_UNUSED};
+use crate::batmap::{batmap_checksum, BatmapHeader};
+use crate::bitmap::SectorBitmap;
+use crate::bytes::round_up;
+use crate::chain::{resolve_parent, Chain};
+use crate::create::{create_with, random_uuid, CreateOptions, ParentSpec};
+use crate::error::{Result, VhdError};
+use crate::footer::{DiskType, FOOTER_SIZE};
+use crate::geometry::Geometry;
+use crate::image::{Batmap, BlockState, OpenOptions, SparseLayout, VhdImage, SECTOR};
+use crate::io::{BlockFile, Opener, StdOpener};
+use crate::journal::{EntryKind, Journal};
+use crate::locator::{encode_payload, ParentLocator};
+
+/// Progress callback: `(done, total)` units.
+pub type Progress<'a> = Option<&'a mut dyn FnMut(u64, u64)>;
+
+fn report(p: &mut Progress<'_>, done: u64, total: u64) {
+    if let Some(f) = p.as_mut() {
+        f(done, total);
+    }
+}
+
+fn open_image<O: Opener>(opener: &O, path: &Path, opts: OpenOptions) -> Result<VhdImage<O::File>> {
+    let name = path.display().to_string();
+    let f = opener
+        .open(path, opts.writable)
+        .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
+    VhdImage::open(f, &name, opts)
+}
+
+/// The parent a coalesce writes into.
+enum Target<F: BlockFile> {
+    Vhd(Box<VhdImage<F>>),
+    Raw(F, String),
+}
+
+/// Merges differencing disk `child` into its parent (VHD or raw). Returns
+/// the number of sectors copied. With `sparse`, all-zero runs are not
+/// written into unallocated parent blocks of a parent without a parent.
+pub fn coalesce<O: Opener>(
+    opener: &O,
+    child_path: &Path,
+    sparse: bool,
+    mut progress: Progress<'_>,
+) -> Result<u64> {
+    let child = open_image(opener, child_path, OpenOptions::read_only())?;
+    if !child.has_parent() {
+        return Err(VhdError::InvalidArgument(format!(
+            "{}: not a differencing disk",
+            child_path.display()
+        )));
+    }
+    let parent_path = resolve_parent(&child, child_path)?;
+    let mut target = if child.parent_is_raw() {
+        let f = opener
+            .open(&parent_path, true)
+            .map_err(|e| VhdError::io(format!("{}: open", parent_path.display()), e))?;
+        Target::Raw(f, parent_path.display().to_string())
+    } else {
+        let p = open_image(opener, &parent_path, OpenOptions::read_write())?;
+        if child.header().map(|h| h.parent_uuid) != Some(p.footer().uuid) {
+            return Err(VhdError::ParentUuidMismatch {
+                child: child_path.display().to_string(),
+                parent: parent_path,
+            });
+        }
+        if p.disk_type().is_sparse() && p.block_size() != child.block_size() {
+            return Err(VhdError::Unsupported(
+                "coalesce across different block sizes".into(),
+            ));
+        }
+        if p.total_sectors() < child.total_sectors() {
+            return Err(VhdError::Unsupported(format!(
+                "parent {} is smaller than the child; resize it first",
+                parent_path.display()
+            )));
+        }
+        Target::Vhd(Box::new(p))
+    };
+    let spb = child.sectors_per_block();
+    let total_blocks = child.block_count();
+    let mut copied = 0u64;
+    let mut buf = Vec::new();
+    for block in 0..total_blocks {
+        report(&mut progress, block, total_blocks);
+        let BlockState::Allocated {
+            bitmap_offset,
+            bitmap,
+        } = child.block_state(block)?
+        else {
+            continue;
+        };
+        let data_off = bitmap_offset + child.bitmap_bytes();
+        let in_disk = (child.total_sectors() - block * spb).min(spb);
+        for (first, n, set) in bitmap.runs(0, in_disk) {
+            if !set {
+                continue;
+            }
+            buf.resize(usize::try_from(n * SECTOR).unwrap_or(0), 0);
+            child
+                .file()
+                .read_at(&mut buf, data_off + first * SECTOR)
+                .map_err(|e| VhdError::io(format!("{}: read block {block}", child.name()), e))?;
+            let sector = block * spb + first;
+            match &mut target {
+                Target::Raw(f, name) => {
+                    f.write_at(&buf, sector * SECTOR).map_err(|e| {
+                        VhdError::io(format!("{name}: write at sector {sector}"), e)
+                    })?;
+                }
+                Target::Vhd(p) => {
+                    let skip = sparse
+                        && !p.has_parent()
+                        && buf.iter().all(|&b| b == 0)
+                        && matches!(p.block_state(sector / spb)?, BlockState::Unallocated);
+                    if !skip {
+                        p.write_sectors(sector, &buf)?;
+                    }
+                }
+            }
+            copied += n;
+        }
+    }
+    match &target {
+        Target::Raw(f, name) => f
+            .sync()
+            .map_err(|e| VhdError::io(format!("{name}: sync"), e))?,
+        Target::Vhd(p) => p.sync()?,
+    }
+    report(&mut progress, total_blocks, total_blocks);
+    Ok(copied)
+}
+
+fn require_tap_sparse<F: BlockFile>(img: &VhdImage<F>) -> Result<()> {
+    if !img.disk_type().is_sparse() {
+        return Err(VhdError::Unsupported(format!(
+            "{}: not a dynamic disk",
+            img.name()
+        )));
+    }
+    if !img.footer().created_by_tap() {
+        return Err(VhdError::Unsupported(format!(
+            "{}: resize supports only tapdisk-created VHDs",
+            img.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Grows a sparse image in place up to the size its BAT was preallocated
+/// for (`-S`): only the footers change.
+pub fn resize_fast<O: Opener>(opener: &O, path: &Path, new_size: u64) -> Result<()> {
+    let mut img = open_image(opener, path, OpenOptions::read_write())?;
+    require_tap_sparse(&img)?;
+    check_new_size(&img, new_size)?;
+    let max = img.header().map_or(0, |h| {
+        u64::from(h.max_table_entries) * u64::from(h.block_size)
+    });
+    if new_size > max {
+        return Err(VhdError::NoSpace(format!(
+            "{}: {new_size} bytes exceeds the {max} bytes preallocated for fast resize",
+            path.display()
+        )));
+    }
+    let f = img.footer_mut();
+    f.current_size = new_size;
+    f.geometry = Geometry::for_size(new_size);
+    img.write_footer()?;
+    img.sync()
+}
+
+fn check_new_size<F: BlockFile>(img: &VhdImage<F>, new_size: u64) -> Result<()> {
+    if new_size % SECTOR != 0 || new_size == 0 {
+        return Err(VhdError::InvalidArgument(format!(
+            "size {new_size} is not a multiple of 512"
+        )));
+    }
+    if new_size < img.virtual_size() {
+        return Err(VhdError::InvalidArgument(format!(
+            "{}: shrinking from {} to {new_size} bytes is not supported",
+            img.name(),
+            img.virtual_size()
+        )));
+    }
+    Ok(())
+}
+
+/// Grows an image offline under a journal at `journal_path`. Sparse images
+/// get a larger BAT and batmap; data blocks in the way are moved to the end
+/// of the file. Fixed images get more data and a moved footer. After a crash
+/// the image is disabled (poisoned footers) until [`revert_path`] runs, or
+/// already complete.
+pub fn resize_journaled<O: Opener>(
+    opener: &O,
+    path: &Path,
+    new_size: u64,
+    journal_path: &Path,
+) -> Result<()> {
+    let mut img = open_image(opener, path, OpenOptions::read_write())?;
+    check_new_size(&img, new_size)?;
+    if img.disk_type().is_sparse() {
+        require_tap_sparse(&img)?;
+    }
+    let jfile = opener
+        .create(journal_path)
+        .map_err(|e| VhdError::io(format!("{}: create journal", journal_path.display()), e))?;
+    let jname = journal_path.display().to_string();
+    let mut journal = Journal::create(jfile, &jname, img.footer().uuid, img.footer_offset())?;
+    let old_footer_offset = img.footer_offset();
+    journal.save(
+        img.file(),
+        EntryKind::Footer,
+        old_footer_offset,
+        FOOTER_SIZE as u64,
+    )?;
+    if img.disk_type() == DiskType::Fixed {
+        poison(&mut img)?;
+        // The old footer becomes data and must read as zeros.
+        img.file()
+            .write_at(&[0u8; FOOTER_SIZE], old_footer_offset)
+            .map_err(|e| VhdError::io(format!("{}: clear old footer", path.display()), e))?;
+        let f = img.footer_mut();
+        f.current_size = new_size;
+        f.geometry = Geometry::for_size(new_size);
+        img.footer_mut().poisoned = false;
+        img.relocate_footer(new_size)?;
+        img.sync()?;
+    } else {
+        resize_sparse(&mut img, &mut journal, new_size)?;
+    }
+    journal.commit()?;
+    std::fs::remove_file(journal_path)
+        .map_err(|e| VhdError::io(format!("{}: remove journal", journal_path.display()), e))?;
+    Ok(())
+}
+
+fn poison<F: BlockFile>(img: &mut VhdImage<F>) -> Result<()> {
+    img.footer_mut().poisoned = true;
+    img.write_footer()?;
+    img.sync()
+}
+
+fn resize_sparse<F: BlockFile, J: BlockFile>(
+    img: &mut VhdImage<F>,
+    journal: &mut Journal<J>,
+    new_size: u64,
+) -> Result<()> {
+    let header = img
+        .header()
+        .cloned()
+        .ok_or_else(|| VhdError::Unsupported("no header".into()))?;
+    let block = u64::from(header.block_size);
+    let new_entries = u32::try_from(new_size.div_ceil(block))
+        .ok()
+        .filter(|&n| n <= crate::image::MAX_BAT_ENTRIES)
+        .ok_or_else(|| VhdError::TooLarge {
+            what: format!("{}: BAT for {new_size} bytes", img.name()),
+            bytes: new_size,
+        })?;
+    journal.save(img.file(), EntryKind::FooterCopy, 0, FOOTER_SIZE as u64)?;
+    if new_entries <= header.max_table_entries {
+        poison(img)?;
+        let f = img.footer_mut();
+        f.current_size = new_size;
+        f.geometry = Geometry::for_size(new_size);
+        f.poisoned = false;
+        write_final_footer(img)?;
+        return Ok(());
+    }
+    // New metadata layout from the BAT on.
+    let layout = SparseLayout::new(new_entries);
+    let table_offset = header.table_offset;
+    let batmap_hdr = table_offset + (layout.batmap_header_offset - layout.table_offset);
+    let batmap_off = batmap_hdr + 512;
+    let mut meta_end = batmap_off + u64::from(layout.batmap_sectors) * SECTOR;
+    // Parent locator payloads move after the new batmap.
+    let mut new_locs: Vec<(usize, ParentLocator, Vec<u8>)> = Vec::new();
+    for (slot, l) in header
+        .locators
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_used())
+    {
+        let len = usize::try_from(l.space_bytes().min(1 << 20)).unwrap_or(0);
+        let data = img.read_raw(l.data_offset, len)?;
+        let mut nl = *l;
+        nl.data_offset = meta_end;
+        meta_end += l.space_bytes();
+        new_locs.push((slot, nl, data));
+    }
+    let meta_end = round_up(meta_end, SECTOR);
+    // Save every old byte in [0, meta_end) that will be overwritten, plus
+    // the BAT, batmap and locators (all inside that range or moved).
+    let old_len = img.file().len().map_err(|e| VhdError::io("size", e))?;
+    let region = meta_end.min(old_len);
+    let chunk = 4 << 20;
+    let mut at = 0;
+    while at < region {
+        let n = (region - at).min(chunk);
+        let kind = if at < table_offset {
+            EntryKind::Header
+        } else {
+            EntryKind::Data
+        };
+        journal.save(img.file(), kind, at, n)?;
+        at += n;
+    }
+    poison(img)?;
+    // Move blocks whose bitmap/data intersect the new metadata region.
+    let per = img.bitmap_bytes() + block;
+    let mut bat = img.bat().clone();
+    let mut batmap_bits = img.batmap().map(|b| b.map.clone());
+    let moving: Vec<usize> = bat
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e != BAT_UNUSED && u64::from(e) * SECTOR < meta_end)
+        .map(|(i, _)| i)
+        .collect();
+    let mut next = img.footer_offset().max(img.end_of_data()).max(meta_end);
+    let bm = img.bitmap_bytes();
+    let mut buf = vec![0u8; usize::try_from(per).unwrap_or(0)];
+    for i in moving {
+        let src = u64::from(bat.entries[i]) * SECTOR;
+        let dst = round_up(next + bm, crate::image::DATA_ALIGNMENT) - bm;
+        img.file()
+            .read_at(&mut buf, src)
+            .map_err(|e| VhdError::io(format!("{}: read block {i}", img.name()), e))?;
+        img.file()
+            .write_at(&buf, dst)
+            .map_err(|e| VhdError::io(format!("{}: write block {i} at {dst}", img.name()), e))?;
+        bat.entries[i] = u32::try_from(dst / SECTOR).map_err(|_| VhdError::TooLarge {
+            what: format!("{}: moved block {i}", img.name()),
+            bytes: dst,
+        })?;
+        next = dst + per;
+    }
+    // New BAT, batmap and locators.
+    let mut new_bat = Bat::unallocated(new_entries as usize);
+    new_bat.entries[..bat.entries.len()].copy_from_slice(&bat.entries);
+    let mut bh = img
+        .batmap()
+        .map(|b| b.header.clone())
+        .unwrap_or_else(|| BatmapHeader::new(batmap_off, layout.batmap_sectors));
+    bh.batmap_offset = batmap_off;
+    bh.batmap_size = layout.batmap_sectors;
+    let mut map = vec![0u8; usize::try_from(layout.batmap_sectors).unwrap_or(1) * 512];
+    if let Some(old) = batmap_bits.take() {
+        let n = old.len().min(map.len());
+        map[..n].copy_from_slice(&old[..n]);
+    }
+    bh.checksum = batmap_checksum(&map, bh.batmap_version);
+    let hdr = img
+        .header_mut()
+        .ok_or_else(|| VhdError::Unsupported("no header".into()))?;
+    hdr.max_table_entries = new_entries;
+    for (slot, nl, _) in &new_locs {
+        hdr.locators[*slot] = *nl;
+    }
+    img.set_bat(new_bat);
+    img.write_bat()?;
+    // Zero the gap between BAT and batmap header, then the batmap.
+    img.set_batmap(Some(Batmap { header: bh, map }));
+    if img.footer().expects_batmap() {
+        img.write_batmap()?;
+    }
+    for (_, nl, data) in &new_locs {
+        img.file()
+            .write_at(data, nl.data_offset)
+            .map_err(|e| VhdError::io(format!("{}: write locator", img.name()), e))?;
+    }
+    img.write_header()?;
+    let f = img.footer_mut();
+    f.current_size = new_size;
+    f.geometry = Geometry::for_size(new_size);
+    f.poisoned = false;
+    let end = next.max(img.end_of_data()).max(meta_end);
+    // Footer: backup first, then primary at the new end; truncate after.
+    let b = img.footer_mut().to_bytes_checked();
+    img.file()
+        .write_at(&b, 0)
+        .map_err(|e| VhdError::io(format!("{}: write backup footer", img.name()), e))?;
+    img.relocate_footer(end)?;
+    img.sync()
+}
+
+fn write_final_footer<F: BlockFile>(img: &mut VhdImage<F>) -> Result<()> {
+    img.write_footer()?;
+    img.sync()
+}
+
+/// Reverts an interrupted journaled operation on `path` and removes the
+/// journal. Returns the number of regions restored.
+pub fn revert_path(path: &Path, journal_path: &Path) -> Result<usize> {
+    let vhd = StdOpener
+        .open(path, true)
+        .map_err(|e| VhdError::io(format!("{}: open", path.display()), e))?;
+    let j = StdOpener
+        .open(journal_path, false)
+        .map_err(|e| VhdError::io(format!("{}: open journal", journal_path.display()), e))?;
+    let n = crate::journal::revert(&vhd, &j)?;
+    std::fs::remove_file(journal_path)
+        .map_err(|e| VhdError::io(format!("{}: remove journal", journal_path.display()), e))?;
+    Ok(n)
+}
+
+/// Allocates every block of the leaf. Without `metadata_only` each block is
+/// read through the chain and written back (full allocation); with it, only
+/// BAT entries and bitmaps are created (blocks of images without a parent
+/// are marked present and read as zeros; differencing images keep empty
+/// bitmaps). `range` limits the work to a sector range.
+pub fn fill<O: Opener>(
+    opener: &O,
+    path: &Path,
+    metadata_only: bool,
+    range: Option<(u64, u64)>,
+    mut progress: Progress<'_>,
+) -> Result<()> {
+    let mut chain = Chain::open_with(opener, path, true)?;
+    let leaf = chain.leaf();
+    if !leaf.disk_type().is_sparse() {
+        return Ok(());
+    }
+    let spb = leaf.sectors_per_block();
+    let total = leaf.total_sectors();
+    let (from, to) = range.unwrap_or((0, total));
+    let to = to.min(total);
+    let first_block = from / spb;
+    let last_block = to.div_ceil(spb);
+    let mut buf = vec![0u8; usize::try_from(spb * SECTOR).unwrap_or(0)];
+    for block in first_block..last_block {
+        report(&mut progress, block - first_block, last_block - first_block);
+        let start = block * spb;
+        let n = spb.min(total - start);
+        let len = usize::try_from(n * SECTOR).unwrap_or(0);
+        if metadata_only {
+            let leaf = chain.leaf_mut();
+            if leaf.bat().is_allocated(block) {
+                continue;
+            }
+            let mut bitmap =
+                SectorBitmap::zeroed(usize::try_from(leaf.bitmap_bytes()).unwrap_or(512));
+            if !leaf.has_parent() {
+                bitmap.set_range(0, spb, true);
+            }
+            leaf.allocate_block(block, None, &bitmap)?;
+        } else {
+            chain.read(start, &mut buf[..len])?;
+            chain.write(start, &buf[..len])?;
+        }
+    }
+    report(
+        &mut progress,
+        last_block - first_block,
+        last_block - first_block,
+    );
+    chain.sync()
+}
+
+/// Rewrites the primary footer at the end of the data (from the backup copy
+/// with `use_backup`), creating a UUID if it is null, and truncates after it.
+pub fn repair<O: Opener>(opener: &O, path: &Path, use_backup: bool) -> Result<()> {
+    let name = path.display().to_string();
+    let f = opener
+        .open(path, true)
+        .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
+    let img = VhdImage::open(
+        f,
+        &name,
+        OpenOptions {
+            writable: false,
+            ignore_disabled: true,
+            use_backup_footer: use_backup,
+        },
+    )?;
+    let end = if img.disk_type().is_sparse() {
+        img.end_of_data()
+    } else {
+        img.virtual_size()
+    };
+    let mut footer = img.footer().clone();
+    footer.poisoned = false;
+    if footer.uuid == [0; 16] {
+        footer.uuid = random_uuid();
+    }
+    let sparse = img.disk_type().is_sparse();
+    let file = img.into_file();
+    let b = footer.to_bytes_checked();
+    file.write_at(&b, end)
+        .map_err(|e| VhdError::io(format!("{name}: write footer at {end}"), e))?;
+    if sparse {
+        file.write_at(&b, 0)
+            .map_err(|e| VhdError::io(format!("{name}: write backup footer"), e))?;
+    }
+    file.set_len(end + FOOTER_SIZE as u64)
+        .map_err(|e| VhdError::io(format!("{name}: truncate"), e))?;
+    file.sync()
+        .map_err(|e| VhdError::io(format!("{name}: sync"), e))
+}
+
+/// What `modify` changes.
+#[derive(Debug, Clone, Default)]
+pub struct ModifyOptions {
+    /// New parent path and whether it is raw.
+    pub parent: Option<(PathBuf, bool)>,
+    /// New physical size (footer moved to `size - 512`).
+    pub physical_size: Option<u64>,
+    /// Mark every block unallocated.
+    pub zero_bat: bool,
+}
+
+/// "Dangerous" metadata edits: reparent, move the footer, zero the BAT.
+pub fn modify<O: Opener>(opener: &O, path: &Path, opts: &ModifyOptions) -> Result<()> {
+    let mut img = open_image(opener, path, OpenOptions::read_write())?;
+    if let Some((parent, raw)) = &opts.parent {
+        reparent(&mut img, path, parent, *raw)?;
+    }
+    if opts.zero_bat {
+        let n = img.bat().entries.len();
+        img.set_bat(Bat::unallocated(n));
+        img.write_bat()?;
+        if let Some(mut b) = img.batmap().cloned() {
+            b.map.fill(0);
+            img.set_batmap(Some(b));
+            img.write_batmap()?;
+        }
+    }
+    if let Some(size) = opts.physical_size {
+        let min = if img.disk_type().is_sparse() {
+            img.end_of_data()
+        } else {
+            img.virtual_size()
+        } + FOOTER_SIZE as u64;
+        if size < min || size % SECTOR != 0 {
+            return Err(VhdError::InvalidArgument(format!(
+                "physical size {size} must be a multiple of 512 and at least {min}"
+            )));
+        }
+        img.relocate_footer(size - FOOTER_SIZE as u64)?;
+    }
+    img.sync()
+}
+
+fn reparent<F: BlockFile>(
+    img: &mut VhdImage<F>,
+    path: &Path,
+    parent: &Path,
+    raw: bool,
+) -> Result<()> {
+    if !img.has_parent() {
+        return Err(VhdError::InvalidArgument(format!(
+            "{}: not a differencing disk",
+            path.display()
+        )));
+    }
+    let uuid = if raw {
+        [0; 16]
+    } else {
+        let p = open_image(&StdOpener, parent, OpenOptions::read_only())?;
+        p.footer().uuid
+    };
+    let spec: ParentSpec = crate::create::parent_spec(path, parent, uuid, None, false)?;
+    let header = img
+        .header()
+        .cloned()
+        .ok_or_else(|| VhdError::Unsupported("no header".into()))?;
+    let used: Vec<&ParentLocator> = header.locators.iter().filter(|l| l.is_used()).collect();
+    let start = used.iter().map(|l| l.data_offset).min().unwrap_or(0);
+    let space: u64 = used.iter().map(|l| l.space_bytes()).sum();
+    let mut payloads = Vec::new();
+    let mut at = start;
+    for (code, p) in &spec.locators {
+        let data = encode_payload(*code, p)
+            .ok_or_else(|| VhdError::InvalidArgument("cannot encode locator".into()))?;
+        let sz = round_up(data.len() as u64, SECTOR).max(SECTOR);
+        payloads.push((*code, at, sz, data));
+        at += sz;
+    }
+    if start == 0 || at - start > space {
+        return Err(VhdError::NoSpace(format!(
+            "{}: {} bytes of parent locator space cannot hold the new locators",
+            path.display(),
+            space
+        )));
+    }
+    let h = img
+        .header_mut()
+        .ok_or_else(|| VhdError::Unsupported("no header".into()))?;
+    h.parent_uuid = spec.uuid;
+    h.parent_timestamp = spec.timestamp;
+    h.set_parent_name(&spec.name)?;
+    h.locators = Default::default();
+    for (slot, (code, off, sz, data)) in payloads.iter().enumerate() {
+        h.locators[slot] = ParentLocator {
+            code: code.code(),
+            data_space: u32::try_from(sz / SECTOR).unwrap_or(1),
+            data_len: u32::try_from(data.len()).unwrap_or(0),
+            reserved: 0,
+            data_offset: *off,
+        };
+    }
+    for (_, off, sz, data) in &payloads {
+        let mut padded = data.clone();
+        padded.resize(usize::try_from(*sz).unwrap_or(512), 0);
+        img.file()
+            .write_at(&padded, *off)
+            .map_err(|e| VhdError::io(format!("{}: write locator", path.display()), e))?;
+    }
+    img.write_header()
+}
+
+/// Writes the data of the chain at `src` into a new dynamic VHD `dst`
+/// (same virtual size); all-zero blocks stay unallocated.
+pub fn copy<O: Opener>(
+    opener: &O,
+    src: &Path,
+    dst: &Path,
+    mut progress: Progress<'_>,
+) -> Result<u64> {
+    let chain = Chain::open_with(opener, src, false)?;
+    let size = chain.leaf().virtual_size();
+    let mut out = create_with(opener, dst, &CreateOptions::dynamic(size), None)?;
+    let spb = out.sectors_per_block();
+    let blocks = out.block_count();
+    let total = chain.total_sectors();
+    let mut buf = vec![0u8; usize::try_from(spb * SECTOR).unwrap_or(0)];
+    let mut written = 0;
+    let present = |block: u64| -> Result<bool> {
+        for img in chain.images() {
+            if !img.disk_type().is_sparse() || img.bat().is_allocated(block) {
+                return Ok(true);
+            }
+        }
+        Ok(chain.raw_parent().is_some())
+    };
+    for block in 0..blocks {
+        report(&mut progress, block, blocks);
+        if !present(block)? {
+            continue;
+        }
+        let start = block * spb;
+        let n = spb.min(total - start);
+        let len = usize::try_from(n * SECTOR).unwrap_or(0);
+        chain.read(start, &mut buf[..len])?;
+        if buf[..len].iter().all(|&b| b == 0) {
+            continue;
+        }
+        out.write_sectors(start, &buf[..len])?;
+        written += n;
+    }
+    out.sync()?;
+    report(&mut progress, blocks, blocks);
+    Ok(written)
+}
+
+/// The parent a new snapshot should link to: starting at `parent`, empty
+/// differencing disks (no allocated block) are skipped.
+pub fn snapshot_target(parent: &Path) -> Result<PathBuf> {
+    let mut cur = parent.to_path_buf();
+    for _ in 0..crate::chain::MAX_CHAIN_DEPTH {
+        let img = open_image(&StdOpener, &cur, OpenOptions::read_only())?;
+        if !img.has_parent() || img.parent_is_raw() || img.bat().allocated_count() > 0 {
+            return Ok(cur);
+        }
+        cur = resolve_parent(&img, &cur)?;
+    }
+    Err(VhdError::InvalidArgument("chain too deep".into()))
+}

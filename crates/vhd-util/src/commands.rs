@@ -1,0 +1,1010 @@
+//! The `vhd-util` commands. Each returns the process exit status (a
+//! positive errno, 0 on success) and prints the C tool's lines on stdout.
+
+use std::path::{Path, PathBuf};
+
+use vhd::chain::{resolve_parent, Chain};
+use vhd::check::{check_path, CheckOptions};
+use vhd::create::{create_file, CreateOptions, SnapshotOptions};
+use vhd::image::{BlockState, Extent, OpenOptions, VhdImage, SECTOR};
+use vhd::io::{CrashBudget, FaultOpener, Opener, StdOpener};
+use vhd::ops;
+use vhd::{DiskType, VhdError};
+
+use crate::getopt::{getopt, Parsed};
+use crate::progress::Bar;
+
+const EINVAL: i32 = 22;
+const ENOSYS: i32 = 38;
+
+/// Runs `f` with a std opener, or — when `VHD_UTIL_CRASH_AFTER_WRITES=N`
+/// is set (crash-injection tests) — with one that aborts the process
+/// after N mutating I/O calls, like a kill at that point.
+fn with_opener<T>(f: impl FnOnce(&dyn DynOpener) -> T) -> T {
+    match std::env::var("VHD_UTIL_CRASH_AFTER_WRITES")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        Some(n) => f(&CrashingOpener(FaultOpener {
+            budget: CrashBudget::new(n),
+        })),
+        None => f(&PlainOpener),
+    }
+}
+
+/// Object-safe front for the two openers used by the CLI.
+trait DynOpener {
+    fn coalesce(&self, p: &Path, sparse: bool, bar: &mut Bar) -> vhd::Result<u64>;
+    fn resize_journaled(&self, p: &Path, size: u64, j: &Path) -> vhd::Result<()>;
+    fn resize_fast(&self, p: &Path, size: u64) -> vhd::Result<()>;
+}
+
+struct PlainOpener;
+struct CrashingOpener(FaultOpener);
+
+fn dyn_impl<O: Opener>(o: &O) -> impl DynOpener + '_ {
+    struct W<'a, O>(&'a O);
+    impl<O: Opener> DynOpener for W<'_, O> {
+        fn coalesce(&self, p: &Path, sparse: bool, bar: &mut Bar) -> vhd::Result<u64> {
+            let mut cb = |d, t| bar.update(d, t);
+            ops::coalesce(self.0, p, sparse, Some(&mut cb))
+        }
+        fn resize_journaled(&self, p: &Path, size: u64, j: &Path) -> vhd::Result<()> {
+            ops::resize_journaled(self.0, p, size, j)
+        }
+        fn resize_fast(&self, p: &Path, size: u64) -> vhd::Result<()> {
+            ops::resize_fast(self.0, p, size)
+        }
+    }
+    W(o)
+}
+
+impl DynOpener for PlainOpener {
+    fn coalesce(&self, p: &Path, sparse: bool, bar: &mut Bar) -> vhd::Result<u64> {
+        dyn_impl(&StdOpener).coalesce(p, sparse, bar)
+    }
+    fn resize_journaled(&self, p: &Path, size: u64, j: &Path) -> vhd::Result<()> {
+        dyn_impl(&StdOpener).resize_journaled(p, size, j)
+    }
+    fn resize_fast(&self, p: &Path, size: u64) -> vhd::Result<()> {
+        dyn_impl(&StdOpener).resize_fast(p, size)
+    }
+}
+
+impl CrashingOpener {
+    fn die_if_crashed<T>(&self, r: vhd::Result<T>) -> vhd::Result<T> {
+        if self.0.budget.crashed() {
+            // Simulated kill: no cleanup, no further output.
+            std::process::abort();
+        }
+        r
+    }
+}
+
+impl DynOpener for CrashingOpener {
+    fn coalesce(&self, p: &Path, sparse: bool, bar: &mut Bar) -> vhd::Result<u64> {
+        self.die_if_crashed(dyn_impl(&self.0).coalesce(p, sparse, bar))
+    }
+    fn resize_journaled(&self, p: &Path, size: u64, j: &Path) -> vhd::Result<()> {
+        self.die_if_crashed(dyn_impl(&self.0).resize_journaled(p, size, j))
+    }
+    fn resize_fast(&self, p: &Path, size: u64) -> vhd::Result<()> {
+        self.die_if_crashed(dyn_impl(&self.0).resize_fast(p, size))
+    }
+}
+
+fn parse(args: &[String], spec: &str, usage: &str) -> Result<Parsed, i32> {
+    match getopt(args, spec) {
+        Ok(p) if p.has('h') => {
+            println!("{usage}");
+            Err(0)
+        }
+        Ok(p) => Ok(p),
+        Err(_) => {
+            println!("{usage}");
+            Err(EINVAL)
+        }
+    }
+}
+
+fn neg(e: &VhdError) -> i32 {
+    -e.errno()
+}
+
+fn mb(v: &str) -> Option<u64> {
+    v.parse::<u64>().ok().and_then(|m| m.checked_mul(1 << 20))
+}
+
+fn open_ro(name: &str, backup: bool) -> vhd::Result<VhdImage<std::fs::File>> {
+    let f = StdOpener
+        .open(Path::new(name), false)
+        .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
+    VhdImage::open(
+        f,
+        name,
+        OpenOptions {
+            writable: false,
+            ignore_disabled: true,
+            use_backup_footer: backup,
+        },
+    )
+}
+
+fn open_rw(name: &str) -> vhd::Result<VhdImage<std::fs::File>> {
+    let f = StdOpener
+        .open(Path::new(name), true)
+        .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
+    VhdImage::open(f, name, OpenOptions::read_write())
+}
+
+pub fn create(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> <-s size (MB)> [-r reserve] [-S size (MB) for metadata preallocation (see vhd-util resize)] [-h help]";
+    let p = match parse(args, "n:s:S:rh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let (Some(name), Some(size)) = (p.value('n'), p.value('s').and_then(mb)) else {
+        println!("{U}");
+        return EINVAL;
+    };
+    if !p.operands.is_empty() {
+        println!("{U}");
+        return EINVAL;
+    }
+    let mut opts = if p.has('r') {
+        CreateOptions::fixed(size)
+    } else {
+        CreateOptions::dynamic(size)
+    };
+    if let Some(s) = p.value('S') {
+        match mb(s) {
+            Some(m) if m >= size => opts.max_size = Some(m),
+            _ => {
+                println!("{U}");
+                return EINVAL;
+            }
+        }
+    }
+    match create_file(Path::new(name), &opts) {
+        Ok(_) => 0,
+        Err(e) => {
+            println!("error creating {name}: {}", neg(&e));
+            println!("  ({e})");
+            e.errno()
+        }
+    }
+}
+
+pub fn snapshot(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> <-p parent> [-l limit] [-m parent_is_raw] [-S size (MB) for metadata preallocation (see vhd-util resize)] [-e link to supplied parent name even if it might be empty] [-h help]";
+    let p = match parse(args, "n:p:l:S:meh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let (Some(name), Some(parent)) = (p.value('n'), p.value('p')) else {
+        println!("{U}");
+        return EINVAL;
+    };
+    let raw = p.has('m');
+    let mut opts = SnapshotOptions {
+        parent_raw: raw,
+        ..SnapshotOptions::default()
+    };
+    if let Some(l) = p.value('l') {
+        match l.parse::<u32>() {
+            Ok(v) => opts.depth_limit = Some(v),
+            Err(_) => {
+                println!("{U}");
+                return EINVAL;
+            }
+        }
+    }
+    if let Some(s) = p.value('S') {
+        match mb(s) {
+            Some(m) => opts.max_size = Some(m),
+            None => {
+                println!("{U}");
+                return EINVAL;
+            }
+        }
+    }
+    let target = if raw || p.has('e') {
+        PathBuf::from(parent)
+    } else {
+        match ops::snapshot_target(Path::new(parent)) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("error opening {parent}: {}", neg(&e));
+                return e.errno();
+            }
+        }
+    };
+    match vhd::create::snapshot(Path::new(name), &target, &opts) {
+        Ok(_) => 0,
+        Err(e @ VhdError::NoSpace(_)) => {
+            println!("{e}");
+            e.errno()
+        }
+        Err(e) => {
+            println!("snapshot failed: {}", neg(&e));
+            println!("  ({e})");
+            e.errno()
+        }
+    }
+}
+
+/// Parent path as recorded (unresolved), for `query -p -u`.
+fn recorded_parent(img: &VhdImage<std::fs::File>) -> Option<String> {
+    img.parent_locator_paths()
+        .into_iter()
+        .find_map(|(_, _, p)| p.ok())
+}
+
+pub fn query(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> [-v print virtual size (in MB)] [-s print physical utilization (bytes)] [-p print parent] [-f print fields] [-m print marker] [-d print chain depth] [-S print max virtual size (MB) for fast resize] [-a print allocated block count] [-u don't resolve parent path] [-b use backup footer] [-h help]";
+    let p = match parse(args, "n:vspfdSmaubh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let Some(name) = p.value('n') else {
+        println!("{U}");
+        return EINVAL;
+    };
+    if !p.operands.is_empty() {
+        println!("{U}");
+        return EINVAL;
+    }
+    let img = match open_ro(name, p.has('b')) {
+        Ok(i) => i,
+        Err(e) => {
+            println!("error opening {name}: {}", neg(&e));
+            return e.errno();
+        }
+    };
+    let mut err = 0;
+    if p.has('v') {
+        println!("{}", img.virtual_size() >> 20);
+    }
+    if p.has('s') {
+        println!("{}", img.physical_size());
+    }
+    if p.has('p') {
+        if img.disk_type() != DiskType::Differencing {
+            println!("{name} has no parent");
+        } else {
+            let r = if p.has('u') {
+                recorded_parent(&img).ok_or(EINVAL)
+            } else {
+                resolve_parent(&img, Path::new(name))
+                    .map(|p| p.display().to_string())
+                    .map_err(|e| e.errno())
+            };
+            match r {
+                Ok(s) => println!("{s}"),
+                Err(e) => {
+                    println!("query failed");
+                    err = e;
+                }
+            }
+        }
+    }
+    if p.has('f') {
+        println!("hidden: {}", img.footer().hidden);
+    }
+    if p.has('m') {
+        println!("marker: {}", img.marker());
+    }
+    if p.has('d') {
+        match Chain::open(Path::new(name), false) {
+            Ok(c) => println!("chain depth: {}", c.depth()),
+            Err(e) => {
+                println!("error checking chain depth: {}", neg(&e));
+                if err == 0 {
+                    err = e.errno();
+                }
+            }
+        }
+    }
+    if p.has('S') {
+        let max = img.header().map_or(img.virtual_size(), |h| {
+            u64::from(h.max_table_entries) * u64::from(h.block_size)
+        });
+        println!("{}", max >> 20);
+    }
+    if p.has('a') {
+        println!("{}", img.bat().allocated_count());
+    }
+    err
+}
+
+pub fn set(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> <-f field> <-v value> [-h help]";
+    let p = match parse(args, "n:f:v:h", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let (Some(name), Some(field), Some(value)) = (p.value('n'), p.value('f'), p.value('v')) else {
+        println!("{U}");
+        return EINVAL;
+    };
+    let Ok(v) = value.parse::<u8>() else {
+        println!("invalid value {value}");
+        return EINVAL;
+    };
+    if field != "hidden" && field != "marker" {
+        println!("invalid field {field}");
+        return EINVAL;
+    }
+    let mut img = match open_rw(name) {
+        Ok(i) => i,
+        Err(e) => {
+            println!("error opening {name}: {}", neg(&e));
+            return e.errno();
+        }
+    };
+    let r = if field == "hidden" {
+        img.set_hidden(v)
+    } else {
+        img.set_marker(v)
+    };
+    match r.and_then(|()| img.sync()) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("error setting {field}: {}", neg(&e));
+            e.errno()
+        }
+    }
+}
+
+pub fn repair(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> [-b use the back-up footer] [-h help]";
+    let p = match parse(args, "n:bh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let Some(name) = p.value('n') else {
+        println!("{U}");
+        return EINVAL;
+    };
+    match ops::repair(&StdOpener, Path::new(name), p.has('b')) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("error repairing {name}: {}", neg(&e));
+            e.errno()
+        }
+    }
+}
+
+pub fn resize(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> <-s size (MB)> <-j journal|-f fast> [-h help]";
+    let p = match parse(args, "n:s:j:fh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let (Some(name), Some(size)) = (p.value('n'), p.value('s').and_then(mb)) else {
+        println!("{U}");
+        return EINVAL;
+    };
+    let journal = p.value('j');
+    if journal.is_some() == p.has('f') {
+        println!("{U}");
+        return EINVAL;
+    }
+    let r = with_opener(|o| match journal {
+        Some(j) => o.resize_journaled(Path::new(name), size, Path::new(j)),
+        None => o.resize_fast(Path::new(name), size),
+    });
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("resize failed: {}", neg(&e));
+            println!("  ({e})");
+            e.errno()
+        }
+    }
+}
+
+pub fn fill(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> [-b initialise BAT and bitmaps only] [-f from sector] [-t to sector] [-B allow beyond 2 TiB] [-h help]";
+    let p = match parse(args, "n:bf:t:Bh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let Some(name) = p.value('n') else {
+        println!("{U}");
+        return EINVAL;
+    };
+    let from = p.value('f').map(str::parse::<u64>);
+    let to = p.value('t').map(str::parse::<u64>);
+    let range = match (from, to) {
+        (None, None) => None,
+        (Some(Ok(f)), None) => Some((f, u64::MAX)),
+        (None, Some(Ok(t))) => Some((0, t)),
+        (Some(Ok(f)), Some(Ok(t))) => Some((f, t)),
+        _ => {
+            println!("{U}");
+            return EINVAL;
+        }
+    };
+    let mut bar = Bar::new("fill");
+    let mut cb = |d, t| bar.update(d, t);
+    match ops::fill(
+        &StdOpener,
+        Path::new(name),
+        p.has('b'),
+        range,
+        Some(&mut cb),
+    ) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("error filling {name}: {}", neg(&e));
+            println!("  ({e})");
+            e.errno()
+        }
+    }
+}
+
+pub fn coalesce(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] [-x custom parent] [-h help]";
+    let p = match getopt(args, "n:o:a:x:sph") {
+        Ok(p) if !p.has('h') => p,
+        _ => {
+            println!("{U}");
+            return EINVAL;
+        }
+    };
+    let Some(name) = p.value('n') else {
+        println!("{U}");
+        return EINVAL;
+    };
+    if !p.operands.is_empty() || (p.has('o') && p.has('a')) {
+        println!("{U}");
+        return EINVAL;
+    }
+    let mut bar = Bar::new("coalesce");
+    let r = if let Some(out) = p.value('o') {
+        let mut cb = |d, t| bar.update(d, t);
+        ops::copy(&StdOpener, Path::new(name), Path::new(out), Some(&mut cb))
+    } else {
+        if let Some(a) = p.value('a') {
+            let parent = open_ro(name, false).and_then(|img| resolve_parent(&img, Path::new(name)));
+            let same = match (parent, std::fs::canonicalize(a)) {
+                (Ok(pp), Ok(aa)) => std::fs::canonicalize(pp).ok() == Some(aa),
+                _ => false,
+            };
+            if !same {
+                println!("error coalescing: -{ENOSYS}");
+                println!("  (coalescing into an ancestor other than the parent is not supported)");
+                return ENOSYS;
+            }
+        }
+        with_opener(|o| o.coalesce(Path::new(name), p.has('s'), &mut bar))
+    };
+    match r {
+        Ok(n) => {
+            print!("Coalesced {n} sectors");
+            0
+        }
+        Err(e) => {
+            println!("error coalescing: {}", neg(&e));
+            println!("  ({e})");
+            e.errno()
+        }
+    }
+}
+
+pub fn modify(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> [-p NEW_PARENT set parent [-m raw]] [-s NEW_SIZE set size] [-z zero (kill data)] [-h help]";
+    let p = match parse(args, "n:p:s:mzh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let Some(name) = p.value('n') else {
+        println!("{U}");
+        return EINVAL;
+    };
+    let physical_size = match p.value('s').map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => {
+            println!("{U}");
+            return EINVAL;
+        }
+    };
+    let opts = ops::ModifyOptions {
+        parent: p.value('p').map(|x| (PathBuf::from(x), p.has('m'))),
+        physical_size,
+        zero_bat: p.has('z'),
+    };
+    match ops::modify(&StdOpener, Path::new(name), &opts) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("error modifying {name}: {}", neg(&e));
+            println!("  ({e})");
+            e.errno()
+        }
+    }
+}
+
+/// Minimal `fnmatch` for `scan -m`: `*` and `?`.
+fn glob(pat: &[u8], s: &[u8]) -> bool {
+    match pat.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((b'?', rest)) => !s.is_empty() && glob(rest, &s[1..]),
+        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+    }
+}
+
+struct ScanEntry {
+    path: PathBuf,
+    line: String,
+    parent: Option<PathBuf>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn scan_one(path: &Path, verbose: bool, markers: bool) -> ScanEntry {
+    let shown = |p: &Path| {
+        if verbose {
+            p.display().to_string()
+        } else {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        }
+    };
+    let name = shown(path);
+    let img = match open_ro(&path.display().to_string(), false) {
+        Ok(i) => i,
+        Err(e) => {
+            return ScanEntry {
+                path: path.to_path_buf(),
+                line: format!("vhd={name} scan-error={} error-message='{e}'", neg(&e)),
+                parent: None,
+            }
+        }
+    };
+    let (parent_name, parent) = if img.has_parent() {
+        match resolve_parent(&img, path) {
+            Ok(pp) => (shown(&pp), Some(pp)),
+            Err(_) => (
+                img.header()
+                    .and_then(|h| h.parent_name().ok())
+                    .unwrap_or_else(|| "none".into()),
+                None,
+            ),
+        }
+    } else {
+        ("none".to_string(), None)
+    };
+    let mut line = format!(
+        "vhd={name} capacity={} size={} hidden={}",
+        img.virtual_size(),
+        img.physical_size(),
+        img.footer().hidden
+    );
+    if markers {
+        let k = img.keyhash().unwrap_or_default();
+        let kh = if k.cookie != 0 {
+            hex(&k.hash)
+        } else {
+            "none".into()
+        };
+        line.push_str(&format!(" marker={} keyhash={kh}", img.marker()));
+    }
+    line.push_str(&format!(" parent={parent_name}"));
+    ScanEntry {
+        path: path.to_path_buf(),
+        line,
+        parent,
+    }
+}
+
+pub fn scan(args: &[String]) -> i32 {
+    const U: &str = "usage: [OPTIONS] FILES\noptions: [-m match filter] [-f fast] [-c continue on failure] [-l LVM volume] [-p pretty print] [-a scan parents] [-v verbose] [-M show markers and keyhashes] [-h help]";
+    let p = match parse(args, "m:fcl:pavMh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    if p.value('l').is_some() {
+        println!("scanning LVM volume groups is not supported");
+        return ENOSYS;
+    }
+    let mut files: Vec<PathBuf> = p.operands.iter().map(PathBuf::from).collect();
+    if let Some(m) = p.value('m') {
+        files.retain(|f| {
+            let n = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            glob(m.as_bytes(), n.as_bytes()) || glob(m.as_bytes(), f.to_string_lossy().as_bytes())
+        });
+    }
+    if files.is_empty() {
+        println!("{U}");
+        return EINVAL;
+    }
+    if !p.has('f') {
+        files.sort();
+    }
+    let mut entries: Vec<ScanEntry> = Vec::new();
+    let mut queue = files;
+    let mut seen = std::collections::HashSet::new();
+    let mut err = 0;
+    while let Some(f) = (!queue.is_empty()).then(|| queue.remove(0)) {
+        let key = std::fs::canonicalize(&f).unwrap_or_else(|_| f.clone());
+        if !seen.insert(key) {
+            continue;
+        }
+        let e = scan_one(&f, p.has('v'), p.has('M'));
+        if e.line.contains("scan-error=") {
+            err = EINVAL;
+        }
+        if p.has('a') {
+            if let Some(pp) = &e.parent {
+                queue.push(pp.clone());
+            }
+        }
+        entries.push(e);
+        if err != 0 && !p.has('c') {
+            break;
+        }
+    }
+    if p.has('p') {
+        // Tree: roots first, children indented under their parent.
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let keys: Vec<PathBuf> = entries.iter().map(|e| canon(&e.path)).collect();
+        let parents: Vec<Option<usize>> = entries
+            .iter()
+            .map(|e| {
+                e.parent
+                    .as_ref()
+                    .and_then(|pp| keys.iter().position(|k| *k == canon(pp)))
+            })
+            .collect();
+        fn walk(i: usize, depth: usize, entries: &[ScanEntry], parents: &[Option<usize>]) {
+            println!("{}{}", "   ".repeat(depth), entries[i].line);
+            for (c, p) in parents.iter().enumerate() {
+                if *p == Some(i) {
+                    walk(c, depth + 1, entries, parents);
+                }
+            }
+        }
+        for i in 0..entries.len() {
+            if parents[i].is_none() {
+                walk(i, 0, &entries, &parents);
+            }
+        }
+    } else {
+        for e in &entries {
+            println!("{}", e.line);
+        }
+    }
+    err
+}
+
+pub fn check(args: &[String]) -> i32 {
+    const U: &str = "options: -n <file> [-i ignore missing primary footers] [-p check parents] [-b check bitmaps] [-s stats] [-h help]";
+    let p = match parse(args, "n:iItpbBsh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let Some(name) = p.value('n') else {
+        println!("{U}");
+        return EINVAL;
+    };
+    if !p.operands.is_empty() {
+        println!("{U}");
+        return EINVAL;
+    }
+    let opts = CheckOptions {
+        ignore_primary: p.has('i'),
+        check_bitmaps: p.has('b'),
+        ..CheckOptions::default()
+    };
+    let r = check_one(name, &opts, p.has('s'));
+    if r != 0 || !p.has('p') {
+        return r;
+    }
+    // Walk the parents.
+    let mut cur = PathBuf::from(name);
+    loop {
+        let img = match open_ro(&cur.display().to_string(), false) {
+            Ok(i) => i,
+            Err(e) => {
+                println!("error checking parents: {}", neg(&e));
+                return e.errno();
+            }
+        };
+        if !img.has_parent() || img.parent_is_raw() {
+            return 0;
+        }
+        let next = match resolve_parent(&img, &cur) {
+            Ok(n) => n,
+            Err(e) => {
+                println!("error getting parent: {}", neg(&e));
+                println!("error checking parents: {}", neg(&e));
+                return e.errno();
+            }
+        };
+        let r = check_one(&next.display().to_string(), &opts, false);
+        if r != 0 {
+            println!("error checking parents: -{r}");
+            return r;
+        }
+        cur = next;
+    }
+}
+
+fn check_one(name: &str, opts: &CheckOptions, stats: bool) -> i32 {
+    match check_path(Path::new(name), opts) {
+        Ok(summary) => {
+            println!("{name} is valid");
+            if stats {
+                println!(
+                    "allocated blocks: {} of {}",
+                    summary.allocated_blocks, summary.total_blocks
+                );
+            }
+            0
+        }
+        Err(f) => {
+            println!("{}", f.message);
+            println!("{name} appears invalid; dumping metadata");
+            let _ = dump_headers(name);
+            f.errno
+        }
+    }
+}
+
+fn dump_headers(name: &str) -> vhd::Result<()> {
+    let img = open_ro(name, false).or_else(|_| open_ro(name, true))?;
+    let f = img.footer();
+    println!("VHD Footer Summary:");
+    println!("-------------------");
+    println!(
+        "Creator Application : '{}'",
+        String::from_utf8_lossy(&f.creator_app).trim_end_matches('\0')
+    );
+    println!(
+        "Creator version     : {}.{}",
+        f.creator_version >> 16,
+        f.creator_version & 0xffff
+    );
+    println!("Disk type           : {:?}", img.disk_type());
+    println!("Current size        : {} bytes", f.current_size);
+    println!("Geometry            : {}", f.geometry);
+    println!(
+        "Checksum            : {:#x}|{:#x}",
+        f.checksum,
+        f.compute_checksum()
+    );
+    println!(
+        "UUID                : {}",
+        vhd::create::format_uuid(&f.uuid)
+    );
+    println!("Hidden              : {}", f.hidden);
+    if let Some(h) = img.header() {
+        println!();
+        println!("VHD Header Summary:");
+        println!("-------------------");
+        println!("Table offset        : {}", h.table_offset);
+        println!("Max BAT size        : {}", h.max_table_entries);
+        println!(
+            "Block size          : {} ({} MB)",
+            h.block_size,
+            h.block_size >> 20
+        );
+        println!(
+            "Parent name         : {}",
+            h.parent_name().unwrap_or_default()
+        );
+        println!(
+            "Parent UUID         : {}",
+            vhd::create::format_uuid(&h.parent_uuid)
+        );
+        for (i, l, p) in img.parent_locator_paths() {
+            println!(
+                "Locator {i}           : code {:#x} len {} offset {} -> {}",
+                l.code,
+                l.data_len,
+                l.data_offset,
+                p.unwrap_or_else(|e| format!("<{e}>"))
+            );
+        }
+    }
+    if let Some(b) = img.batmap() {
+        println!();
+        println!("VHD Batmap Summary:");
+        println!("-------------------");
+        println!("Batmap offset       : {}", b.header.batmap_offset);
+        println!("Batmap size (secs)  : {}", b.header.batmap_size);
+        println!("Batmap version      : {:#010x}", b.header.batmap_version);
+    }
+    Ok(())
+}
+
+pub fn revert(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> <-j journal> [-h help]";
+    let p = match parse(args, "n:j:h", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let (Some(name), Some(j)) = (p.value('n'), p.value('j')) else {
+        println!("{U}");
+        return EINVAL;
+    };
+    match ops::revert_path(Path::new(name), Path::new(j)) {
+        Ok(_) => 0,
+        Err(e) => {
+            println!("revert failed: {}", neg(&e));
+            println!("  ({e})");
+            e.errno()
+        }
+    }
+}
+
+pub fn copy(args: &[String]) -> i32 {
+    const U: &str = "options: -n SRC -N DST [-k KEY_FILE | -E] [-h help]";
+    let p = match parse(args, "n:N:k:Eh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let (Some(src), Some(dst)) = (p.value('n'), p.value('N')) else {
+        println!("{U}");
+        return EINVAL;
+    };
+    if p.has('k') || p.has('E') {
+        println!("encrypted copies are not supported");
+        return ENOSYS;
+    }
+    let mut bar = Bar::new("copy");
+    let mut cb = |d, t| bar.update(d, t);
+    match ops::copy(&StdOpener, Path::new(src), Path::new(dst), Some(&mut cb)) {
+        Ok(_) => 0,
+        Err(e) => {
+            println!("error copying {src} to {dst}: {}", neg(&e));
+            println!("  ({e})");
+            e.errno()
+        }
+    }
+}
+
+pub fn key(args: &[String]) -> i32 {
+    crate::key::run(args)
+}
+
+pub fn read(args: &[String]) -> i32 {
+    const U: &str = "options: <-n name> [-p print headers] [-t sector translate] [-b block print BAT entry] [-B print BAT] [-m block print bitmap] [-i sector test bitmap] [-a print allocated extents] [-j block test batmap] [-r sector read data] [-c count] [-x hex] [-h help]";
+    let p = match parse(args, "n:pt:b:Bm:i:aj:r:c:xh", U) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let Some(name) = p.value('n') else {
+        println!("{U}");
+        return EINVAL;
+    };
+    let img = match open_ro(name, false) {
+        Ok(i) => i,
+        Err(e) => {
+            println!("error opening {name}: {}", neg(&e));
+            return e.errno();
+        }
+    };
+    let num = |c: char| p.value(c).and_then(|v| v.parse::<u64>().ok());
+    let fmt = |v: u64| {
+        if p.has('x') {
+            format!("{v:#x}")
+        } else {
+            v.to_string()
+        }
+    };
+    if p.has('p') {
+        let _ = dump_headers(name);
+    }
+    let spb = img.sectors_per_block().max(1);
+    if let Some(sec) = num('t') {
+        match img.map(sec, 1) {
+            Ok(v) => match v.first() {
+                Some(Extent::Present { file_offset, .. }) => {
+                    println!("sector {} -> offset {}", fmt(sec), fmt(*file_offset));
+                }
+                _ => println!("sector {} not allocated", fmt(sec)),
+            },
+            Err(e) => {
+                println!("{e}");
+                return e.errno();
+            }
+        }
+    }
+    if let Some(b) = num('b') {
+        match img.bat().get(b) {
+            Some(e) if e != vhd::bat::BAT_UNUSED => {
+                println!("block {}: {}", fmt(b), fmt(u64::from(e)))
+            }
+            Some(_) => println!("block {}: not allocated", fmt(b)),
+            None => {
+                println!("block {} past end of file", fmt(b));
+                return 34;
+            }
+        }
+    }
+    if p.has('B') {
+        for (i, e) in img.bat().entries.iter().enumerate() {
+            println!("block {}: {}", fmt(i as u64), fmt(u64::from(*e)));
+        }
+    }
+    if let Some(b) = num('m') {
+        match img.block_state(b) {
+            Ok(BlockState::Allocated { bitmap, .. }) => {
+                let h: String = bitmap
+                    .as_bytes()
+                    .iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect();
+                println!("{h}");
+            }
+            Ok(BlockState::Unallocated) => println!("block {} not allocated", fmt(b)),
+            Err(e) => {
+                println!("{e}");
+                return e.errno();
+            }
+        }
+    }
+    if let Some(sec) = num('i') {
+        let present = img
+            .map(sec, 1)
+            .ok()
+            .and_then(|v| v.first().copied())
+            .is_some_and(|e| matches!(e, Extent::Present { .. }));
+        println!(
+            "block {} sector {}: {}",
+            fmt(sec / spb),
+            fmt(sec),
+            u8::from(present)
+        );
+    }
+    if let Some(b) = num('j') {
+        let full = img.batmap().is_some_and(|m| m.is_full(b));
+        println!("batmap for block {}: {}", fmt(b), u8::from(full));
+    }
+    if p.has('a') {
+        match img.map(0, img.total_sectors()) {
+            Ok(v) => {
+                for e in v {
+                    if let Extent::Present { sector, count, .. } = e {
+                        println!("allocated: {} - {}", fmt(sector), fmt(sector + count - 1));
+                    }
+                }
+            }
+            Err(e) => {
+                println!("{e}");
+                return e.errno();
+            }
+        }
+    }
+    if let Some(sec) = num('r') {
+        let count = num('c').unwrap_or(1);
+        let chain = match Chain::open(Path::new(name), false) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("error opening {name}: {}", neg(&e));
+                return e.errno();
+            }
+        };
+        let mut buf = vec![0u8; usize::try_from(count * SECTOR).unwrap_or(0)];
+        if let Err(e) = chain.read(sec, &mut buf) {
+            println!("{e}");
+            return e.errno();
+        }
+        for (i, line) in buf.chunks(16).enumerate() {
+            let h: Vec<String> = line.iter().map(|x| format!("{x:02x}")).collect();
+            println!("{:08x}: {}", sec * SECTOR + i as u64 * 16, h.join(" "));
+        }
+    }
+    0
+}

@@ -1,0 +1,166 @@
+//! `vhd-util key`: compute, set, check and print the keyhash stored in the
+//! batmap header (cookie, 32-byte nonce, SHA-256 of nonce ‖ key).
+
+use std::path::Path;
+
+use vhd::batmap::KeyHash;
+use vhd::image::{OpenOptions, VhdImage};
+use vhd::io::{Opener, StdOpener};
+
+use crate::getopt::getopt;
+use crate::sha256::sha256;
+
+const EINVAL: i32 = 22;
+const U: &str = "usage: vhd-util key [-C -k KEYPATH [-N NONCE]] | [-s -n NAME (-k KEYPATH | -H HASH) [-N NONCE]] | [-c -n NAME -k KEYPATH] | [-p -n NAME] [-h help]";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn read_key(path: &str) -> Result<Vec<u8>, i32> {
+    std::fs::read(path).map_err(|e| {
+        println!("failed to read key {path}: {e}");
+        e.raw_os_error().unwrap_or(5)
+    })
+}
+
+fn keyhash(nonce: [u8; 32], key: &[u8]) -> [u8; 32] {
+    let mut d = nonce.to_vec();
+    d.extend_from_slice(key);
+    sha256(&d)
+}
+
+fn open(name: &str, writable: bool) -> Result<VhdImage<std::fs::File>, i32> {
+    let f = StdOpener.open(Path::new(name), writable).map_err(|e| {
+        println!("error opening {name}: -{}", e.raw_os_error().unwrap_or(5));
+        e.raw_os_error().unwrap_or(5)
+    })?;
+    let opts = if writable {
+        OpenOptions::read_write()
+    } else {
+        OpenOptions::read_only()
+    };
+    VhdImage::open(f, name, opts).map_err(|e| {
+        println!("error opening {name}: -{}", e.errno());
+        e.errno()
+    })
+}
+
+/// Runs the `key` command.
+pub fn run(args: &[String]) -> i32 {
+    let p = match getopt(args, "Cscpn:k:H:N:h") {
+        Ok(p) if !p.has('h') => p,
+        Ok(_) => {
+            println!("{U}");
+            return 0;
+        }
+        Err(_) => {
+            println!("{U}");
+            return EINVAL;
+        }
+    };
+    let nonce = match p.value('N') {
+        Some(n) => match unhex32(n) {
+            Some(v) => v,
+            None => {
+                println!("invalid nonce {n}");
+                return EINVAL;
+            }
+        },
+        None => vhd::create::random_uuid()
+            .iter()
+            .chain(vhd::create::random_uuid().iter())
+            .copied()
+            .collect::<Vec<u8>>()
+            .try_into()
+            .unwrap_or([0; 32]),
+    };
+    let r = if p.has('C') {
+        let Some(k) = p.value('k') else {
+            println!("{U}");
+            return EINVAL;
+        };
+        read_key(k).map(|key| println!("{}:{}", hex(&nonce), hex(&keyhash(nonce, &key))))
+    } else if p.has('s') {
+        let Some(name) = p.value('n') else {
+            println!("{U}");
+            return EINVAL;
+        };
+        let hash = match (p.value('k'), p.value('H')) {
+            (Some(k), None) => match read_key(k) {
+                Ok(key) => keyhash(nonce, &key),
+                Err(e) => return e,
+            },
+            (None, Some(h)) => match unhex32(h) {
+                Some(v) => v,
+                None => {
+                    println!("invalid hash {h}");
+                    return EINVAL;
+                }
+            },
+            _ => {
+                println!("{U}");
+                return EINVAL;
+            }
+        };
+        open(name, true).and_then(|mut img| {
+            img.set_keyhash(KeyHash {
+                cookie: 1,
+                nonce,
+                hash,
+            })
+            .and_then(|()| img.sync())
+            .map_err(|e| {
+                println!("error setting keyhash: -{}", e.errno());
+                e.errno()
+            })
+        })
+    } else if p.has('c') {
+        let (Some(name), Some(k)) = (p.value('n'), p.value('k')) else {
+            println!("{U}");
+            return EINVAL;
+        };
+        let key = match read_key(k) {
+            Ok(k) => k,
+            Err(e) => return e,
+        };
+        open(name, false).and_then(|img| match img.keyhash() {
+            Some(kh) if kh.cookie != 0 && keyhash(kh.nonce, &key) == kh.hash => Ok(()),
+            Some(kh) if kh.cookie != 0 => {
+                println!("key does not match");
+                Err(EINVAL)
+            }
+            _ => {
+                println!("{name} has no keyhash");
+                Err(EINVAL)
+            }
+        })
+    } else if p.has('p') {
+        let Some(name) = p.value('n') else {
+            println!("{U}");
+            return EINVAL;
+        };
+        open(name, false).map(|img| match img.keyhash() {
+            Some(kh) if kh.cookie != 0 => println!("{}:{}", hex(&kh.nonce), hex(&kh.hash)),
+            _ => println!("none"),
+        })
+    } else {
+        println!("{U}");
+        return EINVAL;
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}

@@ -5,7 +5,9 @@
 //! Per connection, after the handshake:
 //! * the connection task reads request headers (and write payloads), validates them with
 //!   [`proto::classify_request`] and spawns one task per request, holding a semaphore
-//!   permit each; when `max_requests_in_flight` permits are taken it stops reading;
+//!   permit each; when `max_requests_in_flight` permits are taken it stops reading (a
+//!   permit is held until the reply has been written, and data-carrying requests also
+//!   draw from a per-connection byte budget, so memory per connection stays bounded);
 //! * a writer task takes finished replies from a channel and writes them in completion
 //!   order, batching whatever is queued into one flush.
 //!
@@ -26,6 +28,7 @@ use tokio::net::UnixListener;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tracing::Instrument;
 
 use crate::proto::{
     self, Command, Negotiation, OptionHeader, OptionOutcome, ProtoError, ReadChunk, RequestAction,
@@ -158,10 +161,14 @@ impl Shared {
         let shared = Arc::clone(self);
         // Hold the lock across spawn so the task's own removal happens after the insert.
         let mut connections = self.lock_connections();
-        let handle = self.runtime.spawn(async move {
-            let _guard = ConnectionGuard { shared, id };
-            future.await;
-        });
+        let span = tracing::debug_span!("nbd_connection", id);
+        let handle = self.runtime.spawn(
+            async move {
+                let _guard = ConnectionGuard { shared, id };
+                future.await;
+            }
+            .instrument(span),
+        );
         connections.insert(id, handle.abort_handle());
     }
 
@@ -425,14 +432,40 @@ async fn write_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: &Reply) -> io::R
     }
 }
 
-async fn writer_loop<W: AsyncWrite + Unpin>(writer: W, mut replies: mpsc::Receiver<Reply>) {
+/// Bytes of request and reply data one connection may hold in memory at once (write
+/// payloads being read or executed, read buffers until their reply is written).
+const BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
+/// Granularity of the byte budget.
+const BUDGET_UNIT: usize = 4096;
+const BUDGET_UNITS: usize = BYTES_IN_FLIGHT / BUDGET_UNIT;
+
+/// A reply queued for the writer, with the permits it holds until it has been written:
+/// one request slot and its share of the byte budget.
+struct Outgoing {
+    reply: Reply,
+    _slot: OwnedSemaphorePermit,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// Budget units for `length` data bytes (a request larger than the whole budget takes all
+/// of it, so it still runs, alone).
+fn budget_units(length: u32) -> u32 {
+    let units = usize::try_from(length)
+        .unwrap_or(usize::MAX)
+        .div_ceil(BUDGET_UNIT)
+        .min(BUDGET_UNITS);
+    u32::try_from(units).unwrap_or(u32::MAX)
+}
+
+async fn writer_loop<W: AsyncWrite + Unpin>(writer: W, mut replies: mpsc::Receiver<Outgoing>) {
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
     let result: io::Result<()> = async {
-        while let Some(reply) = replies.recv().await {
-            write_reply(&mut out, &reply).await?;
+        while let Some(outgoing) = replies.recv().await {
+            write_reply(&mut out, &outgoing.reply).await?;
+            drop(outgoing);
             // Batch everything already queued into one flush.
-            while let Ok(reply) = replies.try_recv() {
-                write_reply(&mut out, &reply).await?;
+            while let Ok(outgoing) = replies.try_recv() {
+                write_reply(&mut out, &outgoing.reply).await?;
             }
             out.flush().await?;
         }
@@ -442,6 +475,12 @@ async fn writer_loop<W: AsyncWrite + Unpin>(writer: W, mut replies: mpsc::Receiv
     if let Err(error) = result {
         tracing::debug!(%error, "NBD reply writer stopped");
     }
+}
+
+/// Per-connection limits: request slots and the data byte budget.
+struct Permits {
+    slots: Arc<Semaphore>,
+    budget: Arc<Semaphore>,
 }
 
 /// How the request-reading loop ended.
@@ -463,9 +502,12 @@ async fn transmission<E: Export>(
 ) {
     let in_flight = config.max_requests_in_flight.max(1);
     let (mut reader, writer) = tokio::io::split(stream);
-    let (replies, reply_queue) = mpsc::channel::<Reply>(in_flight.saturating_mul(2));
+    let (replies, reply_queue) = mpsc::channel::<Outgoing>(in_flight);
     let mut writer_task = tokio::spawn(writer_loop(writer, reply_queue));
-    let permits = Arc::new(Semaphore::new(in_flight));
+    let permits = Permits {
+        slots: Arc::new(Semaphore::new(in_flight)),
+        budget: Arc::new(Semaphore::new(BUDGET_UNITS)),
+    };
     let mut tasks: JoinSet<()> = JoinSet::new();
     let session = Arc::new(session);
 
@@ -551,8 +593,8 @@ async fn read_requests<R: AsyncRead + Unpin, E: Export>(
     reader: &mut R,
     export: &Arc<E>,
     session: &Arc<Session>,
-    replies: &mpsc::Sender<Reply>,
-    permits: &Arc<Semaphore>,
+    replies: &mpsc::Sender<Outgoing>,
+    permits: &Permits,
     tasks: &mut JoinSet<()>,
 ) -> ReadEnd {
     let mut scratch = Vec::new();
@@ -560,7 +602,7 @@ async fn read_requests<R: AsyncRead + Unpin, E: Export>(
         while let Some(result) = tasks.try_join_next() {
             log_task_end(result);
         }
-        let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
+        let Ok(slot) = Arc::clone(&permits.slots).acquire_owned().await else {
             return ReadEnd::Broken("request semaphore closed".into());
         };
         let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
@@ -599,13 +641,29 @@ async fn read_requests<R: AsyncRead + Unpin, E: Export>(
                         ));
                     }
                 }
-                let reply = error_reply(session.structured, header.cookie, error, reason);
-                if replies.send(reply).await.is_err() {
+                let outgoing = Outgoing {
+                    reply: error_reply(session.structured, header.cookie, error, reason),
+                    _slot: slot,
+                    _budget: None,
+                };
+                if replies.send(outgoing).await.is_err() {
                     return ReadEnd::Broken("reply writer is gone".into());
                 }
-                drop(permit);
             }
             RequestAction::Execute(command) => {
+                let data_len = match command {
+                    Command::Read { length, .. } | Command::Write { length, .. } => length,
+                    _ => 0,
+                };
+                let budget = if data_len > 0 {
+                    let units = budget_units(data_len);
+                    match Arc::clone(&permits.budget).acquire_many_owned(units).await {
+                        Ok(permit) => Some(permit),
+                        Err(_) => return ReadEnd::Broken("byte budget semaphore closed".into()),
+                    }
+                } else {
+                    None
+                };
                 let payload = match command {
                     Command::Write { length, .. } => {
                         let mut payload = vec![0u8; usize::try_from(length).unwrap_or(0)];
@@ -625,7 +683,7 @@ async fn read_requests<R: AsyncRead + Unpin, E: Export>(
                     command,
                     payload,
                     replies.clone(),
-                    permit,
+                    (slot, budget),
                 ));
             }
         }
@@ -708,8 +766,8 @@ async fn run_command<E: Export>(
     cookie: u64,
     command: Command,
     payload: Vec<u8>,
-    replies: mpsc::Sender<Reply>,
-    permit: OwnedSemaphorePermit,
+    replies: mpsc::Sender<Outgoing>,
+    (slot, budget): (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) {
     let reply = match command {
         Command::Read {
@@ -791,6 +849,11 @@ async fn run_command<E: Export>(
         },
     };
     // The writer may be gone (client vanished); the reply is then dropped.
-    let _ = replies.send(reply).await;
-    drop(permit);
+    let _ = replies
+        .send(Outgoing {
+            reply,
+            _slot: slot,
+            _budget: budget,
+        })
+        .await;
 }

@@ -480,8 +480,13 @@ impl<F: BlockFile> VhdImage<F> {
             end = end.max(b.header.batmap_offset + b.header.map_bytes());
             end = end.max(h.table_offset + h.bat_bytes() + BATMAP_HEADER_SIZE as u64);
         }
+        // Locators pointing past the footer are invalid (check reports
+        // them); they do not extend the metadata region.
         for l in h.locators.iter().filter(|l| l.is_used()) {
-            end = end.max(l.data_offset.saturating_add(l.space_bytes()));
+            let l_end = l.data_offset.saturating_add(l.space_bytes());
+            if l_end <= self.footer_offset {
+                end = end.max(l_end);
+            }
         }
         round_up(end, SECTOR)
     }

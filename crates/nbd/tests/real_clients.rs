@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{have_tool, run, Harness, MemExport};
+use common::{have_tool, run_in, Harness, MemExport};
 use nbd::ServerConfig;
 
 fn config() -> ServerConfig {
@@ -24,23 +24,23 @@ fn nbdinfo_reports_size_flags_and_list() {
     let harness = Harness::start(export, config());
     let uri = harness.uri();
 
-    let (ok, out, err) = run("nbdinfo", &["--size", &uri]);
+    let (ok, out, err) = run_in(harness.dir.path(), "nbdinfo", &["--size", &uri]);
     assert!(ok, "nbdinfo --size failed: {err}");
     assert_eq!(out.trim(), (16u64 << 20).to_string());
 
-    let (ok, _, err) = run("nbdinfo", &["--can", "flush", &uri]);
+    let (ok, _, err) = run_in(harness.dir.path(), "nbdinfo", &["--can", "flush", &uri]);
     assert!(ok, "nbdinfo --can flush said no: {err}");
-    let (ok, _, _) = run("nbdinfo", &["--is", "read-only", &uri]);
+    let (ok, _, _) = run_in(harness.dir.path(), "nbdinfo", &["--is", "read-only", &uri]);
     assert!(!ok, "export must not be read-only");
 
-    let (ok, out, err) = run("nbdinfo", &["--list", &uri]);
+    let (ok, out, err) = run_in(harness.dir.path(), "nbdinfo", &["--list", &uri]);
     assert!(ok, "nbdinfo --list failed: {err}");
     assert!(
         out.contains("testdisk"),
         "list output lacks the export name: {out}"
     );
 
-    let (ok, out, err) = run("nbdinfo", &["--json", &uri]);
+    let (ok, out, err) = run_in(harness.dir.path(), "nbdinfo", &["--json", &uri]);
     assert!(ok, "nbdinfo --json failed: {err}");
     for needle in [
         "\"can_flush\": true",
@@ -70,11 +70,11 @@ fn nbdinfo_read_only_export() {
     }));
     let harness = Harness::start(export, config());
     let uri = harness.uri();
-    let (ok, _, err) = run("nbdinfo", &["--is", "read-only", &uri]);
+    let (ok, _, err) = run_in(harness.dir.path(), "nbdinfo", &["--is", "read-only", &uri]);
     assert!(ok, "export must be read-only: {err}");
-    let (ok, _, _) = run("nbdinfo", &["--can", "flush", &uri]);
+    let (ok, _, _) = run_in(harness.dir.path(), "nbdinfo", &["--can", "flush", &uri]);
     assert!(!ok, "flush must not be offered");
-    let (ok, _, _) = run("nbdinfo", &["--can", "trim", &uri]);
+    let (ok, _, _) = run_in(harness.dir.path(), "nbdinfo", &["--can", "trim", &uri]);
     assert!(!ok, "trim must not be offered on a read-only export");
     harness.stop();
 }
@@ -112,7 +112,8 @@ fn qemu_img_convert_and_compare() {
     let source = common::path_str(&source).to_owned();
 
     // Upload into the export, then compare both ways.
-    let (ok, _, err) = run(
+    let (ok, _, err) = run_in(
+        harness.dir.path(),
         "qemu-img",
         &["convert", "-n", "-f", "raw", "-O", "raw", &source, &uri],
     );
@@ -122,7 +123,8 @@ fn qemu_img_convert_and_compare() {
         "export content differs after upload"
     );
 
-    let (ok, out, err) = run(
+    let (ok, out, err) = run_in(
+        harness.dir.path(),
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", &source, &uri],
     );
@@ -131,7 +133,8 @@ fn qemu_img_convert_and_compare() {
     // Download back to a file.
     let copy = harness.dir.path().join("copy.raw");
     let copy_str = common::path_str(&copy).to_owned();
-    let (ok, _, err) = run(
+    let (ok, _, err) = run_in(
+        harness.dir.path(),
         "qemu-img",
         &["convert", "-f", "raw", "-O", "raw", &uri, &copy_str],
     );
@@ -143,7 +146,8 @@ fn qemu_img_convert_and_compare() {
 
     // A change in the export is noticed by compare.
     export.data.lock().unwrap()[12345] ^= 0xff;
-    let (ok, _, _) = run(
+    let (ok, _, _) = run_in(
+        harness.dir.path(),
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", &source, &uri],
     );
@@ -159,7 +163,8 @@ fn qemu_io_pattern_write_read_zero_discard() {
     let export = Arc::new(MemExport::new(4 << 20));
     let harness = Harness::start(Arc::clone(&export), config());
     let uri = harness.uri();
-    let (ok, out, err) = run(
+    let (ok, out, err) = run_in(
+        harness.dir.path(),
         "qemu-io",
         &[
             "-f",
@@ -210,7 +215,7 @@ fn nbdinfo_map_shows_holes_and_data() {
     let export = Arc::new(MemExport::new(size));
     export.data.lock().unwrap()[..65536].fill(7);
     let harness = Harness::start(export, config());
-    let (ok, out, err) = run("nbdinfo", &["--map", &harness.uri()]);
+    let (ok, out, err) = run_in(harness.dir.path(), "nbdinfo", &["--map", &harness.uri()]);
     assert!(ok, "nbdinfo --map failed: {err}");
     let lines: Vec<Vec<&str>> = out
         .lines()
@@ -238,14 +243,22 @@ fn nbdcopy_round_trip() {
     let source = harness.dir.path().join("in.raw");
     let expected = pattern(size);
     std::fs::write(&source, &expected).unwrap();
-    let (ok, _, err) = run("nbdcopy", &[common::path_str(&source), &uri]);
+    let (ok, _, err) = run_in(
+        harness.dir.path(),
+        "nbdcopy",
+        &[common::path_str(&source), &uri],
+    );
     assert!(ok, "nbdcopy upload failed: {err}");
     assert!(
         export.snapshot() == expected,
         "export differs after nbdcopy upload"
     );
     let target = harness.dir.path().join("out.raw");
-    let (ok, _, err) = run("nbdcopy", &[&uri, common::path_str(&target)]);
+    let (ok, _, err) = run_in(
+        harness.dir.path(),
+        "nbdcopy",
+        &[&uri, common::path_str(&target)],
+    );
     assert!(ok, "nbdcopy download failed: {err}");
     assert!(
         std::fs::read(&target).unwrap() == expected,
@@ -262,7 +275,8 @@ fn fio_randrw_verify() {
     let export = Arc::new(MemExport::new(16 << 20));
     let harness = Harness::start(export, config());
     let uri = harness.uri();
-    let (ok, out, err) = run(
+    let (ok, out, err) = run_in(
+        harness.dir.path(),
         "fio",
         &[
             "--name=nbdtest",
@@ -275,6 +289,7 @@ fn fio_randrw_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=normal",
         ],
     );

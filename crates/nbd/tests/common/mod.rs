@@ -191,10 +191,11 @@ pub fn have_tool(name: &str) -> bool {
     found
 }
 
-/// Run a command with a timeout, returning (success, stdout, stderr).
-pub fn run(program: &str, args: &[&str]) -> (bool, String, String) {
+/// Run a command with a timeout in `dir` (so tools' scratch files stay in the test's
+/// temporary directory), returning (success, stdout, stderr).
+pub fn run_in(dir: &Path, program: &str, args: &[&str]) -> (bool, String, String) {
     let mut cmd = std::process::Command::new("timeout");
-    cmd.arg("120").arg(program).args(args);
+    cmd.current_dir(dir).arg("120").arg(program).args(args);
     let output = cmd.output().expect("spawn command");
     (
         output.status.success(),

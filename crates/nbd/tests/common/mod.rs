@@ -1,6 +1,7 @@
 //! Shared test helpers: an in-memory [`Export`] (a `Vec<u8>` behind a mutex) and a
 //! harness that runs an [`NbdServer`] on a UNIX socket in a temporary directory.
 
+// Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
 use std::io;

@@ -2,6 +2,9 @@
 //! a 3-deep chain, reads compared with the model, coalesce, and resize with
 //! and without preallocated metadata.
 
+// Test images are a few MiB: sizes and offsets always fit in usize/u8.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;

@@ -2,6 +2,9 @@
 //! during journaled resize and coalesce) and corruption injection (each
 //! damage `check` must name), plus "parsing never panics" properties.
 
+// Test images are a few MiB: sizes and offsets always fit in usize/u8.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;

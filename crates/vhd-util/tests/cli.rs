@@ -1,0 +1,307 @@
+//! Drives the built `vhd-util` binary: command outputs and exit statuses,
+//! chains, coalesce, resize, repair, modify, and crash injection (the
+//! process aborts after N writes; afterwards `check` passes or `revert`
+//! restores the old image).
+
+// Test images are a few MiB: sizes and offsets always fit in usize.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use vhd::Chain;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vhd-util")
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run vhd-util")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = run(dir, args);
+    assert!(
+        o.status.success(),
+        "vhd-util {args:?} failed ({:?}): {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let chain = Chain::open(path, false).unwrap();
+    let mut buf = vec![0u8; chain.leaf().virtual_size() as usize];
+    chain.read(0, &mut buf).unwrap();
+    buf
+}
+
+fn pattern(seed: u8, n: usize) -> Vec<u8> {
+    (0..n).map(|i| seed.wrapping_add((i % 241) as u8)).collect()
+}
+
+fn write(path: &Path, sector: u64, data: &[u8]) {
+    let mut c = Chain::open(path, true).unwrap();
+    c.write(sector, data).unwrap();
+}
+
+#[test]
+fn usage_errors_exit_einval() {
+    let d = tempfile::tempdir().unwrap();
+    assert_eq!(run(d.path(), &[]).status.code(), Some(22));
+    assert_eq!(run(d.path(), &["bogus"]).status.code(), Some(22));
+    assert_eq!(
+        run(d.path(), &["create", "-n", "x.vhd"]).status.code(),
+        Some(22)
+    );
+    assert_eq!(run(d.path(), &["query", "-q"]).status.code(), Some(22));
+    let o = run(d.path(), &["query", "-n", "missing.vhd", "-v"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "error opening missing.vhd: -2\n"
+    );
+}
+
+#[test]
+fn create_query_set_scan() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(p, &["create", "-n", "a.vhd", "-s", "100", "-S", "1024"]);
+    assert_eq!(ok(p, &["check", "-n", "a.vhd"]), "a.vhd is valid\n");
+    assert_eq!(
+        ok(
+            p,
+            &["query", "-n", "a.vhd", "-v", "-s", "-p", "-f", "-m", "-d", "-S", "-a"]
+        ),
+        "100\n5120\na.vhd has no parent\nhidden: 0\nmarker: 0\nchain depth: 1\n1024\n0\n"
+    );
+    ok(p, &["set", "-n", "a.vhd", "-f", "hidden", "-v", "1"]);
+    ok(p, &["set", "-n", "a.vhd", "-f", "marker", "-v", "1"]);
+    assert_eq!(
+        ok(p, &["query", "-n", "a.vhd", "-f", "-m"]),
+        "hidden: 1\nmarker: 1\n"
+    );
+    assert_eq!(ok(p, &["check", "-n", "a.vhd"]), "a.vhd is valid\n");
+    assert_eq!(
+        run(p, &["set", "-n", "a.vhd", "-f", "bogus", "-v", "1"])
+            .status
+            .code(),
+        Some(22)
+    );
+    ok(p, &["snapshot", "-n", "b.vhd", "-p", "a.vhd"]);
+    ok(p, &["create", "-n", "f.vhd", "-s", "4", "-r"]);
+    assert_eq!(
+        ok(p, &["query", "-n", "b.vhd", "-p", "-d"]),
+        "a.vhd\nchain depth: 2\n"
+    );
+    assert_eq!(
+        ok(p, &["scan", "a.vhd", "b.vhd", "f.vhd"]),
+        "vhd=a.vhd capacity=104857600 size=5120 hidden=1 parent=none\n\
+         vhd=b.vhd capacity=104857600 size=5120 hidden=0 parent=a.vhd\n\
+         vhd=f.vhd capacity=4194304 size=4194816 hidden=0 parent=none\n"
+    );
+    assert_eq!(
+        ok(p, &["scan", "-p", "-m", "*.vhd", "b.vhd", "a.vhd"]),
+        "vhd=a.vhd capacity=104857600 size=5120 hidden=1 parent=none\n   \
+         vhd=b.vhd capacity=104857600 size=5120 hidden=0 parent=a.vhd\n"
+    );
+    assert!(ok(p, &["scan", "-M", "a.vhd"]).contains(" marker=1 keyhash=none parent=none"));
+    std::fs::write(p.join("junk.vhd"), b"not a vhd").unwrap();
+    let o = run(p, &["scan", "junk.vhd"]);
+    assert_eq!(o.status.code(), Some(22));
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .starts_with("vhd=junk.vhd scan-error=-22 error-message='"));
+    // Depth limit.
+    let o = run(
+        p,
+        &["snapshot", "-n", "c.vhd", "-p", "b.vhd", "-l", "2", "-e"],
+    );
+    assert_eq!(o.status.code(), Some(28));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "snapshot depth exceeded\n"
+    );
+}
+
+#[test]
+fn chain_coalesce_resize_modify_repair() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(p, &["create", "-n", "base.vhd", "-s", "16"]);
+    write(&p.join("base.vhd"), 0, &pattern(1, 3 << 20));
+    ok(p, &["snapshot", "-n", "child.vhd", "-p", "base.vhd"]);
+    write(&p.join("child.vhd"), 100, &pattern(2, 5 << 20));
+    let before = read_all(&p.join("child.vhd"));
+    assert_eq!(
+        ok(p, &["check", "-n", "child.vhd", "-p"]),
+        "child.vhd is valid\nbase.vhd is valid\n"
+    );
+    // Copy (flatten) and coalesce -o.
+    ok(p, &["copy", "-n", "child.vhd", "-N", "flat.vhd"]);
+    assert_eq!(read_all(&p.join("flat.vhd")), before);
+    // Coalesce into the parent.
+    let out = ok(p, &["coalesce", "-n", "child.vhd"]);
+    assert_eq!(out, format!("Coalesced {} sectors", (5 << 20) / 512));
+    assert_eq!(read_all(&p.join("base.vhd")), before);
+    ok(p, &["check", "-n", "base.vhd"]);
+    // Reparent the child onto the flat copy (same data).
+    ok(p, &["modify", "-n", "child.vhd", "-p", "flat.vhd"]);
+    assert_eq!(ok(p, &["query", "-n", "child.vhd", "-p"]), "flat.vhd\n");
+    ok(p, &["check", "-n", "child.vhd"]);
+    assert_eq!(read_all(&p.join("child.vhd")), before);
+    // Resize: journaled grows the BAT, fast needs -S.
+    ok(
+        p,
+        &[
+            "resize",
+            "-n",
+            "base.vhd",
+            "-s",
+            "600",
+            "-j",
+            "base.journal",
+        ],
+    );
+    assert!(!p.join("base.journal").exists());
+    ok(p, &["check", "-n", "base.vhd"]);
+    assert_eq!(ok(p, &["query", "-n", "base.vhd", "-v"]), "600\n");
+    assert_eq!(&read_all(&p.join("base.vhd"))[..before.len()], &before[..]);
+    let o = run(p, &["resize", "-n", "flat.vhd", "-s", "600", "-f"]);
+    assert_eq!(o.status.code(), Some(28));
+    ok(p, &["create", "-n", "pre.vhd", "-s", "16", "-S", "64"]);
+    ok(p, &["resize", "-n", "pre.vhd", "-s", "64", "-f"]);
+    assert_eq!(ok(p, &["query", "-n", "pre.vhd", "-v"]), "64\n");
+    // Fill allocates every block.
+    ok(p, &["fill", "-n", "pre.vhd"]);
+    assert_eq!(ok(p, &["query", "-n", "pre.vhd", "-a"]), "32\n");
+    ok(p, &["check", "-n", "pre.vhd"]);
+    // Repair a destroyed primary footer from the backup.
+    let len = std::fs::metadata(p.join("flat.vhd")).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.join("flat.vhd"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], len - 512).unwrap();
+    drop(f);
+    let o = run(p, &["check", "-n", "flat.vhd"]);
+    assert_eq!(o.status.code(), Some(22));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("primary footer invalid: invalid cookie\n")
+    );
+    ok(p, &["repair", "-n", "flat.vhd", "-b"]);
+    ok(p, &["check", "-n", "flat.vhd"]);
+    assert_eq!(read_all(&p.join("flat.vhd")), before);
+    // modify -z drops all data.
+    ok(p, &["modify", "-n", "flat.vhd", "-z"]);
+    assert_eq!(ok(p, &["query", "-n", "flat.vhd", "-a"]), "0\n");
+    // key: set, check, print.
+    std::fs::write(p.join("k"), [7u8; 32]).unwrap();
+    ok(p, &["key", "-s", "-n", "pre.vhd", "-k", "k"]);
+    ok(p, &["key", "-c", "-n", "pre.vhd", "-k", "k"]);
+    std::fs::write(p.join("k2"), [8u8; 32]).unwrap();
+    assert_eq!(
+        run(p, &["key", "-c", "-n", "pre.vhd", "-k", "k2"])
+            .status
+            .code(),
+        Some(22)
+    );
+    assert_eq!(ok(p, &["key", "-p", "-n", "pre.vhd"]).len(), 130);
+}
+
+fn copy_dir(files: &[&str], from: &Path, to: &Path) {
+    for f in files {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+fn crash_loop(
+    setup: &dyn Fn(&Path),
+    files: &[&str],
+    args: &[&str],
+    verify: &dyn Fn(&Path, bool),
+) -> (usize, usize) {
+    let tmpl = tempfile::tempdir().unwrap();
+    setup(tmpl.path());
+    let mut crashes = 0;
+    let mut reverts = 0;
+    for n in 0..400 {
+        let d = tempfile::tempdir().unwrap();
+        copy_dir(files, tmpl.path(), d.path());
+        let o = Command::new(bin())
+            .args(args)
+            .current_dir(d.path())
+            .env("VHD_UTIL_CRASH_AFTER_WRITES", n.to_string())
+            .output()
+            .unwrap();
+        let crashed = !o.status.success();
+        if !crashed {
+            verify(d.path(), true);
+            return (crashes, reverts);
+        }
+        crashes += 1;
+        let reverted = if run(d.path(), &["check", "-n", files[0]]).status.success() {
+            false
+        } else {
+            let journal = d.path().join("j");
+            assert!(
+                journal.exists(),
+                "crash after {n} writes: invalid image, no journal"
+            );
+            ok(d.path(), &["revert", "-n", files[0], "-j", "j"]);
+            ok(d.path(), &["check", "-n", files[0]]);
+            reverts += 1;
+            true
+        };
+        verify(
+            d.path(),
+            !reverted
+                && run(d.path(), &["query", "-n", files[0], "-v"])
+                    .status
+                    .success(),
+        );
+    }
+    panic!("operation never completed");
+}
+
+#[test]
+fn crash_injection_resize_and_coalesce() {
+    let setup = |p: &Path| {
+        ok(p, &["create", "-n", "base.vhd", "-s", "8"]);
+        write(&p.join("base.vhd"), 0, &pattern(1, 3 << 20));
+        ok(p, &["snapshot", "-n", "child.vhd", "-p", "base.vhd"]);
+        write(&p.join("child.vhd"), 2048, &pattern(2, 4 << 20));
+    };
+    let tmpl = tempfile::tempdir().unwrap();
+    setup(tmpl.path());
+    let expected = read_all(&tmpl.path().join("child.vhd"));
+    let base_expected = read_all(&tmpl.path().join("base.vhd"));
+    let (crashes, reverts) = crash_loop(
+        &setup,
+        &["base.vhd", "child.vhd"],
+        &["resize", "-n", "base.vhd", "-s", "300", "-j", "j"],
+        &|d, _| {
+            let data = read_all(&d.join("base.vhd"));
+            assert_eq!(&data[..base_expected.len()], &base_expected[..]);
+        },
+    );
+    assert!(
+        crashes > 5 && reverts > 0,
+        "crashes {crashes} reverts {reverts}"
+    );
+    let (crashes, _) = crash_loop(
+        &setup,
+        &["base.vhd", "child.vhd"],
+        &["coalesce", "-n", "child.vhd"],
+        &|d, _| {
+            ok(d, &["check", "-n", "child.vhd", "-p"]);
+            assert_eq!(read_all(&d.join("child.vhd")), expected);
+        },
+    );
+    assert!(crashes > 5);
+}

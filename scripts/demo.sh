@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 BIN=$PWD/target/debug
 WORK=$(mktemp -d /tmp/blktap-demo.XXXXXX)
 export BLKTAP_CONTROL_DIR=${BLKTAP_CONTROL_DIR:-$WORK/control}
+export BLKTAP_BLOCK_DEVICE=${BLKTAP_BLOCK_DEVICE:-none}   # NBD only until a block device frontend is built
 trap 'rm -rf "$WORK"' EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*" >&2; "$@"; }

@@ -7,7 +7,7 @@ use rustix::process::{kill_process, Pid, Signal};
 
 use crate::alloc::{allocate, free_settling};
 use crate::error::Result;
-use crate::ops::{attach, detach, open, OpenRequest};
+use crate::ops::{attach, block_device, detach, open, OpenRequest};
 use crate::paths::ControlDir;
 use crate::spawn::{find_tapdisk, spawn_with};
 use tapdisk_proto::ImageInfo;
@@ -17,9 +17,11 @@ use tapdisk_proto::ImageInfo;
 pub struct CreatedVbd {
     pub minor: u32,
     pub pid: u32,
-    /// The minor's marker file (what `tap-ctl create` prints).
+    /// The minor's marker file (what `tap-ctl create` prints without a block device).
     pub marker: PathBuf,
     pub image: ImageInfo,
+    /// The kernel block device serving the VBD, if it has one (printed instead).
+    pub device: Option<PathBuf>,
 }
 
 /// [`create_with`] using the tapdisk binary found by [`find_tapdisk`].
@@ -56,6 +58,7 @@ pub fn create_with(dir: &ControlDir, tapdisk: &Path, req: &OpenRequest) -> Resul
             pid,
             marker,
             image,
+            device: block_device(dir, pid, minor).unwrap_or(None),
         }),
         Err(e) => {
             if detach(dir, pid, minor).is_err() {

@@ -4,6 +4,7 @@
 //! the tapdisk's pid and the minor; [`get_pid`] asks a tapdisk for its pid and [`list_vbds`]
 //! fetches its LIST stream.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tapdisk_proto::{
@@ -144,6 +145,34 @@ fn simple(
 ) -> Result<Message> {
     let message = Message::new(msg_type, cookie(minor)?, Body::Empty);
     request(dir, pid, &message, &[], timeout)
+}
+
+/// The kernel block device serving VBD `minor` (`/dev/ublkbN`, `/dev/loopN`), or `None` when
+/// it has none (NBD only, or a tapdisk without the BLOCK_DEVICE extension).
+pub fn block_device(dir: &ControlDir, pid: u32, minor: u32) -> Result<Option<PathBuf>> {
+    let reply = match simple(
+        dir,
+        pid,
+        minor,
+        MessageType::BlockDevice,
+        Some(LIST_STATS_TIMEOUT),
+    ) {
+        Ok(reply) => reply,
+        // A tapdisk that does not know the extension answers EINVAL.
+        Err(e) if e.errno() == libc::EINVAL => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match reply.body {
+        Body::Text(path) if path.is_empty() => Ok(None),
+        Body::Text(path) => Ok(Some(PathBuf::from(path))),
+        other => Err(Error::new(
+            libc::EPROTO,
+            format!(
+                "tapdisk {pid} answered BLOCK_DEVICE with body {:?}",
+                other.kind()
+            ),
+        )),
+    }
 }
 
 /// Asks the tapdisk listening on `ctl<id>` for its pid.

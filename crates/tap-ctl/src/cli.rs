@@ -147,7 +147,8 @@ pub fn usage(name: &str) -> String {
             "usage: create <-a type:/path/to/file> [-R read-only] [-D no O_DIRECT] \
                      [-t request timeout in seconds] [-d device name] [-r read cache] \
                      [-e <minor> reuse parent chain] [-2 <type:/path> secondary image] \
-                     [-s standby secondary] [-C <logfile> changed-block log]\n"
+                     [-s standby secondary] [-C <logfile> changed-block log] \
+                     [-b auto|ublk|fuse|none block device]\n"
         }
         "destroy" => "usage: destroy <-p pid> <-m minor> [-t timeout in seconds]\n",
         "spawn" => "usage: spawn [-h]\n",
@@ -158,7 +159,7 @@ pub fn usage(name: &str) -> String {
                    [-D no O_DIRECT] [-t request timeout in seconds] [-r read cache] \
                    [-e <minor> reuse parent chain] [-2 <type:/path> secondary image] \
                    [-s standby secondary] [-C <logfile> changed-block log] \
-                   [-E key on stdin]\n"
+                   [-E key on stdin] [-b auto|ublk|fuse|none block device]\n"
         }
         "close" => "usage: close <-p pid> <-m minor> [-f force] [-t timeout in seconds]\n",
         "pause" => "usage: pause <-p pid> <-m minor> [-t timeout in seconds]\n",
@@ -190,6 +191,8 @@ struct Collected {
     no_o_direct: bool,
     driver: Option<String>,
     file: Option<String>,
+    /// `-b`: which kernel block device serves the VBD.
+    block_device: Option<OpenFlags>,
     /// Options given that the daemon does not support yet: (letter, description).
     unsupported: Vec<(char, &'static str)>,
 }
@@ -234,6 +237,7 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
             (_, 'f') => c.force = true,
             ("list", 't') => c.driver = Some(value),
             (_, 't') => c.timeout_secs = Some(number(name, letter, &value)?),
+            (_, 'b') => c.block_device = Some(block_device_mode(name, &value)?),
             (_, 'R') => c.readonly = true,
             (_, 'D') => c.no_o_direct = true,
             (_, 'd') => c.unsupported.push(('d', "device name")),
@@ -250,6 +254,38 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
         }
     }
     Ok(c)
+}
+
+/// Environment variable giving the default of `-b`.
+pub const BLOCK_DEVICE_ENV: &str = "BLKTAP_BLOCK_DEVICE";
+
+/// The open flags of a `-b` value: `auto` (ublk, else FUSE + loop), `ublk`, `fuse`, `none`.
+fn block_device_mode(name: &str, value: &str) -> Result<OpenFlags, Stop> {
+    match value {
+        "auto" => Ok(OpenFlags::empty()),
+        "ublk" => Ok(OpenFlags::BLOCKDEV_UBLK),
+        "fuse" => Ok(OpenFlags::BLOCKDEV_FUSE),
+        "none" => Ok(OpenFlags::BLOCKDEV_NONE),
+        other => Err(usage_error(
+            name,
+            Some(format!(
+                "tap-ctl: {name}: block device '{other}' is not one of auto, ublk, fuse, none"
+            )),
+        )),
+    }
+}
+
+/// Makes the path of a `type:path` argument absolute (tapdisk runs in `/`).
+fn absolute_params(params: String) -> String {
+    match params.split_once(':') {
+        Some((kind, path)) if !path.is_empty() && !path.starts_with('/') => {
+            match std::env::current_dir() {
+                Ok(cwd) => format!("{kind}:{}", cwd.join(path).display()),
+                Err(_) => params,
+            }
+        }
+        _ => params,
+    }
 }
 
 /// Requires `-p` and `-m`.
@@ -288,7 +324,7 @@ fn request_timeout(name: &str, c: &Collected) -> Result<u16, Stop> {
 }
 
 fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
-    let mut flags = OpenFlags::default();
+    let mut flags = c.block_device.unwrap_or_default();
     if c.readonly {
         flags |= OpenFlags::RDONLY;
     }
@@ -296,7 +332,7 @@ fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
         flags |= OpenFlags::NO_O_DIRECT;
     }
     OpenRequest {
-        params: args,
+        params: absolute_params(args),
         flags,
         request_timeout: timeout,
         ..OpenRequest::default()
@@ -309,10 +345,10 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
         "list" => "m:p:t:f:h",
         "allocate" | "spawn" => "h",
         "free" => "m:h",
-        "create" => "a:RDd:e:r2:st:C:h",
+        "create" => "a:RDd:e:r2:st:C:b:h",
         "destroy" | "pause" => "p:m:t:h",
         "attach" | "detach" | "stats" => "p:m:h",
-        "open" => "a:RDm:p:e:r2:st:C:Eh",
+        "open" => "a:RDm:p:e:r2:st:C:Eb:h",
         "close" => "p:m:ft:h",
         "unpause" => "p:m:a:2:c:h",
         "major" => "bch",
@@ -325,7 +361,12 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
             Err(usage_error(name, None))
         };
     }
-    let c = collect(name, args, spec)?;
+    let mut c = collect(name, args, spec)?;
+    if c.block_device.is_none() && matches!(name, "create" | "open") {
+        if let Ok(value) = std::env::var(BLOCK_DEVICE_ENV) {
+            c.block_device = Some(block_device_mode(name, &value)?);
+        }
+    }
     let timeout = c.timeout_secs.map(Duration::from_secs);
     let command = match name {
         "list" => Command::List {
@@ -368,7 +409,7 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
                 pid,
                 minor,
                 request: ResumeRequest {
-                    params: c.args,
+                    params: c.args.map(absolute_params),
                     ..ResumeRequest::default()
                 },
             }
@@ -487,7 +528,8 @@ fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Er
         Command::Free { minor } => blktapctl::free(dir, minor)?,
         Command::Create { request } => {
             let created = blktapctl::create(dir, &request)?;
-            let _ = writeln!(io.out, "{}", created.marker.display());
+            let shown = created.device.as_ref().unwrap_or(&created.marker);
+            let _ = writeln!(io.out, "{}", shown.display());
         }
         Command::Destroy {
             pid,

@@ -135,6 +135,23 @@ fn encode_reply(reply: &Reply) -> io::Result<Vec<u8>> {
     })
 }
 
+/// Reads and drops whatever the client sent beyond its request (bounded in time and size):
+/// closing a UNIX socket with unread input makes the client's read of the reply fail with
+/// `ECONNRESET`.
+async fn discard_unread_input(stream: &mut UnixStream) {
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = timeout(Duration::from_millis(500), drain).await;
+}
+
 /// Serves one control connection.
 async fn serve_connection(mut stream: UnixStream, tapdisk: Arc<Tapdisk>) {
     let mut raw = [0u8; MESSAGE_SIZE];
@@ -168,6 +185,7 @@ async fn serve_connection(mut stream: UnixStream, tapdisk: Arc<Tapdisk>) {
     match timeout(SEND_TIMEOUT, stream.write_all(&bytes)).await {
         Ok(Ok(())) => {
             let _ = stream.shutdown().await;
+            discard_unread_input(&mut stream).await;
         }
         Ok(Err(e)) => tracing::warn!("control reply not delivered: {e}"),
         Err(_) => tracing::warn!("control client did not read its reply within {SEND_TIMEOUT:?}"),

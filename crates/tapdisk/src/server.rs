@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::driver::{DiskInfo, OpenOptions};
 use crate::frontend::nbd::NbdFrontend;
+use crate::frontend::{start_block_device, BlockDevice, BlockDeviceChoice, BlockDeviceContext};
 use crate::stats;
 use crate::vbd::{OpenRequest, Vbd, DEFAULT_REQUEST_TIMEOUT};
 
@@ -44,8 +45,10 @@ pub enum Reply {
 }
 
 /// Open flags this tapdisk implements; any other flag is refused with `EOPNOTSUPP`.
-const SUPPORTED_OPEN_FLAGS: u32 =
-    OpenFlags::RDONLY.0 | OpenFlags::NO_O_DIRECT.0 | OpenFlags::SHARED.0;
+const SUPPORTED_OPEN_FLAGS: u32 = OpenFlags::RDONLY.0
+    | OpenFlags::NO_O_DIRECT.0
+    | OpenFlags::SHARED.0
+    | OpenFlags::BLOCKDEV_MASK.0;
 
 /// One attached VBD.
 #[derive(Debug)]
@@ -54,6 +57,7 @@ struct Slot {
     /// The locked marker file; dropping it releases the lock.
     _marker: File,
     nbd: Option<NbdFrontend>,
+    block: Option<Box<dyn BlockDevice>>,
 }
 
 /// One tapdisk process.
@@ -196,6 +200,10 @@ impl Tapdisk {
                     text,
                 ))
             }
+            (MessageType::BlockDevice, _) => {
+                let path = self.block_device_path(minor)?;
+                reply(MessageType::BlockDeviceRsp, Body::Text(path))
+            }
             (MessageType::DiskInfo, _) => {
                 let info = self
                     .vbd(minor)?
@@ -260,6 +268,7 @@ impl Tapdisk {
                 vbd: Arc::new(Vbd::new(minor)),
                 _marker: marker,
                 nbd: None,
+                block: None,
             },
         );
         tracing::info!(minor, "attached");
@@ -295,6 +304,7 @@ impl Tapdisk {
         if params.path.is_empty() {
             return Err(errno(libc::EINVAL));
         }
+        let choice = BlockDeviceChoice::from_flags(params.flags)?;
         let options = OpenOptions {
             read_only: params.flags.contains(OpenFlags::RDONLY),
             no_o_direct: params.flags.contains(OpenFlags::NO_O_DIRECT),
@@ -313,12 +323,8 @@ impl Tapdisk {
             tracing::error!(minor, "open {} failed: {e}", params.path);
         })?;
         let socket = self.control_dir.join(format!("nbd{}.{minor}", self.pid));
-        match NbdFrontend::start(Arc::clone(&vbd), &socket, &params.path) {
-            Ok(frontend) => {
-                if let Some(slot) = self.slots().get_mut(&minor) {
-                    slot.nbd = Some(frontend);
-                }
-            }
+        let nbd = match NbdFrontend::start(Arc::clone(&vbd), &socket, &params.path) {
+            Ok(frontend) => frontend,
             Err(e) => {
                 tracing::error!(
                     minor,
@@ -328,12 +334,63 @@ impl Tapdisk {
                 vbd.close(true).await;
                 return Err(e);
             }
+        };
+        let context = BlockDeviceContext {
+            vbd: Arc::clone(&vbd),
+            minor,
+            pid: self.pid,
+            control_dir: self.control_dir.clone(),
+            params: params.path.clone(),
+        };
+        let block = match start_block_device(choice, context).await {
+            Ok(block) => block,
+            Err(e) => {
+                tracing::error!(minor, "cannot start the {choice:?} block device: {e}");
+                nbd.stop().await;
+                vbd.close(true).await;
+                return Err(e);
+            }
+        };
+        let device = block
+            .as_ref()
+            .map(|device| device.path().display().to_string());
+        if let Some(slot) = self.slots().get_mut(&minor) {
+            slot.nbd = Some(nbd);
+            slot.block = block;
         }
-        tracing::info!(minor, "opened {} ({} sectors)", params.path, info.sectors);
+        tracing::info!(
+            minor,
+            "opened {} ({} sectors), block device {}",
+            params.path,
+            info.sectors,
+            device.as_deref().unwrap_or("none")
+        );
         Ok(info)
     }
 
     async fn close(&self, minor: u16, force: bool) -> io::Result<()> {
+        let block = self
+            .slots()
+            .get_mut(&minor)
+            .ok_or_else(|| errno(libc::ENODEV))?
+            .block
+            .take();
+        if let Some(mut block) = block {
+            if let Err(e) = block.stop(force).await {
+                tracing::error!(
+                    minor,
+                    "cannot remove block device {}: {e}",
+                    block.path().display()
+                );
+                if !force {
+                    // Still in use: keep serving it and refuse the close.
+                    if let Some(slot) = self.slots().get_mut(&minor) {
+                        slot.block = Some(block);
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let (vbd, nbd) = {
             let mut slots = self.slots();
             let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;
@@ -392,15 +449,32 @@ impl Tapdisk {
         messages
     }
 
+    fn block_device_path(&self, minor: u16) -> io::Result<String> {
+        let slots = self.slots();
+        let slot = slots.get(&minor).ok_or_else(|| errno(libc::ENODEV))?;
+        Ok(slot
+            .block
+            .as_ref()
+            .map(|device| device.path().display().to_string())
+            .unwrap_or_default())
+    }
+
     fn stats_text(&self, minor: u16) -> io::Result<String> {
         let slots = self.slots();
+        let device = |slot: &Slot| {
+            slot.block
+                .as_ref()
+                .map(|device| device.path().to_path_buf())
+        };
         if minor == tapdisk_proto::COOKIE_ALL {
-            return Ok(stats::all_stats(
-                slots.values().map(|slot| slot.vbd.as_ref()),
-            ));
+            let all: Vec<String> = slots
+                .values()
+                .map(|slot| stats::vbd_stats(&slot.vbd, device(slot).as_deref()))
+                .collect();
+            return Ok(stats::list(&all));
         }
         let slot = slots.get(&minor).ok_or_else(|| errno(libc::ENODEV))?;
-        Ok(stats::vbd_stats(&slot.vbd))
+        Ok(stats::vbd_stats(&slot.vbd, device(slot).as_deref()))
     }
 
     /// Closes every VBD (forced) and stops their exports; used on SIGTERM/SIGINT.

@@ -2,6 +2,7 @@
 //! does (`{ "key": value, ... }`, images leaf first).
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use crate::vbd::Vbd;
@@ -25,10 +26,14 @@ fn push_json_string(out: &mut String, text: &str) {
     out.push('"');
 }
 
-/// The stats object of one VBD.
-pub fn vbd_stats(vbd: &Vbd) -> String {
+/// The stats object of one VBD; `device` is its kernel block device, if any.
+pub fn vbd_stats(vbd: &Vbd, device: Option<&Path>) -> String {
     let mut out = String::from("{ \"name\": ");
     push_json_string(&mut out, vbd.params().as_deref().unwrap_or(""));
+    if let Some(device) = device {
+        out.push_str(", \"blockdev\": ");
+        push_json_string(&mut out, &device.to_string_lossy());
+    }
     let counters = vbd.counters();
     let _ = write!(
         out,
@@ -68,8 +73,7 @@ pub fn vbd_stats(vbd: &Vbd) -> String {
 }
 
 /// The stats text for several VBDs (cookie 0xFFFF): a JSON list of their objects.
-pub fn all_stats<'a>(vbds: impl Iterator<Item = &'a Vbd>) -> String {
-    let objects: Vec<String> = vbds.map(vbd_stats).collect();
+pub fn list(objects: &[String]) -> String {
     format!("[ {} ]", objects.join(", "))
 }
 
@@ -88,10 +92,13 @@ mod tests {
     fn closed_vbd_stats_text() {
         let vbd = Vbd::new(4);
         assert_eq!(
-            vbd_stats(&vbd),
+            vbd_stats(&vbd, None),
             "{ \"name\": \"\", \"secs\": [ 0, 0 ], \"images\": [  ], \"FIXME_enospc_redirect_count\": 0, \
              \"nbd_mirror_failed\": 0, \"reqs_outstanding\": 0, \"read_caching\": \"false\" }"
         );
-        assert_eq!(all_stats(std::iter::empty()), "[  ]");
+        assert_eq!(list(&[]), "[  ]");
+        assert!(
+            vbd_stats(&vbd, Some(Path::new("/dev/loop3"))).contains("\"blockdev\": \"/dev/loop3\"")
+        );
     }
 }

@@ -66,12 +66,15 @@ impl Env {
         Self { dir, ctl_dir }
     }
 
-    /// A `tap-ctl` command running against this environment's control directory.
+    /// A `tap-ctl` command running against this environment's control directory. VBDs get
+    /// no kernel block device unless the test asks for one (`-b`, or `BLKTAP_BLOCK_DEVICE`
+    /// set on the returned command).
     pub fn tap_ctl_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(tap_ctl_bin());
         cmd.args(args)
             .env("BLKTAP_CONTROL_DIR", &self.ctl_dir)
-            .env("BLKTAP_TAPDISK", tapdisk_bin());
+            .env("BLKTAP_TAPDISK", tapdisk_bin())
+            .env("BLKTAP_BLOCK_DEVICE", "none");
         cmd
     }
 

@@ -17,80 +17,34 @@ use crate::progress::Bar;
 const EINVAL: i32 = 22;
 const ENOSYS: i32 = 38;
 
-/// Runs `f` with a std opener, or — when `VHD_UTIL_CRASH_AFTER_WRITES=N`
-/// is set (crash-injection tests) — with one that aborts the process
-/// after N mutating I/O calls, like a kill at that point.
-fn with_opener<T>(f: impl FnOnce(&dyn DynOpener) -> T) -> T {
-    match std::env::var("VHD_UTIL_CRASH_AFTER_WRITES")
+/// The opener of every mutating command. Normally it never fails; with
+/// `VHD_UTIL_CRASH_AFTER_WRITES=N` (crash-injection tests) every mutating
+/// I/O call after the first N fails, and [`finish`] then aborts the
+/// process as if it had been killed at that point.
+fn opener() -> FaultOpener {
+    let budget = std::env::var("VHD_UTIL_CRASH_AFTER_WRITES")
         .ok()
         .and_then(|v| v.parse::<i64>().ok())
-    {
-        Some(n) => f(&CrashingOpener(FaultOpener {
-            budget: CrashBudget::new(n),
-        })),
-        None => f(&PlainOpener),
+        .unwrap_or(i64::MAX);
+    FaultOpener {
+        budget: CrashBudget::new(budget),
     }
 }
 
-/// Object-safe front for the two openers used by the CLI.
-trait DynOpener {
-    fn coalesce(&self, p: &Path, sparse: bool, bar: &mut Bar) -> vhd::Result<u64>;
-    fn resize_journaled(&self, p: &Path, size: u64, j: &Path) -> vhd::Result<()>;
-    fn resize_fast(&self, p: &Path, size: u64) -> vhd::Result<()>;
+/// Passes `r` through unless the simulated crash happened: then the
+/// process dies without cleanup or further output.
+fn finish<T>(o: &FaultOpener, r: T) -> T {
+    if o.budget.crashed() {
+        std::process::abort();
+    }
+    r
 }
 
-struct PlainOpener;
-struct CrashingOpener(FaultOpener);
-
-fn dyn_impl<O: Opener>(o: &O) -> impl DynOpener + '_ {
-    struct W<'a, O>(&'a O);
-    impl<O: Opener> DynOpener for W<'_, O> {
-        fn coalesce(&self, p: &Path, sparse: bool, bar: &mut Bar) -> vhd::Result<u64> {
-            let mut cb = |d, t| bar.update(d, t);
-            ops::coalesce(self.0, p, sparse, Some(&mut cb))
-        }
-        fn resize_journaled(&self, p: &Path, size: u64, j: &Path) -> vhd::Result<()> {
-            ops::resize_journaled(self.0, p, size, j)
-        }
-        fn resize_fast(&self, p: &Path, size: u64) -> vhd::Result<()> {
-            ops::resize_fast(self.0, p, size)
-        }
-    }
-    W(o)
-}
-
-impl DynOpener for PlainOpener {
-    fn coalesce(&self, p: &Path, sparse: bool, bar: &mut Bar) -> vhd::Result<u64> {
-        dyn_impl(&StdOpener).coalesce(p, sparse, bar)
-    }
-    fn resize_journaled(&self, p: &Path, size: u64, j: &Path) -> vhd::Result<()> {
-        dyn_impl(&StdOpener).resize_journaled(p, size, j)
-    }
-    fn resize_fast(&self, p: &Path, size: u64) -> vhd::Result<()> {
-        dyn_impl(&StdOpener).resize_fast(p, size)
-    }
-}
-
-impl CrashingOpener {
-    fn die_if_crashed<T>(&self, r: vhd::Result<T>) -> vhd::Result<T> {
-        if self.0.budget.crashed() {
-            // Simulated kill: no cleanup, no further output.
-            std::process::abort();
-        }
-        r
-    }
-}
-
-impl DynOpener for CrashingOpener {
-    fn coalesce(&self, p: &Path, sparse: bool, bar: &mut Bar) -> vhd::Result<u64> {
-        self.die_if_crashed(dyn_impl(&self.0).coalesce(p, sparse, bar))
-    }
-    fn resize_journaled(&self, p: &Path, size: u64, j: &Path) -> vhd::Result<()> {
-        self.die_if_crashed(dyn_impl(&self.0).resize_journaled(p, size, j))
-    }
-    fn resize_fast(&self, p: &Path, size: u64) -> vhd::Result<()> {
-        self.die_if_crashed(dyn_impl(&self.0).resize_fast(p, size))
-    }
+/// Runs `f` with the command opener (see [`opener`]).
+fn with_opener<T>(f: impl FnOnce(&FaultOpener) -> T) -> T {
+    let o = opener();
+    let r = f(&o);
+    finish(&o, r)
 }
 
 fn parse(args: &[String], spec: &str, usage: &str) -> Result<Parsed, i32> {
@@ -128,13 +82,6 @@ fn open_ro(name: &str, backup: bool) -> vhd::Result<VhdImage<std::fs::File>> {
             use_backup_footer: backup,
         },
     )
-}
-
-fn open_rw(name: &str) -> vhd::Result<VhdImage<std::fs::File>> {
-    let f = StdOpener
-        .open(Path::new(name), true)
-        .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
-    VhdImage::open(f, name, OpenOptions::read_write())
 }
 
 pub fn create(args: &[String]) -> i32 {
@@ -335,22 +282,27 @@ pub fn set(args: &[String]) -> i32 {
         println!("invalid field {field}");
         return EINVAL;
     }
-    let mut img = match open_rw(name) {
-        Ok(i) => i,
-        Err(e) => {
-            println!("error opening {name}: {}", neg(&e));
-            return e.errno();
-        }
-    };
-    let r = if field == "hidden" {
-        img.set_hidden(v)
+    let field = if field == "hidden" {
+        ops::SetField::Hidden
     } else {
-        img.set_marker(v)
+        ops::SetField::Marker
     };
-    match r.and_then(|()| img.sync()) {
+    let path = Path::new(name);
+    if let Err(e) = open_ro(name, false) {
+        println!("error opening {name}: {}", neg(&e));
+        return e.errno();
+    }
+    let r = with_opener(|o| ops::set_field(o, path, field, v, &ops::default_journal_path(path)));
+    match r {
         Ok(()) => 0,
         Err(e) => {
-            println!("error setting {field}: {}", neg(&e));
+            let what = if field == ops::SetField::Hidden {
+                "hidden"
+            } else {
+                "marker"
+            };
+            println!("error setting {what}: {}", neg(&e));
+            println!("  ({e})");
             e.errno()
         }
     }
@@ -366,7 +318,7 @@ pub fn repair(args: &[String]) -> i32 {
         println!("{U}");
         return EINVAL;
     };
-    match ops::repair(&StdOpener, Path::new(name), p.has('b')) {
+    match with_opener(|o| ops::repair(o, Path::new(name), p.has('b'))) {
         Ok(()) => 0,
         Err(e) => {
             println!("error repairing {name}: {}", neg(&e));
@@ -386,13 +338,14 @@ pub fn resize(args: &[String]) -> i32 {
         return EINVAL;
     };
     let journal = p.value('j');
-    if journal.is_some() == p.has('f') {
+    if journal.is_none() && !p.has('f') {
         println!("{U}");
         return EINVAL;
     }
-    let r = with_opener(|o| match journal {
-        Some(j) => o.resize_journaled(Path::new(name), size, Path::new(j)),
-        None => o.resize_fast(Path::new(name), size),
+    let r = with_opener(|o| match (journal, p.has('f')) {
+        (Some(j), false) => ops::resize_journaled(o, Path::new(name), size, Path::new(j)),
+        (Some(j), true) => ops::resize_fast_with_journal(o, Path::new(name), size, Path::new(j)),
+        (None, _) => ops::resize_fast(o, Path::new(name), size),
     });
     match r {
         Ok(()) => 0,
@@ -478,7 +431,10 @@ pub fn coalesce(args: &[String]) -> i32 {
                 return ENOSYS;
             }
         }
-        with_opener(|o| o.coalesce(Path::new(name), p.has('s'), &mut bar))
+        with_opener(|o| {
+            let mut cb = |d, t| bar.update(d, t);
+            ops::coalesce(o, Path::new(name), p.has('s'), Some(&mut cb))
+        })
     };
     match r {
         Ok(n) => {
@@ -516,7 +472,7 @@ pub fn modify(args: &[String]) -> i32 {
         physical_size,
         zero_bat: p.has('z'),
     };
-    match ops::modify(&StdOpener, Path::new(name), &opts) {
+    match with_opener(|o| ops::modify(o, Path::new(name), &opts)) {
         Ok(()) => 0,
         Err(e) => {
             println!("error modifying {name}: {}", neg(&e));
@@ -829,16 +785,19 @@ fn dump_headers(name: &str) -> vhd::Result<()> {
 }
 
 pub fn revert(args: &[String]) -> i32 {
-    const U: &str = "options: <-n name> <-j journal> [-h help]";
+    const U: &str = "options: <-n name> [-j journal (default: NAME.journal)] [-h help]";
     let p = match parse(args, "n:j:h", U) {
         Ok(p) => p,
         Err(c) => return c,
     };
-    let (Some(name), Some(j)) = (p.value('n'), p.value('j')) else {
+    let Some(name) = p.value('n') else {
         println!("{U}");
         return EINVAL;
     };
-    match ops::revert_path(Path::new(name), Path::new(j)) {
+    let journal = p
+        .value('j')
+        .map_or_else(|| ops::default_journal_path(Path::new(name)), PathBuf::from);
+    match ops::revert_path(Path::new(name), &journal) {
         Ok(_) => 0,
         Err(e) => {
             println!("revert failed: {}", neg(&e));

@@ -220,12 +220,21 @@ fn copy_dir(files: &[&str], from: &Path, to: &Path) {
     }
 }
 
+/// Runs `args` in copies of the `setup` directory with the process aborted
+/// after 0, 1, 2, ... writes until it completes. After each crash either
+/// `files[0]` checks valid, or the journal (`journal`, relative to the
+/// directory; `None` = the default `<image>.journal`) exists and `revert`
+/// makes it valid again; then `verify(dir, maybe_new)` runs. Returns the
+/// number of crash points and of reverts.
 fn crash_loop(
     setup: &dyn Fn(&Path),
     files: &[&str],
     args: &[&str],
+    journal: Option<&str>,
     verify: &dyn Fn(&Path, bool),
 ) -> (usize, usize) {
+    let default_journal = format!("{}.journal", files[0]);
+    let journal = journal.unwrap_or(&default_journal);
     let tmpl = tempfile::tempdir().unwrap();
     setup(tmpl.path());
     let mut reverts = 0;
@@ -247,12 +256,11 @@ fn crash_loop(
         let reverted = if run(d.path(), &["check", "-n", files[0]]).status.success() {
             false
         } else {
-            let journal = d.path().join("j");
             assert!(
-                journal.exists(),
-                "crash after {n} writes: invalid image, no journal"
+                d.path().join(journal).exists(),
+                "{args:?}: crash after {n} writes: invalid image, no journal"
             );
-            ok(d.path(), &["revert", "-n", files[0], "-j", "j"]);
+            ok(d.path(), &["revert", "-n", files[0], "-j", journal]);
             ok(d.path(), &["check", "-n", files[0]]);
             reverts += 1;
             true
@@ -284,6 +292,7 @@ fn crash_injection_resize_and_coalesce() {
         &setup,
         &["base.vhd", "child.vhd"],
         &["resize", "-n", "base.vhd", "-s", "300", "-j", "j"],
+        Some("j"),
         &|d, _| {
             let data = read_all(&d.join("base.vhd"));
             assert_eq!(&data[..base_expected.len()], &base_expected[..]);
@@ -297,10 +306,63 @@ fn crash_injection_resize_and_coalesce() {
         &setup,
         &["base.vhd", "child.vhd"],
         &["coalesce", "-n", "child.vhd"],
+        None,
         &|d, _| {
             ok(d, &["check", "-n", "child.vhd", "-p"]);
             assert_eq!(read_all(&d.join("child.vhd")), expected);
         },
     );
     assert!(crashes > 5);
+}
+
+#[test]
+fn crash_injection_set_modify_repair_fast_resize() {
+    let setup = |p: &Path| {
+        ok(p, &["create", "-n", "base.vhd", "-s", "8", "-S", "64"]);
+        write(&p.join("base.vhd"), 0, &pattern(1, 3 << 20));
+        ok(p, &["snapshot", "-n", "child.vhd", "-p", "base.vhd"]);
+        write(&p.join("child.vhd"), 2048, &pattern(2, 4 << 20));
+        std::fs::copy(p.join("base.vhd"), p.join("other-base.vhd")).unwrap();
+    };
+    let tmpl = tempfile::tempdir().unwrap();
+    setup(tmpl.path());
+    let child_data = read_all(&tmpl.path().join("child.vhd"));
+    let base_data = read_all(&tmpl.path().join("base.vhd"));
+    let files = ["child.vhd", "base.vhd", "other-base.vhd"];
+    let base_first = ["base.vhd", "child.vhd"];
+    let cases: Vec<(&[&str], &[&str], Option<&str>)> = vec![
+        (
+            &base_first,
+            &["resize", "-n", "base.vhd", "-s", "64", "-f"],
+            None,
+        ),
+        (
+            &base_first,
+            &["resize", "-n", "base.vhd", "-s", "32", "-f", "-j", "fast.j"],
+            Some("fast.j"),
+        ),
+        (
+            &base_first,
+            &["set", "-n", "base.vhd", "-f", "hidden", "-v", "1"],
+            None,
+        ),
+        (
+            &files,
+            &["modify", "-n", "child.vhd", "-p", "other-base.vhd"],
+            None,
+        ),
+        (&base_first, &["repair", "-n", "base.vhd", "-b"], None),
+    ];
+    for (files, args, journal) in cases {
+        let (crashes, reverts) = crash_loop(&setup, files, args, journal, &|d, _| {
+            ok(d, &["check", "-n", "child.vhd", "-p"]);
+            assert_eq!(read_all(&d.join("child.vhd")), child_data, "{args:?}");
+            let base = read_all(&d.join("base.vhd"));
+            assert_eq!(&base[..base_data.len()], &base_data[..], "{args:?}");
+        });
+        assert!(crashes > 3, "{args:?}: {crashes} crash points");
+        if args[0] != "repair" {
+            assert!(reverts > 0, "{args:?}: no revert needed");
+        }
+    }
 }

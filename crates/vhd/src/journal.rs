@@ -11,10 +11,18 @@
 //! offset u64, checksum u32, pad u32 }` each followed by `size` bytes.
 //! The field order follows the C journal; byte compatibility with journals
 //! written by the C tools is not a goal.
+//!
+//! [`Transaction`] wraps a journal for one update: it creates the journal
+//! file (refusing to overwrite an existing one, which may be the only way
+//! back for an interrupted operation), saves every region the update will
+//! change before the caller touches the image, and on [`Transaction::finish`]
+//! commits (entry counts zeroed) and removes the file.
+
+use std::path::{Path, PathBuf};
 
 use crate::bytes::{array, be32, be64, ones_complement_checksum, put32, put64};
 use crate::error::{FormatError, Result, VhdError};
-use crate::io::BlockFile;
+use crate::io::{BlockFile, Opener};
 
 /// Journal header cookie.
 pub const JOURNAL_COOKIE: [u8; 8] = *b"vjournal";
@@ -238,6 +246,104 @@ impl<J: BlockFile> Journal<J> {
     }
 }
 
+/// A region of the image an update will change: `(kind, offset, length)`.
+pub type Region = (EntryKind, u64, u64);
+
+/// Largest single journal entry; bigger regions are split.
+const MAX_ENTRY: u64 = 4 << 20;
+
+/// One journaled update of an image file (see the module docs).
+#[derive(Debug)]
+pub struct Transaction<J: BlockFile> {
+    journal: Journal<J>,
+    path: PathBuf,
+}
+
+impl<J: BlockFile> Transaction<J> {
+    /// Creates the journal at `journal_path` for the image in `vhd` (UUID
+    /// `uuid`) and saves `regions` (clipped to the image's end; large ones
+    /// split). On revert the image is truncated back to its current length.
+    /// Fails with `EEXIST` if the journal file exists.
+    pub fn begin<O: Opener<File = J>, F: BlockFile>(
+        opener: &O,
+        journal_path: &Path,
+        vhd: &F,
+        uuid: [u8; 16],
+        regions: &[Region],
+    ) -> Result<Self> {
+        let jname = journal_path.display().to_string();
+        let old_len = vhd
+            .len()
+            .map_err(|e| VhdError::io(format!("{jname}: size of the image"), e))?;
+        let file = opener.create(journal_path).map_err(|e| {
+            let context = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    "journal {jname} already exists (an earlier operation was interrupted: \
+                     run `vhd-util revert` with it, or remove it if the image checks valid)"
+                )
+            } else {
+                format!("{jname}: create journal")
+            };
+            VhdError::io(context, e)
+        })?;
+        let journal = Journal::create(file, &jname, uuid, old_len.saturating_sub(512))?;
+        sync_parent_dir(journal_path);
+        let mut t = Self {
+            journal,
+            path: journal_path.to_path_buf(),
+        };
+        for &(kind, offset, len) in regions {
+            t.save(vhd, kind, offset, len)?;
+        }
+        Ok(t)
+    }
+
+    /// Saves one more region (before the caller changes it).
+    pub fn save<F: BlockFile>(
+        &mut self,
+        vhd: &F,
+        kind: EntryKind,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let mut at = offset;
+        let end = offset.saturating_add(len);
+        while at < end {
+            let n = (end - at).min(MAX_ENTRY);
+            self.journal.save(vhd, kind, at, n)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// The journal file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Commits and removes the journal. The caller must have synced the
+    /// image first.
+    pub fn finish(self) -> Result<()> {
+        self.journal.commit()?;
+        std::fs::remove_file(&self.path)
+            .map_err(|e| VhdError::io(format!("{}: remove journal", self.path.display()), e))?;
+        sync_parent_dir(&self.path);
+        Ok(())
+    }
+}
+
+/// Makes a file's creation or removal durable (best effort: some file
+/// systems refuse to sync directories).
+fn sync_parent_dir(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 /// Reads a journal's header and committed entries.
 pub fn read_journal<J: BlockFile>(j: &J) -> Result<(JournalHeader, Vec<Entry>)> {
     let mut hb = [0u8; 512];
@@ -285,7 +391,14 @@ pub fn read_journal<J: BlockFile>(j: &J) -> Result<(JournalHeader, Vec<Entry>)> 
 /// Rolls `vhd` back to the state saved in `journal`: restores every saved
 /// region and truncates to the old length. A committed (empty) journal
 /// leaves the VHD untouched.
+///
+/// A journal shorter than its header is the trace of a crash while the
+/// journal was being created, before anything of the VHD was saved or
+/// changed: it reverts nothing.
 pub fn revert<F: BlockFile, J: BlockFile>(vhd: &F, journal: &J) -> Result<usize> {
+    if journal.len().map_err(|e| VhdError::io("journal size", e))? < HEADER {
+        return Ok(0);
+    }
     let (header, entries) = read_journal(journal)?;
     if entries.is_empty() {
         return Ok(0);
@@ -328,5 +441,39 @@ mod tests {
         let f = j.commit().unwrap();
         assert_eq!(revert(&vhd, &f).unwrap(), 0);
         assert!(read_journal(&MemFile::new(vec![0; 512])).is_err());
+    }
+
+    #[test]
+    fn transaction_saves_before_and_removes_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let jp = dir.path().join("img.journal");
+        let vhd = MemFile::new(b"abcdefgh".repeat(128));
+        let t = Transaction::begin(
+            &crate::io::StdOpener,
+            &jp,
+            &vhd,
+            [3; 16],
+            &[
+                (EntryKind::Footer, 512, 512),
+                (EntryKind::FooterCopy, 0, 512),
+            ],
+        )
+        .unwrap();
+        // An existing journal is never overwritten.
+        let e = Transaction::begin(&crate::io::StdOpener, &jp, &vhd, [3; 16], &[]).unwrap_err();
+        assert_eq!(e.errno(), 17, "{e}");
+        assert!(e.to_string().contains("vhd-util revert"), "{e}");
+        vhd.write_at(b"XY", 1000).unwrap();
+        vhd.write_at(b"Z", 1024).unwrap();
+        let jf = std::fs::File::open(&jp).unwrap();
+        let (h, entries) = read_journal(&jf).unwrap();
+        assert_eq!((h.metadata_entries, h.vhd_footer_offset), (2, 512));
+        assert_eq!(revert(&vhd, &jf).unwrap(), 2);
+        assert_eq!(vhd.contents(), b"abcdefgh".repeat(128));
+        assert_eq!(entries[0].data.len(), 512);
+        t.finish().unwrap();
+        assert!(!jp.exists());
+        // A journal cut short while being created reverts nothing.
+        assert_eq!(revert(&vhd, &MemFile::new(vec![b'v'; 100])).unwrap(), 0);
     }
 }

@@ -1,7 +1,21 @@
 //! Maintenance operations of `vhd-util`: coalesce (child into parent),
 //! resize (fast, within the `-S` preallocation, or journaled), fill,
 //! repair, modify (reparent, physical size, zero BAT), copy (flatten a
-//! chain into a new dynamic VHD) and snapshot-target selection.
+//! chain into a new dynamic VHD), setting the hidden byte or marker, and
+//! snapshot-target selection.
+//!
+//! Crash safety: every operation that rewrites metadata in place (resize,
+//! fast resize, set hidden/marker, modify, repair) runs as a journaled
+//! [`Transaction`]: the old bytes of each region it will change are saved
+//! to a journal file and synced before the image is touched, and the
+//! journal is removed once the image is synced. A crash therefore leaves
+//! the old image, the new one, or an image `vhd-util revert` restores from
+//! the journal. Operations that take no journal path use
+//! [`default_journal_path`]. Coalesce is crash-safe without a journal: it
+//! only writes sectors the child still overlays and allocates parent blocks
+//! in the crash-safe order of [`VhdImage::allocate_block`], so after a crash
+//! both images are valid, the chain reads as before, and running coalesce
+//! again completes the merge.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +30,7 @@ use crate::footer::{DiskType, FOOTER_SIZE};
 use crate::geometry::Geometry;
 use crate::image::{Batmap, BlockState, OpenOptions, SparseLayout, VhdImage, SECTOR};
 use crate::io::{BlockFile, Opener, StdOpener};
-use crate::journal::{EntryKind, Journal};
+use crate::journal::{EntryKind, Region, Transaction};
 use crate::locator::{encode_payload, ParentLocator};
 
 /// Progress callback: `(done, total)` units.
@@ -155,9 +169,58 @@ fn require_tap_sparse<F: BlockFile>(img: &VhdImage<F>) -> Result<()> {
     Ok(())
 }
 
+/// The journal used by operations that are not given one: `<image>.journal`
+/// next to a regular file; for a block device (whose directory may not
+/// persist), `/var/lib/vhd-util/<path with '/' replaced by '_'>.journal`.
+pub fn default_journal_path(image: &Path) -> PathBuf {
+    let is_device = std::fs::metadata(image).is_ok_and(|m| !m.is_file());
+    if is_device {
+        let flat: String = image
+            .display()
+            .to_string()
+            .chars()
+            .map(|c| if c == '/' { '_' } else { c })
+            .collect();
+        return Path::new("/var/lib/vhd-util").join(format!("{flat}.journal"));
+    }
+    let mut s = image.as_os_str().to_os_string();
+    s.push(".journal");
+    PathBuf::from(s)
+}
+
+/// The footer regions of `img`: the primary and, for sparse images, the
+/// backup copy at offset 0.
+fn footer_regions<F: BlockFile>(img: &VhdImage<F>) -> Vec<Region> {
+    let mut r = vec![(EntryKind::Footer, img.footer_offset(), FOOTER_SIZE as u64)];
+    if img.disk_type().is_sparse() {
+        r.push((EntryKind::FooterCopy, 0, FOOTER_SIZE as u64));
+    }
+    r
+}
+
+fn begin<O: Opener, F: BlockFile>(
+    opener: &O,
+    journal_path: &Path,
+    img: &VhdImage<F>,
+    regions: &[Region],
+) -> Result<Transaction<O::File>> {
+    Transaction::begin(opener, journal_path, img.file(), img.footer().uuid, regions)
+}
+
 /// Grows a sparse image in place up to the size its BAT was preallocated
-/// for (`-S`): only the footers change.
+/// for (`-S`): only the footers change, under a journal at
+/// [`default_journal_path`].
 pub fn resize_fast<O: Opener>(opener: &O, path: &Path, new_size: u64) -> Result<()> {
+    resize_fast_with_journal(opener, path, new_size, &default_journal_path(path))
+}
+
+/// [`resize_fast`] with an explicit journal path.
+pub fn resize_fast_with_journal<O: Opener>(
+    opener: &O,
+    path: &Path,
+    new_size: u64,
+    journal_path: &Path,
+) -> Result<()> {
     let mut img = open_image(opener, path, OpenOptions::read_write())?;
     require_tap_sparse(&img)?;
     check_new_size(&img, new_size)?;
@@ -170,11 +233,60 @@ pub fn resize_fast<O: Opener>(opener: &O, path: &Path, new_size: u64) -> Result<
             path.display()
         )));
     }
+    let txn = begin(opener, journal_path, &img, &footer_regions(&img))?;
     let f = img.footer_mut();
     f.current_size = new_size;
     f.geometry = Geometry::for_size(new_size);
     img.write_footer()?;
-    img.sync()
+    img.sync()?;
+    txn.finish()
+}
+
+/// Footer or batmap fields `vhd-util set` changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetField {
+    /// The hidden byte (footer offset 85), written to both footers.
+    Hidden,
+    /// The SM marker in the batmap header.
+    Marker,
+}
+
+/// Sets the hidden byte or the marker of the image at `path`, journaled at
+/// `journal_path` (see [`default_journal_path`]).
+pub fn set_field<O: Opener>(
+    opener: &O,
+    path: &Path,
+    field: SetField,
+    value: u8,
+    journal_path: &Path,
+) -> Result<()> {
+    let mut img = open_image(opener, path, OpenOptions::read_write())?;
+    let regions = match field {
+        SetField::Hidden => footer_regions(&img),
+        SetField::Marker => {
+            let (Some(hdr), Some(b)) = (img.batmap_header_offset(), img.batmap()) else {
+                return Err(VhdError::Unsupported(format!(
+                    "{}: no batmap to hold the marker",
+                    path.display()
+                )));
+            };
+            vec![
+                (EntryKind::BatmapHeader, hdr, 512),
+                (
+                    EntryKind::BatmapMap,
+                    b.header.batmap_offset,
+                    b.header.map_bytes(),
+                ),
+            ]
+        }
+    };
+    let txn = begin(opener, journal_path, &img, &regions)?;
+    match field {
+        SetField::Hidden => img.set_hidden(value)?,
+        SetField::Marker => img.set_marker(value)?,
+    }
+    img.sync()?;
+    txn.finish()
 }
 
 fn check_new_size<F: BlockFile>(img: &VhdImage<F>, new_size: u64) -> Result<()> {
@@ -209,18 +321,8 @@ pub fn resize_journaled<O: Opener>(
     if img.disk_type().is_sparse() {
         require_tap_sparse(&img)?;
     }
-    let jfile = opener
-        .create(journal_path)
-        .map_err(|e| VhdError::io(format!("{}: create journal", journal_path.display()), e))?;
-    let jname = journal_path.display().to_string();
-    let mut journal = Journal::create(jfile, &jname, img.footer().uuid, img.footer_offset())?;
+    let mut txn = begin(opener, journal_path, &img, &footer_regions(&img))?;
     let old_footer_offset = img.footer_offset();
-    journal.save(
-        img.file(),
-        EntryKind::Footer,
-        old_footer_offset,
-        FOOTER_SIZE as u64,
-    )?;
     if img.disk_type() == DiskType::Fixed {
         poison(&mut img)?;
         // The old footer becomes data and must read as zeros.
@@ -234,12 +336,9 @@ pub fn resize_journaled<O: Opener>(
         img.relocate_footer(new_size)?;
         img.sync()?;
     } else {
-        resize_sparse(&mut img, &mut journal, new_size)?;
+        resize_sparse(&mut img, &mut txn, new_size)?;
     }
-    journal.commit()?;
-    std::fs::remove_file(journal_path)
-        .map_err(|e| VhdError::io(format!("{}: remove journal", journal_path.display()), e))?;
-    Ok(())
+    txn.finish()
 }
 
 fn poison<F: BlockFile>(img: &mut VhdImage<F>) -> Result<()> {
@@ -250,7 +349,7 @@ fn poison<F: BlockFile>(img: &mut VhdImage<F>) -> Result<()> {
 
 fn resize_sparse<F: BlockFile, J: BlockFile>(
     img: &mut VhdImage<F>,
-    journal: &mut Journal<J>,
+    journal: &mut Transaction<J>,
     new_size: u64,
 ) -> Result<()> {
     let header = img
@@ -265,7 +364,6 @@ fn resize_sparse<F: BlockFile, J: BlockFile>(
             what: format!("{}: BAT for {new_size} bytes", img.name()),
             bytes: new_size,
         })?;
-    journal.save(img.file(), EntryKind::FooterCopy, 0, FOOTER_SIZE as u64)?;
     if new_entries <= header.max_table_entries {
         poison(img)?;
         let f = img.footer_mut();
@@ -301,17 +399,14 @@ fn resize_sparse<F: BlockFile, J: BlockFile>(
     // the BAT, batmap and locators (all inside that range or moved).
     let old_len = img.file().len().map_err(|e| VhdError::io("size", e))?;
     let region = meta_end.min(old_len);
-    let chunk = 4 << 20;
-    let mut at = 0;
-    while at < region {
-        let n = (region - at).min(chunk);
-        let kind = if at < table_offset {
-            EntryKind::Header
-        } else {
-            EntryKind::Data
-        };
-        journal.save(img.file(), kind, at, n)?;
-        at += n;
+    journal.save(img.file(), EntryKind::Header, 0, table_offset.min(region))?;
+    if region > table_offset {
+        journal.save(
+            img.file(),
+            EntryKind::Data,
+            table_offset,
+            region - table_offset,
+        )?;
     }
     poison(img)?;
     // Move blocks whose bitmap/data intersect the new metadata region.
@@ -466,8 +561,19 @@ pub fn fill<O: Opener>(
 }
 
 /// Rewrites the primary footer at the end of the data (from the backup copy
-/// with `use_backup`), creating a UUID if it is null, and truncates after it.
+/// with `use_backup`), creating a UUID if it is null, and truncates after
+/// it. Journaled at [`default_journal_path`].
 pub fn repair<O: Opener>(opener: &O, path: &Path, use_backup: bool) -> Result<()> {
+    repair_with_journal(opener, path, use_backup, &default_journal_path(path))
+}
+
+/// [`repair`] with an explicit journal path.
+pub fn repair_with_journal<O: Opener>(
+    opener: &O,
+    path: &Path,
+    use_backup: bool,
+    journal_path: &Path,
+) -> Result<()> {
     let name = path.display().to_string();
     let f = opener
         .open(path, true)
@@ -492,6 +598,16 @@ pub fn repair<O: Opener>(opener: &O, path: &Path, use_backup: bool) -> Result<()
         footer.uuid = random_uuid();
     }
     let sparse = img.disk_type().is_sparse();
+    let old_len = img
+        .file()
+        .len()
+        .map_err(|e| VhdError::io(format!("{name}: size"), e))?;
+    // Everything from the new footer on may be overwritten or cut off.
+    let mut regions = vec![(EntryKind::Footer, end, old_len.saturating_sub(end))];
+    if sparse {
+        regions.push((EntryKind::FooterCopy, 0, FOOTER_SIZE as u64));
+    }
+    let txn = begin(opener, journal_path, &img, &regions)?;
     let file = img.into_file();
     let b = footer.to_bytes_checked();
     file.write_at(&b, end)
@@ -503,7 +619,8 @@ pub fn repair<O: Opener>(opener: &O, path: &Path, use_backup: bool) -> Result<()
     file.set_len(end + FOOTER_SIZE as u64)
         .map_err(|e| VhdError::io(format!("{name}: truncate"), e))?;
     file.sync()
-        .map_err(|e| VhdError::io(format!("{name}: sync"), e))
+        .map_err(|e| VhdError::io(format!("{name}: sync"), e))?;
+    txn.finish()
 }
 
 /// What `modify` changes.
@@ -518,19 +635,43 @@ pub struct ModifyOptions {
 }
 
 /// "Dangerous" metadata edits: reparent, move the footer, zero the BAT.
+/// Journaled at [`default_journal_path`].
 pub fn modify<O: Opener>(opener: &O, path: &Path, opts: &ModifyOptions) -> Result<()> {
+    modify_with_journal(opener, path, opts, &default_journal_path(path))
+}
+
+/// [`modify`] with an explicit journal path. Every argument is validated
+/// before the journal is created, so a refused edit leaves no journal.
+pub fn modify_with_journal<O: Opener>(
+    opener: &O,
+    path: &Path,
+    opts: &ModifyOptions,
+    journal_path: &Path,
+) -> Result<()> {
     let mut img = open_image(opener, path, OpenOptions::read_write())?;
-    if let Some((parent, raw)) = &opts.parent {
-        reparent(&mut img, path, parent, *raw)?;
-    }
+    let mut regions: Vec<Region> = Vec::new();
+    let plan = match &opts.parent {
+        Some((parent, raw)) => {
+            let plan = plan_reparent(&img, path, parent, *raw)?;
+            regions.push((EntryKind::Header, img.footer().data_offset, 1024));
+            for &(off, space) in &plan.areas {
+                regions.push((EntryKind::Locator, off, space));
+            }
+            Some(plan)
+        }
+        None => None,
+    };
     if opts.zero_bat {
-        let n = img.bat().entries.len();
-        img.set_bat(Bat::unallocated(n));
-        img.write_bat()?;
-        if let Some(mut b) = img.batmap().cloned() {
-            b.map.fill(0);
-            img.set_batmap(Some(b));
-            img.write_batmap()?;
+        if let Some(h) = img.header() {
+            regions.push((EntryKind::Bat, h.table_offset, h.bat_bytes()));
+        }
+        if let (Some(hdr), Some(b)) = (img.batmap_header_offset(), img.batmap()) {
+            regions.push((EntryKind::BatmapHeader, hdr, 512));
+            regions.push((
+                EntryKind::BatmapMap,
+                b.header.batmap_offset,
+                b.header.map_bytes(),
+            ));
         }
     }
     if let Some(size) = opts.physical_size {
@@ -544,17 +685,59 @@ pub fn modify<O: Opener>(opener: &O, path: &Path, opts: &ModifyOptions) -> Resul
                 "physical size {size} must be a multiple of 512 and at least {min}"
             )));
         }
+        let old_len = img
+            .file()
+            .len()
+            .map_err(|e| VhdError::io(format!("{}: size", path.display()), e))?;
+        let from = img.footer_offset().min(size - FOOTER_SIZE as u64);
+        regions.push((EntryKind::Footer, from, old_len.saturating_sub(from)));
+        if img.disk_type().is_sparse() {
+            regions.push((EntryKind::FooterCopy, 0, FOOTER_SIZE as u64));
+        }
+    }
+    if regions.is_empty() {
+        return Ok(());
+    }
+    let txn = begin(opener, journal_path, &img, &regions)?;
+    if let Some(plan) = plan {
+        apply_reparent(&mut img, path, plan)?;
+    }
+    if opts.zero_bat {
+        // Batmap first: a batmap with fewer "full" bits than the BAT
+        // allows is still consistent.
+        if let Some(mut b) = img.batmap().cloned() {
+            b.map.fill(0);
+            img.set_batmap(Some(b));
+            img.write_batmap()?;
+        }
+        let n = img.bat().entries.len();
+        img.set_bat(Bat::unallocated(n));
+        img.write_bat()?;
+    }
+    if let Some(size) = opts.physical_size {
         img.relocate_footer(size - FOOTER_SIZE as u64)?;
     }
-    img.sync()
+    img.sync()?;
+    txn.finish()
 }
 
-fn reparent<F: BlockFile>(
-    img: &mut VhdImage<F>,
+/// New parent fields and where each new locator payload goes.
+struct ReparentPlan {
+    spec: ParentSpec,
+    /// `(code, offset, space bytes, payload)`.
+    payloads: Vec<(crate::locator::PlatformCode, u64, u64, Vec<u8>)>,
+    /// The existing locator areas `(offset, bytes)` the payloads reuse.
+    areas: Vec<(u64, u64)>,
+}
+
+/// Validates a reparent and places the new locator payloads inside the
+/// areas the current locators occupy (never elsewhere in the file).
+fn plan_reparent<F: BlockFile>(
+    img: &VhdImage<F>,
     path: &Path,
     parent: &Path,
     raw: bool,
-) -> Result<()> {
+) -> Result<ReparentPlan> {
     if !img.has_parent() {
         return Err(VhdError::InvalidArgument(format!(
             "{}: not a differencing disk",
@@ -570,26 +753,56 @@ fn reparent<F: BlockFile>(
     let spec: ParentSpec = crate::create::parent_spec(path, parent, uuid, None, false)?;
     let header = img
         .header()
-        .cloned()
         .ok_or_else(|| VhdError::Unsupported("no header".into()))?;
-    let used: Vec<&ParentLocator> = header.locators.iter().filter(|l| l.is_used()).collect();
-    let start = used.iter().map(|l| l.data_offset).min().unwrap_or(0);
-    let space: u64 = used.iter().map(|l| l.space_bytes()).sum();
+    let file_end = img.footer_offset();
+    let mut areas: Vec<(u64, u64)> = header
+        .locators
+        .iter()
+        .filter(|l| l.is_used() && l.data_offset > 0)
+        .map(|l| (l.data_offset, l.space_bytes()))
+        .filter(|&(off, space)| off.checked_add(space).is_some_and(|e| e <= file_end))
+        .collect();
+    areas.sort_unstable();
+    // Cursor into each area: bytes already handed out.
+    let mut used = vec![0u64; areas.len()];
     let mut payloads = Vec::new();
-    let mut at = start;
     for (code, p) in &spec.locators {
-        let data = encode_payload(*code, p)
-            .ok_or_else(|| VhdError::InvalidArgument("cannot encode locator".into()))?;
+        let data = encode_payload(*code, p).ok_or_else(|| {
+            VhdError::InvalidArgument(format!("cannot encode parent locator {p}"))
+        })?;
         let sz = round_up(data.len() as u64, SECTOR).max(SECTOR);
-        payloads.push((*code, at, sz, data));
-        at += sz;
+        let slot = (0..areas.len()).find(|&i| areas[i].1 - used[i] >= sz);
+        let Some(i) = slot else {
+            let space: u64 = areas.iter().map(|a| a.1).sum();
+            return Err(VhdError::NoSpace(format!(
+                "{}: {space} bytes of parent locator space cannot hold the new locators",
+                path.display()
+            )));
+        };
+        payloads.push((*code, areas[i].0 + used[i], sz, data));
+        used[i] += sz;
     }
-    if start == 0 || at - start > space {
-        return Err(VhdError::NoSpace(format!(
-            "{}: {} bytes of parent locator space cannot hold the new locators",
-            path.display(),
-            space
-        )));
+    Ok(ReparentPlan {
+        spec,
+        payloads,
+        areas,
+    })
+}
+
+/// Writes the planned locator payloads, then the header that points at
+/// them (the journal holds the old bytes of both).
+fn apply_reparent<F: BlockFile>(
+    img: &mut VhdImage<F>,
+    path: &Path,
+    plan: ReparentPlan,
+) -> Result<()> {
+    let ReparentPlan { spec, payloads, .. } = plan;
+    for (_, off, sz, data) in &payloads {
+        let mut padded = data.clone();
+        padded.resize(usize::try_from(*sz).unwrap_or(512), 0);
+        img.file()
+            .write_at(&padded, *off)
+            .map_err(|e| VhdError::io(format!("{}: write locator at {off}", path.display()), e))?;
     }
     let h = img
         .header_mut()
@@ -606,13 +819,6 @@ fn reparent<F: BlockFile>(
             reserved: 0,
             data_offset: *off,
         };
-    }
-    for (_, off, sz, data) in &payloads {
-        let mut padded = data.clone();
-        padded.resize(usize::try_from(*sz).unwrap_or(512), 0);
-        img.file()
-            .write_at(&padded, *off)
-            .map_err(|e| VhdError::io(format!("{}: write locator", path.display()), e))?;
     }
     img.write_header()
 }

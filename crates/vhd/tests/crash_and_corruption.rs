@@ -1,5 +1,6 @@
 //! Crash injection (a simulated kill after every possible number of writes
-//! during journaled resize and coalesce) and corruption injection (each
+//! during every metadata-moving operation: journaled and fast resize, set
+//! hidden/marker, modify, repair, coalesce) and corruption injection (each
 //! damage `check` must name), plus "parsing never panics" properties.
 
 // Test images are a few MiB: sizes and offsets always fit in usize/u8.
@@ -105,27 +106,242 @@ fn crash_during_journaled_resize_is_recoverable() {
     assert!(reverted > 3, "crash points never hit the journaled window");
 }
 
+/// Runs `op` on `image` with a simulated crash after every possible number
+/// of writes (0, 1, 2, ... until it completes). After each crash the image
+/// must be byte-identical to the old image, byte-identical to the image an
+/// uncrashed run produces, or (usually failing `check`) come with a journal
+/// from which `revert` restores the old bytes exactly. While a journal exists,
+/// reverting it always yields the old or the new image. Returns the number
+/// of crash points and how many of them needed a revert.
+fn crash_matrix(
+    what: &str,
+    image: &Path,
+    journal: &Path,
+    op: &dyn Fn(&FaultOpener) -> vhd::Result<()>,
+) -> (u32, u32) {
+    let old = std::fs::read(image).unwrap();
+    let _ = std::fs::remove_file(journal);
+    op(&FaultOpener {
+        budget: CrashBudget::new(i64::MAX),
+    })
+    .unwrap();
+    assert!(
+        !journal.exists(),
+        "journal left after a completed operation"
+    );
+    let new = std::fs::read(image).unwrap();
+    assert_ne!(old, new, "operation changed nothing");
+    valid(image).unwrap_or_else(|m| panic!("{what}: after the operation: {m}"));
+    let mut reverts = 0;
+    for budget in 0..2000 {
+        std::fs::write(image, &old).unwrap();
+        let _ = std::fs::remove_file(journal);
+        let r = op(&FaultOpener {
+            budget: CrashBudget::new(budget),
+        });
+        let now = std::fs::read(image).unwrap();
+        if r.is_ok() {
+            assert!(now == new, "{what}: budget {budget}: completed run differs");
+            assert!(!journal.exists());
+            return (u32::try_from(budget).unwrap(), reverts);
+        }
+        if now != old && now != new {
+            let state = valid(image).err().unwrap_or_else(|| "passes check".into());
+            assert!(
+                journal.exists(),
+                "{what}: budget {budget}: image is neither old nor new ({state}) and no journal"
+            );
+        }
+        if journal.exists() {
+            ops::revert_path(image, journal)
+                .unwrap_or_else(|e| panic!("{what}: budget {budget}: revert: {e}"));
+            let after = std::fs::read(image).unwrap();
+            if now != old && now != new {
+                assert!(
+                    after == old,
+                    "{what}: budget {budget}: revert did not restore the old image"
+                );
+                reverts += 1;
+            } else {
+                assert!(
+                    after == old || after == new,
+                    "{what}: budget {budget}: revert made a third image"
+                );
+            }
+        }
+    }
+    panic!("{what}: never completed");
+}
+
+fn fresh_dir(root: &Path, name: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir(&d).unwrap();
+    d
+}
+
 #[test]
-fn crash_during_coalesce_keeps_both_images_valid() {
+fn every_metadata_operation_is_crash_safe() {
+    let root = tempfile::tempdir().unwrap();
+    let mut report = Vec::new();
+    // Operations whose image change is a single write never leave a
+    // half-changed image; all others must have needed the journal.
+    let single_write = [
+        "set hidden (fixed)",
+        "set marker",
+        "modify -s (grow)",
+        "modify -s (shrink)",
+    ];
+    let mut run = |what: &str, image: &Path, op: &dyn Fn(&FaultOpener) -> vhd::Result<()>| {
+        let journal = ops::default_journal_path(image);
+        let (points, reverts) = crash_matrix(what, image, &journal, op);
+        assert!(points >= 3, "{what}: only {points} crash points");
+        assert!(
+            reverts >= 1 || single_write.contains(&what),
+            "{what}: no crash point needed the journal"
+        );
+        report.push(format!("{what}: {points} crash points, {reverts} reverts"));
+    };
+
+    // Journaled resize growing the BAT (data blocks move).
+    let d = fresh_dir(root.path(), "resize");
+    let (_, child, _) = pair(&d);
+    let j = ops::default_journal_path(&child);
+    run("resize -j (BAT grows)", &child, &|o| {
+        ops::resize_journaled(o, &child, 300 << 20, &j)
+    });
+    // Journaled resize within the BAT, and of a fixed disk.
+    let d = fresh_dir(root.path(), "resize-small");
+    let img = d.join("pre.vhd");
+    let mut opts = CreateOptions::dynamic(SIZE);
+    opts.max_size = Some(64 << 20);
+    create_file(&img, &opts)
+        .unwrap()
+        .write_sectors(0, &pattern(4, 4096))
+        .unwrap();
+    let j = ops::default_journal_path(&img);
+    run("resize -j (within BAT)", &img, &|o| {
+        ops::resize_journaled(o, &img, 32 << 20, &j)
+    });
+    let d = fresh_dir(root.path(), "resize-fixed");
+    let fixed = d.join("fixed.vhd");
+    create_file(&fixed, &CreateOptions::fixed(4 << 20))
+        .unwrap()
+        .write_sectors(0, &pattern(5, 4096))
+        .unwrap();
+    let j = ops::default_journal_path(&fixed);
+    run("resize -j (fixed)", &fixed, &|o| {
+        ops::resize_journaled(o, &fixed, 6 << 20, &j)
+    });
+    // Fast resize within the -S preallocation.
+    run("resize -f", &img, &|o| ops::resize_fast(o, &img, 48 << 20));
+    // set hidden (dynamic and fixed), set marker.
+    let j = ops::default_journal_path(&img);
+    run("set hidden", &img, &|o| {
+        ops::set_field(o, &img, ops::SetField::Hidden, 1, &j)
+    });
+    let j = ops::default_journal_path(&fixed);
+    run("set hidden (fixed)", &fixed, &|o| {
+        ops::set_field(o, &fixed, ops::SetField::Hidden, 1, &j)
+    });
+    let j = ops::default_journal_path(&img);
+    run("set marker", &img, &|o| {
+        ops::set_field(o, &img, ops::SetField::Marker, 1, &j)
+    });
+    // modify: reparent, zero the BAT, physical size up and down.
+    let d = fresh_dir(root.path(), "modify");
+    let (base, child, _) = pair(&d);
+    let other = d.join("other-parent-with-a-longer-name.vhd");
+    std::fs::copy(&base, &other).unwrap();
+    let reparent = ops::ModifyOptions {
+        parent: Some((other.clone(), false)),
+        ..Default::default()
+    };
+    run("modify -p", &child, &|o| ops::modify(o, &child, &reparent));
+    let zero = ops::ModifyOptions {
+        zero_bat: true,
+        ..Default::default()
+    };
+    run("modify -z", &child, &|o| ops::modify(o, &child, &zero));
+    let len = std::fs::metadata(&child).unwrap().len();
+    let grow = ops::ModifyOptions {
+        physical_size: Some(len + (1 << 20)),
+        ..Default::default()
+    };
+    run("modify -s (grow)", &child, &|o| {
+        ops::modify(o, &child, &grow)
+    });
+    ops::modify(&StdOpener, &child, &grow).unwrap();
+    let shrink = ops::ModifyOptions {
+        physical_size: Some(len),
+        ..Default::default()
+    };
+    run("modify -s (shrink)", &child, &|o| {
+        ops::modify(o, &child, &shrink)
+    });
+    // repair -b of a destroyed primary footer, and repair of a footer
+    // left far past the data.
+    let d = fresh_dir(root.path(), "repair");
+    let (base, _, _) = pair(&d);
+    let len = std::fs::metadata(&base).unwrap().len();
+    patch(&base, len - 512, &[0u8; 512]);
+    // A crashed extension left space after it.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(len + (1 << 20))
+        .unwrap();
+    run("repair -b", &base, &|o| ops::repair(o, &base, true));
+    ops::repair(&StdOpener, &base, true).unwrap();
+    ops::modify(
+        &StdOpener,
+        &base,
+        &ops::ModifyOptions {
+            physical_size: Some(len + (3 << 20)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    patch(&base, len - 512, &[0u8; 512]);
+    run("repair", &base, &|o| ops::repair(o, &base, false));
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn crash_during_coalesce_then_rerun_completes() {
     let dir = tempfile::tempdir().unwrap();
     let (base, child, before) = pair(dir.path());
     let base_template = std::fs::read(&base).unwrap();
-    let mut completed = false;
-    for budget in 0..500 {
+    let child_template = std::fs::read(&child).unwrap();
+    let mut budget = 0;
+    loop {
         std::fs::write(&base, &base_template).unwrap();
-        let opener = FaultOpener {
-            budget: CrashBudget::new(budget),
-        };
-        completed = ops::coalesce(&opener, &child, false, None).is_ok();
+        let crashed = ops::coalesce(
+            &FaultOpener {
+                budget: CrashBudget::new(budget),
+            },
+            &child,
+            false,
+            None,
+        )
+        .is_err();
+        assert_eq!(
+            std::fs::read(&child).unwrap(),
+            child_template,
+            "child changed"
+        );
         valid(&base).unwrap_or_else(|m| panic!("budget {budget}: parent: {m}"));
-        valid(&child).unwrap_or_else(|m| panic!("budget {budget}: child: {m}"));
         assert_eq!(read_all(&child), before, "budget {budget}");
-        if completed {
-            assert_eq!(read_all(&base), before);
+        // Running it again finishes the merge.
+        ops::coalesce(&StdOpener, &child, false, None).unwrap();
+        valid(&base).unwrap();
+        assert_eq!(read_all(&base), before, "budget {budget}: rerun");
+        if !crashed {
             break;
         }
+        budget += 1;
     }
-    assert!(completed);
+    assert!(budget > 5);
 }
 
 fn expect_failure(p: &Path, needle: &str) {

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::driver::{
-    open_image, Allocation, DiskInfo, DiskType, ImageDriver, OpenOptions, StatusRun, SECTOR_SIZE,
+    open_image, Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, StatusRun,
+    ZeroFlags, SECTOR_SIZE,
 };
 use crate::engine::IoFuture;
 use crate::iobuf::IoBuf;
@@ -211,6 +212,25 @@ impl ImageChain {
     /// Discards sectors of the leaf.
     pub async fn discard(&self, sector: u64, count: u64) -> io::Result<()> {
         self.leaf().driver.discard(sector, count).await
+    }
+
+    /// Optional operations of the chain: the leaf's, except that zeroing without writing
+    /// data needs a single-image chain (a deallocated leaf sector would show the parent).
+    pub fn capabilities(&self) -> Capabilities {
+        let mut capabilities = self.leaf().driver.capabilities();
+        if self.images.len() > 1 {
+            capabilities.write_zeroes = false;
+        }
+        capabilities
+    }
+
+    /// Zeroes sectors of the leaf without writing data; `EOPNOTSUPP` when the chain or the
+    /// leaf driver cannot.
+    pub async fn write_zeroes(&self, sector: u64, count: u64, flags: ZeroFlags) -> io::Result<()> {
+        if self.images.len() > 1 {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        self.leaf().driver.write_zeroes(sector, count, flags).await
     }
 
     /// Allocation of `count` sectors at `sector`, resolved through the chain: every run is

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::driver::{DiskInfo, OpenOptions, StatusRun, SECTOR_SIZE};
+use crate::driver::{Capabilities, DiskInfo, OpenOptions, StatusRun, ZeroFlags, SECTOR_SIZE};
 use crate::image::ImageChain;
 use crate::iobuf::IoBuf;
 
@@ -523,6 +523,22 @@ impl Vbd {
             chain.discard(sector, count).await
         })
         .await
+    }
+
+    /// Zeroes `count` sectors at `sector` without writing data (`EOPNOTSUPP` when the image
+    /// chain cannot; the caller then writes zeros).
+    pub async fn write_zeroes(&self, sector: u64, count: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.submit(Access::Write, sector, count, move |chain| async move {
+            chain.write_zeroes(sector, count, flags).await
+        })
+        .await
+    }
+
+    /// Optional operations of the open image chain (none while closed or paused).
+    pub fn capabilities(&self) -> Capabilities {
+        self.chain()
+            .map(|chain| chain.capabilities())
+            .unwrap_or_default()
     }
 
     /// Allocation status of `count` sectors at `sector`.

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{
-    DiskInfo, DiskType, ImageDriver, OpenOptions, ReadOutcome, StatusRun, SECTOR_SIZE,
-    VDISK_READONLY,
+    Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, ReadOutcome, StatusRun,
+    ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
 use crate::engine::sync::PreadEngine;
 use crate::engine::{IoEngine, IoFuture};
@@ -23,6 +23,8 @@ use crate::iobuf::IoBuf;
 pub struct AioImage {
     path: PathBuf,
     info: DiskInfo,
+    /// The open file, shared with the engine (allocation queries use it directly).
+    file: Arc<File>,
     engine: PreadEngine,
     read_only: bool,
     direct: bool,
@@ -70,10 +72,12 @@ impl AioImage {
             sector_size,
             info: if read_only { VDISK_READONLY } else { 0 },
         };
+        let file = Arc::new(file);
         Ok(Self {
             path: path.to_path_buf(),
             info,
-            engine: PreadEngine::new(file),
+            engine: PreadEngine::shared(Arc::clone(&file)),
+            file,
             read_only,
             direct,
             block_device,
@@ -90,6 +94,83 @@ fn byte_offset(sector: u64) -> io::Result<u64> {
     sector
         .checked_mul(SECTOR_SIZE)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Errors meaning "this file or filesystem cannot do that operation".
+fn is_unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::ENOTTY)
+    )
+}
+
+/// Allocation of the bytes `[start, end)` of a regular file from `SEEK_DATA`/`SEEK_HOLE`, as
+/// runs of whole sectors relative to `start` (which is sector aligned). A sector that holds
+/// any data counts as data. Filesystems without hole support report everything as data.
+fn allocation_runs(file: &File, start: u64, end: u64) -> io::Result<Vec<StatusRun>> {
+    use rustix::fs::{seek, SeekFrom};
+    let base = start / SECTOR_SIZE;
+    let mut runs: Vec<StatusRun> = Vec::new();
+    let mut covered = base;
+    let mut push = |runs: &mut Vec<StatusRun>, from: u64, to: u64, state: Allocation| {
+        // Data boundaries round outwards, hole boundaries inwards.
+        let (first, last) = match state {
+            Allocation::Data => (from / SECTOR_SIZE, to.div_ceil(SECTOR_SIZE)),
+            _ => (from.div_ceil(SECTOR_SIZE), to / SECTOR_SIZE),
+        };
+        let first = first.max(covered);
+        if last <= first {
+            return;
+        }
+        covered = last;
+        match runs.last_mut() {
+            Some(prev) if prev.state == state => prev.sectors += last - first,
+            _ => runs.push(StatusRun {
+                sectors: last - first,
+                state,
+            }),
+        }
+    };
+    let mut at = start;
+    while at < end {
+        let data = match seek(file, SeekFrom::Data(at)) {
+            Ok(data) => data.min(end),
+            // No data at or after `at`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => end,
+            Err(e) if is_unsupported(&io::Error::from(e)) || e == rustix::io::Errno::INVAL => {
+                push(&mut runs, at, end, Allocation::Data);
+                break;
+            }
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        if data > at {
+            push(&mut runs, at, data, Allocation::Zero);
+        }
+        if data >= end {
+            break;
+        }
+        let hole = match seek(file, SeekFrom::Hole(data)) {
+            Ok(hole) => hole.min(end),
+            Err(rustix::io::Errno::NXIO) => end,
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        push(&mut runs, data, hole.max(data + 1), Allocation::Data);
+        at = hole.max(data + 1);
+    }
+    // Sectors past the file's end (none for a raw image) or lost to rounding: fill so the
+    // runs always cover the whole query.
+    let wanted = (end - start) / SECTOR_SIZE;
+    let have = runs.iter().map(|run| run.sectors).sum::<u64>();
+    if have < wanted {
+        match runs.last_mut() {
+            Some(last) if last.state == Allocation::Zero => last.sectors += wanted - have,
+            _ => runs.push(StatusRun {
+                sectors: wanted - have,
+                state: Allocation::Zero,
+            }),
+        }
+    }
+    Ok(runs)
 }
 
 impl ImageDriver for AioImage {
@@ -142,12 +223,49 @@ impl ImageDriver for AioImage {
         })
     }
 
-    fn block_status(&self, _sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
+    fn capabilities(&self) -> Capabilities {
+        let writable = !self.read_only;
+        Capabilities {
+            discard: writable,
+            write_zeroes: writable,
+            block_status: !self.block_device,
+        }
+    }
+
+    fn write_zeroes(&self, sector: u64, count: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            Ok(vec![StatusRun {
-                sectors: count,
-                state: super::Allocation::Data,
-            }])
+            if self.read_only {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            let (offset, len) = (byte_offset(sector)?, byte_offset(count)?);
+            if flags.may_deallocate && !self.block_device {
+                // A punched hole reads as zeros and frees the space: the cheapest zeroing.
+                match self.engine.punch_hole(offset, len).await {
+                    Err(e) if is_unsupported(&e) => {}
+                    other => return other,
+                }
+            }
+            match self.engine.zero_range(offset, len).await {
+                Err(e) if is_unsupported(&e) => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+                other => other,
+            }
+        })
+    }
+
+    fn block_status(&self, sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
+        Box::pin(async move {
+            if self.block_device {
+                return Ok(vec![StatusRun {
+                    sectors: count,
+                    state: Allocation::Data,
+                }]);
+            }
+            let file = Arc::clone(&self.file);
+            let start = byte_offset(sector)?;
+            let end = byte_offset(sector.saturating_add(count))?;
+            tokio::task::spawn_blocking(move || allocation_runs(&file, start, end))
+                .await
+                .unwrap_or_else(|join_error| Err(io::Error::other(join_error)))
         })
     }
 
@@ -200,6 +318,62 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    }
+
+    /// A sparse 1 MiB file with data only in `[64 KiB, 128 KiB)`.
+    fn sparse_image(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        use std::os::unix::fs::FileExt;
+        let path = dir.path().join("sparse.img");
+        let file = File::create(&path).unwrap();
+        file.set_len(1 << 20).unwrap();
+        file.write_all_at(&[0x11; 65536], 65536).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn block_status_follows_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = AioImage::open(&sparse_image(&dir), OpenOptions::default()).unwrap();
+        assert!(image.capabilities().block_status);
+        let runs = image.block_status(0, 2048).await.unwrap();
+        let expect = |sectors, state| StatusRun { sectors, state };
+        assert_eq!(
+            runs,
+            vec![
+                expect(128, Allocation::Zero),
+                expect(128, Allocation::Data),
+                expect(1792, Allocation::Zero),
+            ]
+        );
+        // A query starting inside the data run, ending inside the hole after it.
+        let runs = image.block_status(200, 100).await.unwrap();
+        assert_eq!(
+            runs,
+            vec![expect(56, Allocation::Data), expect(44, Allocation::Zero)]
+        );
+    }
+
+    #[tokio::test]
+    async fn write_zeroes_punches_or_keeps_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sparse_image(&dir);
+        let image = AioImage::open(&path, OpenOptions::default()).unwrap();
+        let punch = ZeroFlags {
+            may_deallocate: true,
+        };
+        image.write_zeroes(128, 64, punch).await.unwrap();
+        let runs = image.block_status(128, 128).await.unwrap();
+        assert_eq!(runs[0].state, Allocation::Zero);
+        assert_eq!(runs[0].sectors, 64);
+        image
+            .write_zeroes(192, 64, ZeroFlags::default())
+            .await
+            .unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk.iter().all(|b| *b == 0));
+        image.discard(0, 2048).await.unwrap();
+        let runs = image.block_status(0, 2048).await.unwrap();
+        assert_eq!(runs.len(), 1, "{runs:?}");
     }
 
     #[test]

@@ -123,6 +123,25 @@ pub struct StatusRun {
     pub state: Allocation,
 }
 
+/// Optional operations a driver really implements, so frontends can advertise them truthfully
+/// (NBD export flags). The default is none of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// [`ImageDriver::discard`] deallocates sectors, which then read back as zeros.
+    pub discard: bool,
+    /// [`ImageDriver::write_zeroes`] zeroes without writing data (fast).
+    pub write_zeroes: bool,
+    /// [`ImageDriver::block_status`] reports real allocation, not just "all data".
+    pub block_status: bool,
+}
+
+/// How [`ImageDriver::write_zeroes`] may zero a range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (punched) instead of allocated zeros.
+    pub may_deallocate: bool,
+}
+
 /// Result of a driver read.
 #[derive(Debug)]
 pub struct ReadOutcome {
@@ -157,6 +176,15 @@ pub trait ImageDriver: Send + Sync + fmt::Debug {
     fn flush(&self) -> IoFuture<'_, ()>;
     /// Discards `count` sectors at `sector` (they then read as zeros).
     fn discard(&self, _sector: u64, _count: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)) })
+    }
+    /// Optional operations this driver implements (default: none).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    /// Makes `count` sectors at `sector` read as zeros without writing data; `EOPNOTSUPP`
+    /// when that cannot be done fast (callers then write zeros themselves).
+    fn write_zeroes(&self, _sector: u64, _count: u64, _flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async { Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)) })
     }
     /// Allocation state of `count` sectors at `sector`.

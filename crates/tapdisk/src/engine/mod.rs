@@ -29,6 +29,9 @@ pub trait IoEngine: Send + Sync + std::fmt::Debug {
     fn sync_data(&self) -> IoFuture<'_, ()>;
     /// Deallocates `[offset, offset + len)` so it reads back as zeros.
     fn punch_hole(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Makes `[offset, offset + len)` read back as zeros while keeping it allocated
+    /// (`FALLOC_FL_ZERO_RANGE`); `EOPNOTSUPP` where the filesystem cannot.
+    fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
     /// Requests currently submitted and not yet completed.
     fn pending(&self) -> usize;
 }

@@ -21,8 +21,13 @@ pub struct PreadEngine {
 impl PreadEngine {
     /// An engine over an already opened file.
     pub fn new(file: File) -> Self {
+        Self::shared(Arc::new(file))
+    }
+
+    /// An engine over a file that others (the driver) also hold.
+    pub fn shared(file: Arc<File>) -> Self {
         Self {
-            file: Arc::new(file),
+            file,
             pending: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -88,6 +93,14 @@ impl IoEngine for PreadEngine {
         self.run(move |file| {
             let mode =
                 rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+            rustix::fs::fallocate(file, mode, offset, len).map_err(io::Error::from)
+        })
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.run(move |file| {
+            let mode =
+                rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
             rustix::fs::fallocate(file, mode, offset, len).map_err(io::Error::from)
         })
     }

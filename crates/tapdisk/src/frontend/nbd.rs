@@ -8,14 +8,18 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nbd::{Export, ExportInfo, Extent, NbdServer, ServerConfig};
+use nbd::{Export, ExportInfo, Extent, NbdServer, ServerConfig, WriteZeroesFlags};
 
-use crate::driver::{Allocation, SECTOR_SIZE};
+use crate::driver::{Allocation, ZeroFlags, SECTOR_SIZE};
 use crate::iobuf::IoBuf;
 use crate::vbd::Vbd;
 
 /// Largest request the export accepts (advertised as the maximum block size).
 pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
+
+/// Zeros written per request when the image cannot zero without writing data, and bytes
+/// read per request by `NBD_CMD_CACHE`.
+const CHUNK_BYTES: u64 = 1 << 20;
 
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
@@ -42,14 +46,19 @@ impl VbdExport {
     pub fn new(vbd: Arc<Vbd>, name: &str) -> io::Result<Self> {
         let disk = vbd.disk_info().ok_or_else(einval)?;
         let read_only = disk.info & crate::driver::VDISK_READONLY != 0;
+        let capabilities = vbd.capabilities();
         let info = ExportInfo {
             size: disk.sectors * SECTOR_SIZE,
             read_only,
             can_flush: true,
-            can_trim: false,
-            can_write_zeroes: false,
-            can_fast_zero: false,
-            can_cache: false,
+            can_trim: capabilities.discard && !read_only,
+            // Zeroing always works (by writing zeros if need be); fast only where the image
+            // zeroes without writing data.
+            can_write_zeroes: !read_only,
+            can_fast_zero: capabilities.write_zeroes && !read_only,
+            // CACHE reads the range through the VBD.
+            can_cache: true,
+            // Every connection goes through the one VBD queue, and FLUSH flushes the image.
             can_multi_conn: true,
             min_block: u32::try_from(SECTOR_SIZE).unwrap_or(512),
             preferred_block: 4096,
@@ -85,6 +94,56 @@ impl Export for VbdExport {
         self.vbd.flush().await
     }
 
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        // TRIM is advisory: discard the whole sectors inside the range.
+        let first = offset.div_ceil(SECTOR_SIZE);
+        let end = offset.saturating_add(len) / SECTOR_SIZE;
+        if end > first {
+            self.vbd.discard(first, end - first).await?;
+        }
+        if fua {
+            self.vbd.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteZeroesFlags) -> io::Result<()> {
+        let (sector, count) = aligned_sectors(offset, len)?;
+        let zero_flags = ZeroFlags {
+            may_deallocate: !flags.no_hole,
+        };
+        match self.vbd.write_zeroes(sector, count, zero_flags).await {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                if flags.fast {
+                    // The client prefers to know zeroing would be as slow as writing.
+                    return Err(e);
+                }
+                self.write_zero_buffers(offset, len).await?;
+            }
+            other => other?,
+        }
+        if flags.fua {
+            self.vbd.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Read the whole sectors covering the range through the VBD, dropping the data.
+        let first = offset / SECTOR_SIZE * SECTOR_SIZE;
+        let end = offset.saturating_add(len).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        let mut at = first;
+        while at < end {
+            let step = (end - at).min(CHUNK_BYTES);
+            let bytes = usize::try_from(step).map_err(|_| einval())?;
+            self.vbd
+                .read(at / SECTOR_SIZE, IoBuf::zeroed(bytes))
+                .await?;
+            at += step;
+        }
+        Ok(())
+    }
+
     async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         // Round outwards to whole sectors; extents are reported in bytes.
         let first = offset / SECTOR_SIZE;
@@ -105,6 +164,27 @@ impl Export for VbdExport {
             at = run_end;
         }
         Ok(extents)
+    }
+}
+
+impl VbdExport {
+    /// Zeroes a sector-aligned range by writing zero-filled buffers.
+    async fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = usize::try_from(len.min(CHUNK_BYTES)).map_err(|_| einval())?;
+        let zeros = IoBuf::zeroed(chunk);
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let step = (end - at).min(CHUNK_BYTES);
+            let buf = if step == chunk as u64 {
+                zeros.clone()
+            } else {
+                IoBuf::zeroed(usize::try_from(step).map_err(|_| einval())?)
+            };
+            self.vbd.write(at / SECTOR_SIZE, buf).await?;
+            at += step;
+        }
+        Ok(())
     }
 }
 

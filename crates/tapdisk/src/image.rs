@@ -1,16 +1,20 @@
 //! The image chain of a VBD: a leaf image above zero or more read-only parents.
 //!
 //! A chain is opened from a `type:/path` parameter string (tapdisk's `params`): the leaf is
-//! opened, then each image names its parent until one has none. Reads start at the leaf; any
+//! opened, then each image names its parent until one has none (or an `x-chain:` file lists
+//! the images, leaf first, and the parents of the last one listed are followed). Parents are
+//! opened read-only and shared between chains of the same process. Reads start at the leaf; any
 //! sectors an image reports absent are read from the next image down, and sectors absent from
 //! the last image (or past a smaller parent's end) read as zeros. Writes, flushes and discards
 //! go to the leaf only.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use crate::driver::vhd::FileStamp;
 use crate::driver::{
     open_image, Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, StatusRun,
     ZeroFlags, SECTOR_SIZE,
@@ -43,6 +47,236 @@ pub fn parse_params(params: &str) -> io::Result<(DiskType, PathBuf)> {
         return Err(einval());
     }
     Ok((disk_type, path.to_path_buf()))
+}
+
+/// Prefix of a chain description file parameter.
+pub const X_CHAIN_PREFIX: &str = "x-chain:";
+
+/// One image of an `x-chain:` file: its type, path and whether it is listed `ro`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLine {
+    /// Image type.
+    pub disk_type: DiskType,
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Listed with the `ro` option.
+    pub read_only: bool,
+}
+
+/// Parses a chain description file (tapdisk's `x-chain:`): one image per line,
+/// `type:/path [options]`, leaf first, where options is a comma-separated list (`ro`).
+/// Blank lines and `#` comments are skipped. Errors (`EINVAL`, or `ENOENT` for an unknown
+/// type) are logged with the line number.
+pub fn parse_x_chain(text: &str, file: &Path) -> io::Result<Vec<ChainLine>> {
+    let mut lines = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |what: &str| {
+            tracing::error!(file = %file.display(), line = number + 1, "chain file: {what}: {line:?}");
+        };
+        let mut fields = line.split([' ', '\t']).filter(|f| !f.is_empty());
+        let image = fields.next().unwrap_or_default();
+        let (disk_type, path) = parse_params(image).inspect_err(|_| bad("bad image"))?;
+        let mut read_only = false;
+        if let Some(options) = fields.next() {
+            for option in options.split(',') {
+                match option {
+                    "ro" => read_only = true,
+                    _ => {
+                        bad("unknown option");
+                        return Err(einval());
+                    }
+                }
+            }
+        }
+        if fields.next().is_some() {
+            bad("trailing text");
+            return Err(einval());
+        }
+        lines.push(ChainLine {
+            disk_type,
+            path,
+            read_only,
+        });
+    }
+    if lines.is_empty() {
+        tracing::error!(file = %file.display(), "chain file lists no image");
+        return Err(einval());
+    }
+    Ok(lines)
+}
+
+/// The images `params` names explicitly, leaf first, with their open options.
+fn listed_images(
+    params: &str,
+    options: OpenOptions,
+) -> io::Result<Vec<(DiskType, PathBuf, OpenOptions)>> {
+    let Some(file) = params.strip_prefix(X_CHAIN_PREFIX) else {
+        let (disk_type, path) = parse_params(params)?;
+        return Ok(vec![(disk_type, path, options)]);
+    };
+    let file = Path::new(file);
+    if !file.is_absolute() {
+        return Err(einval());
+    }
+    let text = std::fs::read_to_string(file).inspect_err(|e| {
+        tracing::error!(file = %file.display(), "cannot read chain file: {e}");
+    })?;
+    Ok(parse_x_chain(&text, file)?
+        .into_iter()
+        .map(|line| {
+            let options = OpenOptions {
+                read_only: options.read_only || line.read_only,
+                ..options
+            };
+            (line.disk_type, line.path, options)
+        })
+        .collect())
+}
+
+/// How parents are opened: read-only and shareable.
+fn parent_options(options: OpenOptions) -> OpenOptions {
+    OpenOptions {
+        read_only: true,
+        shareable: true,
+        ..options
+    }
+}
+
+/// Appends `driver` below the last image, which must accept it as its parent.
+fn push_validated(images: &mut Vec<Image>, driver: Box<dyn ImageDriver>) -> io::Result<()> {
+    if let Some(child) = images.last() {
+        child.driver.validate_parent(driver.as_ref())?;
+    }
+    images.push(Image {
+        driver,
+        counters: ImageCounters::default(),
+    });
+    Ok(())
+}
+
+/// A shareable image already open in this process.
+#[derive(Debug)]
+struct SharedEntry {
+    driver: Weak<dyn ImageDriver>,
+    /// The file as it was when opened: a file changed since (coalesced into, replaced) is
+    /// opened afresh rather than served from stale metadata.
+    stamp: FileStamp,
+}
+
+/// Shareable (read-only) images open in this process, by type name and canonical path.
+fn shared_images() -> &'static Mutex<HashMap<(&'static str, PathBuf), SharedEntry>> {
+    static SHARED: OnceLock<Mutex<HashMap<(&'static str, PathBuf), SharedEntry>>> = OnceLock::new();
+    SHARED.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// How many chains currently hold the shared image of `disk_type` at `path` (0 when it is
+/// not open as a shared image).
+pub fn shared_handles(disk_type: DiskType, path: &Path) -> usize {
+    let Ok(canonical) = std::fs::canonicalize(path) else {
+        return 0;
+    };
+    shared_images()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&(disk_type.name(), canonical))
+        .map_or(0, |entry| entry.driver.strong_count())
+}
+
+/// Opens an image; a read-only shareable one is reused if this process already has it open
+/// with the same type and canonical path and the file has not changed since (`td_load`).
+fn open_maybe_shared(
+    disk_type: DiskType,
+    path: &Path,
+    options: OpenOptions,
+) -> io::Result<Box<dyn ImageDriver>> {
+    if !(options.read_only && options.shareable) {
+        return open_image(disk_type, path, options);
+    }
+    let canonical = std::fs::canonicalize(path)?;
+    let stamp = FileStamp::of_path(&canonical)?;
+    let key = (disk_type.name(), canonical);
+    {
+        let mut shared = shared_images()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(entry) = shared.get(&key) {
+            if entry.stamp == stamp {
+                if let Some(driver) = entry.driver.upgrade() {
+                    tracing::debug!(image = %key.1.display(), "sharing an open image");
+                    return Ok(Box::new(SharedImage(driver)));
+                }
+            }
+        }
+        shared.retain(|_, entry| entry.driver.strong_count() > 0);
+    }
+    let driver: Arc<dyn ImageDriver> = Arc::from(open_image(disk_type, &key.1, options)?);
+    shared_images()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(
+            key,
+            SharedEntry {
+                driver: Arc::downgrade(&driver),
+                stamp,
+            },
+        );
+    Ok(Box::new(SharedImage(driver)))
+}
+
+/// One chain's handle on a shared image: forwards everything to the open driver.
+#[derive(Debug)]
+struct SharedImage(Arc<dyn ImageDriver>);
+
+impl ImageDriver for SharedImage {
+    fn disk_type(&self) -> DiskType {
+        self.0.disk_type()
+    }
+    fn info(&self) -> DiskInfo {
+        self.0.info()
+    }
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn parent(&self) -> Option<crate::driver::ParentLink> {
+        self.0.parent()
+    }
+    fn uuid(&self) -> Option<[u8; 16]> {
+        self.0.uuid()
+    }
+    fn validate_parent(&self, parent: &dyn ImageDriver) -> io::Result<()> {
+        self.0.validate_parent(parent)
+    }
+    fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, crate::driver::ReadOutcome> {
+        self.0.read(sector, buf)
+    }
+    fn write(&self, sector: u64, buf: Arc<IoBuf>) -> IoFuture<'_, ()> {
+        self.0.write(sector, buf)
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.0.flush()
+    }
+    fn discard(&self, sector: u64, count: u64) -> IoFuture<'_, ()> {
+        self.0.discard(sector, count)
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn write_zeroes(&self, sector: u64, count: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        self.0.write_zeroes(sector, count, flags)
+    }
+    fn zeroes_hide_parent(&self) -> bool {
+        self.0.zeroes_hide_parent()
+    }
+    fn block_status(&self, sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
+        self.0.block_status(sector, count)
+    }
+    fn stats_json(&self) -> Option<String> {
+        self.0.stats_json()
+    }
 }
 
 /// Read and write counters of one image (`hits` and `fail` in stats).
@@ -84,35 +318,34 @@ pub struct ImageChain {
 }
 
 impl ImageChain {
-    /// Opens the chain described by `params` (`type:/path`).
+    /// Opens the chain described by `params`: `type:/path`, or `x-chain:/file` naming a chain
+    /// description file (see [`parse_x_chain`]). Images listed (or the leaf) are opened first;
+    /// then the parents of the last one are followed through [`ImageDriver::parent`]. Parents
+    /// are opened read-only and shareable: one already open in this process is reused.
     pub fn open(params: &str, options: OpenOptions) -> io::Result<Self> {
-        let (disk_type, path) = parse_params(params)?;
-        let leaf = open_image(disk_type, &path, options)?;
-        let mut images = vec![Image {
-            driver: leaf,
-            counters: ImageCounters::default(),
-        }];
+        let listed = listed_images(params, options)?;
+        let mut images: Vec<Image> = Vec::with_capacity(listed.len());
+        for (index, (disk_type, path, image_options)) in listed.into_iter().enumerate() {
+            let options = if index == 0 {
+                image_options
+            } else {
+                parent_options(image_options)
+            };
+            let driver = open_maybe_shared(disk_type, &path, options).inspect_err(|e| {
+                tracing::error!(params, image = %path.display(), "cannot open image: {e}");
+            })?;
+            push_validated(&mut images, driver)?;
+        }
         while let Some(link) = images.last().and_then(|image| image.driver.parent()) {
             if images.len() >= MAX_CHAIN_DEPTH {
                 tracing::error!(params, "image chain deeper than {MAX_CHAIN_DEPTH}");
                 return Err(io::Error::from_raw_os_error(libc::ELOOP));
             }
-            let parent_options = OpenOptions {
-                read_only: true,
-                shareable: true,
-                ..options
-            };
-            let parent =
-                open_image(link.disk_type, &link.path, parent_options).inspect_err(|e| {
+            let parent = open_maybe_shared(link.disk_type, &link.path, parent_options(options))
+                .inspect_err(|e| {
                     tracing::error!(parent = %link.path.display(), "cannot open parent image: {e}");
                 })?;
-            if let Some(child) = images.last() {
-                child.driver.validate_parent(parent.as_ref())?;
-            }
-            images.push(Image {
-                driver: parent,
-                counters: ImageCounters::default(),
-            });
+            push_validated(&mut images, parent)?;
         }
         Ok(Self { images })
     }
@@ -218,7 +451,7 @@ impl ImageChain {
     /// data needs a single-image chain (a deallocated leaf sector would show the parent).
     pub fn capabilities(&self) -> Capabilities {
         let mut capabilities = self.leaf().driver.capabilities();
-        if self.images.len() > 1 {
+        if self.images.len() > 1 && !self.leaf().driver.zeroes_hide_parent() {
             capabilities.write_zeroes = false;
         }
         capabilities
@@ -227,7 +460,7 @@ impl ImageChain {
     /// Zeroes sectors of the leaf without writing data; `EOPNOTSUPP` when the chain or the
     /// leaf driver cannot.
     pub async fn write_zeroes(&self, sector: u64, count: u64, flags: ZeroFlags) -> io::Result<()> {
-        if self.images.len() > 1 {
+        if self.images.len() > 1 && !self.leaf().driver.zeroes_hide_parent() {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
         self.leaf().driver.write_zeroes(sector, count, flags).await
@@ -298,6 +531,154 @@ mod tests {
         assert_eq!(errno("aio:"), Some(libc::EINVAL));
         assert_eq!(errno("/no/type"), Some(libc::EINVAL));
         assert_eq!(errno(":/x"), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn parses_chain_files() {
+        let file = Path::new("/chains/x");
+        let text = "vhd:/a/leaf.vhd\n\n# comment\n  vhd:/a/mid.vhd\tro\naio:/a/base.img ro,ro\n";
+        let lines = parse_x_chain(text, file).unwrap();
+        assert_eq!(
+            lines,
+            vec![
+                ChainLine {
+                    disk_type: DiskType::Vhd,
+                    path: "/a/leaf.vhd".into(),
+                    read_only: false
+                },
+                ChainLine {
+                    disk_type: DiskType::Vhd,
+                    path: "/a/mid.vhd".into(),
+                    read_only: true
+                },
+                ChainLine {
+                    disk_type: DiskType::Aio,
+                    path: "/a/base.img".into(),
+                    read_only: true
+                },
+            ]
+        );
+        let errno = |text: &str| parse_x_chain(text, file).unwrap_err().raw_os_error();
+        assert_eq!(errno(""), Some(libc::EINVAL));
+        assert_eq!(errno("vhd:/a rw"), Some(libc::EINVAL));
+        assert_eq!(errno("vhd:/a ro extra"), Some(libc::EINVAL));
+        assert_eq!(errno("vhd:relative"), Some(libc::EINVAL));
+        assert_eq!(errno("qcow9:/a"), Some(libc::ENOENT));
+    }
+
+    fn vhd_chain(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for name in names {
+            let path = dir.join(name);
+            match paths.last() {
+                None => {
+                    vhd::create::create_file(&path, &vhd::create::CreateOptions::dynamic(4 << 20))
+                        .unwrap();
+                }
+                Some(parent) => {
+                    vhd::create::snapshot(&path, parent, &Default::default()).unwrap();
+                }
+            }
+            paths.push(path);
+        }
+        paths
+    }
+
+    #[tokio::test]
+    async fn x_chain_files_list_images_and_parents_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = vhd_chain(dir.path(), &["base.vhd", "mid.vhd", "leaf.vhd"]);
+        let file = dir.path().join("chain");
+        std::fs::write(
+            &file,
+            format!(
+                "vhd:{}\nvhd:{} ro\n",
+                paths[2].display(),
+                paths[1].display()
+            ),
+        )
+        .unwrap();
+        let chain = ImageChain::open(
+            &format!("x-chain:{}", file.display()),
+            OpenOptions::default(),
+        )
+        .unwrap();
+        let opened: Vec<PathBuf> = chain
+            .images()
+            .iter()
+            .map(|image| std::fs::canonicalize(image.driver.path()).unwrap())
+            .collect();
+        let expected: Vec<PathBuf> = [2, 1, 0]
+            .iter()
+            .map(|i| std::fs::canonicalize(&paths[*i]).unwrap())
+            .collect();
+        assert_eq!(opened, expected);
+        chain
+            .write(0, Arc::new(IoBuf::copy_from(&[3u8; 512])))
+            .await
+            .unwrap();
+        // Listing a wrong parent is refused by the child's validation.
+        let other = vhd_chain(dir.path(), &["other.vhd"]);
+        std::fs::write(
+            &file,
+            format!("vhd:{}\nvhd:{}\n", paths[2].display(), other[0].display()),
+        )
+        .unwrap();
+        let err = ImageChain::open(
+            &format!("x-chain:{}", file.display()),
+            OpenOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        let err =
+            ImageChain::open("x-chain:/nonexistent/chain", OpenOptions::default()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[tokio::test]
+    async fn parents_are_shared_between_chains_until_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = vhd_chain(dir.path(), &["base.vhd", "a.vhd"]);
+        let b = dir.path().join("b.vhd");
+        vhd::create::snapshot(&b, &paths[0], &Default::default()).unwrap();
+        let open = |leaf: &Path| {
+            ImageChain::open(&format!("vhd:{}", leaf.display()), OpenOptions::default()).unwrap()
+        };
+        let first = open(&paths[1]);
+        assert_eq!(shared_handles(DiskType::Vhd, &paths[0]), 1);
+        let second = open(&b);
+        assert_eq!(shared_handles(DiskType::Vhd, &paths[0]), 2);
+        // Leaves are not shared.
+        assert_eq!(shared_handles(DiskType::Vhd, &paths[1]), 0);
+        drop(first);
+        assert_eq!(shared_handles(DiskType::Vhd, &paths[0]), 1);
+        // A parent file changed behind our back is opened afresh, not served stale.
+        let before = std::fs::metadata(&paths[0]).unwrap().len();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&paths[0])
+            .unwrap()
+            .set_len(before)
+            .unwrap();
+        let touched = filetime_bump(&paths[0]);
+        let third = open(&paths[1]);
+        if touched {
+            assert_eq!(shared_handles(DiskType::Vhd, &paths[0]), 1);
+        }
+        drop((second, third));
+        assert_eq!(shared_handles(DiskType::Vhd, &paths[0]), 0);
+    }
+
+    /// Moves a file's modification time one second forward; false if that failed.
+    fn filetime_bump(path: &Path) -> bool {
+        let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+            return false;
+        };
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(modified + std::time::Duration::from_secs(1)))
+            .is_ok()
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 //! several queues at once and completes them asynchronously.
 
 pub mod aio;
+pub mod vhd;
 
 use std::fmt;
 use std::io;
@@ -164,6 +165,10 @@ pub trait ImageDriver: Send + Sync + fmt::Debug {
     fn parent(&self) -> Option<ParentLink> {
         None
     }
+    /// The image's UUID, for formats that have one (a child records its parent's UUID).
+    fn uuid(&self) -> Option<[u8; 16]> {
+        None
+    }
     /// Checks that `parent` really is this image's parent (`td_validate_parent`).
     fn validate_parent(&self, _parent: &dyn ImageDriver) -> io::Result<()> {
         Ok(())
@@ -186,6 +191,12 @@ pub trait ImageDriver: Send + Sync + fmt::Debug {
     /// when that cannot be done fast (callers then write zeros themselves).
     fn write_zeroes(&self, _sector: u64, _count: u64, _flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async { Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)) })
+    }
+    /// True when [`ImageDriver::write_zeroes`] and [`ImageDriver::discard`] leave the range
+    /// reading as zeros even in an image with a parent (the driver masks the parent's data
+    /// itself, as the `vhd` driver does), so the chain may offer fast zeroing above parents.
+    fn zeroes_hide_parent(&self) -> bool {
+        false
     }
     /// Allocation state of `count` sectors at `sector`.
     fn block_status(&self, _sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
@@ -210,9 +221,11 @@ pub fn open_image(
 ) -> io::Result<Box<dyn ImageDriver>> {
     match disk_type {
         DiskType::Aio => Ok(Box::new(aio::AioImage::open(path, options)?)),
+        DiskType::Vhd => Ok(Box::new(
+            self::vhd::VhdDriver::open(path, options)
+                .map_err(self::vhd::VhdDriverError::into_logged_io)?,
+        )),
         // Known names whose drivers are not built yet: ENOSYS, as tapdisk does.
-        DiskType::Vhd | DiskType::Ram | DiskType::Nbd => {
-            Err(io::Error::from_raw_os_error(libc::ENOSYS))
-        }
+        DiskType::Ram | DiskType::Nbd => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
     }
 }

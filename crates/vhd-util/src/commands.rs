@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use vhd::chain::{resolve_parent, Chain};
 use vhd::check::{check_path, CheckOptions};
 use vhd::create::{create_file, CreateOptions, SnapshotOptions};
-use vhd::image::{BlockState, Extent, OpenOptions, VhdImage, SECTOR};
+use vhd::image::{OpenOptions, VhdImage};
 use vhd::io::{CrashBudget, FaultOpener, Opener, StdOpener};
 use vhd::ops;
 use vhd::{DiskType, VhdError};
@@ -644,7 +644,7 @@ pub fn scan(args: &[String]) -> i32 {
 }
 
 pub fn check(args: &[String]) -> i32 {
-    const U: &str = "options: -n <file> [-i ignore missing primary footers] [-p check parents] [-b check bitmaps] [-s stats] [-h help]";
+    const U: &str = "options: -n <file> [-i ignore missing primary footers] [-I ignore parent uuids] [-t ignore timestamps] [-B do not check BAT for overlapping (precludes -s, -b)] [-p check parents] [-b check bitmaps] [-s stats] [-h help]";
     let p = match parse(args, "n:iItpbBsh", U) {
         Ok(p) => p,
         Err(c) => return c,
@@ -653,20 +653,40 @@ pub fn check(args: &[String]) -> i32 {
         println!("{U}");
         return EINVAL;
     };
-    if !p.operands.is_empty() {
+    let stats = p.has('s');
+    if !p.operands.is_empty() || ((stats || p.has('b')) && p.has('B')) {
         println!("{U}");
         return EINVAL;
     }
     let opts = CheckOptions {
         ignore_primary: p.has('i'),
         check_bitmaps: p.has('b'),
+        check_data: p.has('b'),
+        ignore_parent_uuid: p.has('I'),
+        ignore_timestamps: p.has('t'),
+        skip_overlap_check: p.has('B'),
         ..CheckOptions::default()
     };
-    let r = check_one(name, &opts, p.has('s'));
-    if r != 0 || !p.has('p') {
+    // Images that passed, leaf first (for -s).
+    let mut checked = vec![PathBuf::from(name)];
+    let r = check_one(name, &opts, stats);
+    if r != 0 {
         return r;
     }
-    // Walk the parents.
+    let r = if p.has('p') {
+        check_parents(name, &opts, stats, &mut checked)
+    } else {
+        0
+    };
+    if stats {
+        print_stats(&checked);
+    }
+    r
+}
+
+/// `check -p`: checks every ancestor of `name`, appending each one that
+/// passes to `checked`.
+fn check_parents(name: &str, opts: &CheckOptions, stats: bool, checked: &mut Vec<PathBuf>) -> i32 {
     let mut cur = PathBuf::from(name);
     loop {
         let img = match open_ro(&cur.display().to_string(), false) {
@@ -687,101 +707,55 @@ pub fn check(args: &[String]) -> i32 {
                 return e.errno();
             }
         };
-        let r = check_one(&next.display().to_string(), &opts, false);
+        let r = check_one(&next.display().to_string(), opts, stats);
         if r != 0 {
             println!("error checking parents: -{r}");
             return r;
         }
+        checked.push(next.clone());
         cur = next;
+    }
+}
+
+/// Prints the `-s` lines, root first.
+fn print_stats(checked: &[PathBuf]) {
+    let mut images = Vec::new();
+    for path in checked.iter().rev() {
+        match open_ro(&path.display().to_string(), false) {
+            Ok(i) => images.push(i),
+            Err(e) => {
+                println!("error opening {}: {}", path.display(), neg(&e));
+                return;
+            }
+        }
+    }
+    let refs: Vec<&VhdImage<std::fs::File>> = images.iter().collect();
+    match vhd::check::allocation_stats(&refs) {
+        Ok(all) => {
+            for s in all {
+                println!("{}", s.line());
+            }
+        }
+        Err(e) => println!("error collecting stats: {}", neg(&e)),
     }
 }
 
 fn check_one(name: &str, opts: &CheckOptions, stats: bool) -> i32 {
     match check_path(Path::new(name), opts) {
-        Ok(summary) => {
-            println!("{name} is valid");
-            if stats {
-                println!(
-                    "allocated blocks: {} of {}",
-                    summary.allocated_blocks, summary.total_blocks
-                );
+        Ok(_) => {
+            // Like the C tool, statistics replace the "is valid" line.
+            if !stats {
+                println!("{name} is valid");
             }
             0
         }
         Err(f) => {
             println!("{}", f.message);
             println!("{name} appears invalid; dumping metadata");
-            let _ = dump_headers(name);
+            crate::dump::dump_headers(name, false);
             f.errno
         }
     }
-}
-
-fn dump_headers(name: &str) -> vhd::Result<()> {
-    let img = open_ro(name, false).or_else(|_| open_ro(name, true))?;
-    let f = img.footer();
-    println!("VHD Footer Summary:");
-    println!("-------------------");
-    println!(
-        "Creator Application : '{}'",
-        String::from_utf8_lossy(&f.creator_app).trim_end_matches('\0')
-    );
-    println!(
-        "Creator version     : {}.{}",
-        f.creator_version >> 16,
-        f.creator_version & 0xffff
-    );
-    println!("Disk type           : {:?}", img.disk_type());
-    println!("Current size        : {} bytes", f.current_size);
-    println!("Geometry            : {}", f.geometry);
-    println!(
-        "Checksum            : {:#x}|{:#x}",
-        f.checksum,
-        f.compute_checksum()
-    );
-    println!(
-        "UUID                : {}",
-        vhd::create::format_uuid(&f.uuid)
-    );
-    println!("Hidden              : {}", f.hidden);
-    if let Some(h) = img.header() {
-        println!();
-        println!("VHD Header Summary:");
-        println!("-------------------");
-        println!("Table offset        : {}", h.table_offset);
-        println!("Max BAT size        : {}", h.max_table_entries);
-        println!(
-            "Block size          : {} ({} MB)",
-            h.block_size,
-            h.block_size >> 20
-        );
-        println!(
-            "Parent name         : {}",
-            h.parent_name().unwrap_or_default()
-        );
-        println!(
-            "Parent UUID         : {}",
-            vhd::create::format_uuid(&h.parent_uuid)
-        );
-        for (i, l, p) in img.parent_locator_paths() {
-            println!(
-                "Locator {i}           : code {:#x} len {} offset {} -> {}",
-                l.code,
-                l.data_len,
-                l.data_offset,
-                p.unwrap_or_else(|e| format!("<{e}>"))
-            );
-        }
-    }
-    if let Some(b) = img.batmap() {
-        println!();
-        println!("VHD Batmap Summary:");
-        println!("-------------------");
-        println!("Batmap offset       : {}", b.header.batmap_offset);
-        println!("Batmap size (secs)  : {}", b.header.batmap_size);
-        println!("Batmap version      : {:#010x}", b.header.batmap_version);
-    }
-    Ok(())
 }
 
 pub fn revert(args: &[String]) -> i32 {
@@ -838,132 +812,5 @@ pub fn key(args: &[String]) -> i32 {
 }
 
 pub fn read(args: &[String]) -> i32 {
-    const U: &str = "options: <-n name> [-p print headers] [-t sector translate] [-b block print BAT entry] [-B print BAT] [-m block print bitmap] [-i sector test bitmap] [-a print allocated extents] [-j block test batmap] [-r sector read data] [-c count] [-x hex] [-h help]";
-    let p = match parse(args, "n:pt:b:Bm:i:aj:r:c:xh", U) {
-        Ok(p) => p,
-        Err(c) => return c,
-    };
-    let Some(name) = p.value('n') else {
-        println!("{U}");
-        return EINVAL;
-    };
-    let img = match open_ro(name, false) {
-        Ok(i) => i,
-        Err(e) => {
-            println!("error opening {name}: {}", neg(&e));
-            return e.errno();
-        }
-    };
-    let num = |c: char| p.value(c).and_then(|v| v.parse::<u64>().ok());
-    let fmt = |v: u64| {
-        if p.has('x') {
-            format!("{v:#x}")
-        } else {
-            v.to_string()
-        }
-    };
-    if p.has('p') {
-        let _ = dump_headers(name);
-    }
-    let spb = img.sectors_per_block().max(1);
-    if let Some(sec) = num('t') {
-        match img.map(sec, 1) {
-            Ok(v) => match v.first() {
-                Some(Extent::Present { file_offset, .. }) => {
-                    println!("sector {} -> offset {}", fmt(sec), fmt(*file_offset));
-                }
-                _ => println!("sector {} not allocated", fmt(sec)),
-            },
-            Err(e) => {
-                println!("{e}");
-                return e.errno();
-            }
-        }
-    }
-    if let Some(b) = num('b') {
-        match img.bat().get(b) {
-            Some(e) if e != vhd::bat::BAT_UNUSED => {
-                println!("block {}: {}", fmt(b), fmt(u64::from(e)))
-            }
-            Some(_) => println!("block {}: not allocated", fmt(b)),
-            None => {
-                println!("block {} past end of file", fmt(b));
-                return 34;
-            }
-        }
-    }
-    if p.has('B') {
-        for (i, e) in img.bat().entries.iter().enumerate() {
-            println!("block {}: {}", fmt(i as u64), fmt(u64::from(*e)));
-        }
-    }
-    if let Some(b) = num('m') {
-        match img.block_state(b) {
-            Ok(BlockState::Allocated { bitmap, .. }) => {
-                let h: String = bitmap
-                    .as_bytes()
-                    .iter()
-                    .map(|x| format!("{x:02x}"))
-                    .collect();
-                println!("{h}");
-            }
-            Ok(BlockState::Unallocated) => println!("block {} not allocated", fmt(b)),
-            Err(e) => {
-                println!("{e}");
-                return e.errno();
-            }
-        }
-    }
-    if let Some(sec) = num('i') {
-        let present = img
-            .map(sec, 1)
-            .ok()
-            .and_then(|v| v.first().copied())
-            .is_some_and(|e| matches!(e, Extent::Present { .. }));
-        println!(
-            "block {} sector {}: {}",
-            fmt(sec / spb),
-            fmt(sec),
-            u8::from(present)
-        );
-    }
-    if let Some(b) = num('j') {
-        let full = img.batmap().is_some_and(|m| m.is_full(b));
-        println!("batmap for block {}: {}", fmt(b), u8::from(full));
-    }
-    if p.has('a') {
-        match img.map(0, img.total_sectors()) {
-            Ok(v) => {
-                for e in v {
-                    if let Extent::Present { sector, count, .. } = e {
-                        println!("allocated: {} - {}", fmt(sector), fmt(sector + count - 1));
-                    }
-                }
-            }
-            Err(e) => {
-                println!("{e}");
-                return e.errno();
-            }
-        }
-    }
-    if let Some(sec) = num('r') {
-        let count = num('c').unwrap_or(1);
-        let chain = match Chain::open(Path::new(name), false) {
-            Ok(c) => c,
-            Err(e) => {
-                println!("error opening {name}: {}", neg(&e));
-                return e.errno();
-            }
-        };
-        let mut buf = vec![0u8; usize::try_from(count * SECTOR).unwrap_or(0)];
-        if let Err(e) = chain.read(sec, &mut buf) {
-            println!("{e}");
-            return e.errno();
-        }
-        for (i, line) in buf.chunks(16).enumerate() {
-            let h: Vec<String> = line.iter().map(|x| format!("{x:02x}")).collect();
-            println!("{:08x}: {}", sec * SECTOR + i as u64 * 16, h.join(" "));
-        }
-    }
-    0
+    crate::dump::read(args)
 }

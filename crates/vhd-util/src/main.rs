@@ -3,6 +3,7 @@
 //! errors exit with EINVAL, 22). Messages go to stdout like the C tool's.
 
 mod commands;
+mod dump;
 mod getopt;
 mod key;
 mod progress;

@@ -366,3 +366,132 @@ fn crash_injection_set_modify_repair_fast_resize() {
         }
     }
 }
+
+fn bat_entry(path: &Path, block: usize) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    let img = vhd::VhdImage::open(f, "x", vhd::OpenOptions::read_only()).unwrap();
+    u64::from(img.bat().entries[block])
+}
+
+#[test]
+fn check_data_and_stats_and_read_dumps() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(p, &["create", "-n", "base.vhd", "-s", "16"]);
+    write(&p.join("base.vhd"), 0, &pattern(1, 3 << 20));
+    ok(p, &["snapshot", "-n", "child.vhd", "-p", "base.vhd"]);
+    let child_data = pattern(2, 5 << 20);
+    write(&p.join("child.vhd"), 100, &child_data);
+
+    // -s replaces "is valid" with allocation statistics, root first.
+    assert_eq!(
+        ok(p, &["check", "-n", "base.vhd", "-s"]),
+        "base.vhd: secs allocated: 0x2000 secs written: 0x1800 (75.00%)\n"
+    );
+    assert_eq!(
+        ok(p, &["check", "-n", "child.vhd", "-s", "-p"]),
+        "base.vhd: secs allocated: 0x2000 secs written: 0x1800 (75.00%)\n\
+         child.vhd: secs allocated: 0x3000 secs written: 0x2800 (83.33%) \
+         secs not in parent: 0x1064 (40.98%) secs not in ancestors: 0x1064 (40.98%)\n"
+    );
+    assert_eq!(
+        ok(p, &["check", "-n", "child.vhd", "-b"]),
+        "child.vhd is valid\n"
+    );
+    assert_eq!(
+        run(p, &["check", "-n", "child.vhd", "-b", "-B"])
+            .status
+            .code(),
+        Some(22)
+    );
+    assert_eq!(
+        ok(p, &["check", "-n", "child.vhd", "-B", "-I", "-t"]),
+        "child.vhd is valid\n"
+    );
+
+    // read: translation, BAT, bitmap tests, extents, batmap, raw data.
+    let b0 = bat_entry(&p.join("child.vhd"), 0) * 512;
+    assert_eq!(
+        ok(p, &["read", "-n", "child.vhd", "-t", "100"]),
+        format!(
+            "logical sector 100: block number: 0, sector offset: 100, file offset: {}\n",
+            b0 + 512 + 100 * 512
+        )
+    );
+    assert_eq!(
+        ok(p, &["read", "-n", "child.vhd", "-b", "2", "-c", "2"]),
+        format!(
+            "block: 2: offset: {}\nblock: 3: offset: not allocated\n",
+            bat_entry(&p.join("child.vhd"), 2) * 512
+        )
+    );
+    assert_eq!(
+        ok(p, &["read", "-n", "child.vhd", "-i", "99", "-c", "2", "-x"]),
+        "block 0: sec: 0x63: 0\nblock 0: sec: 0x64: 1\n"
+    );
+    assert_eq!(
+        ok(p, &["read", "-n", "child.vhd", "-e", "0", "-c", "8192"]),
+        "100 8092\n"
+    );
+    assert_eq!(
+        ok(
+            p,
+            &["read", "-n", "child.vhd", "-e", "0", "-c", "16384", "-x"]
+        ),
+        "0x64 0x2800\n"
+    );
+    let bitmap = run(p, &["read", "-n", "child.vhd", "-m", "0"]).stdout;
+    assert_eq!(bitmap.len(), 512);
+    assert_eq!((bitmap[11], bitmap[12], bitmap[13]), (0, 0x0f, 0xff));
+    assert_eq!(
+        ok(p, &["read", "-n", "child.vhd", "-d", "3"]),
+        "block 3 not allocated\n"
+    );
+    let o = run(p, &["read", "-n", "child.vhd", "-j", "0", "-c", "2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "batmap for block 0: 0\nbatmap for block 1: 1\n"
+    );
+    let map = run(p, &["read", "-n", "child.vhd", "-a"]).stdout;
+    assert_eq!((map.len(), map[0]), (512, 0x40));
+    assert_eq!(
+        run(p, &["read", "-n", "child.vhd", "-B"]).stdout,
+        vec![0xe0]
+    );
+    assert_eq!(
+        run(p, &["read", "-n", "child.vhd", "-b", "8"])
+            .status
+            .code(),
+        Some(34)
+    );
+    let raw = run(p, &["read", "-n", "child.vhd", "-r", "100", "-c", "2"]).stdout;
+    assert_eq!(raw, child_data[..1024]);
+    let raw = run(p, &["read", "-n", "child.vhd", "-R", "51210", "-c", "5"]).stdout;
+    assert_eq!(raw, child_data[10..15]);
+    // Through the chain: sector 0 comes from the parent.
+    let raw = run(p, &["read", "-n", "child.vhd", "-r", "0", "-c", "1"]).stdout;
+    assert_eq!(raw, pattern(1, 512));
+    let block = run(p, &["read", "-n", "child.vhd", "-d", "1"]).stdout;
+    assert_eq!(block.len(), 2 << 20);
+    assert!(
+        ok(p, &["read", "-n", "child.vhd", "-p"]).contains("       decoded name : ./base.vhd\n")
+    );
+
+    // Data where the bitmap says "not here": only -b notices.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.join("child.vhd"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xaa], b0 + 512 + 3 * 512 + 17).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xbb], b0 + 512 + 7 * 512).unwrap();
+    drop(f);
+    assert_eq!(ok(p, &["check", "-n", "child.vhd"]), "child.vhd is valid\n");
+    let o = run(p, &["check", "-n", "child.vhd", "-b"]);
+    assert_eq!(o.status.code(), Some(22));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(
+        "sector 0x3 of block 0x0 has data where bitmap is clear\n\
+         sector 0x7 of block 0x0 has data where bitmap is clear\n\
+         child.vhd appears invalid; dumping metadata\n\
+         VHD Footer Summary:\n"
+    ));
+}

@@ -1,7 +1,10 @@
 //! Consistency checking as `vhd-util check` does it: footers (primary vs
 //! backup), header, differencing fields, BAT overlaps and bounds, the
 //! tapdisk batmap, and parent locators / parent UUID. The first problem
-//! found is reported with the C tool's message text.
+//! found is reported with the C tool's message text. With
+//! [`CheckOptions::check_data`] (`-b`) every allocated block's data is
+//! compared with its bitmap; [`allocation_stats`] computes the `-s`
+//! statistics of an image or a chain.
 
 use std::path::Path;
 
@@ -25,6 +28,16 @@ pub struct CheckOptions {
     pub check_bitmaps: bool,
     /// "Now" in VHD seconds for timestamp checks.
     pub now: u32,
+    /// Compare every allocated block's data with its bitmap (`-b`): a
+    /// sector holding non-zero data while its bitmap bit is clear is
+    /// reported (`sector 0x.. of block 0x.. has data where bitmap is clear`).
+    pub check_data: bool,
+    /// Do not compare the parent's UUID with the one recorded (`-I`).
+    pub ignore_parent_uuid: bool,
+    /// Do not reject timestamps in the future (`-t`).
+    pub ignore_timestamps: bool,
+    /// Skip the BAT overlap check (`-B`).
+    pub skip_overlap_check: bool,
 }
 
 impl Default for CheckOptions {
@@ -33,6 +46,21 @@ impl Default for CheckOptions {
             ignore_primary: false,
             check_bitmaps: false,
             now: vhd_now(),
+            check_data: false,
+            ignore_parent_uuid: false,
+            ignore_timestamps: false,
+            skip_overlap_check: false,
+        }
+    }
+}
+
+impl CheckOptions {
+    /// "Now" as the timestamp checks see it (far future with `-t`).
+    fn effective_now(&self) -> u32 {
+        if self.ignore_timestamps {
+            u32::MAX - 1800
+        } else {
+            self.now
         }
     }
 }
@@ -79,6 +107,15 @@ fn footer_message(e: &FormatError) -> String {
     }
 }
 
+/// The footer rules of the C check, including its null-UUID rule.
+fn validate_footer(f: &Footer, now: u32) -> Result<(), String> {
+    f.validate(now).map_err(str::to_string)?;
+    if f.uuid == [0; 16] {
+        return Err("invalid (NULL) uuid".into());
+    }
+    Ok(())
+}
+
 fn read<F: BlockFile>(f: &F, off: u64, len: usize) -> Option<Vec<u8>> {
     let mut b = vec![0u8; len];
     f.read_at(&mut b, off).ok().map(|()| b)
@@ -112,9 +149,10 @@ pub fn check<F: BlockFile>(
     ) else {
         return fail("error reading primary footer");
     };
+    let now = opts.effective_now();
     let primary = Footer::parse(&pbytes, primary_off)
         .map_err(|e| footer_message(&e))
-        .and_then(|f| f.validate(opts.now).map(|()| f).map_err(str::to_string));
+        .and_then(|f| validate_footer(&f, now).map(|()| f));
     let mut use_backup = false;
     let footer = match primary {
         Ok(f) => Some(f),
@@ -147,7 +185,7 @@ pub fn check<F: BlockFile>(
     };
     let backup = match Footer::parse(&bbytes, 0)
         .map_err(|e| footer_message(&e))
-        .and_then(|f| f.validate(opts.now).map(|()| f).map_err(str::to_string))
+        .and_then(|f| validate_footer(&f, now).map(|()| f))
     {
         Ok(b) => b,
         Err(msg) => return fail(format!("backup footer invalid: {msg}")),
@@ -217,10 +255,10 @@ pub fn check<F: BlockFile>(
         Err(e) => return fail(format!("error opening {name}: {e}")),
     };
     check_differencing_header(&img, opts)?;
-    check_bat(&img, eof)?;
+    check_bat(&img, eof, opts, use_backup)?;
     check_batmap(&img, opts)?;
     if img.has_parent() {
-        check_parent_locators(&img, path, eof)?;
+        check_parent_locators(&img, path, eof, opts)?;
     }
     Ok(CheckSummary {
         disk_type: img.disk_type(),
@@ -267,7 +305,7 @@ fn check_differencing_header<F: BlockFile>(
         return Ok(());
     };
     let msg = if img.has_parent() {
-        if u64::from(h.parent_timestamp) > u64::from(opts.now) + 1800 {
+        if u64::from(h.parent_timestamp) > u64::from(opts.effective_now()) + 1800 {
             Some("parent creation time in future")
         } else if h.parent_name().is_err() {
             Some("invalid parent name")
@@ -291,7 +329,12 @@ fn check_differencing_header<F: BlockFile>(
     }
 }
 
-fn check_bat<F: BlockFile>(img: &VhdImage<F>, eof: u64) -> Result<(), CheckFailure> {
+fn check_bat<F: BlockFile>(
+    img: &VhdImage<F>,
+    eof: u64,
+    opts: &CheckOptions,
+    primary_missing: bool,
+) -> Result<(), CheckFailure> {
     let Some(h) = img.header() else {
         return Ok(());
     };
@@ -314,28 +357,74 @@ fn check_bat<F: BlockFile>(img: &VhdImage<F>, eof: u64) -> Result<(), CheckFailu
         if off < eoh {
             return fail(format!("block {i} (offset {e:#x}) clobbers headers"));
         }
-        if off + per > end {
+        // With -i, a file whose primary footer was never written may end
+        // right after its last block.
+        let footerless_tail = primary_missing && opts.ignore_primary && off + per == end + 1;
+        if off + per > end && !footerless_tail {
             return fail(format!("block {i} (offset {e:#x}) clobbers footer"));
         }
         used.push((off, i));
     }
-    used.sort_unstable();
-    for w in used.windows(2) {
-        let (a, ai) = w[0];
-        let (b, bi) = w[1];
-        if b < a + per {
-            let (first, second) = if ai < bi {
-                ((ai, a), (bi, b))
-            } else {
-                ((bi, b), (ai, a))
-            };
-            return fail(format!(
-                "block {} (offset {:#x}) clobbers block {} (offset {:#x})",
-                first.0, first.1, second.0, second.1
-            ));
+    if !opts.skip_overlap_check {
+        used.sort_unstable();
+        for w in used.windows(2) {
+            let (a, ai) = w[0];
+            let (b, bi) = w[1];
+            if b < a + per {
+                let (first, second) = if ai < bi {
+                    ((ai, a), (bi, b))
+                } else {
+                    ((bi, b), (ai, a))
+                };
+                return fail(format!(
+                    "block {} (offset {:#x}) clobbers block {} (offset {:#x})",
+                    first.0, first.1, second.0, second.1
+                ));
+            }
+        }
+    }
+    if opts.check_data {
+        let mut data = vec![0u8; usize::try_from(img.block_size()).unwrap_or(0)];
+        for (i, &e) in img.bat().entries.iter().enumerate() {
+            if e != BAT_UNUSED {
+                check_block_data(img, i as u64, u64::from(e) * SECTOR, &mut data)?;
+            }
         }
     }
     Ok(())
+}
+
+/// `-b`: every sector of an allocated block that holds non-zero data must
+/// have its bitmap bit set. All such sectors of the first bad block are
+/// reported, one line each.
+fn check_block_data<F: BlockFile>(
+    img: &VhdImage<F>,
+    block: u64,
+    bitmap_offset: u64,
+    data: &mut [u8],
+) -> Result<(), CheckFailure> {
+    let bitmap = match img.read_bitmap_at(bitmap_offset) {
+        Ok(b) => b,
+        Err(_) => return fail(format!("error reading bitmap {block:#x}")),
+    };
+    if img
+        .file()
+        .read_at(data, bitmap_offset + img.bitmap_bytes())
+        .is_err()
+    {
+        return fail(format!("error reading data block {block:#x}"));
+    }
+    let lines: Vec<String> = data
+        .chunks(512)
+        .enumerate()
+        .filter(|(i, sector)| !bitmap.get(*i as u64) && !all_zero(sector))
+        .map(|(i, _)| format!("sector {i:#x} of block {block:#x} has data where bitmap is clear"))
+        .collect();
+    if lines.is_empty() {
+        Ok(())
+    } else {
+        fail(lines.join("\n"))
+    }
 }
 
 fn check_batmap<F: BlockFile>(img: &VhdImage<F>, opts: &CheckOptions) -> Result<(), CheckFailure> {
@@ -378,6 +467,7 @@ fn check_parent_locators<F: BlockFile>(
     img: &VhdImage<F>,
     path: Option<&Path>,
     eof: u64,
+    opts: &CheckOptions,
 ) -> Result<(), CheckFailure> {
     let Some(h) = img.header() else {
         return Ok(());
@@ -464,7 +554,7 @@ fn check_parent_locators<F: BlockFile>(
             }
             continue;
         }
-        if !img.parent_is_raw() {
+        if !img.parent_is_raw() && !opts.ignore_parent_uuid {
             let ok = StdOpener.open(&location, false).ok().and_then(|f| {
                 VhdImage::open(
                     f,
@@ -498,4 +588,147 @@ fn check_parent_locators<F: BlockFile>(
         return fail(format!("could not find parent {pname}"));
     }
     Ok(())
+}
+
+/// Allocation statistics of one sparse image (`vhd-util check -s`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationStats {
+    /// The image name (as opened).
+    pub name: String,
+    /// Sectors the BAT could address (`sectors per block × BAT entries`).
+    pub secs_total: u64,
+    /// Sectors of allocated blocks within the virtual size.
+    pub secs_allocated: u64,
+    /// Sectors whose bitmap bit is set.
+    pub secs_written: u64,
+    /// Written sectors the parent (the previous image) does not hold;
+    /// `None` for the first image.
+    pub not_in_parent: Option<u64>,
+    /// Written sectors no earlier image holds; `None` for the first image.
+    pub not_in_ancestors: Option<u64>,
+}
+
+impl AllocationStats {
+    /// The line `vhd-util check -s` prints: sector counts in hex and
+    /// percentages (of allocated, then of written sectors) with two decimals.
+    pub fn line(&self) -> String {
+        let base = self.name.rsplit('/').next().unwrap_or(&self.name);
+        let mut s = format!(
+            "{base}: secs allocated: {:#x} secs written: {:#x} ({:.2}%)",
+            self.secs_allocated,
+            self.secs_written,
+            percent(self.secs_written, self.secs_allocated)
+        );
+        if let (Some(up), Some(uc)) = (self.not_in_parent, self.not_in_ancestors) {
+            s.push_str(&format!(
+                " secs not in parent: {up:#x} ({:.2}%) secs not in ancestors: {uc:#x} ({:.2}%)",
+                percent(up, self.secs_written),
+                percent(uc, self.secs_written)
+            ));
+        }
+        s
+    }
+}
+
+/// `num / den` in percent, computed in single precision like the C tool.
+#[allow(clippy::cast_precision_loss)] // a percentage printed with 2 decimals
+fn percent(num: u64, den: u64) -> f64 {
+    if den == 0 {
+        0.0
+    } else {
+        f64::from((num as f32 / den as f32) * 100.0)
+    }
+}
+
+/// Allocation statistics of `images`, ordered from the chain's root towards
+/// the leaf (the order `check -s -p` prints them). Fixed images are
+/// skipped. For each image after the first, the sectors not present in the
+/// image before it and in none of the images before it are counted too.
+pub fn allocation_stats<F: BlockFile>(
+    images: &[&VhdImage<F>],
+) -> crate::error::Result<Vec<AllocationStats>> {
+    let sparse: Vec<&VhdImage<F>> = images
+        .iter()
+        .copied()
+        .filter(|i| i.disk_type().is_sparse())
+        .collect();
+    let mut out: Vec<AllocationStats> = sparse
+        .iter()
+        .enumerate()
+        .map(|(n, img)| AllocationStats {
+            name: img.name().to_string(),
+            secs_total: img.sectors_per_block()
+                * img.header().map_or(0, |h| u64::from(h.max_table_entries)),
+            secs_allocated: 0,
+            secs_written: 0,
+            not_in_parent: (n > 0).then_some(0),
+            not_in_ancestors: (n > 0).then_some(0),
+        })
+        .collect();
+    // Walk the disk in chunks of the largest block size; every image's
+    // block size (a power of two) divides it.
+    let chunk = sparse
+        .iter()
+        .map(|i| i.sectors_per_block())
+        .max()
+        .unwrap_or(0);
+    let total = sparse.iter().map(|i| i.total_sectors()).max().unwrap_or(0);
+    if chunk == 0 {
+        return Ok(out);
+    }
+    let chunk_bytes = usize::try_from(crate::bitmap::bitmap_bytes(chunk)).unwrap_or(512);
+    let mut start = 0;
+    while start < total {
+        // Present sectors of this chunk, per image.
+        let mut maps: Vec<crate::bitmap::SectorBitmap> = Vec::with_capacity(sparse.len());
+        let mut any = false;
+        for (n, img) in sparse.iter().enumerate() {
+            let mut m = crate::bitmap::SectorBitmap::zeroed(chunk_bytes);
+            let spb = img.sectors_per_block();
+            let mut s = start;
+            while s < (start + chunk).min(img.total_sectors()) {
+                let block = s / spb;
+                if let Some(e) = img.bat().get(block).filter(|&e| e != BAT_UNUSED) {
+                    out[n].secs_allocated += spb;
+                    any = true;
+                    let bitmap = img.read_bitmap_at(u64::from(e) * SECTOR)?;
+                    for i in 0..spb {
+                        if bitmap.get(i) {
+                            m.set(s - start + i);
+                        }
+                    }
+                }
+                s += spb;
+            }
+            maps.push(m);
+        }
+        if !any {
+            start += chunk;
+            continue;
+        }
+        let mut union = crate::bitmap::SectorBitmap::zeroed(chunk_bytes);
+        for (n, m) in maps.iter().enumerate() {
+            for i in 0..chunk {
+                if !m.get(i) {
+                    continue;
+                }
+                out[n].secs_written += 1;
+                if n > 0 {
+                    if !maps[n - 1].get(i) {
+                        out[n].not_in_parent = out[n].not_in_parent.map(|v| v + 1);
+                    }
+                    if !union.get(i) {
+                        out[n].not_in_ancestors = out[n].not_in_ancestors.map(|v| v + 1);
+                    }
+                }
+            }
+            for i in 0..chunk {
+                if m.get(i) {
+                    union.set(i);
+                }
+            }
+        }
+        start += chunk;
+    }
+    Ok(out)
 }

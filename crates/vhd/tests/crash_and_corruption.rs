@@ -470,6 +470,14 @@ fn check_catches_injected_corruption() {
         vhd::VhdError::ParentUuidMismatch { .. }
     ));
 
+    // Null UUID (the C check's rule).
+    let (b, _) = fresh("m");
+    let mut img = open_rw(&b);
+    img.footer_mut().uuid = [0; 16];
+    img.write_footer().unwrap();
+    drop(img);
+    expect_failure(&b, "primary footer invalid: invalid (NULL) uuid");
+
     // Non-tap header with bad header checksum.
     let (b, _) = fresh("l");
     patch(&b, 512 + 36, &[1, 2, 3, 4]);

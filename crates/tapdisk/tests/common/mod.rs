@@ -270,3 +270,45 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The built `vhd-util` binary (next to `tapdisk` in the target directory).
+pub fn vhd_util_bin() -> PathBuf {
+    let path = tapdisk_bin().with_file_name("vhd-util");
+    assert!(
+        path.exists(),
+        "{} is missing: build every binary first (`cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `vhd-util ARGS`, asserting success; returns stdout.
+pub fn vhd_util_ok(args: &[&str]) -> String {
+    run_ok(Command::new(vhd_util_bin()).args(args))
+}
+
+impl Env {
+    /// `tap-ctl create -a <params>` for any `type:/path` (or `x-chain:/file`); returns
+    /// (pid, minor).
+    pub fn create_params(&self, params: &str, extra: &[&str]) -> (u32, u32) {
+        let mut args = vec!["create", "-a", params];
+        args.extend_from_slice(extra);
+        let out = self.tap_ctl_ok(&args);
+        let marker = out.trim();
+        let minor: u32 = marker
+            .lines()
+            .next()
+            .and_then(|line| line.rsplit_once("tapdisk-"))
+            .expect("create prints the marker path")
+            .1
+            .trim()
+            .parse()
+            .unwrap();
+        let row = self
+            .list()
+            .into_iter()
+            .find(|row| row.minor == Some(minor))
+            .expect("created VBD is listed");
+        (row.pid.expect("listed with a pid"), minor)
+    }
+}

@@ -22,6 +22,12 @@ impl RamDisk {
 }
 
 impl Export for RamDisk {
+    type Buffer = Vec<u8>;
+
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        vec![0; len]
+    }
+
     fn info(&self) -> ExportInfo {
         let size = self.data.read().unwrap_or_else(|e| e.into_inner()).len();
         let mut info = ExportInfo::new(u64::try_from(size).unwrap_or(0));

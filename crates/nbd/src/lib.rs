@@ -19,5 +19,8 @@
 
 pub mod proto;
 pub mod server;
+mod transmission;
 
-pub use server::{Export, ExportInfo, Extent, NbdServer, ServerConfig, WriteZeroesFlags};
+pub use server::{
+    Export, ExportBuffer, ExportInfo, Extent, NbdServer, ServerConfig, WriteZeroesFlags,
+};

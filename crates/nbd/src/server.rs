@@ -2,14 +2,11 @@
 //! streams), runs the fixed newstyle handshake, then serves many requests in flight per
 //! connection against an [`Export`].
 //!
-//! Per connection, after the handshake:
-//! * the connection task reads request headers (and write payloads), validates them with
-//!   [`proto::classify_request`] and spawns one task per request, holding a semaphore
-//!   permit each; when `max_requests_in_flight` permits are taken it stops reading (a
-//!   permit is held until the reply has been written, and data-carrying requests also
-//!   draw from a per-connection byte budget, so memory per connection stays bounded);
-//! * a writer task takes finished replies from a channel and writes them in completion
-//!   order, batching whatever is queued into one flush.
+//! Per connection, after the handshake, one task parses requests from large buffered
+//! reads, validates them with [`proto::classify_request`], runs every admitted request as a
+//! future it polls itself, and writes replies in completion order with batched vectored
+//! writes (see the `transmission` module). Requests in flight are bounded by
+//! `max_requests_in_flight`, payload memory by a per-connection byte budget.
 //!
 //! A slow export call only delays its own reply: other requests on the same connection
 //! and other connections keep going.
@@ -17,44 +14,71 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::sync::{watch, Notify};
+use tokio::task::{AbortHandle, JoinHandle};
 use tracing::Instrument;
 
-use crate::proto::{
-    self, Command, Negotiation, OptionHeader, OptionOutcome, ProtoError, ReadChunk, RequestAction,
-    RequestHeader, Session,
-};
+use crate::proto::{self, Negotiation, OptionHeader, OptionOutcome, ProtoError, Session};
 pub use crate::proto::{ExportInfo, Extent, WriteZeroesFlags};
 
 /// `ENOTSUP`, the answer of the optional [`Export`] methods by default.
 const ENOTSUP_RAW: i32 = 95;
+
+/// A buffer the server hands to an export: reads fill it, writes carry their data in it.
+/// Exports choose the type (e.g. memory aligned for `O_DIRECT`), so no copy is needed
+/// between the protocol and the disk.
+pub trait ExportBuffer: Send + Sync + 'static {
+    /// The bytes.
+    fn bytes(&self) -> &[u8];
+    /// The bytes, mutably.
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+impl ExportBuffer for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
 
 /// The disk behind an export. Errors are `io::Error`; the server maps `raw_os_error()` to
 /// NBD errors (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN; anything
 /// else becomes EIO). Calls may take a long time (the disk may be paused): the server keeps
 /// serving other connections and other requests of the same connection meanwhile.
 pub trait Export: Send + Sync + 'static {
+    /// The buffer type of reads and writes.
+    type Buffer: ExportBuffer;
+
     /// Current facts about the export; read once per connection at negotiation.
     fn info(&self) -> ExportInfo;
 
-    /// Read `buf.len()` bytes at `offset` into `buf` and give it back.
-    fn read(&self, offset: u64, buf: Vec<u8>) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
+    /// A buffer of exactly `len` bytes for a read or a write payload (its contents are
+    /// overwritten before use). Called on the connection's task: keep it cheap.
+    fn buffer(&self, len: usize) -> Self::Buffer;
+
+    /// Read `buf.bytes().len()` bytes at `offset` into `buf` and give it back.
+    fn read(
+        &self,
+        offset: u64,
+        buf: Self::Buffer,
+    ) -> impl Future<Output = io::Result<Self::Buffer>> + Send;
 
     /// Write `data` at `offset`; with `fua` the data is durable before this returns.
     fn write(
         &self,
         offset: u64,
-        data: Vec<u8>,
+        data: Self::Buffer,
         fua: bool,
     ) -> impl Future<Output = io::Result<()>> + Send;
 
@@ -390,470 +414,12 @@ async fn serve_connection<E: Export>(
             return;
         }
     };
-    transmission(export, &config, stream, shutdown, session).await;
-}
-
-/// One reply (or one structured chunk sequence) ready for the wire.
-enum Reply {
-    /// A simple reply header without payload.
-    Simple([u8; proto::SIMPLE_REPLY_LEN]),
-    /// A successful simple read reply: header, then the data.
-    SimpleData([u8; proto::SIMPLE_REPLY_LEN], Vec<u8>),
-    /// Pre-encoded bytes (structured chunks without data).
-    Bytes(Vec<u8>),
-    /// Protocol bytes interleaved with ranges of a data buffer: for each piece, write
-    /// `meta[piece.0]` then `data[piece.1]`.
-    WithData {
-        meta: Vec<u8>,
-        data: Vec<u8>,
-        pieces: Vec<(Range<usize>, Range<usize>)>,
-    },
-}
-
-async fn write_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: &Reply) -> io::Result<()> {
-    match reply {
-        Reply::Simple(header) => out.write_all(header).await,
-        Reply::SimpleData(header, data) => {
-            out.write_all(header).await?;
-            out.write_all(data).await
-        }
-        Reply::Bytes(bytes) => out.write_all(bytes).await,
-        Reply::WithData { meta, data, pieces } => {
-            for (meta_range, data_range) in pieces {
-                if let Some(bytes) = meta.get(meta_range.clone()) {
-                    out.write_all(bytes).await?;
-                }
-                if let Some(bytes) = data.get(data_range.clone()) {
-                    out.write_all(bytes).await?;
-                }
-            }
-            Ok(())
-        }
-    }
-}
-
-/// Bytes of request and reply data one connection may hold in memory at once (write
-/// payloads being read or executed, read buffers until their reply is written).
-const BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
-/// Granularity of the byte budget.
-const BUDGET_UNIT: usize = 4096;
-const BUDGET_UNITS: usize = BYTES_IN_FLIGHT / BUDGET_UNIT;
-
-/// A reply queued for the writer, with the permits it holds until it has been written:
-/// one request slot and its share of the byte budget.
-struct Outgoing {
-    reply: Reply,
-    _slot: OwnedSemaphorePermit,
-    _budget: Option<OwnedSemaphorePermit>,
-}
-
-/// Budget units for `length` data bytes (a request larger than the whole budget takes all
-/// of it, so it still runs, alone).
-fn budget_units(length: u32) -> u32 {
-    let units = usize::try_from(length)
-        .unwrap_or(usize::MAX)
-        .div_ceil(BUDGET_UNIT)
-        .min(BUDGET_UNITS);
-    u32::try_from(units).unwrap_or(u32::MAX)
-}
-
-async fn writer_loop<W: AsyncWrite + Unpin>(writer: W, mut replies: mpsc::Receiver<Outgoing>) {
-    let mut out = BufWriter::with_capacity(256 * 1024, writer);
-    let result: io::Result<()> = async {
-        while let Some(outgoing) = replies.recv().await {
-            write_reply(&mut out, &outgoing.reply).await?;
-            drop(outgoing);
-            // Batch everything already queued into one flush.
-            while let Ok(outgoing) = replies.try_recv() {
-                write_reply(&mut out, &outgoing.reply).await?;
-            }
-            out.flush().await?;
-        }
-        out.shutdown().await
-    }
-    .await;
-    if let Err(error) = result {
-        tracing::debug!(%error, "NBD reply writer stopped");
-    }
-}
-
-/// Per-connection limits: request slots and the data byte budget.
-struct Permits {
-    slots: Arc<Semaphore>,
-    budget: Arc<Semaphore>,
-}
-
-/// How the request-reading loop ended.
-enum ReadEnd {
-    /// `NBD_CMD_DISC`: finish in-flight requests, then close.
-    Disconnect,
-    /// End of stream at a request boundary: finish in-flight requests, then close.
-    Eof,
-    /// Protocol violation or I/O error: abandon everything and close.
-    Broken(String),
-}
-
-async fn transmission<E: Export>(
-    export: Arc<E>,
-    config: &ServerConfig,
-    stream: BoxedStream,
-    mut shutdown: watch::Receiver<bool>,
-    session: Session,
-) {
-    let in_flight = config.max_requests_in_flight.max(1);
-    let (mut reader, writer) = tokio::io::split(stream);
-    let (replies, reply_queue) = mpsc::channel::<Outgoing>(in_flight);
-    let mut writer_task = tokio::spawn(writer_loop(writer, reply_queue));
-    let permits = Permits {
-        slots: Arc::new(Semaphore::new(in_flight)),
-        budget: Arc::new(Semaphore::new(BUDGET_UNITS)),
-    };
-    let mut tasks: JoinSet<()> = JoinSet::new();
-    let session = Arc::new(session);
-
-    let end = tokio::select! {
-        _ = stopped(&mut shutdown) => None,
-        end = read_requests(&mut reader, &export, &session, &replies, &permits, &mut tasks) => Some(end),
-    };
-    let graceful = match end {
-        Some(ReadEnd::Disconnect) | Some(ReadEnd::Eof) => true,
-        Some(ReadEnd::Broken(reason)) => {
-            tracing::debug!(%reason, "NBD connection closed");
-            false
-        }
-        None => false,
-    };
-    drop(replies);
-    if graceful {
-        let drained = tokio::select! {
-            _ = stopped(&mut shutdown) => false,
-            _ = async {
-                while let Some(result) = tasks.join_next().await {
-                    log_task_end(result);
-                }
-                let _ = (&mut writer_task).await;
-            } => true,
-        };
-        if drained {
-            return;
-        }
-    }
-    tasks.shutdown().await;
-    writer_task.abort();
-    let _ = writer_task.await;
-}
-
-fn log_task_end(result: Result<(), tokio::task::JoinError>) {
-    if let Err(error) = result {
-        if error.is_panic() {
-            tracing::error!(%error, "NBD request task panicked");
-        }
-    }
-}
-
-/// Read `buf.len()` bytes; `Ok(false)` when the stream ended before the first byte.
-async fn read_exact_or_eof<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut [u8],
-) -> io::Result<bool> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let n = reader.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            if filled == 0 {
-                return Ok(false);
-            }
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("stream ended after {filled} of {} header bytes", buf.len()),
-            ));
-        }
-        filled += n;
-    }
-    Ok(true)
-}
-
-/// Read and drop `count` payload bytes.
-async fn discard<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    count: u32,
-    scratch: &mut Vec<u8>,
-) -> io::Result<()> {
-    let mut left = usize::try_from(count).unwrap_or(usize::MAX);
-    scratch.resize(64 * 1024, 0);
-    while left > 0 {
-        let take = left.min(scratch.len());
-        reader.read_exact(&mut scratch[..take]).await?;
-        left -= take;
-    }
-    Ok(())
-}
-
-async fn read_requests<R: AsyncRead + Unpin, E: Export>(
-    reader: &mut R,
-    export: &Arc<E>,
-    session: &Arc<Session>,
-    replies: &mpsc::Sender<Outgoing>,
-    permits: &Permits,
-    tasks: &mut JoinSet<()>,
-) -> ReadEnd {
-    let mut scratch = Vec::new();
-    loop {
-        while let Some(result) = tasks.try_join_next() {
-            log_task_end(result);
-        }
-        let Ok(slot) = Arc::clone(&permits.slots).acquire_owned().await else {
-            return ReadEnd::Broken("request semaphore closed".into());
-        };
-        let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
-        match read_exact_or_eof(reader, &mut raw).await {
-            Ok(true) => {}
-            Ok(false) => return ReadEnd::Eof,
-            Err(error) => return ReadEnd::Broken(format!("reading request header: {error}")),
-        }
-        let header = match RequestHeader::parse(&raw) {
-            Ok(header) => header,
-            Err(error) => return ReadEnd::Broken(error.to_string()),
-        };
-        let action = match proto::classify_request(session, &header) {
-            Ok(action) => action,
-            Err(error) => return ReadEnd::Broken(error.to_string()),
-        };
-        match action {
-            RequestAction::Disconnect => return ReadEnd::Disconnect,
-            RequestAction::Reject {
-                error,
-                discard: payload,
-                reason,
-            } => {
-                tracing::debug!(
-                    command = header.command,
-                    offset = header.offset,
-                    length = header.length,
-                    error,
-                    reason,
-                    "NBD request rejected"
-                );
-                if payload > 0 {
-                    if let Err(io_error) = discard(reader, payload, &mut scratch).await {
-                        return ReadEnd::Broken(format!(
-                            "reading {payload}-byte payload of a rejected write: {io_error}"
-                        ));
-                    }
-                }
-                let outgoing = Outgoing {
-                    reply: error_reply(session.structured, header.cookie, error, reason),
-                    _slot: slot,
-                    _budget: None,
-                };
-                if replies.send(outgoing).await.is_err() {
-                    return ReadEnd::Broken("reply writer is gone".into());
-                }
-            }
-            RequestAction::Execute(command) => {
-                let data_len = match command {
-                    Command::Read { length, .. } | Command::Write { length, .. } => length,
-                    _ => 0,
-                };
-                let budget = if data_len > 0 {
-                    let units = budget_units(data_len);
-                    match Arc::clone(&permits.budget).acquire_many_owned(units).await {
-                        Ok(permit) => Some(permit),
-                        Err(_) => return ReadEnd::Broken("byte budget semaphore closed".into()),
-                    }
-                } else {
-                    None
-                };
-                let payload = match command {
-                    Command::Write { length, .. } => {
-                        let mut payload = vec![0u8; usize::try_from(length).unwrap_or(0)];
-                        if let Err(io_error) = reader.read_exact(&mut payload).await {
-                            return ReadEnd::Broken(format!(
-                                "reading {length}-byte write payload: {io_error}"
-                            ));
-                        }
-                        payload
-                    }
-                    _ => Vec::new(),
-                };
-                tasks.spawn(run_command(
-                    Arc::clone(export),
-                    session.structured,
-                    header.cookie,
-                    command,
-                    payload,
-                    replies.clone(),
-                    (slot, budget),
-                ));
-            }
-        }
-    }
-}
-
-fn error_reply(structured: bool, cookie: u64, error: u32, message: &str) -> Reply {
-    if structured {
-        let mut bytes = Vec::with_capacity(proto::STRUCTURED_HEADER_LEN + 6 + message.len());
-        proto::encode_error_chunk(&mut bytes, cookie, error, message);
-        Reply::Bytes(bytes)
-    } else {
-        Reply::Simple(proto::simple_reply(cookie, error))
-    }
-}
-
-fn io_error_reply(structured: bool, cookie: u64, error: &io::Error) -> Reply {
-    error_reply(
-        structured,
-        cookie,
-        proto::nbd_error_from_io(error),
-        &error.to_string(),
+    crate::transmission::serve(
+        export,
+        session,
+        config.max_requests_in_flight,
+        stream,
+        &mut shutdown,
     )
-}
-
-fn status_reply(structured: bool, cookie: u64, result: io::Result<()>) -> Reply {
-    match result {
-        Ok(()) => Reply::Simple(proto::simple_reply(cookie, 0)),
-        Err(error) => io_error_reply(structured, cookie, &error),
-    }
-}
-
-fn read_reply(
-    structured: bool,
-    cookie: u64,
-    offset: u64,
-    data: Vec<u8>,
-    no_fragment: bool,
-) -> Reply {
-    if !structured {
-        return Reply::SimpleData(proto::simple_reply(cookie, 0), data);
-    }
-    if data.is_empty() {
-        let mut bytes = Vec::with_capacity(proto::STRUCTURED_HEADER_LEN);
-        proto::encode_none_chunk(&mut bytes, cookie);
-        return Reply::Bytes(bytes);
-    }
-    let chunks = if no_fragment {
-        vec![ReadChunk::Data {
-            offset,
-            range: 0..data.len(),
-        }]
-    } else {
-        proto::split_read(offset, &data)
-    };
-    let mut meta = Vec::with_capacity(chunks.len() * 32);
-    let mut pieces = Vec::with_capacity(chunks.len());
-    let last = chunks.len().saturating_sub(1);
-    for (index, chunk) in chunks.into_iter().enumerate() {
-        let start = meta.len();
-        let done = index == last;
-        match chunk {
-            ReadChunk::Data { offset, range } => {
-                let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
-                proto::encode_offset_data_header(&mut meta, cookie, offset, length, done);
-                pieces.push((start..meta.len(), range));
-            }
-            ReadChunk::Hole { offset, length } => {
-                proto::encode_offset_hole(&mut meta, cookie, offset, length, done);
-                pieces.push((start..meta.len(), 0..0));
-            }
-        }
-    }
-    Reply::WithData { meta, data, pieces }
-}
-
-async fn run_command<E: Export>(
-    export: Arc<E>,
-    structured: bool,
-    cookie: u64,
-    command: Command,
-    payload: Vec<u8>,
-    replies: mpsc::Sender<Outgoing>,
-    (slot, budget): (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
-) {
-    let reply = match command {
-        Command::Read {
-            offset,
-            length,
-            no_fragment,
-        } => {
-            let wanted = usize::try_from(length).unwrap_or(0);
-            match export.read(offset, vec![0u8; wanted]).await {
-                Ok(data) if data.len() == wanted => {
-                    read_reply(structured, cookie, offset, data, no_fragment)
-                }
-                Ok(data) => error_reply(
-                    structured,
-                    cookie,
-                    proto::EIO,
-                    &format!(
-                        "export returned {} bytes for a {wanted}-byte read at offset {offset}",
-                        data.len()
-                    ),
-                ),
-                Err(error) => io_error_reply(structured, cookie, &error),
-            }
-        }
-        Command::Write { offset, fua, .. } => {
-            status_reply(structured, cookie, export.write(offset, payload, fua).await)
-        }
-        Command::Flush => status_reply(structured, cookie, export.flush().await),
-        Command::Trim {
-            offset,
-            length,
-            fua,
-        } => status_reply(
-            structured,
-            cookie,
-            export.trim(offset, u64::from(length), fua).await,
-        ),
-        Command::WriteZeroes {
-            offset,
-            length,
-            flags,
-        } => status_reply(
-            structured,
-            cookie,
-            export.write_zeroes(offset, u64::from(length), flags).await,
-        ),
-        Command::Cache { offset, length } => status_reply(
-            structured,
-            cookie,
-            export.cache(offset, u64::from(length)).await,
-        ),
-        Command::BlockStatus {
-            offset,
-            length,
-            req_one,
-            context,
-        } => match export.block_status(offset, u64::from(length)).await {
-            Ok(extents) => {
-                let limit = if req_one {
-                    1
-                } else {
-                    proto::MAX_EXTENTS_PER_REPLY
-                };
-                let descriptors = proto::clamp_extents(&extents, length, limit);
-                if descriptors.is_empty() {
-                    error_reply(
-                        structured,
-                        cookie,
-                        proto::EIO,
-                        &format!("export gave no extents for offset {offset} length {length}"),
-                    )
-                } else {
-                    let mut bytes = Vec::with_capacity(24 + descriptors.len() * 8);
-                    proto::encode_block_status_chunk(&mut bytes, cookie, context, &descriptors);
-                    Reply::Bytes(bytes)
-                }
-            }
-            Err(error) => io_error_reply(structured, cookie, &error),
-        },
-    };
-    // The writer may be gone (client vanished); the reply is then dropped.
-    let _ = replies
-        .send(Outgoing {
-            reply,
-            _slot: slot,
-            _budget: budget,
-        })
-        .await;
+    .await;
 }

@@ -65,6 +65,12 @@ impl MemExport {
 }
 
 impl Export for MemExport {
+    type Buffer = Vec<u8>;
+
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        vec![0; len]
+    }
+
     fn info(&self) -> ExportInfo {
         self.info.clone()
     }

@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nbd::{Export, ExportInfo, Extent, NbdServer, ServerConfig, WriteZeroesFlags};
+use nbd::{Export, ExportBuffer, ExportInfo, Extent, NbdServer, ServerConfig, WriteZeroesFlags};
 
 use crate::driver::{Allocation, ZeroFlags, SECTOR_SIZE};
 use crate::iobuf::IoBuf;
@@ -69,21 +69,36 @@ impl VbdExport {
     }
 }
 
+/// The NBD server reads and writes straight from and into the VBD's aligned buffers.
+impl ExportBuffer for IoBuf {
+    fn bytes(&self) -> &[u8] {
+        self.as_slice()
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
 impl Export for VbdExport {
+    type Buffer = IoBuf;
+
     fn info(&self) -> ExportInfo {
         self.info.clone()
     }
 
-    async fn read(&self, offset: u64, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
-        let (sector, _) = aligned_sectors(offset, buf.len() as u64)?;
-        let data = self.vbd.read(sector, IoBuf::zeroed(buf.len())).await?;
-        buf.copy_from_slice(data.as_slice());
-        Ok(buf)
+    fn buffer(&self, len: usize) -> IoBuf {
+        IoBuf::zeroed(len)
     }
 
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+    async fn read(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        let (sector, _) = aligned_sectors(offset, buf.len() as u64)?;
+        self.vbd.read(sector, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> io::Result<()> {
         let (sector, _) = aligned_sectors(offset, data.len() as u64)?;
-        self.vbd.write(sector, IoBuf::copy_from(&data)).await?;
+        self.vbd.write(sector, data).await?;
         if fua {
             self.vbd.flush().await?;
         }

@@ -1,0 +1,763 @@
+//! The transmission phase of one connection: requests in, replies out, on one task.
+//!
+//! The design aims at few system calls and no per-request thread hand-offs:
+//! * requests are read from the socket in large buffered reads and parsed from the buffer;
+//!   write payloads are copied from it (or, when large, read straight into the export's
+//!   buffer);
+//! * every admitted request becomes a future in one [`FuturesUnordered`] polled by the
+//!   connection task itself, so an export that completes at once (page-cache hits) costs no
+//!   wake-up; a request that waits (a paused disk, a slow device) only delays its own reply;
+//! * replies are encoded into an outbox and written with vectored writes: small replies and
+//!   small read payloads are packed into one buffer, large payloads are written from the
+//!   export's buffer without a copy, and everything queued goes out in one call.
+//!
+//! Limits per connection: at most `max_requests_in_flight` requests admitted and not yet
+//! answered, and a byte budget over payloads held in memory; reading pauses at either limit.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::proto::{self, Command, ReadChunk, RequestAction, RequestHeader, Session};
+use crate::server::{Export, ExportBuffer, Extent};
+
+/// Bytes of payload one connection may hold in memory at once (write payloads being read or
+/// executed, read data until written). A request larger than this still runs, alone.
+pub(crate) const BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
+/// Size of the receive buffer requests are parsed from.
+const RX_BUFFER: usize = 256 * 1024;
+/// Write payloads at least this large are read straight into the export's buffer.
+const DIRECT_PAYLOAD: usize = 64 * 1024;
+/// Read payloads up to this size are copied into the packed reply buffer.
+const COPY_LIMIT: usize = 32 * 1024;
+/// A packed reply buffer is closed at this size and a new one started.
+const PACK_LIMIT: usize = 512 * 1024;
+/// Most buffers handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+
+type RequestFuture<B> = Pin<Box<dyn Future<Output = Done<B>> + Send>>;
+
+/// A finished request, ready to be encoded.
+enum Done<B> {
+    Status {
+        cookie: u64,
+        /// Payload bytes the request held (a write's data).
+        held: usize,
+        result: io::Result<()>,
+    },
+    Read {
+        cookie: u64,
+        offset: u64,
+        length: usize,
+        no_fragment: bool,
+        result: io::Result<B>,
+    },
+    BlockStatus {
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        req_one: bool,
+        context: u32,
+        result: io::Result<Vec<Extent>>,
+    },
+}
+
+impl<B> Done<B> {
+    /// Payload bytes this request held while it ran (a read's data is then counted by the
+    /// outbox until written).
+    fn held(&self) -> usize {
+        match self {
+            Done::Read { length, .. } => *length,
+            Done::Status { held, .. } => *held,
+            Done::BlockStatus { .. } => 0,
+        }
+    }
+}
+
+/// One piece of the outgoing byte stream.
+enum Piece<B> {
+    /// Protocol bytes and small payloads, packed.
+    Packed(Vec<u8>),
+    /// `range` of a read buffer (shared when one read yields several data chunks).
+    Data(Arc<B>, Range<usize>),
+}
+
+impl<B: ExportBuffer> Piece<B> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Packed(bytes) => bytes,
+            Piece::Data(buf, range) => buf.bytes().get(range.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Replies waiting for the socket.
+struct Outbox<B> {
+    pieces: VecDeque<Piece<B>>,
+    /// Bytes of the front piece already written.
+    front_written: usize,
+    /// Replies and payload bytes queued since the outbox was last empty.
+    replies: usize,
+    bytes: usize,
+    /// An emptied packed buffer kept for reuse.
+    spare: Vec<u8>,
+}
+
+impl<B: ExportBuffer> Outbox<B> {
+    fn new() -> Self {
+        Self {
+            pieces: VecDeque::new(),
+            front_written: 0,
+            replies: 0,
+            bytes: 0,
+            spare: Vec::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// The packed buffer at the back, started if need be.
+    fn packed(&mut self) -> &mut Vec<u8> {
+        let reuse =
+            !matches!(self.pieces.back(), Some(Piece::Packed(bytes)) if bytes.len() < PACK_LIMIT);
+        if reuse {
+            let mut fresh = std::mem::take(&mut self.spare);
+            fresh.clear();
+            if fresh.capacity() == 0 {
+                fresh.reserve(64 * 1024);
+            }
+            self.pieces.push_back(Piece::Packed(fresh));
+        }
+        match self.pieces.back_mut() {
+            Some(Piece::Packed(bytes)) => bytes,
+            // Just ensured above.
+            _ => unreachable!("outbox back is a packed buffer"),
+        }
+    }
+
+    fn data(&mut self, buf: &Arc<B>, range: Range<usize>) {
+        if range.len() <= COPY_LIMIT {
+            let bytes = buf.bytes().get(range).unwrap_or_default();
+            self.packed().extend_from_slice(bytes);
+        } else {
+            self.pieces.push_back(Piece::Data(Arc::clone(buf), range));
+        }
+    }
+
+    /// The queued bytes as I/O slices, at most `MAX_IOVECS`.
+    fn slices(&self) -> ([IoSlice<'_>; MAX_IOVECS], usize) {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut count = 0;
+        for (index, piece) in self.pieces.iter().take(MAX_IOVECS).enumerate() {
+            let bytes = piece.bytes();
+            let bytes = if index == 0 {
+                bytes.get(self.front_written..).unwrap_or_default()
+            } else {
+                bytes
+            };
+            slices[count] = IoSlice::new(bytes);
+            count += 1;
+        }
+        (slices, count)
+    }
+
+    /// Drops `written` bytes from the front.
+    fn advance(&mut self, mut written: usize) {
+        while written > 0 {
+            let Some(front) = self.pieces.front() else {
+                break;
+            };
+            let left = front.bytes().len() - self.front_written;
+            if written < left {
+                self.front_written += written;
+                return;
+            }
+            written -= left;
+            self.front_written = 0;
+            if let Some(Piece::Packed(bytes)) = self.pieces.pop_front() {
+                if bytes.capacity() <= 2 * PACK_LIMIT {
+                    self.spare = bytes;
+                }
+            }
+        }
+        if self.pieces.is_empty() {
+            self.replies = 0;
+            self.bytes = 0;
+        }
+    }
+
+    fn simple(&mut self, cookie: u64, error: u32) {
+        self.packed()
+            .extend_from_slice(&proto::simple_reply(cookie, error));
+        self.replies += 1;
+    }
+
+    fn error(&mut self, structured: bool, cookie: u64, error: u32, message: &str) {
+        if structured {
+            proto::encode_error_chunk(self.packed(), cookie, error, message);
+            self.replies += 1;
+        } else {
+            self.simple(cookie, error);
+        }
+    }
+
+    fn io_error(&mut self, structured: bool, cookie: u64, error: &io::Error) {
+        self.error(
+            structured,
+            cookie,
+            proto::nbd_error_from_io(error),
+            &error.to_string(),
+        );
+    }
+
+    fn read(&mut self, structured: bool, cookie: u64, offset: u64, buf: B, no_fragment: bool) {
+        let len = buf.bytes().len();
+        self.bytes += len;
+        self.replies += 1;
+        if !structured {
+            self.packed()
+                .extend_from_slice(&proto::simple_reply(cookie, 0));
+            let buf = Arc::new(buf);
+            self.data(&buf, 0..len);
+            return;
+        }
+        if len == 0 {
+            proto::encode_none_chunk(self.packed(), cookie);
+            return;
+        }
+        let chunks = if no_fragment {
+            vec![ReadChunk::Data {
+                offset,
+                range: 0..len,
+            }]
+        } else {
+            proto::split_read(offset, buf.bytes())
+        };
+        let buf = Arc::new(buf);
+        let last = chunks.len().saturating_sub(1);
+        for (index, chunk) in chunks.into_iter().enumerate() {
+            let done = index == last;
+            match chunk {
+                ReadChunk::Data { offset, range } => {
+                    let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
+                    proto::encode_offset_data_header(self.packed(), cookie, offset, length, done);
+                    self.data(&buf, range);
+                }
+                ReadChunk::Hole { offset, length } => {
+                    proto::encode_offset_hole(self.packed(), cookie, offset, length, done);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, structured: bool, done: Done<B>) {
+        match done {
+            Done::Status { cookie, result, .. } => match result {
+                Ok(()) => self.simple(cookie, 0),
+                Err(error) => self.io_error(structured, cookie, &error),
+            },
+            Done::Read {
+                cookie,
+                offset,
+                length,
+                no_fragment,
+                result,
+            } => match result {
+                Ok(buf) if buf.bytes().len() == length => {
+                    self.read(structured, cookie, offset, buf, no_fragment);
+                }
+                Ok(buf) => self.error(
+                    structured,
+                    cookie,
+                    proto::EIO,
+                    &format!(
+                        "export returned {} bytes for a {length}-byte read at offset {offset}",
+                        buf.bytes().len()
+                    ),
+                ),
+                Err(error) => self.io_error(structured, cookie, &error),
+            },
+            Done::BlockStatus {
+                cookie,
+                offset,
+                length,
+                req_one,
+                context,
+                result,
+            } => match result {
+                Ok(extents) => {
+                    let limit = if req_one {
+                        1
+                    } else {
+                        proto::MAX_EXTENTS_PER_REPLY
+                    };
+                    let descriptors = proto::clamp_extents(&extents, length, limit);
+                    if descriptors.is_empty() {
+                        self.error(
+                            structured,
+                            cookie,
+                            proto::EIO,
+                            &format!("export gave no extents for offset {offset} length {length}"),
+                        );
+                    } else {
+                        proto::encode_block_status_chunk(
+                            self.packed(),
+                            cookie,
+                            context,
+                            &descriptors,
+                        );
+                        self.replies += 1;
+                    }
+                }
+                Err(error) => self.io_error(structured, cookie, &error),
+            },
+        }
+    }
+}
+
+/// Where the request parser stands in the byte stream.
+enum Incoming<B> {
+    /// Expecting a request header.
+    Header,
+    /// Filling the payload of an admitted write.
+    Payload {
+        cookie: u64,
+        offset: u64,
+        fua: bool,
+        buf: B,
+        filled: usize,
+    },
+    /// Skipping the payload of a rejected write.
+    Skip { left: usize },
+}
+
+/// Bytes received and not yet parsed.
+struct Rx {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Rx {
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, count: usize) {
+        self.start += count;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Free space to read into, moving pending bytes to the front when the tail is short.
+    fn space(&mut self) -> &mut [u8] {
+        if self.buf.len() - self.end < proto::REQUEST_HEADER_LEN * 4 && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.buf[self.end..]
+    }
+}
+
+/// What stopped the request parser.
+enum Parsed {
+    /// Needs more bytes from the socket.
+    NeedBytes,
+    /// The next request must wait for a request slot or payload budget.
+    Throttled,
+    /// `NBD_CMD_DISC`: stop reading.
+    Disconnect,
+}
+
+/// One connection's transmission state.
+struct Connection<E: Export> {
+    export: Arc<E>,
+    session: Session,
+    max_requests: usize,
+    running: FuturesUnordered<RequestFuture<E::Buffer>>,
+    /// Payload bytes of running requests.
+    running_bytes: usize,
+    incoming: Incoming<E::Buffer>,
+    rx: Rx,
+    outbox: Outbox<E::Buffer>,
+}
+
+impl<E: Export> Connection<E> {
+    fn outstanding(&self) -> usize {
+        self.running.len() + self.outbox.replies
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.running_bytes + self.outbox.bytes
+    }
+
+    /// Whether a request carrying `bytes` of payload may start now.
+    fn admits(&self, bytes: usize) -> bool {
+        if self.outstanding() >= self.max_requests {
+            return false;
+        }
+        bytes == 0 || self.held_bytes() == 0 || self.held_bytes() + bytes <= BYTES_IN_FLIGHT
+    }
+
+    /// Parses and starts as many requests as the buffered bytes and the limits allow.
+    fn parse(&mut self) -> Result<Parsed, String> {
+        loop {
+            match &mut self.incoming {
+                Incoming::Skip { left } => {
+                    let take = (*left).min(self.rx.pending().len());
+                    self.rx.consume(take);
+                    *left -= take;
+                    if *left > 0 {
+                        return Ok(Parsed::NeedBytes);
+                    }
+                    self.incoming = Incoming::Header;
+                }
+                Incoming::Payload { buf, filled, .. } => {
+                    let target = buf.bytes_mut();
+                    let take = (target.len() - *filled).min(self.rx.pending().len());
+                    target[*filled..*filled + take]
+                        .copy_from_slice(&self.rx.buf[self.rx.start..self.rx.start + take]);
+                    *filled += take;
+                    self.rx.consume(take);
+                    if *filled < target.len() {
+                        return Ok(Parsed::NeedBytes);
+                    }
+                    let Incoming::Payload {
+                        cookie,
+                        offset,
+                        fua,
+                        buf,
+                        ..
+                    } = std::mem::replace(&mut self.incoming, Incoming::Header)
+                    else {
+                        unreachable!("matched a payload above");
+                    };
+                    self.start_write(cookie, offset, fua, buf);
+                }
+                Incoming::Header => {
+                    let Some(raw) = self.rx.pending().get(..proto::REQUEST_HEADER_LEN) else {
+                        return Ok(Parsed::NeedBytes);
+                    };
+                    let raw: &[u8; proto::REQUEST_HEADER_LEN] =
+                        raw.try_into().map_err(|_| "short header".to_owned())?;
+                    let header = RequestHeader::parse(raw).map_err(|e| e.to_string())?;
+                    let action = proto::classify_request(&self.session, &header)
+                        .map_err(|e| e.to_string())?;
+                    let data_len = match &action {
+                        RequestAction::Execute(
+                            Command::Read { length, .. } | Command::Write { length, .. },
+                        ) => usize::try_from(*length).unwrap_or(usize::MAX),
+                        _ => 0,
+                    };
+                    if !self.admits(data_len) {
+                        return Ok(Parsed::Throttled);
+                    }
+                    self.rx.consume(proto::REQUEST_HEADER_LEN);
+                    match action {
+                        RequestAction::Disconnect => return Ok(Parsed::Disconnect),
+                        RequestAction::Reject {
+                            error,
+                            discard,
+                            reason,
+                        } => {
+                            tracing::debug!(
+                                command = header.command,
+                                offset = header.offset,
+                                length = header.length,
+                                error,
+                                reason,
+                                "NBD request rejected"
+                            );
+                            self.outbox.error(
+                                self.session.structured,
+                                header.cookie,
+                                error,
+                                reason,
+                            );
+                            if discard > 0 {
+                                self.incoming = Incoming::Skip {
+                                    left: usize::try_from(discard).unwrap_or(usize::MAX),
+                                };
+                            }
+                        }
+                        RequestAction::Execute(Command::Write { offset, fua, .. }) => {
+                            let buf = self.export.buffer(data_len);
+                            self.running_bytes += data_len;
+                            self.incoming = Incoming::Payload {
+                                cookie: header.cookie,
+                                offset,
+                                fua,
+                                buf,
+                                filled: 0,
+                            };
+                        }
+                        RequestAction::Execute(command) => {
+                            self.start(header.cookie, command, data_len);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_write(&mut self, cookie: u64, offset: u64, fua: bool, buf: E::Buffer) {
+        let export = Arc::clone(&self.export);
+        let held = buf.bytes().len();
+        self.running.push(Box::pin(async move {
+            let result = export.write(offset, buf, fua).await;
+            Done::Status {
+                cookie,
+                held,
+                result,
+            }
+        }));
+    }
+
+    fn start(&mut self, cookie: u64, command: Command, data_len: usize) {
+        let export = Arc::clone(&self.export);
+        let future: RequestFuture<E::Buffer> = match command {
+            Command::Read {
+                offset,
+                length: _,
+                no_fragment,
+            } => {
+                let buf = export.buffer(data_len);
+                self.running_bytes += data_len;
+                Box::pin(async move {
+                    let result = export.read(offset, buf).await;
+                    Done::Read {
+                        cookie,
+                        offset,
+                        length: data_len,
+                        no_fragment,
+                        result,
+                    }
+                })
+            }
+            Command::Write { .. } => {
+                // Writes start from `start_write` once their payload is in.
+                return;
+            }
+            Command::Flush => Box::pin(async move {
+                Done::Status {
+                    cookie,
+                    held: 0,
+                    result: export.flush().await,
+                }
+            }),
+            Command::Trim {
+                offset,
+                length,
+                fua,
+            } => Box::pin(async move {
+                Done::Status {
+                    cookie,
+                    held: 0,
+                    result: export.trim(offset, u64::from(length), fua).await,
+                }
+            }),
+            Command::WriteZeroes {
+                offset,
+                length,
+                flags,
+            } => Box::pin(async move {
+                Done::Status {
+                    cookie,
+                    held: 0,
+                    result: export.write_zeroes(offset, u64::from(length), flags).await,
+                }
+            }),
+            Command::Cache { offset, length } => Box::pin(async move {
+                Done::Status {
+                    cookie,
+                    held: 0,
+                    result: export.cache(offset, u64::from(length)).await,
+                }
+            }),
+            Command::BlockStatus {
+                offset,
+                length,
+                req_one,
+                context,
+            } => Box::pin(async move {
+                Done::BlockStatus {
+                    cookie,
+                    offset,
+                    length,
+                    req_one,
+                    context,
+                    result: export.block_status(offset, u64::from(length)).await,
+                }
+            }),
+        };
+        self.running.push(future);
+    }
+}
+
+/// How the connection ended.
+enum End {
+    /// Client disconnected cleanly (`NBD_CMD_DISC` or end of stream between requests).
+    Graceful,
+    /// Protocol violation or I/O error.
+    Broken(String),
+    /// Server shutdown.
+    Shutdown,
+}
+
+/// Serves requests on `stream` until the client leaves, breaks the protocol, or the server
+/// shuts down.
+pub(crate) async fn serve<E, S>(
+    export: Arc<E>,
+    session: Session,
+    max_requests: usize,
+    stream: S,
+    shutdown: &mut watch::Receiver<bool>,
+) where
+    E: Export,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut conn = Connection {
+        export,
+        session,
+        max_requests: max_requests.max(1),
+        running: FuturesUnordered::new(),
+        running_bytes: 0,
+        incoming: Incoming::Header,
+        rx: Rx {
+            buf: vec![0u8; RX_BUFFER],
+            start: 0,
+            end: 0,
+        },
+        outbox: Outbox::new(),
+    };
+    let end = run(&mut conn, &mut reader, &mut writer, shutdown).await;
+    match end {
+        End::Graceful => {
+            let _ = writer.shutdown().await;
+        }
+        End::Broken(reason) => tracing::debug!(%reason, "NBD connection closed"),
+        End::Shutdown => tracing::debug!("NBD connection closed by server shutdown"),
+    }
+}
+
+async fn run<E, R, W>(
+    conn: &mut Connection<E>,
+    reader: &mut R,
+    writer: &mut W,
+    shutdown: &mut watch::Receiver<bool>,
+) -> End
+where
+    E: Export,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reading = true;
+    // The parser waits for a request slot or payload budget.
+    let mut throttled = false;
+    // Something changed that may let the parser make progress.
+    let mut parse_again = false;
+    loop {
+        if *shutdown.borrow() {
+            return End::Shutdown;
+        }
+        if reading && parse_again {
+            parse_again = false;
+            match conn.parse() {
+                Ok(Parsed::NeedBytes) => throttled = false,
+                Ok(Parsed::Throttled) => throttled = true,
+                Ok(Parsed::Disconnect) => reading = false,
+                Err(reason) => return End::Broken(reason),
+            }
+        }
+        if !reading && conn.running.is_empty() && conn.outbox.is_empty() {
+            return End::Graceful;
+        }
+        let direct = match &conn.incoming {
+            Incoming::Payload { buf, filled, .. } => buf.bytes().len() - *filled >= DIRECT_PAYLOAD,
+            _ => false,
+        };
+        let may_read = reading && !throttled;
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return End::Shutdown,
+            Some(done) = conn.running.next(), if !conn.running.is_empty() => {
+                conn.running_bytes = conn.running_bytes.saturating_sub(done.held());
+                let structured = conn.session.structured;
+                conn.outbox.finish(structured, done);
+                parse_again |= throttled;
+            }
+            written = write_some(writer, &conn.outbox), if !conn.outbox.is_empty() => {
+                match written {
+                    Ok(0) => return End::Broken("socket closed while writing replies".into()),
+                    Ok(count) => {
+                        conn.outbox.advance(count);
+                        parse_again |= throttled;
+                    }
+                    Err(error) => return End::Broken(format!("writing replies: {error}")),
+                }
+            }
+            received = read_some(reader, &mut conn.incoming, &mut conn.rx, direct), if may_read => {
+                match received {
+                    Ok(0) => {
+                        let clean = matches!(conn.incoming, Incoming::Header)
+                            && conn.rx.start == conn.rx.end;
+                        if !clean {
+                            return End::Broken("stream ended inside a request".into());
+                        }
+                        reading = false;
+                    }
+                    Ok(_) => parse_again = true,
+                    Err(error) => return End::Broken(format!("reading requests: {error}")),
+                }
+            }
+        }
+    }
+}
+
+async fn write_some<W, B>(writer: &mut W, outbox: &Outbox<B>) -> io::Result<usize>
+where
+    W: AsyncWrite + Unpin,
+    B: ExportBuffer,
+{
+    let (slices, count) = outbox.slices();
+    if count == 1 {
+        writer.write(&slices[0]).await
+    } else {
+        writer.write_vectored(&slices[..count]).await
+    }
+}
+
+async fn read_some<R, B>(
+    reader: &mut R,
+    incoming: &mut Incoming<B>,
+    rx: &mut Rx,
+    direct: bool,
+) -> io::Result<usize>
+where
+    R: AsyncRead + Unpin,
+    B: ExportBuffer,
+{
+    if direct {
+        if let Incoming::Payload { buf, filled, .. } = incoming {
+            let n = reader.read(&mut buf.bytes_mut()[*filled..]).await?;
+            *filled += n;
+            return Ok(n);
+        }
+    }
+    let n = reader.read(rx.space()).await?;
+    rx.end += n;
+    Ok(n)
+}

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Benchmark of NBD servers on one raw image (not a test; numbers depend on the machine).
+#
+# In one run, on the same raw file held in the page cache, fio's nbd engine runs
+#   4k random read QD32, 4k random write QD32, 1M sequential read QD8
+# against:
+#   ours      tapdisk's export (tap-ctl create -b none -D: buffered I/O, like the peers below;
+#             TAPDISK_IO_ENGINE picks the engine, default auto = io_uring when available)
+#   qemu-nbd  --aio=threads and --aio=io_uring, both --cache=writeback (page cache)
+#   nbdkit    file plugin (page cache; cache=default)
+# and prints a table of IOPS and bandwidth with ratios against the fastest peer.
+#
+# Environment: SIZE (default 1G), RUNTIME seconds per job (default 10), SERVERS (subset of
+# "ours qemu-threads qemu-uring nbdkit"), JOBS (subset of "randread randwrite seqread").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE=${SIZE:-1G}
+RUNTIME=${RUNTIME:-10}
+SERVERS=${SERVERS:-"ours qemu-threads qemu-uring nbdkit"}
+JOBS=${JOBS:-"randread randwrite seqread"}
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+cargo build --release --bins -q
+BIN=$CARGO_TARGET_DIR/release
+
+WORK=$(mktemp -d /tmp/bench-nbd.XXXXXX)
+export BLKTAP_CONTROL_DIR=$WORK/ctl
+SERVER_PID=
+cleanup() {
+    stop_server || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+IMAGE=$WORK/disk.img
+echo "# image: $SIZE raw at $IMAGE (random data, then read into the page cache)" >&2
+fio --name=fill --filename="$IMAGE" --size="$SIZE" --rw=write --bs=1M --refill_buffers \
+    --ioengine=psync --end_fsync=1 --output=/dev/null
+cat "$IMAGE" >/dev/null
+
+SOCK=
+start_server() {
+    case $1 in
+    ours)
+        marker=$("$BIN/tap-ctl" create -a "aio:$IMAGE" -b none -D)
+        minor=${marker##*tapdisk-}
+        pid=$("$BIN/tap-ctl" list -m "$minor" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
+        SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
+        OURS="$pid $minor"
+        ;;
+    qemu-threads | qemu-uring)
+        aio=threads
+        [ "$1" = qemu-uring ] && aio=io_uring
+        SOCK=$WORK/qemu.sock
+        qemu-nbd -f raw --aio=$aio --cache=writeback -t -e 16 -k "$SOCK" "$IMAGE" &
+        SERVER_PID=$!
+        ;;
+    nbdkit)
+        SOCK=$WORK/nbdkit.sock
+        nbdkit -f -U "$SOCK" file "file=$IMAGE" &
+        SERVER_PID=$!
+        ;;
+    esac
+    for _ in $(seq 100); do [ -S "$SOCK" ] && return 0; sleep 0.05; done
+    echo "server $1 did not come up" >&2
+    return 1
+}
+
+stop_server() {
+    if [ -n "${OURS:-}" ]; then
+        set -- $OURS
+        "$BIN/tap-ctl" destroy -p "$1" -m "$2" || true
+        OURS=
+    fi
+    if [ -n "$SERVER_PID" ]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+    fi
+    rm -f "$WORK"/*.sock
+}
+
+# run_job JOB -> prints "iops bw_MiBps"
+run_job() {
+    case $1 in
+    randread) args="--rw=randread --bs=4k --iodepth=32" ;;
+    randwrite) args="--rw=randwrite --bs=4k --iodepth=32" ;;
+    seqread) args="--rw=read --bs=1M --iodepth=8" ;;
+    esac
+    # fio's nbd engine prints a line on stdout before the JSON document.
+    # shellcheck disable=SC2086
+    fio --name="$1" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" $args \
+        --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 \
+        --output-format=json | sed -n '/^{/,$p' |
+        python3 -c '
+import json, sys
+job = json.load(sys.stdin)["jobs"][0]
+side = job["read"] if job["read"]["io_bytes"] else job["write"]
+print("%.0f %.1f" % (side["iops"], side["bw_bytes"] / 2**20))'
+}
+
+RESULTS=$WORK/results
+: >"$RESULTS"
+for server in $SERVERS; do
+    start_server "$server"
+    for job in $JOBS; do
+        read -r iops bw < <(run_job "$job")
+        echo "$server $job $iops $bw" >>"$RESULTS"
+        printf '%-13s %-10s %10s IOPS %9s MiB/s\n' "$server" "$job" "$iops" "$bw" >&2
+    done
+    stop_server
+done
+
+python3 - "$RESULTS" <<'EOF'
+import sys
+rows = [line.split() for line in open(sys.argv[1])]
+data = {(s, j): (float(i), float(b)) for s, j, i, b in rows}
+servers = list(dict.fromkeys(r[0] for r in rows))
+jobs = list(dict.fromkeys(r[1] for r in rows))
+peers = [s for s in servers if s != "ours"]
+print()
+print("| job | " + " | ".join(servers) + " | ours / fastest peer |")
+print("|---|" + "---|" * len(servers) + "---|")
+for job in jobs:
+    unit = 1 if job == "seqread" else 0
+    cells = []
+    for s in servers:
+        v = data.get((s, job))
+        cells.append("-" if v is None else (f"{v[1]:.0f} MiB/s" if unit else f"{v[0]/1000:.1f}k IOPS"))
+    ratio = "-"
+    if ("ours", job) in data and peers:
+        best = max(data[(p, job)][unit] for p in peers if (p, job) in data)
+        ratio = f"{data[('ours', job)][unit] / best:.2f}x"
+    print(f"| {job} | " + " | ".join(cells) + f" | {ratio} |")
+EOF

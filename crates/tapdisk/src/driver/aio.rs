@@ -14,8 +14,7 @@ use super::{
     Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, ReadOutcome, StatusRun,
     ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
-use crate::engine::sync::PreadEngine;
-use crate::engine::{IoEngine, IoFuture};
+use crate::engine::{open_engine, EngineChoice, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
 /// A raw image.
@@ -25,7 +24,7 @@ pub struct AioImage {
     info: DiskInfo,
     /// The open file, shared with the engine (allocation queries use it directly).
     file: Arc<File>,
-    engine: PreadEngine,
+    engine: Box<dyn IoEngine>,
     read_only: bool,
     direct: bool,
     block_device: bool,
@@ -76,7 +75,7 @@ impl AioImage {
         Ok(Self {
             path: path.to_path_buf(),
             info,
-            engine: PreadEngine::shared(Arc::clone(&file)),
+            engine: open_engine(Arc::clone(&file), !direct, EngineChoice::from_env()),
             file,
             read_only,
             direct,
@@ -271,9 +270,10 @@ impl ImageDriver for AioImage {
 
     fn stats_json(&self) -> Option<String> {
         Some(format!(
-            "{{ \"reqs\": {{ \"max\": {}, \"pending\": {} }} }}",
+            "{{ \"reqs\": {{ \"max\": {}, \"pending\": {} }}, \"engine\": \"{}\" }}",
             crate::vbd::MAX_REQUESTS,
-            self.engine.pending()
+            self.engine.pending(),
+            self.engine.name()
         ))
     }
 }

@@ -1,11 +1,19 @@
 //! I/O engines: how an image driver's file reads and writes reach the kernel.
 //!
 //! Drivers never call `pread`/`pwrite` themselves; they hand owned, aligned buffers to an
-//! [`IoEngine`] and await the result. Today there is one engine, [`sync::PreadEngine`], which
-//! runs positioned reads and writes on tokio's blocking thread pool; an io_uring engine can be
-//! added beside it without touching the drivers.
+//! [`IoEngine`] and await the result. Two engines:
+//! * [`uring::UringEngine`]: io_uring, the default where the kernel allows it;
+//! * [`sync::PreadEngine`]: `pread`/`pwrite` on tokio's blocking pool (buffered reads that hit
+//!   the page cache are tried inline first), the fallback and the reference in tests.
+//!
+//! [`open_engine`] picks one at run time: `TAPDISK_IO_ENGINE=io_uring|pread|auto` (default
+//! `auto`: io_uring when a probe ring supports read, write and fsync).
 
 pub mod sync;
+pub mod uring;
+
+use std::fs::File;
+use std::sync::OnceLock;
 
 use std::future::Future;
 use std::io;
@@ -34,4 +42,47 @@ pub trait IoEngine: Send + Sync + std::fmt::Debug {
     fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
     /// Requests currently submitted and not yet completed.
     fn pending(&self) -> usize;
+    /// The engine's name (`io_uring`, `pread`), for stats and logs.
+    fn name(&self) -> &'static str;
+}
+
+/// The engine `TAPDISK_IO_ENGINE` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// io_uring when available, else pread.
+    Auto,
+    /// io_uring, falling back to pread (with a warning) when unavailable.
+    Uring,
+    /// pread/pwrite on the blocking pool.
+    Pread,
+}
+
+impl EngineChoice {
+    /// Reads `TAPDISK_IO_ENGINE` (unset or unknown: `Auto`).
+    pub fn from_env() -> Self {
+        match std::env::var("TAPDISK_IO_ENGINE").as_deref() {
+            Ok("io_uring") | Ok("uring") => Self::Uring,
+            Ok("pread") | Ok("sync") => Self::Pread,
+            _ => Self::Auto,
+        }
+    }
+}
+
+fn uring_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(uring::supported)
+}
+
+/// Opens the engine chosen by `choice` over `file`; `buffered` files (no `O_DIRECT`) let the
+/// pread engine try page-cache reads inline.
+pub fn open_engine(file: Arc<File>, buffered: bool, choice: EngineChoice) -> Box<dyn IoEngine> {
+    if choice != EngineChoice::Pread && uring_supported() {
+        match uring::UringEngine::new(Arc::clone(&file)) {
+            Ok(engine) => return Box::new(engine),
+            Err(error) => tracing::warn!(%error, "io_uring engine unavailable; using pread"),
+        }
+    } else if choice == EngineChoice::Uring {
+        tracing::warn!("io_uring not supported here; using pread");
+    }
+    Box::new(sync::PreadEngine::shared(file).with_inline_reads(buffered))
 }

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{IoEngine, IoFuture};
@@ -16,6 +16,9 @@ use crate::iobuf::IoBuf;
 pub struct PreadEngine {
     file: Arc<File>,
     pending: Arc<AtomicUsize>,
+    /// Try `preadv2(RWF_NOWAIT)` on the calling thread first (buffered files only: a read
+    /// served from the page cache then costs no thread hand-off).
+    inline_reads: AtomicBool,
 }
 
 impl PreadEngine {
@@ -29,6 +32,27 @@ impl PreadEngine {
         Self {
             file,
             pending: Arc::new(AtomicUsize::new(0)),
+            inline_reads: AtomicBool::new(false),
+        }
+    }
+
+    /// Enables inline page-cache reads (only for files opened without `O_DIRECT`).
+    pub fn with_inline_reads(self, enabled: bool) -> Self {
+        self.inline_reads.store(enabled, Ordering::Relaxed);
+        self
+    }
+
+    /// Reads all of `buf` without blocking, if the page cache holds it.
+    fn try_read_inline(&self, buf: &mut [u8], offset: u64) -> bool {
+        let flags = rustix::io::ReadWriteFlags::NOWAIT;
+        let len = buf.len();
+        match rustix::io::preadv2(&*self.file, &mut [io::IoSliceMut::new(buf)], offset, flags) {
+            Ok(n) => n == len,
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                self.inline_reads.store(false, Ordering::Relaxed);
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -75,6 +99,11 @@ fn read_full_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> 
 
 impl IoEngine for PreadEngine {
     fn read_at(&self, mut buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf> {
+        if self.inline_reads.load(Ordering::Relaxed)
+            && self.try_read_inline(buf.as_mut_slice(), offset)
+        {
+            return Box::pin(std::future::ready(Ok(buf)));
+        }
         self.run(move |file| {
             read_full_at(file, buf.as_mut_slice(), offset)?;
             Ok(buf)
@@ -107,6 +136,10 @@ impl IoEngine for PreadEngine {
 
     fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
+    }
+
+    fn name(&self) -> &'static str {
+        "pread"
     }
 }
 

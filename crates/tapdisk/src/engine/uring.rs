@@ -1,0 +1,505 @@
+//! The io_uring engine: positioned reads, writes and `fdatasync` submitted to one io_uring per
+//! open image, completed without a thread hand-off.
+//!
+//! How a request runs:
+//! 1. the request's future takes the ring lock, queues one SQE and calls `io_uring_enter`; a
+//!    buffered read that hits the page cache completes inside that call;
+//! 2. still under the lock, it reaps whatever completed (its own completion included) and
+//!    wakes the owners of the others;
+//! 3. completions that arrive later (device I/O, page-cache misses handled by the kernel's
+//!    workers) signal an eventfd registered with the ring; a reaper task on the tokio reactor
+//!    reaps them and wakes their futures.
+//!
+//! Buffers belong to the ring's slot table from submission until their completion has been
+//! reaped, so a future dropped early (a cancelled request) never frees memory the kernel may
+//! still write to; dropping the engine waits for every submitted operation first. Discard
+//! and zeroing (rare, and often slow) run on the blocking pool through [`PreadEngine`].
+
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::io::unix::AsyncFd;
+
+use super::sync::PreadEngine;
+use super::{IoEngine, IoFuture};
+use crate::iobuf::IoBuf;
+
+/// Submission queue entries per ring.
+const RING_ENTRIES: u32 = 256;
+
+/// True when this kernel lets us create a ring that can read, write and fsync files.
+pub fn supported() -> bool {
+    let Ok(ring) = IoUring::new(8) else {
+        return false;
+    };
+    let mut probe = io_uring::Probe::new();
+    if ring.submitter().register_probe(&mut probe).is_err() {
+        return false;
+    }
+    [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE]
+        .iter()
+        .all(|code| probe.is_supported(*code))
+}
+
+/// What a slot keeps alive while the kernel owns it.
+enum Held {
+    Nothing,
+    Read(IoBuf),
+    /// Never read: it only keeps the data alive while the kernel reads it.
+    #[allow(dead_code)]
+    Write(Arc<IoBuf>),
+}
+
+struct Slot {
+    held: Held,
+    result: Option<i32>,
+    waker: Option<Waker>,
+    /// The future went away: free the slot when the completion arrives.
+    abandoned: bool,
+    in_use: bool,
+}
+
+struct Ring {
+    ring: IoUring,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Operations submitted and not yet reaped.
+    submitted: usize,
+}
+
+impl Ring {
+    /// Moves every available completion into its slot and wakes its owner.
+    fn reap(&mut self) {
+        let mut woken = Vec::new();
+        for cqe in self.ring.completion() {
+            let Ok(index) = usize::try_from(cqe.user_data()) else {
+                continue;
+            };
+            let Some(slot) = self.slots.get_mut(index) else {
+                continue;
+            };
+            self.submitted = self.submitted.saturating_sub(1);
+            if slot.abandoned {
+                slot.held = Held::Nothing;
+                slot.abandoned = false;
+                slot.in_use = false;
+                self.free.push(index);
+                continue;
+            }
+            slot.result = Some(cqe.result());
+            if let Some(waker) = slot.waker.take() {
+                woken.push(waker);
+            }
+        }
+        for waker in woken {
+            waker.wake();
+        }
+    }
+
+    fn take_slot(&mut self) -> usize {
+        if let Some(index) = self.free.pop() {
+            return index;
+        }
+        self.slots.push(Slot {
+            held: Held::Nothing,
+            result: None,
+            waker: None,
+            abandoned: false,
+            in_use: false,
+        });
+        self.slots.len() - 1
+    }
+
+    /// Queues `entry` (tagged with `index`) and tells the kernel.
+    fn submit(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every buffer an entry points at is owned by its slot (`Held`) until the
+            // completion is reaped: the heap memory of an `IoBuf` does not move when the
+            // value moves, slots are only released after their completion, and dropping the
+            // ring first waits for every submitted operation. The file descriptor belongs
+            // to the engine, which outlives the ring.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                break;
+            }
+            // Queue full: hand what is queued to the kernel and retry.
+            self.ring.submit()?;
+        }
+        self.submitted += 1;
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            // The entry stays queued; the next submit carries it.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers of operations in flight: wait for them.
+        while self.submitted > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let before = self.submitted;
+            for _ in self.ring.completion() {
+                self.submitted = self.submitted.saturating_sub(1);
+            }
+            if self.submitted == before {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+struct Shared {
+    ring: Mutex<Ring>,
+    /// Kept open for as long as the ring may reference it.
+    file: Arc<File>,
+    pending: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Positioned I/O on one file through io_uring.
+pub struct UringEngine {
+    shared: Arc<Shared>,
+    /// Discard and zeroing.
+    blocking: PreadEngine,
+    reaper: tokio::task::AbortHandle,
+}
+
+impl std::fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringEngine")
+            .field("pending", &self.pending())
+            .finish()
+    }
+}
+
+/// Creates a non-blocking eventfd.
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl UringEngine {
+    /// An engine over `file`. Must run inside a tokio runtime (the reaper task is spawned
+    /// on it). Fails when io_uring is unavailable.
+    pub fn new(file: Arc<File>) -> io::Result<Self> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let ring = IoUring::new(RING_ENTRIES)?;
+        let notify = eventfd()?;
+        ring.submitter().register_eventfd(notify.as_raw_fd())?;
+        let notify = {
+            let _context = runtime.enter();
+            // SAFETY: the `OwnedFd` is moved into the `AsyncFd` and owns the descriptor for
+            // the `AsyncFd`'s whole life, so it stays open and unchanged until then.
+            unsafe { AsyncFd::register_with_interest(notify, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?
+        };
+        let shared = Arc::new(Shared {
+            ring: Mutex::new(Ring {
+                ring,
+                slots: Vec::new(),
+                free: Vec::new(),
+                submitted: 0,
+            }),
+            file: Arc::clone(&file),
+            pending: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&shared);
+        let reaper = runtime
+            .spawn(async move {
+                let mut counter = [0u8; 8];
+                loop {
+                    let Ok(mut ready) = notify.readable().await else {
+                        break;
+                    };
+                    // Clear the counter; `WouldBlock` means it already was.
+                    let _ = rustix::io::read(notify.get_ref(), &mut counter);
+                    ready.clear_ready();
+                    let Some(shared) = weak.upgrade() else {
+                        break;
+                    };
+                    shared.lock().reap();
+                }
+            })
+            .abort_handle();
+        Ok(Self {
+            shared,
+            blocking: PreadEngine::shared(file),
+            reaper,
+        })
+    }
+
+    /// Submits one operation and waits for its result (a byte count or `-errno`).
+    fn op(&self, entry: squeue::Entry, held: Held) -> Op {
+        let mut ring = self.shared.lock();
+        let index = ring.take_slot();
+        let slot = &mut ring.slots[index];
+        slot.held = held;
+        slot.result = None;
+        slot.waker = None;
+        slot.abandoned = false;
+        slot.in_use = true;
+        let entry = entry.user_data(index as u64);
+        let state = match ring.submit(entry) {
+            Ok(()) => {
+                self.shared.pending.fetch_add(1, Ordering::Relaxed);
+                ring.reap();
+                OpState::Submitted(index)
+            }
+            Err(e) => {
+                let slot = &mut ring.slots[index];
+                let held = std::mem::replace(&mut slot.held, Held::Nothing);
+                slot.in_use = false;
+                ring.free.push(index);
+                OpState::Failed(Some((e, held)))
+            }
+        };
+        Op {
+            shared: Arc::clone(&self.shared),
+            state,
+        }
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.shared.file.as_raw_fd())
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.reaper.abort();
+    }
+}
+
+enum OpState {
+    Submitted(usize),
+    Failed(Option<(io::Error, Held)>),
+    Done,
+}
+
+/// One submitted operation: resolves to its raw result and the buffer it held.
+struct Op {
+    shared: Arc<Shared>,
+    state: OpState,
+}
+
+impl Future for Op {
+    type Output = (io::Result<u32>, Held);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let index = match &mut self.state {
+            OpState::Submitted(index) => *index,
+            OpState::Failed(failure) => {
+                let (error, held) = failure
+                    .take()
+                    .unwrap_or_else(|| (io::Error::other("operation polled again"), Held::Nothing));
+                self.state = OpState::Done;
+                return Poll::Ready((Err(error), held));
+            }
+            OpState::Done => {
+                return Poll::Ready((
+                    Err(io::Error::other("operation polled again")),
+                    Held::Nothing,
+                ))
+            }
+        };
+        let mut ring = self.shared.lock();
+        if ring.slots[index].result.is_none() {
+            ring.reap();
+        }
+        let slot = &mut ring.slots[index];
+        let Some(result) = slot.result.take() else {
+            match &slot.waker {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => slot.waker = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        };
+        let held = std::mem::replace(&mut slot.held, Held::Nothing);
+        slot.in_use = false;
+        slot.waker = None;
+        ring.free.push(index);
+        drop(ring);
+        self.shared.pending.fetch_sub(1, Ordering::Relaxed);
+        self.state = OpState::Done;
+        let result = if result < 0 {
+            Err(io::Error::from_raw_os_error(-result))
+        } else {
+            Ok(result.unsigned_abs())
+        };
+        Poll::Ready((result, held))
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        if let OpState::Submitted(index) = self.state {
+            let mut ring = self.shared.lock();
+            let slot = &mut ring.slots[index];
+            if slot.result.is_some() {
+                // Completed but never collected: release now.
+                slot.held = Held::Nothing;
+                slot.in_use = false;
+                slot.result = None;
+                ring.free.push(index);
+            } else {
+                slot.abandoned = true;
+                slot.waker = None;
+            }
+            drop(ring);
+            self.shared.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Largest single transfer handed to one SQE.
+fn chunk_len(left: usize) -> u32 {
+    u32::try_from(left).unwrap_or(u32::MAX & !4095)
+}
+
+impl IoEngine for UringEngine {
+    fn read_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf> {
+        Box::pin(async move {
+            let mut buf = buf;
+            let mut done = 0usize;
+            while done < buf.len() {
+                let target = &mut buf.as_mut_slice()[done..];
+                let entry =
+                    opcode::Read::new(self.fd(), target.as_mut_ptr(), chunk_len(target.len()))
+                        .offset(offset + done as u64)
+                        .build();
+                let (result, held) = self.op(entry, Held::Read(buf)).await;
+                buf = match held {
+                    Held::Read(buf) => buf,
+                    _ => return Err(io::Error::other("io_uring read lost its buffer")),
+                };
+                match result {
+                    Ok(0) => {
+                        // End of file: the rest reads as zeros.
+                        let len = buf.len();
+                        buf.zero_range(done..len);
+                        break;
+                    }
+                    Ok(n) => done += n as usize,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(buf)
+        })
+    }
+
+    fn write_at(&self, buf: Arc<IoBuf>, offset: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let mut done = 0usize;
+            while done < buf.len() {
+                let source = &buf.as_slice()[done..];
+                let entry = opcode::Write::new(self.fd(), source.as_ptr(), chunk_len(source.len()))
+                    .offset(offset + done as u64)
+                    .build();
+                let (result, _) = self.op(entry, Held::Write(Arc::clone(&buf))).await;
+                match result {
+                    Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+                    Ok(n) => done += n as usize,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn sync_data(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let entry = opcode::Fsync::new(self.fd())
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            self.op(entry, Held::Nothing).await.0.map(|_| ())
+        })
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.blocking.punch_hole(offset, len)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.blocking.zero_range(offset, len)
+    }
+
+    fn pending(&self) -> usize {
+        self.shared.pending.load(Ordering::Relaxed) + self.blocking.pending()
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn matches_the_pread_engine_and_survives_cancelled_requests() {
+        if !supported() {
+            eprintln!("skipped: io_uring unavailable");
+            return;
+        }
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        file.set_len(1 << 20).unwrap();
+        let engine = UringEngine::new(Arc::clone(&file)).unwrap();
+        let reference = PreadEngine::shared(Arc::clone(&file));
+        let data = Arc::new(IoBuf::copy_from(&[0x3c; 65536]));
+        engine.write_at(data, 8192).await.unwrap();
+        engine.sync_data().await.unwrap();
+        let ours = engine.read_at(IoBuf::zeroed(131072), 0).await.unwrap();
+        let theirs = reference.read_at(IoBuf::zeroed(131072), 0).await.unwrap();
+        assert_eq!(ours.as_slice(), theirs.as_slice());
+        assert!(ours.as_slice()[8192..8192 + 65536]
+            .iter()
+            .all(|b| *b == 0x3c));
+        // Past the end of the file: zeros.
+        let tail = engine
+            .read_at(IoBuf::zeroed(8192), (1 << 20) - 4096)
+            .await
+            .unwrap();
+        assert!(tail.as_slice().iter().all(|b| *b == 0));
+        // Many concurrent requests, half of them dropped before completion.
+        let mut kept = Vec::new();
+        for i in 0..64u64 {
+            let future = engine.read_at(IoBuf::zeroed(4096), i * 4096);
+            if i % 2 == 0 {
+                kept.push(future);
+            } else {
+                // Polled once (submitted), then dropped whether or not it completed.
+                let _ = tokio::time::timeout(std::time::Duration::ZERO, future).await;
+            }
+        }
+        for future in kept {
+            future.await.unwrap();
+        }
+        assert_eq!(engine.pending(), 0);
+        drop(engine);
+    }
+}

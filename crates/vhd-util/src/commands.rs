@@ -155,11 +155,27 @@ pub fn snapshot(args: &[String]) -> i32 {
             }
         }
     }
+    // Like the C tool: the parent by its real path; a missing parent fails
+    // silently with its errno.
+    let ppath = match std::fs::canonicalize(parent) {
+        Ok(pp) => pp,
+        Err(e) => return e.raw_os_error().unwrap_or(EINVAL),
+    };
     let target = if raw || p.has('e') {
-        PathBuf::from(parent)
+        ppath
     } else {
-        match ops::snapshot_target(Path::new(parent)) {
-            Ok(t) => t,
+        match ops::find_snapshot_target(&ppath) {
+            Ok((t, target_raw)) => {
+                if t != ppath {
+                    // Skipped empty parents: keep the size of the one given.
+                    match open_ro(&ppath.display().to_string(), false) {
+                        Ok(img) => opts.virtual_size = Some(img.virtual_size()),
+                        Err(e) => return e.errno(),
+                    }
+                }
+                opts.parent_raw |= target_raw;
+                t
+            }
             Err(e) => {
                 println!("error opening {parent}: {}", neg(&e));
                 return e.errno();
@@ -213,7 +229,14 @@ pub fn query(args: &[String]) -> i32 {
         println!("{}", img.virtual_size() >> 20);
     }
     if p.has('s') {
-        println!("{}", img.physical_size());
+        // End of the data plus the footer, as the C tool computes it (not
+        // the file size: a footer can sit past unused space).
+        let size = if img.disk_type().is_sparse() {
+            img.end_of_data() + 512
+        } else {
+            img.physical_size()
+        };
+        println!("{size}");
     }
     if p.has('p') {
         if img.disk_type() != DiskType::Differencing {
@@ -253,7 +276,8 @@ pub fn query(args: &[String]) -> i32 {
         }
     }
     if p.has('S') {
-        let max = img.header().map_or(img.virtual_size(), |h| {
+        // Fixed disks have no BAT to grow into: 0, like the C tool.
+        let max = img.header().map_or(0, |h| {
             u64::from(h.max_table_entries) * u64::from(h.block_size)
         });
         println!("{}", max >> 20);
@@ -482,165 +506,8 @@ pub fn modify(args: &[String]) -> i32 {
     }
 }
 
-/// Minimal `fnmatch` for `scan -m`: `*` and `?`.
-fn glob(pat: &[u8], s: &[u8]) -> bool {
-    match pat.split_first() {
-        None => s.is_empty(),
-        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
-        Some((b'?', rest)) => !s.is_empty() && glob(rest, &s[1..]),
-        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
-    }
-}
-
-struct ScanEntry {
-    path: PathBuf,
-    line: String,
-    parent: Option<PathBuf>,
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn scan_one(path: &Path, verbose: bool, markers: bool) -> ScanEntry {
-    let shown = |p: &Path| {
-        if verbose {
-            p.display().to_string()
-        } else {
-            p.file_name().map_or_else(
-                || p.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            )
-        }
-    };
-    let name = shown(path);
-    let img = match open_ro(&path.display().to_string(), false) {
-        Ok(i) => i,
-        Err(e) => {
-            return ScanEntry {
-                path: path.to_path_buf(),
-                line: format!("vhd={name} scan-error={} error-message='{e}'", neg(&e)),
-                parent: None,
-            }
-        }
-    };
-    let (parent_name, parent) = if img.has_parent() {
-        match resolve_parent(&img, path) {
-            Ok(pp) => (shown(&pp), Some(pp)),
-            Err(_) => (
-                img.header()
-                    .and_then(|h| h.parent_name().ok())
-                    .unwrap_or_else(|| "none".into()),
-                None,
-            ),
-        }
-    } else {
-        ("none".to_string(), None)
-    };
-    let mut line = format!(
-        "vhd={name} capacity={} size={} hidden={}",
-        img.virtual_size(),
-        img.physical_size(),
-        img.footer().hidden
-    );
-    if markers {
-        let k = img.keyhash().unwrap_or_default();
-        let kh = if k.cookie != 0 {
-            hex(&k.hash)
-        } else {
-            "none".into()
-        };
-        line.push_str(&format!(" marker={} keyhash={kh}", img.marker()));
-    }
-    line.push_str(&format!(" parent={parent_name}"));
-    ScanEntry {
-        path: path.to_path_buf(),
-        line,
-        parent,
-    }
-}
-
 pub fn scan(args: &[String]) -> i32 {
-    const U: &str = "usage: [OPTIONS] FILES\noptions: [-m match filter] [-f fast] [-c continue on failure] [-l LVM volume] [-p pretty print] [-a scan parents] [-v verbose] [-M show markers and keyhashes] [-h help]";
-    let p = match parse(args, "m:fcl:pavMh", U) {
-        Ok(p) => p,
-        Err(c) => return c,
-    };
-    if p.value('l').is_some() {
-        println!("scanning LVM volume groups is not supported");
-        return ENOSYS;
-    }
-    let mut files: Vec<PathBuf> = p.operands.iter().map(PathBuf::from).collect();
-    if let Some(m) = p.value('m') {
-        files.retain(|f| {
-            let n = f
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            glob(m.as_bytes(), n.as_bytes()) || glob(m.as_bytes(), f.to_string_lossy().as_bytes())
-        });
-    }
-    if files.is_empty() {
-        println!("{U}");
-        return EINVAL;
-    }
-    if !p.has('f') {
-        files.sort();
-    }
-    let mut entries: Vec<ScanEntry> = Vec::new();
-    let mut queue = files;
-    let mut seen = std::collections::HashSet::new();
-    let mut err = 0;
-    while let Some(f) = (!queue.is_empty()).then(|| queue.remove(0)) {
-        let key = std::fs::canonicalize(&f).unwrap_or_else(|_| f.clone());
-        if !seen.insert(key) {
-            continue;
-        }
-        let e = scan_one(&f, p.has('v'), p.has('M'));
-        if e.line.contains("scan-error=") {
-            err = EINVAL;
-        }
-        if p.has('a') {
-            if let Some(pp) = &e.parent {
-                queue.push(pp.clone());
-            }
-        }
-        entries.push(e);
-        if err != 0 && !p.has('c') {
-            break;
-        }
-    }
-    if p.has('p') {
-        // Tree: roots first, children indented under their parent.
-        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        let keys: Vec<PathBuf> = entries.iter().map(|e| canon(&e.path)).collect();
-        let parents: Vec<Option<usize>> = entries
-            .iter()
-            .map(|e| {
-                e.parent
-                    .as_ref()
-                    .and_then(|pp| keys.iter().position(|k| *k == canon(pp)))
-            })
-            .collect();
-        fn walk(i: usize, depth: usize, entries: &[ScanEntry], parents: &[Option<usize>]) {
-            println!("{}{}", "   ".repeat(depth), entries[i].line);
-            for (c, p) in parents.iter().enumerate() {
-                if *p == Some(i) {
-                    walk(c, depth + 1, entries, parents);
-                }
-            }
-        }
-        for i in 0..entries.len() {
-            if parents[i].is_none() {
-                walk(i, 0, &entries, &parents);
-            }
-        }
-    } else {
-        for e in &entries {
-            println!("{}", e.line);
-        }
-    }
-    err
+    crate::scan::scan(args)
 }
 
 pub fn check(args: &[String]) -> i32 {

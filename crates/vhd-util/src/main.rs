@@ -7,6 +7,7 @@ mod dump;
 mod getopt;
 mod key;
 mod progress;
+mod scan;
 mod sha256;
 
 use std::process::ExitCode;

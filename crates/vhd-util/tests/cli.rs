@@ -106,17 +106,75 @@ fn create_query_set_scan() {
          vhd=b.vhd capacity=104857600 size=5120 hidden=0 parent=a.vhd\n\
          vhd=f.vhd capacity=4194304 size=4194816 hidden=0 parent=none\n"
     );
+    // -m is a glob over the file system; operands follow in their order.
     assert_eq!(
         ok(p, &["scan", "-p", "-m", "*.vhd", "b.vhd", "a.vhd"]),
         "vhd=a.vhd capacity=104857600 size=5120 hidden=1 parent=none\n   \
+         vhd=b.vhd capacity=104857600 size=5120 hidden=0 parent=a.vhd\n\
+         vhd=f.vhd capacity=4194304 size=4194816 hidden=0 parent=none\n"
+    );
+    assert_eq!(
+        ok(p, &["scan", "f.vhd", "b.vhd"]),
+        "vhd=f.vhd capacity=4194304 size=4194816 hidden=0 parent=none\n\
          vhd=b.vhd capacity=104857600 size=5120 hidden=0 parent=a.vhd\n"
     );
+    // -a follows parents; -v prints full paths.
+    let full = |n: &str| p.join(n).display().to_string();
+    assert_eq!(
+        ok(p, &["scan", "-a", "b.vhd"]),
+        "vhd=b.vhd capacity=104857600 size=5120 hidden=0 parent=a.vhd\n\
+         vhd=a.vhd capacity=104857600 size=5120 hidden=1 parent=none\n"
+    );
+    assert!(ok(p, &["scan", "-v", &full("b.vhd")])
+        .starts_with(&format!("vhd={} capacity=", full("b.vhd"))));
     assert!(ok(p, &["scan", "-M", "a.vhd"]).contains(" marker=1 keyhash=none parent=none"));
     std::fs::write(p.join("junk.vhd"), b"not a vhd").unwrap();
-    let o = run(p, &["scan", "junk.vhd"]);
+    let o = run(p, &["scan", "junk.vhd", "a.vhd"]);
     assert_eq!(o.status.code(), Some(22));
-    assert!(String::from_utf8_lossy(&o.stdout)
-        .starts_with("vhd=junk.vhd scan-error=-22 error-message='"));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "vhd=junk.vhd scan-error=-22 error-message='opening file'\n"
+    );
+    // -c continues and exits 0; a missing operand fails before scanning.
+    let o = run(p, &["scan", "-c", "junk.vhd", "a.vhd"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "vhd=junk.vhd scan-error=-22 error-message='opening file'\n\
+         vhd=a.vhd capacity=104857600 size=5120 hidden=1 parent=none\n"
+    );
+    let o = run(p, &["scan", "a.vhd", "gone.vhd"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "vhd=gone.vhd scan-error=-2 error-message='failure scanning target'\nscan failed: -2\n"
+    );
+    assert_eq!(run(p, &["scan"]).status.code(), Some(22));
+    std::fs::remove_file(p.join("junk.vhd")).unwrap();
+    // -l VG: volumes listed by lvs (a stand-in script here), opened under
+    // the device directory.
+    let bin_dir = p.join("bin");
+    let vg = p.join("dev").join("VG_test");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::fs::create_dir_all(&vg).unwrap();
+    std::fs::copy(p.join("a.vhd"), vg.join("VHD-a")).unwrap();
+    std::fs::copy(p.join("f.vhd"), vg.join("VHD-f")).unwrap();
+    std::fs::write(vg.join("MGT"), b"x").unwrap();
+    let lvs = bin_dir.join("lvs");
+    std::fs::write(&lvs, "#!/bin/sh\nprintf '  MGT\\n  VHD-a\\n  VHD-f\\n'\n").unwrap();
+    std::fs::set_permissions(&lvs, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let o = Command::new(bin())
+        .args(["scan", "-l", "VG_test", "-m", "VHD-*"])
+        .current_dir(p)
+        .env("PATH", format!("{}:/usr/bin:/bin", bin_dir.display()))
+        .env("VHD_UTIL_LVM_DEV_DIR", p.join("dev"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "vhd=VHD-a capacity=104857600 size=5120 hidden=1 parent=none\n\
+         vhd=VHD-f capacity=4194304 size=4194816 hidden=0 parent=none\n"
+    );
     // Depth limit.
     let o = run(
         p,
@@ -125,8 +183,15 @@ fn create_query_set_scan() {
     assert_eq!(o.status.code(), Some(28));
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
-        "snapshot depth exceeded\n"
+        "snapshot depth exceeded: current depth: 2, limit: 2\n"
     );
+    ok(
+        p,
+        &["snapshot", "-n", "c.vhd", "-p", "b.vhd", "-l", "3", "-e"],
+    );
+    // A missing parent fails silently with its errno.
+    let o = run(p, &["snapshot", "-n", "x.vhd", "-p", "missing.vhd"]);
+    assert_eq!((o.status.code(), o.stdout.len()), (Some(2), 0));
 }
 
 #[test]
@@ -494,4 +559,78 @@ fn check_data_and_stats_and_read_dumps() {
          child.vhd appears invalid; dumping metadata\n\
          VHD Footer Summary:\n"
     ));
+}
+
+#[test]
+fn snapshot_skips_empty_parents_and_preallocates() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(p, &["create", "-n", "base.vhd", "-s", "16"]);
+    write(&p.join("base.vhd"), 0, &pattern(1, 1 << 20));
+    ok(p, &["snapshot", "-n", "mid.vhd", "-p", "base.vhd"]);
+    // mid is empty: a snapshot of it links to base unless -e.
+    ok(p, &["snapshot", "-n", "leaf.vhd", "-p", "mid.vhd"]);
+    assert_eq!(ok(p, &["query", "-n", "leaf.vhd", "-p"]), "base.vhd\n");
+    ok(p, &["snapshot", "-n", "leaf-e.vhd", "-p", "mid.vhd", "-e"]);
+    assert!(ok(p, &["query", "-n", "leaf-e.vhd", "-p"]) == "mid.vhd\n");
+    // A non-empty differencing parent is linked as given.
+    write(&p.join("mid.vhd"), 8, &pattern(2, 512));
+    ok(p, &["snapshot", "-n", "leaf2.vhd", "-p", "mid.vhd"]);
+    assert!(ok(p, &["query", "-n", "leaf2.vhd", "-p"]) == "mid.vhd\n");
+    assert_eq!(
+        ok(p, &["query", "-n", "leaf2.vhd", "-d"]),
+        "chain depth: 3\n"
+    );
+    // Skipping keeps the size of the parent given, when the chain's differ.
+    ok(p, &["snapshot", "-n", "grown.vhd", "-p", "base.vhd"]);
+    ok(p, &["resize", "-n", "grown.vhd", "-s", "32", "-j", "g.j"]);
+    ok(p, &["snapshot", "-n", "leaf3.vhd", "-p", "grown.vhd"]);
+    assert_eq!(ok(p, &["query", "-n", "leaf3.vhd", "-v"]), "32\n");
+    assert!(ok(p, &["query", "-n", "leaf3.vhd", "-p"]) == "base.vhd\n");
+    ok(p, &["check", "-n", "leaf3.vhd", "-p"]);
+    // An empty disk over a raw parent: the snapshot gets the raw parent.
+    std::fs::write(p.join("raw.img"), vec![7u8; 4 << 20]).unwrap();
+    ok(
+        p,
+        &["snapshot", "-n", "over-raw.vhd", "-p", "raw.img", "-m"],
+    );
+    ok(p, &["snapshot", "-n", "leaf4.vhd", "-p", "over-raw.vhd"]);
+    assert!(ok(p, &["query", "-n", "leaf4.vhd", "-p"]) == "raw.img\n");
+    assert_eq!(read_all(&p.join("leaf4.vhd")), vec![7u8; 4 << 20]);
+    // -S preallocates metadata that resize -f grows into.
+    ok(
+        p,
+        &[
+            "snapshot", "-n", "pre.vhd", "-p", "base.vhd", "-S", "64", "-e",
+        ],
+    );
+    assert_eq!(ok(p, &["query", "-n", "pre.vhd", "-S", "-v"]), "16\n64\n");
+    ok(p, &["resize", "-n", "pre.vhd", "-s", "64", "-f"]);
+    assert_eq!(ok(p, &["query", "-n", "pre.vhd", "-v"]), "64\n");
+    ok(p, &["check", "-n", "pre.vhd", "-p"]);
+    let o = run(p, &["resize", "-n", "pre.vhd", "-s", "66", "-f"]);
+    assert_eq!(o.status.code(), Some(28));
+    ok(p, &["create", "-n", "cre.vhd", "-s", "8", "-S", "40"]);
+    ok(p, &["resize", "-n", "cre.vhd", "-s", "40", "-f"]);
+    assert_eq!(ok(p, &["query", "-n", "cre.vhd", "-v", "-S"]), "40\n40\n");
+    // query -S of a fixed disk is 0; query -s ignores space before the footer.
+    ok(p, &["create", "-n", "fixed.vhd", "-s", "4", "-r"]);
+    assert_eq!(
+        ok(p, &["query", "-n", "fixed.vhd", "-S", "-s"]),
+        "4194816\n0\n"
+    );
+    let before = ok(p, &["query", "-n", "cre.vhd", "-s"]);
+    let len = std::fs::metadata(p.join("cre.vhd")).unwrap().len();
+    ok(
+        p,
+        &[
+            "modify",
+            "-n",
+            "cre.vhd",
+            "-s",
+            &(len + (1 << 20)).to_string(),
+        ],
+    );
+    assert_eq!(ok(p, &["query", "-n", "cre.vhd", "-s"]), before);
+    ok(p, &["check", "-n", "cre.vhd"]);
 }

@@ -271,6 +271,10 @@ pub struct SnapshotOptions {
     pub depth_limit: Option<u32>,
     /// UUID (random if `None`).
     pub uuid: Option<[u8; 16]>,
+    /// Virtual size of the child (the parent's if `None`). `vhd-util
+    /// snapshot` sets it to the size of the parent it was given when empty
+    /// parents were skipped and the chain's sizes differ.
+    pub virtual_size: Option<u64>,
 }
 
 /// Canonical absolute form of `p` (the file must exist).
@@ -380,10 +384,12 @@ pub fn snapshot_with<O: Opener>(
             .map_err(|e| VhdError::io(format!("{}: size", parent.display()), e))?;
         (round_up(len, SECTOR), [0u8; 16], DEFAULT_BLOCK_SIZE, None)
     } else {
-        if let Some(limit) = opts.depth_limit {
+        if let Some(limit) = opts.depth_limit.filter(|&l| l > 0) {
             let depth = crate::chain::chain_depth(parent)?;
             if depth + 1 > limit {
-                return Err(VhdError::NoSpace("snapshot depth exceeded".into()));
+                return Err(VhdError::NoSpace(format!(
+                    "snapshot depth exceeded: current depth: {depth}, limit: {limit}"
+                )));
             }
         }
         let f = StdOpener
@@ -394,6 +400,7 @@ pub fn snapshot_with<O: Opener>(
         (p.virtual_size(), p.footer().uuid, bs, p.keyhash())
     };
     let spec = parent_spec(child, parent, uuid, keyhash, opts.absolute_locators)?;
+    let size = opts.virtual_size.unwrap_or(size);
     let copts = CreateOptions {
         size,
         disk_type: DiskType::Differencing,

@@ -870,13 +870,24 @@ pub fn copy<O: Opener>(
 /// The parent a new snapshot should link to: starting at `parent`, empty
 /// differencing disks (no allocated block) are skipped.
 pub fn snapshot_target(parent: &Path) -> Result<PathBuf> {
+    find_snapshot_target(parent).map(|(p, _)| p)
+}
+
+/// Like [`snapshot_target`], also saying whether the target is the raw
+/// parent of an empty differencing disk (the snapshot then gets a raw
+/// parent).
+pub fn find_snapshot_target(parent: &Path) -> Result<(PathBuf, bool)> {
     let mut cur = parent.to_path_buf();
     for _ in 0..crate::chain::MAX_CHAIN_DEPTH {
         let img = open_image(&StdOpener, &cur, OpenOptions::read_only())?;
-        if !img.has_parent() || img.parent_is_raw() || img.bat().allocated_count() > 0 {
-            return Ok(cur);
+        if !img.has_parent() || img.bat().allocated_count() > 0 {
+            return Ok((cur, false));
         }
-        cur = resolve_parent(&img, &cur)?;
+        let next = resolve_parent(&img, &cur)?;
+        if img.parent_is_raw() {
+            return Ok((next, true));
+        }
+        cur = next;
     }
     Err(VhdError::InvalidArgument("chain too deep".into()))
 }

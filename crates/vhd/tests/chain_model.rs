@@ -224,6 +224,9 @@ fn snapshot_depth_limit_and_empty_parent_skip() {
         ..SnapshotOptions::default()
     };
     let e = snapshot(&dir.path().join("x.vhd"), &leaf, &opts).unwrap_err();
-    assert_eq!(e.to_string(), "snapshot depth exceeded");
+    assert_eq!(
+        e.to_string(),
+        "snapshot depth exceeded: current depth: 3, limit: 3"
+    );
     assert_eq!(e.errno(), 28);
 }

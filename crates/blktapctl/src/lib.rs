@@ -5,7 +5,8 @@
 //! * [`spawn`] starts a tapdisk and waits for its control socket;
 //! * [`ipc`] is the control-socket client, [`ops`] the per-VBD requests built on it;
 //! * [`list`] joins minors, tapdisks and VBDs for `tap-ctl list`;
-//! * [`create`] strings allocate + spawn + attach + open together, undoing on failure.
+//! * [`create`] strings allocate + spawn + attach + open together, undoing on failure;
+//! * [`recover`] gives a block device whose tapdisk died a new tapdisk.
 //!
 //! Every operation takes a [`ControlDir`] so callers choose the directory explicitly;
 //! [`ControlDir::from_env`] gives the default one. Every failure is an [`Error`]: an errno and
@@ -18,6 +19,7 @@ pub mod ipc;
 pub mod list;
 pub mod ops;
 pub mod paths;
+pub mod recover;
 pub mod spawn;
 
 pub use alloc::{allocate, allocated_minors, free, free_settling};
@@ -29,5 +31,6 @@ pub use ops::{
     unpause, OpenRequest, ResumeRequest, VbdEntry,
 };
 pub use paths::ControlDir;
+pub use recover::{recover, recover_with};
 pub use spawn::{find_tapdisk, spawn, spawn_with};
 pub use tapdisk_proto::{ImageInfo, OpenFlags};

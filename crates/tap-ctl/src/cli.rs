@@ -21,9 +21,9 @@ use blktapctl::{ControlDir, Error, ListFilter, OpenFlags, OpenRequest, ResumeReq
 use crate::getopt::Getopt;
 
 /// The commands, in the order the global usage lists them.
-pub const COMMANDS: [&str; 15] = [
+pub const COMMANDS: [&str; 16] = [
     "list", "allocate", "free", "create", "destroy", "spawn", "attach", "detach", "open", "close",
-    "pause", "unpause", "stats", "major", "check",
+    "pause", "unpause", "stats", "recover", "major", "check",
 ];
 
 /// A fully parsed command line ready to run.
@@ -77,6 +77,11 @@ pub enum Command {
     Stats {
         pid: u32,
         minor: u32,
+    },
+    /// Re-attach a block device whose tapdisk died to a new tapdisk (blktap-rs extension).
+    Recover {
+        minor: u32,
+        request: OpenRequest,
     },
     Major,
     Check,
@@ -171,6 +176,12 @@ pub fn usage(name: &str) -> String {
             "usage: stats <-p pid> <-m minor>\n\n\
                     Prints the VBD statistics as a JSON-style object; images are listed \
                     leaf first, root last\n"
+        }
+        "recover" => {
+            "usage: recover <-m minor> [-a type:/path/to/file] [-R read-only] [-D no O_DIRECT] \
+                     [-t request timeout in seconds]\n\n\
+                     Spawns a tapdisk for a minor whose tapdisk died and re-attaches it to the\n\
+                     minor's surviving ublk device; without -a the recorded image is reopened\n"
         }
         "major" => "usage: major [-h]\n",
         "check" => "usage: check\n(checks whether this host can run tapdisk)\n",
@@ -352,6 +363,7 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
         "close" => "p:m:ft:h",
         "unpause" => "p:m:a:2:c:h",
         "major" => "bch",
+        "recover" => "m:a:RDt:h",
         _ => "",
     };
     if name == "check" {
@@ -388,6 +400,15 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
             let req_timeout = request_timeout(name, &c)?;
             refuse_unsupported(name, &c)?;
             Command::Create {
+                request: open_request(args, &c, req_timeout),
+            }
+        }
+        "recover" => {
+            let minor = c.minor.ok_or_else(|| usage_error(name, None))?;
+            let req_timeout = request_timeout(name, &c)?;
+            let args = c.args.clone().unwrap_or_default();
+            Command::Recover {
+                minor,
                 request: open_request(args, &c, req_timeout),
             }
         }
@@ -573,6 +594,11 @@ fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Er
             let text = blktapctl::stats(dir, pid, Some(minor))?;
             let _ = writeln!(io.out, "{text}");
         }
+        Command::Recover { minor, request } => {
+            let recovered = blktapctl::recover(dir, minor, &request)?;
+            let shown = recovered.device.as_ref().unwrap_or(&recovered.marker);
+            let _ = writeln!(io.out, "{}", shown.display());
+        }
         Command::Major => {
             return Err(Error::new(
                 libc::ENOSYS,
@@ -752,6 +778,23 @@ mod tests {
             command("stats -p 1 -m 2"),
             Command::Stats { pid: 1, minor: 2 }
         );
+        assert_eq!(
+            command("recover -m 4"),
+            Command::Recover {
+                minor: 4,
+                request: OpenRequest::default()
+            }
+        );
+        let mut recovered = OpenRequest::new("aio:/c.img");
+        recovered.flags = OpenFlags::RDONLY;
+        assert_eq!(
+            command("recover -m 4 -a aio:/c.img -R"),
+            Command::Recover {
+                minor: 4,
+                request: recovered
+            }
+        );
+        assert!(is_usage_error("recover -a aio:/c.img"));
         assert_eq!(command("major"), Command::Major);
         assert_eq!(command("major -b -c"), Command::Major);
         assert_eq!(command("check"), Command::Check);

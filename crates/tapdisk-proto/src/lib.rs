@@ -313,6 +313,10 @@ impl OpenFlags {
     pub const BLOCKDEV_FUSE: Self = Self(0x4_0000);
     /// The block-device choice bits; none set means "automatic" (ublk, else FUSE + loop).
     pub const BLOCKDEV_MASK: Self = Self(0x7_0000);
+    /// blktap-rs extension: re-attach to the ublk device of this minor that outlived its
+    /// tapdisk (`tap-ctl recover`) instead of creating one; an empty path reopens the image the
+    /// previous tapdisk recorded in `<ctl dir>/vbd-<minor>`.
+    pub const BLOCKDEV_RECOVER: Self = Self(0x8_0000);
 
     /// No flags.
     pub const fn empty() -> Self {

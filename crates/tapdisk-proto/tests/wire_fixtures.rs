@@ -486,6 +486,16 @@ fn block_device_flags_are_outside_the_c_flags() {
 }
 
 #[test]
+fn recover_flag_is_outside_the_c_flags_and_the_choice() {
+    assert_eq!(OpenFlags::BLOCKDEV_RECOVER.bits(), 0x8_0000);
+    assert_eq!(
+        OpenFlags::BLOCKDEV_RECOVER.bits()
+            & (OpenFlags::KNOWN.bits() | OpenFlags::BLOCKDEV_MASK.bits()),
+        0
+    );
+}
+
+#[test]
 fn bytes_after_nul_are_ignored() {
     let (mut fixture, params) = params_fixture(7);
     put(&mut fixture, 200, b"garbage after the terminator");

@@ -48,7 +48,8 @@ pub enum Reply {
 const SUPPORTED_OPEN_FLAGS: u32 = OpenFlags::RDONLY.0
     | OpenFlags::NO_O_DIRECT.0
     | OpenFlags::SHARED.0
-    | OpenFlags::BLOCKDEV_MASK.0;
+    | OpenFlags::BLOCKDEV_MASK.0
+    | OpenFlags::BLOCKDEV_RECOVER.0;
 
 /// One attached VBD.
 #[derive(Debug)]
@@ -301,12 +302,23 @@ impl Tapdisk {
             );
             return Err(errno(libc::EOPNOTSUPP));
         }
-        if params.path.is_empty() {
+        // Recovery re-attaches to the ublk device a dead tapdisk left; without a path the
+        // image is the one its state file records.
+        let recover = params.flags.contains(OpenFlags::BLOCKDEV_RECOVER);
+        let (path, recorded_read_only) = if recover && params.path.is_empty() {
+            crate::frontend::ublk::recorded_open(&self.control_dir, minor)?
+        } else {
+            (params.path.clone(), false)
+        };
+        if path.is_empty() {
             return Err(errno(libc::EINVAL));
         }
         let choice = BlockDeviceChoice::from_flags(params.flags)?;
+        if recover && !matches!(choice, BlockDeviceChoice::Auto | BlockDeviceChoice::Ublk) {
+            return Err(errno(libc::EINVAL));
+        }
         let options = OpenOptions {
-            read_only: params.flags.contains(OpenFlags::RDONLY),
+            read_only: params.flags.contains(OpenFlags::RDONLY) || recorded_read_only,
             no_o_direct: params.flags.contains(OpenFlags::NO_O_DIRECT),
             shareable: params.flags.contains(OpenFlags::SHARED),
         };
@@ -315,15 +327,15 @@ impl Tapdisk {
             secs => Duration::from_secs(u64::from(secs)),
         };
         let request = OpenRequest {
-            params: params.path.clone(),
+            params: path.clone(),
             options,
             timeout,
         };
         let info = vbd.open(request).await.inspect_err(|e| {
-            tracing::error!(minor, "open {} failed: {e}", params.path);
+            tracing::error!(minor, "open {path} failed: {e}");
         })?;
         let socket = self.control_dir.join(format!("nbd{}.{minor}", self.pid));
-        let nbd = match NbdFrontend::start(Arc::clone(&vbd), &socket, &params.path) {
+        let nbd = match NbdFrontend::start(Arc::clone(&vbd), &socket, &path) {
             Ok(frontend) => frontend,
             Err(e) => {
                 tracing::error!(
@@ -340,9 +352,14 @@ impl Tapdisk {
             minor,
             pid: self.pid,
             control_dir: self.control_dir.clone(),
-            params: params.path.clone(),
+            params: path.clone(),
         };
-        let block = match start_block_device(choice, context).await {
+        let started = if recover {
+            crate::frontend::ublk::recover(context).await.map(Some)
+        } else {
+            start_block_device(choice, context).await
+        };
+        let block = match started {
             Ok(block) => block,
             Err(e) => {
                 tracing::error!(minor, "cannot start the {choice:?} block device: {e}");
@@ -361,7 +378,7 @@ impl Tapdisk {
         tracing::info!(
             minor,
             "opened {} ({} sectors), block device {}",
-            params.path,
+            path,
             info.sectors,
             device.as_deref().unwrap_or("none")
         );

@@ -1,0 +1,105 @@
+//! `tap-ctl recover`: give a block device whose tapdisk died a new tapdisk.
+//!
+//! A ublk device created with user recovery outlives a tapdisk killed by a signal: the kernel
+//! holds its requests until another process takes over. Recovery is `create` minus the
+//! allocation: the minor (and its marker file) still exist, so spawn a tapdisk, attach the
+//! minor and open with [`OpenFlags::BLOCKDEV_RECOVER`], which makes tapdisk re-attach to the
+//! existing device instead of adding one. With an empty `params`, tapdisk reopens the image
+//! the dead tapdisk recorded. On failure the new tapdisk is detached (or terminated) but the
+//! minor is kept: the device still exists and may be recovered again.
+
+use std::path::Path;
+
+use rustix::process::{kill_process, Pid, Signal};
+
+use crate::create::CreatedVbd;
+use crate::error::{Error, Result};
+use crate::ops::{attach, block_device, detach, open, OpenRequest};
+use crate::paths::ControlDir;
+use crate::spawn::{find_tapdisk, spawn_with};
+use tapdisk_proto::OpenFlags;
+
+/// [`recover_with`] using the tapdisk binary found by [`find_tapdisk`].
+pub fn recover(dir: &ControlDir, minor: u32, req: &OpenRequest) -> Result<CreatedVbd> {
+    let tapdisk = find_tapdisk().map_err(|e| e.within("spawning tapdisk"))?;
+    recover_with(dir, &tapdisk, minor, req)
+}
+
+/// Spawns `tapdisk`, attaches `minor` and reopens its image with the recover flag.
+/// `ENOENT` when the minor is not allocated; `EBUSY` (from attach) while a live tapdisk
+/// still holds it.
+pub fn recover_with(
+    dir: &ControlDir,
+    tapdisk: &Path,
+    minor: u32,
+    req: &OpenRequest,
+) -> Result<CreatedVbd> {
+    let marker = dir.marker_path(minor);
+    if !marker.exists() {
+        return Err(Error::new(
+            libc::ENOENT,
+            format!(
+                "minor {minor} is not allocated ({} is missing)",
+                marker.display()
+            ),
+        ));
+    }
+    let pid = spawn_with(dir, tapdisk).map_err(|e| e.within("spawning tapdisk"))?;
+    if let Err(e) = attach(dir, pid, minor) {
+        terminate(pid);
+        return Err(e.within(format!("attaching minor {minor} to tapdisk {pid}")));
+    }
+    let mut request = req.clone();
+    request.flags |= OpenFlags::BLOCKDEV_RECOVER;
+    let shown = if request.params.is_empty() {
+        "the recorded image".to_owned()
+    } else {
+        request.params.clone()
+    };
+    match open(dir, pid, minor, &request) {
+        Ok(image) => Ok(CreatedVbd {
+            minor,
+            pid,
+            marker,
+            image,
+            device: block_device(dir, pid, minor).unwrap_or(None),
+        }),
+        Err(e) => {
+            if detach(dir, pid, minor).is_err() {
+                terminate(pid);
+            }
+            Err(e.within(format!("recovering minor {minor} with {shown}")))
+        }
+    }
+}
+
+/// Sends SIGTERM to a tapdisk we started (errors ignored: it may already be gone).
+fn terminate(pid: u32) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = kill_process(pid, Signal::TERM);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unallocated_minor_is_enoent_and_spawns_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = ControlDir::new(root.path());
+        // A tapdisk path that does not exist proves nothing was spawned.
+        let error = recover_with(
+            &dir,
+            Path::new("/nonexistent/tapdisk"),
+            3,
+            &OpenRequest::default(),
+        )
+        .unwrap_err();
+        assert_eq!(error.errno(), libc::ENOENT);
+        assert!(
+            error.to_string().contains("minor 3 is not allocated"),
+            "{error}"
+        );
+    }
+}

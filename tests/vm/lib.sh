@@ -1,0 +1,98 @@
+#!/bin/bash
+# tests/vm/lib.sh -- helpers for the tests that run inside the VM (sourced, never run).
+#
+# A test is started by scripts/vm-tests.sh as `run-in-vm.sh run tests/vm/NAME.sh REPO NAME`, where
+# REPO holds tests/vm/ and target/debug/{tap-ctl,tapdisk} (scripts/vm-tests.sh copies them
+# into the VM's shared folder, so REPO is visible in the guest even when the checkout is not).
+# The test prints one line per check ("ok - ..." or "FAIL - ...") and ends with the line
+# "N passed, M failed"; it exits non-zero when any check failed. Scratch files live in the
+# guest's /tmp (RAM); tapdisk's syslog goes to $VM_SHARE/NAME.syslog for post-mortems.
+
+set -u
+REPO=${1:?usage: $0 REPO}
+BIN=${BIN:-$REPO/target/debug}
+export PATH="$BIN:$PATH"
+export BLKTAP_TAPDISK="$BIN/tapdisk"
+export BLKTAP_CONTROL_DIR=/run/blktap-control
+TEST_NAME=${2:-vmtest}
+SHARE=${VM_SHARE:-$PWD}
+SCRATCH=$(mktemp -d /tmp/vmtest.XXXXXX)
+LOG="$SHARE/$TEST_NAME.log"
+: > "$LOG"
+PASSED=0
+FAILED=0
+
+ok() { PASSED=$((PASSED + 1)); echo "ok - $*"; }
+fail() { FAILED=$((FAILED + 1)); echo "FAIL - $*"; }
+
+# check DESCRIPTION COMMAND...: runs COMMAND (output to the log), records the result.
+check() {
+    local what=$1; shift
+    echo "== $what: $*" >> "$LOG"
+    if "$@" >> "$LOG" 2>&1; then ok "$what"; else fail "$what (see $TEST_NAME.log)"; fi
+}
+
+# expect_status N DESCRIPTION COMMAND...: COMMAND must exit with status N.
+expect_status() {
+    local want=$1 what=$2; shift 2
+    echo "== $what: $*" >> "$LOG"
+    "$@" >> "$LOG" 2>&1
+    local got=$?
+    if [ "$got" -eq "$want" ]; then ok "$what"; else fail "$what (exit $got, expected $want)"; fi
+}
+
+finish() {
+    cleanup_all
+    echo "$PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]
+    exit $?
+}
+
+# Destroys every VBD still listed and kills leftover tapdisks (end of test, best effort).
+cleanup_all() {
+    local line pid minor
+    tap-ctl list 2>/dev/null | while read -r line; do
+        pid=$(sed -n 's/.*pid=\([0-9]*\).*/\1/p' <<<"$line")
+        minor=$(sed -n 's/.*minor=\([0-9]*\).*/\1/p' <<<"$line")
+        [ -n "$pid" ] && [ -n "$minor" ] && tap-ctl destroy -p "$pid" -m "$minor" >> "$LOG" 2>&1
+    done
+    pkill_ours
+    rm -rf "$SCRATCH"
+}
+
+# Kills tapdisks started from our binary (by pid, found through /proc/*/exe).
+pkill_ours() {
+    local exe pid
+    for exe in /proc/[0-9]*/exe; do
+        pid=${exe#/proc/}; pid=${pid%/exe}
+        [ "$(readlink "$exe" 2>/dev/null)" = "$BLKTAP_TAPDISK" ] && kill -9 "$pid" 2>/dev/null
+    done
+    return 0
+}
+
+# pid_of_minor MINOR: the tapdisk pid serving MINOR (from tap-ctl list).
+pid_of_minor() {
+    tap-ctl list -m "$1" | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -n1
+}
+
+# minor_of_device /dev/ublkbN -> N
+minor_of_device() { echo "${1##*[!0-9]}"; }
+
+# make_raw NAME MIB: a zero-filled raw image in the scratch directory; prints its path.
+make_raw() {
+    local path="$SCRATCH/$1"
+    truncate -s "${2}M" "$path" && echo "$path"
+}
+
+# Starts a syslog receiver so tapdisk's messages land in $SHARE/$TEST_NAME.syslog.
+start_syslog() {
+    rm -f /dev/log
+    busybox syslogd -n -O "$SHARE/$TEST_NAME.syslog" &
+    for _ in $(seq 50); do [ -S /dev/log ] && return 0; sleep 0.1; done
+    echo "warning: no syslogd" >&2
+}
+
+modprobe ublk_drv 2>/dev/null
+modprobe nbd 2>/dev/null
+mkdir -p "$BLKTAP_CONTROL_DIR"
+start_syslog

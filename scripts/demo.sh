@@ -9,24 +9,33 @@ cd "$(dirname "$0")/.."
 BIN=$PWD/target/debug
 WORK=$(mktemp -d /tmp/blktap-demo.XXXXXX)
 export BLKTAP_CONTROL_DIR=${BLKTAP_CONTROL_DIR:-$WORK/control}
-export BLKTAP_BLOCK_DEVICE=${BLKTAP_BLOCK_DEVICE:-none}   # NBD only until a block device frontend is built
-trap 'rm -rf "$WORK"' EXIT
+# The kernel block device: ublk where the kernel has it, else FUSE + loop (/dev/loopN).
+# BLKTAP_BLOCK_DEVICE=none runs the demo over NBD only.
+PID= MINOR=
+# On any exit: tear the VBD down if the demo stopped half-way (unmounts FUSE, frees the loop).
+cleanup() {
+    if [ -n "$PID" ] && [ -n "$MINOR" ]; then "$BIN/tap-ctl" destroy -p "$PID" -m "$MINOR" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*" >&2; "$@"; }
 
 step "A 64 MiB raw image with a pattern in its first MiB"
 run qemu-img create -q -f raw "$WORK/disk.img" 64M
-run qemu-io -q -f raw -c "write -P 0x42 0 1M" "$WORK/disk.img"
+run qemu-io -f raw -c "write -P 0x42 0 1M" "$WORK/disk.img" >/dev/null
 
-step "tap-ctl create: allocate a minor, spawn tapdisk, attach, open"
-MARKER=$(run "$BIN/tap-ctl" create -a "aio:$WORK/disk.img")
-echo "$MARKER"
-MINOR=${MARKER##*tapdisk-}
+step "tap-ctl create: allocate a minor, spawn tapdisk, attach, open; it prints the block device"
+CREATED=$(run "$BIN/tap-ctl" create -a "aio:$WORK/disk.img")
+echo "$CREATED"
+DEVICE=
+case $CREATED in /dev/*) DEVICE=$CREATED ;; esac
 
 step "tap-ctl list (the form toolstacks parse)"
-LINE=$(run "$BIN/tap-ctl" list -m "$MINOR")
+LINE=$(run "$BIN/tap-ctl" list -f "$WORK/disk.img")
 echo "$LINE"
 PID=$(sed -n 's/.*pid=\([0-9]*\).*/\1/p' <<<"$LINE")
+MINOR=$(sed -n 's/.*minor=\([0-9]*\).*/\1/p' <<<"$LINE")
 SOCK=$BLKTAP_CONTROL_DIR/nbd$PID.$MINOR
 URI="nbd+unix:///?socket=$SOCK"
 
@@ -42,6 +51,25 @@ step "Write over NBD, read the change from the file itself"
 run qemu-io -f raw -c "write -P 0x99 8M 64k" -c flush "$URI"
 run qemu-io -f raw -r -c "read -P 0x99 8M 64k" "$WORK/disk.img"
 
+if [ -n "$DEVICE" ]; then
+    step "The kernel block device $DEVICE"
+    run lsblk "$DEVICE"
+    run blockdev --getsize64 "$DEVICE"
+    case $DEVICE in
+        /dev/loop*) run losetup -l "$DEVICE"; echo "its backing file is tapdisk's FUSE export:"
+                    run grep "$BLKTAP_CONTROL_DIR" /proc/self/mountinfo ;;
+    esac
+
+    step "Read the whole device back and compare it with the image"
+    run cmp "$DEVICE" "$WORK/disk.img" && echo "identical"
+
+    step "Write through the block device (direct I/O), read the change over NBD"
+    run qemu-io -n -f raw -c "write -P 0x77 16M 1M" -c flush "$DEVICE" >/dev/null
+    run qemu-io -f raw -r -c "read -P 0x77 16M 1M" "$URI"
+else
+    echo "(no kernel block device: BLKTAP_BLOCK_DEVICE=${BLKTAP_BLOCK_DEVICE:-})"
+fi
+
 step "Pause and unpause (what a toolstack does around a snapshot)"
 run "$BIN/tap-ctl" pause -p "$PID" -m "$MINOR"
 run "$BIN/tap-ctl" list -m "$MINOR"
@@ -52,7 +80,13 @@ run "$BIN/tap-ctl" stats -p "$PID" -m "$MINOR"
 
 step "tap-ctl destroy: close, detach (tapdisk exits), free"
 run "$BIN/tap-ctl" destroy -p "$PID" -m "$MINOR"
+PID=
 run "$BIN/tap-ctl" list
 echo "remaining files in $BLKTAP_CONTROL_DIR:"; find "$BLKTAP_CONTROL_DIR" -type f -o -type s
+if [ -n "$DEVICE" ]; then
+    echo "loop devices and mounts left on $BLKTAP_CONTROL_DIR:"
+    losetup -a | grep "$BLKTAP_CONTROL_DIR" || echo "  none"
+    grep "$BLKTAP_CONTROL_DIR" /proc/self/mountinfo || echo "  none"
+fi
 echo
 echo "demo finished"

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in fio:fio nbdinfo:libnbd-bin nbdkit:nbdkit vhdiinfo:libvhdi-utils \
-            mkfs.ext4:e2fsprogs losetup:mount fusermount3:fuse3 qemu-img:qemu-utils; do
+            mkfs.ext4:e2fsprogs losetup:mount lsblk:util-linux cmp:diffutils \
+            fusermount3:fuse3 qemu-img:qemu-utils; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -12,3 +12,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee /tmp/blktap-cargo-test.log
+echo "== fuzz smoke run"
+./scripts/fuzz.sh "${FUZZ_SECONDS:-10}"

@@ -67,6 +67,12 @@ pub trait Export: Send + Sync + 'static {
     /// overwritten before use). Called on the connection's task: keep it cheap.
     fn buffer(&self, len: usize) -> Self::Buffer;
 
+    /// Takes back a buffer the server is done with (a read whose reply has been sent), for
+    /// reuse by [`Export::buffer`]. Default: drop it.
+    fn recycle(&self, buf: Self::Buffer) {
+        drop(buf);
+    }
+
     /// Read `buf.bytes().len()` bytes at `offset` into `buf` and give it back.
     fn read(
         &self,

@@ -108,6 +108,8 @@ struct Outbox<B> {
     bytes: usize,
     /// An emptied packed buffer kept for reuse.
     spare: Vec<u8>,
+    /// Read buffers no longer needed, to hand back to the export.
+    returned: Vec<B>,
 }
 
 impl<B: ExportBuffer> Outbox<B> {
@@ -118,6 +120,14 @@ impl<B: ExportBuffer> Outbox<B> {
             replies: 0,
             bytes: 0,
             spare: Vec::new(),
+            returned: Vec::new(),
+        }
+    }
+
+    /// Keeps `buf` for the export if nothing else refers to it any more.
+    fn give_back(&mut self, buf: Arc<B>) {
+        if let Ok(buf) = Arc::try_unwrap(buf) {
+            self.returned.push(buf);
         }
     }
 
@@ -183,10 +193,12 @@ impl<B: ExportBuffer> Outbox<B> {
             }
             written -= left;
             self.front_written = 0;
-            if let Some(Piece::Packed(bytes)) = self.pieces.pop_front() {
-                if bytes.capacity() <= 2 * PACK_LIMIT {
+            match self.pieces.pop_front() {
+                Some(Piece::Packed(bytes)) if bytes.capacity() <= 2 * PACK_LIMIT => {
                     self.spare = bytes;
                 }
+                Some(Piece::Data(buf, _)) => self.give_back(buf),
+                _ => {}
             }
         }
         if self.pieces.is_empty() {
@@ -228,10 +240,12 @@ impl<B: ExportBuffer> Outbox<B> {
                 .extend_from_slice(&proto::simple_reply(cookie, 0));
             let buf = Arc::new(buf);
             self.data(&buf, 0..len);
+            self.give_back(buf);
             return;
         }
         if len == 0 {
             proto::encode_none_chunk(self.packed(), cookie);
+            self.returned.push(buf);
             return;
         }
         let chunks = if no_fragment {
@@ -257,6 +271,7 @@ impl<B: ExportBuffer> Outbox<B> {
                 }
             }
         }
+        self.give_back(buf);
     }
 
     fn finish(&mut self, structured: bool, done: Done<B>) {
@@ -275,15 +290,18 @@ impl<B: ExportBuffer> Outbox<B> {
                 Ok(buf) if buf.bytes().len() == length => {
                     self.read(structured, cookie, offset, buf, no_fragment);
                 }
-                Ok(buf) => self.error(
-                    structured,
-                    cookie,
-                    proto::EIO,
-                    &format!(
-                        "export returned {} bytes for a {length}-byte read at offset {offset}",
-                        buf.bytes().len()
-                    ),
-                ),
+                Ok(buf) => {
+                    self.error(
+                        structured,
+                        cookie,
+                        proto::EIO,
+                        &format!(
+                            "export returned {} bytes for a {length}-byte read at offset {offset}",
+                            buf.bytes().len()
+                        ),
+                    );
+                    self.returned.push(buf);
+                }
                 Err(error) => self.io_error(structured, cookie, &error),
             },
             Done::BlockStatus {
@@ -395,6 +413,13 @@ struct Connection<E: Export> {
 }
 
 impl<E: Export> Connection<E> {
+    /// Hands buffers the outbox is done with back to the export.
+    fn recycle(&mut self) {
+        for buf in self.outbox.returned.drain(..) {
+            self.export.recycle(buf);
+        }
+    }
+
     fn outstanding(&self) -> usize {
         self.running.len() + self.outbox.replies
     }
@@ -697,6 +722,7 @@ where
                 conn.running_bytes = conn.running_bytes.saturating_sub(done.held());
                 let structured = conn.session.structured;
                 conn.outbox.finish(structured, done);
+                conn.recycle();
                 parse_again |= throttled;
             }
             written = write_some(writer, &conn.outbox), if !conn.outbox.is_empty() => {
@@ -704,6 +730,7 @@ where
                     Ok(0) => return End::Broken("socket closed while writing replies".into()),
                     Ok(count) => {
                         conn.outbox.advance(count);
+                        conn.recycle();
                         parse_again |= throttled;
                     }
                     Err(error) => return End::Broken(format!("writing replies: {error}")),

@@ -296,12 +296,20 @@ fn nbdcopy_in_and_out_with_four_connections() {
 #[test]
 fn fio_randrw_qd32_verifies_with_io_uring_and_pread_engines() {
     require("fio");
-    for engine in ["io_uring", "pread"] {
+    // Each engine with O_DIRECT and through the page cache (-D: inline reads and writes).
+    for (engine, flags) in [
+        ("io_uring", &[][..]),
+        ("pread", &[][..]),
+        ("io_uring", &["-D"][..]),
+        ("pread", &["-D"][..]),
+    ] {
         let env = Env::new();
         let image = env.raw_image("disk.img", 32 << 20, 0);
         let params = format!("aio:{}", image.display());
+        let mut args = vec!["create", "-a", &params];
+        args.extend_from_slice(flags);
         let out = env
-            .tap_ctl_cmd(&["create", "-a", &params])
+            .tap_ctl_cmd(&args)
             .env("TAPDISK_IO_ENGINE", engine)
             .output()
             .unwrap();
@@ -326,8 +334,13 @@ fn fio_randrw_qd32_verifies_with_io_uring_and_pread_engines() {
             "--output-format=json",
         ]));
         let json = &out[out.find('{').expect("fio JSON output")..];
-        assert!(json.contains("\"error\" : 0"), "{engine}: {json}");
-        assert!(!json.contains("verify: bad"), "{engine}: {json}");
+        assert!(json.contains("\"error\" : 0"), "{engine} {flags:?}: {json}");
+        assert!(!json.contains("verify: bad"), "{engine} {flags:?}: {json}");
+        let stats = env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+        assert!(
+            stats.contains(&format!("\"engine\": \"{engine}\"")),
+            "{stats}"
+        );
         env.destroy(pid, minor);
     }
 }

@@ -46,6 +46,37 @@ pub trait IoEngine: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 }
 
+/// Lets at most one thread at a time run a blocking buffered write inline (on the calling
+/// runtime worker) instead of handing it to another thread.
+///
+/// A buffered write is a copy into the page cache: CPU work in the kernel, serialised per
+/// file by the filesystem, which io_uring (on filesystems without non-blocking buffered
+/// writes, such as ext4) and the blocking pool can only move to another thread at the
+/// price of two context switches. Bounding inline writers to one keeps every other runtime
+/// worker free if a write does block (dirty-page throttling, slow storage).
+#[derive(Debug, Default)]
+pub struct InlineWriteGate {
+    busy: std::sync::atomic::AtomicBool,
+}
+
+impl InlineWriteGate {
+    /// Runs `write` inline unless another thread is inside; `None` when busy.
+    pub fn try_run<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+        use std::sync::atomic::Ordering;
+        if self.busy.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        let result = write();
+        self.busy.store(false, Ordering::Release);
+        Some(result)
+    }
+}
+
+/// Writes all of `data` at `offset` with `pwrite`.
+pub(crate) fn pwrite_all(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, data, offset)
+}
+
 /// The engine `TAPDISK_IO_ENGINE` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineChoice {
@@ -73,16 +104,20 @@ fn uring_supported() -> bool {
     *SUPPORTED.get_or_init(uring::supported)
 }
 
-/// Opens the engine chosen by `choice` over `file`; `buffered` files (no `O_DIRECT`) let the
-/// pread engine try page-cache reads inline.
+/// Opens the engine chosen by `choice` over `file`; `buffered` files (no `O_DIRECT`) get
+/// inline page-cache reads and writes where the engine supports them.
 pub fn open_engine(file: Arc<File>, buffered: bool, choice: EngineChoice) -> Box<dyn IoEngine> {
     if choice != EngineChoice::Pread && uring_supported() {
-        match uring::UringEngine::new(Arc::clone(&file)) {
+        match uring::UringEngine::new(Arc::clone(&file)).map(|e| e.with_inline_writes(buffered)) {
             Ok(engine) => return Box::new(engine),
             Err(error) => tracing::warn!(%error, "io_uring engine unavailable; using pread"),
         }
     } else if choice == EngineChoice::Uring {
         tracing::warn!("io_uring not supported here; using pread");
     }
-    Box::new(sync::PreadEngine::shared(file).with_inline_reads(buffered))
+    Box::new(
+        sync::PreadEngine::shared(file)
+            .with_inline_reads(buffered)
+            .with_inline_writes(buffered),
+    )
 }

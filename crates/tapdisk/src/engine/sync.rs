@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{IoEngine, IoFuture};
+use super::{pwrite_all, InlineWriteGate, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
 /// Runs each request as a blocking `pread`/`pwrite` on a worker thread.
@@ -19,6 +19,8 @@ pub struct PreadEngine {
     /// Try `preadv2(RWF_NOWAIT)` on the calling thread first (buffered files only: a read
     /// served from the page cache then costs no thread hand-off).
     inline_reads: AtomicBool,
+    /// Run buffered writes on the calling thread, one at a time (see [`InlineWriteGate`]).
+    inline_writes: Option<InlineWriteGate>,
 }
 
 impl PreadEngine {
@@ -33,7 +35,14 @@ impl PreadEngine {
             file,
             pending: Arc::new(AtomicUsize::new(0)),
             inline_reads: AtomicBool::new(false),
+            inline_writes: None,
         }
+    }
+
+    /// Enables inline buffered writes (only for files opened without `O_DIRECT`).
+    pub fn with_inline_writes(mut self, enabled: bool) -> Self {
+        self.inline_writes = enabled.then(InlineWriteGate::default);
+        self
     }
 
     /// Enables inline page-cache reads (only for files opened without `O_DIRECT`).
@@ -111,6 +120,11 @@ impl IoEngine for PreadEngine {
     }
 
     fn write_at(&self, buf: Arc<IoBuf>, offset: u64) -> IoFuture<'_, ()> {
+        if let Some(gate) = &self.inline_writes {
+            if let Some(result) = gate.try_run(|| pwrite_all(&self.file, buf.as_slice(), offset)) {
+                return Box::pin(std::future::ready(result));
+            }
+        }
         self.run(move |file| file.write_all_at(buf.as_slice(), offset))
     }
 

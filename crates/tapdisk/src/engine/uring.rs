@@ -28,7 +28,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 
 use super::sync::PreadEngine;
-use super::{IoEngine, IoFuture};
+use super::{pwrite_all, InlineWriteGate, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
 /// Submission queue entries per ring.
@@ -75,8 +75,30 @@ struct Ring {
 }
 
 impl Ring {
-    /// Moves every available completion into its slot and wakes its owner.
+    /// Reaps completions, and keeps the eventfd armed exactly while operations are still in
+    /// the kernel: completions found inline need no reaper wake-up.
     fn reap(&mut self) {
+        loop {
+            self.drain_completions();
+            let want_signal = self.submitted > 0;
+            let completion = self.ring.completion();
+            let signalled = !completion.eventfd_disabled();
+            if want_signal == signalled {
+                return;
+            }
+            if want_signal {
+                completion.enable_eventfd();
+                // A completion posted before the eventfd was armed sent no signal: look
+                // again.
+            } else {
+                completion.disable_eventfd();
+                return;
+            }
+        }
+    }
+
+    /// Moves every available completion into its slot and wakes its owner.
+    fn drain_completions(&mut self) {
         let mut woken = Vec::new();
         for cqe in self.ring.completion() {
             let Ok(index) = usize::try_from(cqe.user_data()) else {
@@ -179,6 +201,8 @@ pub struct UringEngine {
     /// Discard and zeroing.
     blocking: PreadEngine,
     reaper: tokio::task::AbortHandle,
+    /// Buffered files: run writes inline, one at a time (see [`InlineWriteGate`]).
+    inline_writes: Option<InlineWriteGate>,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -247,7 +271,14 @@ impl UringEngine {
             shared,
             blocking: PreadEngine::shared(file),
             reaper,
+            inline_writes: None,
         })
+    }
+
+    /// Enables inline buffered writes (only for files opened without `O_DIRECT`).
+    pub fn with_inline_writes(mut self, enabled: bool) -> Self {
+        self.inline_writes = enabled.then(InlineWriteGate::default);
+        self
     }
 
     /// Submits one operation and waits for its result (a byte count or `-errno`).
@@ -412,6 +443,12 @@ impl IoEngine for UringEngine {
 
     fn write_at(&self, buf: Arc<IoBuf>, offset: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            if let Some(gate) = &self.inline_writes {
+                let file = &self.shared.file;
+                if let Some(result) = gate.try_run(|| pwrite_all(file, buf.as_slice(), offset)) {
+                    return result;
+                }
+            }
             let mut done = 0usize;
             while done < buf.len() {
                 let source = &buf.as_slice()[done..];

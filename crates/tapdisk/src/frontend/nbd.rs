@@ -33,11 +33,56 @@ fn aligned_sectors(offset: u64, len: u64) -> io::Result<(u64, u64)> {
     Ok((offset / SECTOR_SIZE, len / SECTOR_SIZE))
 }
 
+/// Buffers at least this large are kept for reuse (smaller ones are cheap to allocate).
+const POOL_MIN_BYTES: usize = 64 * 1024;
+/// Bytes of idle buffers kept per export.
+const POOL_MAX_BYTES: usize = 64 << 20;
+
+/// Idle large buffers: a fresh large allocation costs page faults and zeroing on every
+/// request, a reused one neither.
+#[derive(Debug, Default)]
+struct BufferPool {
+    idle: std::sync::Mutex<(Vec<IoBuf>, usize)>,
+}
+
+impl BufferPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<IoBuf>, usize)> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self, len: usize) -> IoBuf {
+        if len >= POOL_MIN_BYTES {
+            let mut idle = self.lock();
+            if let Some(index) = idle.0.iter().position(|buf| buf.len() == len) {
+                let buf = idle.0.swap_remove(index);
+                idle.1 -= len;
+                return buf;
+            }
+        }
+        IoBuf::zeroed(len)
+    }
+
+    fn give(&self, buf: IoBuf) {
+        let len = buf.len();
+        if len < POOL_MIN_BYTES {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.1 + len <= POOL_MAX_BYTES {
+            idle.1 += len;
+            idle.0.push(buf);
+        }
+    }
+}
+
 /// A VBD seen through the NBD `Export` trait.
 #[derive(Debug)]
 pub struct VbdExport {
     vbd: Arc<Vbd>,
     info: ExportInfo,
+    pool: BufferPool,
 }
 
 impl VbdExport {
@@ -65,7 +110,11 @@ impl VbdExport {
             max_block: MAX_REQUEST_BYTES,
             description: Some(name.to_owned()),
         };
-        Ok(Self { vbd, info })
+        Ok(Self {
+            vbd,
+            info,
+            pool: BufferPool::default(),
+        })
     }
 }
 
@@ -88,7 +137,11 @@ impl Export for VbdExport {
     }
 
     fn buffer(&self, len: usize) -> IoBuf {
-        IoBuf::zeroed(len)
+        self.pool.take(len)
+    }
+
+    fn recycle(&self, buf: IoBuf) {
+        self.pool.give(buf);
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {

@@ -592,3 +592,37 @@ fn auto_gives_a_loop_device_where_ublk_is_missing() {
     fuse.assert_gone(&disk);
     assert_eq!(std::fs::read(&image).unwrap()[..4096], [0x5a; 4096]);
 }
+
+#[test]
+fn sigterm_while_mounted_forces_removal_and_the_loop_goes_with_its_last_user() {
+    let test = "sigterm_while_mounted_forces_removal_and_the_loop_goes_with_its_last_user";
+    if !fuse_possible(test) {
+        return;
+    }
+    let mut fuse = FuseEnv::new();
+    let image = fuse.env.raw_image("disk.img", 16 * MIB, 0);
+    let disk = fuse.create_raw(&image);
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&disk.device),
+    );
+    let dir = fuse.mount(&disk.device, "mnt");
+    run_ok(Command::new("kill").arg("-TERM").arg(disk.pid.to_string()));
+    assert!(
+        wait_for(Duration::from_secs(10), || !process_alive(disk.pid)),
+        "tapdisk {} ignored SIGTERM with its device mounted",
+        disk.pid
+    );
+    // The device is unbound at its last close: the unmount.
+    let _ = Command::new("umount").arg("-l").arg(&dir).status();
+    fuse.guard.mounts.clear();
+    assert!(
+        wait_for(Duration::from_secs(10), || loops_under(fuse.root())
+            .is_empty()
+            && mounts_under(fuse.root()).is_empty()),
+        "left behind: {:?} {:?}",
+        loops_under(fuse.root()),
+        mounts_under(fuse.root())
+    );
+}

@@ -58,6 +58,9 @@ const SESSION_THREADS: usize = 2;
 /// device, and for the session threads to end after unmounting.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The same waits when a forced stop found the loop device still in use.
+const FORCED_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Logical block size of the loop device.
 const LOOP_BLOCK_SIZE: u32 = 512;
 
@@ -194,9 +197,10 @@ impl FuseMount {
         })
     }
 
-    /// Unmounts (lazily if busy), joins the session threads and removes the mount point.
-    /// Best effort: problems are logged.
-    fn unmount(&mut self) {
+    /// Unmounts (lazily if busy), joins the session threads (waiting up to `patience`; they
+    /// end by themselves with the connection) and removes the mount point. Best effort:
+    /// problems are logged.
+    fn unmount(&mut self, patience: Duration) {
         match mounts::unmount_all(&self.path) {
             Ok(Unmounted::Lazy) => tracing::warn!(
                 "{} was still open elsewhere: detached lazily",
@@ -214,7 +218,7 @@ impl FuseMount {
                     let _ = done.send(session.join());
                 });
             match joiner {
-                Ok(_) => match finished.recv_timeout(RELEASE_TIMEOUT) {
+                Ok(_) => match finished.recv_timeout(patience) {
                     Ok(Ok(())) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
                     Ok(Err(e)) => tracing::warn!("FUSE session {}: {e}", self.path.display()),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => tracing::warn!(
@@ -281,17 +285,18 @@ impl Attached {
     /// Removes the device. Unless `force`, hands itself back with [`FuseError::Busy`] (having
     /// changed nothing) while the loop device is in use.
     fn teardown(mut self, force: bool) -> Result<(), Box<(Self, FuseError)>> {
-        let handle = if force {
-            File::open(&self.device.path).map_err(|e| {
-                tracing::warn!("opening {}: {e}", self.device.path.display());
-            })
-        } else {
-            match self.claim() {
-                Ok(file) => Ok(file),
-                Err(e) => return Err(Box::new((self, e))),
+        let (handle, in_use) = match self.claim() {
+            Ok(claimed) => (Some(claimed), false),
+            Err(e) if !force => return Err(Box::new((self, e))),
+            Err(e) => {
+                tracing::warn!("forced removal: {e}; it is unbound at its last close");
+                let handle = File::open(&self.device.path)
+                    .inspect_err(|e| tracing::warn!("opening {}: {e}", self.device.path.display()))
+                    .ok();
+                (handle, true)
             }
         };
-        if let Ok(handle) = handle {
+        if let Some(handle) = handle {
             if let Err(e) = loopdev::clear(&handle) {
                 // ENXIO: not bound any more.
                 if e.raw_os_error() != Some(libc::ENXIO) {
@@ -299,8 +304,14 @@ impl Attached {
                 }
             }
         }
-        self.wait_released();
-        self.mount.unmount();
+        // A device still in use keeps the FUSE file until its last close: waiting is useless.
+        let patience = if in_use {
+            FORCED_PATIENCE
+        } else {
+            RELEASE_TIMEOUT
+        };
+        self.wait_released(patience);
+        self.mount.unmount(patience);
         tracing::info!(
             "removed {} and its FUSE file {}",
             self.device.path.display(),
@@ -310,10 +321,10 @@ impl Attached {
     }
 
     /// Waits until the loop device no longer uses the FUSE file.
-    fn wait_released(&self) {
+    fn wait_released(&self, patience: Duration) {
         let started = Instant::now();
         while loopdev::backing_file(self.device.index).is_some_and(|f| f == self.mount.path) {
-            if started.elapsed() > RELEASE_TIMEOUT {
+            if started.elapsed() > patience {
                 tracing::warn!(
                     "{} is still open: it is unbound at its last close, I/O to it fails meanwhile",
                     self.device.path.display()
@@ -383,7 +394,7 @@ impl FuseBlockDevice {
         let device = match attached {
             Ok(device) => device,
             Err(e) => {
-                mount.unmount();
+                mount.unmount(RELEASE_TIMEOUT);
                 return Err(e);
             }
         };

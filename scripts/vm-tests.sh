@@ -53,9 +53,10 @@ for name in "${tests[@]}"; do
     echo "== vm test $name"
     start=$SECONDS
     bash "$run_in_vm" run "tests/vm/$name.sh" "$share/repo" "$name" 2>&1 |
-        tr -d '\r' | sed -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' |
+        tr -d '\r' |
+        sed -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' -e 's/^.*Booting from ROM\.*//' |
         grep -v -e '^\[ *[0-9.]*\]' -e '^reboot: ' -e '^ *$' -e 'iPXE' -e '^Press Ctrl-B' \
-            -e '^Booting from ROM'
+            -e '^SeaBIOS'
     rc=${PIPESTATUS[0]}
     echo "== vm test $name: exit $rc in $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || status=1

@@ -1,0 +1,79 @@
+#!/bin/bash
+# ublk block devices end to end: file system round trip across destroy/create (-b ublk and
+# -b auto), fio verify, EBUSY while held, compatibility links, 20 create/destroy cycles.
+. "$1/tests/vm/lib.sh"
+
+# create_dev MODE IMAGE: prints the block device tap-ctl create printed.
+create_dev() { tap-ctl create -b "$1" -a "aio:$2" 2>>"$LOG"; }
+destroy_dev() {
+    local minor; minor=$(minor_of_device "$1")
+    tap-ctl destroy -p "$(pid_of_minor "$minor")" -m "$minor"
+}
+
+# --- file system round trip, both ways of asking for ublk
+for mode in ublk auto; do
+    img=$(make_raw "fs-$mode.img" 128)
+    dev=$(create_dev "$mode" "$img")
+    check "create -b $mode gives /dev/ublkbN ($dev)" sh -c "case '$dev' in /dev/ublkb[0-9]*) test -b '$dev';; *) false;; esac"
+    mnt="$SCRATCH/mnt-$mode"; mkdir -p "$mnt"
+    check "mkfs.ext4 on $dev" mkfs.ext4 -q -F "$dev"
+    check "mount $dev" mount "$dev" "$mnt"
+    check "write files" sh -c "dd if=/dev/urandom of='$mnt/blob' bs=1M count=8 2>/dev/null && seq 1 20000 > '$mnt/numbers' && sha256sum '$mnt/blob' '$mnt/numbers' > '$SCRATCH/sums-$mode'"
+    check "sync" sync
+    check "umount" umount "$mnt"
+    check "destroy" destroy_dev "$dev"
+    check "device removed after destroy" test ! -e "$dev"
+    dev=$(create_dev "$mode" "$img")
+    check "create again ($dev)" test -b "$dev"
+    check "mount again" mount "$dev" "$mnt"
+    check "files intact after destroy/create" sh -c "cd / && sha256sum -c '$SCRATCH/sums-$mode'"
+    check "umount" umount "$mnt"
+    check "stats show the device" sh -c "tap-ctl stats -p $(pid_of_minor "$(minor_of_device "$dev")") -m $(minor_of_device "$dev") | grep -q '\"blockdev\": \"$dev\"'"
+    check "destroy" destroy_dev "$dev"
+done
+
+# --- fio verify on the raw device, then with plain copy (user copy off)
+img=$(make_raw fio.img 256)
+for copy in auto off; do
+    dev=$(TAPDISK_UBLK_USER_COPY=$copy TAPDISK_UBLK_QUEUES=2 TAPDISK_UBLK_DEPTH=32 create_dev ublk "$img")
+    check "create (user copy $copy)" test -b "$dev"
+    check "fio --verify=crc32c, zero errors (user copy $copy)" sh -c "fio --name=verify --filename='$dev' --direct=1 --ioengine=libaio --iodepth=16 --numjobs=1 --rw=randwrite --bsrange=4k-128k --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 --output='$SCRATCH/fio-$copy.out' && grep -q 'err= 0' '$SCRATCH/fio-$copy.out' && ! grep -qi 'verify:.*bad\|crc32c.*mismatch' '$SCRATCH/fio-$copy.out'"
+    cat "$SCRATCH/fio-$copy.out" >> "$LOG" 2>/dev/null
+    check "discard reaches the image (blkdiscard)" blkdiscard -o 0 -l 1048576 "$dev"
+    check "destroy" destroy_dev "$dev"
+done
+
+# --- destroy refused while the device is held, device keeps working
+img=$(make_raw busy.img 64)
+dev=$(create_dev ublk "$img")
+minor=$(minor_of_device "$dev"); pid=$(pid_of_minor "$minor")
+exec 3<"$dev"
+expect_status 16 "destroy while a process holds the device open fails with EBUSY (16)" tap-ctl destroy -p "$pid" -m "$minor"
+check "device still works after the refused destroy" sh -c "dd if=/dev/urandom of='$SCRATCH/p' bs=64k count=16 2>/dev/null && dd if='$SCRATCH/p' of='$dev' bs=64k oflag=direct 2>/dev/null && cmp -n 1048576 '$SCRATCH/p' '$dev'"
+exec 3<&-
+mkdir -p "$SCRATCH/busy" && mkfs.ext4 -q -F "$dev" && mount "$dev" "$SCRATCH/busy"
+expect_status 16 "destroy while mounted fails with EBUSY (16)" tap-ctl destroy -p "$pid" -m "$minor"
+check "mounted file system still writable" sh -c "echo hello > '$SCRATCH/busy/f' && sync && grep -q hello '$SCRATCH/busy/f'"
+umount "$SCRATCH/busy"
+check "destroy once released" tap-ctl destroy -p "$pid" -m "$minor"
+
+# --- compatibility link
+img=$(make_raw compat.img 16)
+dev=$(BLKTAP_COMPAT_SYMLINKS=1 create_dev ublk "$img")
+minor=$(minor_of_device "$dev")
+check "/dev/xen/blktap-2/tapdev$minor -> $dev" test "$(readlink "/dev/xen/blktap-2/tapdev$minor")" = "$dev"
+check "destroy" destroy_dev "$dev"
+check "link removed on destroy" test ! -L "/dev/xen/blktap-2/tapdev$minor"
+
+# --- 20 create/destroy cycles, nothing left over
+img=$(make_raw cycle.img 16)
+bad=0
+for i in $(seq 1 20); do
+    dev=$(create_dev ublk "$img") && test -b "$dev" && destroy_dev "$dev" >> "$LOG" 2>&1 || { bad=$((bad + 1)); echo "cycle $i failed ($dev)" >> "$LOG"; }
+done
+check "20 create/destroy cycles" test "$bad" -eq 0
+check "no ublk device left" sh -c "! ls /dev/ublkb* /dev/ublkc* 2>/dev/null | grep -q ."
+check "no tapdisk process left" sh -c "! pgrep -x tapdisk"
+check "no minor left (tap-ctl list empty)" sh -c "test -z \"\$(tap-ctl list)\""
+check "no recovery state left" sh -c "! ls $BLKTAP_CONTROL_DIR/vbd-* 2>/dev/null | grep -q ."
+finish

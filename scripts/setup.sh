@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Installs what building and testing blktap-rs needs on a fresh Debian machine (as root):
 # the test peers (fio, libnbd-bin with nbdinfo/nbdcopy/nbdfuse, nbdkit, libvhdi-utils),
-# then builds every binary. qemu-utils (qemu-img, qemu-io, qemu-nbd) is preinstalled here;
-# it is installed only when missing, so the newer preinstalled one is never replaced.
+# nbd-client (the VM tests attach /dev/nbd0 to tapdisk's NBD socket), libclang-dev (libublk's
+# -sys crate runs bindgen at build time), then builds every binary. qemu-utils (qemu-img,
+# qemu-io, qemu-nbd) is preinstalled here; it is installed only when missing, so the newer
+# preinstalled one is never replaced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 for pair in fio:fio nbdinfo:libnbd-bin nbdkit:nbdkit vhdiinfo:libvhdi-utils \
             mkfs.ext4:e2fsprogs losetup:mount lsblk:util-linux cmp:diffutils \
-            fusermount3:fuse3 qemu-img:qemu-utils; do
+            fusermount3:fuse3 qemu-img:qemu-utils nbd-client:nbd-client; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
+compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -2,6 +2,7 @@
 # Runs every check and test: formatting, clippy, unit tests, and the end-to-end tests that
 # drive the real tap-ctl/tapdisk/vhd-util binaries against qemu-img, qemu-io, fio, nbdinfo.
 # Run as root (the tests create loop devices and FUSE mounts). Installs what is missing.
+# Last, the kernel-device tests that need ublk_drv and nbd run in a VM (scripts/vm-tests.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -14,3 +15,5 @@ echo "== cargo test"
 cargo test --workspace 2>&1 | tee /tmp/blktap-cargo-test.log
 echo "== fuzz smoke run"
 ./scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
+echo "== VM tests (ublk, recovery, kernel NBD client)"
+./scripts/vm-tests.sh

@@ -71,8 +71,7 @@ use super::{
     Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, ParentLink,
     ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
-use crate::engine::sync::PreadEngine;
-use crate::engine::{IoEngine, IoFuture};
+use crate::engine::{open_engine, EngineChoice, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
 /// New blocks' data areas start on this boundary (a page, as tapdisk does).
@@ -337,7 +336,7 @@ struct VhdCounters {
 pub struct VhdDriver {
     path: PathBuf,
     info: DiskInfo,
-    engine: PreadEngine,
+    engine: Box<dyn IoEngine>,
     read_only: bool,
     direct: bool,
     kind: vhd::DiskType,
@@ -356,6 +355,7 @@ impl fmt::Debug for VhdDriver {
             .field("kind", &self.kind)
             .field("info", &self.info)
             .field("direct", &self.direct)
+            .field("engine", &self.engine.name())
             .field("parent", &self.parent)
             .finish_non_exhaustive()
     }
@@ -455,7 +455,7 @@ impl VhdDriver {
         Ok(Self {
             path: path.to_path_buf(),
             info,
-            engine: PreadEngine::new(file),
+            engine: open_engine(Arc::new(file), !direct, EngineChoice::from_env()),
             read_only,
             direct,
             kind,
@@ -1231,9 +1231,10 @@ impl ImageDriver for VhdDriver {
         };
         let cached = self.sparse.as_ref().map_or(0, |s| s.lock().bitmaps.len());
         Some(format!(
-            "{{ \"reqs\": {{ \"max\": {}, \"pending\": {} }}, \"vhd\": {{ \"type\": \"{kind}\", \"allocated_blocks\": {}, \"allocations\": {}, \"bitmap_writes\": {}, \"bitmap_loads\": {}, \"cached_bitmaps\": {cached} }} }}",
+            "{{ \"reqs\": {{ \"max\": {}, \"pending\": {} }}, \"engine\": \"{}\", \"vhd\": {{ \"type\": \"{kind}\", \"allocated_blocks\": {}, \"allocations\": {}, \"bitmap_writes\": {}, \"bitmap_loads\": {}, \"cached_bitmaps\": {cached} }} }}",
             crate::vbd::MAX_REQUESTS,
             self.engine.pending(),
+            self.engine.name(),
             self.allocated_blocks(),
             self.counters.allocations.load(Ordering::Relaxed),
             self.counters.bitmap_writes.load(Ordering::Relaxed),

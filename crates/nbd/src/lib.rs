@@ -15,12 +15,15 @@
 //! `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` / `SET_META_CONTEXT` (`base:allocation`);
 //! commands `READ`, `WRITE` (+FUA), `DISC`, `FLUSH`, `TRIM`, `WRITE_ZEROES` (`NO_HOLE`,
 //! `FAST_ZERO`), `CACHE` and `BLOCK_STATUS`; simple and structured replies (reads answered
-//! with data and hole chunks). Not supported: TLS, extended headers, oldstyle negotiation.
+//! with data and hole chunks). Also: the old-style handshake ([`Handshake::Oldstyle`]) and
+//! connections handed over as file descriptors ([`NbdServer::start_fd_receiver`],
+//! [`handover`]). Not supported: TLS, extended headers.
 
+pub mod handover;
 pub mod proto;
 pub mod server;
 mod transmission;
 
 pub use server::{
-    Export, ExportBuffer, ExportInfo, Extent, NbdServer, ServerConfig, WriteZeroesFlags,
+    Export, ExportBuffer, ExportInfo, Extent, Handshake, NbdServer, ServerConfig, WriteZeroesFlags,
 };

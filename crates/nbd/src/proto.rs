@@ -54,6 +54,11 @@ pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
 /// Transmission flag: `NBD_CMD_FLAG_FAST_ZERO` is supported.
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
+/// Magic after `NBDMAGIC` in the old-style greeting.
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+/// Length of the old-style greeting.
+pub const OLDSTYLE_GREETING_LEN: usize = 152;
+
 /// Option: choose an export and enter transmission (no reply header).
 pub const OPT_EXPORT_NAME: u32 = 1;
 /// Option: abort negotiation.
@@ -400,6 +405,30 @@ fn wire_len(len: usize) -> u32 {
 // ---------------------------------------------------------------------------------------
 // Handshake
 // ---------------------------------------------------------------------------------------
+
+/// The old-style greeting, after which transmission starts at once: `NBDMAGIC`, the
+/// old-style magic, the size, 32 bits of flags (the transmission flags in the low 16 bits)
+/// and 124 zero bytes. Old-style clients get simple replies only.
+pub fn oldstyle_greeting(info: &ExportInfo) -> [u8; OLDSTYLE_GREETING_LEN] {
+    let mut out = [0u8; OLDSTYLE_GREETING_LEN];
+    out[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    out[8..16].copy_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+    out[16..24].copy_from_slice(&info.size.to_be_bytes());
+    out[24..28].copy_from_slice(&u32::from(info.transmission_flags(false)).to_be_bytes());
+    out
+}
+
+/// The transmission session of an old-style connection (no options were negotiated).
+pub fn oldstyle_session(info: &ExportInfo) -> Session {
+    let (_, _, max) = info.block_sizes();
+    Session {
+        info: info.clone(),
+        transmission_flags: info.transmission_flags(false),
+        structured: false,
+        base_allocation: None,
+        max_request: max,
+    }
+}
 
 /// The 18 bytes the server sends first: NBDMAGIC, IHAVEOPT, FIXED_NEWSTYLE | NO_ZEROES.
 pub fn server_greeting() -> [u8; GREETING_LEN] {
@@ -1835,6 +1864,26 @@ mod tests {
         assert_eq!(map(2), EIO);
         assert_eq!(map(108), ESHUTDOWN);
         assert_eq!(nbd_error_from_io(&std::io::Error::other("x")), EIO);
+    }
+
+    #[test]
+    fn oldstyle_greeting_bytes() {
+        let mut info = ExportInfo::new(0x1234_5678_9abc);
+        info.can_flush = true;
+        info.read_only = true;
+        let greeting = oldstyle_greeting(&info);
+        let mut expected = Vec::new();
+        expected.extend_from_slice(b"NBDMAGIC");
+        expected.extend_from_slice(&[0x00, 0x00, 0x42, 0x02, 0x81, 0x86, 0x12, 0x53]);
+        expected.extend_from_slice(&[0, 0, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
+        let flags = info.transmission_flags(false);
+        assert_eq!(flags & TFLAG_READ_ONLY, TFLAG_READ_ONLY);
+        expected.extend_from_slice(&u32::from(flags).to_be_bytes());
+        expected.extend_from_slice(&[0u8; 124]);
+        assert_eq!(greeting.to_vec(), expected);
+        let session = oldstyle_session(&info);
+        assert!(!session.structured);
+        assert_eq!(session.base_allocation, None);
     }
 
     #[test]

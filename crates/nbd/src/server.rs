@@ -145,6 +145,18 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Requests served concurrently per connection; when reached, reading pauses.
     pub max_requests_in_flight: usize,
+    /// The handshake connections start with.
+    pub handshake: Handshake,
+}
+
+/// How a connection starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Handshake {
+    /// Fixed newstyle negotiation (options, structured replies, metadata contexts).
+    #[default]
+    Newstyle,
+    /// The old-style greeting (size and flags), then transmission with simple replies.
+    Oldstyle,
 }
 
 impl Default for ServerConfig {
@@ -153,6 +165,7 @@ impl Default for ServerConfig {
             export_name: String::new(),
             handshake_timeout: Duration::from_secs(10),
             max_requests_in_flight: 64,
+            handshake: Handshake::Newstyle,
         }
     }
 }
@@ -259,6 +272,63 @@ impl NbdServer {
                         Ok((stream, _)) => shared.spawn_connection(Box::new(stream)),
                         Err(error) => {
                             tracing::warn!(%error, "NBD accept failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+        }));
+        server
+    }
+
+    /// Start accepting hand-over connections on `listener`: each helper passes one
+    /// connected client socket over `SCM_RIGHTS` (see [`crate::handover`]) and is closed;
+    /// the client socket is then served like an accepted connection. A helper that sends
+    /// nothing within the handshake timeout is dropped.
+    pub fn start_fd_receiver<E: Export>(
+        listener: UnixListener,
+        export: Arc<E>,
+        config: ServerConfig,
+    ) -> NbdServer {
+        let timeout = config.handshake_timeout;
+        let mut server = Self::new(export, config);
+        let shared = Arc::clone(&server.shared);
+        let mut shutdown = shared.shutdown.subscribe();
+        server.accept = Some(server.shared.runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut shutdown) => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((helper, _)) => {
+                            let shared = Arc::clone(&shared);
+                            tokio::spawn(async move {
+                                let received = tokio::time::timeout(
+                                    timeout,
+                                    crate::handover::receive_stream(&helper),
+                                )
+                                .await;
+                                drop(helper);
+                                match received {
+                                    Ok(Ok((id, stream))) => {
+                                        tracing::info!(%id, "NBD client socket handed over");
+                                        match stream {
+                                            crate::handover::ReceivedStream::Unix(s) => {
+                                                shared.spawn_connection(Box::new(s));
+                                            }
+                                            crate::handover::ReceivedStream::Tcp(s) => {
+                                                shared.spawn_connection(Box::new(s));
+                                            }
+                                        }
+                                    }
+                                    Ok(Err(error)) => {
+                                        tracing::warn!(%error, "NBD socket hand-over failed");
+                                    }
+                                    Err(_) => tracing::warn!("NBD socket hand-over timed out"),
+                                }
+                            });
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "NBD hand-over accept failed; retrying");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     },
@@ -393,6 +463,16 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin, E: Export>(
     }
 }
 
+async fn oldstyle_handshake<S: AsyncWrite + Unpin, E: Export>(
+    stream: &mut S,
+    export: &E,
+) -> Result<Session, HandshakeError> {
+    let info = export.info();
+    stream.write_all(&proto::oldstyle_greeting(&info)).await?;
+    stream.flush().await?;
+    Ok(proto::oldstyle_session(&info))
+}
+
 async fn serve_connection<E: Export>(
     export: Arc<E>,
     config: Arc<ServerConfig>,
@@ -403,7 +483,14 @@ async fn serve_connection<E: Export>(
         _ = stopped(&mut shutdown) => return,
         result = tokio::time::timeout(
             config.handshake_timeout,
-            handshake(&mut stream, export.as_ref(), &config.export_name),
+            async {
+                match config.handshake {
+                    Handshake::Newstyle => {
+                        handshake(&mut stream, export.as_ref(), &config.export_name).await
+                    }
+                    Handshake::Oldstyle => oldstyle_handshake(&mut stream, export.as_ref()).await,
+                }
+            },
         ) => result,
     };
     let session = match negotiated {

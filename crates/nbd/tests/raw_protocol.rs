@@ -49,6 +49,7 @@ fn config() -> ServerConfig {
         export_name: "disk".into(),
         handshake_timeout: Duration::from_secs(10),
         max_requests_in_flight: 16,
+        ..ServerConfig::default()
     }
 }
 

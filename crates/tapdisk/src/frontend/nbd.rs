@@ -1,4 +1,7 @@
-//! The NBD frontend: a VBD exported at `<ctl dir>/nbd<pid>.<minor>`.
+//! The NBD frontend: a VBD exported at `<ctl dir>/nbd<pid>.<minor>` (new-style), with the C
+//! stack's companions `nbd-old<pid>.<minor>` (old-style) and the fd receivers
+//! `nbdserver-new<pid>.<minor>` / `nbdserver<pid>.<minor>` that serve a client socket passed
+//! over `SCM_RIGHTS` (storage migration).
 //!
 //! The protocol lives in the `nbd` crate; this module only adapts a [`Vbd`] to its
 //! [`nbd::Export`] trait. Every connection's requests go through the same VBD queue, so all
@@ -8,7 +11,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nbd::{Export, ExportBuffer, ExportInfo, Extent, NbdServer, ServerConfig, WriteZeroesFlags};
+use nbd::{
+    Export, ExportBuffer, ExportInfo, Extent, Handshake, NbdServer, ServerConfig, WriteZeroesFlags,
+};
 
 use crate::driver::{Allocation, ZeroFlags, SECTOR_SIZE};
 use crate::iobuf::IoBuf;
@@ -256,39 +261,92 @@ impl VbdExport {
     }
 }
 
-/// The running NBD export of one VBD.
+/// The sockets of one VBD's export, as the C tapdisk names them (`<suffix>` is
+/// `<pid>.<minor>`): `nbd<suffix>` new-style, `nbd-old<suffix>` old-style, and the fd
+/// receivers `nbdserver-new<suffix>` (new-style) and `nbdserver<suffix>` (old-style).
+const SOCKETS: [(&str, Handshake, bool); 4] = [
+    ("nbd", Handshake::Newstyle, false),
+    ("nbd-old", Handshake::Oldstyle, false),
+    ("nbdserver-new", Handshake::Newstyle, true),
+    ("nbdserver", Handshake::Oldstyle, true),
+];
+
+/// The running NBD export of one VBD: one server per socket, all over the same VBD.
 #[derive(Debug)]
 pub struct NbdFrontend {
-    server: NbdServer,
-    socket: PathBuf,
+    servers: Vec<(NbdServer, PathBuf)>,
+}
+
+/// Binds a UNIX listener at `path` (replacing a stale file) with mode 0600.
+fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
 }
 
 impl NbdFrontend {
-    /// Binds `socket` (replacing a stale file, mode 0600) and starts serving `vbd` on it.
+    /// Starts serving `vbd` on `socket` (`<dir>/nbd<pid>.<minor>`, new-style) and on its
+    /// siblings in the same directory: the old-style export `nbd-old<pid>.<minor>` and the
+    /// fd receivers `nbdserver-new<pid>.<minor>` and `nbdserver<pid>.<minor>`.
     pub fn start(vbd: Arc<Vbd>, socket: &Path, name: &str) -> io::Result<Self> {
         let export = Arc::new(VbdExport::new(vbd, name)?);
-        match std::fs::remove_file(socket) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = tokio::net::UnixListener::bind(socket)?;
-        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        let config = ServerConfig {
-            export_name: name.to_owned(),
-            ..ServerConfig::default()
+        let file_name = socket
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(einval)?;
+        let suffix = file_name.strip_prefix("nbd").unwrap_or(file_name);
+        let dir = socket.parent().unwrap_or(Path::new("."));
+        let mut frontend = Self {
+            servers: Vec::with_capacity(SOCKETS.len()),
         };
-        let server = NbdServer::start(listener, export, config);
-        Ok(Self {
-            server,
-            socket: socket.to_path_buf(),
-        })
+        for (prefix, handshake, receiver) in SOCKETS {
+            let path = if prefix == "nbd" {
+                socket.to_path_buf()
+            } else {
+                dir.join(format!("{prefix}{suffix}"))
+            };
+            let listener = match bind(&path) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    // Undo what was started (synchronously: the servers stop on drop).
+                    for (_, path) in frontend.servers.drain(..) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(e);
+                }
+            };
+            let config = ServerConfig {
+                export_name: name.to_owned(),
+                handshake,
+                ..ServerConfig::default()
+            };
+            let export = Arc::clone(&export);
+            let server = if receiver {
+                NbdServer::start_fd_receiver(listener, export, config)
+            } else {
+                NbdServer::start(listener, export, config)
+            };
+            frontend.servers.push((server, path));
+        }
+        Ok(frontend)
     }
 
-    /// Stops accepting, drops every connection and removes the socket file.
+    /// The socket paths served.
+    pub fn sockets(&self) -> impl Iterator<Item = &Path> {
+        self.servers.iter().map(|(_, path)| path.as_path())
+    }
+
+    /// Stops accepting, drops every connection and removes the socket files.
     pub async fn stop(self) {
-        self.server.shutdown().await;
-        if let Err(e) = std::fs::remove_file(&self.socket) {
-            tracing::warn!(socket = %self.socket.display(), "cannot remove NBD socket: {e}");
+        for (server, path) in self.servers {
+            server.shutdown().await;
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(socket = %path.display(), "cannot remove NBD socket: {e}");
+            }
         }
     }
 }

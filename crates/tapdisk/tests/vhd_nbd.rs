@@ -362,3 +362,34 @@ fn corrupt_images_and_missing_parents_are_refused_at_create() {
     );
     assert!(env.list().is_empty(), "{:?}", env.list());
 }
+
+#[test]
+fn image_whose_batmap_qemu_overwrote_is_refused_for_writing_only() {
+    require("qemu-io");
+    let env = Env::new();
+    let image = env.dir.path().join("trap.vhd");
+    create_vhd(&image, 16);
+    // qemu's vpc driver puts its first new block right after the BAT, over tapdisk's batmap.
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "vpc",
+        &image.display().to_string(),
+        "-c",
+        "write -P 7 0 4k",
+    ]));
+    env.tap_ctl_err(
+        &["create", "-a", &vhd_params(&image), "-b", "none"],
+        libc::EINVAL,
+    );
+    let (pid, minor) = env.create_params(&vhd_params(&image), &["-b", "none", "-R"]);
+    let out = run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-r",
+        &env.nbd_uri(pid, minor),
+        "-c",
+        "read -P 7 0 4k",
+    ]));
+    assert!(out.contains("read 4096/4096"), "{out}");
+    env.destroy(pid, minor);
+}

@@ -404,9 +404,11 @@ impl Drop for Op {
     }
 }
 
-/// Largest single transfer handed to one SQE.
+/// Largest single transfer handed to one SQE (page aligned, below 4 GiB).
+const MAX_CHUNK: u32 = 0xFFFF_F000;
+
 fn chunk_len(left: usize) -> u32 {
-    u32::try_from(left).unwrap_or(u32::MAX & !4095)
+    u32::try_from(left).map_or(MAX_CHUNK, |len| len.min(MAX_CHUNK))
 }
 
 impl IoEngine for UringEngine {

@@ -236,13 +236,20 @@ pub fn check_reply(
 ) -> Result<Message> {
     let minor = reply.cookie;
     if reply.msg_type == MessageType::Error {
-        let errno = match &reply.body {
-            Body::Response { error, .. } => *error,
-            _ => libc::EIO,
+        let (errno, detail) = match &reply.body {
+            // The C tapdisk never fills `message`; ours explains the failure there.
+            Body::Response { error, message } if !message.is_empty() => {
+                (*error, format!(": {message}"))
+            }
+            Body::Response { error, .. } => (*error, String::new()),
+            _ => (libc::EIO, String::new()),
         };
         return Err(Error::new(
             errno,
-            format!("tapdisk {pid} failed {} for minor {minor}", request.name()),
+            format!(
+                "tapdisk {pid} failed {} for minor {minor}{detail}",
+                request.name()
+            ),
         ));
     }
     if reply.msg_type != expected {

@@ -49,6 +49,30 @@ fn error_reply_becomes_its_errno() {
 }
 
 #[test]
+fn error_reply_message_is_kept_in_the_context() {
+    let (_tmp, dir) = temp_dir();
+    let server = serve(&dir, 13, 1, |request, stream| {
+        let reply = Message::new(
+            MessageType::Error,
+            request.cookie,
+            Body::Response {
+                error: libc::EMEDIUMTYPE,
+                message: "b.img has 16 sectors, the disk has 8".into(),
+            },
+        );
+        send(stream, &reply);
+    });
+    let err = blktapctl::pause(&dir, 13, 2, None).expect_err("refused");
+    assert_eq!(err.errno(), libc::EMEDIUMTYPE);
+    assert!(
+        err.context()
+            .ends_with(": b.img has 16 sectors, the disk has 8"),
+        "{err}"
+    );
+    server.join().expect("server");
+}
+
+#[test]
 fn detach_rsp_with_nonzero_error_is_an_error() {
     let (_tmp, dir) = temp_dir();
     let server = serve(&dir, 12, 1, |request, stream| {

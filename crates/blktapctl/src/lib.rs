@@ -27,8 +27,8 @@ pub use create::{create, create_with, CreatedVbd};
 pub use error::{strerror, Error, Result};
 pub use list::{find_minor, find_pid, list, list_pid, ListFilter, ListRow};
 pub use ops::{
-    attach, block_device, close, destroy, detach, get_pid, info, list_vbds, open, pause, stats,
-    unpause, OpenRequest, ResumeRequest, VbdEntry,
+    attach, block_device, close, destroy, detach, get_pid, info, list_vbds, nbd_listen, open,
+    pause, stats, unpause, OpenRequest, ResumeRequest, VbdEntry,
 };
 pub use paths::ControlDir;
 pub use recover::{recover, recover_with};

@@ -147,6 +147,28 @@ fn simple(
     request(dir, pid, &message, &[], timeout)
 }
 
+/// Asks tapdisk `pid` to serve VBD `minor`'s NBD export on TCP as well (blktap-rs extension
+/// `NBD_LISTEN`): `spec` is `ADDRESS tls=DIR` (TLS with `DIR/server-cert.pem` and
+/// `DIR/server-key.pem`) or `ADDRESS plain`. Returns the bound address.
+pub fn nbd_listen(dir: &ControlDir, pid: u32, minor: u32, spec: &str) -> Result<String> {
+    let message = Message::new(
+        MessageType::NbdListen,
+        cookie(minor)?,
+        Body::Text(spec.to_owned()),
+    );
+    let reply = request(dir, pid, &message, &[], None)?;
+    match reply.body {
+        Body::Text(address) => Ok(address),
+        other => Err(Error::new(
+            libc::EPROTO,
+            format!(
+                "tapdisk {pid} answered NBD_LISTEN with body {:?}",
+                other.kind()
+            ),
+        )),
+    }
+}
+
 /// The kernel block device serving VBD `minor` (`/dev/ublkbN`, `/dev/loopN`), or `None` when
 /// it has none (NBD only, or a tapdisk without the BLOCK_DEVICE extension).
 pub fn block_device(dir: &ControlDir, pid: u32, minor: u32) -> Result<Option<PathBuf>> {

@@ -17,11 +17,13 @@
 //! `FAST_ZERO`), `CACHE` and `BLOCK_STATUS`; simple and structured replies (reads answered
 //! with data and hole chunks). Also: the old-style handshake ([`Handshake::Oldstyle`]) and
 //! connections handed over as file descriptors ([`NbdServer::start_fd_receiver`],
-//! [`handover`]). Not supported: TLS, extended headers.
+//! [`handover`]); TCP with required TLS ([`NbdServer::start_tcp`], [`tls::Tls`]).
+//! Not supported: extended headers.
 
 pub mod handover;
 pub mod proto;
 pub mod server;
+pub mod tls;
 mod transmission;
 
 pub use server::{

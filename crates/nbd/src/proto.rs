@@ -95,6 +95,9 @@ pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// Option error: syntactically invalid option.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 /// Option error: the server is shutting down.
+/// Reply error: TLS must be negotiated first (`NBD_REP_ERR_TLS_REQD`).
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+/// Reply error: the server is shutting down.
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 /// Option error: a request is too big.
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;

@@ -147,6 +147,8 @@ pub struct ServerConfig {
     pub max_requests_in_flight: usize,
     /// The handshake connections start with.
     pub handshake: Handshake,
+    /// Require TLS (new-style only): clients must `NBD_OPT_STARTTLS` before anything else.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// How a connection starts.
@@ -166,6 +168,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_requests_in_flight: 64,
             handshake: Handshake::Newstyle,
+            tls: None,
         }
     }
 }
@@ -270,6 +273,37 @@ impl NbdServer {
                     _ = stopped(&mut shutdown) => break,
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => shared.spawn_connection(Box::new(stream)),
+                        Err(error) => {
+                            tracing::warn!(%error, "NBD accept failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+        }));
+        server
+    }
+
+    /// Start accepting TCP connections (Nagle off) on an already-bound listener. Give the
+    /// config [`ServerConfig::tls`] unless plaintext over the network is really wanted.
+    pub fn start_tcp<E: Export>(
+        listener: tokio::net::TcpListener,
+        export: Arc<E>,
+        config: ServerConfig,
+    ) -> NbdServer {
+        let mut server = Self::new(export, config);
+        let shared = Arc::clone(&server.shared);
+        let mut shutdown = shared.shutdown.subscribe();
+        server.accept = Some(server.shared.runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut shutdown) => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, peer)) => {
+                            let _ = stream.set_nodelay(true);
+                            tracing::debug!(%peer, "NBD TCP connection");
+                            shared.spawn_connection(Box::new(stream));
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "NBD accept failed; retrying");
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -427,13 +461,22 @@ enum HandshakeError {
     Protocol(#[from] ProtoError),
     #[error("client aborted the negotiation")]
     Aborted,
+    #[error("client asked for an export before starting the required TLS")]
+    TlsRequired,
 }
 
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin, E: Export>(
-    stream: &mut S,
+/// Fixed newstyle negotiation. With `tls`, TLS is required: until the client has sent
+/// `NBD_OPT_STARTTLS` (acknowledged in the clear, then the TLS handshake), every option but
+/// `ABORT` is refused with `NBD_REP_ERR_TLS_REQD` (and `EXPORT_NAME`, which has no error
+/// reply, closes the connection); after it, negotiation continues inside TLS. Returns the
+/// stream to use for transmission (the TLS stream when upgraded).
+async fn handshake<E: Export>(
+    mut stream: BoxedStream,
     export: &E,
     export_name: &str,
-) -> Result<Session, HandshakeError> {
+    tls: Option<&crate::tls::Tls>,
+) -> Result<(BoxedStream, Session), HandshakeError> {
+    let mut tls_pending = tls;
     stream.write_all(&proto::server_greeting()).await?;
     stream.flush().await?;
     let mut flags = [0u8; 4];
@@ -452,31 +495,73 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin, E: Export>(
         data.resize(length, 0);
         stream.read_exact(&mut data).await?;
         out.clear();
+        if let Some(tls_settings) = tls_pending {
+            match header.option {
+                proto::OPT_STARTTLS if data.is_empty() => {
+                    proto::encode_option_reply(&mut out, header.option, proto::REP_ACK, &[]);
+                    stream.write_all(&out).await?;
+                    stream.flush().await?;
+                    let secured = tls_settings.acceptor.accept(stream).await?;
+                    stream = Box::new(secured);
+                    tls_pending = None;
+                    continue;
+                }
+                proto::OPT_STARTTLS => proto::encode_option_error(
+                    &mut out,
+                    header.option,
+                    proto::REP_ERR_INVALID,
+                    "NBD_OPT_STARTTLS carries no data",
+                ),
+                proto::OPT_ABORT => {}
+                proto::OPT_EXPORT_NAME => return Err(HandshakeError::TlsRequired),
+                _ => proto::encode_option_error(
+                    &mut out,
+                    header.option,
+                    proto::REP_ERR_TLS_REQD,
+                    "this export requires TLS: send NBD_OPT_STARTTLS first",
+                ),
+            }
+            if header.option != proto::OPT_ABORT {
+                stream.write_all(&out).await?;
+                stream.flush().await?;
+                continue;
+            }
+        } else if tls.is_some() && header.option == proto::OPT_STARTTLS {
+            proto::encode_option_error(
+                &mut out,
+                header.option,
+                proto::REP_ERR_INVALID,
+                "TLS is already active",
+            );
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            continue;
+        }
         let outcome = negotiation.handle_option(header, &data, &mut out)?;
         stream.write_all(&out).await?;
         stream.flush().await?;
         match outcome {
             OptionOutcome::Continue => {}
             OptionOutcome::Close => return Err(HandshakeError::Aborted),
-            OptionOutcome::Transmission(session) => return Ok(session),
+            OptionOutcome::Transmission(session) => return Ok((stream, session)),
         }
     }
 }
 
-async fn oldstyle_handshake<S: AsyncWrite + Unpin, E: Export>(
-    stream: &mut S,
+async fn oldstyle_handshake<E: Export>(
+    mut stream: BoxedStream,
     export: &E,
-) -> Result<Session, HandshakeError> {
+) -> Result<(BoxedStream, Session), HandshakeError> {
     let info = export.info();
     stream.write_all(&proto::oldstyle_greeting(&info)).await?;
     stream.flush().await?;
-    Ok(proto::oldstyle_session(&info))
+    Ok((stream, proto::oldstyle_session(&info)))
 }
 
 async fn serve_connection<E: Export>(
     export: Arc<E>,
     config: Arc<ServerConfig>,
-    mut stream: BoxedStream,
+    stream: BoxedStream,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let negotiated = tokio::select! {
@@ -486,15 +571,16 @@ async fn serve_connection<E: Export>(
             async {
                 match config.handshake {
                     Handshake::Newstyle => {
-                        handshake(&mut stream, export.as_ref(), &config.export_name).await
+                        handshake(stream, export.as_ref(), &config.export_name, config.tls.as_ref())
+                            .await
                     }
-                    Handshake::Oldstyle => oldstyle_handshake(&mut stream, export.as_ref()).await,
+                    Handshake::Oldstyle => oldstyle_handshake(stream, export.as_ref()).await,
                 }
             },
         ) => result,
     };
-    let session = match negotiated {
-        Ok(Ok(session)) => session,
+    let (stream, session) = match negotiated {
+        Ok(Ok(negotiated)) => negotiated,
         Ok(Err(error)) => {
             tracing::debug!(%error, "NBD handshake ended");
             return;

@@ -21,9 +21,24 @@ use blktapctl::{ControlDir, Error, ListFilter, OpenFlags, OpenRequest, ResumeReq
 use crate::getopt::Getopt;
 
 /// The commands, in the order the global usage lists them.
-pub const COMMANDS: [&str; 16] = [
-    "list", "allocate", "free", "create", "destroy", "spawn", "attach", "detach", "open", "close",
-    "pause", "unpause", "stats", "recover", "major", "check",
+pub const COMMANDS: [&str; 17] = [
+    "list",
+    "allocate",
+    "free",
+    "create",
+    "destroy",
+    "spawn",
+    "attach",
+    "detach",
+    "open",
+    "close",
+    "pause",
+    "unpause",
+    "stats",
+    "recover",
+    "nbd-listen",
+    "major",
+    "check",
 ];
 
 /// A fully parsed command line ready to run.
@@ -77,6 +92,13 @@ pub enum Command {
     Stats {
         pid: u32,
         minor: u32,
+    },
+    /// Serve a VBD's NBD export on TCP too (blktap-rs extension): `spec` is
+    /// `ADDRESS tls=DIR` or `ADDRESS plain`.
+    NbdListen {
+        pid: u32,
+        minor: u32,
+        spec: String,
     },
     /// Re-attach a block device whose tapdisk died to a new tapdisk (blktap-rs extension).
     Recover {
@@ -184,6 +206,12 @@ pub fn usage(name: &str) -> String {
                      minor's surviving ublk device; without -a the recorded image is reopened\n"
         }
         "major" => "usage: major [-h]\n",
+        "nbd-listen" => {
+            "usage: nbd-listen <-p pid> <-m minor> <-l address:port> \
+                     <-T tls certificate directory | -P plaintext>\n\n\
+                     Also serves the VBD's NBD export on TCP until the VBD is closed; the\n\
+                     directory holds server-cert.pem and server-key.pem. Prints the bound address.\n"
+        }
         "check" => "usage: check\n(checks whether this host can run tapdisk)\n",
         _ => return global_usage(),
     };
@@ -206,6 +234,12 @@ struct Collected {
     block_device: Option<OpenFlags>,
     /// Options given that the daemon does not support yet: (letter, description).
     unsupported: Vec<(char, &'static str)>,
+    /// `nbd-listen -l`: TCP address.
+    listen: Option<String>,
+    /// `nbd-listen -T`: TLS certificate directory.
+    tls_dir: Option<String>,
+    /// `nbd-listen -P`: plaintext TCP, explicitly.
+    plaintext: bool,
 }
 
 /// A number option's value, or the usage error for it.
@@ -241,6 +275,9 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
             (_, 'h') => return Err(Stop::Help(usage(name))),
             // -b / -c of `major` chose block or character majors; neither exists here.
             ("major", _) => {}
+            ("nbd-listen", 'l') => c.listen = Some(value),
+            ("nbd-listen", 'T') => c.tls_dir = Some(value),
+            ("nbd-listen", 'P') => c.plaintext = true,
             (_, 'p') => c.pid = Some(number(name, letter, &value)?),
             (_, 'm') => c.minor = Some(number(name, letter, &value)?),
             (_, 'a') => c.args = Some(value),
@@ -284,6 +321,16 @@ fn block_device_mode(name: &str, value: &str) -> Result<OpenFlags, Stop> {
             )),
         )),
     }
+}
+
+/// Makes a path absolute (tapdisk runs in `/`).
+fn absolute_path(path: &str) -> String {
+    if path.starts_with('/') {
+        return path.to_owned();
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path).display().to_string())
+        .unwrap_or_else(|_| path.to_owned())
 }
 
 /// Makes the path of a `type:path` argument absolute (tapdisk runs in `/`).
@@ -364,6 +411,7 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
         "unpause" => "p:m:a:2:c:h",
         "major" => "bch",
         "recover" => "m:a:RDt:h",
+        "nbd-listen" => "p:m:l:T:Ph",
         _ => "",
     };
     if name == "check" {
@@ -421,6 +469,27 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
                 pid,
                 minor,
                 request: open_request(args, &c, req_timeout),
+            }
+        }
+        "nbd-listen" => {
+            let (pid, minor) = pid_minor(name, &c)?;
+            let listen = c.listen.clone().ok_or_else(|| usage_error(name, None))?;
+            let mode = match (&c.tls_dir, c.plaintext) {
+                (Some(dir), false) => format!("tls={}", absolute_path(dir)),
+                (None, true) => "plain".to_owned(),
+                _ => {
+                    return Err(usage_error(
+                        name,
+                        Some(format!(
+                            "tap-ctl: {name}: give exactly one of -T (TLS) and -P (plaintext)"
+                        )),
+                    ))
+                }
+            };
+            Command::NbdListen {
+                pid,
+                minor,
+                spec: format!("{listen} {mode}"),
             }
         }
         "unpause" => {
@@ -593,6 +662,10 @@ fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Er
         Command::Stats { pid, minor } => {
             let text = blktapctl::stats(dir, pid, Some(minor))?;
             let _ = writeln!(io.out, "{text}");
+        }
+        Command::NbdListen { pid, minor, spec } => {
+            let address = blktapctl::nbd_listen(dir, pid, minor, &spec)?;
+            let _ = writeln!(io.out, "{address}");
         }
         Command::Recover { minor, request } => {
             let recovered = blktapctl::recover(dir, minor, &request)?;
@@ -777,6 +850,22 @@ mod tests {
         assert_eq!(
             command("stats -p 1 -m 2"),
             Command::Stats { pid: 1, minor: 2 }
+        );
+        assert_eq!(
+            command("nbd-listen -p 1 -m 2 -l 127.0.0.1:10809 -T /pki"),
+            Command::NbdListen {
+                pid: 1,
+                minor: 2,
+                spec: "127.0.0.1:10809 tls=/pki".into()
+            }
+        );
+        assert_eq!(
+            command("nbd-listen -p 1 -m 2 -l [::1]:0 -P"),
+            Command::NbdListen {
+                pid: 1,
+                minor: 2,
+                spec: "[::1]:0 plain".into()
+            }
         );
         assert_eq!(
             command("recover -m 4"),

@@ -128,11 +128,16 @@ pub enum MessageType {
     BlockDevice = 64,
     /// blktap-rs extension: the block device path (empty when the VBD has none).
     BlockDeviceRsp = 65,
+    /// blktap-rs extension: serve a VBD's NBD export on TCP; `u.string` holds
+    /// `ADDRESS tls=CERTDIR` or `ADDRESS plain`.
+    NbdListen = 66,
+    /// blktap-rs extension: the bound TCP address (`u.string`).
+    NbdListenRsp = 67,
 }
 
 impl MessageType {
     /// Every message type, in numeric order.
-    pub const ALL: [MessageType; 38] = [
+    pub const ALL: [MessageType; 40] = [
         Self::Error,
         Self::RuntimeError,
         Self::Pid,
@@ -171,6 +176,8 @@ impl MessageType {
         Self::CancelCommitJobRsp,
         Self::BlockDevice,
         Self::BlockDeviceRsp,
+        Self::NbdListen,
+        Self::NbdListenRsp,
     ];
 
     /// The upper-case protocol name, e.g. `"OPEN"` or `"LIST_RSP"`.
@@ -214,11 +221,13 @@ impl MessageType {
             Self::CancelCommitJobRsp => "CANCEL_COMMIT_JOB_RSP",
             Self::BlockDevice => "BLOCK_DEVICE",
             Self::BlockDeviceRsp => "BLOCK_DEVICE_RSP",
+            Self::NbdListen => "NBD_LISTEN",
+            Self::NbdListenRsp => "NBD_LISTEN_RSP",
         }
     }
 
     /// The type for a wire value: 1..=36 (the C stack's and XCP-ng's types) and the
-    /// blktap-rs extensions 64..=65; `None` for anything else.
+    /// blktap-rs extensions 64..=67; `None` for anything else.
     pub fn from_u16(v: u16) -> Option<Self> {
         Self::ALL.iter().copied().find(|t| t.as_u16() == v)
     }
@@ -250,6 +259,7 @@ impl MessageType {
             Self::QueryCommitJob => Self::QueryCommitJobRsp,
             Self::CancelCommitJob => Self::CancelCommitJobRsp,
             Self::BlockDevice => Self::BlockDeviceRsp,
+            Self::NbdListen => Self::NbdListenRsp,
             _ => return None,
         })
     }
@@ -475,7 +485,7 @@ pub fn body_kind(t: MessageType) -> BodyKind {
         T::StatsRsp => BodyKind::Stat,
         T::XenblkifConnect | T::XenblkifDisconnect => BodyKind::Blkif,
         T::QueryCommitJobRsp => BodyKind::Query,
-        T::BlockDeviceRsp => BodyKind::Text,
+        T::BlockDeviceRsp | T::NbdListen | T::NbdListenRsp => BodyKind::Text,
         T::Pid
         | T::Attach
         | T::AttachRsp

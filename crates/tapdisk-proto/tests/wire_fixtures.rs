@@ -47,7 +47,7 @@ fn message_size_is_544() {
 
 #[test]
 fn every_type_number_and_name() {
-    let expected: [(u16, &str); 38] = [
+    let expected: [(u16, &str); 40] = [
         (1, "ERROR"),
         (2, "RUNTIME_ERROR"),
         (3, "PID"),
@@ -86,6 +86,8 @@ fn every_type_number_and_name() {
         (36, "CANCEL_COMMIT_JOB_RSP"),
         (64, "BLOCK_DEVICE"),
         (65, "BLOCK_DEVICE_RSP"),
+        (66, "NBD_LISTEN"),
+        (67, "NBD_LISTEN_RSP"),
     ];
     for (number, name) in expected {
         let t = MessageType::from_u16(number).expect("known type");
@@ -97,7 +99,7 @@ fn every_type_number_and_name() {
     assert_eq!(MessageType::from_u16(0), None);
     assert_eq!(MessageType::from_u16(37), None);
     assert_eq!(MessageType::from_u16(63), None);
-    assert_eq!(MessageType::from_u16(66), None);
+    assert_eq!(MessageType::from_u16(68), None);
     assert_eq!(MessageType::from_u16(u16::MAX), None);
     assert_eq!(
         MessageType::try_from(37),
@@ -445,12 +447,12 @@ fn query_commit_job_rsp_fixture() {
 #[test]
 fn every_type_has_a_fixture_test() {
     let covered_elsewhere = [
-        1, 2, 4, 7, 8, 11, 16, 18, 20, 22, 24, 26, 29, 31, 34, 35, 65,
+        1, 2, 4, 7, 8, 11, 16, 18, 20, 22, 24, 26, 29, 31, 34, 35, 65, 66, 67,
     ];
     let mut all: Vec<u16> = EMPTY_TYPES.iter().map(|(n, _)| *n).collect();
     all.extend(covered_elsewhere);
     all.sort_unstable();
-    assert_eq!(all, (1..=36).chain(64..=65).collect::<Vec<u16>>());
+    assert_eq!(all, (1..=36).chain(64..=67).collect::<Vec<u16>>());
 }
 
 #[test]
@@ -834,4 +836,28 @@ fn key_payload() {
         Err(DecodeError::KeySize { value: 129 })
     );
     assert_eq!(decode_key_size(255).unwrap_err().errno(), 22);
+}
+
+#[test]
+fn nbd_listen_carries_address_and_tls_directory() {
+    // blktap-rs extension: type 66 request and 67 reply, the text in u.string.text at
+    // absolute offset 8.
+    let text = "127.0.0.1:10809 tls=/etc/blktap/pki";
+    let mut fixture = header(66, 5);
+    put(&mut fixture, 8, text.as_bytes());
+    let message = Message::new(MessageType::NbdListen, 5, Body::Text(text.into()));
+    assert_wire(&message, &fixture);
+    let mut reply = header(67, 5);
+    put(&mut reply, 8, b"127.0.0.1:10809");
+    let message = Message::new(
+        MessageType::NbdListenRsp,
+        5,
+        Body::Text("127.0.0.1:10809".into()),
+    );
+    assert_wire(&message, &reply);
+    assert_eq!(body_kind(MessageType::NbdListen), BodyKind::Text);
+    assert_eq!(
+        MessageType::NbdListen.success_reply(),
+        Some(MessageType::NbdListenRsp)
+    );
 }

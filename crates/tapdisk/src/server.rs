@@ -115,6 +115,16 @@ impl Tapdisk {
             .ok_or_else(|| errno(libc::ENODEV))
     }
 
+    /// Serves VBD `minor`'s NBD export on TCP as `text` (`ADDRESS tls=DIR` or
+    /// `ADDRESS plain`) asks; returns the bound address.
+    fn nbd_listen(&self, minor: u16, text: &str) -> io::Result<std::net::SocketAddr> {
+        let listen = crate::frontend::nbd::TcpListen::parse(text)?;
+        let mut slots = self.slots();
+        let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;
+        let nbd = slot.nbd.as_mut().ok_or_else(|| errno(libc::EINVAL))?;
+        nbd.listen_tcp(&listen)
+    }
+
     /// Resolves once the process should exit (its last VBD was detached).
     pub async fn wait_for_exit(&self) {
         let mut exit = self.exit.subscribe();
@@ -200,6 +210,10 @@ impl Tapdisk {
                     Message::new(MessageType::StatsRsp, minor, Body::Stat(stat)),
                     text,
                 ))
+            }
+            (MessageType::NbdListen, Body::Text(text)) => {
+                let address = self.nbd_listen(minor, text)?;
+                reply(MessageType::NbdListenRsp, Body::Text(address.to_string()))
             }
             (MessageType::BlockDevice, _) => {
                 let path = self.block_device_path(minor)?;

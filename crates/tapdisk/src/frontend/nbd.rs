@@ -8,6 +8,7 @@
 //! clients see each other's writes, and pausing the VBD holds every connection's requests.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -274,7 +275,46 @@ const SOCKETS: [(&str, Handshake, bool); 4] = [
 /// The running NBD export of one VBD: one server per socket, all over the same VBD.
 #[derive(Debug)]
 pub struct NbdFrontend {
+    export: Arc<VbdExport>,
+    name: String,
     servers: Vec<(NbdServer, PathBuf)>,
+    /// TCP listeners added with [`NbdFrontend::listen_tcp`].
+    tcp: Vec<(NbdServer, SocketAddr)>,
+}
+
+/// How an operator asked for a TCP listener (`NBD_LISTEN`'s text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpListen {
+    /// Address to bind (port 0 picks a free port).
+    pub address: SocketAddr,
+    /// Directory with `server-cert.pem` and `server-key.pem`; `None` only when plaintext
+    /// was asked for explicitly.
+    pub tls_dir: Option<PathBuf>,
+}
+
+impl TcpListen {
+    /// Parses `ADDRESS tls=DIR` or `ADDRESS plain`; anything else (including an address
+    /// alone: plaintext must be explicit) is `EINVAL`.
+    pub fn parse(text: &str) -> io::Result<Self> {
+        let mut words = text.split_whitespace();
+        let address = words
+            .next()
+            .and_then(|word| word.parse::<SocketAddr>().ok())
+            .ok_or_else(einval)?;
+        let mode = words.next().ok_or_else(einval)?;
+        if words.next().is_some() {
+            return Err(einval());
+        }
+        let tls_dir = match mode {
+            "plain" => None,
+            _ => Some(PathBuf::from(
+                mode.strip_prefix("tls=")
+                    .filter(|dir| !dir.is_empty())
+                    .ok_or_else(einval)?,
+            )),
+        };
+        Ok(Self { address, tls_dir })
+    }
 }
 
 /// Binds a UNIX listener at `path` (replacing a stale file) with mode 0600.
@@ -301,7 +341,10 @@ impl NbdFrontend {
         let suffix = file_name.strip_prefix("nbd").unwrap_or(file_name);
         let dir = socket.parent().unwrap_or(Path::new("."));
         let mut frontend = Self {
+            export: Arc::clone(&export),
+            name: name.to_owned(),
             servers: Vec::with_capacity(SOCKETS.len()),
+            tcp: Vec::new(),
         };
         for (prefix, handshake, receiver) in SOCKETS {
             let path = if prefix == "nbd" {
@@ -335,6 +378,39 @@ impl NbdFrontend {
         Ok(frontend)
     }
 
+    /// Also serves the export on TCP (new-style; TLS required unless plaintext was asked
+    /// for). Returns the bound address. Must run inside the tokio runtime.
+    pub fn listen_tcp(&mut self, listen: &TcpListen) -> io::Result<SocketAddr> {
+        let tls = match &listen.tls_dir {
+            Some(dir) => Some(nbd::tls::Tls::from_dir(dir).map_err(|e| {
+                tracing::error!("NBD TLS: {e}");
+                io::Error::from_raw_os_error(libc::EINVAL)
+            })?),
+            None => {
+                tracing::warn!(address = %listen.address, "NBD export on plaintext TCP, as asked");
+                None
+            }
+        };
+        let listener = std::net::TcpListener::bind(listen.address)?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let config = ServerConfig {
+            export_name: self.name.clone(),
+            tls,
+            ..ServerConfig::default()
+        };
+        let server = NbdServer::start_tcp(listener, Arc::clone(&self.export), config);
+        tracing::info!(address = %bound, tls = listen.tls_dir.is_some(), "NBD export on TCP");
+        self.tcp.push((server, bound));
+        Ok(bound)
+    }
+
+    /// The TCP addresses served.
+    pub fn tcp_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.tcp.iter().map(|(_, address)| *address)
+    }
+
     /// The socket paths served.
     pub fn sockets(&self) -> impl Iterator<Item = &Path> {
         self.servers.iter().map(|(_, path)| path.as_path())
@@ -342,11 +418,38 @@ impl NbdFrontend {
 
     /// Stops accepting, drops every connection and removes the socket files.
     pub async fn stop(self) {
+        for (server, _) in self.tcp {
+            server.shutdown().await;
+        }
         for (server, path) in self.servers {
             server.shutdown().await;
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!(socket = %path.display(), "cannot remove NBD socket: {e}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs() {
+        let tls = TcpListen::parse("127.0.0.1:10809 tls=/etc/pki/nbd").unwrap();
+        assert_eq!(tls.address, "127.0.0.1:10809".parse().unwrap());
+        assert_eq!(tls.tls_dir, Some(PathBuf::from("/etc/pki/nbd")));
+        let plain = TcpListen::parse("[::1]:0 plain").unwrap();
+        assert_eq!(plain.tls_dir, None);
+        for bad in [
+            "",
+            "127.0.0.1:1",
+            "localhost:1 plain",
+            "127.0.0.1:1 tls=",
+            "1.2.3.4:5 tls=/a b",
+        ] {
+            let error = TcpListen::parse(bad).unwrap_err();
+            assert_eq!(error.raw_os_error(), Some(libc::EINVAL), "{bad:?}");
         }
     }
 }

@@ -52,7 +52,11 @@ impl Tls {
             .collect::<Result<_, _>>()
             .map_err(|e| pem_error("certificates", cert, e.to_string()))?;
         if chain.is_empty() {
-            return Err(pem_error("certificates", cert, "no certificate found".into()));
+            return Err(pem_error(
+                "certificates",
+                cert,
+                "no certificate found".into(),
+            ));
         }
         let key = PrivateKeyDer::from_pem_file(key)
             .map_err(|e| pem_error("the private key", key, e.to_string()))?;

@@ -784,7 +784,13 @@ where
             return Ok(n);
         }
     }
-    let n = reader.read(rx.space()).await?;
+    let space = rx.space();
+    if space.is_empty() {
+        // Never reached while the parser makes progress; refuse rather than mistake an
+        // empty read for the end of the stream.
+        return Err(io::Error::other("receive buffer full of unparsed bytes"));
+    }
+    let n = reader.read(space).await?;
     rx.end += n;
     Ok(n)
 }

@@ -18,7 +18,8 @@
 //! with data and hole chunks). Also: the old-style handshake ([`Handshake::Oldstyle`]) and
 //! connections handed over as file descriptors ([`NbdServer::start_fd_receiver`],
 //! [`handover`]); TCP with required TLS ([`NbdServer::start_tcp`], [`tls::Tls`]).
-//! Not supported: extended headers.
+//! Extended headers (`NBD_OPT_EXTENDED_HEADERS`: 64-bit lengths, 32-byte request and
+//! reply headers, `BLOCK_STATUS_EXT`) when the client asks for them.
 
 pub mod handover;
 pub mod proto;

@@ -149,6 +149,14 @@ pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Structured chunk: block status descriptors.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Reply chunk: block status with 64-bit extents (extended headers only).
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
+/// Request magic with extended headers (64-bit lengths).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Reply chunk magic with extended headers.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+/// Length of an extended request or reply header.
+pub const EXTENDED_HEADER_LEN: usize = 32;
 /// Structured chunk: error without an offset.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 /// Structured chunk: error at an offset.
@@ -731,6 +739,8 @@ pub struct Negotiation {
     client: ClientFlags,
     structured: bool,
     base_allocation: Option<u32>,
+    /// `NBD_OPT_EXTENDED_HEADERS` was acknowledged.
+    extended: bool,
 }
 
 impl Negotiation {
@@ -743,7 +753,14 @@ impl Negotiation {
             client,
             structured: false,
             base_allocation: None,
+            extended: false,
         }
+    }
+
+    /// Whether extended headers (64-bit lengths, 32-byte headers) have been negotiated;
+    /// they imply structured replies.
+    pub fn extended_headers(&self) -> bool {
+        self.extended
     }
 
     /// Whether structured replies have been negotiated so far.
@@ -776,6 +793,21 @@ impl Negotiation {
         out: &mut Vec<u8>,
     ) -> Result<OptionOutcome, ProtoError> {
         let option = header.option;
+        if option == OPT_EXTENDED_HEADERS {
+            if data.is_empty() {
+                self.extended = true;
+                self.structured = true;
+                encode_option_reply(out, option, REP_ACK, &[]);
+            } else {
+                encode_option_error(
+                    out,
+                    option,
+                    REP_ERR_INVALID,
+                    "NBD_OPT_EXTENDED_HEADERS must carry no data",
+                );
+            }
+            return Ok(OptionOutcome::Continue);
+        }
         let request = match parse_option(option, data) {
             Ok(request) => request,
             Err(OptionDataError::Malformed { what, .. }) => {
@@ -1260,6 +1292,126 @@ pub fn encode_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64
     out.extend_from_slice(&kind.to_be_bytes());
     out.extend_from_slice(&cookie.to_be_bytes());
     out.extend_from_slice(&length.to_be_bytes());
+}
+
+/// Append a reply chunk header: structured (20 bytes) or, with `extended`, the 32-byte
+/// extended header, which also carries the request's `offset` and a 64-bit payload length.
+pub fn encode_reply_header(
+    out: &mut Vec<u8>,
+    extended: bool,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    payload_len: usize,
+) {
+    if extended {
+        out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+    } else {
+        encode_chunk_header(out, flags, kind, cookie, wire_len(payload_len));
+    }
+}
+
+/// Append a final error chunk (structured or extended).
+pub fn encode_error_reply(
+    out: &mut Vec<u8>,
+    extended: bool,
+    cookie: u64,
+    offset: u64,
+    error: u32,
+    message: &str,
+) {
+    let message = truncate_str(message, MAX_STRING_LEN);
+    let message_len = u16::try_from(message.len()).unwrap_or(0);
+    let message = if message_len == 0 { "" } else { message };
+    encode_reply_header(
+        out,
+        extended,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        offset,
+        6 + message.len(),
+    );
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&message_len.to_be_bytes());
+    out.extend_from_slice(message.as_bytes());
+}
+
+/// An extended request header (`NBD_OPT_EXTENDED_HEADERS`): 32 bytes, 64-bit length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtendedRequestHeader {
+    /// Command flags.
+    pub flags: u16,
+    /// Command type.
+    pub command: u16,
+    /// Client cookie.
+    pub cookie: u64,
+    /// Offset.
+    pub offset: u64,
+    /// Effect length (payload length for writes).
+    pub length: u64,
+}
+
+impl ExtendedRequestHeader {
+    /// Parse; a wrong magic is an error (the connection must close).
+    pub fn parse(bytes: &[u8; EXTENDED_HEADER_LEN]) -> Result<Self, ProtoError> {
+        let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(ProtoError::BadRequestMagic { found: magic });
+        }
+        let u64_at = |at: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_be_bytes(word)
+        };
+        Ok(Self {
+            flags: u16::from_be_bytes([bytes[4], bytes[5]]),
+            command: u16::from_be_bytes([bytes[6], bytes[7]]),
+            cookie: u64_at(8),
+            offset: u64_at(16),
+            length: u64_at(24),
+        })
+    }
+
+    /// Encode (client side; tests).
+    pub fn encode(&self) -> [u8; EXTENDED_HEADER_LEN] {
+        let mut out = [0u8; EXTENDED_HEADER_LEN];
+        out[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        out[6..8].copy_from_slice(&self.command.to_be_bytes());
+        out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        out[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        out[24..32].copy_from_slice(&self.length.to_be_bytes());
+        out
+    }
+
+    /// The compact header the classifier works on. Lengths beyond 32 bits are clamped,
+    /// which keeps every answer right: such a READ is above the maximum block size (EINVAL),
+    /// such a WRITE is too large to skip (disconnect), and BLOCK_STATUS may answer for less
+    /// than asked. `None` for TRIM, WRITE_ZEROES and CACHE beyond 32 bits, which must be
+    /// refused (EINVAL) rather than shortened.
+    pub fn compact(&self) -> Option<RequestHeader> {
+        let length = match u32::try_from(self.length) {
+            Ok(length) => length,
+            Err(_) if matches!(self.command, CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE) => {
+                return None
+            }
+            Err(_) => u32::MAX,
+        };
+        Some(RequestHeader {
+            flags: self.flags,
+            command: self.command,
+            cookie: self.cookie,
+            offset: self.offset,
+            length,
+        })
+    }
 }
 
 fn done_flag(done: bool) -> u16 {
@@ -1867,6 +2019,53 @@ mod tests {
         assert_eq!(map(2), EIO);
         assert_eq!(map(108), ESHUTDOWN);
         assert_eq!(nbd_error_from_io(&std::io::Error::other("x")), EIO);
+    }
+
+    #[test]
+    fn extended_headers_bytes() {
+        let wire: [u8; 32] = [
+            0x21, 0xe4, 0x1c, 0x71, 0x00, 0x01, 0x00, 0x04, // magic, FUA, TRIM
+            0, 0, 0, 0, 0, 0, 0, 9, // cookie
+            0, 0, 0, 0, 0, 0, 0x10, 0, // offset 4096
+            0, 0, 0, 2, 0, 0, 0, 0, // length 8 GiB
+        ];
+        let header = ExtendedRequestHeader::parse(&wire).unwrap();
+        assert_eq!(
+            header,
+            ExtendedRequestHeader {
+                flags: CMD_FLAG_FUA,
+                command: CMD_TRIM,
+                cookie: 9,
+                offset: 4096,
+                length: 8 << 30,
+            }
+        );
+        assert_eq!(header.encode(), wire);
+        assert_eq!(header.compact(), None, "a trim is never shortened");
+        let status = ExtendedRequestHeader {
+            command: CMD_BLOCK_STATUS,
+            ..header
+        };
+        assert_eq!(status.compact().map(|h| h.length), Some(u32::MAX));
+        let mut bad = wire;
+        bad[0] = 0x25;
+        assert!(ExtendedRequestHeader::parse(&bad).is_err());
+
+        let mut out = Vec::new();
+        encode_reply_header(&mut out, true, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 9, 4096, 0);
+        assert_eq!(
+            out,
+            [
+                0x6e, 0x8a, 0x27, 0x8c, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0x10,
+                0, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+        out.clear();
+        encode_reply_header(&mut out, false, 0, REPLY_TYPE_OFFSET_DATA, 9, 4096, 520);
+        assert_eq!(
+            out,
+            [0x66, 0x8e, 0x33, 0xef, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 2, 8]
+        );
     }
 
     #[test]

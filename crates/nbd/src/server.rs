@@ -475,7 +475,7 @@ async fn handshake<E: Export>(
     export: &E,
     export_name: &str,
     tls: Option<&crate::tls::Tls>,
-) -> Result<(BoxedStream, Session), HandshakeError> {
+) -> Result<(BoxedStream, Session, bool), HandshakeError> {
     let mut tls_pending = tls;
     stream.write_all(&proto::server_greeting()).await?;
     stream.flush().await?;
@@ -543,7 +543,9 @@ async fn handshake<E: Export>(
         match outcome {
             OptionOutcome::Continue => {}
             OptionOutcome::Close => return Err(HandshakeError::Aborted),
-            OptionOutcome::Transmission(session) => return Ok((stream, session)),
+            OptionOutcome::Transmission(session) => {
+                return Ok((stream, session, negotiation.extended_headers()))
+            }
         }
     }
 }
@@ -551,11 +553,11 @@ async fn handshake<E: Export>(
 async fn oldstyle_handshake<E: Export>(
     mut stream: BoxedStream,
     export: &E,
-) -> Result<(BoxedStream, Session), HandshakeError> {
+) -> Result<(BoxedStream, Session, bool), HandshakeError> {
     let info = export.info();
     stream.write_all(&proto::oldstyle_greeting(&info)).await?;
     stream.flush().await?;
-    Ok((stream, proto::oldstyle_session(&info)))
+    Ok((stream, proto::oldstyle_session(&info), false))
 }
 
 async fn serve_connection<E: Export>(
@@ -579,7 +581,7 @@ async fn serve_connection<E: Export>(
             },
         ) => result,
     };
-    let (stream, session) = match negotiated {
+    let (stream, session, extended) = match negotiated {
         Ok(Ok(negotiated)) => negotiated,
         Ok(Err(error)) => {
             tracing::debug!(%error, "NBD handshake ended");
@@ -596,6 +598,7 @@ async fn serve_connection<E: Export>(
     crate::transmission::serve(
         export,
         session,
+        extended,
         config.max_requests_in_flight,
         stream,
         &mut shutdown,

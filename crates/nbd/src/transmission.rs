@@ -25,7 +25,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::proto::{self, Command, ReadChunk, RequestAction, RequestHeader, Session};
+use crate::proto::{
+    self, Command, ExtendedRequestHeader, ReadChunk, RequestAction, RequestHeader, Session,
+};
 use crate::server::{Export, ExportBuffer, Extent};
 
 /// Bytes of payload one connection may hold in memory at once (write payloads being read or
@@ -48,6 +50,8 @@ type RequestFuture<B> = Pin<Box<dyn Future<Output = Done<B>> + Send>>;
 enum Done<B> {
     Status {
         cookie: u64,
+        /// The request's offset (echoed by extended reply headers).
+        offset: u64,
         /// Payload bytes the request held (a write's data).
         held: usize,
         result: io::Result<()>,
@@ -110,11 +114,17 @@ struct Outbox<B> {
     spare: Vec<u8>,
     /// Read buffers no longer needed, to hand back to the export.
     returned: Vec<B>,
+    /// Structured replies were negotiated.
+    structured: bool,
+    /// Extended headers were negotiated (every reply is an extended chunk).
+    extended: bool,
 }
 
 impl<B: ExportBuffer> Outbox<B> {
-    fn new() -> Self {
+    fn new(structured: bool, extended: bool) -> Self {
         Self {
+            structured: structured || extended,
+            extended,
             pieces: VecDeque::new(),
             front_written: 0,
             replies: 0,
@@ -207,35 +217,57 @@ impl<B: ExportBuffer> Outbox<B> {
         }
     }
 
-    fn simple(&mut self, cookie: u64, error: u32) {
-        self.packed()
-            .extend_from_slice(&proto::simple_reply(cookie, error));
+    /// A successful reply without data.
+    fn success(&mut self, cookie: u64, offset: u64) {
+        if self.extended {
+            let extended = self.extended;
+            proto::encode_reply_header(
+                self.packed(),
+                extended,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_NONE,
+                cookie,
+                offset,
+                0,
+            );
+        } else {
+            self.packed()
+                .extend_from_slice(&proto::simple_reply(cookie, 0));
+        }
         self.replies += 1;
     }
 
-    fn error(&mut self, structured: bool, cookie: u64, error: u32, message: &str) {
-        if structured {
-            proto::encode_error_chunk(self.packed(), cookie, error, message);
-            self.replies += 1;
+    fn error(&mut self, cookie: u64, offset: u64, error: u32, message: &str) {
+        if self.structured {
+            let extended = self.extended;
+            proto::encode_error_reply(self.packed(), extended, cookie, offset, error, message);
         } else {
-            self.simple(cookie, error);
+            self.packed()
+                .extend_from_slice(&proto::simple_reply(cookie, error));
         }
+        self.replies += 1;
     }
 
-    fn io_error(&mut self, structured: bool, cookie: u64, error: &io::Error) {
+    fn io_error(&mut self, cookie: u64, offset: u64, error: &io::Error) {
         self.error(
-            structured,
             cookie,
+            offset,
             proto::nbd_error_from_io(error),
             &error.to_string(),
         );
     }
 
-    fn read(&mut self, structured: bool, cookie: u64, offset: u64, buf: B, no_fragment: bool) {
+    fn chunk_header(&mut self, done: bool, kind: u16, cookie: u64, offset: u64, len: usize) {
+        let extended = self.extended;
+        let flags = if done { proto::REPLY_FLAG_DONE } else { 0 };
+        proto::encode_reply_header(self.packed(), extended, flags, kind, cookie, offset, len);
+    }
+
+    fn read(&mut self, cookie: u64, offset: u64, buf: B, no_fragment: bool) {
         let len = buf.bytes().len();
         self.bytes += len;
         self.replies += 1;
-        if !structured {
+        if !self.structured {
             self.packed()
                 .extend_from_slice(&proto::simple_reply(cookie, 0));
             let buf = Arc::new(buf);
@@ -244,7 +276,7 @@ impl<B: ExportBuffer> Outbox<B> {
             return;
         }
         if len == 0 {
-            proto::encode_none_chunk(self.packed(), cookie);
+            self.chunk_header(true, proto::REPLY_TYPE_NONE, cookie, offset, 0);
             self.returned.push(buf);
             return;
         }
@@ -261,24 +293,61 @@ impl<B: ExportBuffer> Outbox<B> {
         for (index, chunk) in chunks.into_iter().enumerate() {
             let done = index == last;
             match chunk {
-                ReadChunk::Data { offset, range } => {
-                    let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
-                    proto::encode_offset_data_header(self.packed(), cookie, offset, length, done);
+                ReadChunk::Data { offset: at, range } => {
+                    self.chunk_header(
+                        done,
+                        proto::REPLY_TYPE_OFFSET_DATA,
+                        cookie,
+                        offset,
+                        8 + range.len(),
+                    );
+                    self.packed().extend_from_slice(&at.to_be_bytes());
                     self.data(&buf, range);
                 }
-                ReadChunk::Hole { offset, length } => {
-                    proto::encode_offset_hole(self.packed(), cookie, offset, length, done);
+                ReadChunk::Hole { offset: at, length } => {
+                    self.chunk_header(done, proto::REPLY_TYPE_OFFSET_HOLE, cookie, offset, 12);
+                    let out = self.packed();
+                    out.extend_from_slice(&at.to_be_bytes());
+                    out.extend_from_slice(&length.to_be_bytes());
                 }
             }
         }
         self.give_back(buf);
     }
 
-    fn finish(&mut self, structured: bool, done: Done<B>) {
+    fn block_status(&mut self, cookie: u64, offset: u64, context: u32, descriptors: &[(u32, u32)]) {
+        let count = u32::try_from(descriptors.len()).unwrap_or(u32::MAX);
+        if self.extended {
+            self.chunk_header(
+                true,
+                proto::REPLY_TYPE_BLOCK_STATUS_EXT,
+                cookie,
+                offset,
+                8 + 16 * descriptors.len(),
+            );
+            let out = self.packed();
+            out.extend_from_slice(&context.to_be_bytes());
+            out.extend_from_slice(&count.to_be_bytes());
+            for &(length, flags) in descriptors {
+                out.extend_from_slice(&u64::from(length).to_be_bytes());
+                out.extend_from_slice(&u64::from(flags).to_be_bytes());
+            }
+        } else {
+            proto::encode_block_status_chunk(self.packed(), cookie, context, descriptors);
+        }
+        self.replies += 1;
+    }
+
+    fn finish(&mut self, done: Done<B>) {
         match done {
-            Done::Status { cookie, result, .. } => match result {
-                Ok(()) => self.simple(cookie, 0),
-                Err(error) => self.io_error(structured, cookie, &error),
+            Done::Status {
+                cookie,
+                offset,
+                result,
+                ..
+            } => match result {
+                Ok(()) => self.success(cookie, offset),
+                Err(error) => self.io_error(cookie, offset, &error),
             },
             Done::Read {
                 cookie,
@@ -288,12 +357,12 @@ impl<B: ExportBuffer> Outbox<B> {
                 result,
             } => match result {
                 Ok(buf) if buf.bytes().len() == length => {
-                    self.read(structured, cookie, offset, buf, no_fragment);
+                    self.read(cookie, offset, buf, no_fragment);
                 }
                 Ok(buf) => {
                     self.error(
-                        structured,
                         cookie,
+                        offset,
                         proto::EIO,
                         &format!(
                             "export returned {} bytes for a {length}-byte read at offset {offset}",
@@ -302,7 +371,7 @@ impl<B: ExportBuffer> Outbox<B> {
                     );
                     self.returned.push(buf);
                 }
-                Err(error) => self.io_error(structured, cookie, &error),
+                Err(error) => self.io_error(cookie, offset, &error),
             },
             Done::BlockStatus {
                 cookie,
@@ -321,22 +390,16 @@ impl<B: ExportBuffer> Outbox<B> {
                     let descriptors = proto::clamp_extents(&extents, length, limit);
                     if descriptors.is_empty() {
                         self.error(
-                            structured,
                             cookie,
+                            offset,
                             proto::EIO,
                             &format!("export gave no extents for offset {offset} length {length}"),
                         );
                     } else {
-                        proto::encode_block_status_chunk(
-                            self.packed(),
-                            cookie,
-                            context,
-                            &descriptors,
-                        );
-                        self.replies += 1;
+                        self.block_status(cookie, offset, context, &descriptors);
                     }
                 }
-                Err(error) => self.io_error(structured, cookie, &error),
+                Err(error) => self.io_error(cookie, offset, &error),
             },
         }
     }
@@ -403,6 +466,8 @@ enum Parsed {
 struct Connection<E: Export> {
     export: Arc<E>,
     session: Session,
+    /// Extended headers: 32-byte requests with 64-bit lengths, extended reply chunks.
+    extended: bool,
     max_requests: usize,
     running: FuturesUnordered<RequestFuture<E::Buffer>>,
     /// Payload bytes of running requests.
@@ -472,12 +537,39 @@ impl<E: Export> Connection<E> {
                     self.start_write(cookie, offset, fua, buf);
                 }
                 Incoming::Header => {
-                    let Some(raw) = self.rx.pending().get(..proto::REQUEST_HEADER_LEN) else {
+                    let header_len = if self.extended {
+                        proto::EXTENDED_HEADER_LEN
+                    } else {
+                        proto::REQUEST_HEADER_LEN
+                    };
+                    let Some(raw) = self.rx.pending().get(..header_len) else {
                         return Ok(Parsed::NeedBytes);
                     };
-                    let raw: &[u8; proto::REQUEST_HEADER_LEN] =
-                        raw.try_into().map_err(|_| "short header".to_owned())?;
-                    let header = RequestHeader::parse(raw).map_err(|e| e.to_string())?;
+                    let header = if self.extended {
+                        let raw: &[u8; proto::EXTENDED_HEADER_LEN] =
+                            raw.try_into().map_err(|_| "short header".to_owned())?;
+                        let wide = ExtendedRequestHeader::parse(raw).map_err(|e| e.to_string())?;
+                        match wide.compact() {
+                            Some(header) => header,
+                            None => {
+                                if !self.admits(0) {
+                                    return Ok(Parsed::Throttled);
+                                }
+                                self.rx.consume(header_len);
+                                self.outbox.error(
+                                    wide.cookie,
+                                    wide.offset,
+                                    proto::EINVAL,
+                                    "length above 32 bits for a command without data",
+                                );
+                                continue;
+                            }
+                        }
+                    } else {
+                        let raw: &[u8; proto::REQUEST_HEADER_LEN] =
+                            raw.try_into().map_err(|_| "short header".to_owned())?;
+                        RequestHeader::parse(raw).map_err(|e| e.to_string())?
+                    };
                     let action = proto::classify_request(&self.session, &header)
                         .map_err(|e| e.to_string())?;
                     let data_len = match &action {
@@ -489,7 +581,7 @@ impl<E: Export> Connection<E> {
                     if !self.admits(data_len) {
                         return Ok(Parsed::Throttled);
                     }
-                    self.rx.consume(proto::REQUEST_HEADER_LEN);
+                    self.rx.consume(header_len);
                     match action {
                         RequestAction::Disconnect => return Ok(Parsed::Disconnect),
                         RequestAction::Reject {
@@ -505,12 +597,8 @@ impl<E: Export> Connection<E> {
                                 reason,
                                 "NBD request rejected"
                             );
-                            self.outbox.error(
-                                self.session.structured,
-                                header.cookie,
-                                error,
-                                reason,
-                            );
+                            self.outbox
+                                .error(header.cookie, header.offset, error, reason);
                             if discard > 0 {
                                 self.incoming = Incoming::Skip {
                                     left: usize::try_from(discard).unwrap_or(usize::MAX),
@@ -544,6 +632,7 @@ impl<E: Export> Connection<E> {
             let result = export.write(offset, buf, fua).await;
             Done::Status {
                 cookie,
+                offset,
                 held,
                 result,
             }
@@ -578,6 +667,7 @@ impl<E: Export> Connection<E> {
             Command::Flush => Box::pin(async move {
                 Done::Status {
                     cookie,
+                    offset: 0,
                     held: 0,
                     result: export.flush().await,
                 }
@@ -589,6 +679,7 @@ impl<E: Export> Connection<E> {
             } => Box::pin(async move {
                 Done::Status {
                     cookie,
+                    offset,
                     held: 0,
                     result: export.trim(offset, u64::from(length), fua).await,
                 }
@@ -600,6 +691,7 @@ impl<E: Export> Connection<E> {
             } => Box::pin(async move {
                 Done::Status {
                     cookie,
+                    offset,
                     held: 0,
                     result: export.write_zeroes(offset, u64::from(length), flags).await,
                 }
@@ -607,6 +699,7 @@ impl<E: Export> Connection<E> {
             Command::Cache { offset, length } => Box::pin(async move {
                 Done::Status {
                     cookie,
+                    offset,
                     held: 0,
                     result: export.cache(offset, u64::from(length)).await,
                 }
@@ -646,6 +739,7 @@ enum End {
 pub(crate) async fn serve<E, S>(
     export: Arc<E>,
     session: Session,
+    extended: bool,
     max_requests: usize,
     stream: S,
     shutdown: &mut watch::Receiver<bool>,
@@ -654,9 +748,11 @@ pub(crate) async fn serve<E, S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
+    let outbox = Outbox::new(session.structured, extended);
     let mut conn = Connection {
         export,
         session,
+        extended,
         max_requests: max_requests.max(1),
         running: FuturesUnordered::new(),
         running_bytes: 0,
@@ -666,7 +762,7 @@ pub(crate) async fn serve<E, S>(
             start: 0,
             end: 0,
         },
-        outbox: Outbox::new(),
+        outbox,
     };
     let end = run(&mut conn, &mut reader, &mut writer, shutdown).await;
     match end {
@@ -720,8 +816,7 @@ where
             _ = shutdown.changed() => return End::Shutdown,
             Some(done) = conn.running.next(), if !conn.running.is_empty() => {
                 conn.running_bytes = conn.running_bytes.saturating_sub(done.held());
-                let structured = conn.session.structured;
-                conn.outbox.finish(structured, done);
+                conn.outbox.finish(done);
                 conn.recycle();
                 parse_again |= throttled;
             }

@@ -23,19 +23,36 @@ fn socket(env: &Env, prefix: &str, pid: u32, minor: u32) -> PathBuf {
 }
 
 /// Hands `client` to the fd receiver at `receiver`.
-fn hand_over(receiver: &PathBuf, client: &UnixStream) {
+fn hand_over(receiver: &PathBuf, client: &impl AsFd) {
     let helper = UnixStream::connect(receiver).unwrap();
     send_stream(&helper, "test-datapath", client.as_fd()).unwrap();
 }
 
-fn read_exact(stream: &mut UnixStream, n: usize) -> Vec<u8> {
+/// A connected client stream (UNIX or TCP).
+trait Stream: Read + Write {
+    fn set_timeout(&self, timeout: Duration);
+}
+
+impl Stream for UnixStream {
+    fn set_timeout(&self, timeout: Duration) {
+        self.set_read_timeout(Some(timeout)).unwrap();
+    }
+}
+
+impl Stream for std::net::TcpStream {
+    fn set_timeout(&self, timeout: Duration) {
+        self.set_read_timeout(Some(timeout)).unwrap();
+    }
+}
+
+fn read_exact(stream: &mut impl Stream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     stream.read_exact(&mut buf).unwrap();
     buf
 }
 
 /// Sends one request header.
-fn request(stream: &mut UnixStream, command: u16, cookie: u64, offset: u64, length: u32) {
+fn request(stream: &mut impl Stream, command: u16, cookie: u64, offset: u64, length: u32) {
     let header = proto::RequestHeader {
         flags: 0,
         command,
@@ -47,7 +64,7 @@ fn request(stream: &mut UnixStream, command: u16, cookie: u64, offset: u64, leng
 }
 
 /// Reads a simple reply header: (error, cookie).
-fn simple_reply(stream: &mut UnixStream) -> (u32, u64) {
+fn simple_reply(stream: &mut impl Stream) -> (u32, u64) {
     let reply = read_exact(stream, proto::SIMPLE_REPLY_LEN);
     assert_eq!(reply[0..4], proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
     let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
@@ -57,7 +74,7 @@ fn simple_reply(stream: &mut UnixStream) -> (u32, u64) {
 
 /// Reads sector 2 of a `raw_image(.., seed)` and checks the pattern, then an out-of-range
 /// read (EINVAL, no payload), then disconnects.
-fn check_transmission(stream: &mut UnixStream, size: u64, seed: u8) {
+fn check_transmission(stream: &mut impl Stream, size: u64, seed: u8) {
     request(stream, proto::CMD_READ, 7, 1024, 512);
     assert_eq!(simple_reply(stream), (0, 7));
     assert!(read_exact(stream, 512).iter().all(|b| *b == 2 + seed));
@@ -69,15 +86,13 @@ fn check_transmission(stream: &mut UnixStream, size: u64, seed: u8) {
     assert!(read_exact(stream, 512).iter().all(|b| *b == seed));
     request(stream, proto::CMD_DISC, 10, 0, 0);
     let mut rest = Vec::new();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_timeout(Duration::from_secs(5));
     stream.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "bytes after DISC: {rest:?}");
 }
 
 /// Old-style client: greeting with size and flags, then transmission.
-fn oldstyle_client(stream: &mut UnixStream, size: u64, seed: u8) {
+fn oldstyle_client(stream: &mut impl Stream, size: u64, seed: u8) {
     let greeting = read_exact(stream, proto::OLDSTYLE_GREETING_LEN);
     assert_eq!(&greeting[0..8], b"NBDMAGIC");
     assert_eq!(greeting[8..16], proto::OLDSTYLE_MAGIC.to_be_bytes());
@@ -90,7 +105,7 @@ fn oldstyle_client(stream: &mut UnixStream, size: u64, seed: u8) {
 }
 
 /// Fixed-newstyle client using `NBD_OPT_EXPORT_NAME` with `NO_ZEROES`.
-fn newstyle_client(stream: &mut UnixStream, size: u64, seed: u8) {
+fn newstyle_client(stream: &mut impl Stream, size: u64, seed: u8) {
     let greeting = read_exact(stream, proto::GREETING_LEN);
     assert_eq!(greeting, proto::server_greeting());
     let client_flags = proto::CLIENT_FLAG_FIXED_NEWSTYLE | proto::CLIENT_FLAG_NO_ZEROES;
@@ -167,6 +182,22 @@ fn fd_receivers_serve_a_handed_over_socketpair_end() {
     drop(theirs);
     let mut client = ours;
     newstyle_client(&mut client, 4 * MIB as u64, 9);
+    env.destroy(pid, minor);
+}
+
+#[test]
+fn fd_receiver_serves_a_handed_over_tcp_connection() {
+    // Storage migration hands over the TCP connection of an HTTP request.
+    let env = Env::new();
+    let image = env.raw_image("disk.img", 4 * MIB, 11);
+    let (pid, minor) = env.create(&image, &[]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    hand_over(&socket(&env, "nbdserver-new", pid, minor), &accepted);
+    drop(accepted);
+    client.set_timeout(Duration::from_secs(10));
+    newstyle_client(&mut client, 4 * MIB as u64, 11);
     env.destroy(pid, minor);
 }
 

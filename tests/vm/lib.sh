@@ -94,5 +94,6 @@ start_syslog() {
 
 modprobe ublk_drv 2>/dev/null
 modprobe nbd 2>/dev/null
+modprobe loop 2>/dev/null
 mkdir -p "$BLKTAP_CONTROL_DIR"
 start_syslog

@@ -32,16 +32,36 @@ for mode in ublk auto; do
     check "destroy" destroy_dev "$dev"
 done
 
-# --- fio verify on the raw device, then with plain copy (user copy off)
+# --- fio verify on the raw device: user copy with spawned VBD calls, then plain copy with
+# VBD calls polled on the queue threads
 img=$(make_raw fio.img 256)
-for copy in auto off; do
-    dev=$(TAPDISK_UBLK_USER_COPY=$copy TAPDISK_UBLK_QUEUES=2 TAPDISK_UBLK_DEPTH=32 create_dev ublk "$img")
-    check "create (user copy $copy)" test -b "$dev"
-    check "fio --verify=crc32c, zero errors (user copy $copy)" sh -c "fio --name=verify --filename='$dev' --direct=1 --ioengine=libaio --iodepth=16 --numjobs=1 --rw=randwrite --bsrange=4k-128k --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 --output='$SCRATCH/fio-$copy.out' && grep -q 'err= 0' '$SCRATCH/fio-$copy.out' && ! grep -qi 'verify:.*bad\|crc32c.*mismatch' '$SCRATCH/fio-$copy.out'"
+for variant in auto:spawn off:inline; do
+    copy=${variant%%:*}
+    dev=$(TAPDISK_UBLK_USER_COPY=$copy TAPDISK_UBLK_BRIDGE=${variant#*:} TAPDISK_UBLK_QUEUES=2 \
+          TAPDISK_UBLK_DEPTH=32 create_dev ublk "$img")
+    check "create (user copy $copy, ${variant#*:} bridge)" test -b "$dev"
+    check "fio --verify=crc32c, zero errors (user copy $copy, ${variant#*:} bridge)" sh -c "fio --name=verify --filename='$dev' --direct=1 --ioengine=libaio --iodepth=16 --numjobs=1 --rw=randwrite --bsrange=4k-128k --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 --output='$SCRATCH/fio-$copy.out' && grep -q 'err= 0' '$SCRATCH/fio-$copy.out' && ! grep -qi 'verify:.*bad\|crc32c.*mismatch' '$SCRATCH/fio-$copy.out'"
     cat "$SCRATCH/fio-$copy.out" >> "$LOG" 2>/dev/null
     check "discard reaches the image (blkdiscard)" blkdiscard -o 0 -l 1048576 "$dev"
     check "destroy" destroy_dev "$dev"
 done
+
+# --- pause holds every queue's requests, resume lets them through (fio verify across it)
+dev=$(TAPDISK_UBLK_QUEUES=4 create_dev ublk "$img")
+minor=$(minor_of_device "$dev"); pid=$(pid_of_minor "$minor")
+fio --name=pause --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8 --numjobs=2 \
+    --rw=randwrite --bs=4k --size=16M --offset_increment=16M --verify=crc32c --verify_fatal=1 \
+    --output="$SCRATCH/fio-pause.out" >/dev/null 2>&1 &
+fio_pid=$!
+sleep 3
+check "pause under load (4 queues)" tap-ctl pause -p "$pid" -m "$minor"
+check "paused VBD lists as paused" sh -c "tap-ctl list -m $minor | grep -q 'state=0x2a\|state=0x20'"
+check "fio waits while paused" kill -0 "$fio_pid"
+check "unpause" tap-ctl unpause -p "$pid" -m "$minor"
+wait "$fio_pid"; rc=$?
+cat "$SCRATCH/fio-pause.out" >> "$LOG" 2>/dev/null
+check "fio verify passes across pause/unpause (exit $rc)" sh -c "test $rc -eq 0 && grep -q 'err= 0' '$SCRATCH/fio-pause.out'"
+check "destroy" destroy_dev "$dev"
 
 # --- destroy refused while the device is held, device keeps working
 img=$(make_raw busy.img 64)

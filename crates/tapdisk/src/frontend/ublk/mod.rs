@@ -20,6 +20,7 @@
 //! # Settings (tapdisk's environment, see [`config`])
 //! `TAPDISK_UBLK_QUEUES` (default 2), `TAPDISK_UBLK_DEPTH` (default 64),
 //! `TAPDISK_UBLK_MAX_IO_KIB` (default 512), `TAPDISK_UBLK_USER_COPY` (`auto`/`off`),
+//! `TAPDISK_UBLK_BRIDGE` (`spawn`/`inline`, how queue threads reach the runtime),
 //! `BLKTAP_COMPAT_SYMLINKS=1` (the `/dev/xen/blktap-2/tapdev<minor>` link, [`compat`]).
 //! The driver's features are read with `GET_FEATURES` and negotiated by
 //! [`config::negotiate`]: user copy where offered, plain copy otherwise; user recovery with
@@ -379,6 +380,7 @@ impl DeviceJob {
             max_io_bytes: usize::try_from(control.dev_info().max_io_buf_bytes)
                 .unwrap_or(usize::MAX),
             minor,
+            bridge: self.config.bridge,
         });
         let params = self.params;
         let dev_bytes = params.basic.dev_sectors.saturating_mul(SECTOR_SIZE);

@@ -8,6 +8,8 @@
 //!    tag) into a VBD buffer;
 //! 2. spawns the VBD call on the tokio runtime and awaits its result through a oneshot channel
 //!    (the queue thread never blocks a tokio worker, and tokio never blocks the queue thread);
+//!    or, with `TAPDISK_UBLK_BRIDGE=inline`, polls the call right on the queue thread inside
+//!    the runtime's context, with a waker that also wakes the queue thread;
 //! 3. moves read data back into the request the same way, and commits the result, which also
 //!    fetches the tag's next request.
 //!
@@ -23,8 +25,10 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{opcode, types};
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
@@ -32,6 +36,7 @@ use libublk::sys;
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
 
+use super::config::Bridge;
 use crate::driver::SECTOR_SIZE;
 use crate::iobuf::IoBuf;
 use crate::vbd::Vbd;
@@ -49,6 +54,8 @@ pub struct QueueContext {
     pub max_io_bytes: usize,
     /// The device id, for logs.
     pub minor: u16,
+    /// How VBD calls reach the runtime.
+    pub bridge: Bridge,
 }
 
 fn errno(code: i32) -> io::Error {
@@ -106,13 +113,59 @@ async fn listen_for_wakeups(wakeup: Arc<Wakeup>, minor: u16) {
     }
 }
 
+/// Wakes a tag's task and the queue thread (which may be sleeping in `io_uring_enter`).
+struct KickingWaker {
+    task: Waker,
+    wakeup: Arc<Wakeup>,
+}
+
+impl Wake for KickingWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.task.wake_by_ref();
+        self.wakeup.notify();
+    }
+}
+
+/// A VBD call polled on the queue thread ([`Bridge::Inline`]): whoever completes its I/O
+/// (a blocking-pool thread, the io_uring reaper, the timer) wakes the queue thread too.
+struct WakeThrough<T> {
+    work: Pin<Box<dyn Future<Output = io::Result<T>> + Send>>,
+    wakeup: Arc<Wakeup>,
+}
+
+impl<T> Future for WakeThrough<T> {
+    type Output = io::Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let waker = Waker::from(Arc::new(KickingWaker {
+            task: cx.waker().clone(),
+            wakeup: Arc::clone(&self.wakeup),
+        }));
+        self.work.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+}
+
 impl QueueContext {
-    /// Runs `work` on the tokio runtime and waits for it without blocking this thread.
+    /// Runs `work` in the tokio runtime and waits for it without blocking this thread or a
+    /// tokio worker: as a spawned task ([`Bridge::Spawn`]) or polled right here inside the
+    /// runtime's context ([`Bridge::Inline`]).
     async fn on_runtime<T, F>(&self, wakeup: &Arc<Wakeup>, work: F) -> io::Result<T>
     where
         T: Send + 'static,
         F: Future<Output = io::Result<T>> + Send + 'static,
     {
+        if self.bridge == Bridge::Inline {
+            // The queue thread entered the runtime's context once, in `serve_queue`.
+            return WakeThrough {
+                work: Box::pin(work),
+                wakeup: Arc::clone(wakeup),
+            }
+            .await;
+        }
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let wakeup = Arc::clone(wakeup);
         self.runtime.spawn(async move {
@@ -130,6 +183,8 @@ impl QueueContext {
 /// Serves queue `qid` of `dev` until the device stops. Runs on the queue's own thread.
 pub fn serve_queue(qid: u16, dev: &UblkDev, context: &Arc<QueueContext>) {
     let minor = context.minor;
+    // Inline VBD calls use tokio's blocking pool and timers from this thread.
+    let _runtime = context.runtime.enter();
     let wakeup = match Wakeup::new() {
         Ok(wakeup) => Arc::new(wakeup),
         Err(e) => {
@@ -406,6 +461,11 @@ mod tests {
 
     #[test]
     fn runtime_calls_complete_off_the_runtime() {
+        runtime_calls_complete(Bridge::Spawn);
+        runtime_calls_complete(Bridge::Inline);
+    }
+
+    fn runtime_calls_complete(bridge: Bridge) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -417,17 +477,27 @@ mod tests {
             user_copy: false,
             max_io_bytes: 4096,
             minor: 0,
+            bridge,
         };
         let wakeup = Arc::new(Wakeup::new().unwrap());
-        // Driven by a foreign executor on this (non-tokio) thread.
+        // As on a queue thread: inside the runtime's context, driven by a foreign executor.
+        let entered = runtime.enter();
         let value = smol::block_on(context.on_runtime(&wakeup, async {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             Ok(7)
         }))
         .unwrap();
         assert_eq!(value, 7);
+        // The queue thread was woken (the kick may trail the result by a moment).
         let mut counter = [0u8; 8];
-        assert_eq!(rustix::io::read(&wakeup.eventfd, &mut counter).unwrap(), 8);
+        let kicked = (0..200).any(|_| {
+            let read = rustix::io::read(&wakeup.eventfd, &mut counter).is_ok();
+            if !read {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            read
+        });
+        assert!(kicked, "{bridge:?}: no wake-up");
         // A closed VBD answers ESHUTDOWN, as every frontend sees it.
         let vbd = Arc::clone(&context.vbd);
         let error = smol::block_on(context.on_runtime(&wakeup, async move {
@@ -435,6 +505,15 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::ESHUTDOWN));
+        // The blocking pool is reachable from here too (drivers use it).
+        let value = smol::block_on(context.on_runtime(&wakeup, async {
+            tokio::task::spawn_blocking(|| 5)
+                .await
+                .map_err(io::Error::other)
+        }))
+        .unwrap();
+        assert_eq!(value, 5);
+        drop(entered);
         runtime.shutdown_background();
     }
 }

@@ -20,6 +20,7 @@ use crate::driver::{
     ZeroFlags, SECTOR_SIZE,
 };
 use crate::engine::IoFuture;
+use crate::error::failure;
 use crate::iobuf::IoBuf;
 
 /// Longest chain we follow before assuming a parent loop.
@@ -37,14 +38,18 @@ fn einval() -> io::Error {
 /// Unknown type names give `ENOENT` (as tapdisk); an empty, relative or missing path gives
 /// `EINVAL` (the daemon runs in `/`, so a relative path would silently mean something else).
 pub fn parse_params(params: &str) -> io::Result<(DiskType, PathBuf)> {
-    let (type_name, path) = params.split_once(':').ok_or_else(einval)?;
+    let invalid = |why: &str| failure(libc::EINVAL, format!("'{params}': {why}"));
+    let (type_name, path) = params
+        .split_once(':')
+        .ok_or_else(|| invalid("expected type:/path"))?;
     if type_name.is_empty() || type_name.len() > MAX_TYPE_NAME {
-        return Err(einval());
+        return Err(invalid("bad image type name"));
     }
-    let disk_type = DiskType::from_name(type_name)?;
+    let disk_type = DiskType::from_name(type_name)
+        .map_err(|e| crate::error::with_context(e, format!("unknown image type '{type_name}'")))?;
     let path = Path::new(path);
     if !path.is_absolute() {
-        return Err(einval());
+        return Err(invalid("the image path must be absolute"));
     }
     Ok((disk_type, path.to_path_buf()))
 }
@@ -525,7 +530,7 @@ mod tests {
         assert_eq!(p, Path::new("/tmp/disk.img"));
         let (_, p) = parse_params("aio:/a:b").unwrap();
         assert_eq!(p, Path::new("/a:b"));
-        let errno = |s: &str| parse_params(s).unwrap_err().raw_os_error();
+        let errno = |s: &str| Some(crate::error::errno_of(&parse_params(s).unwrap_err()));
         assert_eq!(errno("bogus:/x"), Some(libc::ENOENT));
         assert_eq!(errno("aio:relative.img"), Some(libc::EINVAL));
         assert_eq!(errno("aio:"), Some(libc::EINVAL));
@@ -558,7 +563,11 @@ mod tests {
                 },
             ]
         );
-        let errno = |text: &str| parse_x_chain(text, file).unwrap_err().raw_os_error();
+        let errno = |text: &str| {
+            Some(crate::error::errno_of(
+                &parse_x_chain(text, file).unwrap_err(),
+            ))
+        };
         assert_eq!(errno(""), Some(libc::EINVAL));
         assert_eq!(errno("vhd:/a rw"), Some(libc::EINVAL));
         assert_eq!(errno("vhd:/a ro extra"), Some(libc::EINVAL));
@@ -629,10 +638,10 @@ mod tests {
             OpenOptions::default(),
         )
         .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(crate::error::errno_of(&err), libc::EINVAL);
         let err =
             ImageChain::open("x-chain:/nonexistent/chain", OpenOptions::default()).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(crate::error::errno_of(&err), libc::ENOENT);
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 pub mod control;
 pub mod driver;
 pub mod engine;
+pub mod error;
 pub mod frontend;
 pub mod image;
 pub mod iobuf;

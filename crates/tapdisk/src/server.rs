@@ -19,6 +19,7 @@ use tapdisk_proto::{
 use tokio::sync::watch;
 
 use crate::driver::{DiskInfo, OpenOptions};
+use crate::error::{errno_of, failure, message_of};
 use crate::frontend::nbd::NbdFrontend;
 use crate::frontend::{start_block_device, BlockDevice, BlockDeviceChoice, BlockDeviceContext};
 use crate::stats;
@@ -77,9 +78,13 @@ fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
-/// The errno of an error, `EIO` when it has none.
-fn errno_of(error: &io::Error) -> i32 {
-    error.raw_os_error().unwrap_or(libc::EIO)
+/// The longest prefix of `text` that fits `max` bytes without splitting a character.
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn image_info(info: DiskInfo) -> ImageInfo {
@@ -151,7 +156,15 @@ impl Tapdisk {
         result.unwrap_or_else(|e| {
             let code = errno_of(&e);
             tracing::info!(minor = cookie, "{} failed: {e}", request.msg_type.name());
-            Reply::Message(Message::error(cookie, code))
+            let message = truncate_utf8(&message_of(&e), tapdisk_proto::PATH_LEN - 1).to_owned();
+            Reply::Message(Message::new(
+                MessageType::Error,
+                cookie,
+                Body::Response {
+                    error: code,
+                    message,
+                },
+            ))
         })
     }
 
@@ -307,14 +320,29 @@ impl Tapdisk {
     }
 
     async fn open(&self, minor: u16, params: &Params, trailer: &Trailer) -> io::Result<DiskInfo> {
-        let vbd = self.vbd(minor).map_err(|_| errno(libc::EINVAL))?;
+        let vbd = self.vbd(minor).map_err(|_| {
+            failure(
+                libc::EINVAL,
+                format!("minor {minor} is not attached to this tapdisk"),
+            )
+        })?;
         let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
         if unsupported != 0 || trailer.log_path.is_some() || trailer.key.is_some() {
-            tracing::error!(
-                minor,
-                "open: flags {unsupported:#x} are not supported by this tapdisk"
+            let what = format!(
+                "open flags {unsupported:#x}{}{} are not supported by this tapdisk",
+                if trailer.log_path.is_some() {
+                    ", a CBT log"
+                } else {
+                    ""
+                },
+                if trailer.key.is_some() {
+                    ", an encryption key"
+                } else {
+                    ""
+                },
             );
-            return Err(errno(libc::EOPNOTSUPP));
+            tracing::error!(minor, "{what}");
+            return Err(failure(libc::EOPNOTSUPP, what));
         }
         // Recovery re-attaches to the ublk device a dead tapdisk left; without a path the
         // image is the one its state file records.
@@ -439,11 +467,11 @@ impl Tapdisk {
         let vbd = self.vbd(minor)?;
         let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
         if unsupported != 0 || trailer.log_path.is_some() || !params.secondary.is_empty() {
-            tracing::error!(
-                minor,
-                "resume: flags {unsupported:#x}, a CBT log or a secondary are not supported"
+            let what = format!(
+                "resume with flags {unsupported:#x}, a CBT log or a secondary is not supported by this tapdisk"
             );
-            return Err(errno(libc::EOPNOTSUPP));
+            tracing::error!(minor, "{what}");
+            return Err(failure(libc::EOPNOTSUPP, what));
         }
         let new_params = (!params.path.is_empty()).then(|| params.path.clone());
         vbd.resume(new_params).await

@@ -347,13 +347,13 @@ impl Vbd {
         if let Some(old) = old_info {
             if old != info {
                 self.lock().state |= state::RESUME_FAILED;
-                tracing::error!(
-                    minor = self.minor,
-                    "resume: {} has {} sectors of {} bytes (info {:#x}), the disk had {} of {} (info {:#x})",
+                let what = format!(
+                    "{} has {} sectors of {} bytes (info {:#x}), the disk has {} of {} (info {:#x})",
                     request.params, info.sectors, info.sector_size, info.info,
                     old.sectors, old.sector_size, old.info
                 );
-                return Err(errno(libc::EMEDIUMTYPE));
+                tracing::error!(minor = self.minor, "resume: {what}");
+                return Err(crate::error::failure(libc::EMEDIUMTYPE, what));
             }
         }
         {
@@ -638,7 +638,8 @@ mod tests {
         // Another file of a different size is refused and the VBD stays paused.
         let bigger = raw_image(&dir, "big.img", 16384, 0);
         let err = vbd.resume(Some(bigger)).await.unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EMEDIUMTYPE));
+        assert_eq!(crate::error::errno_of(&err), libc::EMEDIUMTYPE);
+        assert!(crate::error::message_of(&err).contains("the disk has 16 of 512"));
         assert_ne!(vbd.state() & state::PAUSED, 0);
         // A file of the same size is accepted and served.
         let other = raw_image(&dir, "b.img", 8192, 0xbb);

@@ -201,9 +201,13 @@ fn pause_holds_io_and_unpause_switches_files() {
 
     // ...a file of another size is refused and the disk stays paused and intact...
     let bigger_params = format!("aio:{}", bigger.display());
-    env.tap_ctl_err(
+    let stderr = env.tap_ctl_err(
         &["unpause", "-p", &p, "-m", &m, "-a", &bigger_params],
         libc::EMEDIUMTYPE,
+    );
+    assert!(
+        stderr.contains("has 16384 sectors"),
+        "the daemon's explanation reaches the user: {stderr}"
     );
     let row = &env.list()[0];
     assert_eq!(row.state.map(|s| s & 0x20), Some(0x20), "{row:?}");
@@ -235,7 +239,11 @@ fn failure_paths_leak_nothing() {
     // Open of a missing file: ENOENT, and create undoes every step.
     let missing = env.dir.path().join("missing.img");
     let params = format!("aio:{}", missing.display());
-    env.tap_ctl_err(&["create", "-a", &params], libc::ENOENT);
+    let stderr = env.tap_ctl_err(&["create", "-a", &params], libc::ENOENT);
+    assert!(
+        stderr.contains(&missing.display().to_string()),
+        "the missing file is named: {stderr}"
+    );
     assert!(
         wait_for(Duration::from_secs(5), || env.tapdisk_pids().is_empty()),
         "a tapdisk was left running"

@@ -43,6 +43,10 @@ fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
 impl AioImage {
     /// Opens a raw image.
     pub fn open(path: &Path, options: OpenOptions) -> io::Result<Self> {
+        Self::open_file(path, options).map_err(|e| crate::error::with_context(e, path.display()))
+    }
+
+    fn open_file(path: &Path, options: OpenOptions) -> io::Result<Self> {
         let read_only = options.read_only;
         let mut direct = !options.no_o_direct;
         let mut file = match open_file(path, read_only, direct) {
@@ -380,6 +384,7 @@ mod tests {
     fn missing_file_is_enoent() {
         let err =
             AioImage::open(Path::new("/nonexistent/disk.img"), OpenOptions::default()).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(crate::error::errno_of(&err), libc::ENOENT);
+        assert!(crate::error::message_of(&err).starts_with("/nonexistent/disk.img: "));
     }
 }

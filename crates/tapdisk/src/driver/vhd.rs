@@ -160,7 +160,7 @@ impl VhdDriverError {
     /// protocol can transport).
     pub fn into_logged_io(self) -> io::Error {
         tracing::error!("{self}");
-        io::Error::from_raw_os_error(self.errno())
+        crate::error::failure(self.errno(), self.to_string())
     }
 }
 
@@ -1556,7 +1556,8 @@ mod tests {
         assert!(text.contains("base.vhd"), "{text}");
         assert!(text.contains("child.vhd"), "{text}");
         let err = ImageChain::open(&format!("vhd:{}", child.display()), rw()).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(crate::error::errno_of(&err), libc::ENOENT);
+        assert!(crate::error::message_of(&err).contains("base.vhd"));
     }
 
     #[tokio::test]

@@ -56,7 +56,7 @@ impl FuseError {
     /// is what the control layer sends.
     pub fn into_logged_io(self, minor: u16) -> io::Error {
         tracing::error!(minor, "FUSE block device: {self}");
-        io::Error::from_raw_os_error(self.errno())
+        crate::error::failure(self.errno(), format!("FUSE block device: {self}"))
     }
 }
 

@@ -24,7 +24,9 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release --bins -q
 BIN=$CARGO_TARGET_DIR/release
 
-WORK=$(mktemp -d /tmp/bench-nbd.XXXXXX)
+# WORK_DIR: where the image lives (default /tmp; /dev/shm keeps it in memory, off the
+# filesystem write path every server otherwise shares).
+WORK=$(mktemp -d "${WORK_DIR:-/tmp}/bench-nbd.XXXXXX")
 export BLKTAP_CONTROL_DIR=$WORK/ctl
 SERVER_PID=
 cleanup() {

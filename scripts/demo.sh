@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The built-in demo: make a raw disk image with data, serve it with tap-ctl + tapdisk,
-# show the VBD and its NBD socket, read and write it over NBD, and tear it all down.
+# show the VBD, its block device and its NBD socket, read and write it, and tear it all down;
+# then serve a VHD and snapshot it under the running disk, as a toolstack does.
 # Run as root from a fresh checkout: it installs and builds what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,5 +89,29 @@ if [ -n "$DEVICE" ]; then
     losetup -a | grep "$BLKTAP_CONTROL_DIR" || echo "  none"
     grep "$BLKTAP_CONTROL_DIR" /proc/self/mountinfo || echo "  none"
 fi
+
+step "A dynamic VHD served by tapdisk, snapshotted while it runs"
+run "$BIN/vhd-util" create -n "$WORK/base.vhd" -s 64
+CREATED=$(BLKTAP_BLOCK_DEVICE=none run "$BIN/tap-ctl" create -a "vhd:$WORK/base.vhd")
+MINOR=${CREATED##*tapdisk-}
+PID=$("$BIN/tap-ctl" list -m "$MINOR" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
+URI="nbd+unix:///?socket=$BLKTAP_CONTROL_DIR/nbd$PID.$MINOR"
+run qemu-io -f raw -c "write -P 0x11 0 4M" -c flush "$URI" >/dev/null
+echo "pause, snapshot a new leaf on top of the running disk, unpause onto it:"
+run "$BIN/tap-ctl" pause -p "$PID" -m "$MINOR"
+run "$BIN/vhd-util" snapshot -n "$WORK/leaf.vhd" -p "$WORK/base.vhd"
+run "$BIN/tap-ctl" unpause -p "$PID" -m "$MINOR" -a "vhd:$WORK/leaf.vhd"
+run "$BIN/tap-ctl" list -m "$MINOR"
+run qemu-io -f raw -c "write -P 0x22 2M 1M" -c flush "$URI" >/dev/null
+echo "reads see the leaf's new data over the base's old data:"
+run qemu-io -f raw -r -c "read -P 0x11 0 2M" -c "read -P 0x22 2M 1M" -c "read -P 0x11 3M 1M" "$URI"
+echo "allocation through the chain (base:allocation):"
+run nbdinfo --map "$URI"
+run "$BIN/tap-ctl" destroy -p "$PID" -m "$MINOR"
+PID=
+run "$BIN/vhd-util" query -n "$WORK/leaf.vhd" -p -d
+run "$BIN/vhd-util" check -n "$WORK/leaf.vhd"
+run "$BIN/vhd-util" scan -p -f "$WORK"/*.vhd
+
 echo
 echo "demo finished"

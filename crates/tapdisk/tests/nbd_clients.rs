@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{require, run_ok, wait_for, Env};
+use common::{fio_nbd_verify, require, run_ok, wait_for, Env};
 
 const MIB: u64 = 1 << 20;
 
@@ -320,22 +320,9 @@ fn fio_randrw_qd32_verifies_with_io_uring_and_pread_engines() {
         );
         let row = env.list().into_iter().next().unwrap();
         let (pid, minor) = (row.pid.unwrap(), row.minor.unwrap());
-        let out = run_ok(Command::new("fio").current_dir(env.dir.path()).args([
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={}", env.nbd_uri(pid, minor)),
-            "--rw=randrw",
-            "--bs=4k",
-            "--iodepth=32",
-            "--size=32M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_state_save=0",
-            "--output-format=json",
-        ]));
-        let json = &out[out.find('{').expect("fio JSON output")..];
-        assert!(json.contains("\"error\" : 0"), "{engine} {flags:?}: {json}");
-        assert!(!json.contains("verify: bad"), "{engine} {flags:?}: {json}");
+        eprintln!("fio verify with the {engine} engine, flags {flags:?}");
+        let job = ["--rw=randrw", "--bs=4k", "--iodepth=32", "--size=32M"];
+        fio_nbd_verify(env.dir.path(), &env.nbd_uri(pid, minor), &job);
         let stats = env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
         assert!(
             stats.contains(&format!("\"engine\": \"{engine}\"")),

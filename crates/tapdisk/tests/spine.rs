@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{process_alive, require, run_ok, wait_for, Env};
+use common::{fio_nbd_verify, process_alive, require, run_ok, wait_for, Env};
 
 const MIB: usize = 1 << 20;
 
@@ -155,22 +155,8 @@ fn fio_verify_at_queue_depth_32() {
     let env = Env::new();
     let image = env.raw_image("disk.img", 32 * MIB, 0);
     let (pid, minor) = env.create(&image, &[]);
-    let out = run_ok(Command::new("fio").args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={}", env.nbd_uri(pid, minor)),
-        "--rw=randrw",
-        "--bs=4k",
-        "--iodepth=32",
-        "--size=32M",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--output-format=json",
-    ]));
-    // fio's nbd engine prints a line before the JSON document.
-    let json = &out[out.find('{').expect("fio JSON output")..];
-    assert!(json.contains("\"error\" : 0"), "{json}");
-    assert!(!json.contains("verify: bad"), "{json}");
+    let job = ["--rw=randrw", "--bs=4k", "--iodepth=32", "--size=32M"];
+    fio_nbd_verify(env.dir.path(), &env.nbd_uri(pid, minor), &job);
     env.destroy(pid, minor);
 }
 

@@ -13,26 +13,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{process_alive, vhd_util_ok, wait_for, Env};
+use common::{process_alive, vhd_util_ok, wait_for, Env, Lcg};
 use nbd::proto;
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 32 * MIB;
 /// Sectors of the disk (`DISK / 512`).
 const SECTORS: usize = 65536;
-
-/// A small deterministic generator.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % below
-    }
-}
 
 /// Sector `sector` as written by write `id`: id, sector, then a fill byte. Id 0 is zeros.
 fn sector_data(id: u64, sector: u64) -> [u8; 512] {

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{require, run_ok, vhd_util_ok, Env};
+use common::{fio_nbd_verify, require, run_ok, vhd_util_ok, Env, Lcg};
 
 const MIB: u64 = 1 << 20;
 /// Virtual size of the test disks.
@@ -38,23 +38,16 @@ fn check_vhd(path: &Path) {
 
 /// Runs fio's nbd engine, randrw with crc32c verification, and asserts it reports no error.
 fn fio_verify(env: &Env, pid: u32, minor: u32, name: &str, size: &str) {
-    let out = run_ok(Command::new("fio").current_dir(env.dir.path()).args([
-        &format!("--name={name}"),
-        "--ioengine=nbd",
-        &format!("--uri={}", env.nbd_uri(pid, minor)),
+    eprintln!("fio verify: {name}");
+    let size = format!("--size={size}");
+    let job = [
         "--rw=randrw",
         "--bsrange=4k-128k",
         "--iodepth=16",
-        &format!("--size={size}"),
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_state_save=0",
+        &size,
         "--randrepeat=0",
-        "--output-format=json",
-    ]));
-    let json = &out[out.find('{').expect("fio JSON output")..];
-    assert!(json.contains("\"error\" : 0"), "{name}: {json}");
-    assert!(!json.contains("verify: bad"), "{name}: {json}");
+    ];
+    fio_nbd_verify(env.dir.path(), &env.nbd_uri(pid, minor), &job);
 }
 
 /// Allocation of one sector as NBD block status reports it.
@@ -68,19 +61,6 @@ enum Alloc {
 struct Model {
     bytes: Vec<u8>,
     alloc: Vec<Alloc>,
-}
-
-/// A small deterministic generator.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % below
-    }
 }
 
 fn span(offset: u64, len: u64) -> std::ops::Range<usize> {

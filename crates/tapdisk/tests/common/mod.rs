@@ -312,3 +312,39 @@ impl Env {
         (row.pid.expect("listed with a pid"), minor)
     }
 }
+
+/// A small deterministic pseudo-random generator for test workloads.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next value in `0..below`.
+    pub fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// Runs fio's nbd engine against `uri` with crc32c verification (working files in `dir`;
+/// `job` gives the workload: rw, block sizes, depth, size...) and asserts it reports no
+/// error. Returns fio's JSON document.
+pub fn fio_nbd_verify(dir: &Path, uri: &str, job: &[&str]) -> String {
+    let mut cmd = Command::new("fio");
+    cmd.current_dir(dir)
+        .args(["--name=verify", "--ioengine=nbd", &format!("--uri={uri}")])
+        .args(job)
+        .args([
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ]);
+    let out = run_ok(&mut cmd);
+    // fio's nbd engine prints a line before the JSON document.
+    let json = out[out.find('{').expect("fio JSON output")..].to_owned();
+    assert!(json.contains("\"error\" : 0"), "{job:?}: {json}");
+    assert!(!json.contains("verify: bad"), "{job:?}: {json}");
+    json
+}

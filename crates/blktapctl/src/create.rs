@@ -33,25 +33,31 @@ pub fn create(dir: &ControlDir, req: &OpenRequest) -> Result<CreatedVbd> {
 /// Allocates a minor, spawns `tapdisk`, attaches the minor and opens `req` on it.
 ///
 /// On failure everything done so far is undone (best effort; the first error is returned):
-/// after a failed open the minor is detached, which makes the new tapdisk exit; if attach
-/// never succeeded the tapdisk is killed with SIGTERM; the minor is freed.
+/// see [`start_on_minor`]; then the minor is freed.
 pub fn create_with(dir: &ControlDir, tapdisk: &Path, req: &OpenRequest) -> Result<CreatedVbd> {
     let (minor, marker) = allocate(dir).map_err(|e| e.within("allocating a minor"))?;
+    start_on_minor(dir, tapdisk, minor, marker, req, &req.params).inspect_err(|_| {
+        let _ = free_settling(dir, minor);
+    })
+}
 
-    let pid = match spawn_with(dir, tapdisk) {
-        Ok(pid) => pid,
-        Err(e) => {
-            let _ = free_settling(dir, minor);
-            return Err(e.within("spawning tapdisk"));
-        }
-    };
-
+/// Spawns `tapdisk`, attaches the allocated `minor` and opens `req` on it: the steps `create`
+/// and `recover` share. On failure the new tapdisk is detached (it then exits) or, if attach
+/// never succeeded, terminated; the minor is left to the caller. `what` names the image in
+/// the error.
+pub(crate) fn start_on_minor(
+    dir: &ControlDir,
+    tapdisk: &Path,
+    minor: u32,
+    marker: PathBuf,
+    req: &OpenRequest,
+    what: &str,
+) -> Result<CreatedVbd> {
+    let pid = spawn_with(dir, tapdisk).map_err(|e| e.within("spawning tapdisk"))?;
     if let Err(e) = attach(dir, pid, minor) {
         terminate(pid);
-        let _ = free_settling(dir, minor);
         return Err(e.within(format!("attaching minor {minor} to tapdisk {pid}")));
     }
-
     match open(dir, pid, minor, req) {
         Ok(image) => Ok(CreatedVbd {
             minor,
@@ -64,8 +70,7 @@ pub fn create_with(dir: &ControlDir, tapdisk: &Path, req: &OpenRequest) -> Resul
             if detach(dir, pid, minor).is_err() {
                 terminate(pid);
             }
-            let _ = free_settling(dir, minor);
-            Err(e.within(format!("opening {} on minor {minor}", req.params)))
+            Err(e.within(format!("opening {what} on minor {minor}")))
         }
     }
 }

@@ -10,13 +10,11 @@
 
 use std::path::Path;
 
-use rustix::process::{kill_process, Pid, Signal};
-
-use crate::create::CreatedVbd;
+use crate::create::{start_on_minor, CreatedVbd};
 use crate::error::{Error, Result};
-use crate::ops::{attach, block_device, detach, open, OpenRequest};
+use crate::ops::OpenRequest;
 use crate::paths::ControlDir;
-use crate::spawn::{find_tapdisk, spawn_with};
+use crate::spawn::find_tapdisk;
 use tapdisk_proto::OpenFlags;
 
 /// [`recover_with`] using the tapdisk binary found by [`find_tapdisk`].
@@ -44,11 +42,6 @@ pub fn recover_with(
             ),
         ));
     }
-    let pid = spawn_with(dir, tapdisk).map_err(|e| e.within("spawning tapdisk"))?;
-    if let Err(e) = attach(dir, pid, minor) {
-        terminate(pid);
-        return Err(e.within(format!("attaching minor {minor} to tapdisk {pid}")));
-    }
     let mut request = req.clone();
     request.flags |= OpenFlags::BLOCKDEV_RECOVER;
     let shown = if request.params.is_empty() {
@@ -56,28 +49,8 @@ pub fn recover_with(
     } else {
         request.params.clone()
     };
-    match open(dir, pid, minor, &request) {
-        Ok(image) => Ok(CreatedVbd {
-            minor,
-            pid,
-            marker,
-            image,
-            device: block_device(dir, pid, minor).unwrap_or(None),
-        }),
-        Err(e) => {
-            if detach(dir, pid, minor).is_err() {
-                terminate(pid);
-            }
-            Err(e.within(format!("recovering minor {minor} with {shown}")))
-        }
-    }
-}
-
-/// Sends SIGTERM to a tapdisk we started (errors ignored: it may already be gone).
-fn terminate(pid: u32) {
-    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
-        let _ = kill_process(pid, Signal::TERM);
-    }
+    start_on_minor(dir, tapdisk, minor, marker, &request, &shown)
+        .map_err(|e| e.within(format!("recovering minor {minor}")))
 }
 
 #[cfg(test)]

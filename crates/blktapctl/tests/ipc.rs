@@ -7,10 +7,8 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use blktapctl::{OpenFlags, OpenRequest, ResumeRequest};
-use common::{send, serve, success, temp_dir};
-use tapdisk_proto::{
-    decode_log_path, Body, ListEntry, Message, MessageType, StatInfo, LOG_PATH_PAYLOAD_LEN,
-};
+use common::{list_reply, send, serve, success, temp_dir};
+use tapdisk_proto::{decode_log_path, Body, Message, MessageType, StatInfo, LOG_PATH_PAYLOAD_LEN};
 
 #[test]
 fn pid_request_returns_the_reported_pid() {
@@ -230,32 +228,6 @@ fn info_returns_disk_info() {
     assert_eq!(
         server.join().expect("server")[0].msg_type,
         MessageType::DiskInfo
-    );
-}
-
-fn list_reply(stream: &mut std::os::unix::net::UnixStream, entries: &[(i32, i32, &str)]) {
-    let total = i32::try_from(entries.len()).expect("few");
-    for (sent, (minor, state, path)) in (0..).zip(entries) {
-        let entry = ListEntry {
-            count: total - sent,
-            minor: *minor,
-            state: *state,
-            path: (*path).to_owned(),
-        };
-        send(
-            stream,
-            &Message::new(MessageType::ListRsp, 0xFFFF, Body::List(entry)),
-        );
-    }
-    let end = ListEntry {
-        count: 0,
-        minor: -1,
-        state: 0,
-        path: String::new(),
-    };
-    send(
-        stream,
-        &Message::new(MessageType::ListRsp, 0xFFFF, Body::List(end)),
     );
 }
 

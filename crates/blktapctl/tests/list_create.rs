@@ -8,34 +8,8 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use blktapctl::{ControlDir, OpenRequest};
-use common::{send, serve, success, temp_dir, IMPOSSIBLE_PID};
-use tapdisk_proto::{Body, ListEntry, Message, MessageType};
-
-fn list_reply(stream: &mut std::os::unix::net::UnixStream, entries: &[(i32, i32, &str)]) {
-    let total = i32::try_from(entries.len()).expect("few");
-    for (sent, (minor, state, path)) in (0..).zip(entries) {
-        let entry = ListEntry {
-            count: total - sent,
-            minor: *minor,
-            state: *state,
-            path: (*path).to_owned(),
-        };
-        send(
-            stream,
-            &Message::new(MessageType::ListRsp, 0xFFFF, Body::List(entry)),
-        );
-    }
-    let end = ListEntry {
-        count: 0,
-        minor: -1,
-        state: 0,
-        path: String::new(),
-    };
-    send(
-        stream,
-        &Message::new(MessageType::ListRsp, 0xFFFF, Body::List(end)),
-    );
-}
+use common::{list_reply, send, serve, success, temp_dir, IMPOSSIBLE_PID};
+use tapdisk_proto::{Message, MessageType};
 
 /// A fake tapdisk answering PID then LIST with `entries`.
 fn fake_listing(dir: &ControlDir, pid: u32, entries: Vec<(i32, i32, &'static str)>) {

@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread::JoinHandle;
 
 use blktapctl::ControlDir;
-use tapdisk_proto::{Body, Message, MessageType, MESSAGE_SIZE};
+use tapdisk_proto::{Body, ListEntry, Message, MessageType, MESSAGE_SIZE};
 
 /// A pid above the kernel's maximum (`pid_max` <= 2^22), so killing it can never hit a process.
 pub const IMPOSSIBLE_PID: u32 = 4_194_400;
@@ -76,4 +76,32 @@ pub fn success(request: &Message, pid: u32) -> Message {
 /// A handler answering every request with [`success`].
 pub fn always_ok(pid: u32) -> impl FnMut(&Message, &mut UnixStream) + Send + 'static {
     move |request, stream| send(stream, &success(request, pid))
+}
+
+/// Writes a LIST reply stream: one LIST_RSP per `(minor, state, path)`, counting down, then
+/// the `count == 0` terminator.
+pub fn list_reply(stream: &mut std::os::unix::net::UnixStream, entries: &[(i32, i32, &str)]) {
+    let total = i32::try_from(entries.len()).expect("few");
+    for (sent, (minor, state, path)) in (0..).zip(entries) {
+        let entry = ListEntry {
+            count: total - sent,
+            minor: *minor,
+            state: *state,
+            path: (*path).to_owned(),
+        };
+        send(
+            stream,
+            &Message::new(MessageType::ListRsp, 0xFFFF, Body::List(entry)),
+        );
+    }
+    let end = ListEntry {
+        count: 0,
+        minor: -1,
+        state: 0,
+        path: String::new(),
+    };
+    send(
+        stream,
+        &Message::new(MessageType::ListRsp, 0xFFFF, Body::List(end)),
+    );
 }

@@ -8,7 +8,6 @@ mod getopt;
 mod key;
 mod progress;
 mod scan;
-mod sha256;
 
 use std::process::ExitCode;
 

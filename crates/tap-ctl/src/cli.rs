@@ -603,8 +603,16 @@ fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Er
                 None => blktapctl::list(dir)?,
             };
             for row in rows.iter().filter(|row| filter.matches(row)) {
+                // Scripts parse the dict form, which stays exactly the C one; people at a
+                // terminal also see the kernel block device of each open VBD.
                 let line = if io.stdout_is_tty {
-                    row.format_table_row()
+                    let mut line = row.format_table_row();
+                    if let (Some(pid), Some(minor), Some(_)) = (row.pid, row.minor, &row.driver) {
+                        if let Ok(Some(device)) = blktapctl::block_device(dir, pid, minor) {
+                            line.push_str(&format!("  {}", device.display()));
+                        }
+                    }
+                    line
                 } else {
                     row.format_dict()
                 };

@@ -72,6 +72,118 @@ impl InlineWriteGate {
     }
 }
 
+/// How reads of one file may run on the calling thread instead of through the engine.
+///
+/// A buffered read that the page cache can serve is a memory copy: handing it to another
+/// thread (the blocking pool, io_uring's workers) costs more than the copy itself.
+/// * files opened with `O_DIRECT` never read inline;
+/// * buffered files try `preadv2(RWF_NOWAIT)`, which the kernel completes only when no
+///   storage I/O is needed;
+/// * files of filesystems that live in memory (tmpfs, ramfs), which refuse `RWF_NOWAIT` and
+///   which io_uring therefore hands to its worker threads, are read with plain `pread`: their
+///   reads never wait for a device.
+#[derive(Debug)]
+pub struct InlineReads {
+    mode: std::sync::atomic::AtomicU8,
+}
+
+/// [`InlineReads`] modes.
+const INLINE_OFF: u8 = 0;
+const INLINE_NOWAIT: u8 = 1;
+const INLINE_MEMORY: u8 = 2;
+
+/// `statfs` magic numbers of filesystems whose file data lives in memory.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+
+/// True when `file` is on a filesystem that keeps file data in memory.
+fn in_memory_filesystem(file: &File) -> bool {
+    rustix::fs::fstatfs(file).is_ok_and(|stat| {
+        // `f_type` is a signed or unsigned word depending on the platform: compare bits.
+        #[allow(
+            clippy::cast_sign_loss,
+            clippy::cast_lossless,
+            clippy::unnecessary_cast,
+            reason = "f_type holds a 32-bit magic number; only its bits are compared"
+        )]
+        let magic = (stat.f_type as u64) & 0xffff_ffff;
+        magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
+    })
+}
+
+impl InlineReads {
+    /// The inline read mode for `file`: off unless `buffered` (opened without `O_DIRECT`).
+    pub fn for_file(file: &File, buffered: bool) -> Self {
+        let mode = if !buffered {
+            INLINE_OFF
+        } else if in_memory_filesystem(file) {
+            INLINE_MEMORY
+        } else {
+            INLINE_NOWAIT
+        };
+        Self {
+            mode: std::sync::atomic::AtomicU8::new(mode),
+        }
+    }
+
+    /// Inline reads off.
+    pub fn off() -> Self {
+        Self {
+            mode: std::sync::atomic::AtomicU8::new(INLINE_OFF),
+        }
+    }
+
+    /// True when reads may be tried inline.
+    pub fn enabled(&self) -> bool {
+        self.mode.load(std::sync::atomic::Ordering::Relaxed) != INLINE_OFF
+    }
+
+    /// Fills `buf` from `offset` now if that cannot wait for a device: `Some(result)` when
+    /// the read ran (bytes past the end of the file read as zeros), `None` when it must go
+    /// through the engine.
+    pub fn try_read(&self, file: &File, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        use std::sync::atomic::Ordering;
+        match self.mode.load(Ordering::Relaxed) {
+            INLINE_MEMORY => Some(read_full_at(file, buf, offset)),
+            INLINE_NOWAIT => {
+                let len = buf.len();
+                let flags = rustix::io::ReadWriteFlags::NOWAIT;
+                match rustix::io::preadv2(file, &mut [io::IoSliceMut::new(buf)], offset, flags) {
+                    Ok(n) if n == len => Some(Ok(())),
+                    Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                        self.mode.store(INLINE_OFF, Ordering::Relaxed);
+                        None
+                    }
+                    // Partly cached, at the end of the file, or would block.
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Reads until `buf` is full, zero-filling whatever lies past the end of the file.
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => {
+                done += n;
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Writes all of `data` at `offset` with `pwrite`.
 pub(crate) fn pwrite_all(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, data, offset)
@@ -108,7 +220,9 @@ fn uring_supported() -> bool {
 /// inline page-cache reads and writes where the engine supports them.
 pub fn open_engine(file: Arc<File>, buffered: bool, choice: EngineChoice) -> Box<dyn IoEngine> {
     if choice != EngineChoice::Pread && uring_supported() {
-        match uring::UringEngine::new(Arc::clone(&file)).map(|e| e.with_inline_writes(buffered)) {
+        match uring::UringEngine::new(Arc::clone(&file))
+            .map(|e| e.with_inline_writes(buffered).with_inline_reads(buffered))
+        {
             Ok(engine) => return Box::new(engine),
             Err(error) => tracing::warn!(%error, "io_uring engine unavailable; using pread"),
         }
@@ -120,4 +234,69 @@ pub fn open_engine(file: Arc<File>, buffered: bool, choice: EngineChoice) -> Box
             .with_inline_reads(buffered)
             .with_inline_writes(buffered),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    fn file_with(dir: &Path, bytes: &[u8]) -> File {
+        let path = dir.join("inline.img");
+        std::fs::write(&path, bytes).unwrap();
+        File::options().read(true).write(true).open(path).unwrap()
+    }
+
+    #[test]
+    fn direct_files_never_read_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_with(dir.path(), &[1; 8192]);
+        let inline = InlineReads::for_file(&file, false);
+        assert!(!inline.enabled());
+        assert!(inline.try_read(&file, &mut [0; 4096], 0).is_none());
+    }
+
+    #[test]
+    fn cached_reads_complete_inline_with_the_right_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..8192u32)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        let file = file_with(dir.path(), &data);
+        // Just written, so in the page cache.
+        let inline = InlineReads::for_file(&file, true);
+        let mut buf = vec![0u8; 4096];
+        match inline.try_read(&file, &mut buf, 4096) {
+            Some(result) => {
+                result.unwrap();
+                assert_eq!(buf, data[4096..]);
+            }
+            // A filesystem without RWF_NOWAIT: the engine path serves it.
+            None => assert!(!inline.enabled()),
+        }
+    }
+
+    #[test]
+    fn memory_filesystems_read_inline_and_zero_fill_past_the_end() {
+        let shm = Path::new("/dev/shm");
+        let Ok(dir) = tempfile::tempdir_in(shm) else {
+            eprintln!("skipped: no /dev/shm");
+            return;
+        };
+        let file = file_with(dir.path(), &[7; 6144]);
+        if !in_memory_filesystem(&file) {
+            eprintln!("skipped: /dev/shm is not tmpfs");
+            return;
+        }
+        let inline = InlineReads::for_file(&file, true);
+        let mut buf = vec![0xffu8; 4096];
+        inline.try_read(&file, &mut buf, 4096).unwrap().unwrap();
+        assert!(buf[..2048].iter().all(|b| *b == 7));
+        assert!(buf[2048..].iter().all(|b| *b == 0));
+        // The file is unchanged.
+        let mut back = [0u8; 2];
+        file.read_exact_at(&mut back, 6142).unwrap();
+        assert_eq!(back, [7, 7]);
+    }
 }

@@ -5,10 +5,10 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{pwrite_all, InlineWriteGate, IoEngine, IoFuture};
+use super::{pwrite_all, read_full_at, InlineReads, InlineWriteGate, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
 /// Runs each request as a blocking `pread`/`pwrite` on a worker thread.
@@ -16,9 +16,9 @@ use crate::iobuf::IoBuf;
 pub struct PreadEngine {
     file: Arc<File>,
     pending: Arc<AtomicUsize>,
-    /// Try `preadv2(RWF_NOWAIT)` on the calling thread first (buffered files only: a read
-    /// served from the page cache then costs no thread hand-off).
-    inline_reads: AtomicBool,
+    /// Reads tried on the calling thread first (buffered files only: a read served from
+    /// the page cache then costs no thread hand-off).
+    inline_reads: InlineReads,
     /// Run buffered writes on the calling thread, one at a time (see [`InlineWriteGate`]).
     inline_writes: Option<InlineWriteGate>,
 }
@@ -34,7 +34,7 @@ impl PreadEngine {
         Self {
             file,
             pending: Arc::new(AtomicUsize::new(0)),
-            inline_reads: AtomicBool::new(false),
+            inline_reads: InlineReads::off(),
             inline_writes: None,
         }
     }
@@ -46,23 +46,9 @@ impl PreadEngine {
     }
 
     /// Enables inline page-cache reads (only for files opened without `O_DIRECT`).
-    pub fn with_inline_reads(self, enabled: bool) -> Self {
-        self.inline_reads.store(enabled, Ordering::Relaxed);
+    pub fn with_inline_reads(mut self, enabled: bool) -> Self {
+        self.inline_reads = InlineReads::for_file(&self.file, enabled);
         self
-    }
-
-    /// Reads all of `buf` without blocking, if the page cache holds it.
-    fn try_read_inline(&self, buf: &mut [u8], offset: u64) -> bool {
-        let flags = rustix::io::ReadWriteFlags::NOWAIT;
-        let len = buf.len();
-        match rustix::io::preadv2(&*self.file, &mut [io::IoSliceMut::new(buf)], offset, flags) {
-            Ok(n) => n == len,
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
-                self.inline_reads.store(false, Ordering::Relaxed);
-                false
-            }
-            Err(_) => false,
-        }
     }
 
     /// Runs `op` on the blocking pool, counting it as pending meanwhile.
@@ -86,32 +72,13 @@ impl PreadEngine {
     }
 }
 
-/// Reads until `buf` is full, zero-filling whatever lies past the end of the file.
-fn read_full_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => {
-                done += n;
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 impl IoEngine for PreadEngine {
     fn read_at(&self, mut buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf> {
-        if self.inline_reads.load(Ordering::Relaxed)
-            && self.try_read_inline(buf.as_mut_slice(), offset)
+        if let Some(result) = self
+            .inline_reads
+            .try_read(&self.file, buf.as_mut_slice(), offset)
         {
-            return Box::pin(std::future::ready(Ok(buf)));
+            return Box::pin(std::future::ready(result.map(|()| buf)));
         }
         self.run(move |file| {
             read_full_at(file, buf.as_mut_slice(), offset)?;

@@ -28,7 +28,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 
 use super::sync::PreadEngine;
-use super::{pwrite_all, InlineWriteGate, IoEngine, IoFuture};
+use super::{pwrite_all, InlineReads, InlineWriteGate, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
 /// Submission queue entries per ring.
@@ -203,6 +203,9 @@ pub struct UringEngine {
     reaper: tokio::task::AbortHandle,
     /// Buffered files: run writes inline, one at a time (see [`InlineWriteGate`]).
     inline_writes: Option<InlineWriteGate>,
+    /// Buffered files: reads the page cache (or a memory filesystem) serves at once run on
+    /// the calling thread (see [`InlineReads`]).
+    inline_reads: InlineReads,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -272,12 +275,20 @@ impl UringEngine {
             blocking: PreadEngine::shared(file),
             reaper,
             inline_writes: None,
+            inline_reads: InlineReads::off(),
         })
     }
 
     /// Enables inline buffered writes (only for files opened without `O_DIRECT`).
     pub fn with_inline_writes(mut self, enabled: bool) -> Self {
         self.inline_writes = enabled.then(InlineWriteGate::default);
+        self
+    }
+
+    /// Enables inline reads where they cannot wait for a device (only for files opened
+    /// without `O_DIRECT`).
+    pub fn with_inline_reads(mut self, enabled: bool) -> Self {
+        self.inline_reads = InlineReads::for_file(&self.shared.file, enabled);
         self
     }
 
@@ -412,7 +423,13 @@ fn chunk_len(left: usize) -> u32 {
 }
 
 impl IoEngine for UringEngine {
-    fn read_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf> {
+    fn read_at(&self, mut buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf> {
+        if let Some(result) =
+            self.inline_reads
+                .try_read(&self.shared.file, buf.as_mut_slice(), offset)
+        {
+            return Box::pin(std::future::ready(result.map(|()| buf)));
+        }
         Box::pin(async move {
             let mut buf = buf;
             let mut done = 0usize;

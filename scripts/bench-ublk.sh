@@ -3,6 +3,12 @@
 # raw file, fio 4k random reads at queue depth 32, inside the VM (ublk needs its kernel).
 # The VM's CPU is emulated, so only the ratios mean something.
 #
+# Like with like: the image lives in the guest's /tmp, a tmpfs, where the page cache *is* the
+# storage. The loop device runs with direct I/O (it reads the tmpfs pages straight into the
+# request, no second cache); tapdisk opens the image with O_DIRECT by default and without it
+# under -D (on tmpfs both read the same pages with one copy). Every variant reads the same
+# file through exactly one copy from the tmpfs pages.
+#
 # On the host: scripts/bench-ublk.sh   (builds tap-ctl and tapdisk in release mode first)
 # In the guest (run by scripts/vm-tests.sh): bench-ublk.sh REPO NAME
 # Knobs: BENCH_SECONDS per run (default 20), BENCH_MIB image size (default 256); they are
@@ -28,33 +34,40 @@ iops() {
 }
 
 loop=$(losetup -f --show --direct-io=on "$img")
+loop_dio=$(cat "/sys/block/${loop#/dev/}/loop/dio" 2>/dev/null)
 loop_iops=$(iops "$loop")
 losetup -d "$loop"
-check "loop device ($loop): $loop_iops IOPS" test -n "$loop_iops"
+check "loop device ($loop, dio=$loop_dio): $loop_iops IOPS" test -n "$loop_iops"
 
-# Variants: data copy mode x how queue threads reach tapdisk's runtime.
-variants="user-copy,inline:auto:inline plain-copy,inline:off:inline user-copy,spawn:auto:spawn plain-copy,spawn:off:spawn"
-declare -A results
-for variant in $variants; do
-    name=${variant%%:*}
-    rest=${variant#*:}
-    dev=$(TAPDISK_UBLK_USER_COPY=${rest%%:*} TAPDISK_UBLK_BRIDGE=${rest#*:} \
-          tap-ctl create -b ublk -a "aio:$img" 2>>"$LOG")
-    results[$name]=$(iops "$dev")
+# Variants: "name;environment;tap-ctl create flags". The first is the default configuration.
+variants=(
+    "default (user copy, inline);;"
+    "default, image without O_DIRECT (-D);;-D"
+    "plain copy, inline;TAPDISK_UBLK_USER_COPY=off;"
+    "plain copy, inline, -D;TAPDISK_UBLK_USER_COPY=off;-D"
+    "user copy, spawn bridge;TAPDISK_UBLK_BRIDGE=spawn;"
+    "default, 1 queue, -D;TAPDISK_UBLK_QUEUES=1;-D"
+)
+results=()
+for variant in "${variants[@]}"; do
+    IFS=';' read -r name environment flags <<<"$variant"
+    # shellcheck disable=SC2086 # word splitting of the variables is wanted
+    dev=$(env $environment tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
+    result=$(iops "$dev")
     minor=$(minor_of_device "$dev")
     tap-ctl destroy -p "$(pid_of_minor "$minor")" -m "$minor" >> "$LOG" 2>&1
-    check "ublk $name ($dev): ${results[$name]} IOPS" test -n "${results[$name]}"
+    check "ublk $name ($dev): $result IOPS" test -n "$result"
+    results+=("${result:-0}")
 done
 
 ratio() { python3 -c "import sys; print('%.2f' % (int(sys.argv[1]) / max(1, int(sys.argv[2]))))" "$1" "$2"; }
 echo
-echo "fio randread 4k QD32, ${seconds}s, ${mib} MiB raw file (emulated CPU: compare ratios only)"
-printf '%-34s %10s %10s\n' device IOPS vs-loop
-printf '%-34s %10s %10s\n' "loop (direct-io)" "$loop_iops" 1.00
-for variant in $variants; do
-    name=${variant%%:*}
-    printf '%-34s %10s %10s\n' "ublk tapdisk ($name)" "${results[$name]:-0}" \
-        "$(ratio "${results[$name]:-0}" "${loop_iops:-1}")"
+echo "fio randread 4k QD32, ${seconds}s, ${mib} MiB raw file on tmpfs, $(nproc) vCPUs (emulated CPU: compare ratios only)"
+printf '%-44s %10s %8s\n' device IOPS vs-loop
+printf '%-44s %10s %8s\n' "loop (direct-io=$loop_dio)" "$loop_iops" 1.00
+for i in "${!variants[@]}"; do
+    printf '%-44s %10s %8s\n' "ublk ${variants[$i]%%;*}" "${results[$i]}" \
+        "$(ratio "${results[$i]}" "${loop_iops:-1}")"
 done
 echo
 finish

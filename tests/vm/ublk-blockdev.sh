@@ -32,16 +32,21 @@ for mode in ublk auto; do
     check "destroy" destroy_dev "$dev"
 done
 
-# --- fio verify on the raw device: user copy with spawned VBD calls, then plain copy with
-# VBD calls polled on the queue threads
+# --- fio verify on the raw device, each data path: user copy with VBD calls polled on the
+# queue threads (the default), the same over an image opened without O_DIRECT (reads and
+# writes complete on the queue thread itself), plain copy with spawned VBD calls and queue
+# threads pinned to their queue's CPUs
 img=$(make_raw fio.img 256)
-for variant in auto:spawn off:inline; do
-    copy=${variant%%:*}
-    dev=$(TAPDISK_UBLK_USER_COPY=$copy TAPDISK_UBLK_BRIDGE=${variant#*:} TAPDISK_UBLK_QUEUES=2 \
-          TAPDISK_UBLK_DEPTH=32 create_dev ublk "$img")
-    check "create (user copy $copy, ${variant#*:} bridge)" test -b "$dev"
-    check "fio --verify=crc32c, zero errors (user copy $copy, ${variant#*:} bridge)" sh -c "fio --name=verify --filename='$dev' --direct=1 --ioengine=libaio --iodepth=16 --numjobs=1 --rw=randwrite --bsrange=4k-128k --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 --output='$SCRATCH/fio-$copy.out' && grep -q 'err= 0' '$SCRATCH/fio-$copy.out' && ! grep -qi 'verify:.*bad\|crc32c.*mismatch' '$SCRATCH/fio-$copy.out'"
-    cat "$SCRATCH/fio-$copy.out" >> "$LOG" 2>/dev/null
+for variant in "auto;inline;any;" "auto;inline;any;-D" "off;spawn;queue;"; do
+    IFS=';' read -r copy bridge affinity flags <<<"$variant"
+    what="user copy $copy, $bridge bridge, affinity $affinity${flags:+, $flags}"
+    # shellcheck disable=SC2086 # $flags is empty or one flag
+    dev=$(TAPDISK_UBLK_USER_COPY=$copy TAPDISK_UBLK_BRIDGE=$bridge TAPDISK_UBLK_AFFINITY=$affinity \
+          TAPDISK_UBLK_QUEUES=2 TAPDISK_UBLK_DEPTH=32 tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
+    out="$SCRATCH/fio-$copy-$bridge$flags.out"
+    check "create ($what)" test -b "$dev"
+    check "fio --verify=crc32c, zero errors ($what)" sh -c "fio --name=verify --filename='$dev' --direct=1 --ioengine=libaio --iodepth=16 --numjobs=1 --rw=randwrite --bsrange=4k-128k --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 --output='$out' && grep -q 'err= 0' '$out' && ! grep -qi 'verify:.*bad\|crc32c.*mismatch' '$out'"
+    cat "$out" >> "$LOG" 2>/dev/null
     check "discard reaches the image (blkdiscard)" blkdiscard -o 0 -l 1048576 "$dev"
     check "destroy" destroy_dev "$dev"
 done

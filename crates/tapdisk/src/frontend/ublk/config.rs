@@ -16,8 +16,10 @@ pub const MAX_IO_ENV: &str = "TAPDISK_UBLK_MAX_IO_KIB";
 /// Environment variable: `auto` (default) uses `UBLK_F_USER_COPY` when the driver has it,
 /// `off` forces the plain copy mode (buffers registered with the driver).
 pub const USER_COPY_ENV: &str = "TAPDISK_UBLK_USER_COPY";
-/// Environment variable: `spawn` (default) or `inline`, see [`Bridge`].
+/// Environment variable: `inline` (default) or `spawn`, see [`Bridge`].
 pub const BRIDGE_ENV: &str = "TAPDISK_UBLK_BRIDGE";
+/// Environment variable: `any` (default) or `queue`, see [`Affinity`].
+pub const AFFINITY_ENV: &str = "TAPDISK_UBLK_AFFINITY";
 /// Environment variable: `1` creates `/dev/xen/blktap-2/tapdev<minor>` links to the device.
 pub const COMPAT_SYMLINKS_ENV: &str = "BLKTAP_COMPAT_SYMLINKS";
 
@@ -45,13 +47,26 @@ pub enum UserCopy {
 /// worker or the queue thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bridge {
-    /// The call is spawned as a tokio task; its result comes back through a oneshot channel.
-    Spawn,
     /// The call is polled on the queue thread, which has entered the runtime's context (for
     /// the blocking pool, timers and the io_uring engine); whoever completes the call's I/O
-    /// wakes the queue thread. One thread hop less per request, but no faster in the VM
-    /// benchmark (scripts/bench-ublk.sh), so not the default.
+    /// elsewhere wakes the queue thread. A request the image serves at once (a page-cache
+    /// read) never leaves the queue thread. The default.
     Inline,
+    /// The call is spawned as a tokio task; its result comes back through a oneshot channel
+    /// (two thread switches per request, kept for comparison).
+    Spawn,
+}
+
+/// Which CPUs a queue thread runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// Any CPU tapdisk may use: the scheduler puts the queue thread beside the submitter or
+    /// on an idle CPU. The default: pinned to the submitter's own CPU (below), a queue
+    /// thread competes with the very process whose I/O it serves while other CPUs idle.
+    Any,
+    /// The CPUs the driver maps to the queue (libublk's pinning): with as many queues as
+    /// CPUs, each queue thread shares one CPU with the processes that submit to it.
+    Queue,
 }
 
 /// Settings of the ublk devices this tapdisk creates.
@@ -69,6 +84,8 @@ pub struct UblkConfig {
     pub compat_symlinks: bool,
     /// How VBD calls reach the runtime.
     pub bridge: Bridge,
+    /// Where queue threads run.
+    pub affinity: Affinity,
 }
 
 impl Default for UblkConfig {
@@ -79,7 +96,8 @@ impl Default for UblkConfig {
             max_io_bytes: DEFAULT_MAX_IO_KIB * 1024,
             user_copy: UserCopy::Auto,
             compat_symlinks: false,
-            bridge: Bridge::Spawn,
+            bridge: Bridge::Inline,
+            affinity: Affinity::Any,
         }
     }
 }
@@ -176,13 +194,27 @@ impl UblkConfig {
         }
         if let Some(value) = lookup(BRIDGE_ENV) {
             config.bridge = match value.trim() {
-                "" | "spawn" => Bridge::Spawn,
-                "inline" => Bridge::Inline,
+                "" | "inline" => Bridge::Inline,
+                "spawn" => Bridge::Spawn,
+
                 _ => {
                     return Err(ConfigError {
                         variable: BRIDGE_ENV,
                         value,
                         reason: "expected inline or spawn",
+                    })
+                }
+            };
+        }
+        if let Some(value) = lookup(AFFINITY_ENV) {
+            config.affinity = match value.trim() {
+                "" | "any" => Affinity::Any,
+                "queue" => Affinity::Queue,
+                _ => {
+                    return Err(ConfigError {
+                        variable: AFFINITY_ENV,
+                        value,
+                        reason: "expected any or queue",
                     })
                 }
             };
@@ -329,7 +361,8 @@ mod tests {
                 max_io_bytes: 512 * 1024,
                 user_copy: UserCopy::Auto,
                 compat_symlinks: false,
-                bridge: Bridge::Spawn,
+                bridge: Bridge::Inline,
+                affinity: Affinity::Any,
             }
         );
     }
@@ -342,7 +375,8 @@ mod tests {
             (MAX_IO_ENV, "1024"),
             (USER_COPY_ENV, "off"),
             (COMPAT_SYMLINKS_ENV, "1"),
-            (BRIDGE_ENV, "inline"),
+            (BRIDGE_ENV, "spawn"),
+            (AFFINITY_ENV, "queue"),
         ]))
         .unwrap();
         assert_eq!(config.queues, 4);
@@ -350,7 +384,8 @@ mod tests {
         assert_eq!(config.max_io_bytes, 1 << 20);
         assert_eq!(config.user_copy, UserCopy::Off);
         assert!(config.compat_symlinks);
-        assert_eq!(config.bridge, Bridge::Inline);
+        assert_eq!(config.bridge, Bridge::Spawn);
+        assert_eq!(config.affinity, Affinity::Queue);
     }
 
     #[test]
@@ -367,6 +402,7 @@ mod tests {
             (USER_COPY_ENV, "maybe"),
             (COMPAT_SYMLINKS_ENV, "2"),
             (BRIDGE_ENV, "thread"),
+            (AFFINITY_ENV, "cpu0"),
         ] {
             let error = UblkConfig::from_lookup(lookup(&[(variable, value)])).unwrap_err();
             assert_eq!(error.variable, variable);

@@ -20,7 +20,8 @@
 //! # Settings (tapdisk's environment, see [`config`])
 //! `TAPDISK_UBLK_QUEUES` (default 2), `TAPDISK_UBLK_DEPTH` (default 64),
 //! `TAPDISK_UBLK_MAX_IO_KIB` (default 512), `TAPDISK_UBLK_USER_COPY` (`auto`/`off`),
-//! `TAPDISK_UBLK_BRIDGE` (`spawn`/`inline`, how queue threads reach the runtime),
+//! `TAPDISK_UBLK_BRIDGE` (`inline`/`spawn`, how queue threads reach the runtime),
+//! `TAPDISK_UBLK_AFFINITY` (`any`/`queue`, where queue threads run),
 //! `BLKTAP_COMPAT_SYMLINKS=1` (the `/dev/xen/blktap-2/tapdev<minor>` link, [`compat`]).
 //! The driver's features are read with `GET_FEATURES` and negotiated by
 //! [`config::negotiate`]: user copy where offered, plain copy otherwise; user recovery with
@@ -42,6 +43,7 @@
 //! would wait for I/O only the exiting server can serve). Close the VBD before unmounting is
 //! impossible anyway (`EBUSY`), so this only concerns forced shutdowns.
 
+pub mod chardev;
 pub mod compat;
 pub mod config;
 pub mod holders;
@@ -62,7 +64,7 @@ use super::{BlockDevice, BlockDeviceContext};
 use crate::driver::{DiskType, SECTOR_SIZE};
 use crate::engine::IoFuture;
 use crate::vbd::Vbd;
-use config::{device_params, negotiate, UblkConfig};
+use config::{device_params, negotiate, Affinity, UblkConfig};
 use queue::QueueContext;
 use state::VbdState;
 
@@ -381,6 +383,11 @@ impl DeviceJob {
                 .unwrap_or(usize::MAX),
             minor,
             bridge: self.config.bridge,
+            // The device thread was never pinned: its CPUs are tapdisk's.
+            cpus: match self.config.affinity {
+                Affinity::Any => rustix::thread::sched_getaffinity(None).ok(),
+                Affinity::Queue => None,
+            },
         });
         let params = self.params;
         let dev_bytes = params.basic.dev_sectors.saturating_mul(SECTOR_SIZE);

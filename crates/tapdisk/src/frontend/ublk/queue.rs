@@ -1,34 +1,43 @@
-//! One ublk queue: the thread that fetches its requests from the driver, hands them to the
-//! VBD on tapdisk's tokio runtime, and commits the results.
+//! One ublk queue: the thread that fetches its requests from the driver, runs them through
+//! the VBD, and commits the results.
 //!
 //! libublk runs every queue on its own thread with its own io_uring and a single-threaded
 //! executor holding one task per tag. A tag's task waits for a request, then:
-//! 1. moves write data out of the request (`UBLK_F_USER_COPY`: a read of `/dev/ublkcN` at the
-//!    tag's offset, queued on the queue's ring; plain copy: from the buffer registered for the
-//!    tag) into a VBD buffer;
-//! 2. spawns the VBD call on the tokio runtime and awaits its result through a oneshot channel
-//!    (the queue thread never blocks a tokio worker, and tokio never blocks the queue thread);
-//!    or, with `TAPDISK_UBLK_BRIDGE=inline`, polls the call right on the queue thread inside
-//!    the runtime's context, with a waker that also wakes the queue thread;
-//! 3. moves read data back into the request the same way, and commits the result, which also
-//!    fetches the tag's next request.
+//! 1. moves write data out of the request into a VBD buffer: with `UBLK_F_USER_COPY`, a plain
+//!    `pread` of `/dev/ublkcN` at the tag's offset; in plain copy mode, a copy out of the
+//!    buffer registered for the tag (the driver filled it before delivering the request);
+//! 2. runs the VBD call. By default ([`Bridge::Inline`]) its future is polled right here, on
+//!    the queue thread, inside the runtime's context: a read the image serves at once (page
+//!    cache, memory file system) completes within the first poll, without any thread
+//!    hand-off; I/O that completes elsewhere (the blocking pool, the io_uring engine's
+//!    reaper, a retry timer) wakes the task and kicks the queue thread. With
+//!    `TAPDISK_UBLK_BRIDGE=spawn` the call is spawned on the runtime instead and its result
+//!    comes back through a oneshot channel;
+//! 3. moves read data into the request (a plain `pwrite` of `/dev/ublkcN`, or a copy into
+//!    the registered buffer, which the driver copies into the request's pages when the
+//!    result is committed), and commits the result, which also fetches the tag's next
+//!    request.
 //!
-//! The queue thread sleeps in `io_uring_enter` while it waits for the driver. A finished VBD
-//! call must wake it, so each queue owns an eventfd that completed calls write to and that a
-//! listener task keeps a `POLL_ADD` armed on: the poll completion ends the wait, and the
-//! executor then runs the tasks whose results arrived.
+//! The transfers on `/dev/ublkcN` are synchronous on purpose: the character device does not
+//! support non-blocking I/O, so io_uring would hand every transfer to one of its worker
+//! threads, two thread switches for a copy of a few KiB.
+//!
+//! The queue thread sleeps in `io_uring_enter` while it waits for the driver. A VBD call
+//! finished on another thread must wake it, so each queue owns an eventfd that such
+//! completions write to and that a listener task keeps a `POLL_ADD` armed on: the poll
+//! completion ends the wait, and the executor then runs the tasks whose results arrived.
 //!
 //! Results: the byte count for reads and writes, 0 for flush and discard, `-errno` on failure
 //! (the VBD has already retried what was worth retrying), `-EOPNOTSUPP` for operations the
 //! device does not advertise.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::pin::Pin;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Wake, Waker};
 
 use io_uring::{opcode, types};
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
@@ -36,6 +45,7 @@ use libublk::sys;
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
 
+use super::chardev::borrow_char_device;
 use super::config::Bridge;
 use crate::driver::SECTOR_SIZE;
 use crate::iobuf::IoBuf;
@@ -48,7 +58,7 @@ pub struct QueueContext {
     pub vbd: Arc<Vbd>,
     /// tapdisk's runtime, where VBD calls run.
     pub runtime: tokio::runtime::Handle,
-    /// Data moves by `pread`/`pwrite`-style ring operations on `/dev/ublkcN`.
+    /// Data moves by `pread`/`pwrite` on `/dev/ublkcN` (`UBLK_F_USER_COPY`).
     pub user_copy: bool,
     /// Largest request in bytes (the size of each tag's buffer in plain copy mode).
     pub max_io_bytes: usize,
@@ -56,6 +66,9 @@ pub struct QueueContext {
     pub minor: u16,
     /// How VBD calls reach the runtime.
     pub bridge: Bridge,
+    /// CPUs queue threads move to once the device runs (libublk pins each to its queue's
+    /// CPUs first); `None` keeps libublk's pinning.
+    pub cpus: Option<rustix::thread::CpuSet>,
 }
 
 fn errno(code: i32) -> io::Error {
@@ -130,41 +143,71 @@ impl Wake for KickingWaker {
     }
 }
 
-/// A VBD call polled on the queue thread ([`Bridge::Inline`]): whoever completes its I/O
-/// (a blocking-pool thread, the io_uring reaper, the timer) wakes the queue thread too.
-struct WakeThrough<T> {
-    work: Pin<Box<dyn Future<Output = io::Result<T>> + Send>>,
-    wakeup: Arc<Wakeup>,
+/// The waker a tag hands to the VBD calls it polls itself: made once per tag (the task's
+/// waker never changes), not once per request.
+#[derive(Default)]
+struct TagWaker {
+    /// The task's own waker and the kicking waker wrapping it.
+    made: Option<(Waker, Waker)>,
 }
 
-impl<T> Future for WakeThrough<T> {
-    type Output = io::Result<T>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let waker = Waker::from(Arc::new(KickingWaker {
-            task: cx.waker().clone(),
-            wakeup: Arc::clone(&self.wakeup),
-        }));
-        self.work.as_mut().poll(&mut Context::from_waker(&waker))
+impl TagWaker {
+    /// The kicking waker for `task`.
+    fn for_task(&mut self, task: &Waker, wakeup: &Arc<Wakeup>) -> &Waker {
+        let made = match self.made.take() {
+            Some((own, kicking)) if own.will_wake(task) => (own, kicking),
+            _ => {
+                let kicking = Waker::from(Arc::new(KickingWaker {
+                    task: task.clone(),
+                    wakeup: Arc::clone(wakeup),
+                }));
+                (task.clone(), kicking)
+            }
+        };
+        &self.made.insert(made).1
     }
 }
 
+/// Polls `work` on this thread ([`Bridge::Inline`]); whoever completes its I/O elsewhere
+/// wakes the queue thread too.
+async fn poll_here<F: Future>(work: F, waker: &mut TagWaker, wakeup: &Arc<Wakeup>) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        let kicking = waker.for_task(cx.waker(), wakeup);
+        work.as_mut().poll(&mut Context::from_waker(kicking))
+    })
+    .await
+}
+
 impl QueueContext {
-    /// Runs `work` in the tokio runtime and waits for it without blocking this thread or a
-    /// tokio worker: as a spawned task ([`Bridge::Spawn`]) or polled right here inside the
-    /// runtime's context ([`Bridge::Inline`]).
-    async fn on_runtime<T, F>(&self, wakeup: &Arc<Wakeup>, work: F) -> io::Result<T>
+    /// Moves the calling queue thread to [`Self::cpus`], once (`moved` records it). Only
+    /// called once a request arrived: libublk pins queue threads before it starts the
+    /// device, and would otherwise undo this.
+    fn spread_out(&self, moved: &Cell<bool>, qid: u16) {
+        let Some(cpus) = &self.cpus else { return };
+        if moved.replace(true) {
+            return;
+        }
+        if let Err(e) = rustix::thread::sched_setaffinity(None, cpus) {
+            tracing::warn!(
+                minor = self.minor,
+                qid,
+                "ublk queue: CPU affinity not widened: {e}"
+            );
+        }
+    }
+
+    /// Runs a VBD call without blocking this thread or a tokio worker: polled right here
+    /// inside the runtime's context ([`Bridge::Inline`]) or spawned as a tokio task
+    /// ([`Bridge::Spawn`]).
+    async fn call<T, F>(&self, waker: &mut TagWaker, wakeup: &Arc<Wakeup>, work: F) -> io::Result<T>
     where
         T: Send + 'static,
         F: Future<Output = io::Result<T>> + Send + 'static,
     {
         if self.bridge == Bridge::Inline {
             // The queue thread entered the runtime's context once, in `serve_queue`.
-            return WakeThrough {
-                work: Box::pin(work),
-                wakeup: Arc::clone(wakeup),
-            }
-            .await;
+            return poll_here(work, waker, wakeup).await;
         }
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let wakeup = Arc::clone(wakeup);
@@ -183,7 +226,7 @@ impl QueueContext {
 /// Serves queue `qid` of `dev` until the device stops. Runs on the queue's own thread.
 pub fn serve_queue(qid: u16, dev: &UblkDev, context: &Arc<QueueContext>) {
     let minor = context.minor;
-    // Inline VBD calls use tokio's blocking pool and timers from this thread.
+    // VBD calls polled here use tokio's blocking pool, timers and I/O driver.
     let _runtime = context.runtime.enter();
     let wakeup = match Wakeup::new() {
         Ok(wakeup) => Arc::new(wakeup),
@@ -191,6 +234,17 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, context: &Arc<QueueContext>) {
             tracing::error!(minor, qid, "ublk queue: cannot create its eventfd: {e}");
             return;
         }
+    };
+    let device = if context.user_copy {
+        match borrow_char_device(dev) {
+            Some(device) => Some(device),
+            None => {
+                tracing::error!(minor, qid, "ublk queue: no character device for user copy");
+                return;
+            }
+        }
+    } else {
+        None
     };
     let queue = match UblkQueue::new(qid, dev) {
         Ok(queue) => Rc::new(queue),
@@ -200,14 +254,23 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, context: &Arc<QueueContext>) {
         }
     };
     let executor = Rc::new(smol::LocalExecutor::new());
+    let moved = Rc::new(Cell::new(false));
     let tasks: Vec<_> = queue
         .tags()
         .map(|tag| {
             let queue = Rc::clone(&queue);
+            let moved = Rc::clone(&moved);
             let context = Arc::clone(context);
             let wakeup = Arc::clone(&wakeup);
+            let data = match device {
+                Some(device) => TagData::UserCopy {
+                    device,
+                    position: UblkIOCtx::ublk_user_copy_pos(qid, tag, 0),
+                },
+                None => TagData::Registered(libublk::helpers::IoBuf::new(context.max_io_bytes)),
+            };
             executor.spawn(async move {
-                match serve_tag(&queue, tag, &context, &wakeup).await {
+                match serve_tag(&queue, tag, data, &context, &wakeup, &moved).await {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}
                     Err(e) => tracing::error!(minor, qid, tag, "ublk tag stopped: {e}"),
                 }
@@ -274,128 +337,198 @@ pub fn completion_value(outcome: &io::Result<usize>) -> i32 {
     }
 }
 
+/// Where one tag's request data is moved from and to.
+enum TagData<'d> {
+    /// Plain copy: the buffer registered for the tag. The driver copies a write's data into
+    /// it before delivering the request, and a read's data out of it when the result is
+    /// committed.
+    Registered(libublk::helpers::IoBuf<u8>),
+    /// User copy: `pread`/`pwrite` on the character device at the tag's offset.
+    UserCopy {
+        device: BorrowedFd<'d>,
+        position: u64,
+    },
+}
+
+impl TagData<'_> {
+    /// The buffer descriptor sent with the tag's fetch and commit commands.
+    fn descriptor(&self) -> BufDesc<'_> {
+        match self {
+            Self::Registered(buffer) => BufDesc::Slice(buffer.as_slice()),
+            Self::UserCopy { .. } => BufDesc::Slice(&[]),
+        }
+    }
+
+    /// The buffer libublk registers for the tag (plain copy only).
+    fn registered(&self) -> Option<&libublk::helpers::IoBuf<u8>> {
+        match self {
+            Self::Registered(buffer) => Some(buffer),
+            Self::UserCopy { .. } => None,
+        }
+    }
+
+    /// Fills `data` with the current request's write data.
+    fn take_from_request(&self, data: &mut [u8]) -> io::Result<()> {
+        match self {
+            Self::Registered(buffer) => {
+                let source = buffer.as_slice().get(..data.len()).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("write of {} bytes exceeds the tag buffer", data.len()),
+                    )
+                })?;
+                data.copy_from_slice(source);
+                Ok(())
+            }
+            Self::UserCopy { device, position } => {
+                let mut done = 0;
+                while done < data.len() {
+                    let at = position + done as u64;
+                    match rustix::io::pread(device, &mut data[done..], at) {
+                        Ok(0) => return Err(short_copy("read", done, data.len())),
+                        Ok(moved) => done += moved,
+                        Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(copy_failed("read", *position, e)),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts `data` into the current request (the result of a read).
+    fn give_to_request(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Registered(buffer) => {
+                let target = buffer.as_mut_slice().get_mut(..data.len()).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("read of {} bytes exceeds the tag buffer", data.len()),
+                    )
+                })?;
+                target.copy_from_slice(data);
+                Ok(())
+            }
+            Self::UserCopy { device, position } => {
+                let mut done = 0;
+                while done < data.len() {
+                    let at = *position + done as u64;
+                    match rustix::io::pwrite(*device, &data[done..], at) {
+                        Ok(0) => return Err(short_copy("write", done, data.len())),
+                        Ok(moved) => done += moved,
+                        Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(copy_failed("write", *position, e)),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A user copy that moved fewer bytes than the request holds.
+fn short_copy(what: &str, done: usize, len: usize) -> io::Error {
+    tracing::error!("ublk user copy: {what} stopped after {done} of {len} bytes");
+    errno(libc::EIO)
+}
+
+/// A user copy the driver refused (the request was aborted, or the offset is wrong).
+fn copy_failed(what: &str, position: u64, error: rustix::io::Errno) -> io::Error {
+    tracing::error!("ublk user copy: {what} at {position:#x} of the character device: {error}");
+    io::Error::from(error)
+}
+
 /// One tag's loop: fetch a request, serve it, commit, repeat until the queue goes down.
 async fn serve_tag(
     queue: &UblkQueue<'_>,
     tag: u16,
+    mut data: TagData<'_>,
     context: &QueueContext,
     wakeup: &Arc<Wakeup>,
+    moved: &Cell<bool>,
 ) -> Result<(), UblkError> {
-    let mut buffer =
-        (!context.user_copy).then(|| libublk::helpers::IoBuf::<u8>::new(context.max_io_bytes));
+    let mut tag_waker = TagWaker::default();
+    // The last read's buffer, used again by the next read of the same size.
+    let mut spare: Option<IoBuf> = None;
     queue
-        .submit_io_prep_cmd(tag, descriptor(buffer.as_ref()), 0, buffer.as_ref())
+        .submit_io_prep_cmd(tag, data.descriptor(), 0, data.registered())
         .await?;
+    context.spread_out(moved, queue.get_qid());
     loop {
         let request = Request::from_descriptor(queue.get_iod(tag));
-        let outcome = serve_request(queue, tag, request, buffer.as_mut(), context, wakeup).await;
+        let mut work = TagWork {
+            data: &mut data,
+            spare: &mut spare,
+            waker: &mut tag_waker,
+            context,
+            wakeup,
+        };
+        let outcome = work.serve(request).await;
         let value = completion_value(&outcome);
         queue
-            .submit_io_commit_cmd(tag, descriptor(buffer.as_ref()), value)
+            .submit_io_commit_cmd(tag, data.descriptor(), value)
             .await?;
     }
 }
 
-/// The buffer descriptor of a tag: its registered buffer, or none with user copy.
-fn descriptor(buffer: Option<&libublk::helpers::IoBuf<u8>>) -> BufDesc<'_> {
-    match buffer {
-        Some(buffer) => BufDesc::Slice(buffer.as_slice()),
-        None => BufDesc::Slice(&[]),
-    }
+/// What serving one request of a tag uses.
+struct TagWork<'a, 'd> {
+    data: &'a mut TagData<'d>,
+    spare: &'a mut Option<IoBuf>,
+    waker: &'a mut TagWaker,
+    context: &'a QueueContext,
+    wakeup: &'a Arc<Wakeup>,
 }
 
-/// Copies between a request's pages and `data` with a ring operation on `/dev/ublkcN`
-/// (registered as the ring's fixed file 0). `to_request` writes into the request (reads),
-/// otherwise the request's data is read (writes).
-async fn user_copy(
-    queue: &UblkQueue<'_>,
-    tag: u16,
-    data: &mut IoBuf,
-    to_request: bool,
-) -> io::Result<()> {
-    let len = u32::try_from(data.len()).map_err(|_| errno(libc::EINVAL))?;
-    let position = UblkIOCtx::ublk_user_copy_pos(queue.get_qid(), tag, 0);
-    let operation = if to_request {
-        opcode::Write::new(types::Fixed(0), data.as_slice().as_ptr(), len)
-            .offset(position)
-            .build()
-    } else {
-        opcode::Read::new(types::Fixed(0), data.as_mut_slice().as_mut_ptr(), len)
-            .offset(position)
-            .build()
-    };
-    // The buffer stays borrowed until the completion arrives: this future is awaited to the
-    // end (tag tasks are never cancelled while the queue runs).
-    let done = ublk_submit_sqe_async(operation, UblkUringData::Target as u64)
-        .await
-        .map_err(|e| io::Error::other(format!("user copy not submitted: {e}")))?;
-    match u32::try_from(done) {
-        Ok(moved) if moved == len => Ok(()),
-        Ok(_) => Err(errno(libc::EIO)),
-        Err(_) => Err(errno(done.checked_neg().unwrap_or(libc::EIO))),
-    }
-}
-
-/// Serves one request; `Ok` carries the value to commit for a success.
-async fn serve_request(
-    queue: &UblkQueue<'_>,
-    tag: u16,
-    request: Request,
-    buffer: Option<&mut libublk::helpers::IoBuf<u8>>,
-    context: &QueueContext,
-    wakeup: &Arc<Wakeup>,
-) -> io::Result<usize> {
-    let vbd = Arc::clone(&context.vbd);
-    let sector = request.sector;
-    match request.op {
-        sys::UBLK_IO_OP_READ => {
-            let bytes = request.data_bytes(context.max_io_bytes)?;
-            let mut data = context
-                .on_runtime(wakeup, async move {
-                    vbd.read(sector, IoBuf::zeroed(bytes)).await
-                })
-                .await?;
-            match buffer {
-                Some(buffer) => buffer.as_mut_slice()[..bytes].copy_from_slice(data.as_slice()),
-                None => user_copy(queue, tag, &mut data, true).await?,
+impl TagWork<'_, '_> {
+    /// Serves one request; `Ok` carries the value to commit for a success.
+    async fn serve(&mut self, request: Request) -> io::Result<usize> {
+        let vbd = Arc::clone(&self.context.vbd);
+        let sector = request.sector;
+        match request.op {
+            sys::UBLK_IO_OP_READ => {
+                let bytes = request.data_bytes(self.context.max_io_bytes)?;
+                // Every byte of a read buffer is overwritten (the image chain zero-fills
+                // what no image holds), so the previous read's buffer can be used again.
+                let buffer = self
+                    .spare
+                    .take()
+                    .filter(|spare| spare.len() == bytes)
+                    .unwrap_or_else(|| IoBuf::zeroed(bytes));
+                let work = async move { vbd.read(sector, buffer).await };
+                let data = self.context.call(self.waker, self.wakeup, work).await?;
+                self.data.give_to_request(data.as_slice())?;
+                *self.spare = Some(data);
+                Ok(bytes)
             }
-            Ok(bytes)
-        }
-        sys::UBLK_IO_OP_WRITE => {
-            let bytes = request.data_bytes(context.max_io_bytes)?;
-            let mut data = IoBuf::zeroed(bytes);
-            match buffer {
-                Some(buffer) => data
-                    .as_mut_slice()
-                    .copy_from_slice(&buffer.as_slice()[..bytes]),
-                None => user_copy(queue, tag, &mut data, false).await?,
-            }
-            let fua = request.fua;
-            context
-                .on_runtime(wakeup, async move {
-                    vbd.write(sector, data).await?;
+            sys::UBLK_IO_OP_WRITE => {
+                let bytes = request.data_bytes(self.context.max_io_bytes)?;
+                let mut buffer = IoBuf::zeroed(bytes);
+                self.data.take_from_request(buffer.as_mut_slice())?;
+                let fua = request.fua;
+                let work = async move {
+                    vbd.write(sector, buffer).await?;
                     if fua {
                         vbd.flush().await?;
                     }
                     Ok(())
-                })
-                .await?;
-            Ok(bytes)
+                };
+                self.context.call(self.waker, self.wakeup, work).await?;
+                Ok(bytes)
+            }
+            sys::UBLK_IO_OP_FLUSH => {
+                let work = async move { vbd.flush().await };
+                self.context.call(self.waker, self.wakeup, work).await?;
+                Ok(0)
+            }
+            sys::UBLK_IO_OP_DISCARD => {
+                let count = u64::from(request.sectors);
+                let work = async move { vbd.discard(sector, count).await };
+                self.context.call(self.waker, self.wakeup, work).await?;
+                Ok(0)
+            }
+            _ => Err(errno(libc::EOPNOTSUPP)),
         }
-        sys::UBLK_IO_OP_FLUSH => {
-            context
-                .on_runtime(wakeup, async move { vbd.flush().await })
-                .await?;
-            Ok(0)
-        }
-        sys::UBLK_IO_OP_DISCARD => {
-            let count = u64::from(request.sectors);
-            context
-                .on_runtime(wakeup, async move { vbd.discard(sector, count).await })
-                .await?;
-            Ok(0)
-        }
-        _ => Err(errno(libc::EOPNOTSUPP)),
     }
 }
 
@@ -460,6 +593,112 @@ mod tests {
     }
 
     #[test]
+    fn user_copy_moves_data_at_the_tag_position() {
+        let file = tempfile::tempfile().unwrap();
+        let device = std::os::fd::AsFd::as_fd(&file);
+        let mut data = TagData::UserCopy {
+            device,
+            position: 8192,
+        };
+        assert!(data.registered().is_none());
+        assert!(matches!(data.descriptor(), BufDesc::Slice(s) if s.is_empty()));
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        data.give_to_request(&pattern).unwrap();
+        let mut on_disk = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_disk, 8192).unwrap();
+        assert_eq!(on_disk, pattern);
+        let mut back = vec![0u8; 4096];
+        data.take_from_request(&mut back).unwrap();
+        assert_eq!(back, pattern);
+        // A request shorter than asked for (here: the end of the file) is an I/O error.
+        let mut too_long = vec![0u8; 8192];
+        let error = data.take_from_request(&mut too_long).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EIO));
+    }
+
+    #[test]
+    fn plain_copy_moves_data_through_the_registered_buffer() {
+        let mut data = TagData::Registered(libublk::helpers::IoBuf::new(8192));
+        assert_eq!(
+            data.registered().map(libublk::helpers::IoBuf::len),
+            Some(8192)
+        );
+        let pattern = vec![0x5au8; 4096];
+        data.give_to_request(&pattern).unwrap();
+        let mut back = vec![0u8; 4096];
+        data.take_from_request(&mut back).unwrap();
+        assert_eq!(back, pattern);
+        let error = data.give_to_request(&[0u8; 8193]).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        assert!(error.to_string().contains("8193"), "{error}");
+        let error = data.take_from_request(&mut [0u8; 8193]).unwrap_err();
+        assert!(error.to_string().contains("8193"), "{error}");
+    }
+
+    /// Counts wake-ups of a task.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_tag_makes_its_kicking_waker_once() {
+        let wakeup = Arc::new(Wakeup::new().unwrap());
+        let counter = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
+        let task = Waker::from(Arc::clone(&counter));
+        let mut tag_waker = TagWaker::default();
+        let first = tag_waker.for_task(&task, &wakeup).clone();
+        let second = tag_waker.for_task(&task, &wakeup).clone();
+        assert!(first.will_wake(&second), "the kicking waker was made again");
+        // Waking it wakes the task and kicks the queue thread's eventfd.
+        second.wake_by_ref();
+        assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let mut value = [0u8; 8];
+        assert_eq!(rustix::io::read(&wakeup.eventfd, &mut value).unwrap(), 8);
+        // Another task gets its own.
+        let other = Waker::from(Arc::new(CountingWaker(
+            std::sync::atomic::AtomicUsize::new(0),
+        )));
+        let third = tag_waker.for_task(&other, &wakeup).clone();
+        assert!(!third.will_wake(&second));
+    }
+
+    #[test]
+    fn queue_threads_widen_their_affinity_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mine = rustix::thread::sched_getaffinity(None).unwrap();
+        let context = QueueContext {
+            vbd: Arc::new(Vbd::new(0)),
+            runtime: runtime.handle().clone(),
+            user_copy: true,
+            max_io_bytes: 4096,
+            minor: 0,
+            bridge: Bridge::Inline,
+            cpus: Some(mine),
+        };
+        let moved = Cell::new(false);
+        context.spread_out(&moved, 0);
+        assert!(moved.get());
+        assert_eq!(rustix::thread::sched_getaffinity(None).unwrap(), mine);
+        let unpinned = QueueContext {
+            cpus: None,
+            ..context
+        };
+        let untouched = Cell::new(false);
+        unpinned.spread_out(&untouched, 0);
+        assert!(!untouched.get());
+    }
+
+    #[test]
     fn runtime_calls_complete_off_the_runtime() {
         runtime_calls_complete(Bridge::Spawn);
         runtime_calls_complete(Bridge::Inline);
@@ -478,11 +717,12 @@ mod tests {
             max_io_bytes: 4096,
             minor: 0,
             bridge,
+            cpus: None,
         };
         let wakeup = Arc::new(Wakeup::new().unwrap());
         // As on a queue thread: inside the runtime's context, driven by a foreign executor.
         let entered = runtime.enter();
-        let value = smol::block_on(context.on_runtime(&wakeup, async {
+        let value = smol::block_on(context.call(&mut TagWaker::default(), &wakeup, async {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             Ok(7)
         }))
@@ -500,13 +740,13 @@ mod tests {
         assert!(kicked, "{bridge:?}: no wake-up");
         // A closed VBD answers ESHUTDOWN, as every frontend sees it.
         let vbd = Arc::clone(&context.vbd);
-        let error = smol::block_on(context.on_runtime(&wakeup, async move {
+        let error = smol::block_on(context.call(&mut TagWaker::default(), &wakeup, async move {
             vbd.read(0, IoBuf::zeroed(512)).await
         }))
         .unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::ESHUTDOWN));
         // The blocking pool is reachable from here too (drivers use it).
-        let value = smol::block_on(context.on_runtime(&wakeup, async {
+        let value = smol::block_on(context.call(&mut TagWaker::default(), &wakeup, async {
             tokio::task::spawn_blocking(|| 5)
                 .await
                 .map_err(io::Error::other)

@@ -267,12 +267,20 @@ impl<B: ExportBuffer> Outbox<B> {
         let len = buf.bytes().len();
         self.bytes += len;
         self.replies += 1;
+        // Small reads are copied into the packed buffer whole, so their buffer goes back to
+        // the export at once; only large ones are shared with the outbox until written.
+        let small = len <= COPY_LIMIT;
         if !self.structured {
             self.packed()
                 .extend_from_slice(&proto::simple_reply(cookie, 0));
-            let buf = Arc::new(buf);
-            self.data(&buf, 0..len);
-            self.give_back(buf);
+            if small {
+                self.packed().extend_from_slice(buf.bytes());
+                self.returned.push(buf);
+            } else {
+                let buf = Arc::new(buf);
+                self.data(&buf, 0..len);
+                self.give_back(buf);
+            }
             return;
         }
         if len == 0 {
@@ -288,7 +296,26 @@ impl<B: ExportBuffer> Outbox<B> {
         } else {
             proto::split_read(offset, buf.bytes())
         };
-        let buf = Arc::new(buf);
+        if small {
+            self.read_chunks(cookie, offset, chunks, buf.bytes(), None);
+            self.returned.push(buf);
+        } else {
+            let buf = Arc::new(buf);
+            self.read_chunks(cookie, offset, chunks, buf.bytes(), Some(&buf));
+            self.give_back(buf);
+        }
+    }
+
+    /// Queues the chunks of a structured read reply; data ranges are copied from `bytes`,
+    /// or queued from `shared` (the same bytes) when given and large.
+    fn read_chunks(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        chunks: Vec<ReadChunk>,
+        bytes: &[u8],
+        shared: Option<&Arc<B>>,
+    ) {
         let last = chunks.len().saturating_sub(1);
         for (index, chunk) in chunks.into_iter().enumerate() {
             let done = index == last;
@@ -302,7 +329,13 @@ impl<B: ExportBuffer> Outbox<B> {
                         8 + range.len(),
                     );
                     self.packed().extend_from_slice(&at.to_be_bytes());
-                    self.data(&buf, range);
+                    match shared {
+                        Some(buf) => self.data(buf, range),
+                        None => {
+                            let data = bytes.get(range).unwrap_or_default();
+                            self.packed().extend_from_slice(data);
+                        }
+                    }
                 }
                 ReadChunk::Hole { offset: at, length } => {
                     self.chunk_header(done, proto::REPLY_TYPE_OFFSET_HOLE, cookie, offset, 12);
@@ -312,7 +345,6 @@ impl<B: ExportBuffer> Outbox<B> {
                 }
             }
         }
-        self.give_back(buf);
     }
 
     fn block_status(&mut self, cookie: u64, offset: u64, context: u32, descriptors: &[(u32, u32)]) {
@@ -790,6 +822,13 @@ where
     let mut throttled = false;
     // Something changed that may let the parser make progress.
     let mut parse_again = false;
+    // One future for the whole connection: a fresh `changed()` per request would register
+    // and unregister a waiter every time.
+    let mut shutdown_signal = shutdown.clone();
+    let stopped = async move {
+        let _ = shutdown_signal.wait_for(|stopping| *stopping).await;
+    };
+    tokio::pin!(stopped);
     loop {
         if *shutdown.borrow() {
             return End::Shutdown;
@@ -813,7 +852,6 @@ where
         let may_read = reading && !throttled;
         tokio::select! {
             biased;
-            _ = shutdown.changed() => return End::Shutdown,
             Some(done) = conn.running.next(), if !conn.running.is_empty() => {
                 conn.running_bytes = conn.running_bytes.saturating_sub(done.held());
                 conn.outbox.finish(done);
@@ -845,6 +883,8 @@ where
                     Err(error) => return End::Broken(format!("reading requests: {error}")),
                 }
             }
+            // Last: checked at the top of every turn, polled here only when idle.
+            () = &mut stopped => return End::Shutdown,
         }
     }
 }

@@ -387,51 +387,54 @@ impl ImageChain {
     }
 
     /// Reads `buf.len()` bytes from `sector` through the chain.
-    pub fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
-        self.read_at_level(0, sector, buf)
+    pub async fn read(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        // The leaf level runs in the caller's future; only parents need a boxed future.
+        self.read_level(0, sector, buf).await
     }
 
-    fn read_at_level(&self, level: usize, sector: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {
-        Box::pin(async move {
-            let Some(image) = self.images.get(level) else {
+    fn read_at_level(&self, level: usize, sector: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
+        Box::pin(self.read_level(level, sector, buf))
+    }
+
+    async fn read_level(&self, level: usize, sector: u64, mut buf: IoBuf) -> io::Result<IoBuf> {
+        let Some(image) = self.images.get(level) else {
+            buf.as_mut_slice().fill(0);
+            return Ok(buf);
+        };
+        let total = buf.len() as u64 / SECTOR_SIZE;
+        let size = image.driver.info().sectors;
+        // Sectors past a (smaller) parent's end read as zeros.
+        let inside = size.saturating_sub(sector).min(total);
+        if inside < total {
+            let keep = usize::try_from(inside * SECTOR_SIZE).map_err(|_| einval())?;
+            if inside == 0 {
                 buf.as_mut_slice().fill(0);
                 return Ok(buf);
-            };
-            let total = buf.len() as u64 / SECTOR_SIZE;
-            let size = image.driver.info().sectors;
-            // Sectors past a (smaller) parent's end read as zeros.
-            let inside = size.saturating_sub(sector).min(total);
-            if inside < total {
-                let keep = usize::try_from(inside * SECTOR_SIZE).map_err(|_| einval())?;
-                if inside == 0 {
-                    buf.as_mut_slice().fill(0);
-                    return Ok(buf);
-                }
-                let mut head = IoBuf::zeroed(keep);
-                head = self.read_at_level(level, sector, head).await?;
-                buf.as_mut_slice()[..keep].copy_from_slice(head.as_slice());
-                let len = buf.len();
-                buf.zero_range(keep..len);
-                return Ok(buf);
             }
-            let result = image.driver.read(sector, buf).await;
-            image.counters.count(READ, &result);
-            let outcome = result?;
-            let mut buf = outcome.buf;
-            for range in outcome.absent {
-                let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
-                let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
-                if start >= end || end > buf.len() {
-                    return Err(io::Error::from_raw_os_error(libc::EIO));
-                }
-                let part = IoBuf::zeroed(end - start);
-                let part = self
-                    .read_at_level(level + 1, sector + range.start, part)
-                    .await?;
-                buf.as_mut_slice()[start..end].copy_from_slice(part.as_slice());
+            let mut head = IoBuf::zeroed(keep);
+            head = self.read_at_level(level, sector, head).await?;
+            buf.as_mut_slice()[..keep].copy_from_slice(head.as_slice());
+            let len = buf.len();
+            buf.zero_range(keep..len);
+            return Ok(buf);
+        }
+        let result = image.driver.read(sector, buf).await;
+        image.counters.count(READ, &result);
+        let outcome = result?;
+        let mut buf = outcome.buf;
+        for range in outcome.absent {
+            let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
+            let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
+            if start >= end || end > buf.len() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
             }
-            Ok(buf)
-        })
+            let part = IoBuf::zeroed(end - start);
+            let part = self
+                .read_at_level(level + 1, sector + range.start, part)
+                .await?;
+            buf.as_mut_slice()[start..end].copy_from_slice(part.as_slice());
+        }
+        Ok(buf)
     }
 
     /// Writes `buf` at `sector` into the leaf.

@@ -143,12 +143,23 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut inner = self.vbd.lock();
         inner.in_flight -= 1;
-        let drained = inner.in_flight == 0;
+        // Only a pause or a close waits for the queue to drain (both set their flag under
+        // this lock before checking `in_flight`), so a running VBD wakes nobody.
+        let drained = inner.in_flight == 0
+            && inner.state & (state::QUIESCE_REQUESTED | state::SHUTDOWN_REQUESTED) != 0;
         drop(inner);
         if drained {
             self.vbd.notify();
         }
     }
+}
+
+/// An admitted request: the chain to run it on, the VBD's request timeout, and its
+/// in-flight mark.
+struct Admitted<'a> {
+    chain: Arc<ImageChain>,
+    timeout: Duration,
+    in_flight: InFlight<'a>,
 }
 
 /// Opens a chain on the blocking pool (opening a file may block on slow storage).
@@ -388,42 +399,59 @@ impl Vbd {
     }
 
     /// Admits one request: waits while paused, then checks state and bounds.
-    async fn enter(
+    async fn enter(&self, access: Access, sector: u64, sectors: u64) -> io::Result<Admitted<'_>> {
+        // Running VBDs admit at once; only a request that must wait subscribes to state
+        // changes (and checks again after subscribing, so no change is missed).
+        let mut changes: Option<watch::Receiver<u64>> = None;
+        loop {
+            if let Some(admitted) = self.try_enter(access, sector, sectors)? {
+                return Ok(admitted);
+            }
+            match changes.as_mut() {
+                Some(receiver) => {
+                    // The sender lives as long as `self`, so this only returns on a change.
+                    let _ = receiver.changed().await;
+                }
+                None => changes = Some(self.changes.subscribe()),
+            }
+        }
+    }
+
+    /// Admits one request if the VBD is running; `None` while it must wait.
+    fn try_enter(
         &self,
         access: Access,
         sector: u64,
         sectors: u64,
-    ) -> io::Result<(Arc<ImageChain>, InFlight<'_>)> {
-        loop {
-            let mut changes = self.changes.subscribe();
-            {
-                let mut inner = self.lock();
-                if inner.state & (state::DEAD | state::SHUTDOWN_REQUESTED) != 0
-                    || inner.params.is_none()
-                {
-                    return Err(errno(libc::ESHUTDOWN));
-                }
-                if let Some(chain) = inner.chain.clone() {
-                    if inner.state & (state::QUIESCE_REQUESTED | state::QUIESCED) == 0 {
-                        let info = chain.info();
-                        let end = sector.checked_add(sectors);
-                        if end.is_none_or(|end| end > info.sectors) {
-                            return Err(errno(if access == Access::Write {
-                                libc::ENOSPC
-                            } else {
-                                libc::EINVAL
-                            }));
-                        }
-                        if access == Access::Write && inner.options.read_only {
-                            return Err(errno(libc::EPERM));
-                        }
-                        inner.in_flight += 1;
-                        return Ok((chain, InFlight { vbd: self }));
-                    }
-                }
-            }
-            let _ = changes.changed().await;
+    ) -> io::Result<Option<Admitted<'_>>> {
+        let mut inner = self.lock();
+        if inner.state & (state::DEAD | state::SHUTDOWN_REQUESTED) != 0 || inner.params.is_none() {
+            return Err(errno(libc::ESHUTDOWN));
         }
+        let Some(chain) = inner.chain.as_ref() else {
+            return Ok(None);
+        };
+        if inner.state & (state::QUIESCE_REQUESTED | state::QUIESCED) != 0 {
+            return Ok(None);
+        }
+        let end = sector.checked_add(sectors);
+        if end.is_none_or(|end| end > chain.info().sectors) {
+            return Err(errno(if access == Access::Write {
+                libc::ENOSPC
+            } else {
+                libc::EINVAL
+            }));
+        }
+        if access == Access::Write && inner.options.read_only {
+            return Err(errno(libc::EPERM));
+        }
+        let chain = Arc::clone(chain);
+        inner.in_flight += 1;
+        Ok(Some(Admitted {
+            chain,
+            timeout: inner.timeout,
+            in_flight: InFlight { vbd: self },
+        }))
     }
 
     /// Runs one request with admission, retry and accounting.
@@ -442,11 +470,14 @@ impl Vbd {
         let started = Instant::now();
         let mut retries = 0u32;
         let result = loop {
-            let (chain, in_flight) = match self.enter(access, sector, sectors).await {
+            let Admitted {
+                chain,
+                timeout,
+                in_flight,
+            } = match self.enter(access, sector, sectors).await {
                 Ok(admitted) => admitted,
                 Err(e) => break Err(e),
             };
-            let timeout = self.lock().timeout;
             let result = attempt(chain).await;
             drop(in_flight);
             match result {
@@ -497,8 +528,13 @@ impl Vbd {
 
     /// Writes `buf` (a multiple of 512 bytes) at `sector`.
     pub async fn write(&self, sector: u64, buf: IoBuf) -> io::Result<()> {
+        self.write_shared(sector, Arc::new(buf)).await
+    }
+
+    /// Writes `buf` (a multiple of 512 bytes) at `sector`; the caller may take the buffer
+    /// back (`Arc::try_unwrap`) once this returns.
+    pub async fn write_shared(&self, sector: u64, buf: Arc<IoBuf>) -> io::Result<()> {
         let sectors = sectors_of(buf.len())?;
-        let buf = Arc::new(buf);
         self.submit(Access::Write, sector, sectors, move |chain| {
             let buf = Arc::clone(&buf);
             async move { chain.write(sector, buf).await }
@@ -746,6 +782,91 @@ mod tests {
         assert_eq!(vbd.counters().retries.load(Ordering::Relaxed), 0);
         // The next read succeeds: one failure does not kill the VBD.
         vbd.read(0, IoBuf::zeroed(512)).await.unwrap();
+    }
+
+    /// A driver whose reads each wait for (and use up) a permit of `gate`.
+    #[derive(Debug)]
+    struct Gated {
+        gate: Arc<tokio::sync::Semaphore>,
+        path: std::path::PathBuf,
+    }
+
+    impl crate::driver::ImageDriver for Gated {
+        fn disk_type(&self) -> crate::driver::DiskType {
+            crate::driver::DiskType::Aio
+        }
+        fn info(&self) -> DiskInfo {
+            DiskInfo {
+                sectors: 8,
+                sector_size: 512,
+                info: 0,
+            }
+        }
+        fn path(&self) -> &std::path::Path {
+            &self.path
+        }
+        fn read(
+            &self,
+            _sector: u64,
+            buf: IoBuf,
+        ) -> crate::engine::IoFuture<'_, crate::driver::ReadOutcome> {
+            let gate = Arc::clone(&self.gate);
+            Box::pin(async move {
+                // Each read uses up one permit.
+                gate.acquire().await.map_err(io::Error::other)?.forget();
+                Ok(crate::driver::ReadOutcome {
+                    buf,
+                    absent: Vec::new(),
+                })
+            })
+        }
+        fn write(&self, _sector: u64, _buf: Arc<IoBuf>) -> crate::engine::IoFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn flush(&self) -> crate::engine::IoFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn pause_waits_for_requests_in_flight() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let driver = Gated {
+            gate: Arc::clone(&gate),
+            path: "/gated".into(),
+        };
+        let chain = ImageChain::from_drivers(vec![Box::new(driver)]).unwrap();
+        let vbd = Arc::new(Vbd::new(4));
+        vbd.install(chain, request("aio:/gated".into())).unwrap();
+        // Requests that complete while running wake nobody and leave nothing in flight.
+        gate.add_permits(3);
+        for _ in 0..3 {
+            vbd.read(0, IoBuf::zeroed(512)).await.unwrap();
+        }
+        assert_eq!(vbd.in_flight(), 0);
+        let reader = {
+            let vbd = Arc::clone(&vbd);
+            tokio::spawn(async move { vbd.read(0, IoBuf::zeroed(512)).await })
+        };
+        while vbd.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let pause = {
+            let vbd = Arc::clone(&vbd);
+            tokio::spawn(async move { vbd.pause().await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(
+            !pause.is_finished(),
+            "pause must wait for the read in flight"
+        );
+        assert_ne!(vbd.state() & state::QUIESCE_REQUESTED, 0);
+        gate.add_permits(1);
+        reader.await.unwrap().unwrap();
+        pause.await.unwrap().unwrap();
+        assert_ne!(vbd.state() & state::PAUSED, 0);
+        assert_eq!(vbd.counters().received.load(Ordering::Relaxed), 4);
+        assert_eq!(vbd.counters().returned.load(Ordering::Relaxed), 4);
     }
 
     #[tokio::test]

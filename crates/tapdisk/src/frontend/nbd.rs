@@ -39,31 +39,40 @@ fn aligned_sectors(offset: u64, len: u64) -> io::Result<(u64, u64)> {
     Ok((offset / SECTOR_SIZE, len / SECTOR_SIZE))
 }
 
-/// Buffers at least this large are kept for reuse (smaller ones are cheap to allocate).
-const POOL_MIN_BYTES: usize = 64 * 1024;
 /// Bytes of idle buffers kept per export.
 const POOL_MAX_BYTES: usize = 64 << 20;
+/// Idle buffers kept per export.
+const POOL_MAX_BUFFERS: usize = 1024;
 
-/// Idle large buffers: a fresh large allocation costs page faults and zeroing on every
-/// request, a reused one neither.
+/// Idle I/O buffers, reused by later requests of the same size: a fresh aligned buffer
+/// costs an allocation and zeroing (page faults too, when large) on every request, a reused
+/// one neither. Reused buffers are not zeroed again: a read overwrites all of its buffer
+/// and a write payload is filled from the socket before use.
 #[derive(Debug, Default)]
 struct BufferPool {
-    idle: std::sync::Mutex<(Vec<IoBuf>, usize)>,
+    idle: std::sync::Mutex<IdleBuffers>,
+}
+
+#[derive(Debug, Default)]
+struct IdleBuffers {
+    buffers: Vec<IoBuf>,
+    bytes: usize,
 }
 
 impl BufferPool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<IoBuf>, usize)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdleBuffers> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn take(&self, len: usize) -> IoBuf {
-        if len >= POOL_MIN_BYTES {
+        {
             let mut idle = self.lock();
-            if let Some(index) = idle.0.iter().position(|buf| buf.len() == len) {
-                let buf = idle.0.swap_remove(index);
-                idle.1 -= len;
+            // The most recently returned buffers are the likeliest to be in the CPU cache.
+            if let Some(index) = idle.buffers.iter().rposition(|buf| buf.len() == len) {
+                let buf = idle.buffers.swap_remove(index);
+                idle.bytes -= len;
                 return buf;
             }
         }
@@ -72,13 +81,10 @@ impl BufferPool {
 
     fn give(&self, buf: IoBuf) {
         let len = buf.len();
-        if len < POOL_MIN_BYTES {
-            return;
-        }
         let mut idle = self.lock();
-        if idle.1 + len <= POOL_MAX_BYTES {
-            idle.1 += len;
-            idle.0.push(buf);
+        if idle.buffers.len() < POOL_MAX_BUFFERS && idle.bytes + len <= POOL_MAX_BYTES {
+            idle.bytes += len;
+            idle.buffers.push(buf);
         }
     }
 }
@@ -157,7 +163,12 @@ impl Export for VbdExport {
 
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> io::Result<()> {
         let (sector, _) = aligned_sectors(offset, data.len() as u64)?;
-        self.vbd.write(sector, data).await?;
+        let data = Arc::new(data);
+        let result = self.vbd.write_shared(sector, Arc::clone(&data)).await;
+        if let Ok(buf) = Arc::try_unwrap(data) {
+            self.pool.give(buf);
+        }
+        result?;
         if fua {
             self.vbd.flush().await?;
         }
@@ -433,6 +444,24 @@ impl NbdFrontend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_are_reused_by_size_within_limits() {
+        let pool = BufferPool::default();
+        let small = pool.take(4096);
+        let small_at = small.as_slice().as_ptr();
+        pool.give(small);
+        let large = pool.take(1 << 20);
+        pool.give(large);
+        // Same size: the idle buffer comes back; another size gets a fresh one.
+        assert_eq!(pool.take(4096).as_slice().as_ptr(), small_at);
+        assert_eq!(pool.take(8192).len(), 8192);
+        // The pool keeps at most POOL_MAX_BYTES of idle buffers.
+        for _ in 0..(POOL_MAX_BYTES >> 20) + 4 {
+            pool.give(IoBuf::zeroed(1 << 20));
+        }
+        assert!(pool.lock().bytes <= POOL_MAX_BYTES);
+    }
 
     #[test]
     fn listen_specs() {

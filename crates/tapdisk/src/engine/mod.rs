@@ -81,7 +81,8 @@ impl InlineWriteGate {
 ///   storage I/O is needed;
 /// * files of filesystems that live in memory (tmpfs, ramfs), which refuse `RWF_NOWAIT` and
 ///   which io_uring therefore hands to its worker threads, are read with plain `pread`: their
-///   reads never wait for a device.
+///   reads never wait for a device (up to 128 KiB; larger copies go to the engine's
+///   threads, in parallel with the caller).
 #[derive(Debug)]
 pub struct InlineReads {
     mode: std::sync::atomic::AtomicU8,
@@ -91,6 +92,9 @@ pub struct InlineReads {
 const INLINE_OFF: u8 = 0;
 const INLINE_NOWAIT: u8 = 1;
 const INLINE_MEMORY: u8 = 2;
+
+/// Largest read of a memory filesystem run inline.
+const MAX_INLINE_MEMORY_READ: usize = 128 * 1024;
 
 /// `statfs` magic numbers of filesystems whose file data lives in memory.
 const TMPFS_MAGIC: u64 = 0x0102_1994;
@@ -144,7 +148,11 @@ impl InlineReads {
     pub fn try_read(&self, file: &File, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
         use std::sync::atomic::Ordering;
         match self.mode.load(Ordering::Relaxed) {
-            INLINE_MEMORY => Some(read_full_at(file, buf, offset)),
+            // A large copy is left to the engine, whose worker threads then copy in
+            // parallel with the connection sending earlier replies.
+            INLINE_MEMORY if buf.len() <= MAX_INLINE_MEMORY_READ => {
+                Some(read_full_at(file, buf, offset))
+            }
             INLINE_NOWAIT => {
                 let len = buf.len();
                 let flags = rustix::io::ReadWriteFlags::NOWAIT;

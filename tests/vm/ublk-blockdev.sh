@@ -51,11 +51,13 @@ for variant in "auto;inline;any;" "auto;inline;any;-D" "off;spawn;queue;"; do
     check "destroy" destroy_dev "$dev"
 done
 
-# --- pause holds every queue's requests, resume lets them through (fio verify across it)
+# --- pause holds every queue's requests, resume lets them through (fio verify across it;
+# rate-limited so fio is still writing, ~8 s, when the pause comes, however fast the device)
 dev=$(TAPDISK_UBLK_QUEUES=4 create_dev ublk "$img")
 minor=$(minor_of_device "$dev"); pid=$(pid_of_minor "$minor")
 fio --name=pause --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8 --numjobs=2 \
-    --rw=randwrite --bs=4k --size=16M --offset_increment=16M --verify=crc32c --verify_fatal=1 \
+    --rw=randwrite --bs=4k --size=16M --offset_increment=16M --rate_iops=500 \
+    --verify=crc32c --verify_fatal=1 \
     --output="$SCRATCH/fio-pause.out" >/dev/null 2>&1 &
 fio_pid=$!
 sleep 3

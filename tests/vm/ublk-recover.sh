@@ -9,8 +9,10 @@ minor=$(minor_of_device "$dev"); pid=$(pid_of_minor "$minor")
 check "created $dev (tapdisk $pid)" test -b "$dev"
 check "recovery state file written" grep -q "params=aio:$img" "$BLKTAP_CONTROL_DIR/vbd-$minor"
 
+# Rate-limited so the write phase (8192 writes, ~8 s) is still running when tapdisk is killed,
+# however fast the device is.
 fio --name=recover --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite \
-    --bs=4k --size=32M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+    --bs=4k --size=32M --rate_iops=1000 --verify=crc32c --verify_fatal=1 --do_verify=1 \
     --output="$SCRATCH/fio.out" >/dev/null 2>&1 &
 fio_pid=$!
 sleep 4

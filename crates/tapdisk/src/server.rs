@@ -314,6 +314,14 @@ impl Tapdisk {
         drop(slots);
         tracing::info!(minor, "detached");
         if last {
+            // Unlink the control socket before the reply goes out, so that once the caller
+            // sees the last DETACH acknowledged, `tap-ctl list` no longer finds this process.
+            let socket = self.control_dir.join(format!("ctl{}", self.pid));
+            if let Err(e) = std::fs::remove_file(&socket) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!("removing {}: {e}", socket.display());
+                }
+            }
             self.exit.send_replace(true);
         }
         Ok(())

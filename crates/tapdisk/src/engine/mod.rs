@@ -76,13 +76,13 @@ impl InlineWriteGate {
 ///
 /// A buffered read that the page cache can serve is a memory copy: handing it to another
 /// thread (the blocking pool, io_uring's workers) costs more than the copy itself.
-/// * files opened with `O_DIRECT` never read inline;
-/// * buffered files try `preadv2(RWF_NOWAIT)`, which the kernel completes only when no
-///   storage I/O is needed;
 /// * files of filesystems that live in memory (tmpfs, ramfs), which refuse `RWF_NOWAIT` and
-///   which io_uring therefore hands to its worker threads, are read with plain `pread`: their
-///   reads never wait for a device (up to 128 KiB; larger copies go to the engine's
-///   threads, in parallel with the caller).
+///   which io_uring therefore hands to its worker threads, are read with plain `pread`,
+///   opened with `O_DIRECT` or not: their reads never wait for a device (up to 128 KiB;
+///   larger copies go to the engine's threads, in parallel with the caller);
+/// * other files opened with `O_DIRECT` never read inline (such a read waits for storage);
+/// * other buffered files try `preadv2(RWF_NOWAIT)`, which the kernel completes only when no
+///   storage I/O is needed.
 #[derive(Debug)]
 pub struct InlineReads {
     mode: std::sync::atomic::AtomicU8,
@@ -116,14 +116,14 @@ fn in_memory_filesystem(file: &File) -> bool {
 }
 
 impl InlineReads {
-    /// The inline read mode for `file`: off unless `buffered` (opened without `O_DIRECT`).
+    /// The inline read mode for `file`, `buffered` when opened without `O_DIRECT`.
     pub fn for_file(file: &File, buffered: bool) -> Self {
-        let mode = if !buffered {
-            INLINE_OFF
-        } else if in_memory_filesystem(file) {
+        let mode = if in_memory_filesystem(file) {
             INLINE_MEMORY
-        } else {
+        } else if buffered {
             INLINE_NOWAIT
+        } else {
+            INLINE_OFF
         };
         Self {
             mode: std::sync::atomic::AtomicU8::new(mode),
@@ -257,9 +257,13 @@ mod tests {
     }
 
     #[test]
-    fn direct_files_never_read_inline() {
+    fn direct_files_on_storage_never_read_inline() {
         let dir = tempfile::tempdir().unwrap();
         let file = file_with(dir.path(), &[1; 8192]);
+        if in_memory_filesystem(&file) {
+            eprintln!("skipped: the temporary directory is in memory");
+            return;
+        }
         let inline = InlineReads::for_file(&file, false);
         assert!(!inline.enabled());
         assert!(inline.try_read(&file, &mut [0; 4096], 0).is_none());
@@ -297,11 +301,14 @@ mod tests {
             eprintln!("skipped: /dev/shm is not tmpfs");
             return;
         }
-        let inline = InlineReads::for_file(&file, true);
-        let mut buf = vec![0xffu8; 4096];
-        inline.try_read(&file, &mut buf, 4096).unwrap().unwrap();
-        assert!(buf[..2048].iter().all(|b| *b == 7));
-        assert!(buf[2048..].iter().all(|b| *b == 0));
+        // Opened with O_DIRECT or not, a read of memory never waits for a device.
+        for buffered in [true, false] {
+            let inline = InlineReads::for_file(&file, buffered);
+            let mut buf = vec![0xffu8; 4096];
+            inline.try_read(&file, &mut buf, 4096).unwrap().unwrap();
+            assert!(buf[..2048].iter().all(|b| *b == 7));
+            assert!(buf[2048..].iter().all(|b| *b == 0));
+        }
         // The file is unchanged.
         let mut back = [0u8; 2];
         file.read_exact_at(&mut back, 6142).unwrap();

@@ -45,9 +45,10 @@ impl PreadEngine {
         self
     }
 
-    /// Enables inline page-cache reads (only for files opened without `O_DIRECT`).
-    pub fn with_inline_reads(mut self, enabled: bool) -> Self {
-        self.inline_reads = InlineReads::for_file(&self.file, enabled);
+    /// Runs reads inline where they cannot wait for a device (see [`InlineReads`]);
+    /// `buffered` when the file was opened without `O_DIRECT`.
+    pub fn with_inline_reads(mut self, buffered: bool) -> Self {
+        self.inline_reads = InlineReads::for_file(&self.file, buffered);
         self
     }
 

@@ -285,10 +285,10 @@ impl UringEngine {
         self
     }
 
-    /// Enables inline reads where they cannot wait for a device (only for files opened
-    /// without `O_DIRECT`).
-    pub fn with_inline_reads(mut self, enabled: bool) -> Self {
-        self.inline_reads = InlineReads::for_file(&self.shared.file, enabled);
+    /// Runs reads inline where they cannot wait for a device (see [`InlineReads`]);
+    /// `buffered` when the file was opened without `O_DIRECT`.
+    pub fn with_inline_reads(mut self, buffered: bool) -> Self {
+        self.inline_reads = InlineReads::for_file(&self.shared.file, buffered);
         self
     }
 

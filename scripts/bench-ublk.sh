@@ -41,12 +41,12 @@ check "loop device ($loop, dio=$loop_dio): $loop_iops IOPS" test -n "$loop_iops"
 
 # Variants: "name;environment;tap-ctl create flags". The first is the default configuration.
 variants=(
-    "default (user copy, inline);;"
+    "default (user copy);;"
     "default, image without O_DIRECT (-D);;-D"
-    "plain copy, inline;TAPDISK_UBLK_USER_COPY=off;"
-    "plain copy, inline, -D;TAPDISK_UBLK_USER_COPY=off;-D"
+    "plain copy (reads land in the tag buffer);TAPDISK_UBLK_USER_COPY=off;"
+    "plain copy, -D;TAPDISK_UBLK_USER_COPY=off;-D"
+    "plain copy, 1 queue;TAPDISK_UBLK_USER_COPY=off TAPDISK_UBLK_QUEUES=1;"
     "user copy, spawn bridge;TAPDISK_UBLK_BRIDGE=spawn;"
-    "default, 1 queue, -D;TAPDISK_UBLK_QUEUES=1;-D"
 )
 results=()
 for variant in "${variants[@]}"; do

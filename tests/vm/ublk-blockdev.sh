@@ -34,10 +34,12 @@ done
 
 # --- fio verify on the raw device, each data path: user copy with VBD calls polled on the
 # queue threads (the default), the same over an image opened without O_DIRECT (reads and
-# writes complete on the queue thread itself), plain copy with spawned VBD calls and queue
-# threads pinned to their queue's CPUs
+# writes complete on the queue thread itself), plain copy (the VBD reads into and writes
+# from the tag's own buffer) polled on the queue threads, and plain copy with spawned VBD
+# calls and queue threads pinned to their queue's CPUs. Requests up to 512 KiB, the largest
+# the device takes (the size of a plain copy tag buffer).
 img=$(make_raw fio.img 256)
-for variant in "auto;inline;any;" "auto;inline;any;-D" "off;spawn;queue;"; do
+for variant in "auto;inline;any;" "auto;inline;any;-D" "off;inline;any;-D" "off;spawn;queue;"; do
     IFS=';' read -r copy bridge affinity flags <<<"$variant"
     what="user copy $copy, $bridge bridge, affinity $affinity${flags:+, $flags}"
     # shellcheck disable=SC2086 # $flags is empty or one flag
@@ -45,7 +47,7 @@ for variant in "auto;inline;any;" "auto;inline;any;-D" "off;spawn;queue;"; do
           TAPDISK_UBLK_QUEUES=2 TAPDISK_UBLK_DEPTH=32 tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
     out="$SCRATCH/fio-$copy-$bridge$flags.out"
     check "create ($what)" test -b "$dev"
-    check "fio --verify=crc32c, zero errors ($what)" sh -c "fio --name=verify --filename='$dev' --direct=1 --ioengine=libaio --iodepth=16 --numjobs=1 --rw=randwrite --bsrange=4k-128k --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 --output='$out' && grep -q 'err= 0' '$out' && ! grep -qi 'verify:.*bad\|crc32c.*mismatch' '$out'"
+    check "fio --verify=crc32c, zero errors ($what)" sh -c "fio --name=verify --filename='$dev' --direct=1 --ioengine=libaio --iodepth=16 --numjobs=1 --rw=randwrite --bsrange=4k-512k --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 --output='$out' && grep -q 'err= 0' '$out' && ! grep -qi 'verify:.*bad\|crc32c.*mismatch' '$out'"
     cat "$out" >> "$LOG" 2>/dev/null
     check "discard reaches the image (blkdiscard)" blkdiscard -o 0 -l 1048576 "$dev"
     check "destroy" destroy_dev "$dev"

@@ -60,6 +60,18 @@ impl IoBuf {
         &mut self.pages.as_mut_bytes()[..len]
     }
 
+    /// Bytes the buffer can hold without reallocating (whole pages).
+    pub fn capacity(&self) -> usize {
+        self.pages.len() * IO_ALIGN
+    }
+
+    /// Makes the buffer `len` bytes long within its capacity, keeping the allocation (and so
+    /// its address): bytes that become visible hold whatever was last written there (zero
+    /// if never). `None` (and the buffer unchanged) when `len` exceeds the capacity.
+    pub fn resize_within(&mut self, len: usize) -> Option<()> {
+        (len <= self.capacity()).then(|| self.len = len)
+    }
+
     /// Sets every byte in `range` to zero.
     pub fn zero_range(&mut self, range: std::ops::Range<usize>) {
         self.as_mut_slice()[range].fill(0);
@@ -93,5 +105,20 @@ mod tests {
         assert_eq!(buf.as_slice()[9], 7);
         assert!(buf.as_slice()[10..20].iter().all(|b| *b == 0));
         assert_eq!(buf.as_slice()[20], 7);
+    }
+
+    #[test]
+    fn resizing_within_the_capacity_keeps_the_memory() {
+        let mut buf = IoBuf::copy_from(&[3u8; 5000]);
+        assert_eq!(buf.capacity(), 2 * IO_ALIGN);
+        let address = buf.as_slice().as_ptr();
+        buf.resize_within(512).unwrap();
+        assert_eq!(buf.as_slice(), &[3u8; 512]);
+        buf.resize_within(2 * IO_ALIGN).unwrap();
+        assert_eq!(buf.as_slice().as_ptr(), address);
+        assert_eq!(&buf.as_slice()[..5000], &[3u8; 5000]);
+        assert!(buf.as_slice()[5000..].iter().all(|b| *b == 0));
+        assert!(buf.resize_within(2 * IO_ALIGN + 1).is_none());
+        assert_eq!(buf.len(), 2 * IO_ALIGN);
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! libublk runs every queue on its own thread with its own io_uring and a single-threaded
 //! executor holding one task per tag. A tag's task waits for a request, then:
-//! 1. moves write data out of the request into a VBD buffer: with `UBLK_F_USER_COPY`, a plain
-//!    `pread` of `/dev/ublkcN` at the tag's offset; in plain copy mode, a copy out of the
-//!    buffer registered for the tag (the driver filled it before delivering the request);
+//! 1. finds the write data: with `UBLK_F_USER_COPY`, a plain `pread` of `/dev/ublkcN` at the
+//!    tag's offset into a VBD buffer; in plain copy mode it is already in the tag's own
+//!    buffer (the driver copied it there before delivering the request), which the VBD call
+//!    gets as it is;
 //! 2. runs the VBD call. By default ([`Bridge::Inline`]) its future is polled right here, on
 //!    the queue thread, inside the runtime's context: a read the image serves at once (page
 //!    cache, memory file system) completes within the first poll, without any thread
@@ -13,10 +14,10 @@
 //!    reaper, a retry timer) wakes the task and kicks the queue thread. With
 //!    `TAPDISK_UBLK_BRIDGE=spawn` the call is spawned on the runtime instead and its result
 //!    comes back through a oneshot channel;
-//! 3. moves read data into the request (a plain `pwrite` of `/dev/ublkcN`, or a copy into
-//!    the registered buffer, which the driver copies into the request's pages when the
-//!    result is committed), and commits the result, which also fetches the tag's next
-//!    request.
+//! 3. delivers read data: a plain `pwrite` of `/dev/ublkcN` with user copy; in plain copy
+//!    mode the read went straight into the tag's buffer, which the driver copies into the
+//!    request's pages when the result is committed. Then it commits the result, which also
+//!    fetches the tag's next request.
 //!
 //! The transfers on `/dev/ublkcN` are synchronous on purpose: the character device does not
 //! support non-blocking I/O, so io_uring would hand every transfer to one of its worker
@@ -253,6 +254,11 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, context: &Arc<QueueContext>) {
             return;
         }
     };
+    if device.is_none() {
+        // Plain copy: the tags' buffers are ours (see `TagData::Registered`), not libublk's,
+        // so tell the device start, which waits for every queue's buffers, that they exist.
+        dev.notify_buffer_registration_complete(false);
+    }
     let executor = Rc::new(smol::LocalExecutor::new());
     let moved = Rc::new(Cell::new(false));
     let tasks: Vec<_> = queue
@@ -263,11 +269,11 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, context: &Arc<QueueContext>) {
             let context = Arc::clone(context);
             let wakeup = Arc::clone(&wakeup);
             let data = match device {
-                Some(device) => TagData::UserCopy {
+                Some(device) => TagData::UserCopy(UserCopyWindow {
                     device,
                     position: UblkIOCtx::ublk_user_copy_pos(qid, tag, 0),
-                },
-                None => TagData::Registered(libublk::helpers::IoBuf::new(context.max_io_bytes)),
+                }),
+                None => TagData::Registered(IoBuf::zeroed(context.max_io_bytes)),
             };
             executor.spawn(async move {
                 match serve_tag(&queue, tag, data, &context, &wakeup, &moved).await {
@@ -339,90 +345,89 @@ pub fn completion_value(outcome: &io::Result<usize>) -> i32 {
 
 /// Where one tag's request data is moved from and to.
 enum TagData<'d> {
-    /// Plain copy: the buffer registered for the tag. The driver copies a write's data into
-    /// it before delivering the request, and a read's data out of it when the result is
-    /// committed.
-    Registered(libublk::helpers::IoBuf<u8>),
+    /// Plain copy: a buffer that can hold the largest request, whose address the driver got
+    /// with the tag's last fetch or commit. The driver copies a write's data into it before
+    /// delivering the request, and a read's data out of it when the result is committed;
+    /// VBD calls get the buffer itself, so a read lands where the driver takes it from.
+    Registered(IoBuf),
     /// User copy: `pread`/`pwrite` on the character device at the tag's offset.
-    UserCopy {
-        device: BorrowedFd<'d>,
-        position: u64,
-    },
+    UserCopy(UserCopyWindow<'d>),
 }
 
 impl TagData<'_> {
     /// The buffer descriptor sent with the tag's fetch and commit commands.
     fn descriptor(&self) -> BufDesc<'_> {
         match self {
-            Self::Registered(buffer) => BufDesc::Slice(buffer.as_slice()),
-            Self::UserCopy { .. } => BufDesc::Slice(&[]),
+            // The allocation stays alive (in `self`) until the next command names another,
+            // and the driver only touches it while the tag's request is with the driver.
+            Self::Registered(buffer) => BufDesc::RawAddress(buffer.as_slice().as_ptr()),
+            Self::UserCopy(_) => BufDesc::Slice(&[]),
         }
     }
+}
 
-    /// The buffer libublk registers for the tag (plain copy only).
-    fn registered(&self) -> Option<&libublk::helpers::IoBuf<u8>> {
-        match self {
-            Self::Registered(buffer) => Some(buffer),
-            Self::UserCopy { .. } => None,
-        }
+/// Plain copy: takes the tag's buffer out of `slot` for a VBD call, `bytes` long (the
+/// request's write data, or room for its read).
+fn lend(slot: &mut IoBuf, bytes: usize) -> io::Result<IoBuf> {
+    if bytes > slot.capacity() {
+        // `data_bytes` checked `bytes` against the largest request, the buffer's size.
+        return Err(errno(libc::EINVAL));
     }
+    let mut lent = std::mem::replace(slot, IoBuf::zeroed(0));
+    let _ = lent.resize_within(bytes);
+    Ok(lent)
+}
 
+/// Plain copy: puts `buffer` back into `slot` after a VBD call. Its first bytes are what the
+/// driver copies into a read's request; it must also hold the next request, whatever its
+/// size, so a smaller one (a driver may answer with a buffer of its own) is copied into a
+/// fresh one.
+fn give_back(slot: &mut IoBuf, mut buffer: IoBuf, max_io_bytes: usize) {
+    if buffer.resize_within(max_io_bytes).is_none() {
+        let mut large = IoBuf::zeroed(max_io_bytes);
+        large.as_mut_slice()[..buffer.len()].copy_from_slice(buffer.as_slice());
+        buffer = large;
+    }
+    *slot = buffer;
+}
+
+/// User copy: the tag's window in `/dev/ublkcN`, where `pread` gives a write's data and
+/// `pwrite` fills a read's request.
+#[derive(Clone, Copy)]
+struct UserCopyWindow<'d> {
+    device: BorrowedFd<'d>,
+    position: u64,
+}
+
+impl UserCopyWindow<'_> {
     /// Fills `data` with the current request's write data.
     fn take_from_request(&self, data: &mut [u8]) -> io::Result<()> {
-        match self {
-            Self::Registered(buffer) => {
-                let source = buffer.as_slice().get(..data.len()).ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("write of {} bytes exceeds the tag buffer", data.len()),
-                    )
-                })?;
-                data.copy_from_slice(source);
-                Ok(())
-            }
-            Self::UserCopy { device, position } => {
-                let mut done = 0;
-                while done < data.len() {
-                    let at = position + done as u64;
-                    match rustix::io::pread(device, &mut data[done..], at) {
-                        Ok(0) => return Err(short_copy("read", done, data.len())),
-                        Ok(moved) => done += moved,
-                        Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => return Err(copy_failed("read", *position, e)),
-                    }
-                }
-                Ok(())
+        let mut done = 0;
+        while done < data.len() {
+            let at = self.position + done as u64;
+            match rustix::io::pread(self.device, &mut data[done..], at) {
+                Ok(0) => return Err(short_copy("read", done, data.len())),
+                Ok(moved) => done += moved,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(copy_failed("read", self.position, e)),
             }
         }
+        Ok(())
     }
 
     /// Puts `data` into the current request (the result of a read).
-    fn give_to_request(&mut self, data: &[u8]) -> io::Result<()> {
-        match self {
-            Self::Registered(buffer) => {
-                let target = buffer.as_mut_slice().get_mut(..data.len()).ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("read of {} bytes exceeds the tag buffer", data.len()),
-                    )
-                })?;
-                target.copy_from_slice(data);
-                Ok(())
-            }
-            Self::UserCopy { device, position } => {
-                let mut done = 0;
-                while done < data.len() {
-                    let at = *position + done as u64;
-                    match rustix::io::pwrite(*device, &data[done..], at) {
-                        Ok(0) => return Err(short_copy("write", done, data.len())),
-                        Ok(moved) => done += moved,
-                        Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => return Err(copy_failed("write", *position, e)),
-                    }
-                }
-                Ok(())
+    fn give_to_request(&self, data: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < data.len() {
+            let at = self.position + done as u64;
+            match rustix::io::pwrite(self.device, &data[done..], at) {
+                Ok(0) => return Err(short_copy("write", done, data.len())),
+                Ok(moved) => done += moved,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(copy_failed("write", self.position, e)),
             }
         }
+        Ok(())
     }
 }
 
@@ -451,7 +456,7 @@ async fn serve_tag(
     // The last read's buffer, used again by the next read of the same size.
     let mut spare: Option<IoBuf> = None;
     queue
-        .submit_io_prep_cmd(tag, data.descriptor(), 0, data.registered())
+        .submit_io_prep_cmd(tag, data.descriptor(), 0, None)
         .await?;
     context.spread_out(moved, queue.get_qid());
     loop {
@@ -488,33 +493,42 @@ impl TagWork<'_, '_> {
         match request.op {
             sys::UBLK_IO_OP_READ => {
                 let bytes = request.data_bytes(self.context.max_io_bytes)?;
-                // Every byte of a read buffer is overwritten (the image chain zero-fills
-                // what no image holds), so the previous read's buffer can be used again.
-                let buffer = self
-                    .spare
-                    .take()
-                    .filter(|spare| spare.len() == bytes)
-                    .unwrap_or_else(|| IoBuf::zeroed(bytes));
-                let work = async move { vbd.read(sector, buffer).await };
-                let data = self.context.call(self.waker, self.wakeup, work).await?;
-                self.data.give_to_request(data.as_slice())?;
-                *self.spare = Some(data);
-                Ok(bytes)
+                match self.data {
+                    TagData::Registered(_) => self.read_in_place(sector, bytes).await,
+                    TagData::UserCopy(window) => {
+                        let window = *window;
+                        self.read_and_copy(window, sector, bytes).await
+                    }
+                }
+                .map(|()| bytes)
             }
             sys::UBLK_IO_OP_WRITE => {
                 let bytes = request.data_bytes(self.context.max_io_bytes)?;
-                let mut buffer = IoBuf::zeroed(bytes);
-                self.data.take_from_request(buffer.as_mut_slice())?;
+                let buffer = Arc::new(match self.data {
+                    TagData::Registered(slot) => lend(slot, bytes)?,
+                    TagData::UserCopy(window) => {
+                        let mut buffer = IoBuf::zeroed(bytes);
+                        window.take_from_request(buffer.as_mut_slice())?;
+                        buffer
+                    }
+                });
+                let shared = Arc::clone(&buffer);
                 let fua = request.fua;
                 let work = async move {
-                    vbd.write(sector, buffer).await?;
+                    vbd.write_shared(sector, shared).await?;
                     if fua {
                         vbd.flush().await?;
                     }
                     Ok(())
                 };
-                self.context.call(self.waker, self.wakeup, work).await?;
-                Ok(bytes)
+                let outcome = self.context.call(self.waker, self.wakeup, work).await;
+                if let TagData::Registered(slot) = self.data {
+                    // The VBD has let go of the buffer unless a driver kept a reference.
+                    let max = self.context.max_io_bytes;
+                    let buffer = Arc::try_unwrap(buffer).unwrap_or_else(|_| IoBuf::zeroed(max));
+                    give_back(slot, buffer, max);
+                }
+                outcome.map(|()| bytes)
             }
             sys::UBLK_IO_OP_FLUSH => {
                 let work = async move { vbd.flush().await };
@@ -529,6 +543,48 @@ impl TagWork<'_, '_> {
             }
             _ => Err(errno(libc::EOPNOTSUPP)),
         }
+    }
+
+    /// Plain copy: reads into the tag's own buffer, which the driver copies the data from.
+    async fn read_in_place(&mut self, sector: u64, bytes: usize) -> io::Result<()> {
+        let TagData::Registered(slot) = &mut *self.data else {
+            return Err(errno(libc::EINVAL));
+        };
+        let buffer = lend(slot, bytes)?;
+        let vbd = Arc::clone(&self.context.vbd);
+        let work = async move { vbd.read(sector, buffer).await };
+        let outcome = self.context.call(self.waker, self.wakeup, work).await;
+        let max = self.context.max_io_bytes;
+        let (buffer, outcome) = match outcome {
+            Ok(buffer) => (buffer, Ok(())),
+            Err(e) => (IoBuf::zeroed(max), Err(e)),
+        };
+        if let TagData::Registered(slot) = &mut *self.data {
+            give_back(slot, buffer, max);
+        }
+        outcome
+    }
+
+    /// User copy: reads into a buffer of this tag's, then writes it into the request.
+    async fn read_and_copy(
+        &mut self,
+        window: UserCopyWindow<'_>,
+        sector: u64,
+        bytes: usize,
+    ) -> io::Result<()> {
+        // Every byte of a read buffer is overwritten (the image chain zero-fills what no
+        // image holds), so the previous read's buffer can be used again.
+        let buffer = self
+            .spare
+            .take()
+            .filter(|spare| spare.len() == bytes)
+            .unwrap_or_else(|| IoBuf::zeroed(bytes));
+        let vbd = Arc::clone(&self.context.vbd);
+        let work = async move { vbd.read(sector, buffer).await };
+        let data = self.context.call(self.waker, self.wakeup, work).await?;
+        window.give_to_request(data.as_slice())?;
+        *self.spare = Some(data);
+        Ok(())
     }
 }
 
@@ -596,43 +652,51 @@ mod tests {
     fn user_copy_moves_data_at_the_tag_position() {
         let file = tempfile::tempfile().unwrap();
         let device = std::os::fd::AsFd::as_fd(&file);
-        let mut data = TagData::UserCopy {
+        let window = UserCopyWindow {
             device,
             position: 8192,
         };
-        assert!(data.registered().is_none());
+        let data = TagData::UserCopy(window);
         assert!(matches!(data.descriptor(), BufDesc::Slice(s) if s.is_empty()));
         let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
-        data.give_to_request(&pattern).unwrap();
+        window.give_to_request(&pattern).unwrap();
         let mut on_disk = vec![0u8; 4096];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_disk, 8192).unwrap();
         assert_eq!(on_disk, pattern);
         let mut back = vec![0u8; 4096];
-        data.take_from_request(&mut back).unwrap();
+        window.take_from_request(&mut back).unwrap();
         assert_eq!(back, pattern);
         // A request shorter than asked for (here: the end of the file) is an I/O error.
         let mut too_long = vec![0u8; 8192];
-        let error = data.take_from_request(&mut too_long).unwrap_err();
+        let error = window.take_from_request(&mut too_long).unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::EIO));
     }
 
     #[test]
-    fn plain_copy_moves_data_through_the_registered_buffer() {
-        let mut data = TagData::Registered(libublk::helpers::IoBuf::new(8192));
-        assert_eq!(
-            data.registered().map(libublk::helpers::IoBuf::len),
-            Some(8192)
-        );
-        let pattern = vec![0x5au8; 4096];
-        data.give_to_request(&pattern).unwrap();
-        let mut back = vec![0u8; 4096];
-        data.take_from_request(&mut back).unwrap();
-        assert_eq!(back, pattern);
-        let error = data.give_to_request(&[0u8; 8193]).unwrap_err();
-        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
-        assert!(error.to_string().contains("8193"), "{error}");
-        let error = data.take_from_request(&mut [0u8; 8193]).unwrap_err();
-        assert!(error.to_string().contains("8193"), "{error}");
+    fn plain_copy_lends_the_tag_buffer_and_keeps_its_address() {
+        let max = 3 * 4096;
+        let mut slot = IoBuf::zeroed(max);
+        let address = slot.as_slice().as_ptr();
+        let data = TagData::Registered(slot.clone());
+        assert!(matches!(data.descriptor(), BufDesc::RawAddress(_)));
+        // A request of one page: the VBD gets the tag's own memory, one page long.
+        let mut lent = lend(&mut slot, 4096).unwrap();
+        assert_eq!(lent.len(), 4096);
+        assert_eq!(lent.as_slice().as_ptr(), address);
+        lent.as_mut_slice().fill(0xa5);
+        give_back(&mut slot, lent, max);
+        assert_eq!(slot.len(), max);
+        assert_eq!(slot.as_slice().as_ptr(), address);
+        assert_eq!(&slot.as_slice()[..4096], &[0xa5; 4096]);
+        // Larger than the buffer: refused, and the buffer stays.
+        let error = lend(&mut slot, max + 4096).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(slot.as_slice().as_ptr(), address);
+        // A driver answering with a smaller buffer of its own: its data moves into one
+        // that holds the largest request.
+        give_back(&mut slot, IoBuf::copy_from(&[7u8; 512]), max);
+        assert_eq!(slot.len(), max);
+        assert_eq!(&slot.as_slice()[..512], &[7u8; 512]);
     }
 
     /// Counts wake-ups of a task.

@@ -8,7 +8,9 @@
 #             TAPDISK_IO_ENGINE picks the engine, default auto = io_uring when available)
 #   qemu-nbd  --aio=threads and --aio=io_uring, both --cache=writeback (page cache)
 #   nbdkit    file plugin (page cache; cache=default)
-# and prints a table of IOPS and bandwidth with ratios against the fastest peer.
+# and prints a table of IOPS and bandwidth with ratios against the fastest peer, and in
+# parentheses the CPU fio itself used (usr + sys, % of one CPU): near 100% the single
+# client connection, not the server, is the limit.
 #
 # Environment: SIZE (default 1G), RUNTIME seconds per job (default 10), SERVERS (subset of
 # "ours qemu-threads qemu-uring nbdkit"), JOBS (subset of "randread randwrite seqread").
@@ -99,7 +101,7 @@ run_job() {
 import json, sys
 job = json.load(sys.stdin)["jobs"][0]
 side = job["read"] if job["read"]["io_bytes"] else job["write"]
-print("%.0f %.1f" % (side["iops"], side["bw_bytes"] / 2**20))'
+print("%.0f %.1f %.0f" % (side["iops"], side["bw_bytes"] / 2**20, job["usr_cpu"] + job["sys_cpu"]))'
 }
 
 RESULTS=$WORK/results
@@ -107,9 +109,10 @@ RESULTS=$WORK/results
 for server in $SERVERS; do
     start_server "$server"
     for job in $JOBS; do
-        read -r iops bw < <(run_job "$job")
-        echo "$server $job $iops $bw" >>"$RESULTS"
-        printf '%-13s %-10s %10s IOPS %9s MiB/s\n' "$server" "$job" "$iops" "$bw" >&2
+        read -r iops bw fio_cpu < <(run_job "$job")
+        echo "$server $job $iops $bw $fio_cpu" >>"$RESULTS"
+        printf '%-13s %-10s %10s IOPS %9s MiB/s   fio CPU %3s%%\n' "$server" "$job" "$iops" "$bw" \
+            "$fio_cpu" >&2
     done
     stop_server
 done
@@ -117,7 +120,8 @@ done
 python3 - "$RESULTS" <<'EOF'
 import sys
 rows = [line.split() for line in open(sys.argv[1])]
-data = {(s, j): (float(i), float(b)) for s, j, i, b in rows}
+data = {(s, j): (float(i), float(b)) for s, j, i, b, _ in rows}
+fio_cpu = {(s, j): c for s, j, _, _, c in rows}
 servers = list(dict.fromkeys(r[0] for r in rows))
 jobs = list(dict.fromkeys(r[1] for r in rows))
 peers = [s for s in servers if s != "ours"]
@@ -129,7 +133,8 @@ for job in jobs:
     cells = []
     for s in servers:
         v = data.get((s, job))
-        cells.append("-" if v is None else (f"{v[1]:.0f} MiB/s" if unit else f"{v[0]/1000:.1f}k IOPS"))
+        cells.append("-" if v is None else (f"{v[1]:.0f} MiB/s" if unit else f"{v[0]/1000:.1f}k IOPS")
+                     + f" ({fio_cpu[(s, job)]}%)")
     ratio = "-"
     if ("ours", job) in data and peers:
         best = max(data[(p, job)][unit] for p in peers if (p, job) in data)

@@ -65,7 +65,7 @@ fn bind_control_socket(
     dir: &Path,
     pid: u32,
 ) -> io::Result<(std::os::unix::net::UnixListener, PathBuf)> {
-    let path = dir.join(format!("ctl{pid}"));
+    let path = blktapctl::paths::ControlDir::new(dir).ctl_socket_path(pid);
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}

@@ -6,6 +6,7 @@
 //!
 //! Handlers return `Err(errno)`; the control layer turns that into an `ERROR` reply.
 
+use blktapctl::paths::ControlDir;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
@@ -66,7 +67,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct Tapdisk {
     pid: u32,
-    control_dir: PathBuf,
+    control_dir: ControlDir,
     slots: Mutex<BTreeMap<u16, Slot>>,
     /// Serialises the requests that change state (all but PID, LIST, STATS, DISK_INFO).
     exclusive: tokio::sync::Mutex<()>,
@@ -100,7 +101,7 @@ impl Tapdisk {
     pub fn new(pid: u32, control_dir: PathBuf) -> Self {
         Self {
             pid,
-            control_dir,
+            control_dir: ControlDir::new(control_dir),
             slots: Mutex::new(BTreeMap::new()),
             exclusive: tokio::sync::Mutex::new(()),
             exit: watch::channel(false).0,
@@ -259,10 +260,7 @@ impl Tapdisk {
         if slots.contains_key(&minor) {
             return Err(errno(libc::EEXIST));
         }
-        let marker_path = self
-            .control_dir
-            .join("tapdisk")
-            .join(format!("tapdisk-{minor}"));
+        let marker_path = self.control_dir.marker_path(u32::from(minor));
         let marker = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -316,7 +314,7 @@ impl Tapdisk {
         if last {
             // Unlink the control socket before the reply goes out, so that once the caller
             // sees the last DETACH acknowledged, `tap-ctl list` no longer finds this process.
-            let socket = self.control_dir.join(format!("ctl{}", self.pid));
+            let socket = self.control_dir.ctl_socket_path(self.pid);
             if let Err(e) = std::fs::remove_file(&socket) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!("removing {}: {e}", socket.display());
@@ -356,7 +354,7 @@ impl Tapdisk {
         // image is the one its state file records.
         let recover = params.flags.contains(OpenFlags::BLOCKDEV_RECOVER);
         let (path, recorded_read_only) = if recover && params.path.is_empty() {
-            crate::frontend::ublk::recorded_open(&self.control_dir, minor)?
+            crate::frontend::ublk::recorded_open(self.control_dir.root(), minor)?
         } else {
             (params.path.clone(), false)
         };
@@ -384,7 +382,7 @@ impl Tapdisk {
         let info = vbd.open(request).await.inspect_err(|e| {
             tracing::error!(minor, "open {path} failed: {e}");
         })?;
-        let socket = self.control_dir.join(format!("nbd{}.{minor}", self.pid));
+        let socket = self.control_dir.nbd_socket_path(self.pid, u32::from(minor));
         let nbd = match NbdFrontend::start(Arc::clone(&vbd), &socket, &path) {
             Ok(frontend) => frontend,
             Err(e) => {
@@ -401,7 +399,7 @@ impl Tapdisk {
             vbd: Arc::clone(&vbd),
             minor,
             pid: self.pid,
-            control_dir: self.control_dir.clone(),
+            control_dir: self.control_dir.root().to_path_buf(),
             params: path.clone(),
         };
         let started = if recover {

@@ -594,16 +594,12 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<OptionRequest, OptionDat
             "export name is not a valid string (UTF-8, no NUL, at most 4096 bytes)",
         )?)),
         OPT_ABORT => Ok(OptionRequest::Abort),
-        OPT_LIST => {
-            if data.is_empty() {
-                Ok(OptionRequest::List)
-            } else {
-                Err(OptionDataError::Malformed {
-                    option,
-                    what: "NBD_OPT_LIST must carry no data",
-                })
-            }
-        }
+        OPT_LIST => without_data(
+            option,
+            data,
+            OptionRequest::List,
+            "NBD_OPT_LIST must carry no data",
+        ),
         OPT_INFO | OPT_GO => {
             let mut at = 0;
             let name = take_prefixed_string(
@@ -634,16 +630,12 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<OptionRequest, OptionDat
                 requests,
             })
         }
-        OPT_STRUCTURED_REPLY => {
-            if data.is_empty() {
-                Ok(OptionRequest::StructuredReply)
-            } else {
-                Err(OptionDataError::Malformed {
-                    option,
-                    what: "NBD_OPT_STRUCTURED_REPLY must carry no data",
-                })
-            }
-        }
+        OPT_STRUCTURED_REPLY => without_data(
+            option,
+            data,
+            OptionRequest::StructuredReply,
+            "NBD_OPT_STRUCTURED_REPLY must carry no data",
+        ),
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
             let mut at = 0;
             let name = take_prefixed_string(
@@ -688,6 +680,20 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<OptionRequest, OptionDat
             })
         }
         other => Ok(OptionRequest::Unsupported(other)),
+    }
+}
+
+/// `request` for an option that takes no data; `what` explains the error when it has some.
+fn without_data(
+    option: u32,
+    data: &[u8],
+    request: OptionRequest,
+    what: &'static str,
+) -> Result<OptionRequest, OptionDataError> {
+    if data.is_empty() {
+        Ok(request)
+    } else {
+        Err(OptionDataError::Malformed { option, what })
     }
 }
 

@@ -4,10 +4,12 @@
 # The VM's CPU is emulated, so only the ratios mean something.
 #
 # Like with like: the image lives in the guest's /tmp, a tmpfs, where the page cache *is* the
-# storage. The loop device runs with direct I/O (it reads the tmpfs pages straight into the
-# request, no second cache); tapdisk opens the image with O_DIRECT by default and without it
-# under -D (on tmpfs both read the same pages with one copy). Every variant reads the same
-# file through exactly one copy from the tmpfs pages.
+# storage. The loop device runs with direct I/O: it copies the tmpfs pages straight into the
+# request. So does tapdisk by default (user copy with mapped reads: its pwrite of
+# /dev/ublkcN names the image's mapped pages as the source). The other variants show the
+# paths without that: a pread into tapdisk's buffer, then a second copy into the request
+# (user copy with TAPDISK_MAPPED_READS=off, with and without O_DIRECT on the image (-D)), or
+# the driver copying out of the tag's buffer (plain copy).
 #
 # On the host: scripts/bench-ublk.sh   (builds tap-ctl and tapdisk in release mode first)
 # In the guest (run by scripts/vm-tests.sh): bench-ublk.sh REPO NAME
@@ -41,8 +43,9 @@ check "loop device ($loop, dio=$loop_dio): $loop_iops IOPS" test -n "$loop_iops"
 
 # Variants: "name;environment;tap-ctl create flags". The first is the default configuration.
 variants=(
-    "default (user copy);;"
-    "default, image without O_DIRECT (-D);;-D"
+    "default (user copy, mapped reads);;"
+    "user copy, mapped reads off;TAPDISK_MAPPED_READS=off;"
+    "user copy, mapped reads off, -D;TAPDISK_MAPPED_READS=off;-D"
     "plain copy (reads land in the tag buffer);TAPDISK_UBLK_USER_COPY=off;"
     "plain copy, -D;TAPDISK_UBLK_USER_COPY=off;-D"
     "plain copy, 1 queue;TAPDISK_UBLK_USER_COPY=off TAPDISK_UBLK_QUEUES=1;"

@@ -36,17 +36,24 @@ done
 # queue threads (the default), the same over an image opened without O_DIRECT (reads and
 # writes complete on the queue thread itself), plain copy (the VBD reads into and writes
 # from the tag's own buffer) polled on the queue threads, and plain copy with spawned VBD
-# calls and queue threads pinned to their queue's CPUs. Requests up to 512 KiB, the largest
-# the device takes (the size of a plain copy tag buffer).
+# calls and queue threads pinned to their queue's CPUs; and first, user copy over a fully
+# allocated image (on tmpfs, so tapdisk maps it: reads are copied by the kernel straight from
+# the image's pages). Requests up to 512 KiB, the largest the device takes (the size of a
+# plain copy tag buffer). The first blkdiscard punches a hole, so later variants read the
+# image through the VBD as usual.
 img=$(make_raw fio.img 256)
-for variant in "auto;inline;any;" "auto;inline;any;-D" "off;inline;any;-D" "off;spawn;queue;"; do
-    IFS=';' read -r copy bridge affinity flags <<<"$variant"
-    what="user copy $copy, $bridge bridge, affinity $affinity${flags:+, $flags}"
+fallocate -l 256M "$img"
+for variant in "auto;inline;any;;true" "auto;inline;any;;false" "auto;inline;any;-D;false" \
+               "off;inline;any;-D;false" "off;spawn;queue;;false"; do
+    IFS=';' read -r copy bridge affinity flags mapped <<<"$variant"
+    what="user copy $copy, $bridge bridge, affinity $affinity${flags:+, $flags}, mapped $mapped"
     # shellcheck disable=SC2086 # $flags is empty or one flag
     dev=$(TAPDISK_UBLK_USER_COPY=$copy TAPDISK_UBLK_BRIDGE=$bridge TAPDISK_UBLK_AFFINITY=$affinity \
           TAPDISK_UBLK_QUEUES=2 TAPDISK_UBLK_DEPTH=32 tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
-    out="$SCRATCH/fio-$copy-$bridge$flags.out"
+    out="$SCRATCH/fio-$copy-$bridge$flags-$mapped.out"
     check "create ($what)" test -b "$dev"
+    minor=$(minor_of_device "$dev")
+    check "stats say \"mapped\": $mapped" sh -c "tap-ctl stats -p $(pid_of_minor "$minor") -m $minor | grep -q '\"mapped\": $mapped'"
     check "fio --verify=crc32c, zero errors ($what)" sh -c "fio --name=verify --filename='$dev' --direct=1 --ioengine=libaio --iodepth=16 --numjobs=1 --rw=randwrite --bsrange=4k-512k --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 --output='$out' && grep -q 'err= 0' '$out' && ! grep -qi 'verify:.*bad\|crc32c.*mismatch' '$out'"
     cat "$out" >> "$LOG" 2>/dev/null
     check "discard reaches the image (blkdiscard)" blkdiscard -o 0 -l 1048576 "$dev"

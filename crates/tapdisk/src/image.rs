@@ -19,6 +19,7 @@ use crate::driver::{
     open_image, Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, StatusRun,
     ZeroFlags, SECTOR_SIZE,
 };
+use crate::engine::mapped::MappedBytes;
 use crate::engine::IoFuture;
 use crate::error::failure;
 use crate::iobuf::IoBuf;
@@ -258,6 +259,9 @@ impl ImageDriver for SharedImage {
     fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, crate::driver::ReadOutcome> {
         self.0.read(sector, buf)
     }
+    fn mapped(&self, sector: u64, len: usize) -> Option<MappedBytes> {
+        self.0.mapped(sector, len)
+    }
     fn write(&self, sector: u64, buf: Arc<IoBuf>) -> IoFuture<'_, ()> {
         self.0.write(sector, buf)
     }
@@ -437,6 +441,17 @@ impl ImageChain {
         Ok(buf)
     }
 
+    /// The `len` bytes at `sector` as mapped memory the kernel can copy from, when a
+    /// single-image chain has them so ([`ImageDriver::mapped`]); `None` means: read them.
+    pub fn mapped(&self, sector: u64, len: usize) -> Option<MappedBytes> {
+        let [image] = self.images.as_slice() else {
+            return None;
+        };
+        let range = image.driver.mapped(sector, len)?;
+        image.counters.hits[READ].fetch_add(1, Ordering::Relaxed);
+        Some(range)
+    }
+
     /// Writes `buf` at `sector` into the leaf.
     pub async fn write(&self, sector: u64, buf: Arc<IoBuf>) -> io::Result<()> {
         let leaf = self.leaf();
@@ -525,6 +540,28 @@ impl ImageChain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_single_image_chains_serve_mapped_reads() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let open = |name: &str| -> Box<dyn ImageDriver> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, [3u8; 8192]).unwrap();
+            let image = crate::driver::aio::AioImage::open(&path, OpenOptions::default());
+            Box::new(image.unwrap())
+        };
+        let single = ImageChain::from_drivers(vec![open("leaf.img")]).unwrap();
+        assert_eq!(single.mapped(2, 1024).unwrap().len(), 1024);
+        assert_eq!(
+            single.images()[0].counters.hits[READ].load(Ordering::Relaxed),
+            1
+        );
+        // Above a parent, unwritten leaf sectors would have to come from the parent.
+        let layered = ImageChain::from_drivers(vec![open("top.img"), open("base.img")]).unwrap();
+        assert!(layered.mapped(2, 1024).is_none());
+    }
 
     #[test]
     fn parses_params_strings() {

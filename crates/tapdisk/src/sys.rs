@@ -1,6 +1,8 @@
 //! Process plumbing that needs `unsafe`: forking into the background.
 //!
-//! This is the only module of the daemon with `unsafe` code.
+//! The other modules with `unsafe` code are small too: `iobuf` (aligned allocations),
+//! `engine::uring` and `engine::mapped` (memory the kernel reads or fills), and the ublk and
+//! loop device plumbing in `frontend`.
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tokio::sync::watch;
 
 use crate::driver::{Capabilities, DiskInfo, OpenOptions, StatusRun, ZeroFlags, SECTOR_SIZE};
+use crate::engine::mapped::MappedBytes;
 use crate::image::ImageChain;
 use crate::iobuf::IoBuf;
 
@@ -502,16 +503,45 @@ impl Vbd {
                 other => break other,
             }
         };
-        self.counters.returned.fetch_add(1, Ordering::Relaxed);
-        match &result {
-            Ok(_) => match access {
-                Access::Read => self.counters.secs[0].fetch_add(sectors, Ordering::Relaxed),
-                Access::Write => self.counters.secs[1].fetch_add(sectors, Ordering::Relaxed),
-                Access::None => 0,
-            },
-            Err(_) => self.counters.errors.fetch_add(1, Ordering::Relaxed),
-        };
+        self.count_returned(access, sectors, result.is_ok());
         result
+    }
+
+    /// Counts a finished request.
+    fn count_returned(&self, access: Access, sectors: u64, succeeded: bool) {
+        self.counters.returned.fetch_add(1, Ordering::Relaxed);
+        if !succeeded {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match access {
+            Access::Read => self.counters.secs[0].fetch_add(sectors, Ordering::Relaxed),
+            Access::Write => self.counters.secs[1].fetch_add(sectors, Ordering::Relaxed),
+            Access::None => 0,
+        };
+    }
+
+    /// Serves a read of `len` bytes at `sector` without reading it: when the image chain
+    /// holds the bytes in mapped memory ([`ImageChain::mapped`]), `deliver` gets them to hand
+    /// to the kernel, which copies them where they must go. Runs on the caller's thread.
+    ///
+    /// `None` when this read cannot be served so right now (paused, closed, out of bounds,
+    /// a chain with parents, an image that is not mapped): the caller then reads as usual,
+    /// which also waits, fails or retries as reads do. Errors of `deliver` are the read's.
+    pub fn read_mapped(
+        &self,
+        sector: u64,
+        len: usize,
+        deliver: impl FnOnce(&MappedBytes) -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        let sectors = sectors_of(len).ok()?;
+        let admitted = self.try_enter(Access::Read, sector, sectors).ok()??;
+        let bytes = admitted.chain.mapped(sector, len)?;
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let result = deliver(&bytes);
+        drop(admitted);
+        self.count_returned(Access::Read, sectors, result.is_ok());
+        Some(result)
     }
 
     /// Reads `buf.len()` bytes (a multiple of 512) at `sector`.
@@ -611,6 +641,47 @@ mod tests {
             options: OpenOptions::default(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
         }
+    }
+
+    #[tokio::test]
+    async fn mapped_reads_are_admitted_and_counted_like_reads() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let vbd = Vbd::new(4);
+        let deliver_len = |expected: usize| {
+            move |bytes: &MappedBytes| {
+                assert_eq!(bytes.len(), expected);
+                Ok(())
+            }
+        };
+        // Closed: nothing to map.
+        assert!(vbd.read_mapped(0, 4096, deliver_len(4096)).is_none());
+        vbd.open(request(raw_image(&dir, "m.img", 65536, 9)))
+            .await
+            .unwrap();
+        let outcome = vbd.read_mapped(8, 4096, deliver_len(4096));
+        assert!(matches!(outcome, Some(Ok(()))));
+        assert_eq!(vbd.counters().secs[0].load(Ordering::Relaxed), 8);
+        assert_eq!(vbd.counters().received.load(Ordering::Relaxed), 1);
+        assert_eq!(vbd.counters().returned.load(Ordering::Relaxed), 1);
+        assert_eq!(vbd.in_flight(), 0);
+        // The deliverer's error is the read's, and counted as one.
+        let failed = vbd.read_mapped(0, 512, |_| Err(errno(libc::EFAULT)));
+        assert_eq!(
+            failed.unwrap().unwrap_err().raw_os_error(),
+            Some(libc::EFAULT)
+        );
+        assert_eq!(vbd.counters().errors.load(Ordering::Relaxed), 1);
+        // Out of bounds or not whole sectors: left to the read path, which reports it.
+        assert!(vbd.read_mapped(127, 1024, deliver_len(1024)).is_none());
+        assert!(vbd.read_mapped(0, 100, deliver_len(100)).is_none());
+        // Paused: left to the read path, which waits at the gate.
+        vbd.pause().await.unwrap();
+        assert!(vbd.read_mapped(0, 512, deliver_len(512)).is_none());
+        vbd.resume(None).await.unwrap();
+        assert!(vbd.read_mapped(0, 512, deliver_len(512)).is_some());
+        assert_eq!(vbd.counters().received.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]

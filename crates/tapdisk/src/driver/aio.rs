@@ -3,17 +3,23 @@
 //! Opened with `O_DIRECT` unless asked not to; where the filesystem refuses `O_DIRECT` (tmpfs,
 //! some FUSE filesystems) the file is reopened through the page cache and a notice is logged.
 //! The size is taken from the file (or the block device) at open time.
+//!
+//! A fully allocated image on tmpfs or ramfs is also mapped into memory, so that frontends
+//! can let the kernel copy read data straight from its pages ([`crate::engine::mapped`]).
+//! The first discard or zeroing (which may punch holes) ends that for the image's lifetime.
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{
     Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, ReadOutcome, StatusRun,
     ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
+use crate::engine::mapped::{self, FileMapping, MappedBytes};
 use crate::engine::{open_engine, EngineChoice, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
@@ -25,6 +31,10 @@ pub struct AioImage {
     /// The open file, shared with the engine (allocation queries use it directly).
     file: Arc<File>,
     engine: Box<dyn IoEngine>,
+    /// The file mapped into memory, for [`ImageDriver::mapped`] (memory filesystems only).
+    mapping: Option<Arc<FileMapping>>,
+    /// Cleared when this image may have holes the mapping would fill (after a discard).
+    mapping_usable: AtomicBool,
     read_only: bool,
     direct: bool,
     block_device: bool,
@@ -75,11 +85,27 @@ impl AioImage {
             sector_size,
             info: if read_only { VDISK_READONLY } else { 0 },
         };
+        let mapping = if !block_device
+            && mapped::allowed_by_environment()
+            && mapped::worth_mapping(&file)
+        {
+            match FileMapping::new(&file, bytes) {
+                Ok(mapping) => Some(Arc::new(mapping)),
+                Err(e) => {
+                    tracing::info!(path = %path.display(), "image not mapped, reads copy twice: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let file = Arc::new(file);
         Ok(Self {
             path: path.to_path_buf(),
             info,
             engine: open_engine(Arc::clone(&file), !direct, EngineChoice::from_env()),
+            mapping_usable: AtomicBool::new(mapping.is_some()),
+            mapping,
             file,
             read_only,
             direct,
@@ -90,6 +116,18 @@ impl AioImage {
     /// True when the image is accessed with `O_DIRECT`.
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// True while reads may be served from the image's memory mapping.
+    pub fn is_mapped(&self) -> bool {
+        self.mapping_usable.load(Ordering::Relaxed)
+    }
+
+    /// Stops mapped reads before holes may appear (a read fault would fill them again).
+    fn stop_mapped_reads(&self) {
+        if self.mapping_usable.swap(false, Ordering::Relaxed) {
+            tracing::debug!(path = %self.path.display(), "mapped reads off: the image may get holes");
+        }
     }
 }
 
@@ -199,6 +237,13 @@ impl ImageDriver for AioImage {
         })
     }
 
+    fn mapped(&self, sector: u64, len: usize) -> Option<MappedBytes> {
+        if !self.is_mapped() {
+            return None;
+        }
+        MappedBytes::new(self.mapping.as_ref()?, byte_offset(sector).ok()?, len)
+    }
+
     fn write(&self, sector: u64, buf: Arc<IoBuf>) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.read_only {
@@ -220,6 +265,7 @@ impl ImageDriver for AioImage {
             if self.block_device {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
             }
+            self.stop_mapped_reads();
             self.engine
                 .punch_hole(byte_offset(sector)?, byte_offset(count)?)
                 .await
@@ -242,6 +288,7 @@ impl ImageDriver for AioImage {
             }
             let (offset, len) = (byte_offset(sector)?, byte_offset(count)?);
             if flags.may_deallocate && !self.block_device {
+                self.stop_mapped_reads();
                 // A punched hole reads as zeros and frees the space: the cheapest zeroing.
                 match self.engine.punch_hole(offset, len).await {
                     Err(e) if is_unsupported(&e) => {}
@@ -274,10 +321,11 @@ impl ImageDriver for AioImage {
 
     fn stats_json(&self) -> Option<String> {
         Some(format!(
-            "{{ \"reqs\": {{ \"max\": {}, \"pending\": {} }}, \"engine\": \"{}\" }}",
+            "{{ \"reqs\": {{ \"max\": {}, \"pending\": {} }}, \"engine\": \"{}\", \"mapped\": {} }}",
             crate::vbd::MAX_REQUESTS,
             self.engine.pending(),
-            self.engine.name()
+            self.engine.name(),
+            self.is_mapped()
         ))
     }
 }
@@ -378,6 +426,68 @@ mod tests {
         image.discard(0, 2048).await.unwrap();
         let runs = image.block_status(0, 2048).await.unwrap();
         assert_eq!(runs.len(), 1, "{runs:?}");
+    }
+
+    /// Where the kernel copies mapped bytes to in these tests.
+    fn copied_out(range: &MappedBytes) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let target = tempfile::tempfile().unwrap();
+        range
+            .write_all_at(std::os::fd::AsFd::as_fd(&target), 0)
+            .unwrap();
+        let mut data = vec![0u8; range.len()];
+        target.read_exact_at(&mut data, 0).unwrap();
+        data
+    }
+
+    #[tokio::test]
+    async fn allocated_memory_images_are_mapped_until_a_discard() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let path = dir.path().join("disk.img");
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        for read_only in [true, false] {
+            let options = OpenOptions {
+                read_only,
+                ..OpenOptions::default()
+            };
+            let image = AioImage::open(&path, options).unwrap();
+            assert!(image.is_mapped(), "read_only {read_only}");
+            assert!(image.stats_json().unwrap().contains("\"mapped\": true"));
+            let range = image.mapped(16, 8192).unwrap();
+            assert_eq!(copied_out(&range), data[8192..16384]);
+            // Past the end: not mapped, the read path reports the error.
+            assert!(image.mapped(127, 1024).is_none());
+        }
+        // Writes are seen by mapped reads (both go through the same pages).
+        let image = AioImage::open(&path, OpenOptions::default()).unwrap();
+        image
+            .write(0, Arc::new(IoBuf::copy_from(&[0x5a; 4096])))
+            .await
+            .unwrap();
+        assert_eq!(copied_out(&image.mapped(0, 4096).unwrap()), [0x5a; 4096]);
+        // A discard punches a hole that a mapped read would fill again: no more mapping.
+        image.discard(64, 8).await.unwrap();
+        assert!(!image.is_mapped());
+        assert!(image.mapped(0, 4096).is_none());
+        assert!(image.stats_json().unwrap().contains("\"mapped\": false"));
+        // Opened again with the hole: not mapped.
+        let image = AioImage::open(&path, OpenOptions::default()).unwrap();
+        assert!(!image.is_mapped());
+    }
+
+    #[tokio::test]
+    async fn images_on_storage_or_with_holes_are_not_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = AioImage::open(&sparse_image(&dir), OpenOptions::default()).unwrap();
+        assert!(!image.is_mapped());
+        assert!(image.mapped(0, 512).is_none());
+        if let Ok(dir) = tempfile::tempdir_in("/dev/shm") {
+            let image = AioImage::open(&sparse_image(&dir), OpenOptions::default()).unwrap();
+            assert!(!image.is_mapped());
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::engine::mapped::MappedBytes;
 use crate::engine::IoFuture;
 use crate::iobuf::IoBuf;
 
@@ -175,6 +176,12 @@ pub trait ImageDriver: Send + Sync + fmt::Debug {
     }
     /// Reads `buf.len()` bytes starting at `sector`.
     fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, ReadOutcome>;
+    /// The `len` bytes at `sector` as a range of a memory mapping the kernel can copy from
+    /// ([`crate::engine::mapped`]), when this image holds them as plain data in memory;
+    /// `None` (the default) means: read them.
+    fn mapped(&self, _sector: u64, _len: usize) -> Option<MappedBytes> {
+        None
+    }
     /// Writes `buf` starting at `sector`.
     fn write(&self, sector: u64, buf: Arc<IoBuf>) -> IoFuture<'_, ()>;
     /// Makes completed writes durable.

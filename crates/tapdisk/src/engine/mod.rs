@@ -6,9 +6,13 @@
 //! * [`sync::PreadEngine`]: `pread`/`pwrite` on tokio's blocking pool (buffered reads that hit
 //!   the page cache are tried inline first), the fallback and the reference in tests.
 //!
+//! Beside them, [`mapped`] lets the kernel copy read data straight out of an image file that
+//! lives in memory.
+//!
 //! [`open_engine`] picks one at run time: `TAPDISK_IO_ENGINE=io_uring|pread|auto` (default
 //! `auto`: io_uring when a probe ring supports read, write and fsync).
 
+pub mod mapped;
 pub mod sync;
 pub mod uring;
 
@@ -101,7 +105,7 @@ const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
 /// True when `file` is on a filesystem that keeps file data in memory.
-fn in_memory_filesystem(file: &File) -> bool {
+pub(crate) fn in_memory_filesystem(file: &File) -> bool {
     rustix::fs::fstatfs(file).is_ok_and(|stat| {
         // `f_type` is a signed or unsigned word depending on the platform: compare bits.
         #[allow(

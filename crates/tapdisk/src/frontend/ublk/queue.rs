@@ -14,6 +14,9 @@
 //!    reaper, a retry timer) wakes the task and kicks the queue thread. With
 //!    `TAPDISK_UBLK_BRIDGE=spawn` the call is spawned on the runtime instead and its result
 //!    comes back through a oneshot channel;
+//!    With user copy, a read of an image held in memory skips the VBD call's read: the
+//!    `pwrite` below takes the data straight from the image's mapped pages
+//!    ([`Vbd::read_mapped`]), one copy made by the kernel;
 //! 3. delivers read data: a plain `pwrite` of `/dev/ublkcN` with user copy; in plain copy
 //!    mode the read went straight into the tag's buffer, which the driver copies into the
 //!    request's pages when the result is committed. Then it commits the result, which also
@@ -49,6 +52,7 @@ use libublk::{BufDesc, UblkError, UblkUringData};
 use super::chardev::borrow_char_device;
 use super::config::Bridge;
 use crate::driver::SECTOR_SIZE;
+use crate::engine::mapped::MappedBytes;
 use crate::iobuf::IoBuf;
 use crate::vbd::Vbd;
 
@@ -439,8 +443,13 @@ fn short_copy(what: &str, done: usize, len: usize) -> io::Error {
 
 /// A user copy the driver refused (the request was aborted, or the offset is wrong).
 fn copy_failed(what: &str, position: u64, error: rustix::io::Errno) -> io::Error {
+    copy_failed_io(what, position, io::Error::from(error))
+}
+
+/// [`copy_failed`] for an `io::Error`.
+fn copy_failed_io(what: &str, position: u64, error: io::Error) -> io::Error {
     tracing::error!("ublk user copy: {what} at {position:#x} of the character device: {error}");
-    io::Error::from(error)
+    error
 }
 
 /// One tag's loop: fetch a request, serve it, commit, repeat until the queue goes down.
@@ -572,6 +581,14 @@ impl TagWork<'_, '_> {
         sector: u64,
         bytes: usize,
     ) -> io::Result<()> {
+        // An image in memory: the kernel copies straight from its pages into the request.
+        let deliver = |data: &MappedBytes| {
+            data.write_all_at(window.device, window.position)
+                .map_err(|e| copy_failed_io("write from the image's memory", window.position, e))
+        };
+        if let Some(outcome) = self.context.vbd.read_mapped(sector, bytes, deliver) {
+            return outcome;
+        }
         // Every byte of a read buffer is overwritten (the image chain zero-fills what no
         // image holds), so the previous read's buffer can be used again.
         let buffer = self

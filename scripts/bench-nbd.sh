@@ -13,7 +13,10 @@
 # client connection, not the server, is the limit.
 #
 # Environment: SIZE (default 1G), RUNTIME seconds per job (default 10), SERVERS (subset of
-# "ours qemu-threads qemu-uring nbdkit"), JOBS (subset of "randread randwrite seqread").
+# "ours qemu-threads qemu-uring nbdkit"), JOBS (subset of "randread randwrite seqread"),
+# ROUNDS (default 1): with more, every server runs every job once per round (rounds one
+# after the other, so a burst of load elsewhere on the host hits one round of every server
+# rather than all rounds of one) and the table shows the median of each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +24,7 @@ SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
 SERVERS=${SERVERS:-"ours qemu-threads qemu-uring nbdkit"}
 JOBS=${JOBS:-"randread randwrite seqread"}
+ROUNDS=${ROUNDS:-1}
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release --bins -q
@@ -106,22 +110,31 @@ print("%.0f %.1f %.0f" % (side["iops"], side["bw_bytes"] / 2**20, job["usr_cpu"]
 
 RESULTS=$WORK/results
 : >"$RESULTS"
-for server in $SERVERS; do
-    start_server "$server"
-    for job in $JOBS; do
-        read -r iops bw fio_cpu < <(run_job "$job")
-        echo "$server $job $iops $bw $fio_cpu" >>"$RESULTS"
-        printf '%-13s %-10s %10s IOPS %9s MiB/s   fio CPU %3s%%\n' "$server" "$job" "$iops" "$bw" \
-            "$fio_cpu" >&2
+for round in $(seq "$ROUNDS"); do
+    for server in $SERVERS; do
+        start_server "$server"
+        for job in $JOBS; do
+            read -r iops bw fio_cpu < <(run_job "$job")
+            echo "$server $job $iops $bw $fio_cpu" >>"$RESULTS"
+            printf 'round %s  %-13s %-10s %10s IOPS %9s MiB/s   fio CPU %3s%%\n' "$round" \
+                "$server" "$job" "$iops" "$bw" "$fio_cpu" >&2
+        done
+        stop_server
     done
-    stop_server
 done
 
 python3 - "$RESULTS" <<'EOF'
 import sys
 rows = [line.split() for line in open(sys.argv[1])]
-data = {(s, j): (float(i), float(b)) for s, j, i, b, _ in rows}
-fio_cpu = {(s, j): c for s, j, _, _, c in rows}
+runs = {}
+for s, j, i, b, c in rows:
+    runs.setdefault((s, j), []).append((float(i), float(b), int(c)))
+# The median round of each server and job (by IOPS; bandwidth and fio CPU of that round).
+data, fio_cpu = {}, {}
+for key, results in runs.items():
+    middle = sorted(results)[(len(results) - 1) // 2]
+    data[key] = middle[:2]
+    fio_cpu[key] = middle[2]
 servers = list(dict.fromkeys(r[0] for r in rows))
 jobs = list(dict.fromkeys(r[1] for r in rows))
 peers = [s for s in servers if s != "ours"]

@@ -1,8 +1,8 @@
 //! Process plumbing that needs `unsafe`: forking into the background.
 //!
-//! The other modules with `unsafe` code are small too: `iobuf` (aligned allocations),
-//! `engine::uring` and `engine::mapped` (memory the kernel reads or fills), and the ublk and
-//! loop device plumbing in `frontend`.
+//! The daemon's other `unsafe` code is just as confined: `engine::uring` and
+//! `engine::mapped` (memory the kernel reads or fills), and the ublk and loop device
+//! plumbing in `frontend` (see ARCHITECTURE.md).
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -93,6 +93,23 @@ check "mounted file system still writable" sh -c "echo hello > '$SCRATCH/busy/f'
 umount "$SCRATCH/busy"
 check "destroy once released" tap-ctl destroy -p "$pid" -m "$minor"
 
+# --- a mapped image truncated behind tapdisk's back: reads past the new end fail with an I/O
+# error, tapdisk lives on, reads before it still work, and destroy works
+img=$(make_raw shrink.img 16)
+fallocate -l 16M "$img"
+dd if=/dev/urandom of="$img" bs=1M count=16 conv=notrunc status=none
+dev=$(create_dev ublk "$img")
+minor=$(minor_of_device "$dev")
+pid=$(pid_of_minor "$minor")
+check "stats say \"mapped\": true (shrink.img)" sh -c "tap-ctl stats -p $pid -m $minor | grep -q '\"mapped\": true'"
+truncate -s 4M "$img"
+expect_status 1 "read past the truncated end fails" \
+    dd if="$dev" of=/dev/null bs=4k skip=2048 count=1 iflag=direct status=none
+check "tapdisk still alive" kill -0 "$pid"
+check "read before the truncated end works" \
+    sh -c "dd if='$dev' bs=4k count=1 iflag=direct status=none | cmp -n 4096 - '$img'"
+check "destroy" destroy_dev "$dev"
+
 # --- compatibility link
 img=$(make_raw compat.img 16)
 dev=$(BLKTAP_COMPAT_SYMLINKS=1 create_dev ublk "$img")

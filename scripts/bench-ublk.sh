@@ -13,8 +13,11 @@
 #
 # On the host: scripts/bench-ublk.sh   (builds tap-ctl and tapdisk in release mode first)
 # In the guest (run by scripts/vm-tests.sh): bench-ublk.sh REPO NAME
-# Knobs: BENCH_SECONDS per run (default 20), BENCH_MIB image size (default 256); they are
-# read in the guest, so set them by editing this file (the guest gets no host environment).
+# Knobs: BENCH_SECONDS per run (default 20), BENCH_MIB image size (default 256),
+# BENCH_ROUNDS (default 3: every round runs loop and then every variant, and the table shows
+# each one's median; the emulated CPU shares a busy host, so single runs move by +-10%).
+# They are read in the guest, so set them by editing this file (the guest gets no host
+# environment).
 if [ -z "${1:-}" ]; then
     cd "$(dirname "$0")/.." || exit 2
     cargo build --release --quiet -p tapdisk -p tap-ctl --bins || exit 2
@@ -35,42 +38,56 @@ iops() {
         "$SCRATCH/fio.json"
 }
 
-loop=$(losetup -f --show --direct-io=on "$img")
-loop_dio=$(cat "/sys/block/${loop#/dev/}/loop/dio" 2>/dev/null)
-loop_iops=$(iops "$loop")
-losetup -d "$loop"
-check "loop device ($loop, dio=$loop_dio): $loop_iops IOPS" test -n "$loop_iops"
-
+rounds=${BENCH_ROUNDS:-3}
 # Variants: "name;environment;tap-ctl create flags". The first is the default configuration.
 variants=(
     "default (user copy, mapped reads);;"
     "user copy, mapped reads off;TAPDISK_MAPPED_READS=off;"
     "user copy, mapped reads off, -D;TAPDISK_MAPPED_READS=off;-D"
     "plain copy (reads land in the tag buffer);TAPDISK_UBLK_USER_COPY=off;"
-    "plain copy, -D;TAPDISK_UBLK_USER_COPY=off;-D"
-    "plain copy, 1 queue;TAPDISK_UBLK_USER_COPY=off TAPDISK_UBLK_QUEUES=1;"
     "user copy, spawn bridge;TAPDISK_UBLK_BRIDGE=spawn;"
 )
-results=()
-for variant in "${variants[@]}"; do
-    IFS=';' read -r name environment flags <<<"$variant"
-    # shellcheck disable=SC2086 # word splitting of the variables is wanted
-    dev=$(env $environment tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
-    result=$(iops "$dev")
-    minor=$(minor_of_device "$dev")
-    tap-ctl destroy -p "$(pid_of_minor "$minor")" -m "$minor" >> "$LOG" 2>&1
-    check "ublk $name ($dev): $result IOPS" test -n "$result"
-    results+=("${result:-0}")
+# Results, one line per run: "round name iops" (name "loop" or the variant's index).
+runs="$SCRATCH/runs"
+: > "$runs"
+for round in $(seq "$rounds"); do
+    loop=$(losetup -f --show --direct-io=on "$img")
+    loop_dio=$(cat "/sys/block/${loop#/dev/}/loop/dio" 2>/dev/null)
+    result=$(iops "$loop")
+    losetup -d "$loop"
+    check "round $round: loop device ($loop, dio=$loop_dio): $result IOPS" test -n "$result"
+    echo "$round loop ${result:-0}" >> "$runs"
+    for i in "${!variants[@]}"; do
+        IFS=';' read -r name environment flags <<<"${variants[$i]}"
+        # shellcheck disable=SC2086 # word splitting of the variables is wanted
+        dev=$(env $environment tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
+        result=$(iops "$dev")
+        minor=$(minor_of_device "$dev")
+        tap-ctl destroy -p "$(pid_of_minor "$minor")" -m "$minor" >> "$LOG" 2>&1
+        check "round $round: ublk $name ($dev): $result IOPS" test -n "$result"
+        echo "$round $i ${result:-0}" >> "$runs"
+    done
 done
 
-ratio() { python3 -c "import sys; print('%.2f' % (int(sys.argv[1]) / max(1, int(sys.argv[2]))))" "$1" "$2"; }
 echo
-echo "fio randread 4k QD32, ${seconds}s, ${mib} MiB raw file on tmpfs, $(nproc) vCPUs (emulated CPU: compare ratios only)"
-printf '%-44s %10s %8s\n' device IOPS vs-loop
-printf '%-44s %10s %8s\n' "loop (direct-io=$loop_dio)" "$loop_iops" 1.00
-for i in "${!variants[@]}"; do
-    printf '%-44s %10s %8s\n' "ublk ${variants[$i]%%;*}" "${results[$i]}" \
-        "$(ratio "${results[$i]}" "${loop_iops:-1}")"
-done
+echo "fio randread 4k QD32, ${seconds}s per run, ${mib} MiB raw file on tmpfs, $(nproc) vCPUs," \
+    "median of $rounds rounds (emulated CPU: compare ratios only)"
+names=("loop (direct-io=$loop_dio)")
+for variant in "${variants[@]}"; do names+=("ublk ${variant%%;*}"); done
+python3 - "$runs" "${names[@]}" <<'PY'
+import statistics, sys
+runs = [line.split() for line in open(sys.argv[1])]
+names = sys.argv[2:]
+keys = ["loop"] + [str(i) for i in range(len(names) - 1)]
+by_key = {k: [int(r[2]) for r in runs if r[1] == k] for k in keys}
+loop = statistics.median(by_key["loop"]) or 1
+print("%-44s %10s %8s   %s" % ("device", "IOPS", "vs-loop", "each round vs its loop"))
+loops = {r[0]: int(r[2]) or 1 for r in runs if r[1] == "loop"}
+for key, name in zip(keys, names):
+    values = by_key[key]
+    median = statistics.median(values)
+    paired = [int(r[2]) / loops[r[0]] for r in runs if r[1] == key]
+    print("%-44s %10d %8.2f   %s" % (name, median, median / loop, " ".join("%.2f" % p for p in paired)))
+PY
 echo
 finish

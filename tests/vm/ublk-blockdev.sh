@@ -33,17 +33,17 @@ for mode in ublk auto; do
 done
 
 # --- fio verify on the raw device, each data path: user copy with VBD calls polled on the
-# queue threads (the default), the same over an image opened without O_DIRECT (reads and
-# writes complete on the queue thread itself), plain copy (the VBD reads into and writes
-# from the tag's own buffer) polled on the queue threads, and plain copy with spawned VBD
-# calls and queue threads pinned to their queue's CPUs; and first, user copy over a fully
-# allocated image (on tmpfs, so tapdisk maps it: reads are copied by the kernel straight from
-# the image's pages). Requests up to 512 KiB, the largest the device takes (the size of a
-# plain copy tag buffer). The first blkdiscard punches a hole, so later variants read the
-# image through the VBD as usual.
+# queue threads (the default), first over a fully allocated image (on tmpfs, so tapdisk maps
+# it and the kernel copies reads straight from the image's pages), then, after the first
+# blkdiscard punched a hole, through the VBD's reads: with queue threads free to run on any
+# CPU, and off their queue's CPUs (the default) over an image opened without O_DIRECT (reads
+# and writes complete on the queue thread itself); plain copy (the VBD reads into and writes
+# from the tag's own buffer) polled on the queue threads; plain copy with spawned VBD calls
+# and queue threads pinned to their queue's CPUs. Requests up to 512 KiB, the largest the
+# device takes (the size of a plain copy tag buffer).
 img=$(make_raw fio.img 256)
 fallocate -l 256M "$img"
-for variant in "auto;inline;any;;true" "auto;inline;any;;false" "auto;inline;any;-D;false" \
+for variant in "auto;inline;other;;true" "auto;inline;any;;false" "auto;inline;other;-D;false" \
                "off;inline;any;-D;false" "off;spawn;queue;;false"; do
     IFS=';' read -r copy bridge affinity flags mapped <<<"$variant"
     what="user copy $copy, $bridge bridge, affinity $affinity${flags:+, $flags}, mapped $mapped"

@@ -1,9 +1,12 @@
 #!/bin/bash
 # Daemon restart without losing the device: SIGKILL tapdisk under fio load, tap-ctl recover,
 # fio goes on and verifies; recovery with -a; an orphan device never blocks a later create.
+# The image is fully allocated, so both tapdisks serve reads from its mapped pages (the
+# default for images in memory).
 . "$1/tests/vm/lib.sh"
 
 img=$(make_raw recover.img 128)
+fallocate -l 128M "$img"
 dev=$(tap-ctl create -b ublk -a "aio:$img" 2>>"$LOG")
 minor=$(minor_of_device "$dev"); pid=$(pid_of_minor "$minor")
 check "created $dev (tapdisk $pid)" test -b "$dev"
@@ -26,6 +29,7 @@ new=$(tap-ctl recover -m "$minor" 2>>"$LOG")
 check "tap-ctl recover re-attaches the same device ($new)" test "$new" = "$dev"
 new_pid=$(pid_of_minor "$minor")
 check "a new tapdisk serves minor $minor ($new_pid)" sh -c "test -n '$new_pid' && test '$new_pid' != '$pid'"
+check "the new tapdisk maps the image too" sh -c "tap-ctl stats -p '$new_pid' -m $minor | grep -q '\"mapped\": true'"
 wait "$fio_pid"; rc=$?
 cat "$SCRATCH/fio.out" >> "$LOG" 2>/dev/null
 check "fio completes with verify passing (exit $rc)" sh -c "test $rc -eq 0 && grep -q 'err= 0' '$SCRATCH/fio.out'"

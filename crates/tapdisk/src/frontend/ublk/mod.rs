@@ -21,7 +21,7 @@
 //! `TAPDISK_UBLK_QUEUES` (default 2), `TAPDISK_UBLK_DEPTH` (default 64),
 //! `TAPDISK_UBLK_MAX_IO_KIB` (default 512), `TAPDISK_UBLK_USER_COPY` (`auto`/`off`),
 //! `TAPDISK_UBLK_BRIDGE` (`inline`/`spawn`, how queue threads reach the runtime),
-//! `TAPDISK_UBLK_AFFINITY` (`any`/`queue`, where queue threads run),
+//! `TAPDISK_UBLK_AFFINITY` (`other`/`any`/`queue`, where queue threads run),
 //! `BLKTAP_COMPAT_SYMLINKS=1` (the `/dev/xen/blktap-2/tapdev<minor>` link, [`compat`]).
 //! The driver's features are read with `GET_FEATURES` and negotiated by
 //! [`config::negotiate`]: user copy where offered, plain copy otherwise; user recovery with
@@ -385,9 +385,10 @@ impl DeviceJob {
             bridge: self.config.bridge,
             // The device thread was never pinned: its CPUs are tapdisk's.
             cpus: match self.config.affinity {
-                Affinity::Any => rustix::thread::sched_getaffinity(None).ok(),
+                Affinity::Any | Affinity::Other => rustix::thread::sched_getaffinity(None).ok(),
                 Affinity::Queue => None,
             },
+            avoid_queue_cpus: self.config.affinity == Affinity::Other,
         });
         let params = self.params;
         let dev_bytes = params.basic.dev_sectors.saturating_mul(SECTOR_SIZE);

@@ -74,6 +74,9 @@ pub struct QueueContext {
     /// CPUs queue threads move to once the device runs (libublk pins each to its queue's
     /// CPUs first); `None` keeps libublk's pinning.
     pub cpus: Option<rustix::thread::CpuSet>,
+    /// Leave out of [`Self::cpus`] the CPUs libublk pinned the queue thread to (the queue's
+    /// own, where its submitters run), unless nothing else is left.
+    pub avoid_queue_cpus: bool,
 }
 
 fn errno(code: i32) -> io::Error {
@@ -193,7 +196,13 @@ impl QueueContext {
         if moved.replace(true) {
             return;
         }
-        if let Err(e) = rustix::thread::sched_setaffinity(None, cpus) {
+        let target = if self.avoid_queue_cpus {
+            rustix::thread::sched_getaffinity(None)
+                .map_or(*cpus, |queue_cpus| cpus_other_than(cpus, &queue_cpus))
+        } else {
+            *cpus
+        };
+        if let Err(e) = rustix::thread::sched_setaffinity(None, &target) {
             tracing::warn!(
                 minor = self.minor,
                 qid,
@@ -225,6 +234,24 @@ impl QueueContext {
         receiver
             .await
             .unwrap_or_else(|_| Err(errno(libc::ESHUTDOWN)))
+    }
+}
+
+/// The CPUs of `allowed` that are not in `queue_cpus`; all of `allowed` if none are left.
+fn cpus_other_than(
+    allowed: &rustix::thread::CpuSet,
+    queue_cpus: &rustix::thread::CpuSet,
+) -> rustix::thread::CpuSet {
+    let mut others = *allowed;
+    for cpu in 0..rustix::thread::CpuSet::MAX_CPU {
+        if queue_cpus.is_set(cpu) {
+            others.unset(cpu);
+        }
+    }
+    if others.count() == 0 {
+        *allowed
+    } else {
+        others
     }
 }
 
@@ -765,6 +792,7 @@ mod tests {
             minor: 0,
             bridge: Bridge::Inline,
             cpus: Some(mine),
+            avoid_queue_cpus: false,
         };
         let moved = Cell::new(false);
         context.spread_out(&moved, 0);
@@ -777,6 +805,25 @@ mod tests {
         let untouched = Cell::new(false);
         unpinned.spread_out(&untouched, 0);
         assert!(!untouched.get());
+    }
+
+    #[test]
+    fn other_cpus_leave_out_the_queue_cpus_unless_none_remain() {
+        use rustix::thread::CpuSet;
+        let set = |cpus: &[usize]| {
+            let mut set = CpuSet::new();
+            cpus.iter().for_each(|cpu| set.set(*cpu));
+            set
+        };
+        assert_eq!(
+            cpus_other_than(&set(&[0, 1, 2, 3]), &set(&[1])),
+            set(&[0, 2, 3])
+        );
+        assert_eq!(
+            cpus_other_than(&set(&[0, 1]), &set(&[0, 1, 5])),
+            set(&[0, 1])
+        );
+        assert_eq!(cpus_other_than(&set(&[2, 3]), &set(&[0])), set(&[2, 3]));
     }
 
     #[test]
@@ -799,6 +846,7 @@ mod tests {
             minor: 0,
             bridge,
             cpus: None,
+            avoid_queue_cpus: false,
         };
         let wakeup = Arc::new(Wakeup::new().unwrap());
         // As on a queue thread: inside the runtime's context, driven by a foreign executor.

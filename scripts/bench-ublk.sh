@@ -42,6 +42,7 @@ rounds=${BENCH_ROUNDS:-3}
 # Variants: "name;environment;tap-ctl create flags". The first is the default configuration.
 variants=(
     "default (user copy, mapped reads);;"
+    "user copy, mapped reads, affinity other;TAPDISK_UBLK_AFFINITY=other;"
     "user copy, mapped reads off;TAPDISK_MAPPED_READS=off;"
     "user copy, mapped reads off, -D;TAPDISK_MAPPED_READS=off;-D"
     "plain copy (reads land in the tag buffer);TAPDISK_UBLK_USER_COPY=off;"

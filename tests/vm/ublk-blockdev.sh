@@ -35,15 +35,15 @@ done
 # --- fio verify on the raw device, each data path: user copy with VBD calls polled on the
 # queue threads (the default), first over a fully allocated image (on tmpfs, so tapdisk maps
 # it and the kernel copies reads straight from the image's pages), then, after the first
-# blkdiscard punched a hole, through the VBD's reads: with queue threads free to run on any
-# CPU, and off their queue's CPUs (the default) over an image opened without O_DIRECT (reads
+# blkdiscard punched a hole, through the VBD's reads: with queue threads off their queue's
+# CPUs, and free to run on any CPU (the default) over an image opened without O_DIRECT (reads
 # and writes complete on the queue thread itself); plain copy (the VBD reads into and writes
 # from the tag's own buffer) polled on the queue threads; plain copy with spawned VBD calls
 # and queue threads pinned to their queue's CPUs. Requests up to 512 KiB, the largest the
 # device takes (the size of a plain copy tag buffer).
 img=$(make_raw fio.img 256)
 fallocate -l 256M "$img"
-for variant in "auto;inline;other;;true" "auto;inline;any;;false" "auto;inline;other;-D;false" \
+for variant in "auto;inline;any;;true" "auto;inline;other;;false" "auto;inline;any;-D;false" \
                "off;inline;any;-D;false" "off;spawn;queue;;false"; do
     IFS=';' read -r copy bridge affinity flags mapped <<<"$variant"
     what="user copy $copy, $bridge bridge, affinity $affinity${flags:+, $flags}, mapped $mapped"

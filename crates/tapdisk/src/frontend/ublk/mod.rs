@@ -21,7 +21,7 @@
 //! `TAPDISK_UBLK_QUEUES` (default 2), `TAPDISK_UBLK_DEPTH` (default 64),
 //! `TAPDISK_UBLK_MAX_IO_KIB` (default 512), `TAPDISK_UBLK_USER_COPY` (`auto`/`off`),
 //! `TAPDISK_UBLK_BRIDGE` (`inline`/`spawn`, how queue threads reach the runtime),
-//! `TAPDISK_UBLK_AFFINITY` (`other`/`any`/`queue`, where queue threads run),
+//! `TAPDISK_UBLK_AFFINITY` (`any`/`queue`/`other`, where queue threads run),
 //! `BLKTAP_COMPAT_SYMLINKS=1` (the `/dev/xen/blktap-2/tapdev<minor>` link, [`compat`]).
 //! The driver's features are read with `GET_FEATURES` and negotiated by
 //! [`config::negotiate`]: user copy where offered, plain copy otherwise; user recovery with

@@ -441,6 +441,12 @@ impl ImageChain {
         Ok(buf)
     }
 
+    /// True when this chain can serve mapped reads at all ([`ImageChain::mapped`]).
+    pub fn is_mapped(&self) -> bool {
+        // A zero-length range is mapped exactly when the image is.
+        matches!(self.images.as_slice(), [image] if image.driver.mapped(0, 0).is_some())
+    }
+
     /// The `len` bytes at `sector` as mapped memory the kernel can copy from, when a
     /// single-image chain has them so ([`ImageDriver::mapped`]); `None` means: read them.
     pub fn mapped(&self, sector: u64, len: usize) -> Option<MappedBytes> {
@@ -553,6 +559,7 @@ mod tests {
             Box::new(image.unwrap())
         };
         let single = ImageChain::from_drivers(vec![open("leaf.img")]).unwrap();
+        assert!(single.is_mapped());
         assert_eq!(single.mapped(2, 1024).unwrap().len(), 1024);
         assert_eq!(
             single.images()[0].counters.hits[READ].load(Ordering::Relaxed),
@@ -560,6 +567,7 @@ mod tests {
         );
         // Above a parent, unwritten leaf sectors would have to come from the parent.
         let layered = ImageChain::from_drivers(vec![open("top.img"), open("base.img")]).unwrap();
+        assert!(!layered.is_mapped());
         assert!(layered.mapped(2, 1024).is_none());
     }
 

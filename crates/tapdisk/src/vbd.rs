@@ -20,7 +20,7 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -133,6 +133,9 @@ pub struct Vbd {
     /// Bumped on every state change; waiters subscribe, then re-check the state.
     changes: watch::Sender<u64>,
     counters: VbdCounters,
+    /// Whether the last chain installed could serve mapped reads at all: a hint that spares
+    /// [`Vbd::read_mapped`] an admission per read for the (usual) images that cannot.
+    mapped_hint: AtomicBool,
 }
 
 /// Marks one request as in flight until dropped.
@@ -188,6 +191,7 @@ impl Vbd {
             }),
             changes: watch::channel(0).0,
             counters: VbdCounters::default(),
+            mapped_hint: AtomicBool::new(false),
         }
     }
 
@@ -262,6 +266,7 @@ impl Vbd {
         inner.params = Some(request.params);
         inner.options = request.options;
         inner.timeout = request.timeout;
+        self.mapped_hint.store(chain.is_mapped(), Ordering::Relaxed);
         inner.chain = Some(Arc::new(chain));
         inner.info = Some(info);
         inner.state = 0;
@@ -371,6 +376,7 @@ impl Vbd {
         {
             let mut inner = self.lock();
             inner.params = Some(request.params);
+            self.mapped_hint.store(chain.is_mapped(), Ordering::Relaxed);
             inner.chain = Some(Arc::new(chain));
             inner.info = Some(info);
             inner.state &=
@@ -534,6 +540,9 @@ impl Vbd {
         len: usize,
         deliver: impl FnOnce(&MappedBytes) -> io::Result<()>,
     ) -> Option<io::Result<()>> {
+        if !self.mapped_hint.load(Ordering::Relaxed) {
+            return None;
+        }
         let sectors = sectors_of(len).ok()?;
         let admitted = self.try_enter(Access::Read, sector, sectors).ok()??;
         let bytes = admitted.chain.mapped(sector, len)?;
@@ -682,6 +691,16 @@ mod tests {
         vbd.resume(None).await.unwrap();
         assert!(vbd.read_mapped(0, 512, deliver_len(512)).is_some());
         assert_eq!(vbd.counters().received.load(Ordering::Relaxed), 3);
+        // An image that is not mapped (on storage): left to the read path, nothing counted.
+        let on_disk = tempfile::tempdir().unwrap();
+        let unmapped = Vbd::new(5);
+        unmapped
+            .open(request(raw_image(&on_disk, "d.img", 65536, 9)))
+            .await
+            .unwrap();
+        assert!(unmapped.read_mapped(0, 512, deliver_len(512)).is_none());
+        assert_eq!(unmapped.counters().received.load(Ordering::Relaxed), 0);
+        assert_eq!(unmapped.in_flight(), 0);
     }
 
     #[tokio::test]

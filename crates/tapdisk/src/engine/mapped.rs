@@ -21,6 +21,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 /// `TAPDISK_MAPPED_READS=off` turns mapped reads off.
@@ -37,7 +38,6 @@ pub fn worth_mapping(file: &File) -> bool {
     let Ok(metadata) = file.metadata() else {
         return false;
     };
-    use std::os::unix::fs::MetadataExt;
     let allocated = metadata.blocks().saturating_mul(512);
     metadata.is_file()
         && metadata.len() > 0
@@ -82,16 +82,6 @@ impl FileMapping {
             len,
         })
     }
-
-    /// Bytes mapped.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: empty mappings are refused by [`FileMapping::new`].
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 impl Drop for FileMapping {
@@ -122,7 +112,7 @@ impl MappedBytes {
     pub fn new(mapping: &Arc<FileMapping>, offset: u64, len: usize) -> Option<Self> {
         let offset = usize::try_from(offset).ok()?;
         let end = offset.checked_add(len)?;
-        (end <= mapping.len()).then(|| Self {
+        (end <= mapping.len).then(|| Self {
             mapping: Arc::clone(mapping),
             offset,
             len,

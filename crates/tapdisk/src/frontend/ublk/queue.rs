@@ -469,12 +469,8 @@ fn short_copy(what: &str, done: usize, len: usize) -> io::Error {
 }
 
 /// A user copy the driver refused (the request was aborted, or the offset is wrong).
-fn copy_failed(what: &str, position: u64, error: rustix::io::Errno) -> io::Error {
-    copy_failed_io(what, position, io::Error::from(error))
-}
-
-/// [`copy_failed`] for an `io::Error`.
-fn copy_failed_io(what: &str, position: u64, error: io::Error) -> io::Error {
+fn copy_failed(what: &str, position: u64, error: impl Into<io::Error>) -> io::Error {
+    let error = error.into();
     tracing::error!("ublk user copy: {what} at {position:#x} of the character device: {error}");
     error
 }
@@ -611,7 +607,7 @@ impl TagWork<'_, '_> {
         // An image in memory: the kernel copies straight from its pages into the request.
         let deliver = |data: &MappedBytes| {
             data.write_all_at(window.device, window.position)
-                .map_err(|e| copy_failed_io("write from the image's memory", window.position, e))
+                .map_err(|e| copy_failed("write from the image's memory", window.position, e))
         };
         if let Some(outcome) = self.context.vbd.read_mapped(sector, bytes, deliver) {
             return outcome;

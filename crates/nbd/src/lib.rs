@@ -21,6 +21,7 @@
 //! Extended headers (`NBD_OPT_EXTENDED_HEADERS`: 64-bit lengths, 32-byte request and
 //! reply headers, `BLOCK_STATUS_EXT`) when the client asks for them.
 
+mod backlog;
 pub mod handover;
 pub mod proto;
 pub mod server;

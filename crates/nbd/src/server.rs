@@ -26,6 +26,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::Instrument;
 
+use crate::backlog::PeerBacklog;
 use crate::proto::{self, Negotiation, OptionHeader, OptionOutcome, ProtoError, Session};
 pub use crate::proto::{ExportInfo, Extent, WriteZeroesFlags};
 
@@ -149,6 +150,9 @@ pub struct ServerConfig {
     pub handshake: Handshake,
     /// Require TLS (new-style only): clients must `NBD_OPT_STARTTLS` before anything else.
     pub tls: Option<crate::tls::Tls>,
+    /// On UNIX sockets, hold small replies back while the client still has several unread
+    /// and send them together (see the `transmission` module).
+    pub gather_replies: bool,
 }
 
 /// How a connection starts.
@@ -169,6 +173,7 @@ impl Default for ServerConfig {
             max_requests_in_flight: 64,
             handshake: Handshake::Newstyle,
             tls: None,
+            gather_replies: true,
         }
     }
 }
@@ -179,7 +184,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for T {}
 
 type BoxedStream = Box<dyn ByteStream>;
 type ConnectionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-type ServeFn = dyn Fn(BoxedStream, watch::Receiver<bool>) -> ConnectionFuture + Send + Sync;
+type ServeFn = dyn Fn(BoxedStream, Option<PeerBacklog>, watch::Receiver<bool>) -> ConnectionFuture
+    + Send
+    + Sync;
 
 struct Shared {
     runtime: Handle,
@@ -188,6 +195,8 @@ struct Shared {
     connections: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
     connection_ended: Notify,
+    /// [`ServerConfig::gather_replies`].
+    gather_replies: bool,
 }
 
 impl Shared {
@@ -197,13 +206,24 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn spawn_connection(self: &Arc<Self>, stream: BoxedStream) {
+    /// A backlog probe for a UNIX-socket connection, when replies are gathered.
+    fn backlog_probe(&self, socket: &impl std::os::fd::AsFd) -> Option<PeerBacklog> {
+        if !self.gather_replies {
+            return None;
+        }
+        PeerBacklog::of(socket)
+            .inspect_err(|error| tracing::debug!(%error, "no backlog probe: replies not gathered"))
+            .ok()
+    }
+
+    /// Serves `stream`; `backlog` probes it when it is a UNIX socket.
+    fn spawn_connection(self: &Arc<Self>, stream: BoxedStream, backlog: Option<PeerBacklog>) {
         if *self.shutdown.borrow() {
             tracing::debug!("NBD server shutting down: dropping new connection");
             return;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let future = (self.serve)(stream, self.shutdown.subscribe());
+        let future = (self.serve)(stream, backlog, self.shutdown.subscribe());
         let shared = Arc::clone(self);
         // Hold the lock across spawn so the task's own removal happens after the insert.
         let mut connections = self.lock_connections();
@@ -272,7 +292,10 @@ impl NbdServer {
                 tokio::select! {
                     _ = stopped(&mut shutdown) => break,
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => shared.spawn_connection(Box::new(stream)),
+                        Ok((stream, _)) => {
+                            let backlog = shared.backlog_probe(&stream);
+                            shared.spawn_connection(Box::new(stream), backlog);
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "NBD accept failed; retrying");
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -302,7 +325,7 @@ impl NbdServer {
                         Ok((stream, peer)) => {
                             let _ = stream.set_nodelay(true);
                             tracing::debug!(%peer, "NBD TCP connection");
-                            shared.spawn_connection(Box::new(stream));
+                            shared.spawn_connection(Box::new(stream), None);
                         }
                         Err(error) => {
                             tracing::warn!(%error, "NBD accept failed; retrying");
@@ -347,10 +370,11 @@ impl NbdServer {
                                         tracing::info!(%id, "NBD client socket handed over");
                                         match stream {
                                             crate::handover::ReceivedStream::Unix(s) => {
-                                                shared.spawn_connection(Box::new(s));
+                                                let backlog = shared.backlog_probe(&s);
+                                                shared.spawn_connection(Box::new(s), backlog);
                                             }
                                             crate::handover::ReceivedStream::Tcp(s) => {
-                                                shared.spawn_connection(Box::new(s));
+                                                shared.spawn_connection(Box::new(s), None);
                                             }
                                         }
                                     }
@@ -379,11 +403,15 @@ impl NbdServer {
     }
 
     fn new<E: Export>(export: Arc<E>, config: ServerConfig) -> NbdServer {
+        let gather_replies = config.gather_replies;
         let config = Arc::new(config);
-        let serve = move |stream: BoxedStream, shutdown: watch::Receiver<bool>| {
+        let serve = move |stream: BoxedStream,
+                          backlog: Option<PeerBacklog>,
+                          shutdown: watch::Receiver<bool>| {
             let export = Arc::clone(&export);
             let config = Arc::clone(&config);
-            Box::pin(serve_connection(export, config, stream, shutdown)) as ConnectionFuture
+            Box::pin(serve_connection(export, config, stream, backlog, shutdown))
+                as ConnectionFuture
         };
         let (shutdown, _) = watch::channel(false);
         NbdServer {
@@ -394,6 +422,7 @@ impl NbdServer {
                 connections: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 connection_ended: Notify::new(),
+                gather_replies,
             }),
             accept: None,
         }
@@ -405,7 +434,7 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        self.shared.spawn_connection(Box::new(stream));
+        self.shared.spawn_connection(Box::new(stream), None);
     }
 
     /// Number of live connections (handshaking or transmitting).
@@ -564,6 +593,7 @@ async fn serve_connection<E: Export>(
     export: Arc<E>,
     config: Arc<ServerConfig>,
     stream: BoxedStream,
+    backlog: Option<PeerBacklog>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let negotiated = tokio::select! {
@@ -600,6 +630,7 @@ async fn serve_connection<E: Export>(
         session,
         extended,
         config.max_requests_in_flight,
+        backlog,
         stream,
         &mut shutdown,
     )

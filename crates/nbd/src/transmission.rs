@@ -11,6 +11,13 @@
 //!   small read payloads are packed into one buffer, large payloads are written from the
 //!   export's buffer without a copy, and everything queued goes out in one call.
 //!
+//! * *gathering* (UNIX sockets, unless [`ServerConfig::gather_replies`] is off): finished
+//!   replies are held back while the client still has several replies' worth unread (and
+//!   only up to a few small ones), then sent as one message. The client is never kept
+//!   waiting (it has replies to read meanwhile) and reads fewer, larger messages, which is
+//!   cheaper for it and for us; a held reply goes out as soon as the client's backlog runs
+//!   low (its next read wakes us, see the `backlog` module).
+//!
 //! Limits per connection: at most `max_requests_in_flight` requests admitted and not yet
 //! answered, and a byte budget over payloads held in memory; reading pauses at either limit.
 
@@ -25,9 +32,12 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::backlog::PeerBacklog;
 use crate::proto::{
     self, Command, ExtendedRequestHeader, ReadChunk, RequestAction, RequestHeader, Session,
 };
+#[cfg(doc)]
+use crate::server::ServerConfig;
 use crate::server::{Export, ExportBuffer, Extent};
 
 /// Bytes of payload one connection may hold in memory at once (write payloads being read or
@@ -43,6 +53,27 @@ const COPY_LIMIT: usize = 32 * 1024;
 const PACK_LIMIT: usize = 512 * 1024;
 /// Most buffers handed to one vectored write.
 const MAX_IOVECS: usize = 64;
+/// Replies are gathered only while the client has at least this much unread (socket buffer
+/// memory: two 4 KiB read replies, or about eight small replies)...
+const GATHER_WHILE_UNREAD: usize = 8 * 1024;
+/// ...and only until this many replies or payload bytes are waiting (32 KiB: what Linux
+/// puts in one message buffer of a UNIX socket).
+const GATHER_REPLIES: usize = 16;
+const GATHER_BYTES: usize = 32 * 1024;
+
+impl<B: ExportBuffer> Outbox<B> {
+    /// Whether the outbox holds replies, few and small enough to wait for more.
+    fn may_gather(&self) -> bool {
+        !self.is_empty() && self.replies < GATHER_REPLIES && self.bytes < GATHER_BYTES
+    }
+}
+
+/// Whether the client has enough unread that replies may wait for company.
+fn client_busy(backlog: &PeerBacklog) -> bool {
+    backlog
+        .unread()
+        .is_ok_and(|unread| unread >= GATHER_WHILE_UNREAD)
+}
 
 type RequestFuture<B> = Pin<Box<dyn Future<Output = Done<B>> + Send>>;
 
@@ -773,6 +804,7 @@ pub(crate) async fn serve<E, S>(
     session: Session,
     extended: bool,
     max_requests: usize,
+    backlog: Option<PeerBacklog>,
     stream: S,
     shutdown: &mut watch::Receiver<bool>,
 ) where
@@ -796,7 +828,14 @@ pub(crate) async fn serve<E, S>(
         },
         outbox,
     };
-    let end = run(&mut conn, &mut reader, &mut writer, shutdown).await;
+    let end = run(
+        &mut conn,
+        backlog.as_ref(),
+        &mut reader,
+        &mut writer,
+        shutdown,
+    )
+    .await;
     match end {
         End::Graceful => {
             let _ = writer.shutdown().await;
@@ -808,6 +847,7 @@ pub(crate) async fn serve<E, S>(
 
 async fn run<E, R, W>(
     conn: &mut Connection<E>,
+    backlog: Option<&PeerBacklog>,
     reader: &mut R,
     writer: &mut W,
     shutdown: &mut watch::Receiver<bool>,
@@ -829,6 +869,11 @@ where
         let _ = shutdown_signal.wait_for(|stopping| *stopping).await;
     };
     tokio::pin!(stopped);
+    // Gathering: the client's backlog as last seen, and whether it may have changed since
+    // (on its own it only shrinks: looked at again after our writes, after its requests
+    // and when it has read more).
+    let mut busy = false;
+    let mut recheck = true;
     loop {
         if *shutdown.borrow() {
             return End::Shutdown;
@@ -850,6 +895,17 @@ where
             _ => false,
         };
         let may_read = reading && !throttled;
+        let gathering = match backlog {
+            Some(backlog) if conn.outbox.may_gather() => {
+                if recheck {
+                    busy = client_busy(backlog);
+                    recheck = false;
+                }
+                busy
+            }
+            _ => false,
+        };
+        let may_write = !conn.outbox.is_empty() && !gathering;
         tokio::select! {
             biased;
             Some(done) = conn.running.next(), if !conn.running.is_empty() => {
@@ -858,13 +914,14 @@ where
                 conn.recycle();
                 parse_again |= throttled;
             }
-            written = write_some(writer, &conn.outbox), if !conn.outbox.is_empty() => {
+            written = write_some(writer, &conn.outbox), if may_write => {
                 match written {
                     Ok(0) => return End::Broken("socket closed while writing replies".into()),
                     Ok(count) => {
                         conn.outbox.advance(count);
                         conn.recycle();
                         parse_again |= throttled;
+                                recheck = true;
                     }
                     Err(error) => return End::Broken(format!("writing replies: {error}")),
                 }
@@ -879,11 +936,17 @@ where
                         }
                         reading = false;
                     }
-                    Ok(_) => parse_again = true,
+                    Ok(_) => {
+                        parse_again = true;
+                                recheck = true;
+                    }
                     Err(error) => return End::Broken(format!("reading requests: {error}")),
                 }
             }
-            // Last: checked at the top of every turn, polled here only when idle.
+            () = async { if let Some(backlog) = backlog { backlog.read_more().await } }, if gathering => {
+                recheck = true;
+            }
+            // Checked at the top of every turn, polled here only when idle.
             () = &mut stopped => return End::Shutdown,
         }
     }

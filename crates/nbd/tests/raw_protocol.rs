@@ -854,3 +854,125 @@ async fn serve_stream_over_a_socket_pair() {
     assert_eq!(&export.snapshot()[..3], b"abc");
     tokio::time::timeout(WAIT, server.shutdown()).await.unwrap();
 }
+
+/// Replies held back while the client still has unread ones (gathering, on by default for
+/// UNIX sockets) all arrive, even when the client stops asking and reads slowly, and they
+/// are the same replies as without gathering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gathered_replies_reach_a_slow_client_unchanged() {
+    const REQUESTS: u64 = 48;
+    let mut answers = Vec::new();
+    for gather_replies in [true, false] {
+        let export = Arc::new(MemExport::new(1 << 20));
+        for (i, byte) in export.data.lock().unwrap().iter_mut().enumerate() {
+            *byte = u8::try_from(i % 251).unwrap() + 1;
+        }
+        let config = ServerConfig {
+            gather_replies,
+            max_requests_in_flight: 64,
+            ..config()
+        };
+        let server = Server::start(Arc::clone(&export), config);
+        let mut stream = server.connect().await;
+        negotiate(&mut stream, true, false).await;
+        // One burst of reads with a few flushes among them, then nothing more until every
+        // reply is in: a held reply can only go out because the client read the others.
+        let mut burst = Vec::new();
+        for cookie in 0..REQUESTS {
+            let header = if cookie % 8 == 7 {
+                RequestHeader {
+                    flags: 0,
+                    command: proto::CMD_FLUSH,
+                    cookie,
+                    offset: 0,
+                    length: 0,
+                }
+            } else {
+                RequestHeader {
+                    flags: 0,
+                    command: proto::CMD_READ,
+                    cookie,
+                    offset: cookie * 8192,
+                    length: 4096,
+                }
+            };
+            burst.extend_from_slice(&header.encode());
+        }
+        stream.write_all(&burst).await.unwrap();
+        // Flushes are answered with simple replies, reads with one data chunk each.
+        let mut replies = Vec::new();
+        for index in 0..REQUESTS {
+            if index % 4 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let magic = read_n(&mut stream, 4).await;
+            if magic == proto::SIMPLE_REPLY_MAGIC.to_be_bytes() {
+                let rest = read_n(&mut stream, 12).await;
+                assert_eq!(rest[..4], [0; 4], "flush succeeded");
+                let cookie = u64::from_be_bytes(rest[4..12].try_into().unwrap());
+                replies.push((cookie, None));
+            } else {
+                assert_eq!(magic, proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                let head = read_n(&mut stream, 16).await;
+                assert_eq!(
+                    u16::from_be_bytes([head[0], head[1]]),
+                    proto::REPLY_FLAG_DONE
+                );
+                assert_eq!(
+                    u16::from_be_bytes([head[2], head[3]]),
+                    proto::REPLY_TYPE_OFFSET_DATA
+                );
+                let cookie = u64::from_be_bytes(head[4..12].try_into().unwrap());
+                let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
+                let payload = read_n(&mut stream, usize::try_from(len).unwrap()).await;
+                replies.push((cookie, Some(payload)));
+            }
+        }
+        disconnect_and_expect_nothing_more(&mut stream).await;
+        server.stop().await;
+        replies.sort_by_key(|reply| reply.0);
+        let data = export.snapshot();
+        for (cookie, payload) in &replies {
+            match payload {
+                None => assert_eq!(cookie % 8, 7, "cookie {cookie} is a flush"),
+                Some(payload) => {
+                    let offset = cookie * 8192;
+                    assert_eq!(payload[..8], offset.to_be_bytes());
+                    let start = usize::try_from(offset).unwrap();
+                    assert!(payload[8..] == data[start..start + 4096], "cookie {cookie}");
+                }
+            }
+        }
+        let cookies: Vec<u64> = replies.iter().map(|reply| reply.0).collect();
+        assert_eq!(cookies, (0..REQUESTS).collect::<Vec<_>>());
+        answers.push(replies);
+    }
+    assert_eq!(answers[0], answers[1]);
+}
+
+/// A reply held back because the client still had replies unread goes out as soon as the
+/// client reads them, although it sends nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_reply_goes_out_when_the_client_reads() {
+    let export = stalling_export();
+    let server = Server::start(Arc::clone(&export), config());
+    let mut stream = server.connect().await;
+    negotiate(&mut stream, false, false).await;
+    send_request(&mut stream, proto::CMD_READ, 0, 100, 65536, 4096).await;
+    for cookie in 1..=8u64 {
+        send_request(&mut stream, proto::CMD_READ, 0, cookie, 0, 4096).await;
+    }
+    // The quick replies sit unread in the socket when the stuck read finishes, so its
+    // reply waits for company; only the client's reading can release it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    export.release.notify_one();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 1..=8u64 {
+        assert_eq!(read_simple(&mut stream).await.0, 0);
+        read_n(&mut stream, 4096).await;
+    }
+    assert_eq!(read_simple(&mut stream).await, (0, 100));
+    read_n(&mut stream, 4096).await;
+    disconnect_and_expect_nothing_more(&mut stream).await;
+    server.stop().await;
+}

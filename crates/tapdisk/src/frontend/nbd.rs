@@ -328,6 +328,12 @@ impl TcpListen {
     }
 }
 
+/// Whether replies on UNIX sockets are gathered ([`ServerConfig::gather_replies`]):
+/// yes unless `TAPDISK_NBD_GATHER` is `off`.
+fn gather_replies() -> bool {
+    std::env::var("TAPDISK_NBD_GATHER").map_or(true, |value| value != "off")
+}
+
 /// Binds a UNIX listener at `path` (replacing a stale file) with mode 0600.
 fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
     match std::fs::remove_file(path) {
@@ -357,6 +363,7 @@ impl NbdFrontend {
             servers: Vec::with_capacity(SOCKETS.len()),
             tcp: Vec::new(),
         };
+        let gather_replies = gather_replies();
         for (prefix, handshake, receiver) in SOCKETS {
             let path = if prefix == "nbd" {
                 socket.to_path_buf()
@@ -376,6 +383,7 @@ impl NbdFrontend {
             let config = ServerConfig {
                 export_name: name.to_owned(),
                 handshake,
+                gather_replies,
                 ..ServerConfig::default()
             };
             let export = Arc::clone(&export);

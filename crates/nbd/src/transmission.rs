@@ -61,13 +61,6 @@ const GATHER_WHILE_UNREAD: usize = 8 * 1024;
 const GATHER_REPLIES: usize = 16;
 const GATHER_BYTES: usize = 32 * 1024;
 
-impl<B: ExportBuffer> Outbox<B> {
-    /// Whether the outbox holds replies, few and small enough to wait for more.
-    fn may_gather(&self) -> bool {
-        !self.is_empty() && self.replies < GATHER_REPLIES && self.bytes < GATHER_BYTES
-    }
-}
-
 /// Whether the client has enough unread that replies may wait for company.
 fn client_busy(backlog: &PeerBacklog) -> bool {
     backlog
@@ -170,6 +163,11 @@ impl<B: ExportBuffer> Outbox<B> {
         if let Ok(buf) = Arc::try_unwrap(buf) {
             self.returned.push(buf);
         }
+    }
+
+    /// Whether the outbox holds replies, few and small enough to wait for more.
+    fn may_gather(&self) -> bool {
+        !self.is_empty() && self.replies < GATHER_REPLIES && self.bytes < GATHER_BYTES
     }
 
     fn is_empty(&self) -> bool {
@@ -921,7 +919,7 @@ where
                         conn.outbox.advance(count);
                         conn.recycle();
                         parse_again |= throttled;
-                                recheck = true;
+                        recheck = true;
                     }
                     Err(error) => return End::Broken(format!("writing replies: {error}")),
                 }
@@ -938,17 +936,25 @@ where
                     }
                     Ok(_) => {
                         parse_again = true;
-                                recheck = true;
+                        recheck = true;
                     }
                     Err(error) => return End::Broken(format!("reading requests: {error}")),
                 }
             }
-            () = async { if let Some(backlog) = backlog { backlog.read_more().await } }, if gathering => {
-                recheck = true;
-            }
+            // Replies held back: the client's next read may let them go.
+            () = client_read_more(backlog), if gathering => recheck = true,
             // Checked at the top of every turn, polled here only when idle.
             () = &mut stopped => return End::Shutdown,
         }
+    }
+}
+
+/// Completes when the client has read more ([`PeerBacklog::read_more`]); never without a
+/// probe.
+async fn client_read_more(backlog: Option<&PeerBacklog>) {
+    match backlog {
+        Some(backlog) => backlog.read_more().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -12,11 +12,12 @@
 //!   export's buffer without a copy, and everything queued goes out in one call.
 //!
 //! * *gathering* (UNIX sockets, unless [`ServerConfig::gather_replies`] is off): finished
-//!   replies are held back while the client still has several replies' worth unread (and
-//!   only up to a few small ones), then sent as one message. The client is never kept
-//!   waiting (it has replies to read meanwhile) and reads fewer, larger messages, which is
-//!   cheaper for it and for us; a held reply goes out as soon as the client's backlog runs
-//!   low (its next read wakes us, see the `backlog` module).
+//!   replies are held back while the client still has more unread than our last message
+//!   (and only up to a few small ones), then sent as one message. The client is never kept
+//!   waiting (when it reaches our last message, the held replies are on their way) and
+//!   reads fewer, larger messages, which is cheaper for it and for us; a held reply goes out
+//!   as soon as the client's backlog runs low (its reads wake us, see the `backlog` module).
+//!   A client with few requests in flight never has that much unread, so nothing waits.
 //!
 //! Limits per connection: at most `max_requests_in_flight` requests admitted and not yet
 //! answered, and a byte budget over payloads held in memory; reading pauses at either limit.
@@ -53,19 +54,22 @@ const COPY_LIMIT: usize = 32 * 1024;
 const PACK_LIMIT: usize = 512 * 1024;
 /// Most buffers handed to one vectored write.
 const MAX_IOVECS: usize = 64;
-/// Replies are gathered only while the client has at least this much unread (socket buffer
-/// memory: two 4 KiB read replies, or about eight small replies)...
-const GATHER_WHILE_UNREAD: usize = 8 * 1024;
+/// Replies are gathered only while the client has this much more unread than the bytes of
+/// our last message (socket buffer memory, which counts a message until it is read to the
+/// end, plus the kernel's overhead per buffer)...
+const GATHER_WHILE_UNREAD: usize = 16 * 1024;
 /// ...and only until this many replies or payload bytes are waiting (32 KiB: what Linux
 /// puts in one message buffer of a UNIX socket).
 const GATHER_REPLIES: usize = 16;
 const GATHER_BYTES: usize = 32 * 1024;
 
-/// Whether the client has enough unread that replies may wait for company.
-fn client_busy(backlog: &PeerBacklog) -> bool {
+/// Whether the client has enough unread that replies may wait for company: more than our
+/// last message (`last_message` bytes), so that it has at least one whole message left to
+/// read when it next wakes us.
+fn client_busy(backlog: &PeerBacklog, last_message: usize) -> bool {
     backlog
         .unread()
-        .is_ok_and(|unread| unread >= GATHER_WHILE_UNREAD)
+        .is_ok_and(|unread| unread >= last_message + GATHER_WHILE_UNREAD)
 }
 
 type RequestFuture<B> = Pin<Box<dyn Future<Output = Done<B>> + Send>>;
@@ -872,6 +876,7 @@ where
     // and when it has read more).
     let mut busy = false;
     let mut recheck = true;
+    let mut last_message = 0;
     loop {
         if *shutdown.borrow() {
             return End::Shutdown;
@@ -896,7 +901,7 @@ where
         let gathering = match backlog {
             Some(backlog) if conn.outbox.may_gather() => {
                 if recheck {
-                    busy = client_busy(backlog);
+                    busy = client_busy(backlog, last_message);
                     recheck = false;
                 }
                 busy
@@ -920,6 +925,7 @@ where
                         conn.recycle();
                         parse_again |= throttled;
                         recheck = true;
+                        last_message = count;
                     }
                     Err(error) => return End::Broken(format!("writing replies: {error}")),
                 }

@@ -959,15 +959,18 @@ async fn held_reply_goes_out_when_the_client_reads() {
     let mut stream = server.connect().await;
     negotiate(&mut stream, false, false).await;
     send_request(&mut stream, proto::CMD_READ, 0, 100, 65536, 4096).await;
-    for cookie in 1..=8u64 {
-        send_request(&mut stream, proto::CMD_READ, 0, cookie, 0, 4096).await;
+    // Two bursts of quick reads, answered as two messages the client leaves unread: more
+    // than the last message, so when the stuck read finishes its reply waits for company,
+    // and only the client's reading can release it.
+    for burst in 0..2u64 {
+        for cookie in 1..=8u64 {
+            send_request(&mut stream, proto::CMD_READ, 0, burst * 8 + cookie, 0, 4096).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The quick replies sit unread in the socket when the stuck read finishes, so its
-    // reply waits for company; only the client's reading can release it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
     export.release.notify_one();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    for _ in 1..=8u64 {
+    for _ in 1..=16u64 {
         assert_eq!(read_simple(&mut stream).await.0, 0);
         read_n(&mut stream, 4096).await;
     }

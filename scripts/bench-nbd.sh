@@ -6,6 +6,8 @@
 # against:
 #   ours      tapdisk's export (tap-ctl create -b none -D: buffered I/O, like the peers below;
 #             TAPDISK_IO_ENGINE picks the engine, default auto = io_uring when available)
+#   ours-nogather  the same with TAPDISK_NBD_GATHER=off (each reply sent when ready; not in
+#             the default SERVERS: for measuring what gathering replies does)
 #   qemu-nbd  --aio=threads and --aio=io_uring, both --cache=writeback (page cache)
 #   nbdkit    file plugin (page cache; cache=default)
 # and prints a table of IOPS and bandwidth with ratios against the fastest peer, and in
@@ -13,7 +15,8 @@
 # client connection, not the server, is the limit.
 #
 # Environment: SIZE (default 1G), RUNTIME seconds per job (default 10), SERVERS (subset of
-# "ours qemu-threads qemu-uring nbdkit"), JOBS (subset of "randread randwrite seqread"),
+# "ours ours-nogather qemu-threads qemu-uring nbdkit"), JOBS (subset of "randread randwrite
+# seqread"), QD (queue depth of the 4k jobs, default 32),
 # ROUNDS (default 1): with more, every server runs every job once per round (rounds one
 # after the other, so a burst of load elsewhere on the host hits one round of every server
 # rather than all rounds of one) and the table shows the median of each.
@@ -25,6 +28,7 @@ RUNTIME=${RUNTIME:-10}
 SERVERS=${SERVERS:-"ours qemu-threads qemu-uring nbdkit"}
 JOBS=${JOBS:-"randread randwrite seqread"}
 ROUNDS=${ROUNDS:-1}
+QD=${QD:-32}
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release --bins -q
@@ -50,8 +54,10 @@ cat "$IMAGE" >/dev/null
 SOCK=
 start_server() {
     case $1 in
-    ours)
-        marker=$("$BIN/tap-ctl" create -a "aio:$IMAGE" -b none -D)
+    ours | ours-nogather)
+        gather=on
+        [ "$1" = ours-nogather ] && gather=off
+        marker=$(TAPDISK_NBD_GATHER=$gather "$BIN/tap-ctl" create -a "aio:$IMAGE" -b none -D)
         minor=${marker##*tapdisk-}
         pid=$("$BIN/tap-ctl" list -m "$minor" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
         SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
@@ -92,8 +98,8 @@ stop_server() {
 # run_job JOB -> prints "iops bw_MiBps"
 run_job() {
     case $1 in
-    randread) args="--rw=randread --bs=4k --iodepth=32" ;;
-    randwrite) args="--rw=randwrite --bs=4k --iodepth=32" ;;
+    randread) args="--rw=randread --bs=4k --iodepth=$QD" ;;
+    randwrite) args="--rw=randwrite --bs=4k --iodepth=$QD" ;;
     seqread) args="--rw=read --bs=1M --iodepth=8" ;;
     esac
     # fio's nbd engine prints a line on stdout before the JSON document.
@@ -137,9 +143,14 @@ for key, results in runs.items():
     fio_cpu[key] = middle[2]
 servers = list(dict.fromkeys(r[0] for r in rows))
 jobs = list(dict.fromkeys(r[1] for r in rows))
-peers = [s for s in servers if s != "ours"]
+# Peers are the other programs; with none in the run, ours is compared with its variants.
+peers = [s for s in servers if not s.startswith("ours")]
+against = "fastest peer"
+if not peers:
+    peers = [s for s in servers if s != "ours"]
+    against = " / ".join(peers) or "-"
 print()
-print("| job | " + " | ".join(servers) + " | ours / fastest peer |")
+print("| job | " + " | ".join(servers) + f" | ours / {against} |")
 print("|---|" + "---|" * len(servers) + "---|")
 for job in jobs:
     unit = 1 if job == "seqread" else 0

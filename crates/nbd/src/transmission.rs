@@ -12,12 +12,13 @@
 //!   export's buffer without a copy, and everything queued goes out in one call.
 //!
 //! * *gathering* (UNIX sockets, unless [`ServerConfig::gather_replies`] is off): finished
-//!   replies are held back while the client still has more unread than our last message
-//!   (and only up to a few small ones), then sent as one message. The client is never kept
-//!   waiting (when it reaches our last message, the held replies are on their way) and
-//!   reads fewer, larger messages, which is cheaper for it and for us; a held reply goes out
-//!   as soon as the client's backlog runs low (its reads wake us, see the `backlog` module).
-//!   A client with few requests in flight never has that much unread, so nothing waits.
+//!   replies are held back while the client still has plenty unread (more than a whole
+//!   message of ours and a few replies besides; and only up to a few small replies), then
+//!   sent as one message. The client is never kept waiting (when it reaches our last
+//!   message, the held replies are on their way) and reads fewer, larger messages, which is
+//!   cheaper for it and for us; a held reply goes out as soon as the client's backlog runs
+//!   low (its reads wake us, see the `backlog` module). A client with a short queue (below
+//!   about a dozen 4 KiB reads in flight) never has that much unread, so nothing waits.
 //!
 //! Limits per connection: at most `max_requests_in_flight` requests admitted and not yet
 //! answered, and a byte budget over payloads held in memory; reading pauses at either limit.
@@ -54,22 +55,25 @@ const COPY_LIMIT: usize = 32 * 1024;
 const PACK_LIMIT: usize = 512 * 1024;
 /// Most buffers handed to one vectored write.
 const MAX_IOVECS: usize = 64;
-/// Replies are gathered only while the client has this much more unread than the bytes of
-/// our last message (socket buffer memory, which counts a message until it is read to the
-/// end, plus the kernel's overhead per buffer)...
-const GATHER_WHILE_UNREAD: usize = 16 * 1024;
+/// Replies are gathered only while the client has this much unread (socket buffer memory,
+/// which counts a message until it is read to the end): more than one whole message of ours
+/// (at most `GATHER_BYTES` and one reply) plus a few replies to read while a held one goes
+/// out. A client with a short queue never gets there, so nothing of it waits...
+const GATHER_UNREAD_FLOOR: usize = 48 * 1024;
+/// ...and more than our last message plus this (the kernel's overhead per buffer and a few
+/// replies), so that the client has at least that whole message left to read.
+const GATHER_UNREAD_MARGIN: usize = 16 * 1024;
 /// ...and only until this many replies or payload bytes are waiting (32 KiB: what Linux
 /// puts in one message buffer of a UNIX socket).
 const GATHER_REPLIES: usize = 16;
 const GATHER_BYTES: usize = 32 * 1024;
 
-/// Whether the client has enough unread that replies may wait for company: more than our
-/// last message (`last_message` bytes), so that it has at least one whole message left to
-/// read when it next wakes us.
+/// Whether the client has enough unread that replies may wait for company (see
+/// `GATHER_UNREAD_FLOOR`; `last_message`: bytes of our last write).
 fn client_busy(backlog: &PeerBacklog, last_message: usize) -> bool {
     backlog
         .unread()
-        .is_ok_and(|unread| unread >= last_message + GATHER_WHILE_UNREAD)
+        .is_ok_and(|unread| unread >= GATHER_UNREAD_FLOOR.max(last_message + GATHER_UNREAD_MARGIN))
 }
 
 type RequestFuture<B> = Pin<Box<dyn Future<Output = Done<B>> + Send>>;

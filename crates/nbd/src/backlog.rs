@@ -15,6 +15,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::OnceLock;
 
 use futures_util::FutureExt;
 use tokio::io::unix::AsyncFd;
@@ -23,27 +24,49 @@ use tokio::io::Interest;
 /// A handle for asking how much the peer of a UNIX stream socket has left unread.
 #[derive(Debug)]
 pub(crate) struct PeerBacklog {
-    /// A duplicate of the socket's descriptor, registered for write readiness only.
-    socket: AsyncFd<OwnedFd>,
+    /// A duplicate of the socket's descriptor, for the ioctl.
+    socket: OwnedFd,
+    /// Another duplicate, registered for write readiness only, made the first time a
+    /// caller waits ([`Self::watch`]): until then the peer's reads cost it nothing extra
+    /// (every registration is one more callback each time it frees a message). `None`: it
+    /// could not be registered.
+    reads: OnceLock<Option<AsyncFd<OwnedFd>>>,
 }
 
 impl PeerBacklog {
     /// Probes `socket` (a connected UNIX stream socket) through a duplicate of its
-    /// descriptor, so the probe stays valid however the stream itself is wrapped. Must be
-    /// called within a tokio runtime.
+    /// descriptor, so the probe stays valid however the stream itself is wrapped.
     pub(crate) fn of(socket: &impl AsFd) -> io::Result<Self> {
-        let duplicate = socket.as_fd().try_clone_to_owned()?;
-        // SAFETY: an `OwnedFd` keeps its descriptor open and unchanged until it is dropped,
-        // and the `AsyncFd` owns it, so the descriptor outlives the registration.
-        let socket = unsafe { AsyncFd::register_with_interest(duplicate, Interest::WRITABLE) }?;
-        Ok(Self { socket })
+        Ok(Self {
+            socket: socket.as_fd().try_clone_to_owned()?,
+            reads: OnceLock::new(),
+        })
     }
 
-    /// Buffer memory of sent messages the peer has not read. Also arms [`Self::read_more`]:
-    /// it completes on the first read by the peer after this call.
+    /// Makes sure [`Self::read_more`] can tell when the peer reads (registering with the
+    /// tokio runtime the first time; must then be called within one). False if it cannot:
+    /// then nothing should wait for the peer.
+    pub(crate) fn watch(&self) -> bool {
+        self.reads
+            .get_or_init(|| {
+                let duplicate = self.socket.try_clone().ok()?;
+                // SAFETY: an `OwnedFd` keeps its descriptor open and unchanged until it is
+                // dropped, and the `AsyncFd` owns it, so the descriptor outlives the
+                // registration.
+                unsafe { AsyncFd::register_with_interest(duplicate, Interest::WRITABLE) }
+                    .inspect_err(|error| tracing::debug!(%error, "cannot watch the client's reads"))
+                    .ok()
+            })
+            .is_some()
+    }
+
+    /// Buffer memory of sent messages the peer has not read. Also arms [`Self::read_more`]
+    /// (once watched): it completes on the first read by the peer after this call.
     pub(crate) fn unread(&self) -> io::Result<usize> {
-        if let Some(Ok(mut ready)) = self.socket.writable().now_or_never() {
-            ready.clear_ready();
+        if let Some(Some(reads)) = self.reads.get() {
+            if let Some(Ok(mut ready)) = reads.writable().now_or_never() {
+                ready.clear_ready();
+            }
         }
         let mut queued: libc::c_int = 0;
         // SAFETY: TIOCOUTQ (SIOCOUTQ for sockets) stores one `c_int` through its argument,
@@ -63,10 +86,14 @@ impl PeerBacklog {
     }
 
     /// Completes once the peer has read a message since the last [`Self::unread`]. It may
-    /// also complete without such a read (the first time, for the socket's initial
-    /// writability), so the caller looks at [`Self::unread`] again rather than assume.
+    /// also complete without such a read (the first time, for the socket's writability when
+    /// the watch began), so the caller looks at [`Self::unread`] again rather than assume.
+    /// Without a watch ([`Self::watch`] false or not called) it completes at once.
     pub(crate) async fn read_more(&self) {
-        if let Ok(mut ready) = self.socket.writable().await {
+        let Some(Some(reads)) = self.reads.get() else {
+            return;
+        };
+        if let Ok(mut ready) = reads.writable().await {
             // Consumed: the next call waits for a newer signal.
             ready.clear_ready();
         }
@@ -102,6 +129,7 @@ mod tests {
     async fn read_more_waits_for_the_peer_to_read() {
         let (mut ours, mut peer) = UnixStream::pair().unwrap();
         let backlog = PeerBacklog::of(&ours).unwrap();
+        assert!(backlog.watch());
         // The registration reports the socket writable once; take that first.
         tokio::time::timeout(Duration::from_secs(10), backlog.read_more())
             .await

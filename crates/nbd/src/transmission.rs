@@ -74,6 +74,7 @@ fn client_busy(backlog: &PeerBacklog, last_message: usize) -> bool {
     backlog
         .unread()
         .is_ok_and(|unread| unread >= GATHER_UNREAD_FLOOR.max(last_message + GATHER_UNREAD_MARGIN))
+        && backlog.watch()
 }
 
 type RequestFuture<B> = Pin<Box<dyn Future<Output = Done<B>> + Send>>;
@@ -174,8 +175,10 @@ impl<B: ExportBuffer> Outbox<B> {
     }
 
     /// Whether the outbox holds replies, few and small enough to wait for more.
+    /// Only read data is worth it: status replies are a few bytes each, and a client would
+    /// need hundreds in flight to have `GATHER_UNREAD_FLOOR` of them unread.
     fn may_gather(&self) -> bool {
-        !self.is_empty() && self.replies < GATHER_REPLIES && self.bytes < GATHER_BYTES
+        self.bytes > 0 && self.replies < GATHER_REPLIES && self.bytes < GATHER_BYTES
     }
 
     fn is_empty(&self) -> bool {

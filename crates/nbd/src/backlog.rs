@@ -7,9 +7,10 @@
 //! therefore gathers replies while the backlog is deep and sends them as one message.
 //!
 //! The probe also tells when the client has read more: Linux signals a UNIX socket
-//! writable each time the peer frees a message it has read (while the backlog is under a
-//! quarter of the send buffer, far above the depths used here), so a held reply waits for
-//! the client's next read, never for a timer.
+//! writable each time the peer frees a message it has read and the backlog is then under a
+//! quarter of the send buffer (52 KiB by default; a deeper backlog is signalled once it
+//! drains below that, at the latest when it is empty), so a held reply waits for the
+//! client's reading, never for a timer.
 //!
 //! The `unsafe` blocks of this crate live here.
 

@@ -150,8 +150,8 @@ pub struct ServerConfig {
     pub handshake: Handshake,
     /// Require TLS (new-style only): clients must `NBD_OPT_STARTTLS` before anything else.
     pub tls: Option<crate::tls::Tls>,
-    /// On UNIX sockets, hold small replies back while the client still has several unread
-    /// and send them together (see the `transmission` module).
+    /// On UNIX sockets, hold small read replies back while the client still has plenty
+    /// unread and send them together (see the `transmission` module).
     pub gather_replies: bool,
 }
 

@@ -174,9 +174,9 @@ impl<B: ExportBuffer> Outbox<B> {
         }
     }
 
-    /// Whether the outbox holds replies, few and small enough to wait for more.
-    /// Only read data is worth it: status replies are a few bytes each, and a client would
-    /// need hundreds in flight to have `GATHER_UNREAD_FLOOR` of them unread.
+    /// Whether the outbox holds read data, in few and small enough replies to wait for more
+    /// (status replies alone are a few bytes each: a client would need hundreds in flight
+    /// to have `GATHER_UNREAD_FLOOR` of them unread).
     fn may_gather(&self) -> bool {
         self.bytes > 0 && self.replies < GATHER_REPLIES && self.bytes < GATHER_BYTES
     }

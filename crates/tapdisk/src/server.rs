@@ -21,8 +21,12 @@ use tokio::sync::watch;
 
 use crate::driver::{DiskInfo, OpenOptions};
 use crate::error::{errno_of, failure, message_of};
-use crate::frontend::nbd::NbdFrontend;
-use crate::frontend::{start_block_device, BlockDevice, BlockDeviceChoice, BlockDeviceContext};
+use crate::frontend::nbd::{NbdFrontend, NbdSettings, NbdTcpFrontend, TcpListen};
+use crate::frontend::ublk::config::UblkConfig;
+use crate::frontend::ublk::{UblkDevice, UblkStart};
+use crate::frontend::{
+    start_block_device, BlockDeviceChoice, Frontend, FrontendContext, StartFrontend,
+};
 use crate::stats;
 use crate::vbd::{OpenRequest, Vbd, DEFAULT_REQUEST_TIMEOUT};
 
@@ -59,8 +63,18 @@ struct Slot {
     vbd: Arc<Vbd>,
     /// The locked marker file; dropping it releases the lock.
     _marker: File,
-    nbd: Option<NbdFrontend>,
-    block: Option<Box<dyn BlockDevice>>,
+    /// What serves the open VBD, in the order started (the NBD export first); empty while
+    /// closed.
+    frontends: Vec<Box<dyn Frontend>>,
+}
+
+impl Slot {
+    /// The kernel block device serving the VBD, if any.
+    fn block_device(&self) -> Option<PathBuf> {
+        self.frontends
+            .iter()
+            .find_map(|frontend| frontend.stats().blockdev)
+    }
 }
 
 /// One tapdisk process.
@@ -96,6 +110,25 @@ fn image_info(info: DiskInfo) -> ImageInfo {
     }
 }
 
+/// Stops `frontends`: kernel devices first, then the others newest first (the NBD export
+/// that was started first goes last), removing each one stopped from the list. Unless `force`, stops at the first that
+/// refuses (`EBUSY`: still in use), which stays in the list with those not yet stopped.
+async fn stop_all(frontends: &mut Vec<Box<dyn Frontend>>, force: bool) -> io::Result<()> {
+    // Kernel devices, which may refuse, go first (a stable sort keeps the start order among
+    // the rest), so a refusal leaves everything else serving.
+    frontends.sort_by_key(|frontend| frontend.device().is_some());
+    while let Some(mut frontend) = frontends.pop() {
+        if let Err(e) = frontend.stop(force).await {
+            if !force {
+                frontends.push(frontend);
+                return Err(e);
+            }
+            tracing::warn!("forced stop of {}: {e}", frontend.kind());
+        }
+    }
+    Ok(())
+}
+
 impl Tapdisk {
     /// The state of process `pid` using `control_dir`.
     pub fn new(pid: u32, control_dir: PathBuf) -> Self {
@@ -121,14 +154,36 @@ impl Tapdisk {
             .ok_or_else(|| errno(libc::ENODEV))
     }
 
+    /// What frontends of VBD `minor` are started with.
+    fn frontend_context(&self, minor: u16, vbd: &Arc<Vbd>, params: String) -> FrontendContext {
+        FrontendContext {
+            vbd: Arc::clone(vbd),
+            minor,
+            pid: self.pid,
+            control_dir: self.control_dir.clone(),
+            params,
+        }
+    }
+
     /// Serves VBD `minor`'s NBD export on TCP as `text` (`ADDRESS tls=DIR` or
     /// `ADDRESS plain`) asks; returns the bound address.
-    fn nbd_listen(&self, minor: u16, text: &str) -> io::Result<std::net::SocketAddr> {
-        let listen = crate::frontend::nbd::TcpListen::parse(text)?;
-        let mut slots = self.slots();
-        let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;
-        let nbd = slot.nbd.as_mut().ok_or_else(|| errno(libc::EINVAL))?;
-        nbd.listen_tcp(&listen)
+    async fn nbd_listen(&self, minor: u16, text: &str) -> io::Result<std::net::SocketAddr> {
+        let listen = TcpListen::parse(text)?;
+        let vbd = self.vbd(minor)?;
+        let params = vbd.params().ok_or_else(|| errno(libc::EINVAL))?;
+        let context = self.frontend_context(minor, &vbd, params);
+        let tcp = NbdTcpFrontend::start(&context, listen).await?;
+        let address = tcp.address();
+        let mut unwanted = match self.slots().get_mut(&minor) {
+            // The VBD was closed meanwhile: nothing to serve.
+            Some(slot) if vbd.is_open() => {
+                slot.frontends.push(Box::new(tcp));
+                return Ok(address);
+            }
+            _ => tcp,
+        };
+        unwanted.stop(true).await?;
+        Err(errno(libc::ENODEV))
     }
 
     /// Resolves once the process should exit (its last VBD was detached).
@@ -226,7 +281,7 @@ impl Tapdisk {
                 ))
             }
             (MessageType::NbdListen, Body::Text(text)) => {
-                let address = self.nbd_listen(minor, text)?;
+                let address = self.nbd_listen(minor, text).await?;
                 reply(MessageType::NbdListenRsp, Body::Text(address.to_string()))
             }
             (MessageType::BlockDevice, _) => {
@@ -293,8 +348,7 @@ impl Tapdisk {
             Slot {
                 vbd: Arc::new(Vbd::new(minor)),
                 _marker: marker,
-                nbd: None,
-                block: None,
+                frontends: Vec::new(),
             },
         );
         tracing::info!(minor, "attached");
@@ -382,91 +436,107 @@ impl Tapdisk {
         let info = vbd.open(request).await.inspect_err(|e| {
             tracing::error!(minor, "open {path} failed: {e}");
         })?;
-        let socket = self.control_dir.nbd_socket_path(self.pid, u32::from(minor));
-        let nbd = match NbdFrontend::start(Arc::clone(&vbd), &socket, &path) {
-            Ok(frontend) => frontend,
+        let context = self.frontend_context(minor, &vbd, path.clone());
+        let frontends = match self.start_frontends(&context, choice, recover).await {
+            Ok(frontends) => frontends,
             Err(e) => {
-                tracing::error!(
-                    minor,
-                    "cannot start the NBD export at {}: {e}",
-                    socket.display()
-                );
+                tracing::error!(minor, "open {path}: {e}");
                 vbd.close(true).await;
                 return Err(e);
             }
         };
-        let context = BlockDeviceContext {
-            vbd: Arc::clone(&vbd),
-            minor,
-            pid: self.pid,
-            control_dir: self.control_dir.root().to_path_buf(),
-            params: path.clone(),
-        };
-        let started = if recover {
-            crate::frontend::ublk::recover(context).await.map(Some)
-        } else {
-            start_block_device(choice, context).await
-        };
-        let block = match started {
-            Ok(block) => block,
-            Err(e) => {
-                tracing::error!(minor, "cannot start the {choice:?} block device: {e}");
-                nbd.stop().await;
-                vbd.close(true).await;
-                return Err(e);
-            }
-        };
-        let device = block
-            .as_ref()
-            .map(|device| device.path().display().to_string());
+        let slot_frontends = frontends.iter().map(|f| f.kind()).collect::<Vec<_>>();
+        let device = frontends.iter().find_map(|f| f.stats().blockdev);
         if let Some(slot) = self.slots().get_mut(&minor) {
-            slot.nbd = Some(nbd);
-            slot.block = block;
+            slot.frontends = frontends;
         }
         tracing::info!(
             minor,
-            "opened {} ({} sectors), block device {}",
+            "opened {} ({} sectors), served by {}, block device {}",
             path,
             info.sectors,
-            device.as_deref().unwrap_or("none")
+            slot_frontends.join(", "),
+            device
+                .as_ref()
+                .map_or("none".into(), |d| d.display().to_string())
         );
         Ok(info)
     }
 
+    /// Starts the frontends of a VBD just opened: the NBD export, then the block device
+    /// `choice` asks for (or the recovered one). On failure, those already started are
+    /// stopped again.
+    async fn start_frontends(
+        &self,
+        context: &FrontendContext,
+        choice: BlockDeviceChoice,
+        recover: bool,
+    ) -> io::Result<Vec<Box<dyn Frontend>>> {
+        let nbd = NbdFrontend::start(context, NbdSettings::default()).await?;
+        let mut frontends: Vec<Box<dyn Frontend>> = vec![Box::new(nbd)];
+        let ublk = UblkStart {
+            config: UblkConfig::from_env()
+                .map_err(|e| failure(libc::EINVAL, format!("ublk: {e}")))?,
+            recover,
+        };
+        let started = if recover {
+            UblkDevice::start(context, ublk)
+                .await
+                .map(|device| Some(Box::new(device) as Box<dyn Frontend>))
+        } else {
+            start_block_device(choice, context, ublk).await
+        };
+        match started {
+            Ok(device) => frontends.extend(device),
+            Err(e) => {
+                // Forced: never refuses.
+                let _ = stop_all(&mut frontends, true).await;
+                return Err(crate::error::with_context(
+                    e,
+                    format!("cannot start the {choice:?} block device"),
+                ));
+            }
+        }
+        Ok(frontends)
+    }
+
     async fn close(&self, minor: u16, force: bool) -> io::Result<()> {
-        let block = self
-            .slots()
-            .get_mut(&minor)
-            .ok_or_else(|| errno(libc::ENODEV))?
-            .block
-            .take();
-        if let Some(mut block) = block {
-            if let Err(e) = block.stop(force).await {
-                tracing::error!(
-                    minor,
-                    "cannot remove block device {}: {e}",
-                    block.path().display()
-                );
-                if !force {
-                    // Still in use: keep serving it and refuse the close.
-                    if let Some(slot) = self.slots().get_mut(&minor) {
-                        slot.block = Some(block);
-                    }
-                    return Err(e);
+        let (vbd, mut frontends) = {
+            let mut slots = self.slots();
+            let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;
+            (Arc::clone(&slot.vbd), std::mem::take(&mut slot.frontends))
+        };
+        if !force {
+            // Refuse before stopping anything while any frontend is held.
+            for frontend in &frontends {
+                let held = frontend.holder().await;
+                if let Ok(Some(holder)) = held {
+                    let what = match frontend.device() {
+                        Some(device) => format!("{} is in use: {holder}", device.display()),
+                        None => format!("{} is in use: {holder}", frontend.kind()),
+                    };
+                    tracing::error!(minor, "close refused: {what}");
+                    self.give_back(minor, frontends);
+                    return Err(failure(libc::EBUSY, what));
                 }
             }
         }
-        let (vbd, nbd) = {
-            let mut slots = self.slots();
-            let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;
-            (Arc::clone(&slot.vbd), slot.nbd.take())
-        };
-        if let Some(nbd) = nbd {
-            nbd.stop().await;
+        if let Err(e) = stop_all(&mut frontends, force).await {
+            tracing::error!(minor, "close refused: {e}");
+            // Still in use: keep serving what is left and refuse the close.
+            self.give_back(minor, frontends);
+            return Err(e);
         }
         vbd.close(force).await;
         tracing::info!(minor, force, "closed");
         Ok(())
+    }
+
+    /// Puts frontends taken out for a close that was refused back into their slot.
+    fn give_back(&self, minor: u16, frontends: Vec<Box<dyn Frontend>>) {
+        if let Some(slot) = self.slots().get_mut(&minor) {
+            slot.frontends = frontends;
+        }
     }
 
     async fn resume(&self, minor: u16, params: &Params, trailer: &Trailer) -> io::Result<()> {
@@ -518,19 +588,14 @@ impl Tapdisk {
         let slots = self.slots();
         let slot = slots.get(&minor).ok_or_else(|| errno(libc::ENODEV))?;
         Ok(slot
-            .block
-            .as_ref()
-            .map(|device| device.path().display().to_string())
+            .block_device()
+            .map(|device| device.display().to_string())
             .unwrap_or_default())
     }
 
     fn stats_text(&self, minor: u16) -> io::Result<String> {
         let slots = self.slots();
-        let device = |slot: &Slot| {
-            slot.block
-                .as_ref()
-                .map(|device| device.path().to_path_buf())
-        };
+        let device = Slot::block_device;
         if minor == tapdisk_proto::COOKIE_ALL {
             let all: Vec<String> = slots
                 .values()

@@ -1,4 +1,5 @@
-//! Process plumbing that needs `unsafe`: forking into the background.
+//! Process plumbing: forking into the background (the `unsafe` part) and telling whether
+//! another process is still alive.
 //!
 //! The daemon's other `unsafe` code is just as confined: `engine::uring` and
 //! `engine::mapped` (memory the kernel reads or fills), and the ublk and loop device
@@ -52,5 +53,32 @@ pub fn daemonize() -> io::Result<ReadyPipe> {
             };
             std::process::exit(code);
         }
+    }
+}
+
+/// True while process `pid` exists and is not a zombie (`/proc/<pid>/stat`); never for a pid
+/// of 0 or below (the ublk driver reports `-1` for a device nobody serves).
+pub fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_liveness() {
+        assert!(process_alive(i32::try_from(std::process::id()).unwrap()));
+        assert!(!process_alive(0));
+        assert!(!process_alive(-1));
+        assert!(!process_alive(i32::MAX));
     }
 }

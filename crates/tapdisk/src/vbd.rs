@@ -62,6 +62,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pause between retries of a request that failed with `EAGAIN` or `EINTR`.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Largest write [`Vbd::fill_zeroes`] issues.
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
+
 /// How often a resume retries reopening images that fail with a transient error.
 const RESUME_OPEN_ATTEMPTS: u32 = 10;
 
@@ -609,6 +612,28 @@ impl Vbd {
         .await
     }
 
+    /// Zeroes `count` sectors at `sector` by writing zero-filled buffers (what a frontend
+    /// does where [`Vbd::write_zeroes`] answers `EOPNOTSUPP`).
+    pub async fn fill_zeroes(&self, sector: u64, count: u64) -> io::Result<()> {
+        let chunk_sectors = ZERO_CHUNK_BYTES / SECTOR_SIZE;
+        let zeros = IoBuf::zeroed(byte_len(count.min(chunk_sectors))?);
+        let end = sector
+            .checked_add(count)
+            .ok_or_else(|| errno(libc::EINVAL))?;
+        let mut at = sector;
+        while at < end {
+            let step = (end - at).min(chunk_sectors);
+            let buf = if byte_len(step)? == zeros.len() {
+                zeros.clone()
+            } else {
+                IoBuf::zeroed(byte_len(step)?)
+            };
+            self.write(at, buf).await?;
+            at += step;
+        }
+        Ok(())
+    }
+
     /// Optional operations of the open image chain (none while closed or paused).
     pub fn capabilities(&self) -> Capabilities {
         self.chain()
@@ -623,6 +648,14 @@ impl Vbd {
         })
         .await
     }
+}
+
+/// Bytes of `sectors` sectors as a buffer length.
+fn byte_len(sectors: u64) -> io::Result<usize> {
+    sectors
+        .checked_mul(SECTOR_SIZE)
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .ok_or_else(|| errno(libc::EINVAL))
 }
 
 /// Sectors in a byte length; `EINVAL` unless it is a whole number of sectors.

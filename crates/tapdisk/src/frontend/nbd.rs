@@ -16,15 +16,16 @@ use nbd::{
     Export, ExportBuffer, ExportInfo, Extent, Handshake, NbdServer, ServerConfig, WriteZeroesFlags,
 };
 
+use super::{Frontend, FrontendContext, StartFrontend};
 use crate::driver::{Allocation, ZeroFlags, SECTOR_SIZE};
+use crate::engine::IoFuture;
 use crate::iobuf::IoBuf;
 use crate::vbd::Vbd;
 
 /// Largest request the export accepts (advertised as the maximum block size).
 pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
 
-/// Zeros written per request when the image cannot zero without writing data, and bytes
-/// read per request by `NBD_CMD_CACHE`.
+/// Bytes read per request by `NBD_CMD_CACHE`.
 const CHUNK_BYTES: u64 = 1 << 20;
 
 fn einval() -> io::Error {
@@ -203,7 +204,7 @@ impl Export for VbdExport {
                     // The client prefers to know zeroing would be as slow as writing.
                     return Err(e);
                 }
-                self.write_zero_buffers(offset, len).await?;
+                self.vbd.fill_zeroes(sector, count).await?;
             }
             other => other?,
         }
@@ -252,27 +253,6 @@ impl Export for VbdExport {
     }
 }
 
-impl VbdExport {
-    /// Zeroes a sector-aligned range by writing zero-filled buffers.
-    async fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
-        let chunk = usize::try_from(len.min(CHUNK_BYTES)).map_err(|_| einval())?;
-        let zeros = IoBuf::zeroed(chunk);
-        let mut at = offset;
-        let end = offset + len;
-        while at < end {
-            let step = (end - at).min(CHUNK_BYTES);
-            let buf = if step == chunk as u64 {
-                zeros.clone()
-            } else {
-                IoBuf::zeroed(usize::try_from(step).map_err(|_| einval())?)
-            };
-            self.vbd.write(at / SECTOR_SIZE, buf).await?;
-            at += step;
-        }
-        Ok(())
-    }
-}
-
 /// The sockets of one VBD's export, as the C tapdisk names them (`<suffix>` is
 /// `<pid>.<minor>`): `nbd<suffix>` new-style, `nbd-old<suffix>` old-style, and the fd
 /// receivers `nbdserver-new<suffix>` (new-style) and `nbdserver<suffix>` (old-style).
@@ -283,14 +263,27 @@ const SOCKETS: [(&str, Handshake, bool); 4] = [
     ("nbdserver", Handshake::Oldstyle, true),
 ];
 
-/// The running NBD export of one VBD: one server per socket, all over the same VBD.
+/// The running NBD export of one VBD on its UNIX sockets: one server per socket, all over
+/// the same VBD.
 #[derive(Debug)]
 pub struct NbdFrontend {
-    export: Arc<VbdExport>,
-    name: String,
     servers: Vec<(NbdServer, PathBuf)>,
-    /// TCP listeners added with [`NbdFrontend::listen_tcp`].
-    tcp: Vec<(NbdServer, SocketAddr)>,
+}
+
+/// How the UNIX-socket export serves its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdSettings {
+    /// Gather small read replies while the client has plenty unread
+    /// ([`ServerConfig::gather_replies`]); a tuning switch, on by default.
+    pub gather_replies: bool,
+}
+
+impl Default for NbdSettings {
+    fn default() -> Self {
+        Self {
+            gather_replies: true,
+        }
+    }
 }
 
 /// How an operator asked for a TCP listener (`NBD_LISTEN`'s text).
@@ -328,12 +321,6 @@ impl TcpListen {
     }
 }
 
-/// Whether replies on UNIX sockets are gathered ([`ServerConfig::gather_replies`]):
-/// yes unless `TAPDISK_NBD_GATHER` is `off`.
-fn gather_replies() -> bool {
-    std::env::var("TAPDISK_NBD_GATHER").map_or(true, |value| value != "off")
-}
-
 /// Binds a UNIX listener at `path` (replacing a stale file) with mode 0600.
 fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
     match std::fs::remove_file(path) {
@@ -345,45 +332,38 @@ fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-impl NbdFrontend {
-    /// Starts serving `vbd` on `socket` (`<dir>/nbd<pid>.<minor>`, new-style) and on its
-    /// siblings in the same directory: the old-style export `nbd-old<pid>.<minor>` and the
-    /// fd receivers `nbdserver-new<pid>.<minor>` and `nbdserver<pid>.<minor>`.
-    pub fn start(vbd: Arc<Vbd>, socket: &Path, name: &str) -> io::Result<Self> {
-        let export = Arc::new(VbdExport::new(vbd, name)?);
-        let file_name = socket
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(einval)?;
-        let suffix = file_name.strip_prefix("nbd").unwrap_or(file_name);
-        let dir = socket.parent().unwrap_or(Path::new("."));
-        let mut frontend = Self {
-            export: Arc::clone(&export),
-            name: name.to_owned(),
-            servers: Vec::with_capacity(SOCKETS.len()),
-            tcp: Vec::new(),
-        };
-        let gather_replies = gather_replies();
+impl StartFrontend for NbdFrontend {
+    type Settings = NbdSettings;
+
+    /// Serves the VBD on `<dir>/nbd<pid>.<minor>` (new-style) and on its siblings in the same
+    /// directory: the old-style export `nbd-old<pid>.<minor>` and the fd receivers
+    /// `nbdserver-new<pid>.<minor>` and `nbdserver<pid>.<minor>`. Must run inside the tokio
+    /// runtime.
+    async fn start(context: &FrontendContext, settings: NbdSettings) -> io::Result<Self> {
+        let name = context.params.as_str();
+        let export = Arc::new(VbdExport::new(Arc::clone(&context.vbd), name)?);
+        let dir = context.control_dir.root();
+        let suffix = format!("{}.{}", context.pid, context.minor);
+        let mut servers = Vec::with_capacity(SOCKETS.len());
         for (prefix, handshake, receiver) in SOCKETS {
-            let path = if prefix == "nbd" {
-                socket.to_path_buf()
-            } else {
-                dir.join(format!("{prefix}{suffix}"))
-            };
+            let path = dir.join(format!("{prefix}{suffix}"));
             let listener = match bind(&path) {
                 Ok(listener) => listener,
                 Err(e) => {
                     // Undo what was started (synchronously: the servers stop on drop).
-                    for (_, path) in frontend.servers.drain(..) {
+                    for (_, path) in servers.drain(..) {
                         let _ = std::fs::remove_file(path);
                     }
-                    return Err(e);
+                    return Err(crate::error::with_context(
+                        e,
+                        format!("cannot start the NBD export at {}", path.display()),
+                    ));
                 }
             };
             let config = ServerConfig {
                 export_name: name.to_owned(),
                 handshake,
-                gather_replies,
+                gather_replies: settings.gather_replies,
                 ..ServerConfig::default()
             };
             let export = Arc::clone(&export);
@@ -392,60 +372,99 @@ impl NbdFrontend {
             } else {
                 NbdServer::start(listener, export, config)
             };
-            frontend.servers.push((server, path));
+            servers.push((server, path));
         }
-        Ok(frontend)
+        Ok(Self { servers })
+    }
+}
+
+impl NbdFrontend {
+    /// The socket paths served.
+    pub fn sockets(&self) -> impl Iterator<Item = &Path> {
+        self.servers.iter().map(|(_, path)| path.as_path())
+    }
+}
+
+impl Frontend for NbdFrontend {
+    fn kind(&self) -> &'static str {
+        "nbd"
     }
 
-    /// Also serves the export on TCP (new-style; TLS required unless plaintext was asked
-    /// for). Returns the bound address. Must run inside the tokio runtime.
-    pub fn listen_tcp(&mut self, listen: &TcpListen) -> io::Result<SocketAddr> {
+    /// Stops accepting, drops every connection and removes the socket files.
+    fn stop(&mut self, _force: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            for (server, path) in self.servers.drain(..) {
+                server.shutdown().await;
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(socket = %path.display(), "cannot remove NBD socket: {e}");
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The VBD's export on one TCP address (new-style; TLS required unless plaintext was asked
+/// for), added by `NBD_LISTEN` and stopped with the VBD.
+#[derive(Debug)]
+pub struct NbdTcpFrontend {
+    server: Option<NbdServer>,
+    address: SocketAddr,
+}
+
+impl NbdTcpFrontend {
+    /// The bound address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl StartFrontend for NbdTcpFrontend {
+    type Settings = TcpListen;
+
+    /// Binds `listen.address` and serves the VBD there. Must run inside the tokio runtime.
+    async fn start(context: &FrontendContext, listen: TcpListen) -> io::Result<Self> {
         let tls = match &listen.tls_dir {
-            Some(dir) => Some(nbd::tls::Tls::from_dir(dir).map_err(|e| {
-                tracing::error!("NBD TLS: {e}");
-                io::Error::from_raw_os_error(libc::EINVAL)
-            })?),
+            Some(dir) => Some(
+                nbd::tls::Tls::from_dir(dir)
+                    .map_err(|e| crate::error::failure(libc::EINVAL, format!("NBD TLS: {e}")))?,
+            ),
             None => {
                 tracing::warn!(address = %listen.address, "NBD export on plaintext TCP, as asked");
                 None
             }
         };
+        let export = Arc::new(VbdExport::new(Arc::clone(&context.vbd), &context.params)?);
         let listener = std::net::TcpListener::bind(listen.address)?;
         listener.set_nonblocking(true)?;
-        let bound = listener.local_addr()?;
+        let address = listener.local_addr()?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let config = ServerConfig {
-            export_name: self.name.clone(),
+            export_name: context.params.clone(),
             tls,
             ..ServerConfig::default()
         };
-        let server = NbdServer::start_tcp(listener, Arc::clone(&self.export), config);
-        tracing::info!(address = %bound, tls = listen.tls_dir.is_some(), "NBD export on TCP");
-        self.tcp.push((server, bound));
-        Ok(bound)
+        let server = NbdServer::start_tcp(listener, export, config);
+        tracing::info!(%address, tls = listen.tls_dir.is_some(), "NBD export on TCP");
+        Ok(Self {
+            server: Some(server),
+            address,
+        })
+    }
+}
+
+impl Frontend for NbdTcpFrontend {
+    fn kind(&self) -> &'static str {
+        "nbd-tcp"
     }
 
-    /// The TCP addresses served.
-    pub fn tcp_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.tcp.iter().map(|(_, address)| *address)
-    }
-
-    /// The socket paths served.
-    pub fn sockets(&self) -> impl Iterator<Item = &Path> {
-        self.servers.iter().map(|(_, path)| path.as_path())
-    }
-
-    /// Stops accepting, drops every connection and removes the socket files.
-    pub async fn stop(self) {
-        for (server, _) in self.tcp {
-            server.shutdown().await;
-        }
-        for (server, path) in self.servers {
-            server.shutdown().await;
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(socket = %path.display(), "cannot remove NBD socket: {e}");
+    fn stop(&mut self, _force: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(server) = self.server.take() {
+                server.shutdown().await;
             }
-        }
+            Ok(())
+        })
     }
 }
 

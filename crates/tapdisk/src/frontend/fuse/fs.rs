@@ -24,6 +24,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use super::disk::ByteDisk;
+use crate::driver::Capabilities;
 use crate::iobuf::IoBuf;
 
 /// How long the kernel may cache the file's attributes (its size never changes).
@@ -45,6 +46,9 @@ pub struct VbdFile {
     disk: Arc<ByteDisk>,
     runtime: Handle,
     read_only: bool,
+    /// Zeroing requests (`fallocate` punch hole / zero range) become VBD discards: only where
+    /// the image chain deallocates to zeros.
+    can_discard: bool,
     minor: u16,
     uid: u32,
     gid: u32,
@@ -54,12 +58,20 @@ pub struct VbdFile {
 }
 
 impl VbdFile {
-    /// A filesystem serving `disk` with tasks on `runtime`.
-    pub fn new(disk: Arc<ByteDisk>, runtime: Handle, read_only: bool, minor: u16) -> Self {
+    /// A filesystem serving `disk` with tasks on `runtime`, offering what `capabilities`
+    /// (the VBD's) allow.
+    pub fn new(
+        disk: Arc<ByteDisk>,
+        runtime: Handle,
+        read_only: bool,
+        capabilities: Capabilities,
+        minor: u16,
+    ) -> Self {
         Self {
             disk,
             runtime,
             read_only,
+            can_discard: capabilities.discard,
             minor,
             uid: rustix::process::geteuid().as_raw(),
             gid: rustix::process::getegid().as_raw(),
@@ -296,6 +308,10 @@ impl Filesystem for VbdFile {
         }
         if self.read_only {
             reply.error(Errno::EROFS);
+            return;
+        }
+        if !self.can_discard {
+            reply.error(Errno::EOPNOTSUPP);
             return;
         }
         // Punching a hole and zeroing a range both leave zeros behind; the image is asked to

@@ -277,15 +277,3 @@ pub fn bound_devices() -> Vec<(u32, PathBuf)> {
     found.sort();
     found
 }
-
-/// Names of the kernel holders of `/dev/loopN` (device-mapper, md, ...).
-pub fn holders(index: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/sys/block/loop{index}/holders"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}

@@ -26,7 +26,6 @@
 //! still in use), its mount detached and the file removed. [`cleanup_stale`] does the same on
 //! demand.
 
-pub mod busy;
 pub mod disk;
 pub mod error;
 pub mod fs;
@@ -35,7 +34,7 @@ pub mod mounts;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,9 +46,11 @@ use self::error::FuseError;
 use self::fs::VbdFile;
 use self::loopdev::{AttachOptions, LoopDevice};
 use self::mounts::Unmounted;
-use super::{BlockDevice, BlockDeviceContext};
+use super::holders::{self, Holder};
+use super::{Frontend, FrontendContext, StartFrontend};
 use crate::driver::{SECTOR_SIZE, VDISK_READONLY};
 use crate::engine::IoFuture;
+use crate::sys::process_alive;
 
 /// FUSE session threads (each with its own cloned `/dev/fuse` descriptor).
 const SESSION_THREADS: usize = 2;
@@ -84,17 +85,6 @@ fn parse_mount_name(name: &str) -> Option<(u32, u16)> {
     Some((pid.parse().ok()?, minor.parse().ok()?))
 }
 
-/// Starts the FUSE export and its loop device.
-pub async fn start(context: BlockDeviceContext) -> io::Result<Box<dyn BlockDevice>> {
-    let minor = context.minor;
-    let runtime = tokio::runtime::Handle::current();
-    let device = tokio::task::spawn_blocking(move || FuseBlockDevice::start(&context, runtime))
-        .await
-        .map_err(io::Error::other)?
-        .map_err(|e| e.into_logged_io(minor))?;
-    Ok(Box::new(device))
-}
-
 /// Cleans up what dead tapdisks left in `control_dir`: for every `fuse<pid>.<minor>` whose
 /// pid is gone, unbinds the loop devices bound to it (at their last close if still open),
 /// detaches the mount and removes the file. Returns the paths cleaned.
@@ -113,7 +103,7 @@ pub fn cleanup_stale(control_dir: &Path) -> Vec<PathBuf> {
         let Some((pid, _)) = name.to_str().and_then(parse_mount_name) else {
             continue;
         };
-        if busy::process_alive(pid) {
+        if i32::try_from(pid).is_ok_and(process_alive) {
             continue;
         }
         let path = entry.path();
@@ -249,37 +239,14 @@ impl Attached {
     /// it opened with `O_EXCL`, which keeps new mounts out until it is closed.
     fn claim(&self) -> Result<File, FuseError> {
         let path = &self.device.path;
-        let holders = loopdev::holders(self.device.index);
-        if !holders.is_empty() {
-            return Err(FuseError::Busy {
+        match holders::claim(path) {
+            Ok(Ok(claimed)) => Ok(claimed),
+            Ok(Err(holder)) => Err(FuseError::Busy {
                 device: path.clone(),
-                holder: format!("kernel holder {}", holders.join(", ")),
-            });
+                holder: holder.to_string(),
+            }),
+            Err(e) => Err(FuseError::io("opening", path, e)),
         }
-        let claimed = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EBUSY) => FuseError::Busy {
-                    device: path.clone(),
-                    holder: "mounted or opened exclusively".into(),
-                },
-                _ => FuseError::io("opening", path, e),
-            })?;
-        let rdev = claimed
-            .metadata()
-            .map_err(|e| FuseError::io("stat", path, e))?
-            .rdev();
-        let openers = busy::openers(rdev, std::process::id());
-        if !openers.is_empty() {
-            let list: Vec<String> = openers.iter().map(ToString::to_string).collect();
-            return Err(FuseError::Busy {
-                device: path.clone(),
-                holder: format!("open by {}", list.join(", ")),
-            });
-        }
-        Ok(claimed)
     }
 
     /// Removes the device. Unless `force`, hands itself back with [`FuseError::Busy`] (having
@@ -344,10 +311,24 @@ pub struct FuseBlockDevice {
     attached: Option<Attached>,
 }
 
+impl StartFrontend for FuseBlockDevice {
+    type Settings = ();
+
+    async fn start(context: &FrontendContext, (): ()) -> io::Result<Self> {
+        let minor = context.minor;
+        let runtime = tokio::runtime::Handle::current();
+        let context = context.clone();
+        tokio::task::spawn_blocking(move || Self::mount_and_bind(&context, runtime))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(|e| e.into_logged_io(minor))
+    }
+}
+
 impl FuseBlockDevice {
     /// Mounts the FUSE file and binds a loop device to it (blocking).
-    fn start(
-        context: &BlockDeviceContext,
+    fn mount_and_bind(
+        context: &FrontendContext,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, FuseError> {
         let minor = context.minor;
@@ -355,7 +336,7 @@ impl FuseBlockDevice {
         let size = info.sectors.saturating_mul(SECTOR_SIZE);
         let read_only = info.info & VDISK_READONLY != 0;
 
-        for path in cleanup_stale(&context.control_dir) {
+        for path in cleanup_stale(context.control_dir.root()) {
             tracing::warn!(
                 minor,
                 "cleaned up {} left by a dead tapdisk",
@@ -364,14 +345,15 @@ impl FuseBlockDevice {
         }
         let control_dir = context
             .control_dir
+            .root()
             .canonicalize()
-            .map_err(|e| FuseError::io("resolving", &context.control_dir, e))?;
+            .map_err(|e| FuseError::io("resolving", context.control_dir.root(), e))?;
         let path = mount_point(&control_dir, context.pid, minor);
         // Anything at our own name was left by an earlier process with our pid.
         clean_mount_point(&path);
 
         let disk = Arc::new(ByteDisk::new(Arc::clone(&context.vbd), size));
-        let filesystem = VbdFile::new(disk, runtime, read_only, minor);
+        let filesystem = VbdFile::new(disk, runtime, read_only, context.vbd.capabilities(), minor);
         let mut mount = FuseMount::mount(path.clone(), filesystem, read_only)?;
 
         let attached = OpenOptions::new()
@@ -415,9 +397,22 @@ impl FuseBlockDevice {
     }
 }
 
-impl BlockDevice for FuseBlockDevice {
-    fn path(&self) -> &Path {
-        &self.path
+impl Frontend for FuseBlockDevice {
+    fn kind(&self) -> &'static str {
+        "fuse"
+    }
+
+    fn device(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    fn holder(&self) -> IoFuture<'_, Option<Holder>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || holders::find_holder(&path))
+                .await
+                .map_err(io::Error::other)?
+        })
     }
 
     fn stop(&mut self, force: bool) -> IoFuture<'_, ()> {

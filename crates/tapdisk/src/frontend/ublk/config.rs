@@ -5,7 +5,7 @@
 
 use libublk::sys;
 
-use crate::driver::{DiskInfo, VDISK_READONLY};
+use crate::driver::{Capabilities, DiskInfo, VDISK_READONLY};
 
 /// Environment variable: hardware queues per device (default [`DEFAULT_QUEUES`]).
 pub const QUEUES_ENV: &str = "TAPDISK_UBLK_QUEUES";
@@ -305,15 +305,22 @@ pub fn describe_flags(flags: u64) -> String {
     }
 }
 
-/// Largest discard the device advertises, in sectors.
+/// Largest discard or write-zeroes request the device advertises, in sectors.
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 
 /// The block-layer parameters of a VBD's device: 512-byte logical and 4096-byte physical
 /// blocks, a volatile write cache (so flushes reach the VBD) with FUA, read-only when the disk
-/// is, and discard when the image supports it.
-pub fn device_params(disk: &DiskInfo, max_io_bytes: u32, discard: bool) -> sys::ublk_params {
+/// is, and what the image chain's `capabilities` offer: discard when it deallocates (reading
+/// back as zeros), write-zeroes when it zeroes without writing data (otherwise the kernel
+/// zeroes by writing zero pages). A read-only disk offers neither.
+pub fn device_params(
+    disk: &DiskInfo,
+    max_io_bytes: u32,
+    capabilities: Capabilities,
+) -> sys::ublk_params {
+    let read_only = disk.info & VDISK_READONLY != 0;
     let mut attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
-    if disk.info & VDISK_READONLY != 0 {
+    if read_only {
         attrs |= sys::UBLK_ATTR_READ_ONLY;
     }
     let mut params = sys::ublk_params {
@@ -330,13 +337,16 @@ pub fn device_params(disk: &DiskInfo, max_io_bytes: u32, discard: bool) -> sys::
         },
         ..Default::default()
     };
-    if discard && disk.info & VDISK_READONLY == 0 {
+    let discard = capabilities.discard && !read_only;
+    let write_zeroes = capabilities.write_zeroes && !read_only;
+    if discard || write_zeroes {
+        // The kernel reads the discard parameters for both operations.
         params.types |= sys::UBLK_PARAM_TYPE_DISCARD;
         params.discard = sys::ublk_param_discard {
             discard_alignment: 0,
             discard_granularity: 4096,
-            max_discard_sectors: MAX_DISCARD_SECTORS,
-            max_write_zeroes_sectors: 0,
+            max_discard_sectors: if discard { MAX_DISCARD_SECTORS } else { 0 },
+            max_write_zeroes_sectors: if write_zeroes { MAX_DISCARD_SECTORS } else { 0 },
             max_discard_segments: 1,
             reserved0: 0,
         };
@@ -502,7 +512,11 @@ mod tests {
             sector_size: 512,
             info: 0,
         };
-        let params = device_params(&disk, 512 * 1024, true);
+        let discard_only = Capabilities {
+            discard: true,
+            ..Capabilities::default()
+        };
+        let params = device_params(&disk, 512 * 1024, discard_only);
         assert_eq!(
             params.types,
             sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD
@@ -513,8 +527,39 @@ mod tests {
         assert_eq!(params.basic.max_sectors, 1024);
         assert_eq!(params.basic.dev_sectors, 2048);
         assert_eq!(params.discard.discard_granularity, 4096);
+        assert_eq!(params.discard.max_discard_sectors, MAX_DISCARD_SECTORS);
         assert_eq!(params.discard.max_discard_segments, 1);
         assert_eq!(params.discard.max_write_zeroes_sectors, 0);
+    }
+
+    #[test]
+    fn params_follow_the_capabilities() {
+        let disk = DiskInfo {
+            sectors: 2048,
+            sector_size: 512,
+            info: 0,
+        };
+        // A VHD (or a raw file): discard and fast zeroing.
+        let both = Capabilities {
+            discard: true,
+            write_zeroes: true,
+            block_status: true,
+        };
+        let params = device_params(&disk, 4096, both);
+        assert_eq!(params.discard.max_discard_sectors, MAX_DISCARD_SECTORS);
+        assert_eq!(params.discard.max_write_zeroes_sectors, MAX_DISCARD_SECTORS);
+        // Zeroing only (a chain whose leaf cannot deallocate): write-zeroes alone.
+        let zero_only = Capabilities {
+            write_zeroes: true,
+            ..Capabilities::default()
+        };
+        let params = device_params(&disk, 4096, zero_only);
+        assert_ne!(params.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+        assert_eq!(params.discard.max_discard_sectors, 0);
+        assert_eq!(params.discard.max_write_zeroes_sectors, MAX_DISCARD_SECTORS);
+        // Neither: no discard parameters at all.
+        let params = device_params(&disk, 4096, Capabilities::default());
+        assert_eq!(params.types, sys::UBLK_PARAM_TYPE_BASIC);
     }
 
     #[test]
@@ -524,7 +569,12 @@ mod tests {
             sector_size: 512,
             info: VDISK_READONLY,
         };
-        let params = device_params(&disk, 4096, true);
+        let all = Capabilities {
+            discard: true,
+            write_zeroes: true,
+            block_status: true,
+        };
+        let params = device_params(&disk, 4096, all);
         assert_eq!(params.types, sys::UBLK_PARAM_TYPE_BASIC);
         assert_eq!(params.basic.attrs & sys::UBLK_ATTR_READ_ONLY, 1);
         assert_eq!(params.basic.max_sectors, 8);

@@ -8,7 +8,7 @@
 //! | tapdisk | ublk |
 //! |---|---|
 //! | OPEN | `ADD_DEV` (id = minor), `SET_PARAMS`, queues fetch, `START_DEV`: the disk appears |
-//! | CLOSE | refuse with `EBUSY` while the disk is in use ([`holders`]), else `STOP_DEV`, `DEL_DEV` |
+//! | CLOSE | refuse with `EBUSY` while the disk is in use ([`super::holders`]), else `STOP_DEV`, `DEL_DEV` |
 //! | OPEN with `BLOCKDEV_RECOVER` | `START_USER_RECOVERY`, queues fetch, `END_USER_RECOVERY` |
 //!
 //! Each device runs on its own thread (`ublk<minor>`), which owns the libublk control object
@@ -46,7 +46,6 @@
 pub mod chardev;
 pub mod compat;
 pub mod config;
-pub mod holders;
 pub mod queue;
 pub mod state;
 
@@ -60,9 +59,11 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkError, UblkFlags};
 
-use super::{BlockDevice, BlockDeviceContext};
-use crate::driver::{DiskType, SECTOR_SIZE};
+use super::holders::{self, Holder};
+use super::{Frontend, FrontendContext, StartFrontend};
+use crate::driver::SECTOR_SIZE;
 use crate::engine::IoFuture;
+use crate::sys::process_alive;
 use crate::vbd::Vbd;
 use config::{device_params, negotiate, Affinity, UblkConfig};
 use queue::QueueContext;
@@ -151,46 +152,52 @@ pub struct UblkDevice {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Adds and starts a ublk device (id = the VBD's minor) serving the VBD.
-pub async fn start(context: BlockDeviceContext) -> io::Result<Box<dyn BlockDevice>> {
-    launch(context, Mode::Add).await
+/// How a ublk device starts: its settings, and whether it is new or re-attaches to the
+/// device of the VBD's minor that survived its previous tapdisk (`tap-ctl recover`).
+#[derive(Debug, Clone, Copy)]
+pub struct UblkStart {
+    /// Queues, depth, copy mode, links, thread placement.
+    pub config: UblkConfig,
+    /// Re-attach instead of adding: `ENODEV` when there is no such device, `EBUSY` while a
+    /// live tapdisk still serves it, `EMEDIUMTYPE` when the image's size differs from it.
+    pub recover: bool,
 }
 
-/// Re-attaches to the ublk device of the VBD's minor that survived its previous tapdisk.
-/// `ENODEV` when there is none, `EBUSY` while a live tapdisk still serves it,
-/// `EMEDIUMTYPE` when the opened image's size differs from the device's.
-pub async fn recover(context: BlockDeviceContext) -> io::Result<Box<dyn BlockDevice>> {
-    launch(context, Mode::Recover).await
+impl StartFrontend for UblkDevice {
+    type Settings = UblkStart;
+
+    async fn start(context: &FrontendContext, settings: UblkStart) -> io::Result<Self> {
+        let mode = if settings.recover {
+            Mode::Recover
+        } else {
+            Mode::Add
+        };
+        launch(context, settings.config, mode).await
+    }
 }
 
-async fn launch(context: BlockDeviceContext, mode: Mode) -> io::Result<Box<dyn BlockDevice>> {
+async fn launch(
+    context: &FrontendContext,
+    config: UblkConfig,
+    mode: Mode,
+) -> io::Result<UblkDevice> {
     let minor = context.minor;
     if !available() {
-        tracing::error!(
-            minor,
-            "ublk: {CONTROL_DEVICE} is missing (no ublk_drv in this kernel, or not loaded)"
-        );
-        return Err(errno(libc::ENODEV));
+        return Err(crate::error::failure(
+            libc::ENODEV,
+            format!(
+                "ublk: {CONTROL_DEVICE} is missing (no ublk_drv in this kernel, or not loaded)"
+            ),
+        ));
     }
-    let config = UblkConfig::from_env().map_err(|e| {
-        tracing::error!(minor, "ublk: {e}");
-        errno(libc::EINVAL)
-    })?;
     let disk = context.vbd.disk_info().ok_or_else(|| errno(libc::EINVAL))?;
-    // Raw images punch holes; other formats do not discard (yet).
-    let discard = context.vbd.chain().is_some_and(|chain| {
-        chain
-            .images()
-            .first()
-            .is_some_and(|leaf| leaf.driver.disk_type() == DiskType::Aio)
-    });
     let (ready_sender, ready) = tokio::sync::oneshot::channel::<io::Result<Live>>();
     let abandoned = Arc::new(AtomicBool::new(false));
     let job = DeviceJob {
         mode,
         minor,
         config,
-        params: device_params(&disk, config.max_io_bytes, discard),
+        params: device_params(&disk, config.max_io_bytes, context.vbd.capabilities()),
         vbd: Arc::clone(&context.vbd),
         runtime: tokio::runtime::Handle::current(),
         ready: Mutex::new(Some(ready_sender)),
@@ -236,7 +243,7 @@ async fn launch(context: BlockDeviceContext, mode: Mode) -> io::Result<Box<dyn B
     let mut device = UblkDevice {
         minor,
         node,
-        control_dir: context.control_dir.clone(),
+        control_dir: context.control_dir.root().to_path_buf(),
         compat_link: None,
         thread: Some(thread),
     };
@@ -247,7 +254,7 @@ async fn launch(context: BlockDeviceContext, mode: Mode) -> io::Result<Box<dyn B
         read_only: disk.info & crate::driver::VDISK_READONLY != 0,
         device: device.node.clone(),
     };
-    if let Err(e) = recorded.write(&context.control_dir) {
+    if let Err(e) = recorded.write(context.control_dir.root()) {
         // Recovery without -a will not work, the device itself does.
         tracing::warn!(minor, "ublk: recovery state not saved: {e}");
     }
@@ -257,25 +264,26 @@ async fn launch(context: BlockDeviceContext, mode: Mode) -> io::Result<Box<dyn B
             Err(e) => tracing::warn!(minor, "ublk: compatibility link not created: {e}"),
         }
     }
-    Ok(Box::new(device))
+    Ok(device)
 }
 
 impl UblkDevice {
+    /// Who holds the device (blocking: scans `/proc`).
+    async fn find_holder(&self) -> io::Result<Option<Holder>> {
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || holders::find_holder(&node))
+            .await
+            .map_err(io::Error::other)?
+    }
+
     async fn remove(&mut self, force: bool) -> io::Result<()> {
         let minor = self.minor;
         if !force {
-            let node = self.node.clone();
-            let name = format!("ublkb{minor}");
-            let holder = tokio::task::spawn_blocking(move || holders::find_holder(&node, &name))
-                .await
-                .map_err(io::Error::other)??;
-            if let Some(holder) = holder {
-                tracing::error!(
-                    minor,
-                    "ublk: {} is in use ({holder}); not removing it",
-                    self.node.display()
-                );
-                return Err(errno(libc::EBUSY));
+            if let Some(holder) = self.find_holder().await? {
+                return Err(crate::error::failure(
+                    libc::EBUSY,
+                    format!("{} is in use: {holder}", self.node.display()),
+                ));
             }
         }
         let stopped = tokio::task::spawn_blocking(move || stop_device(minor))
@@ -311,9 +319,17 @@ impl UblkDevice {
     }
 }
 
-impl BlockDevice for UblkDevice {
-    fn path(&self) -> &Path {
-        &self.node
+impl Frontend for UblkDevice {
+    fn kind(&self) -> &'static str {
+        "ublk"
+    }
+
+    fn device(&self) -> Option<&Path> {
+        Some(&self.node)
+    }
+
+    fn holder(&self) -> IoFuture<'_, Option<Holder>> {
+        Box::pin(self.find_holder())
     }
 
     fn stop(&mut self, force: bool) -> IoFuture<'_, ()> {
@@ -329,15 +345,6 @@ fn stop_device(id: u16) -> io::Result<()> {
         .kill_dev()
         .map_err(|e| ublk_failure(id, "STOP_DEV", &e))?;
     Ok(())
-}
-
-/// True when process `pid` exists.
-fn process_alive(pid: i32) -> bool {
-    // `Pid::from_raw` rejects negative numbers by panicking: filter them first.
-    (pid > 0)
-        .then(|| rustix::process::Pid::from_raw(pid))
-        .flatten()
-        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
 }
 
 /// Everything the device thread needs.
@@ -627,12 +634,5 @@ mod tests {
             recorded_open(dir.path(), 2).unwrap_err().raw_os_error(),
             Some(libc::EINVAL)
         );
-    }
-
-    #[test]
-    fn process_liveness() {
-        assert!(process_alive(i32::try_from(std::process::id()).unwrap()));
-        assert!(!process_alive(0));
-        assert!(!process_alive(-1));
     }
 }

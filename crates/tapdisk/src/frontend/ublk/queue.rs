@@ -31,7 +31,8 @@
 //! completions write to and that a listener task keeps a `POLL_ADD` armed on: the poll
 //! completion ends the wait, and the executor then runs the tasks whose results arrived.
 //!
-//! Results: the byte count for reads and writes, 0 for flush and discard, `-errno` on failure
+//! Results: the byte count for reads and writes, 0 for flush, discard and write-zeroes (which
+//! writes zeros itself where the image cannot zero fast), `-errno` on failure
 //! (the VBD has already retried what was worth retrying), `-EOPNOTSUPP` for operations the
 //! device does not advertise.
 
@@ -51,7 +52,7 @@ use libublk::{BufDesc, UblkError, UblkUringData};
 
 use super::chardev::borrow_char_device;
 use super::config::Bridge;
-use crate::driver::SECTOR_SIZE;
+use crate::driver::{ZeroFlags, SECTOR_SIZE};
 use crate::engine::mapped::MappedBytes;
 use crate::iobuf::IoBuf;
 use crate::vbd::Vbd;
@@ -336,6 +337,8 @@ pub struct Request {
     pub op: u32,
     /// Forced unit access (write through).
     pub fua: bool,
+    /// Write-zeroes must keep the range allocated (`UBLK_IO_F_NOUNMAP`).
+    pub no_unmap: bool,
     /// First sector.
     pub sector: u64,
     /// Sectors.
@@ -348,6 +351,7 @@ impl Request {
         Self {
             op: iod.op_flags & 0xff,
             fua: iod.op_flags & sys::UBLK_IO_F_FUA != 0,
+            no_unmap: iod.op_flags & sys::UBLK_IO_F_NOUNMAP != 0,
             sector: iod.start_sector,
             sectors: iod.nr_sectors,
         }
@@ -573,6 +577,23 @@ impl TagWork<'_, '_> {
                 self.context.call(self.waker, self.wakeup, work).await?;
                 Ok(0)
             }
+            sys::UBLK_IO_OP_WRITE_ZEROES => {
+                let count = u64::from(request.sectors);
+                let flags = ZeroFlags {
+                    may_deallocate: !request.no_unmap,
+                };
+                let work = async move {
+                    match vbd.write_zeroes(sector, count, flags).await {
+                        // This range cannot be zeroed fast after all: write zeros.
+                        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                            vbd.fill_zeroes(sector, count).await
+                        }
+                        other => other,
+                    }
+                };
+                self.context.call(self.waker, self.wakeup, work).await?;
+                Ok(0)
+            }
             _ => Err(errno(libc::EOPNOTSUPP)),
         }
     }
@@ -646,10 +667,17 @@ mod tests {
             Request {
                 op: sys::UBLK_IO_OP_WRITE,
                 fua: true,
+                no_unmap: false,
                 sector: 1234,
                 sectors: 8
             }
         );
+        let zeroes = Request::from_descriptor(&sys::ublksrv_io_desc {
+            op_flags: sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_F_NOUNMAP,
+            ..Default::default()
+        });
+        assert_eq!(zeroes.op, sys::UBLK_IO_OP_WRITE_ZEROES);
+        assert!(zeroes.no_unmap && !zeroes.fua);
         assert_eq!(request.data_bytes(4096).unwrap(), 4096);
         assert_eq!(
             request.data_bytes(4095).unwrap_err().raw_os_error(),

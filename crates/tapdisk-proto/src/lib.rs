@@ -37,8 +37,9 @@
 //! Two payloads may follow an OPEN or RESUME request on the same stream: a fixed
 //! [`LOG_PATH_PAYLOAD_LEN`]-byte log path when [`OpenFlags::ADD_LOG`] is set
 //! ([`encode_log_path`]), then for OPEN with [`OpenFlags::OPEN_ENCRYPTED`] a one-byte key size
-//! followed by the key ([`encode_key`]). A STATS_RSP is followed by
-//! [`StatInfo::length`] bytes of text.
+//! followed by the key ([`encode_key`]), then for OPEN with [`OpenFlags::OPEN_OPTIONS`] (a
+//! blktap-rs extension) a fixed [`OPEN_OPTIONS_PAYLOAD_LEN`]-byte text of per-VBD options
+//! ([`encode_open_options`]). A STATS_RSP is followed by [`StatInfo::length`] bytes of text.
 //!
 //! # Guarantees
 //!
@@ -63,6 +64,8 @@ pub const PATH_LEN: usize = 256;
 pub const COOKIE_ALL: u16 = 0xFFFF;
 /// Size of the log-path payload that follows OPEN/RESUME when [`OpenFlags::ADD_LOG`] is set.
 pub const LOG_PATH_PAYLOAD_LEN: usize = 256;
+/// Size of the open-options payload ([`OpenFlags::OPEN_OPTIONS`]): NUL-terminated UTF-8.
+pub const OPEN_OPTIONS_PAYLOAD_LEN: usize = 256;
 /// Capacity of `minors.list`.
 pub const MAX_MINORS: usize = 63;
 /// Largest encryption key the server accepts, in bytes (the smallest is 1).
@@ -327,6 +330,21 @@ impl OpenFlags {
     /// tapdisk (`tap-ctl recover`) instead of creating one; an empty path reopens the image the
     /// previous tapdisk recorded in `<ctl dir>/vbd-<minor>`.
     pub const BLOCKDEV_RECOVER: Self = Self(0x8_0000);
+    /// blktap-rs extension: serve a kernel block device, whichever this host has (ublk, else
+    /// FUSE + loop): the explicit `tap-ctl -b auto`.
+    pub const BLOCKDEV_AUTO: Self = Self(0x10_0000);
+    /// blktap-rs extension: no block device was chosen for this `tap-ctl create`; tapdisk
+    /// applies its site default for creates (built in: auto). Without any of the
+    /// [`OpenFlags::BLOCKDEV_CHOICE`] bits (C clients, `tap-ctl open` without `-b`), tapdisk
+    /// applies its site default for opens (built in: none, as the C stack).
+    pub const BLOCKDEV_CREATE_DEFAULT: Self = Self(0x20_0000);
+    /// Every bit that chooses the block device: [`OpenFlags::BLOCKDEV_MASK`],
+    /// [`OpenFlags::BLOCKDEV_AUTO`] and [`OpenFlags::BLOCKDEV_CREATE_DEFAULT`]; at most one may
+    /// be set.
+    pub const BLOCKDEV_CHOICE: Self = Self(0x37_0000);
+    /// blktap-rs extension: per-VBD open options follow the message (after the log path and
+    /// the key, if any) as an [`OPEN_OPTIONS_PAYLOAD_LEN`]-byte text ([`encode_open_options`]).
+    pub const OPEN_OPTIONS: Self = Self(0x40_0000);
 
     /// No flags.
     pub const fn empty() -> Self {
@@ -1002,6 +1020,27 @@ pub fn decode_log_path(buf: &[u8]) -> Result<String, DecodeError> {
         });
     }
     read_c_string(buf, 0, LOG_PATH_PAYLOAD_LEN, "log path")
+}
+
+/// Builds the open-options payload sent after OPEN with [`OpenFlags::OPEN_OPTIONS`]: `text`
+/// (at most 255 bytes, no NUL) NUL-padded to [`OPEN_OPTIONS_PAYLOAD_LEN`] bytes. What the
+/// text means is tapdisk's business (`key = value` lines).
+pub fn encode_open_options(text: &str) -> Result<[u8; OPEN_OPTIONS_PAYLOAD_LEN], EncodeError> {
+    let mut buf = [0u8; OPEN_OPTIONS_PAYLOAD_LEN];
+    write_c_string(&mut buf, 0, OPEN_OPTIONS_PAYLOAD_LEN, text, "open options")?;
+    Ok(buf)
+}
+
+/// Parses the open-options payload; offsets in errors are relative to the payload.
+pub fn decode_open_options(buf: &[u8]) -> Result<String, DecodeError> {
+    if buf.len() != OPEN_OPTIONS_PAYLOAD_LEN {
+        return Err(DecodeError::WrongLength {
+            what: "open options payload",
+            expected: OPEN_OPTIONS_PAYLOAD_LEN,
+            actual: buf.len(),
+        });
+    }
+    read_c_string(buf, 0, OPEN_OPTIONS_PAYLOAD_LEN, "open options")
 }
 
 /// Builds the encryption-key payload sent after OPEN with [`OpenFlags::OPEN_ENCRYPTED`]:

@@ -488,6 +488,45 @@ fn block_device_flags_are_outside_the_c_flags() {
 }
 
 #[test]
+fn block_device_choice_bits_are_distinct_extensions() {
+    let choice = [
+        OpenFlags::BLOCKDEV_NONE,
+        OpenFlags::BLOCKDEV_UBLK,
+        OpenFlags::BLOCKDEV_FUSE,
+        OpenFlags::BLOCKDEV_AUTO,
+        OpenFlags::BLOCKDEV_CREATE_DEFAULT,
+    ];
+    let union = choice
+        .iter()
+        .fold(OpenFlags::empty(), |union, flag| union | *flag);
+    assert_eq!(union, OpenFlags::BLOCKDEV_CHOICE);
+    assert_eq!(union.bits().count_ones(), 5);
+    for other in [
+        OpenFlags::KNOWN,
+        OpenFlags::BLOCKDEV_RECOVER,
+        OpenFlags::OPEN_OPTIONS,
+    ] {
+        assert_eq!(union.bits() & other.bits(), 0);
+    }
+    assert_eq!(OpenFlags::BLOCKDEV_AUTO.bits(), 0x10_0000);
+    assert_eq!(OpenFlags::BLOCKDEV_CREATE_DEFAULT.bits(), 0x20_0000);
+    assert_eq!(OpenFlags::OPEN_OPTIONS.bits(), 0x40_0000);
+}
+
+#[test]
+fn open_options_payload_round_trips() {
+    let text = "ublk.queues = 4\nublk.user_copy = \"off\"";
+    let payload = tapdisk_proto::encode_open_options(text).unwrap();
+    assert_eq!(payload.len(), tapdisk_proto::OPEN_OPTIONS_PAYLOAD_LEN);
+    assert_eq!(&payload[..text.len()], text.as_bytes());
+    assert!(payload[text.len()..].iter().all(|b| *b == 0));
+    assert_eq!(tapdisk_proto::decode_open_options(&payload).unwrap(), text);
+    assert!(tapdisk_proto::encode_open_options(&"x".repeat(256)).is_err());
+    assert!(tapdisk_proto::decode_open_options(&[b'x'; 256]).is_err());
+    assert!(tapdisk_proto::decode_open_options(&payload[..255]).is_err());
+}
+
+#[test]
 fn recover_flag_is_outside_the_c_flags_and_the_choice() {
     assert_eq!(OpenFlags::BLOCKDEV_RECOVER.bits(), 0x8_0000);
     assert_eq!(

@@ -5,9 +5,10 @@
 #   4k random read QD32, 4k random write QD32, 1M sequential read QD8
 # against:
 #   ours      tapdisk's export (tap-ctl create -b none -D: buffered I/O, like the peers below;
-#             TAPDISK_IO_ENGINE picks the engine, default auto = io_uring when available)
-#   ours-nogather  the same with TAPDISK_NBD_GATHER=off (each reply sent when ready; not in
-#             the default SERVERS: for measuring what gathering replies does)
+#             ENGINE picks the engine, default auto = io_uring when available)
+#   ours-nogather  the same with `tuning.nbd_gather = false` in tapdisk's configuration
+#             (each reply sent when ready; not in the default SERVERS: for measuring what
+#             gathering replies does)
 #   qemu-nbd  --aio=threads and --aio=io_uring, both --cache=writeback (page cache)
 #   nbdkit    file plugin (page cache; cache=default)
 # and prints a table of IOPS and bandwidth with ratios against the fastest peer, and in
@@ -16,7 +17,8 @@
 #
 # Environment: SIZE (default 1G), RUNTIME seconds per job (default 10), SERVERS (subset of
 # "ours ours-nogather qemu-threads qemu-uring nbdkit"), JOBS (subset of "randread randwrite
-# seqread"), QD (queue depth of the 4k jobs, default 32),
+# seqread"), QD (queue depth of the 4k jobs, default 32), ENGINE (tapdisk's io.engine: auto,
+# io_uring or pread; default auto),
 # ROUNDS (default 1): with more, every server runs every job once per round (rounds one
 # after the other, so a burst of load elsewhere on the host hits one round of every server
 # rather than all rounds of one) and the table shows the median of each.
@@ -29,6 +31,7 @@ SERVERS=${SERVERS:-"ours qemu-threads qemu-uring nbdkit"}
 JOBS=${JOBS:-"randread randwrite seqread"}
 ROUNDS=${ROUNDS:-1}
 QD=${QD:-32}
+ENGINE=${ENGINE:-auto}
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release --bins -q
@@ -55,9 +58,11 @@ SOCK=
 start_server() {
     case $1 in
     ours | ours-nogather)
-        gather=on
-        [ "$1" = ours-nogather ] && gather=off
-        marker=$(TAPDISK_NBD_GATHER=$gather "$BIN/tap-ctl" create -a "aio:$IMAGE" -b none -D)
+        gather=true
+        [ "$1" = ours-nogather ] && gather=false
+        printf '[io]\nengine = "%s"\n[tuning]\nnbd_gather = %s\n' "$ENGINE" "$gather" \
+            > "$WORK/tapdisk.toml"
+        marker=$(TAPDISK_CONFIG=$WORK/tapdisk.toml "$BIN/tap-ctl" create -a "aio:$IMAGE" -b none -D)
         minor=${marker##*tapdisk-}
         pid=$("$BIN/tap-ctl" list -m "$minor" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
         SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor

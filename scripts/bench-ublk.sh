@@ -8,8 +8,9 @@
 # request. So does tapdisk by default (user copy with mapped reads: its pwrite of
 # /dev/ublkcN names the image's mapped pages as the source). The other variants show the
 # paths without that: a pread into tapdisk's buffer, then a second copy into the request
-# (user copy with TAPDISK_MAPPED_READS=off, with and without O_DIRECT on the image (-D)), or
-# the driver copying out of the tag's buffer (plain copy).
+# (user copy with mapped reads off, `tuning.mapped_reads = false` in tapdisk's configuration,
+# with and without O_DIRECT on the image (-D)), or the driver copying out of the tag's buffer
+# (plain copy, `tap-ctl create -o ublk.user_copy=off`).
 #
 # On the host: scripts/bench-ublk.sh   (builds tap-ctl and tapdisk in release mode first)
 # In the guest (run by scripts/vm-tests.sh): bench-ublk.sh REPO NAME
@@ -39,15 +40,17 @@ iops() {
 }
 
 rounds=${BENCH_ROUNDS:-3}
-# Variants: "name;environment;tap-ctl create flags". The first is the default configuration.
+# Variants: "name;[tuning] line of tapdisk's configuration;tap-ctl create flags". The first
+# is the default configuration.
 variants=(
     "default (user copy, mapped reads);;"
-    "user copy, mapped reads, affinity other;TAPDISK_UBLK_AFFINITY=other;"
-    "user copy, mapped reads off;TAPDISK_MAPPED_READS=off;"
-    "user copy, mapped reads off, -D;TAPDISK_MAPPED_READS=off;-D"
-    "plain copy (reads land in the tag buffer);TAPDISK_UBLK_USER_COPY=off;"
-    "user copy, spawn bridge;TAPDISK_UBLK_BRIDGE=spawn;"
+    "user copy, mapped reads, affinity other;ublk_affinity = \"other\";"
+    "user copy, mapped reads off;mapped_reads = false;"
+    "user copy, mapped reads off, -D;mapped_reads = false;-D"
+    "plain copy (reads land in the tag buffer);;-o ublk.user_copy=off"
+    "user copy, spawn bridge;ublk_bridge = \"spawn\";"
 )
+site="$SCRATCH/tapdisk.toml"
 # Results, one line per run: "round name iops" (name "loop" or the variant's index).
 runs="$SCRATCH/runs"
 : > "$runs"
@@ -59,9 +62,10 @@ for round in $(seq "$rounds"); do
     check "round $round: loop device ($loop, dio=$loop_dio): $result IOPS" test -n "$result"
     echo "$round loop ${result:-0}" >> "$runs"
     for i in "${!variants[@]}"; do
-        IFS=';' read -r name environment flags <<<"${variants[$i]}"
-        # shellcheck disable=SC2086 # word splitting of the variables is wanted
-        dev=$(env $environment tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
+        IFS=';' read -r name tuning flags <<<"${variants[$i]}"
+        printf '[tuning]\n%s\n' "$tuning" > "$site"
+        # shellcheck disable=SC2086 # word splitting of the flags is wanted
+        dev=$(TAPDISK_CONFIG="$site" tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
         result=$(iops "$dev")
         minor=$(minor_of_device "$dev")
         tap-ctl destroy -p "$(pid_of_minor "$minor")" -m "$minor" >> "$LOG" 2>&1

@@ -15,8 +15,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
 cargo build --workspace --bins -q
 for engine in $ENGINES; do
-    echo "# $ITERATIONS crash iterations with TAPDISK_IO_ENGINE=$engine" >&2
-    TAPDISK_IO_ENGINE=$engine VHD_CRASH_ITERATIONS=$ITERATIONS \
+    echo "# $ITERATIONS crash iterations with the $engine engine" >&2
+    TAPDISK_TEST_ENGINE=$engine VHD_CRASH_ITERATIONS=$ITERATIONS \
         cargo test -q -p tapdisk --test vhd_crash -- --nocapture
 done
 echo "# all crash iterations passed" >&2

@@ -9,7 +9,7 @@ use crate::alloc::{allocate, free_settling};
 use crate::error::Result;
 use crate::ops::{attach, block_device, detach, open, OpenRequest};
 use crate::paths::ControlDir;
-use crate::spawn::{find_tapdisk, spawn_with};
+use crate::spawn::spawn_with;
 use tapdisk_proto::ImageInfo;
 
 /// A VBD brought up by [`create`].
@@ -22,12 +22,6 @@ pub struct CreatedVbd {
     pub image: ImageInfo,
     /// The kernel block device serving the VBD, if it has one (printed instead).
     pub device: Option<PathBuf>,
-}
-
-/// [`create_with`] using the tapdisk binary found by [`find_tapdisk`].
-pub fn create(dir: &ControlDir, req: &OpenRequest) -> Result<CreatedVbd> {
-    let tapdisk = find_tapdisk().map_err(|e| e.within("spawning tapdisk"))?;
-    create_with(dir, &tapdisk, req)
 }
 
 /// Allocates a minor, spawns `tapdisk`, attaches the minor and opens `req` on it.

@@ -8,9 +8,9 @@
 //! * [`create`] strings allocate + spawn + attach + open together, undoing on failure;
 //! * [`recover`] gives a block device whose tapdisk died a new tapdisk.
 //!
-//! Every operation takes a [`ControlDir`] so callers choose the directory explicitly;
-//! [`ControlDir::from_env`] gives the default one. Every failure is an [`Error`]: an errno and
-//! what was being done.
+//! Every operation takes a [`ControlDir`], and those that start a tapdisk the path of the
+//! binary: the caller chooses both (`tap-ctl` from its configuration); the library reads no
+//! environment. Every failure is an [`Error`]: an errno and what was being done.
 
 pub mod alloc;
 pub mod create;
@@ -23,7 +23,7 @@ pub mod recover;
 pub mod spawn;
 
 pub use alloc::{allocate, allocated_minors, free, free_settling};
-pub use create::{create, create_with, CreatedVbd};
+pub use create::{create_with, CreatedVbd};
 pub use error::{strerror, Error, Result};
 pub use list::{find_minor, find_pid, list, list_pid, ListFilter, ListRow};
 pub use ops::{
@@ -31,6 +31,6 @@ pub use ops::{
     pause, stats, unpause, OpenRequest, ResumeRequest, VbdEntry,
 };
 pub use paths::ControlDir;
-pub use recover::{recover, recover_with};
-pub use spawn::{find_tapdisk, spawn, spawn_with};
+pub use recover::recover_with;
+pub use spawn::spawn_with;
 pub use tapdisk_proto::{ImageInfo, OpenFlags};

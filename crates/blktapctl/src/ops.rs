@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tapdisk_proto::{
-    encode_key, encode_log_path, Body, ImageInfo, Message, MessageType, OpenFlags, Params,
-    COOKIE_ALL, NO_PARENT_DEVNUM,
+    encode_key, encode_log_path, encode_open_options, Body, ImageInfo, Message, MessageType,
+    OpenFlags, Params, COOKIE_ALL, NO_PARENT_DEVNUM,
 };
 
 use crate::error::{Error, Result};
@@ -47,6 +47,9 @@ pub struct OpenRequest {
     pub log_path: Option<String>,
     /// Encryption key (`-E`; adds `OPEN_ENCRYPTED` and sends the key after the message).
     pub encryption_key: Option<Vec<u8>>,
+    /// Per-VBD open options, `key = value` lines (`-o`; a blktap-rs extension: adds
+    /// `OPEN_OPTIONS` and sends the text after the message).
+    pub options: Option<String>,
 }
 
 impl OpenRequest {
@@ -80,6 +83,12 @@ impl OpenRequest {
             flags |= OpenFlags::OPEN_ENCRYPTED;
             let payload = encode_key(key)
                 .map_err(|e| Error::new(libc::EINVAL, format!("encryption key: {e}")))?;
+            trailer.extend_from_slice(&payload);
+        }
+        if let Some(options) = &self.options {
+            flags |= OpenFlags::OPEN_OPTIONS;
+            let payload = encode_open_options(options)
+                .map_err(|e| Error::new(libc::E2BIG, format!("open options {options:?}: {e}")))?;
             trailer.extend_from_slice(&payload);
         }
         let params = Params {

@@ -1,47 +1,22 @@
 //! Well-known filesystem locations shared by `tap-ctl` and `tapdisk`.
 //!
-//! Everything lives under one control directory, `/run/blktap-control` by default. The
-//! environment variable [`CONTROL_DIR_ENV`] overrides it, so tests (and several independent
-//! stacks on one host) can run side by side without touching each other.
+//! Everything lives under one control directory, `/run/blktap-control` by default
+//! ([`DEFAULT_CONTROL_DIR`]). `tap-ctl` takes another from the environment variable
+//! [`CONTROL_DIR_ENV`] and passes it to the tapdisks it spawns the same way, so tests (and
+//! several independent stacks on one host) can run side by side without touching each other.
+//! Callers name the directory explicitly with a [`ControlDir`].
 
 use std::path::{Path, PathBuf};
 
-/// Environment variable that overrides the control directory.
+/// Environment variable naming the control directory (read by `tap-ctl` and `tapdisk` in
+/// their configuration; set by [`crate::spawn_with`] for the daemon it starts).
 pub const CONTROL_DIR_ENV: &str = "BLKTAP_CONTROL_DIR";
 
-/// The control directory used when [`CONTROL_DIR_ENV`] is unset.
+/// The control directory when nothing names another.
 pub const DEFAULT_CONTROL_DIR: &str = "/run/blktap-control";
 
 /// Highest minor number `allocate` hands out (inclusive), as in the C stack.
 pub const MAX_MINOR: u32 = 16383;
-
-/// The control directory: `$BLKTAP_CONTROL_DIR` or `/run/blktap-control`.
-pub fn control_dir() -> PathBuf {
-    match std::env::var_os(CONTROL_DIR_ENV) {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(DEFAULT_CONTROL_DIR),
-    }
-}
-
-/// Directory holding the per-minor marker files (`<ctl dir>/tapdisk`).
-pub fn marker_dir() -> PathBuf {
-    control_dir().join("tapdisk")
-}
-
-/// Marker file of one minor: `<ctl dir>/tapdisk/tapdisk-<minor>`.
-pub fn marker_path(minor: u32) -> PathBuf {
-    marker_dir().join(format!("tapdisk-{minor}"))
-}
-
-/// Control socket of one tapdisk process: `<ctl dir>/ctl<pid>`.
-pub fn ctl_socket_path(pid: u32) -> PathBuf {
-    control_dir().join(format!("ctl{pid}"))
-}
-
-/// NBD (fixed newstyle) socket of one VBD: `<ctl dir>/nbd<pid>.<minor>`.
-pub fn nbd_socket_path(pid: u32, minor: u32) -> PathBuf {
-    control_dir().join(format!("nbd{pid}.{minor}"))
-}
 
 /// Parses the pid out of a control socket file name (`ctl<pid>`).
 pub fn parse_ctl_socket_name(name: &str) -> Option<u32> {
@@ -61,10 +36,8 @@ pub fn parse_marker_name(name: &str) -> Option<u32> {
     digits.parse().ok().filter(|minor| *minor <= MAX_MINOR)
 }
 
-/// One control directory, passed explicitly through the library.
-///
-/// The free functions above always read the environment; a `ControlDir` value lets callers (and
-/// tests running in parallel threads) name the directory without touching process-global state.
+/// One control directory, passed explicitly through the library (tests running in parallel
+/// threads each name their own).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlDir {
     root: PathBuf,
@@ -74,11 +47,6 @@ impl ControlDir {
     /// A control directory rooted at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
-    }
-
-    /// The directory named by the environment ([`control_dir`]).
-    pub fn from_env() -> Self {
-        Self::new(control_dir())
     }
 
     /// The control directory itself (`<ctl dir>`).
@@ -104,12 +72,6 @@ impl ControlDir {
     /// NBD (fixed newstyle) socket of one VBD: `<ctl dir>/nbd<pid>.<minor>`.
     pub fn nbd_socket_path(&self, pid: u32, minor: u32) -> PathBuf {
         self.root.join(format!("nbd{pid}.{minor}"))
-    }
-}
-
-impl Default for ControlDir {
-    fn default() -> Self {
-        Self::from_env()
     }
 }
 

@@ -14,14 +14,7 @@ use crate::create::{start_on_minor, CreatedVbd};
 use crate::error::{Error, Result};
 use crate::ops::OpenRequest;
 use crate::paths::ControlDir;
-use crate::spawn::find_tapdisk;
 use tapdisk_proto::OpenFlags;
-
-/// [`recover_with`] using the tapdisk binary found by [`find_tapdisk`].
-pub fn recover(dir: &ControlDir, minor: u32, req: &OpenRequest) -> Result<CreatedVbd> {
-    let tapdisk = find_tapdisk().map_err(|e| e.within("spawning tapdisk"))?;
-    recover_with(dir, &tapdisk, minor, req)
-}
 
 /// Spawns `tapdisk`, attaches `minor` and reopens its image with the recover flag.
 /// `ENOENT` when the minor is not allocated; `EBUSY` (from attach) while a live tapdisk

@@ -1,4 +1,5 @@
-//! Starting a tapdisk daemon and learning its pid (`tap-ctl spawn`).
+//! Starting a tapdisk daemon and learning its pid (`tap-ctl spawn`). Which binary to run is
+//! the caller's choice (`tap-ctl` finds it through its configuration).
 //!
 //! Handshake: tap-ctl runs `tapdisk` with no arguments, stdin from `/dev/null` and both stdout
 //! and stderr on the write end of a pipe. The process it started forks and exits 0 at once; the
@@ -10,7 +11,7 @@
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,64 +21,11 @@ use rustix::pipe::{pipe_with, PipeFlags};
 use crate::error::{Error, Result};
 use crate::paths::{parse_ctl_socket_name, ControlDir, CONTROL_DIR_ENV};
 
-/// Environment variable naming the tapdisk binary explicitly.
-pub const TAPDISK_ENV: &str = "BLKTAP_TAPDISK";
-
-/// Fixed locations searched (after `$BLKTAP_TAPDISK` and tap-ctl's own directory).
-pub const TAPDISK_LOCATIONS: [&str; 2] = ["/usr/libexec/tapdisk", "/usr/lib/blktap/tapdisk"];
-
 /// How long to wait for the daemon to report its control socket.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// At most this much handshake output is kept (for error messages).
 const MAX_HANDSHAKE_OUTPUT: usize = 4096;
-
-/// Finds the tapdisk binary: `$BLKTAP_TAPDISK`, the directory of the running executable,
-/// [`TAPDISK_LOCATIONS`], then `$PATH`. `ENOENT` when none exists.
-pub fn find_tapdisk() -> Result<PathBuf> {
-    if let Some(explicit) = std::env::var_os(TAPDISK_ENV).filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(explicit);
-        if path.is_file() {
-            return Ok(path);
-        }
-        return Err(Error::new(
-            libc::ENOENT,
-            format!("{TAPDISK_ENV}={} does not name a file", path.display()),
-        ));
-    }
-    let beside_self = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("tapdisk")));
-    let fixed = TAPDISK_LOCATIONS.iter().map(PathBuf::from);
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|dir| dir.join("tapdisk"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    beside_self
-        .into_iter()
-        .chain(fixed)
-        .chain(on_path)
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            Error::new(
-                libc::ENOENT,
-                format!(
-                    "no tapdisk binary found (set {TAPDISK_ENV}, or install it beside tap-ctl, \
-                     in {} or {}, or on PATH)",
-                    TAPDISK_LOCATIONS[0], TAPDISK_LOCATIONS[1]
-                ),
-            )
-        })
-}
-
-/// Finds tapdisk with [`find_tapdisk`] and spawns it; returns the daemon's pid.
-pub fn spawn(dir: &ControlDir) -> Result<u32> {
-    let tapdisk = find_tapdisk()?;
-    spawn_with(dir, &tapdisk)
-}
 
 /// Spawns the tapdisk binary at `tapdisk` with `BLKTAP_CONTROL_DIR` set to `dir`, waits for its
 /// handshake and returns the daemon's pid.
@@ -268,6 +216,7 @@ pub fn parse_handshake(output: &str) -> Result<u32> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
 
     #[test]
     fn handshake_line_gives_the_pid() {

@@ -16,8 +16,9 @@
 use std::io::Write;
 use std::time::Duration;
 
-use blktapctl::{ControlDir, Error, ListFilter, OpenFlags, OpenRequest, ResumeRequest};
+use blktapctl::{Error, ListFilter, OpenFlags, OpenRequest, ResumeRequest};
 
+use crate::config::Config;
 use crate::getopt::Getopt;
 
 /// The commands, in the order the global usage lists them.
@@ -175,7 +176,8 @@ pub fn usage(name: &str) -> String {
                      [-t request timeout in seconds] [-d device name] [-r read cache] \
                      [-e <minor> reuse parent chain] [-2 <type:/path> secondary image] \
                      [-s standby secondary] [-C <logfile> changed-block log] \
-                     [-b auto|ublk|fuse|none block device]\n"
+                     [-b auto|ublk|fuse|none block device] [-o key=value[,key=value...] \
+                     device options]\n"
         }
         "destroy" => "usage: destroy <-p pid> <-m minor> [-t timeout in seconds]\n",
         "spawn" => "usage: spawn [-h]\n",
@@ -186,7 +188,8 @@ pub fn usage(name: &str) -> String {
                    [-D no O_DIRECT] [-t request timeout in seconds] [-r read cache] \
                    [-e <minor> reuse parent chain] [-2 <type:/path> secondary image] \
                    [-s standby secondary] [-C <logfile> changed-block log] \
-                   [-E key on stdin] [-b auto|ublk|fuse|none block device]\n"
+                   [-E key on stdin] [-b auto|ublk|fuse|none block device] \
+                   [-o key=value[,key=value...] device options]\n"
         }
         "close" => "usage: close <-p pid> <-m minor> [-f force] [-t timeout in seconds]\n",
         "pause" => "usage: pause <-p pid> <-m minor> [-t timeout in seconds]\n",
@@ -232,6 +235,8 @@ struct Collected {
     file: Option<String>,
     /// `-b`: which kernel block device serves the VBD.
     block_device: Option<OpenFlags>,
+    /// `-o`: per-VBD device options, as `key = value` lines for tapdisk.
+    options: Vec<String>,
     /// Options given that the daemon does not support yet: (letter, description).
     unsupported: Vec<(char, &'static str)>,
     /// `nbd-listen -l`: TCP address.
@@ -286,6 +291,7 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
             ("list", 't') => c.driver = Some(value),
             (_, 't') => c.timeout_secs = Some(number(name, letter, &value)?),
             (_, 'b') => c.block_device = Some(block_device_mode(name, &value)?),
+            (_, 'o') => c.options.extend(device_options(name, &value)?),
             (_, 'R') => c.readonly = true,
             (_, 'D') => c.no_o_direct = true,
             (_, 'd') => c.unsupported.push(('d', "device name")),
@@ -304,13 +310,10 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
     Ok(c)
 }
 
-/// Environment variable giving the default of `-b`.
-pub const BLOCK_DEVICE_ENV: &str = "BLKTAP_BLOCK_DEVICE";
-
 /// The open flags of a `-b` value: `auto` (ublk, else FUSE + loop), `ublk`, `fuse`, `none`.
 fn block_device_mode(name: &str, value: &str) -> Result<OpenFlags, Stop> {
     match value {
-        "auto" => Ok(OpenFlags::empty()),
+        "auto" => Ok(OpenFlags::BLOCKDEV_AUTO),
         "ublk" => Ok(OpenFlags::BLOCKDEV_UBLK),
         "fuse" => Ok(OpenFlags::BLOCKDEV_FUSE),
         "none" => Ok(OpenFlags::BLOCKDEV_NONE),
@@ -321,6 +324,41 @@ fn block_device_mode(name: &str, value: &str) -> Result<OpenFlags, Stop> {
             )),
         )),
     }
+}
+
+/// The `key = value` lines of a `-o key=value[,key=value...]` argument. Keys are tapdisk's
+/// per-VBD settings (`ublk.queues`, `ublk.depth`, `ublk.max_io_kib`, `ublk.user_copy`,
+/// `block_device.compat_symlinks`), which tapdisk checks; numbers and `true`/`false` go as
+/// they are, anything else as a string.
+fn device_options(name: &str, value: &str) -> Result<Vec<String>, Stop> {
+    let bad = |what: &str| {
+        usage_error(
+            name,
+            Some(format!(
+                "tap-ctl: {name}: device option '{what}' is not key=value"
+            )),
+        )
+    };
+    value
+        .split(',')
+        .map(|item| {
+            let (key, value) = item.split_once('=').ok_or_else(|| bad(item))?;
+            let key_ok = !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._".contains(&b));
+            if !key_ok || value.is_empty() {
+                return Err(bad(item));
+            }
+            let bare = value.parse::<i64>().is_ok() || value == "true" || value == "false";
+            Ok(if bare {
+                format!("{key} = {value}")
+            } else {
+                let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+                format!("{key} = \"{escaped}\"")
+            })
+        })
+        .collect()
 }
 
 /// Makes a path absolute (tapdisk runs in `/`).
@@ -383,6 +421,7 @@ fn request_timeout(name: &str, c: &Collected) -> Result<u16, Stop> {
 
 fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
     let mut flags = c.block_device.unwrap_or_default();
+    let options = (!c.options.is_empty()).then(|| c.options.join("\n"));
     if c.readonly {
         flags |= OpenFlags::RDONLY;
     }
@@ -393,20 +432,21 @@ fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
         params: absolute_params(args),
         flags,
         request_timeout: timeout,
+        options,
         ..OpenRequest::default()
     }
 }
 
 /// Parses one command (`name` is a member of [`COMMANDS`]) and its arguments.
-fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
+fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result<Command, Stop> {
     let spec = match name {
         "list" => "m:p:t:f:h",
         "allocate" | "spawn" => "h",
         "free" => "m:h",
-        "create" => "a:RDd:e:r2:st:C:b:h",
+        "create" => "a:RDd:e:r2:st:C:b:o:h",
         "destroy" | "pause" => "p:m:t:h",
         "attach" | "detach" | "stats" => "p:m:h",
-        "open" => "a:RDm:p:e:r2:st:C:Eb:h",
+        "open" => "a:RDm:p:e:r2:st:C:Eb:o:h",
         "close" => "p:m:ft:h",
         "unpause" => "p:m:a:2:c:h",
         "major" => "bch",
@@ -423,9 +463,13 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
     }
     let mut c = collect(name, args, spec)?;
     if c.block_device.is_none() && matches!(name, "create" | "open") {
-        if let Ok(value) = std::env::var(BLOCK_DEVICE_ENV) {
-            c.block_device = Some(block_device_mode(name, &value)?);
-        }
+        // -b, else $BLKTAP_BLOCK_DEVICE, else tapdisk's site default (for opens, that of
+        // C clients; for creates, its own).
+        c.block_device = match &config.block_device {
+            Some(value) => Some(block_device_mode(name, value)?),
+            None if name == "create" => Some(OpenFlags::BLOCKDEV_CREATE_DEFAULT),
+            None => None,
+        };
     }
     let timeout = c.timeout_secs.map(Duration::from_secs);
     let command = match name {
@@ -532,8 +576,8 @@ fn parse_command(name: &'static str, args: &[String]) -> Result<Command, Stop> {
     Ok(command)
 }
 
-/// Parses the arguments after the program name.
-pub fn parse(argv: &[String]) -> Action {
+/// Parses the arguments after the program name (`config` gives the default of `-b`).
+pub fn parse(argv: &[String], config: &Config) -> Action {
     let args: Vec<String> = argv.iter().filter(|a| *a != "--debug").cloned().collect();
     let Some((first, rest)) = args.split_first() else {
         return Action::Help(global_usage());
@@ -541,7 +585,7 @@ pub fn parse(argv: &[String]) -> Action {
     let Some(name) = COMMANDS.iter().copied().find(|c| c == first) else {
         return Action::Help(global_usage());
     };
-    match parse_command(name, rest) {
+    match parse_command(name, rest, config) {
         Ok(command) => Action::Run { name, command },
         Err(stop) => stop.into(),
     }
@@ -562,9 +606,10 @@ impl std::fmt::Debug for Io<'_> {
     }
 }
 
-/// Carries out `action` against control directory `dir`; returns the exit status.
-/// Write errors on stdout/stderr (e.g. a closed pipe) are ignored, as the C tool ignores them.
-pub fn run(action: Action, dir: &ControlDir, io: &mut Io<'_>) -> i32 {
+/// Carries out `action` with `config` (control directory, tapdisk binary); returns the exit
+/// status. Write errors on stdout/stderr (e.g. a closed pipe) are ignored, as the C tool
+/// ignores them.
+pub fn run(action: Action, config: &Config, io: &mut Io<'_>) -> i32 {
     match action {
         Action::Help(text) => {
             let _ = io.out.write_all(text.as_bytes());
@@ -585,7 +630,7 @@ pub fn run(action: Action, dir: &ControlDir, io: &mut Io<'_>) -> i32 {
             );
             libc::EOPNOTSUPP
         }
-        Action::Run { name, command } => match execute(command, dir, io) {
+        Action::Run { name, command } => match execute(command, config, io) {
             Ok(()) => 0,
             Err(err) => {
                 let _ = writeln!(io.err, "tap-ctl: {name}: {err}");
@@ -595,7 +640,8 @@ pub fn run(action: Action, dir: &ControlDir, io: &mut Io<'_>) -> i32 {
     }
 }
 
-fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Error> {
+fn execute(command: Command, config: &Config, io: &mut Io<'_>) -> Result<(), Error> {
+    let dir = &config.control_dir;
     match command {
         Command::List { filter } => {
             let rows = match filter.pid {
@@ -625,7 +671,7 @@ fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Er
         }
         Command::Free { minor } => blktapctl::free(dir, minor)?,
         Command::Create { request } => {
-            let created = blktapctl::create(dir, &request)?;
+            let created = blktapctl::create_with(dir, &config.tapdisk()?, &request)?;
             let shown = created.device.as_ref().unwrap_or(&created.marker);
             let _ = writeln!(io.out, "{}", shown.display());
         }
@@ -635,7 +681,7 @@ fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Er
             timeout,
         } => blktapctl::destroy(dir, pid, minor, timeout)?,
         Command::Spawn => {
-            let pid = blktapctl::spawn(dir)?;
+            let pid = blktapctl::spawn_with(dir, &config.tapdisk()?)?;
             if io.stdout_is_tty {
                 let _ = writeln!(io.out, "tapdisk spawned with pid {pid}");
             } else {
@@ -676,7 +722,7 @@ fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Er
             let _ = writeln!(io.out, "{address}");
         }
         Command::Recover { minor, request } => {
-            let recovered = blktapctl::recover(dir, minor, &request)?;
+            let recovered = blktapctl::recover_with(dir, &config.tapdisk()?, minor, &request)?;
             let shown = recovered.device.as_ref().unwrap_or(&recovered.marker);
             let _ = writeln!(io.out, "{}", shown.display());
         }
@@ -696,6 +742,12 @@ fn execute(command: Command, dir: &ControlDir, io: &mut Io<'_>) -> Result<(), Er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blktapctl::ControlDir;
+
+    /// [`super::parse`] without `$BLKTAP_BLOCK_DEVICE`.
+    fn parse(argv: &[String]) -> Action {
+        super::parse(argv, &Config::new(ControlDir::new("/nonexistent")))
+    }
 
     fn args(line: &str) -> Vec<String> {
         line.split_whitespace().map(str::to_owned).collect()
@@ -729,12 +781,99 @@ mod tests {
             err: &mut err,
             stdout_is_tty: tty,
         };
-        let status = run(action, &dir, &mut io);
+        let status = run(action, &Config::new(dir), &mut io);
         (
             status,
             String::from_utf8(out).expect("utf8"),
             String::from_utf8(err).expect("utf8"),
         )
+    }
+
+    fn open_flags_and_options(line: &str, config: &Config) -> (OpenFlags, Option<String>) {
+        match super::parse(&args(line), config) {
+            Action::Run {
+                command: Command::Create { request } | Command::Open { request, .. },
+                ..
+            } => (request.flags, request.options),
+            other => panic!("{line:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn block_device_choice_travels_explicitly() {
+        let plain = Config::new(ControlDir::new("/x"));
+        let mut from_env = plain.clone();
+        from_env.block_device = Some("ublk".into());
+        for (line, config, flags) in [
+            // No -b: create asks for the site's create default, open for nothing (as C).
+            (
+                "create -a aio:/i",
+                &plain,
+                OpenFlags::BLOCKDEV_CREATE_DEFAULT,
+            ),
+            ("open -p 1 -m 2 -a aio:/i", &plain, OpenFlags::empty()),
+            // -b always travels as its own bit, auto included.
+            ("create -a aio:/i -b auto", &plain, OpenFlags::BLOCKDEV_AUTO),
+            (
+                "open -p 1 -m 2 -a aio:/i -b auto",
+                &plain,
+                OpenFlags::BLOCKDEV_AUTO,
+            ),
+            (
+                "open -p 1 -m 2 -a aio:/i -b none",
+                &plain,
+                OpenFlags::BLOCKDEV_NONE,
+            ),
+            ("create -a aio:/i -b fuse", &plain, OpenFlags::BLOCKDEV_FUSE),
+            // $BLKTAP_BLOCK_DEVICE stands for -b; -b wins.
+            ("create -a aio:/i", &from_env, OpenFlags::BLOCKDEV_UBLK),
+            (
+                "open -p 1 -m 2 -a aio:/i",
+                &from_env,
+                OpenFlags::BLOCKDEV_UBLK,
+            ),
+            (
+                "open -p 1 -m 2 -a aio:/i -b none",
+                &from_env,
+                OpenFlags::BLOCKDEV_NONE,
+            ),
+        ] {
+            assert_eq!(open_flags_and_options(line, config).0, flags, "{line}");
+        }
+        assert!(is_usage_error("create -a aio:/i -b loop"));
+        let mut bad_env = plain;
+        bad_env.block_device = Some("loop".into());
+        assert!(matches!(
+            super::parse(&args("create -a aio:/i"), &bad_env),
+            Action::Usage { .. }
+        ));
+    }
+
+    #[test]
+    fn device_options_become_lines_for_tapdisk() {
+        let config = Config::new(ControlDir::new("/x"));
+        let (_, options) = open_flags_and_options(
+            "create -a aio:/i -o ublk.queues=4,ublk.user_copy=off -o block_device.compat_symlinks=true",
+            &config,
+        );
+        assert_eq!(
+            options.as_deref(),
+            Some("ublk.queues = 4\nublk.user_copy = \"off\"\nblock_device.compat_symlinks = true")
+        );
+        let (_, options) = open_flags_and_options("open -p 1 -m 2 -a aio:/i", &config);
+        assert_eq!(options, None);
+        let (_, options) =
+            open_flags_and_options("open -p 1 -m 2 -a aio:/i -o ublk.user_copy=a\"b", &config);
+        assert_eq!(options.as_deref(), Some("ublk.user_copy = \"a\\\"b\""));
+        for bad in [
+            "create -a aio:/i -o queues",
+            "create -a aio:/i -o =4",
+            "create -a aio:/i -o ublk.queues=",
+            "create -a aio:/i -o Ublk.queues=4",
+            "create -a aio:/i -o ublk.queues=4,",
+        ] {
+            assert!(is_usage_error(bad), "{bad}");
+        }
     }
 
     #[test]
@@ -779,10 +918,14 @@ mod tests {
         let mut request = OpenRequest::new("vhd:/a.vhd");
         request.flags = OpenFlags::RDONLY | OpenFlags::NO_O_DIRECT;
         request.request_timeout = 30;
+        // Without -b (nor $BLKTAP_BLOCK_DEVICE), create leaves the choice to tapdisk's
+        // site default for creates; open leaves it to the default for opens (no bit).
+        let mut create_request = request.clone();
+        create_request.flags |= OpenFlags::BLOCKDEV_CREATE_DEFAULT;
         assert_eq!(
             command("create -a vhd:/a.vhd -RD -t 30"),
             Command::Create {
-                request: request.clone()
+                request: create_request
             }
         );
         assert_eq!(
@@ -1037,7 +1180,7 @@ mod tests {
                 err: &mut err,
                 stdout_is_tty: tty,
             };
-            let status = run(parse(&args(line)), &dir, &mut io);
+            let status = run(parse(&args(line)), &Config::new(dir.clone()), &mut io);
             (
                 status,
                 String::from_utf8(out).expect("utf8"),

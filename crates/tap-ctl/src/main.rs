@@ -1,9 +1,10 @@
 //! `tap-ctl`: the command-line front end of the blktap control library.
 //!
-//! See [`cli`] for the command set and its compatibility rules with the C tool. The control
-//! directory comes from `BLKTAP_CONTROL_DIR` (default `/run/blktap-control`).
+//! See [`cli`] for the command set and its compatibility rules with the C tool, and
+//! [`config`] for the environment variables it reads (once, here).
 
 mod cli;
+mod config;
 mod getopt;
 
 use std::io::{IsTerminal, Write};
@@ -13,8 +14,8 @@ fn main() {
         .skip(1)
         .map(|arg| arg.to_string_lossy().into_owned())
         .collect();
-    let action = cli::parse(&argv);
-    let dir = blktapctl::ControlDir::from_env();
+    let config = config::Config::from_environment();
+    let action = cli::parse(&argv, &config);
     let stdout = std::io::stdout();
     let stdout_is_tty = stdout.is_terminal();
     let mut out = stdout.lock();
@@ -24,7 +25,7 @@ fn main() {
         err: &mut err,
         stdout_is_tty,
     };
-    let status = cli::run(action, &dir, &mut io);
+    let status = cli::run(action, &config, &mut io);
     let _ = out.flush();
     drop(out);
     std::process::exit(status);

@@ -1,7 +1,7 @@
 //! The control socket `<ctl dir>/ctl<pid>`: one request per connection.
 //!
 //! A client writes one 544-byte `tapdisk_message_t` (plus, for OPEN/RESUME, the trailing log
-//! path and key its flags announce), reads the reply and closes. Each connection is served by
+//! path, key and open options its flags announce), reads the reply and closes. Each connection is served by
 //! its own task with deadlines on reading and writing, so a slow or stuck client never blocks
 //! other clients or disk I/O. Anything malformed (truncated message, unknown type, unterminated
 //! string, unexpected extra bytes, bad key size) is answered with an `ERROR` reply carrying
@@ -11,7 +11,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tapdisk_proto::{Body, Message, MessageType, OpenFlags, LOG_PATH_PAYLOAD_LEN, MESSAGE_SIZE};
+use tapdisk_proto::{
+    Body, Message, MessageType, OpenFlags, LOG_PATH_PAYLOAD_LEN, MESSAGE_SIZE,
+    OPEN_OPTIONS_PAYLOAD_LEN,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -94,6 +97,12 @@ async fn read_request(
             let size = tapdisk_proto::decode_key_size(size[0])
                 .map_err(|e| RequestError::Malformed(e.to_string()))?;
             trailer.key = Some(read_exact_payload(stream, size).await?);
+        }
+        if message.msg_type == MessageType::Open && params.flags.contains(OpenFlags::OPEN_OPTIONS) {
+            let payload = read_exact_payload(stream, OPEN_OPTIONS_PAYLOAD_LEN).await?;
+            let text = tapdisk_proto::decode_open_options(&payload)
+                .map_err(|e| RequestError::Malformed(e.to_string()))?;
+            trailer.options = Some(text);
         }
     }
     // One request per connection: anything more is a client bug (or an oversize payload).

@@ -4,8 +4,10 @@
 //! to a **VBD** ([`vbd`]), which passes them to its **image chain** ([`image`]) of format
 //! **drivers** ([`driver`]), which do file I/O through an **I/O engine** ([`engine`]).
 //! The **control socket** ([`control`]) receives `tap-ctl`'s messages and hands them to the
-//! process state ([`server`]), which creates, opens, pauses and closes VBDs.
+//! process state ([`server`]), which creates, opens, pauses and closes VBDs. The
+//! configuration ([`config`]) is read once by `main` and passed down.
 
+pub mod config;
 pub mod control;
 pub mod driver;
 pub mod engine;

@@ -88,22 +88,23 @@ impl<'a> MakeWriter<'a> for Syslog {
     }
 }
 
-fn filter() -> EnvFilter {
-    EnvFilter::try_from_env("TAPDISK_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+/// The filter for `directives` (checked by the configuration; `info` should they not parse).
+fn filter(directives: &str) -> EnvFilter {
+    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Logs to stderr (foreground mode).
-pub fn init_stderr() {
+/// Logs to stderr (foreground mode), what `directives` (a tracing filter) lets through.
+pub fn init_stderr(directives: &str) {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter())
+        .with_env_filter(filter(directives))
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
 
-/// Logs to syslog as `tapdisk[pid]`.
-pub fn init_syslog(pid: u32) {
+/// Logs to syslog as `tapdisk[pid]`, what `directives` (a tracing filter) lets through.
+pub fn init_syslog(pid: u32, directives: &str) {
     let socket = UnixDatagram::unbound().ok().and_then(|socket| {
         socket.connect("/dev/log").ok()?;
         socket.set_nonblocking(true).ok()?;
@@ -114,7 +115,7 @@ pub fn init_syslog(pid: u32) {
         ident: Arc::from(format!("tapdisk[{pid}]")),
     };
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter())
+        .with_env_filter(filter(directives))
         .with_writer(syslog)
         .with_ansi(false)
         .without_time()

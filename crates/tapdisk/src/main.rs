@@ -1,10 +1,11 @@
-//! The `tapdisk` executable: `tapdisk [-D] [-h]`.
+//! The `tapdisk` executable: `tapdisk [-D] [-c FILE] [--print-config] [-h]`.
 //!
 //! Without `-D` it forks into the background (the parent exits once the daemon is ready or
 //! has failed, with the daemon's status), creates its control socket `<ctl dir>/ctl<pid>` and
 //! writes that path on its original standard output, which is how `tap-ctl spawn` learns the
-//! pid. With `-D` it stays in the foreground and logs to stderr. On a startup failure it
-//! prints `tapdisk: <message>` on stderr and exits with the errno.
+//! pid. With `-D` it stays in the foreground and logs to stderr. On a startup failure (an
+//! invalid configuration among them) it prints `tapdisk: <message>` on stderr and exits with
+//! the errno. The configuration ([`tapdisk::config`]) is read here, once, and passed down.
 
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -12,31 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tapdisk::config::{Config, Flags, USAGE};
 use tapdisk::control::ControlServer;
 use tapdisk::server::Tapdisk;
 use tapdisk::sys;
-
-const USAGE: &str = "usage: tapdisk [-D] [-h]\n  -D  do not daemonize: stay in the foreground and log to stderr\n  -h  show this help\n";
-
-/// Startup options.
-struct Options {
-    foreground: bool,
-}
-
-fn parse_args() -> Result<Options, String> {
-    let mut options = Options { foreground: false };
-    for arg in std::env::args().skip(1) {
-        match arg.as_str() {
-            "-D" => options.foreground = true,
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument '{other}'")),
-        }
-    }
-    Ok(options)
-}
 
 /// A startup failure: message and errno.
 struct Failure {
@@ -89,18 +69,18 @@ fn detach_stdio() -> io::Result<()> {
 }
 
 /// Runs the daemon. After forking, `ready` holds the pipe the waiting parent listens on.
-fn run(options: &Options, ready: &mut Option<sys::ReadyPipe>) -> Result<(), Failure> {
-    let control_dir = blktapctl::paths::control_dir();
+fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Result<(), Failure> {
+    let control_dir = config.control_dir.clone();
     create_control_dir(&control_dir)
         .map_err(|e| Failure::new(&format!("creating {}", control_dir.display()), &e))?;
-    if !options.foreground {
+    if !flags.foreground {
         *ready = Some(sys::daemonize().map_err(|e| Failure::new("daemonizing", &e))?);
     }
     let pid = std::process::id();
-    if options.foreground {
-        tapdisk::logging::init_stderr();
+    if flags.foreground {
+        tapdisk::logging::init_stderr(&config.log_filter);
     } else {
-        tapdisk::logging::init_syslog(pid);
+        tapdisk::logging::init_syslog(pid, &config.log_filter);
         std::env::set_current_dir("/").map_err(|e| Failure::new("chdir /", &e))?;
     }
     let (listener, socket_path) = bind_control_socket(&control_dir, pid).map_err(|e| {
@@ -127,13 +107,17 @@ fn run(options: &Options, ready: &mut Option<sys::ReadyPipe>) -> Result<(), Fail
         ready.report(0);
     }
     tracing::info!(
-        "tapdisk {} started, control socket {}",
+        "tapdisk {} started, control socket {}, configuration {}",
         env!("CARGO_PKG_VERSION"),
-        socket_path.display()
+        socket_path.display(),
+        config
+            .file
+            .as_ref()
+            .map_or("built in".into(), |file| file.display().to_string())
     );
 
     runtime.block_on(async {
-        let tapdisk = Arc::new(Tapdisk::new(pid, control_dir));
+        let tapdisk = Arc::new(Tapdisk::new(pid, Arc::new(config)));
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(listener) => listener,
             Err(e) => {
@@ -172,15 +156,30 @@ fn run(options: &Options, ready: &mut Option<sys::ReadyPipe>) -> Result<(), Fail
 }
 
 fn main() {
-    let options = match parse_args() {
-        Ok(options) => options,
-        Err(message) => {
-            eprint!("tapdisk: {message}\n{USAGE}");
+    let flags = match Flags::parse(std::env::args().skip(1)) {
+        Ok(flags) => flags,
+        Err(error) => {
+            eprint!("tapdisk: {error}\n{USAGE}");
             std::process::exit(libc::EINVAL);
         }
     };
+    if flags.help {
+        print!("{USAGE}");
+        std::process::exit(0);
+    }
+    let config = match Config::load(&flags) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("tapdisk: {error}");
+            std::process::exit(error.errno());
+        }
+    };
+    if flags.print_config {
+        print!("{}", config.to_toml());
+        std::process::exit(0);
+    }
     let mut ready = None;
-    if let Err(failure) = run(&options, &mut ready) {
+    if let Err(failure) = run(&flags, config, &mut ready) {
         eprintln!("tapdisk: {}", failure.message);
         tracing::error!("{}", failure.message);
         if let Some(ready) = ready {

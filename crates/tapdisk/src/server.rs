@@ -19,10 +19,10 @@ use tapdisk_proto::{
 };
 use tokio::sync::watch;
 
+use crate::config::{Config, DeviceSettings};
 use crate::driver::{DiskInfo, OpenOptions};
 use crate::error::{errno_of, failure, message_of};
 use crate::frontend::nbd::{NbdFrontend, NbdSettings, NbdTcpFrontend, TcpListen};
-use crate::frontend::ublk::config::UblkConfig;
 use crate::frontend::ublk::{UblkDevice, UblkStart};
 use crate::frontend::{
     start_block_device, BlockDeviceChoice, Frontend, FrontendContext, StartFrontend,
@@ -37,6 +37,9 @@ pub struct Trailer {
     pub log_path: Option<String>,
     /// Encryption key (OPEN with `OPEN_ENCRYPTED`).
     pub key: Option<Vec<u8>>,
+    /// Per-VBD open options (OPEN with `OPEN_OPTIONS`, a blktap-rs extension): `key = value`
+    /// lines, see [`crate::config::DeviceSettings::with_open_options`].
+    pub options: Option<String>,
 }
 
 /// What the control layer writes back.
@@ -54,8 +57,9 @@ pub enum Reply {
 const SUPPORTED_OPEN_FLAGS: u32 = OpenFlags::RDONLY.0
     | OpenFlags::NO_O_DIRECT.0
     | OpenFlags::SHARED.0
-    | OpenFlags::BLOCKDEV_MASK.0
-    | OpenFlags::BLOCKDEV_RECOVER.0;
+    | OpenFlags::BLOCKDEV_CHOICE.0
+    | OpenFlags::BLOCKDEV_RECOVER.0
+    | OpenFlags::OPEN_OPTIONS.0;
 
 /// One attached VBD.
 #[derive(Debug)]
@@ -81,6 +85,7 @@ impl Slot {
 #[derive(Debug)]
 pub struct Tapdisk {
     pid: u32,
+    config: Arc<Config>,
     control_dir: ControlDir,
     slots: Mutex<BTreeMap<u16, Slot>>,
     /// Serialises the requests that change state (all but PID, LIST, STATS, DISK_INFO).
@@ -130,11 +135,12 @@ async fn stop_all(frontends: &mut Vec<Box<dyn Frontend>>, force: bool) -> io::Re
 }
 
 impl Tapdisk {
-    /// The state of process `pid` using `control_dir`.
-    pub fn new(pid: u32, control_dir: PathBuf) -> Self {
+    /// The state of process `pid`, configured by `config`.
+    pub fn new(pid: u32, config: Arc<Config>) -> Self {
         Self {
             pid,
-            control_dir: ControlDir::new(control_dir),
+            control_dir: ControlDir::new(&config.control_dir),
+            config,
             slots: Mutex::new(BTreeMap::new()),
             exclusive: tokio::sync::Mutex::new(()),
             exit: watch::channel(false).0,
@@ -415,14 +421,34 @@ impl Tapdisk {
         if path.is_empty() {
             return Err(errno(libc::EINVAL));
         }
-        let choice = BlockDeviceChoice::from_flags(params.flags)?;
-        if recover && !matches!(choice, BlockDeviceChoice::Auto | BlockDeviceChoice::Ublk) {
-            return Err(errno(libc::EINVAL));
-        }
+        let choice = if recover {
+            // Only a ublk device survives its tapdisk.
+            match params.flags.bits() & OpenFlags::BLOCKDEV_CHOICE.bits() {
+                0 => BlockDeviceChoice::Ublk,
+                b if b == OpenFlags::BLOCKDEV_UBLK.bits()
+                    || b == OpenFlags::BLOCKDEV_AUTO.bits() =>
+                {
+                    BlockDeviceChoice::Ublk
+                }
+                _ => {
+                    return Err(failure(
+                        libc::EINVAL,
+                        "only a ublk block device can be recovered",
+                    ))
+                }
+            }
+        } else {
+            BlockDeviceChoice::from_flags(params.flags, &self.config.block_device)?
+        };
+        let device = match &trailer.options {
+            Some(text) => self.config.device.with_open_options(text)?,
+            None => self.config.device,
+        };
         let options = OpenOptions {
             read_only: params.flags.contains(OpenFlags::RDONLY) || recorded_read_only,
             no_o_direct: params.flags.contains(OpenFlags::NO_O_DIRECT),
             shareable: params.flags.contains(OpenFlags::SHARED),
+            io: self.config.io,
         };
         let timeout = match params.req_timeout {
             0 => DEFAULT_REQUEST_TIMEOUT,
@@ -437,7 +463,10 @@ impl Tapdisk {
             tracing::error!(minor, "open {path} failed: {e}");
         })?;
         let context = self.frontend_context(minor, &vbd, path.clone());
-        let frontends = match self.start_frontends(&context, choice, recover).await {
+        let frontends = match self
+            .start_frontends(&context, choice, &device, recover)
+            .await
+        {
             Ok(frontends) => frontends,
             Err(e) => {
                 tracing::error!(minor, "open {path}: {e}");
@@ -470,13 +499,17 @@ impl Tapdisk {
         &self,
         context: &FrontendContext,
         choice: BlockDeviceChoice,
+        device: &DeviceSettings,
         recover: bool,
     ) -> io::Result<Vec<Box<dyn Frontend>>> {
-        let nbd = NbdFrontend::start(context, NbdSettings::default()).await?;
+        let tuning = &self.config.tuning;
+        let nbd_settings = NbdSettings {
+            gather_replies: tuning.nbd_gather,
+        };
+        let nbd = NbdFrontend::start(context, nbd_settings).await?;
         let mut frontends: Vec<Box<dyn Frontend>> = vec![Box::new(nbd)];
         let ublk = UblkStart {
-            config: UblkConfig::from_env()
-                .map_err(|e| failure(libc::EINVAL, format!("ublk: {e}")))?,
+            config: device.ublk(tuning),
             recover,
         };
         let started = if recover {
@@ -493,7 +526,7 @@ impl Tapdisk {
                 let _ = stop_all(&mut frontends, true).await;
                 return Err(crate::error::with_context(
                     e,
-                    format!("cannot start the {choice:?} block device"),
+                    format!("cannot start the {} block device", choice.name()),
                 ));
             }
         }

@@ -626,3 +626,115 @@ fn sigterm_while_mounted_forces_removal_and_the_loop_goes_with_its_last_user() {
         mounts_under(fuse.root())
     );
 }
+
+/// The VBD's `"blockdev"` in `tap-ctl stats`, if it has one.
+fn stats_blockdev(env: &Env, pid: u32, minor: u32) -> Option<String> {
+    let stats = env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+    let (_, rest) = stats.split_once("\"blockdev\": \"")?;
+    Some(rest.split_once('"')?.0.to_owned())
+}
+
+/// `tap-ctl create -a PARAMS EXTRA` without `BLKTAP_BLOCK_DEVICE`: (what it printed, pid,
+/// minor).
+fn create_plain(env: &Env, params: &str, extra: &[&str]) -> (String, u32, u32) {
+    let mut args = vec!["create", "-a", params];
+    args.extend_from_slice(extra);
+    let out = env
+        .tap_ctl_cmd(&args)
+        .env_remove("BLKTAP_BLOCK_DEVICE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "create {extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = env
+        .list()
+        .into_iter()
+        .find(|row| row.args.as_deref() == Some(params))
+        .expect("created VBD is listed");
+    (
+        String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+        row.pid.unwrap(),
+        row.minor.unwrap(),
+    )
+}
+
+/// The steps a toolstack (SM, libxl) takes, `tap-ctl open` without `-b` nor
+/// `BLKTAP_BLOCK_DEVICE` (the OPEN carries no block-device bit, as from a C client):
+/// returns (pid, minor).
+fn open_in_steps(env: &Env, params: &str, extra: &[&str]) -> (u32, u32) {
+    let marker = env.tap_ctl_ok(&["allocate"]);
+    let minor = marker.trim().rsplit_once("tapdisk-").unwrap().1.to_owned();
+    let pid = env.tap_ctl_ok(&["spawn"]).trim().to_owned();
+    env.tap_ctl_ok(&["attach", "-p", &pid, "-m", &minor]);
+    let mut args = vec!["open", "-p", &pid, "-m", &minor, "-a", params];
+    args.extend_from_slice(extra);
+    let out = env
+        .tap_ctl_cmd(&args)
+        .env_remove("BLKTAP_BLOCK_DEVICE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "open {extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid.parse().unwrap(), minor.parse().unwrap())
+}
+
+#[test]
+fn block_device_defaults_no_device_for_opens_a_device_for_create_site_overrides_both() {
+    if !fuse_possible("block_device_defaults") {
+        return;
+    }
+    let fuse = FuseEnv::new();
+    let env = &fuse.env;
+    let image = env.raw_image("disk.img", 4 * MIB, 3);
+    let params = format!("aio:{}", image.display());
+    // This host has no ublk: auto means FUSE + loop.
+    let is_device =
+        |printed: &str| printed.starts_with("/dev/loop") || printed.starts_with("/dev/ublkb");
+
+    // Built in: create prints a device...
+    let (printed, pid, minor) = create_plain(env, &params, &[]);
+    assert!(is_device(&printed), "{printed}");
+    assert_eq!(
+        stats_blockdev(env, pid, minor).as_deref(),
+        Some(printed.as_str())
+    );
+    env.destroy(pid, minor);
+    // ...and an open in steps (what SM and C clients do) gets none, as the C stack.
+    let (pid, minor) = open_in_steps(env, &params, &[]);
+    assert_eq!(stats_blockdev(env, pid, minor), None);
+    assert_eq!(loops_under(fuse.root()), Vec::<String>::new());
+    env.destroy(pid, minor);
+    // An explicit -b is honoured either way.
+    let (pid, minor) = open_in_steps(env, &params, &["-b", "auto"]);
+    assert!(stats_blockdev(env, pid, minor).is_some_and(|d| is_device(&d)));
+    env.destroy(pid, minor);
+    let (printed, pid, minor) = create_plain(env, &params, &["-b", "none"]);
+    assert!(printed.ends_with(&format!("tapdisk-{minor}")), "{printed}");
+    env.destroy(pid, minor);
+
+    // The site configuration overrides each default (read by each tapdisk at start).
+    env.site_config("[block_device]\nopen = \"fuse\"\ncreate = \"none\"\n");
+    let (pid, minor) = open_in_steps(env, &params, &[]);
+    let device = stats_blockdev(env, pid, minor).expect("the site's open default: fuse");
+    assert!(device.starts_with("/dev/loop"), "{device}");
+    env.destroy(pid, minor);
+    let (printed, pid, minor) = create_plain(env, &params, &[]);
+    assert!(printed.ends_with(&format!("tapdisk-{minor}")), "{printed}");
+    assert_eq!(stats_blockdev(env, pid, minor), None);
+    env.destroy(pid, minor);
+    // -b still wins over the site.
+    let (printed, pid, minor) = create_plain(env, &params, &["-b", "fuse"]);
+    assert!(printed.starts_with("/dev/loop"), "{printed}");
+    env.destroy(pid, minor);
+    assert!(wait_for(Duration::from_secs(10), || env
+        .tapdisk_pids()
+        .is_empty()));
+    assert_eq!(loops_under(fuse.root()), Vec::<String>::new());
+    assert_eq!(mounts_under(fuse.root()), Vec::<PathBuf>::new());
+}

@@ -16,6 +16,7 @@ use tapdisk_proto::{Body, Message, MessageType, OpenFlags, Params, MESSAGE_SIZE}
 fn start_tapdisk(env: &Env) -> (u32, PathBuf) {
     let mut child = Command::new(tapdisk_bin())
         .env("BLKTAP_CONTROL_DIR", &env.ctl_dir)
+        .env("TAPDISK_CONFIG", &env.config_file)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -308,11 +308,8 @@ fn fio_randrw_qd32_verifies_with_io_uring_and_pread_engines() {
         let params = format!("aio:{}", image.display());
         let mut args = vec!["create", "-a", &params];
         args.extend_from_slice(flags);
-        let out = env
-            .tap_ctl_cmd(&args)
-            .env("TAPDISK_IO_ENGINE", engine)
-            .output()
-            .unwrap();
+        env.site_config(&format!("[io]\nengine = \"{engine}\"\n"));
+        let out = env.tap_ctl_cmd(&args).output().unwrap();
         assert!(
             out.status.success(),
             "{}",

@@ -20,7 +20,7 @@ use super::{
     ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
 use crate::engine::mapped::{self, FileMapping, MappedBytes};
-use crate::engine::{open_engine, EngineChoice, IoEngine, IoFuture};
+use crate::engine::{open_engine, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
 /// A raw image.
@@ -85,10 +85,7 @@ impl AioImage {
             sector_size,
             info: if read_only { VDISK_READONLY } else { 0 },
         };
-        let mapping = if !block_device
-            && mapped::allowed_by_environment()
-            && mapped::worth_mapping(&file)
-        {
+        let mapping = if !block_device && options.io.mapped_reads && mapped::worth_mapping(&file) {
             match FileMapping::new(&file, bytes) {
                 Ok(mapping) => Some(Arc::new(mapping)),
                 Err(e) => {
@@ -103,7 +100,7 @@ impl AioImage {
         Ok(Self {
             path: path.to_path_buf(),
             info,
-            engine: open_engine(Arc::clone(&file), !direct, EngineChoice::from_env()),
+            engine: open_engine(Arc::clone(&file), !direct, options.io.engine),
             mapping_usable: AtomicBool::new(mapping.is_some()),
             mapping,
             file,

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::engine::mapped::MappedBytes;
-use crate::engine::IoFuture;
+use crate::engine::{IoFuture, IoSettings};
 use crate::iobuf::IoBuf;
 
 /// Bytes per sector used for VBD addressing (the C stack's `SECTOR_SIZE`).
@@ -39,7 +39,8 @@ pub struct DiskInfo {
 /// The `VDISK_READONLY` information bit.
 pub const VDISK_READONLY: u32 = 0x4;
 
-/// How an image is opened (the subset of tapdisk's `TD_OPEN_*` flags a driver sees).
+/// How an image is opened (the subset of tapdisk's `TD_OPEN_*` flags a driver sees, and
+/// tapdisk's I/O settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OpenOptions {
     /// Open read-only; writes fail with `EPERM`.
@@ -48,6 +49,8 @@ pub struct OpenOptions {
     pub no_o_direct: bool,
     /// The image may be shared with other VBDs in this process (read-only parents).
     pub shareable: bool,
+    /// Engine and mapped reads, from tapdisk's configuration.
+    pub io: IoSettings,
 }
 
 /// The registered image types, with the C stack's `DISK_TYPE_*` numbers.

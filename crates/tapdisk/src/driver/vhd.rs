@@ -71,7 +71,7 @@ use super::{
     Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, ParentLink,
     ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
-use crate::engine::{open_engine, EngineChoice, IoEngine, IoFuture};
+use crate::engine::{open_engine, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
 
 /// New blocks' data areas start on this boundary (a page, as tapdisk does).
@@ -455,7 +455,7 @@ impl VhdDriver {
         Ok(Self {
             path: path.to_path_buf(),
             info,
-            engine: open_engine(Arc::new(file), !direct, EngineChoice::from_env()),
+            engine: open_engine(Arc::new(file), !direct, options.io.engine),
             read_only,
             direct,
             kind,

@@ -16,21 +16,14 @@
 //!   which would stall the caller (a ublk queue thread serves every tag of its queue);
 //! * only when the file is fully allocated: a fault on a tmpfs hole allocates a page, where
 //!   `pread` answers zeros for free. Drivers stop using the mapping once they punch holes;
-//! * not when `TAPDISK_MAPPED_READS=off`.
+//! * not when tapdisk's configuration turns them off (`tuning.mapped_reads = false`,
+//!   [`super::IoSettings::mapped_reads`]).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
-
-/// `TAPDISK_MAPPED_READS=off` turns mapped reads off.
-const SWITCH: &str = "TAPDISK_MAPPED_READS";
-
-/// True when `TAPDISK_MAPPED_READS` allows mapped reads (anything but `off`, or unset).
-pub fn allowed_by_environment() -> bool {
-    std::env::var(SWITCH).map_or(true, |value| value != "off")
-}
 
 /// True when reads of `file` are worth serving from a mapping: a regular, non-empty file on
 /// a memory filesystem with every byte allocated (see the module documentation).

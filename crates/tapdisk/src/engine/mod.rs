@@ -9,8 +9,9 @@
 //! Beside them, [`mapped`] lets the kernel copy read data straight out of an image file that
 //! lives in memory.
 //!
-//! [`open_engine`] picks one at run time: `TAPDISK_IO_ENGINE=io_uring|pread|auto` (default
-//! `auto`: io_uring when a probe ring supports read, write and fsync).
+//! [`open_engine`] picks one at run time as [`IoSettings::engine`] says (`io.engine` in
+//! tapdisk's configuration: `io_uring`, `pread` or `auto`, the default: io_uring when a probe
+//! ring supports read, write and fsync).
 
 pub mod mapped;
 pub mod sync;
@@ -201,24 +202,37 @@ pub(crate) fn pwrite_all(file: &File, data: &[u8], offset: u64) -> io::Result<()
     std::os::unix::fs::FileExt::write_all_at(file, data, offset)
 }
 
-/// The engine `TAPDISK_IO_ENGINE` asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The engine images are opened with (`io.engine` in tapdisk's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 pub enum EngineChoice {
     /// io_uring when available, else pread.
+    #[default]
+    #[serde(rename = "auto")]
     Auto,
     /// io_uring, falling back to pread (with a warning) when unavailable.
+    #[serde(rename = "io_uring", alias = "uring")]
     Uring,
     /// pread/pwrite on the blocking pool.
+    #[serde(rename = "pread", alias = "sync")]
     Pread,
 }
 
-impl EngineChoice {
-    /// Reads `TAPDISK_IO_ENGINE` (unset or unknown: `Auto`).
-    pub fn from_env() -> Self {
-        match std::env::var("TAPDISK_IO_ENGINE").as_deref() {
-            Ok("io_uring") | Ok("uring") => Self::Uring,
-            Ok("pread") | Ok("sync") => Self::Pread,
-            _ => Self::Auto,
+/// How drivers do their file I/O: tapdisk-wide, from its configuration, handed to every
+/// image open through [`crate::driver::OpenOptions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoSettings {
+    /// The I/O engine.
+    pub engine: EngineChoice,
+    /// Map fully allocated raw images on memory filesystems for reads the kernel copies
+    /// straight from their pages ([`mapped`]; `tuning.mapped_reads`).
+    pub mapped_reads: bool,
+}
+
+impl Default for IoSettings {
+    fn default() -> Self {
+        Self {
+            engine: EngineChoice::Auto,
+            mapped_reads: true,
         }
     }
 }

@@ -30,7 +30,8 @@ use crate::vbd::Vbd;
 use holders::Holder;
 
 /// Which kernel block device serves a VBD (the `BLOCKDEV_*` open flags; `tap-ctl -b`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BlockDeviceChoice {
     /// ublk if the kernel has it, else FUSE + loop; an error if neither is available.
     Auto,
@@ -42,16 +43,54 @@ pub enum BlockDeviceChoice {
     Fuse,
 }
 
+/// The block device a VBD gets when its OPEN does not choose one (`block_device.open` and
+/// `block_device.create` in tapdisk's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDeviceDefaults {
+    /// For an OPEN without any choice bit: what C clients (libxl, the C `tap-ctl`) and
+    /// `tap-ctl open` without `-b` send, and so every open the storage manager makes. Built
+    /// in: none, as the v4 C stack, where a VBD has no kernel device of its own.
+    pub open: BlockDeviceChoice,
+    /// For an OPEN with [`OpenFlags::BLOCKDEV_CREATE_DEFAULT`]: `tap-ctl create` without
+    /// `-b`. Built in: auto, so `create` prints a device.
+    pub create: BlockDeviceChoice,
+}
+
+impl Default for BlockDeviceDefaults {
+    fn default() -> Self {
+        Self {
+            open: BlockDeviceChoice::None,
+            create: BlockDeviceChoice::Auto,
+        }
+    }
+}
+
 impl BlockDeviceChoice {
-    /// The choice encoded in open flags; `EINVAL` when more than one is set.
-    pub fn from_flags(flags: OpenFlags) -> io::Result<Self> {
-        let bits = flags.bits() & OpenFlags::BLOCKDEV_MASK.bits();
+    /// The choice encoded in open flags, with `defaults` where the flags leave it to the
+    /// site; `EINVAL` when more than one choice bit is set.
+    pub fn from_flags(flags: OpenFlags, defaults: &BlockDeviceDefaults) -> io::Result<Self> {
+        let bits = flags.bits() & OpenFlags::BLOCKDEV_CHOICE.bits();
         match bits {
-            0 => Ok(Self::Auto),
+            0 => Ok(defaults.open),
+            b if b == OpenFlags::BLOCKDEV_CREATE_DEFAULT.bits() => Ok(defaults.create),
+            b if b == OpenFlags::BLOCKDEV_AUTO.bits() => Ok(Self::Auto),
             b if b == OpenFlags::BLOCKDEV_NONE.bits() => Ok(Self::None),
             b if b == OpenFlags::BLOCKDEV_UBLK.bits() => Ok(Self::Ublk),
             b if b == OpenFlags::BLOCKDEV_FUSE.bits() => Ok(Self::Fuse),
-            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            _ => Err(failure(
+                libc::EINVAL,
+                format!("open flags {bits:#x} choose more than one block device"),
+            )),
+        }
+    }
+
+    /// The name used by `tap-ctl -b` and the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::None => "none",
+            Self::Ublk => "ublk",
+            Self::Fuse => "fuse",
         }
     }
 }
@@ -152,4 +191,52 @@ pub async fn start_block_device(
         _ => Box::new(fuse::FuseBlockDevice::start(context, ()).await?),
     };
     Ok(Some(device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_bits_and_site_defaults() {
+        let built_in = BlockDeviceDefaults::default();
+        let choose = |flags: OpenFlags, defaults: &BlockDeviceDefaults| {
+            BlockDeviceChoice::from_flags(flags, defaults).unwrap()
+        };
+        // C clients and `tap-ctl open` without -b: none, as the C stack.
+        assert_eq!(
+            choose(OpenFlags::RDONLY, &built_in),
+            BlockDeviceChoice::None
+        );
+        // `tap-ctl create` without -b: auto.
+        assert_eq!(
+            choose(OpenFlags::BLOCKDEV_CREATE_DEFAULT, &built_in),
+            BlockDeviceChoice::Auto
+        );
+        // Explicit choices win over any site default.
+        let site = BlockDeviceDefaults {
+            open: BlockDeviceChoice::Ublk,
+            create: BlockDeviceChoice::None,
+        };
+        assert_eq!(choose(OpenFlags::empty(), &site), BlockDeviceChoice::Ublk);
+        assert_eq!(
+            choose(OpenFlags::BLOCKDEV_CREATE_DEFAULT, &site),
+            BlockDeviceChoice::None
+        );
+        for (flag, choice) in [
+            (OpenFlags::BLOCKDEV_AUTO, BlockDeviceChoice::Auto),
+            (OpenFlags::BLOCKDEV_NONE, BlockDeviceChoice::None),
+            (OpenFlags::BLOCKDEV_UBLK, BlockDeviceChoice::Ublk),
+            (OpenFlags::BLOCKDEV_FUSE, BlockDeviceChoice::Fuse),
+        ] {
+            assert_eq!(choose(flag, &site), choice);
+            assert_eq!(choose(flag | OpenFlags::NO_O_DIRECT, &built_in), choice);
+        }
+        let two = BlockDeviceChoice::from_flags(
+            OpenFlags::BLOCKDEV_AUTO | OpenFlags::BLOCKDEV_NONE,
+            &built_in,
+        )
+        .unwrap_err();
+        assert_eq!(crate::error::errno_of(&two), libc::EINVAL);
+    }
 }

@@ -41,10 +41,17 @@ pub fn require(tool: &str) {
     );
 }
 
+/// Environment variable of the test run (not of tapdisk): the I/O engine every test's
+/// tapdisks use (written into their site configuration).
+pub const TEST_ENGINE_ENV: &str = "TAPDISK_TEST_ENGINE";
+
 /// A per-test control directory and the processes started in it.
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub ctl_dir: PathBuf,
+    /// The site configuration the tapdisks of this environment read (`TAPDISK_CONFIG`;
+    /// empty unless the test writes one with [`Env::site_config`]), never `/etc`'s.
+    pub config_file: PathBuf,
 }
 
 /// One row of `tap-ctl list`, parsed as XenServer's SM does.
@@ -63,17 +70,34 @@ impl Env {
             .tempdir()
             .unwrap();
         let ctl_dir = dir.path().join("ctl");
-        Self { dir, ctl_dir }
+        let config_file = dir.path().join("tapdisk.toml");
+        // scripts/crash-vhd.sh runs the crash tests once per I/O engine.
+        let site = match std::env::var(TEST_ENGINE_ENV) {
+            Ok(engine) => format!("[io]\nengine = \"{engine}\"\n"),
+            Err(_) => String::new(),
+        };
+        std::fs::write(&config_file, site).unwrap();
+        Self {
+            dir,
+            ctl_dir,
+            config_file,
+        }
     }
 
-    /// A `tap-ctl` command running against this environment's control directory. VBDs get
-    /// no kernel block device unless the test asks for one (`-b`, or `BLKTAP_BLOCK_DEVICE`
-    /// set on the returned command).
+    /// Makes `text` the site configuration of tapdisks spawned from now on.
+    pub fn site_config(&self, text: &str) {
+        std::fs::write(&self.config_file, text).unwrap();
+    }
+
+    /// A `tap-ctl` command running against this environment's control directory and site
+    /// configuration. VBDs get no kernel block device unless the test asks for one (`-b`, or
+    /// `BLKTAP_BLOCK_DEVICE` set or removed on the returned command).
     pub fn tap_ctl_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(tap_ctl_bin());
         cmd.args(args)
             .env("BLKTAP_CONTROL_DIR", &self.ctl_dir)
             .env("BLKTAP_TAPDISK", tapdisk_bin())
+            .env("TAPDISK_CONFIG", &self.config_file)
             .env("BLKTAP_BLOCK_DEVICE", "none");
         cmd
     }

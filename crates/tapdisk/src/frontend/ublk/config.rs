@@ -1,27 +1,14 @@
-//! Pure decisions behind a ublk device: the settings read from the environment, the feature
-//! flags negotiated with the driver, and the block-layer parameters of a VBD.
+//! Pure decisions behind a ublk device: its settings (per VBD: queues, depth, largest
+//! request, copy mode; daemon-wide tuning: thread placement), the feature flags negotiated
+//! with the driver, and the block-layer parameters of a VBD. The values come from tapdisk's
+//! configuration ([`crate::config`]), which checks their ranges.
 //!
 //! Nothing here touches the kernel, so every rule is unit-tested on machines without ublk.
 
 use libublk::sys;
+use serde::{Deserialize, Serialize};
 
 use crate::driver::{Capabilities, DiskInfo, VDISK_READONLY};
-
-/// Environment variable: hardware queues per device (default [`DEFAULT_QUEUES`]).
-pub const QUEUES_ENV: &str = "TAPDISK_UBLK_QUEUES";
-/// Environment variable: requests in flight per queue (default [`DEFAULT_DEPTH`]).
-pub const DEPTH_ENV: &str = "TAPDISK_UBLK_DEPTH";
-/// Environment variable: largest request in KiB (default [`DEFAULT_MAX_IO_KIB`]).
-pub const MAX_IO_ENV: &str = "TAPDISK_UBLK_MAX_IO_KIB";
-/// Environment variable: `auto` (default) uses `UBLK_F_USER_COPY` when the driver has it,
-/// `off` forces the plain copy mode (buffers registered with the driver).
-pub const USER_COPY_ENV: &str = "TAPDISK_UBLK_USER_COPY";
-/// Environment variable: `inline` (default) or `spawn`, see [`Bridge`].
-pub const BRIDGE_ENV: &str = "TAPDISK_UBLK_BRIDGE";
-/// Environment variable: `any` (default), `queue` or `other`, see [`Affinity`].
-pub const AFFINITY_ENV: &str = "TAPDISK_UBLK_AFFINITY";
-/// Environment variable: `1` creates `/dev/xen/blktap-2/tapdev<minor>` links to the device.
-pub const COMPAT_SYMLINKS_ENV: &str = "BLKTAP_COMPAT_SYMLINKS";
 
 /// Default number of queues (each one a thread serving its requests).
 pub const DEFAULT_QUEUES: u16 = 2;
@@ -33,9 +20,12 @@ pub const DEFAULT_MAX_IO_KIB: u32 = 512;
 pub const MAX_IO_KIB_LIMIT: u32 = 32 * 1024;
 /// Most queues accepted (a thread each; the driver allows more).
 pub const MAX_QUEUES: u16 = 64;
+/// Deepest queue accepted.
+pub const MAX_DEPTH: u16 = 4096;
 
-/// Whether requests' data moves with `UBLK_F_USER_COPY`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether requests' data moves with `UBLK_F_USER_COPY` (`ublk.user_copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UserCopy {
     /// Use it when the driver advertises it.
     Auto,
@@ -43,9 +33,10 @@ pub enum UserCopy {
     Off,
 }
 
-/// How a queue thread's VBD calls reach tapdisk's tokio runtime. Neither blocks a tokio
-/// worker or the queue thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a queue thread's VBD calls reach tapdisk's tokio runtime (`tuning.ublk_bridge`).
+/// Neither blocks a tokio worker or the queue thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Bridge {
     /// The call is polled on the queue thread, which has entered the runtime's context (for
     /// the blocking pool, timers and the io_uring engine); whoever completes the call's I/O
@@ -57,8 +48,9 @@ pub enum Bridge {
     Spawn,
 }
 
-/// Which CPUs a queue thread runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which CPUs a queue thread runs on (`tuning.ublk_affinity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Affinity {
     /// Any CPU tapdisk may use: the scheduler puts the queue thread beside the submitter or
     /// on an idle CPU. The default.
@@ -75,7 +67,9 @@ pub enum Affinity {
     Other,
 }
 
-/// Settings of the ublk devices this tapdisk creates.
+/// Settings of one ublk device: the VBD's own (queues, depth, largest request, copy mode,
+/// compatibility link: site defaults, overridden per open) and tapdisk-wide tuning (bridge,
+/// thread placement).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UblkConfig {
     /// Hardware queues (one serving thread each).
@@ -108,131 +102,6 @@ impl Default for UblkConfig {
     }
 }
 
-/// A setting in the environment that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{variable}={value:?}: {reason}")]
-pub struct ConfigError {
-    /// The variable's name.
-    pub variable: &'static str,
-    /// Its value.
-    pub value: String,
-    /// What is wrong with it.
-    pub reason: &'static str,
-}
-
-fn number_in<T>(
-    variable: &'static str,
-    value: &str,
-    range: std::ops::RangeInclusive<T>,
-    reason: &'static str,
-) -> Result<T, ConfigError>
-where
-    T: std::str::FromStr + PartialOrd,
-{
-    value
-        .trim()
-        .parse::<T>()
-        .ok()
-        .filter(|n| range.contains(n))
-        .ok_or_else(|| ConfigError {
-            variable,
-            value: value.to_owned(),
-            reason,
-        })
-}
-
-fn switch(variable: &'static str, value: &str) -> Result<bool, ConfigError> {
-    match value.trim() {
-        "1" | "yes" | "on" | "true" => Ok(true),
-        "" | "0" | "no" | "off" | "false" => Ok(false),
-        _ => Err(ConfigError {
-            variable,
-            value: value.to_owned(),
-            reason: "expected 1 or 0",
-        }),
-    }
-}
-
-impl UblkConfig {
-    /// Reads the settings from the process environment.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    /// Reads the settings through `lookup` (variable name to value); unset variables keep
-    /// their defaults.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut config = Self::default();
-        if let Some(value) = lookup(QUEUES_ENV) {
-            config.queues = number_in(QUEUES_ENV, &value, 1..=MAX_QUEUES, "expected 1 to 64")?;
-        }
-        if let Some(value) = lookup(DEPTH_ENV) {
-            config.depth = number_in(DEPTH_ENV, &value, 1..=4096, "expected 1 to 4096")?;
-        }
-        if let Some(value) = lookup(MAX_IO_ENV) {
-            let kib = number_in(
-                MAX_IO_ENV,
-                &value,
-                4..=MAX_IO_KIB_LIMIT,
-                "expected a multiple of 4 from 4 to 32768",
-            )?;
-            if kib % 4 != 0 {
-                return Err(ConfigError {
-                    variable: MAX_IO_ENV,
-                    value,
-                    reason: "expected a multiple of 4 from 4 to 32768",
-                });
-            }
-            config.max_io_bytes = kib * 1024;
-        }
-        if let Some(value) = lookup(USER_COPY_ENV) {
-            config.user_copy = match value.trim() {
-                "" | "auto" | "1" | "on" => UserCopy::Auto,
-                "off" | "0" => UserCopy::Off,
-                _ => {
-                    return Err(ConfigError {
-                        variable: USER_COPY_ENV,
-                        value,
-                        reason: "expected auto or off",
-                    })
-                }
-            };
-        }
-        if let Some(value) = lookup(BRIDGE_ENV) {
-            config.bridge = match value.trim() {
-                "" | "inline" => Bridge::Inline,
-                "spawn" => Bridge::Spawn,
-
-                _ => {
-                    return Err(ConfigError {
-                        variable: BRIDGE_ENV,
-                        value,
-                        reason: "expected inline or spawn",
-                    })
-                }
-            };
-        }
-        if let Some(value) = lookup(AFFINITY_ENV) {
-            config.affinity = match value.trim() {
-                "" | "any" => Affinity::Any,
-                "queue" => Affinity::Queue,
-                "other" => Affinity::Other,
-                _ => {
-                    return Err(ConfigError {
-                        variable: AFFINITY_ENV,
-                        value,
-                        reason: "expected any, queue or other",
-                    })
-                }
-            };
-        }
-        if let Some(value) = lookup(COMPAT_SYMLINKS_ENV) {
-            config.compat_symlinks = switch(COMPAT_SYMLINKS_ENV, &value)?;
-        }
-        Ok(config)
-    }
-}
-
 /// What the driver and tapdisk agreed on for one new device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Negotiated {
@@ -250,17 +119,17 @@ pub struct Negotiated {
 /// Chooses the device flags from the driver's `GET_FEATURES` answer (`None` when the driver
 /// predates the command, Linux < 6.5: plain copy, no recovery).
 ///
-/// - `UBLK_F_USER_COPY` when offered, unless the configuration turns it off;
+/// - `UBLK_F_USER_COPY` when offered, unless `preference` turns it off;
 /// - `UBLK_F_USER_RECOVERY` when offered, with `UBLK_F_USER_RECOVERY_REISSUE` when offered too
 ///   (never `UBLK_F_USER_RECOVERY_FAIL_IO`: requests must wait for the next tapdisk);
 /// - `UBLK_F_CMD_IOCTL_ENCODE` when offered (the command encoding libublk speaks).
 ///
 /// Zero copy and automatic buffer registration are not used: requests go through the VBD's
 /// own aligned buffers, so the data is copied once either way.
-pub fn negotiate(driver_features: Option<u64>, config: &UblkConfig) -> Negotiated {
+pub fn negotiate(driver_features: Option<u64>, preference: UserCopy) -> Negotiated {
     let offered = driver_features.unwrap_or(0);
     let has = |flag: u32| offered & u64::from(flag) != 0;
-    let user_copy = config.user_copy == UserCopy::Auto && has(sys::UBLK_F_USER_COPY);
+    let user_copy = preference == UserCopy::Auto && has(sys::UBLK_F_USER_COPY);
     let recovery = has(sys::UBLK_F_USER_RECOVERY);
     let reissue = recovery && has(sys::UBLK_F_USER_RECOVERY_REISSUE);
     let mut ctrl_flags = 0u64;
@@ -357,21 +226,11 @@ pub fn device_params(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        move |name| map.get(name).cloned()
-    }
 
     #[test]
-    fn defaults_without_environment() {
-        let config = UblkConfig::from_lookup(lookup(&[])).unwrap();
+    fn defaults() {
         assert_eq!(
-            config,
+            UblkConfig::default(),
             UblkConfig {
                 queues: 2,
                 depth: 64,
@@ -382,52 +241,6 @@ mod tests {
                 affinity: Affinity::Any,
             }
         );
-    }
-
-    #[test]
-    fn environment_overrides() {
-        let config = UblkConfig::from_lookup(lookup(&[
-            (QUEUES_ENV, "4"),
-            (DEPTH_ENV, " 128 "),
-            (MAX_IO_ENV, "1024"),
-            (USER_COPY_ENV, "off"),
-            (COMPAT_SYMLINKS_ENV, "1"),
-            (BRIDGE_ENV, "spawn"),
-            (AFFINITY_ENV, "queue"),
-        ]))
-        .unwrap();
-        assert_eq!(config.queues, 4);
-        assert_eq!(config.depth, 128);
-        assert_eq!(config.max_io_bytes, 1 << 20);
-        assert_eq!(config.user_copy, UserCopy::Off);
-        assert!(config.compat_symlinks);
-        assert_eq!(config.bridge, Bridge::Spawn);
-        assert_eq!(config.affinity, Affinity::Queue);
-        let other = UblkConfig::from_lookup(lookup(&[(AFFINITY_ENV, "other")])).unwrap();
-        assert_eq!(other.affinity, Affinity::Other);
-    }
-
-    #[test]
-    fn bad_values_name_the_variable() {
-        for (variable, value) in [
-            (QUEUES_ENV, "0"),
-            (QUEUES_ENV, "65"),
-            (QUEUES_ENV, "two"),
-            (DEPTH_ENV, "0"),
-            (DEPTH_ENV, "4097"),
-            (DEPTH_ENV, "-1"),
-            (MAX_IO_ENV, "6"),
-            (MAX_IO_ENV, "65536"),
-            (USER_COPY_ENV, "maybe"),
-            (COMPAT_SYMLINKS_ENV, "2"),
-            (BRIDGE_ENV, "thread"),
-            (AFFINITY_ENV, "cpu0"),
-        ] {
-            let error = UblkConfig::from_lookup(lookup(&[(variable, value)])).unwrap_err();
-            assert_eq!(error.variable, variable);
-            assert_eq!(error.value, value);
-            assert!(error.to_string().starts_with(&format!("{variable}=")));
-        }
     }
 
     const ALL_612: u64 = (sys::UBLK_F_URING_CMD_COMP_IN_TASK
@@ -442,7 +255,7 @@ mod tests {
 
     #[test]
     fn negotiation_on_a_6_12_driver() {
-        let agreed = negotiate(Some(ALL_612), &UblkConfig::default());
+        let agreed = negotiate(Some(ALL_612), UserCopy::Auto);
         assert_eq!(
             agreed,
             Negotiated {
@@ -460,11 +273,7 @@ mod tests {
 
     #[test]
     fn negotiation_with_user_copy_off() {
-        let config = UblkConfig {
-            user_copy: UserCopy::Off,
-            ..UblkConfig::default()
-        };
-        let agreed = negotiate(Some(ALL_612), &config);
+        let agreed = negotiate(Some(ALL_612), UserCopy::Off);
         assert!(!agreed.user_copy);
         assert_eq!(agreed.ctrl_flags, 0x08 | 0x10 | 0x40);
     }
@@ -472,28 +281,25 @@ mod tests {
     #[test]
     fn negotiation_on_old_drivers() {
         // No GET_FEATURES (Linux < 6.5): nothing optional.
-        let agreed = negotiate(None, &UblkConfig::default());
+        let agreed = negotiate(None, UserCopy::Auto);
         assert_eq!(agreed.ctrl_flags, 0);
         assert!(!agreed.user_copy && !agreed.recovery && !agreed.reissue);
         assert_eq!(describe_flags(0), "plain-copy");
         // Recovery without reissue (6.1-era feature sets).
-        let agreed = negotiate(
-            Some(u64::from(sys::UBLK_F_USER_RECOVERY)),
-            &UblkConfig::default(),
-        );
+        let agreed = negotiate(Some(u64::from(sys::UBLK_F_USER_RECOVERY)), UserCopy::Auto);
         assert!(agreed.recovery && !agreed.reissue && !agreed.user_copy);
         assert_eq!(agreed.ctrl_flags, 0x08);
         // Reissue is meaningless without recovery.
         let agreed = negotiate(
             Some(u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE)),
-            &UblkConfig::default(),
+            UserCopy::Auto,
         );
         assert_eq!(agreed.ctrl_flags, 0);
     }
 
     #[test]
     fn never_asks_for_fail_io_zero_copy_or_auto_registration() {
-        let agreed = negotiate(Some(u64::MAX), &UblkConfig::default());
+        let agreed = negotiate(Some(u64::MAX), UserCopy::Auto);
         for flag in [
             sys::UBLK_F_USER_RECOVERY_FAIL_IO,
             sys::UBLK_F_SUPPORT_ZERO_COPY,

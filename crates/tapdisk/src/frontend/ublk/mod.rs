@@ -17,12 +17,13 @@
 //! them all. Stopping sends `STOP_DEV` from a blocking-pool thread; the device thread then sees
 //! its queues end and deletes the device.
 //!
-//! # Settings (tapdisk's environment, see [`config`])
-//! `TAPDISK_UBLK_QUEUES` (default 2), `TAPDISK_UBLK_DEPTH` (default 64),
-//! `TAPDISK_UBLK_MAX_IO_KIB` (default 512), `TAPDISK_UBLK_USER_COPY` (`auto`/`off`),
-//! `TAPDISK_UBLK_BRIDGE` (`inline`/`spawn`, how queue threads reach the runtime),
-//! `TAPDISK_UBLK_AFFINITY` (`any`/`queue`/`other`, where queue threads run),
-//! `BLKTAP_COMPAT_SYMLINKS=1` (the `/dev/xen/blktap-2/tapdev<minor>` link, [`compat`]).
+//! # Settings ([`config::UblkConfig`], from tapdisk's configuration)
+//! Per VBD (site defaults in `tapdisk.toml`, overridden by `tap-ctl open/create -o`):
+//! `ublk.queues` (default 2), `ublk.depth` (default 64), `ublk.max_io_kib` (default 512),
+//! `ublk.user_copy` (`auto`/`off`), `block_device.compat_symlinks` (the
+//! `/dev/xen/blktap-2/tapdev<minor>` link, [`compat`]). Tapdisk-wide tuning:
+//! `tuning.ublk_bridge` (`inline`/`spawn`, how queue threads reach the runtime) and
+//! `tuning.ublk_affinity` (`any`/`queue`/`other`, where queue threads run).
 //! The driver's features are read with `GET_FEATURES` and negotiated by
 //! [`config::negotiate`]: user copy where offered, plain copy otherwise; user recovery with
 //! re-issue where offered. Buffers are never `mlock`ed (RLIMIT_MEMLOCK is small on many hosts).
@@ -493,7 +494,7 @@ impl DeviceJob {
     fn add(&self) -> io::Result<(UblkCtrl, bool)> {
         let minor = self.minor;
         let features = UblkCtrl::get_features();
-        let agreed = negotiate(features, &self.config);
+        let agreed = negotiate(features, self.config.user_copy);
         tracing::debug!(
             minor,
             "ublk: driver features {features:#x?}, using {}",

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::driver::vhd::FileStamp;
 use crate::driver::{
-    open_image, Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, StatusRun,
-    ZeroFlags, SECTOR_SIZE,
+    open_image, Allocation, Capabilities, DiskInfo, DiskType, DriverStats, ImageDriver,
+    OpenOptions, StatusRun, ZeroFlags, SECTOR_SIZE,
 };
 use crate::engine::mapped::MappedBytes;
 use crate::engine::IoFuture;
@@ -283,8 +283,8 @@ impl ImageDriver for SharedImage {
     fn block_status(&self, sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
         self.0.block_status(sector, count)
     }
-    fn stats_json(&self) -> Option<String> {
-        self.0.stats_json()
+    fn stats(&self) -> Option<DriverStats> {
+        self.0.stats()
     }
 }
 

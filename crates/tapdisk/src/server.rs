@@ -27,7 +27,7 @@ use crate::frontend::ublk::{UblkDevice, UblkStart};
 use crate::frontend::{
     start_block_device, BlockDeviceChoice, Frontend, FrontendContext, StartFrontend,
 };
-use crate::stats;
+use crate::stats::{self, VbdStats};
 use crate::vbd::{OpenRequest, Vbd, DEFAULT_REQUEST_TIMEOUT};
 
 /// Extra bytes a control request may carry after its 544-byte message.
@@ -628,16 +628,13 @@ impl Tapdisk {
 
     fn stats_text(&self, minor: u16) -> io::Result<String> {
         let slots = self.slots();
-        let device = Slot::block_device;
+        let of = |slot: &Slot| VbdStats::of(&slot.vbd, slot.block_device().as_deref());
         if minor == tapdisk_proto::COOKIE_ALL {
-            let all: Vec<String> = slots
-                .values()
-                .map(|slot| stats::vbd_stats(&slot.vbd, device(slot).as_deref()))
-                .collect();
-            return Ok(stats::list(&all));
+            let all: Vec<VbdStats> = slots.values().map(of).collect();
+            return stats::to_text(&all);
         }
         let slot = slots.get(&minor).ok_or_else(|| errno(libc::ENODEV))?;
-        Ok(stats::vbd_stats(&slot.vbd, device(slot).as_deref()))
+        stats::to_text(&of(slot))
     }
 
     /// Closes every VBD (forced) and stops their exports; used on SIGTERM/SIGINT.

@@ -1,104 +1,262 @@
-//! The text of `tap-ctl stats`: a JSON object per VBD, laid out as tapdisk's `tapdisk-stats.c`
-//! does (`{ "key": value, ... }`, images leaf first).
+//! `tap-ctl stats`: typed statistics of a VBD, serialised as tapdisk's `tapdisk-stats.c`
+//! lays its JSON out (`{ "key": value, ... }`, `[ a, b ]`, images leaf first), the shape and
+//! field names SM and xapi parse.
+//!
+//! Drivers report [`DriverStats`] ([`crate::driver::ImageDriver::stats`]); the VBD adds what
+//! is its own: the name, the block device, sector counters, requests in flight and the
+//! request limit each image's `"reqs"` shows.
 
-use std::fmt::Write as _;
+use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use serde::Serialize;
+
+use crate::driver::{DriverDetail, DriverStats};
 use crate::vbd::Vbd;
 
-/// Appends `text` as a JSON string literal.
-fn push_json_string(out: &mut String, text: &str) {
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+/// Request slots reported as each driver's `"reqs": { "max": ... }`.
+pub const MAX_REQUESTS: usize = 352;
+
+/// The stats object of one VBD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VbdStats {
+    /// `type:/path` of the image, empty while closed.
+    pub name: String,
+    /// The kernel block device serving the VBD, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blockdev: Option<String>,
+    /// Sectors read and written.
+    pub secs: [u64; 2],
+    /// The image chain, leaf first.
+    pub images: Vec<ImageStats>,
+    /// Always 0 (the C field, kept for parsers).
+    #[serde(rename = "FIXME_enospc_redirect_count")]
+    pub enospc_redirect_count: u64,
+    /// Always 0 (no NBD mirror).
+    pub nbd_mirror_failed: u64,
+    /// Requests in flight.
+    pub reqs_outstanding: usize,
+    /// Always `"false"` (no read cache), a string as in the C stack.
+    pub read_caching: &'static str,
 }
 
-/// The stats object of one VBD; `device` is its kernel block device, if any.
-pub fn vbd_stats(vbd: &Vbd, device: Option<&Path>) -> String {
-    let mut out = String::from("{ \"name\": ");
-    push_json_string(&mut out, vbd.params().as_deref().unwrap_or(""));
-    if let Some(device) = device {
-        out.push_str(", \"blockdev\": ");
-        push_json_string(&mut out, &device.to_string_lossy());
-    }
-    let counters = vbd.counters();
-    let _ = write!(
-        out,
-        ", \"secs\": [ {}, {} ], \"images\": [ ",
-        counters.secs[0].load(Ordering::Relaxed),
-        counters.secs[1].load(Ordering::Relaxed)
-    );
-    if let Some(chain) = vbd.chain() {
-        for (index, image) in chain.images().iter().enumerate() {
-            if index > 0 {
-                out.push_str(", ");
-            }
-            out.push_str("{ \"name\": ");
-            push_json_string(&mut out, &image.driver.path().to_string_lossy());
-            let hits = &image.counters.hits;
-            let fail = &image.counters.fail;
-            let disk_type = image.driver.disk_type();
-            let _ = write!(
-                out,
-                ", \"hits\": [ {}, {} ], \"fail\": [ {}, {} ], \"driver\": {{ \"type\": {}, \"name\": \"{}\", \"status\": {} }} }}",
-                hits[0].load(Ordering::Relaxed),
-                hits[1].load(Ordering::Relaxed),
-                fail[0].load(Ordering::Relaxed),
-                fail[1].load(Ordering::Relaxed),
-                disk_type.number(),
-                disk_type.name(),
-                image.driver.stats_json().as_deref().unwrap_or("null"),
-            );
-        }
-    }
-    let _ = write!(
-        out,
-        " ], \"FIXME_enospc_redirect_count\": 0, \"nbd_mirror_failed\": 0, \"reqs_outstanding\": {}, \"read_caching\": \"false\" }}",
-        vbd.in_flight()
-    );
-    out
+/// One image of the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageStats {
+    /// The image's path.
+    pub name: String,
+    /// Requests served: reads, writes.
+    pub hits: [u64; 2],
+    /// Requests failed: reads, writes.
+    pub fail: [u64; 2],
+    /// Its driver.
+    pub driver: DriverInfo,
 }
 
-/// The stats text for several VBDs (cookie 0xFFFF): a JSON list of their objects.
-pub fn list(objects: &[String]) -> String {
-    format!("[ {} ]", objects.join(", "))
+/// An image's driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DriverInfo {
+    /// The C stack's `DISK_TYPE_*` number.
+    #[serde(rename = "type")]
+    pub disk_type: u32,
+    /// The driver's name (`aio`, `vhd`).
+    pub name: &'static str,
+    /// Its status, `null` when it reports none.
+    pub status: Option<DriverStatus>,
+}
+
+/// A driver's status as shown: the VBD's request limit, then the driver's own fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DriverStatus {
+    /// Request slots and those pending in the engine.
+    pub reqs: Requests,
+    /// The I/O engine.
+    pub engine: &'static str,
+    /// Driver-specific fields.
+    #[serde(flatten)]
+    pub detail: DriverDetail,
+}
+
+/// `"reqs"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Requests {
+    /// [`MAX_REQUESTS`].
+    pub max: usize,
+    /// Pending in the engine.
+    pub pending: usize,
+}
+
+impl From<DriverStats> for DriverStatus {
+    fn from(stats: DriverStats) -> Self {
+        Self {
+            reqs: Requests {
+                max: MAX_REQUESTS,
+                pending: stats.pending,
+            },
+            engine: stats.engine,
+            detail: stats.detail,
+        }
+    }
+}
+
+impl VbdStats {
+    /// The statistics of `vbd` now; `blockdev` is its kernel block device, if any.
+    pub fn of(vbd: &Vbd, blockdev: Option<&Path>) -> Self {
+        let counters = vbd.counters();
+        let images = vbd.chain().map_or_else(Vec::new, |chain| {
+            chain
+                .images()
+                .iter()
+                .map(|image| {
+                    let load = |counter: &[std::sync::atomic::AtomicU64; 2]| {
+                        [
+                            counter[0].load(Ordering::Relaxed),
+                            counter[1].load(Ordering::Relaxed),
+                        ]
+                    };
+                    let disk_type = image.driver.disk_type();
+                    ImageStats {
+                        name: image.driver.path().to_string_lossy().into_owned(),
+                        hits: load(&image.counters.hits),
+                        fail: load(&image.counters.fail),
+                        driver: DriverInfo {
+                            disk_type: disk_type.number(),
+                            name: disk_type.name(),
+                            status: image.driver.stats().map(DriverStatus::from),
+                        },
+                    }
+                })
+                .collect()
+        });
+        Self {
+            name: vbd.params().unwrap_or_default(),
+            blockdev: blockdev.map(|path| path.to_string_lossy().into_owned()),
+            secs: [
+                counters.secs[0].load(Ordering::Relaxed),
+                counters.secs[1].load(Ordering::Relaxed),
+            ],
+            images,
+            enospc_redirect_count: 0,
+            nbd_mirror_failed: 0,
+            reqs_outstanding: vbd.in_flight(),
+            read_caching: "false",
+        }
+    }
+}
+
+/// JSON laid out as `tapdisk-stats.c` writes it: `{ "key": value, ... }` and `[ a, b ]`,
+/// with a space inside every bracket (so empty ones are `{  }` and `[  ]`).
+struct TapdiskLayout;
+
+impl serde_json::ser::Formatter for TapdiskLayout {
+    fn begin_array<W: ?Sized + io::Write>(&mut self, out: &mut W) -> io::Result<()> {
+        out.write_all(b"[ ")
+    }
+
+    fn end_array<W: ?Sized + io::Write>(&mut self, out: &mut W) -> io::Result<()> {
+        out.write_all(b" ]")
+    }
+
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        out: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            out.write_all(b", ")
+        }
+    }
+
+    fn begin_object<W: ?Sized + io::Write>(&mut self, out: &mut W) -> io::Result<()> {
+        out.write_all(b"{ ")
+    }
+
+    fn end_object<W: ?Sized + io::Write>(&mut self, out: &mut W) -> io::Result<()> {
+        out.write_all(b" }")
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        out: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            out.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, out: &mut W) -> io::Result<()> {
+        out.write_all(b": ")
+    }
+}
+
+/// `value` as `tap-ctl stats` text.
+pub fn to_text<T: Serialize + ?Sized>(value: &T) -> io::Result<String> {
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, TapdiskLayout);
+    value.serialize(&mut serializer).map_err(io::Error::other)?;
+    String::from_utf8(out).map_err(io::Error::other)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::vhd::VhdStats;
 
     #[test]
     fn escapes_json_strings() {
-        let mut out = String::new();
-        push_json_string(&mut out, "a\"b\\c\n\u{1}");
-        assert_eq!(out, r#""a\"b\\c\n\u0001""#);
+        assert_eq!(to_text("a\"b\\c\n\u{1}").unwrap(), r#""a\"b\\c\n\u0001""#);
     }
 
     #[test]
     fn closed_vbd_stats_text() {
         let vbd = Vbd::new(4);
         assert_eq!(
-            vbd_stats(&vbd, None),
+            to_text(&VbdStats::of(&vbd, None)).unwrap(),
             "{ \"name\": \"\", \"secs\": [ 0, 0 ], \"images\": [  ], \"FIXME_enospc_redirect_count\": 0, \
              \"nbd_mirror_failed\": 0, \"reqs_outstanding\": 0, \"read_caching\": \"false\" }"
         );
-        assert_eq!(list(&[]), "[  ]");
-        assert!(
-            vbd_stats(&vbd, Some(Path::new("/dev/loop3"))).contains("\"blockdev\": \"/dev/loop3\"")
+        assert_eq!(to_text::<[VbdStats]>(&[]).unwrap(), "[  ]");
+        assert!(to_text(&VbdStats::of(&vbd, Some(Path::new("/dev/loop3"))))
+            .unwrap()
+            .contains("\"blockdev\": \"/dev/loop3\""));
+    }
+
+    #[test]
+    fn driver_status_text_as_the_c_stack_lays_it_out() {
+        let raw = DriverStatus::from(DriverStats {
+            pending: 3,
+            engine: "io_uring",
+            detail: DriverDetail::Raw { mapped: false },
+        });
+        assert_eq!(
+            to_text(&raw).unwrap(),
+            "{ \"reqs\": { \"max\": 352, \"pending\": 3 }, \"engine\": \"io_uring\", \"mapped\": false }"
+        );
+        let vhd = DriverStatus::from(DriverStats {
+            pending: 0,
+            engine: "pread",
+            detail: DriverDetail::Vhd {
+                vhd: VhdStats {
+                    kind: "dynamic",
+                    allocated_blocks: 2,
+                    allocations: 1,
+                    bitmap_writes: 5,
+                    bitmap_loads: 4,
+                    cached_bitmaps: 2,
+                },
+            },
+        });
+        assert_eq!(
+            to_text(&vhd).unwrap(),
+            "{ \"reqs\": { \"max\": 352, \"pending\": 0 }, \"engine\": \"pread\", \"vhd\": { \
+             \"type\": \"dynamic\", \"allocated_blocks\": 2, \"allocations\": 1, \
+             \"bitmap_writes\": 5, \"bitmap_loads\": 4, \"cached_bitmaps\": 2 } }"
         );
     }
 }

@@ -53,9 +53,6 @@ pub mod state {
     pub const RESUME_FAILED: u32 = 0x200;
 }
 
-/// Request slots reported as the driver's `max` in stats.
-pub const MAX_REQUESTS: usize = 352;
-
 /// Default request timeout (`-t` overrides it per VBD).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 

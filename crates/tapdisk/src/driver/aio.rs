@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{
-    Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, ReadOutcome, StatusRun,
-    ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
+    Allocation, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
+    OpenOptions, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
 use crate::engine::mapped::{self, FileMapping, MappedBytes};
 use crate::engine::{open_engine, IoEngine, IoFuture};
@@ -316,14 +316,14 @@ impl ImageDriver for AioImage {
         })
     }
 
-    fn stats_json(&self) -> Option<String> {
-        Some(format!(
-            "{{ \"reqs\": {{ \"max\": {}, \"pending\": {} }}, \"engine\": \"{}\", \"mapped\": {} }}",
-            crate::vbd::MAX_REQUESTS,
-            self.engine.pending(),
-            self.engine.name(),
-            self.is_mapped()
-        ))
+    fn stats(&self) -> Option<DriverStats> {
+        Some(DriverStats {
+            pending: self.engine.pending(),
+            engine: self.engine.name(),
+            detail: DriverDetail::Raw {
+                mapped: self.is_mapped(),
+            },
+        })
     }
 }
 
@@ -452,7 +452,10 @@ mod tests {
             };
             let image = AioImage::open(&path, options).unwrap();
             assert!(image.is_mapped(), "read_only {read_only}");
-            assert!(image.stats_json().unwrap().contains("\"mapped\": true"));
+            assert_eq!(
+                image.stats().unwrap().detail,
+                DriverDetail::Raw { mapped: true }
+            );
             let range = image.mapped(16, 8192).unwrap();
             assert_eq!(copied_out(&range), data[8192..16384]);
             // Past the end: not mapped, the read path reports the error.
@@ -469,7 +472,10 @@ mod tests {
         image.discard(64, 8).await.unwrap();
         assert!(!image.is_mapped());
         assert!(image.mapped(0, 4096).is_none());
-        assert!(image.stats_json().unwrap().contains("\"mapped\": false"));
+        assert_eq!(
+            image.stats().unwrap().detail,
+            DriverDetail::Raw { mapped: false }
+        );
         // Opened again with the hole: not mapped.
         let image = AioImage::open(&path, OpenOptions::default()).unwrap();
         assert!(!image.is_mapped());

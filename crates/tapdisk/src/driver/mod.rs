@@ -217,10 +217,38 @@ pub trait ImageDriver: Send + Sync + fmt::Debug {
             }])
         })
     }
-    /// Driver-specific status for `tap-ctl stats` as JSON text, or `None` for `null`.
-    fn stats_json(&self) -> Option<String> {
+    /// The driver's status for `tap-ctl stats` (`None` shows as `null`).
+    fn stats(&self) -> Option<DriverStats> {
         None
     }
+}
+
+/// A driver's status in `tap-ctl stats` (the `"status"` object of an image). The VBD adds the
+/// request limit (`"reqs": { "max": ... }`), which is its business, not the driver's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Requests submitted to the I/O engine and not completed yet.
+    pub pending: usize,
+    /// The I/O engine's name.
+    pub engine: &'static str,
+    /// What only this kind of driver reports.
+    pub detail: DriverDetail,
+}
+
+/// Driver-specific fields of [`DriverStats`], shown beside `reqs` and `engine`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum DriverDetail {
+    /// Raw images: whether reads are served from a mapping of the image (`"mapped"`).
+    Raw {
+        /// Mapped reads are on.
+        mapped: bool,
+    },
+    /// VHD images: the `"vhd"` object.
+    Vhd {
+        /// Format type and block counters.
+        vhd: self::vhd::VhdStats,
+    },
 }
 
 /// Opens an image of `disk_type` at `path` (`td_open`).

@@ -68,8 +68,8 @@ use vhd::bitmap::{self, SectorBitmap};
 use vhd::create::format_uuid;
 
 use super::{
-    Allocation, Capabilities, DiskInfo, DiskType, ImageDriver, OpenOptions, ParentLink,
-    ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
+    Allocation, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
+    OpenOptions, ParentLink, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
 use crate::engine::{open_engine, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
@@ -157,10 +157,10 @@ impl VhdDriverError {
     }
 
     /// Logs the error and converts it to an errno-carrying `io::Error` (what the control
-    /// protocol can transport).
+    /// protocol can transport), keeping it as the cause.
     pub fn into_logged_io(self) -> io::Error {
         tracing::error!("{self}");
-        crate::error::failure(self.errno(), self.to_string())
+        crate::error::Error::with_source(self.errno(), "", self).into()
     }
 }
 
@@ -322,6 +322,24 @@ impl Sparse {
     fn data_offset(&self, entry: u32, first: u64) -> u64 {
         u64::from(entry) * SECTOR_SIZE + self.bitmap_bytes + first * SECTOR_SIZE
     }
+}
+
+/// A VHD image's part of `tap-ctl stats` (the driver status's `"vhd"` object).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VhdStats {
+    /// `fixed`, `dynamic` or `differencing`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Blocks with a BAT entry.
+    pub allocated_blocks: u64,
+    /// Blocks allocated since the image was opened.
+    pub allocations: u64,
+    /// Sector bitmaps written.
+    pub bitmap_writes: u64,
+    /// Sector bitmaps read.
+    pub bitmap_loads: u64,
+    /// Sector bitmaps in the cache.
+    pub cached_bitmaps: usize,
 }
 
 /// Counters shown in stats.
@@ -1223,23 +1241,26 @@ impl ImageDriver for VhdDriver {
         })
     }
 
-    fn stats_json(&self) -> Option<String> {
+    fn stats(&self) -> Option<DriverStats> {
         let kind = match self.kind {
             vhd::DiskType::Fixed => "fixed",
             vhd::DiskType::Dynamic => "dynamic",
             vhd::DiskType::Differencing => "differencing",
         };
-        let cached = self.sparse.as_ref().map_or(0, |s| s.lock().bitmaps.len());
-        Some(format!(
-            "{{ \"reqs\": {{ \"max\": {}, \"pending\": {} }}, \"engine\": \"{}\", \"vhd\": {{ \"type\": \"{kind}\", \"allocated_blocks\": {}, \"allocations\": {}, \"bitmap_writes\": {}, \"bitmap_loads\": {}, \"cached_bitmaps\": {cached} }} }}",
-            crate::vbd::MAX_REQUESTS,
-            self.engine.pending(),
-            self.engine.name(),
-            self.allocated_blocks(),
-            self.counters.allocations.load(Ordering::Relaxed),
-            self.counters.bitmap_writes.load(Ordering::Relaxed),
-            self.counters.bitmap_loads.load(Ordering::Relaxed),
-        ))
+        Some(DriverStats {
+            pending: self.engine.pending(),
+            engine: self.engine.name(),
+            detail: DriverDetail::Vhd {
+                vhd: VhdStats {
+                    kind,
+                    allocated_blocks: self.allocated_blocks(),
+                    allocations: self.counters.allocations.load(Ordering::Relaxed),
+                    bitmap_writes: self.counters.bitmap_writes.load(Ordering::Relaxed),
+                    bitmap_loads: self.counters.bitmap_loads.load(Ordering::Relaxed),
+                    cached_bitmaps: self.sparse.as_ref().map_or(0, |s| s.lock().bitmaps.len()),
+                },
+            },
+        })
     }
 }
 

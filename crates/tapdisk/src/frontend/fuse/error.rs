@@ -52,11 +52,11 @@ impl FuseError {
         }
     }
 
-    /// Logs the error (with its context) and returns the bare errno as an `io::Error`, which
-    /// is what the control layer sends.
+    /// Logs the error (with its context) and returns it as the cause of an errno-carrying
+    /// `io::Error`, which is what the control layer sends.
     pub fn into_logged_io(self, minor: u16) -> io::Error {
         tracing::error!(minor, "FUSE block device: {self}");
-        crate::error::failure(self.errno(), format!("FUSE block device: {self}"))
+        crate::error::Error::with_source(self.errno(), "FUSE block device", self).into()
     }
 }
 

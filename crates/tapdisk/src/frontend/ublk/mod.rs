@@ -105,11 +105,12 @@ fn ublk_errno(error: &UblkError) -> i32 {
     }
 }
 
-/// Logs `what` failed for device `minor` and returns the errno as an `io::Error`.
+/// Logs `what` failed for device `minor` and returns the failure (errno, `ublk: what`, and
+/// libublk's error as the cause).
 fn ublk_failure(minor: u16, what: &str, error: &UblkError) -> io::Error {
     let code = ublk_errno(error);
     tracing::error!(minor, "ublk: {what}: {error} ({})", errno(code));
-    errno(code)
+    crate::error::failure(code, format!("ublk: {what}: {error}"))
 }
 
 /// The image to reopen for `tap-ctl recover` without `-a`: `(params, read_only)` from the

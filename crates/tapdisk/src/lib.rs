@@ -19,4 +19,6 @@ pub mod logging;
 pub mod server;
 pub mod stats;
 pub mod sys;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vbd;

@@ -163,11 +163,7 @@ impl serde_json::ser::Formatter for TapdiskLayout {
         out: &mut W,
         first: bool,
     ) -> io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            out.write_all(b", ")
-        }
+        separator(out, first)
     }
 
     fn begin_object<W: ?Sized + io::Write>(&mut self, out: &mut W) -> io::Result<()> {
@@ -183,15 +179,20 @@ impl serde_json::ser::Formatter for TapdiskLayout {
         out: &mut W,
         first: bool,
     ) -> io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            out.write_all(b", ")
-        }
+        separator(out, first)
     }
 
     fn begin_object_value<W: ?Sized + io::Write>(&mut self, out: &mut W) -> io::Result<()> {
         out.write_all(b": ")
+    }
+}
+
+/// `", "` before every element of an array or object but the first.
+fn separator<W: ?Sized + io::Write>(out: &mut W, first: bool) -> io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        out.write_all(b", ")
     }
 }
 
@@ -207,6 +208,36 @@ pub fn to_text<T: Serialize + ?Sized>(value: &T) -> io::Result<String> {
 mod tests {
     use super::*;
     use crate::driver::vhd::VhdStats;
+    use crate::iobuf::IoBuf;
+    use crate::testing::{fake_vbd, FakeImage};
+    use crate::vbd::DEFAULT_REQUEST_TIMEOUT;
+
+    #[tokio::test]
+    async fn open_vbd_stats_text_as_the_c_stack_lays_it_out() {
+        let vbd = fake_vbd(
+            FakeImage::new(8).at("/srv/disk.img"),
+            DEFAULT_REQUEST_TIMEOUT,
+        );
+        vbd.write(0, IoBuf::zeroed(1024)).await.unwrap();
+        vbd.read(0, IoBuf::zeroed(512)).await.unwrap();
+        let stats = VbdStats::of(&vbd, Some(Path::new("/dev/ublkb9")));
+        assert_eq!(
+            to_text(&stats).unwrap(),
+            "{ \"name\": \"aio:/srv/disk.img\", \"blockdev\": \"/dev/ublkb9\", \"secs\": [ 1, 2 ], \
+             \"images\": [ { \"name\": \"/srv/disk.img\", \"hits\": [ 1, 1 ], \"fail\": [ 0, 0 ], \
+             \"driver\": { \"type\": 0, \"name\": \"aio\", \"status\": { \"reqs\": { \"max\": 352, \
+             \"pending\": 0 }, \"engine\": \"fake\", \"mapped\": false } } } ], \
+             \"FIXME_enospc_redirect_count\": 0, \"nbd_mirror_failed\": 0, \"reqs_outstanding\": 0, \
+             \"read_caching\": \"false\" }"
+        );
+        // Every VBD of the process (cookie 0xFFFF): a list of them.
+        let all = to_text(&[stats.clone(), stats]).unwrap();
+        assert!(
+            all.starts_with("[ { \"name\": ") && all.ends_with(" } ]"),
+            "{all}"
+        );
+        assert!(all.contains(" }, { \"name\": "), "{all}");
+    }
 
     #[test]
     fn escapes_json_strings() {

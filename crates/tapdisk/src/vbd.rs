@@ -667,6 +667,7 @@ fn sectors_of(len: usize) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{fake_vbd, FakeImage};
 
     fn raw_image(dir: &tempfile::TempDir, name: &str, bytes: usize, fill: u8) -> String {
         let path = dir.path().join(name);
@@ -806,71 +807,11 @@ mod tests {
         assert!(buf.as_slice().iter().all(|b| *b == 0xbb));
     }
 
-    /// A one-sector-per-read driver whose reads fail with `errno` while `failures` lasts.
-    #[derive(Debug)]
-    struct Flaky {
-        failures: std::sync::atomic::AtomicU32,
-        errno: i32,
-        path: std::path::PathBuf,
-    }
-
-    impl crate::driver::ImageDriver for Flaky {
-        fn disk_type(&self) -> crate::driver::DiskType {
-            crate::driver::DiskType::Aio
-        }
-        fn info(&self) -> DiskInfo {
-            DiskInfo {
-                sectors: 8,
-                sector_size: 512,
-                info: 0,
-            }
-        }
-        fn path(&self) -> &std::path::Path {
-            &self.path
-        }
-        fn read(
-            &self,
-            _sector: u64,
-            buf: IoBuf,
-        ) -> crate::engine::IoFuture<'_, crate::driver::ReadOutcome> {
-            let fail = self
-                .failures
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok();
-            let errno = self.errno;
-            Box::pin(async move {
-                if fail {
-                    return Err(io::Error::from_raw_os_error(errno));
-                }
-                Ok(crate::driver::ReadOutcome {
-                    buf,
-                    absent: Vec::new(),
-                })
-            })
-        }
-        fn write(&self, _sector: u64, _buf: Arc<IoBuf>) -> crate::engine::IoFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-        fn flush(&self) -> crate::engine::IoFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-    }
-
+    /// A VBD over a fake image whose next `failures` reads fail with `errno`.
     fn flaky_vbd(failures: u32, errno: i32, timeout: Duration) -> Vbd {
-        let driver = Flaky {
-            failures: failures.into(),
-            errno,
-            path: "/flaky".into(),
-        };
-        let chain = ImageChain::from_drivers(vec![Box::new(driver)]).unwrap();
-        let vbd = Vbd::new(9);
-        let request = OpenRequest {
-            params: "aio:/flaky".into(),
-            options: OpenOptions::default(),
-            timeout,
-        };
-        vbd.install(chain, request).unwrap();
-        vbd
+        let image = FakeImage::new(8);
+        image.faults().fail_reads(failures, errno);
+        fake_vbd(image, timeout)
     }
 
     #[tokio::test(start_paused = true)]
@@ -904,60 +845,12 @@ mod tests {
         vbd.read(0, IoBuf::zeroed(512)).await.unwrap();
     }
 
-    /// A driver whose reads each wait for (and use up) a permit of `gate`.
-    #[derive(Debug)]
-    struct Gated {
-        gate: Arc<tokio::sync::Semaphore>,
-        path: std::path::PathBuf,
-    }
-
-    impl crate::driver::ImageDriver for Gated {
-        fn disk_type(&self) -> crate::driver::DiskType {
-            crate::driver::DiskType::Aio
-        }
-        fn info(&self) -> DiskInfo {
-            DiskInfo {
-                sectors: 8,
-                sector_size: 512,
-                info: 0,
-            }
-        }
-        fn path(&self) -> &std::path::Path {
-            &self.path
-        }
-        fn read(
-            &self,
-            _sector: u64,
-            buf: IoBuf,
-        ) -> crate::engine::IoFuture<'_, crate::driver::ReadOutcome> {
-            let gate = Arc::clone(&self.gate);
-            Box::pin(async move {
-                // Each read uses up one permit.
-                gate.acquire().await.map_err(io::Error::other)?.forget();
-                Ok(crate::driver::ReadOutcome {
-                    buf,
-                    absent: Vec::new(),
-                })
-            })
-        }
-        fn write(&self, _sector: u64, _buf: Arc<IoBuf>) -> crate::engine::IoFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-        fn flush(&self) -> crate::engine::IoFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-    }
-
     #[tokio::test]
     async fn pause_waits_for_requests_in_flight() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let driver = Gated {
-            gate: Arc::clone(&gate),
-            path: "/gated".into(),
-        };
-        let chain = ImageChain::from_drivers(vec![Box::new(driver)]).unwrap();
-        let vbd = Arc::new(Vbd::new(4));
-        vbd.install(chain, request("aio:/gated".into())).unwrap();
+        // Each read waits for (and uses up) a permit of `gate`.
+        let image = FakeImage::new(8);
+        let gate = image.faults().gate_reads();
+        let vbd = Arc::new(fake_vbd(image, DEFAULT_REQUEST_TIMEOUT));
         // Requests that complete while running wake nobody and leave nothing in flight.
         gate.add_permits(3);
         for _ in 0..3 {
@@ -987,6 +880,29 @@ mod tests {
         assert_ne!(vbd.state() & state::PAUSED, 0);
         assert_eq!(vbd.counters().received.load(Ordering::Relaxed), 4);
         assert_eq!(vbd.counters().returned.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn zeroing_falls_back_to_writing_zeros() {
+        let vbd = fake_vbd(
+            FakeImage::new(8).holding(&[0xff; 4096]),
+            DEFAULT_REQUEST_TIMEOUT,
+        );
+        // The image cannot zero fast: write_zeroes says so, fill_zeroes writes zeros.
+        let error = vbd
+            .write_zeroes(1, 3, ZeroFlags::default())
+            .await
+            .unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EOPNOTSUPP));
+        vbd.fill_zeroes(1, 3).await.unwrap();
+        let buf = vbd.read(0, IoBuf::zeroed(4096)).await.unwrap();
+        assert!(buf.as_slice()[..512].iter().all(|b| *b == 0xff));
+        assert!(buf.as_slice()[512..2048].iter().all(|b| *b == 0));
+        assert!(buf.as_slice()[2048..].iter().all(|b| *b == 0xff));
+        assert_eq!(vbd.counters().secs[1].load(Ordering::Relaxed), 3);
+        // Out of bounds: refused like a write.
+        let past = vbd.fill_zeroes(7, 2).await.unwrap_err();
+        assert_eq!(past.raw_os_error(), Some(libc::ENOSPC));
     }
 
     #[tokio::test]

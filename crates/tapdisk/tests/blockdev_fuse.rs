@@ -634,28 +634,35 @@ fn stats_blockdev(env: &Env, pid: u32, minor: u32) -> Option<String> {
     Some(rest.split_once('"')?.0.to_owned())
 }
 
-/// `tap-ctl create -a PARAMS EXTRA` without `BLKTAP_BLOCK_DEVICE`: (what it printed, pid,
-/// minor).
-fn create_plain(env: &Env, params: &str, extra: &[&str]) -> (String, u32, u32) {
-    let mut args = vec!["create", "-a", params];
-    args.extend_from_slice(extra);
+/// Runs `tap-ctl ARGS` without `BLKTAP_BLOCK_DEVICE` (so only `-b` or the site configuration
+/// chooses a block device), asserting success; returns its output.
+fn tap_ctl_site_default(env: &Env, args: &[&str]) -> String {
     let out = env
-        .tap_ctl_cmd(&args)
+        .tap_ctl_cmd(args)
         .env_remove("BLKTAP_BLOCK_DEVICE")
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "create {extra:?}: {}",
+        "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `tap-ctl create -a PARAMS EXTRA` without `BLKTAP_BLOCK_DEVICE`: (what it printed, pid,
+/// minor).
+fn create_plain(env: &Env, params: &str, extra: &[&str]) -> (String, u32, u32) {
+    let mut args = vec!["create", "-a", params];
+    args.extend_from_slice(extra);
+    let printed = tap_ctl_site_default(env, &args);
     let row = env
         .list()
         .into_iter()
         .find(|row| row.args.as_deref() == Some(params))
         .expect("created VBD is listed");
     (
-        String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+        printed.trim().to_owned(),
         row.pid.unwrap(),
         row.minor.unwrap(),
     )
@@ -671,16 +678,7 @@ fn open_in_steps(env: &Env, params: &str, extra: &[&str]) -> (u32, u32) {
     env.tap_ctl_ok(&["attach", "-p", &pid, "-m", &minor]);
     let mut args = vec!["open", "-p", &pid, "-m", &minor, "-a", params];
     args.extend_from_slice(extra);
-    let out = env
-        .tap_ctl_cmd(&args)
-        .env_remove("BLKTAP_BLOCK_DEVICE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "open {extra:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tap_ctl_site_default(env, &args);
     (pid.parse().unwrap(), minor.parse().unwrap())
 }
 

@@ -471,6 +471,32 @@ impl Frontend for NbdTcpFrontend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::Capabilities;
+    use crate::testing::{fake_vbd, FakeImage};
+    use crate::vbd::DEFAULT_REQUEST_TIMEOUT;
+
+    #[test]
+    fn export_flags_follow_the_capabilities() {
+        let info = |image: FakeImage| {
+            let vbd = Arc::new(fake_vbd(image, DEFAULT_REQUEST_TIMEOUT));
+            VbdExport::new(vbd, "x").unwrap().info()
+        };
+        let all = Capabilities {
+            discard: true,
+            write_zeroes: true,
+            block_status: true,
+        };
+        let none = info(FakeImage::new(8));
+        assert!(!none.can_trim && !none.can_fast_zero && !none.read_only);
+        // Zeroing always works (by writing zeros if need be).
+        assert!(none.can_write_zeroes && none.can_flush && none.can_multi_conn);
+        assert_eq!(none.size, 8 * 512);
+        let both = info(FakeImage::new(8).with_capabilities(all));
+        assert!(both.can_trim && both.can_fast_zero && both.can_write_zeroes);
+        let read_only = info(FakeImage::new(8).with_capabilities(all).read_only());
+        assert!(read_only.read_only);
+        assert!(!read_only.can_trim && !read_only.can_fast_zero && !read_only.can_write_zeroes);
+    }
 
     #[test]
     fn buffers_are_reused_by_size_within_limits() {

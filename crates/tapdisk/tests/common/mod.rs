@@ -262,12 +262,7 @@ pub fn parse_list_line(line: &str) -> ListRow {
 
 /// True while process `pid` exists (and is not a zombie).
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+    i32::try_from(pid).is_ok_and(tapdisk::sys::process_alive)
 }
 
 /// Waits up to `limit` for `condition`.

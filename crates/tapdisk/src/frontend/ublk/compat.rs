@@ -1,6 +1,7 @@
 //! blktap2-compatible names: `/dev/xen/blktap-2/tapdev<minor>` as a symbolic link to the
 //! VBD's block device, for tools that expect the old driver's names. Opt-in
-//! (`BLKTAP_COMPAT_SYMLINKS=1` in tapdisk's environment); removed when the device is.
+//! (`block_device.compat_symlinks` in tapdisk's configuration, or `tap-ctl create/open -o
+//! block_device.compat_symlinks=true`); removed when the device is.
 
 use std::io;
 use std::path::{Path, PathBuf};

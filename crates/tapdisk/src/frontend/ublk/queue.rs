@@ -12,7 +12,7 @@
 //!    cache, memory file system) completes within the first poll, without any thread
 //!    hand-off; I/O that completes elsewhere (the blocking pool, the io_uring engine's
 //!    reaper, a retry timer) wakes the task and kicks the queue thread. With
-//!    `TAPDISK_UBLK_BRIDGE=spawn` the call is spawned on the runtime instead and its result
+//!    `tuning.ublk_bridge = "spawn"` the call is spawned on the runtime instead and its result
 //!    comes back through a oneshot channel;
 //!    With user copy, a read of an image held in memory skips the VBD call's read: the
 //!    `pwrite` below takes the data straight from the image's mapped pages

@@ -2,7 +2,7 @@
 # tests/vm/lib.sh -- helpers for the tests that run inside the VM (sourced, never run).
 #
 # A test is started by scripts/vm-tests.sh as `run-in-vm.sh run tests/vm/NAME.sh REPO NAME`, where
-# REPO holds tests/vm/ and target/debug/{tap-ctl,tapdisk} (scripts/vm-tests.sh copies them
+# REPO holds tests/vm/ and target/debug/{tap-ctl,tapdisk,vhd-util} (scripts/vm-tests.sh copies them
 # into the VM's shared folder, so REPO is visible in the guest even when the checkout is not).
 # The test prints one line per check ("ok - ..." or "FAIL - ...") and ends with the line
 # "N passed, M failed"; it exits non-zero when any check failed. Scratch files live in the
@@ -17,6 +17,10 @@ export BLKTAP_CONTROL_DIR=/run/blktap-control
 TEST_NAME=${2:-vmtest}
 SHARE=${VM_SHARE:-$PWD}
 SCRATCH=$(mktemp -d /tmp/vmtest.XXXXXX)
+# tapdisk's site configuration: built-in defaults (never the host's /etc/blktap/tapdisk.toml,
+# which the guest sees); a test that wants other settings writes its own file.
+export TAPDISK_CONFIG=$SCRATCH/tapdisk.toml
+: > "$TAPDISK_CONFIG"
 LOG="$SHARE/$TEST_NAME.log"
 : > "$LOG"
 PASSED=0

@@ -1,10 +1,14 @@
 #!/bin/bash
 # ublk block devices end to end: file system round trip across destroy/create (-b ublk and
-# -b auto), fio verify, EBUSY while held, compatibility links, 20 create/destroy cycles.
+# -b auto), fio verify, EBUSY while held, compatibility links, per-VBD device settings on an
+# open of a running tapdisk, no device for an open without -b, 20 create/destroy cycles.
 . "$1/tests/vm/lib.sh"
 
-# create_dev MODE IMAGE: prints the block device tap-ctl create printed.
-create_dev() { tap-ctl create -b "$1" -a "aio:$2" 2>>"$LOG"; }
+# create_dev MODE IMAGE [TAP-CTL ARGS...]: prints the block device tap-ctl create printed.
+create_dev() {
+    local mode=$1 image=$2; shift 2
+    tap-ctl create -b "$mode" -a "aio:$image" "$@" 2>>"$LOG"
+}
 destroy_dev() {
     local minor; minor=$(minor_of_device "$1")
     tap-ctl destroy -p "$(pid_of_minor "$minor")" -m "$minor"
@@ -43,13 +47,15 @@ done
 # device takes (the size of a plain copy tag buffer).
 img=$(make_raw fio.img 256)
 fallocate -l 256M "$img"
+site="$SCRATCH/tuning.toml"
 for variant in "auto;inline;any;;true" "auto;inline;other;;false" "auto;inline;any;-D;false" \
                "off;inline;any;-D;false" "off;spawn;queue;;false"; do
     IFS=';' read -r copy bridge affinity flags mapped <<<"$variant"
     what="user copy $copy, $bridge bridge, affinity $affinity${flags:+, $flags}, mapped $mapped"
+    printf '[tuning]\nublk_bridge = "%s"\nublk_affinity = "%s"\n' "$bridge" "$affinity" > "$site"
     # shellcheck disable=SC2086 # $flags is empty or one flag
-    dev=$(TAPDISK_UBLK_USER_COPY=$copy TAPDISK_UBLK_BRIDGE=$bridge TAPDISK_UBLK_AFFINITY=$affinity \
-          TAPDISK_UBLK_QUEUES=2 TAPDISK_UBLK_DEPTH=32 tap-ctl create -b ublk $flags -a "aio:$img" 2>>"$LOG")
+    dev=$(TAPDISK_CONFIG=$site tap-ctl create -b ublk $flags -a "aio:$img" \
+          -o "ublk.user_copy=$copy,ublk.queues=2,ublk.depth=32" 2>>"$LOG")
     out="$SCRATCH/fio-$copy-$bridge$flags-$mapped.out"
     check "create ($what)" test -b "$dev"
     minor=$(minor_of_device "$dev")
@@ -62,7 +68,7 @@ done
 
 # --- pause holds every queue's requests, resume lets them through (fio verify across it;
 # rate-limited so fio is still writing, ~8 s, when the pause comes, however fast the device)
-dev=$(TAPDISK_UBLK_QUEUES=4 create_dev ublk "$img")
+dev=$(create_dev ublk "$img" -o ublk.queues=4)
 minor=$(minor_of_device "$dev"); pid=$(pid_of_minor "$minor")
 fio --name=pause --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8 --numjobs=2 \
     --rw=randwrite --bs=4k --size=16M --offset_increment=16M --rate_iops=500 \
@@ -112,11 +118,30 @@ check "destroy" destroy_dev "$dev"
 
 # --- compatibility link
 img=$(make_raw compat.img 16)
-dev=$(BLKTAP_COMPAT_SYMLINKS=1 create_dev ublk "$img")
+dev=$(create_dev ublk "$img" -o block_device.compat_symlinks=true)
 minor=$(minor_of_device "$dev")
 check "/dev/xen/blktap-2/tapdev$minor -> $dev" test "$(readlink "/dev/xen/blktap-2/tapdev$minor")" = "$dev"
 check "destroy" destroy_dev "$dev"
 check "link removed on destroy" test ! -L "/dev/xen/blktap-2/tapdev$minor"
+
+# --- the steps a toolstack takes (allocate, spawn, attach, open): without -b the VBD gets no
+# kernel device (the site default for opens, as the v4 C stack), with -b and -o on the open
+# of an already running tapdisk, the device has the queues and depth asked for (the driver
+# gives a device at most one queue per CPU: ask for one)
+img=$(make_raw steps.img 16)
+minor=$(tap-ctl allocate | sed 's/.*tapdisk-//')
+pid=$(tap-ctl spawn)
+check "attach" tap-ctl attach -p "$pid" -m "$minor"
+check "open without -b" tap-ctl open -p "$pid" -m "$minor" -a "aio:$img"
+check "no /dev/ublkb$minor for an open without -b" test ! -e "/dev/ublkb$minor"
+check "stats show no block device" sh -c "! tap-ctl stats -p $pid -m $minor | grep -q blockdev"
+check "close" tap-ctl close -p "$pid" -m "$minor"
+check "open -b ublk -o ublk.queues=1,ublk.depth=16 on the running tapdisk" \
+    tap-ctl open -p "$pid" -m "$minor" -a "aio:$img" -b ublk -o ublk.queues=1,ublk.depth=16
+check "/dev/ublkb$minor has 1 queue" \
+    test "$(find "/sys/block/ublkb$minor/mq" -mindepth 1 -maxdepth 1 -type d | wc -l)" -eq 1
+check "/dev/ublkb$minor has depth 16" test "$(cat /sys/block/ublkb"$minor"/queue/nr_requests)" -eq 16
+check "destroy" tap-ctl destroy -p "$pid" -m "$minor"
 
 # --- 20 create/destroy cycles, nothing left over
 img=$(make_raw cycle.img 16)

@@ -12,7 +12,7 @@ use crate::paths::ControlDir;
 use crate::spawn::spawn_with;
 use tapdisk_proto::ImageInfo;
 
-/// A VBD brought up by [`create`].
+/// A VBD brought up by [`create_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatedVbd {
     pub minor: u32,

@@ -32,9 +32,9 @@
 //! Devices are created with `UBLK_F_USER_RECOVERY` (+`REISSUE`). When their tapdisk dies the
 //! kernel keeps the device and queues its requests ("quiesced"); requests the dead process had
 //! taken are re-issued to the next one. `tap-ctl recover -m N [-a type:/path]` spawns a new
-//! tapdisk, attaches minor N and opens with the `BLOCKDEV_RECOVER` flag, which lands in
-//! [`recover`]. Without `-a`, the image comes from the state file `<ctl dir>/vbd-<N>`
-//! ([`state`]) written at open and removed at close. A later OPEN of the same minor (after the
+//! tapdisk, attaches minor N and opens with the `BLOCKDEV_RECOVER` flag: the device starts
+//! with [`UblkStart::recover`]. Without `-a`, the image comes from the state file
+//! `<ctl dir>/vbd-<N>` ([`state`]) written at open and removed at close. A later OPEN of the same minor (after the
 //! minor was freed without recovery) finds the orphan device, sees its tapdisk is gone, deletes
 //! it and creates a fresh one, so stale state never blocks a create.
 //!

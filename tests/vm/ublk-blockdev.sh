@@ -1,7 +1,6 @@
 #!/bin/bash
 # ublk block devices end to end: file system round trip across destroy/create (-b ublk and
-# -b auto), fio verify, EBUSY while held, compatibility links, per-VBD device settings on an
-# open of a running tapdisk, no device for an open without -b, 20 create/destroy cycles.
+# -b auto), fio verify, EBUSY while held, compatibility links, 20 create/destroy cycles.
 . "$1/tests/vm/lib.sh"
 
 # create_dev MODE IMAGE [TAP-CTL ARGS...]: prints the block device tap-ctl create printed.
@@ -123,25 +122,6 @@ minor=$(minor_of_device "$dev")
 check "/dev/xen/blktap-2/tapdev$minor -> $dev" test "$(readlink "/dev/xen/blktap-2/tapdev$minor")" = "$dev"
 check "destroy" destroy_dev "$dev"
 check "link removed on destroy" test ! -L "/dev/xen/blktap-2/tapdev$minor"
-
-# --- the steps a toolstack takes (allocate, spawn, attach, open): without -b the VBD gets no
-# kernel device (the site default for opens, as the v4 C stack), with -b and -o on the open
-# of an already running tapdisk, the device has the queues and depth asked for (the driver
-# gives a device at most one queue per CPU: ask for one)
-img=$(make_raw steps.img 16)
-minor=$(tap-ctl allocate | sed 's/.*tapdisk-//')
-pid=$(tap-ctl spawn)
-check "attach" tap-ctl attach -p "$pid" -m "$minor"
-check "open without -b" tap-ctl open -p "$pid" -m "$minor" -a "aio:$img"
-check "no /dev/ublkb$minor for an open without -b" test ! -e "/dev/ublkb$minor"
-check "stats show no block device" sh -c "! tap-ctl stats -p $pid -m $minor | grep -q blockdev"
-check "close" tap-ctl close -p "$pid" -m "$minor"
-check "open -b ublk -o ublk.queues=1,ublk.depth=16 on the running tapdisk" \
-    tap-ctl open -p "$pid" -m "$minor" -a "aio:$img" -b ublk -o ublk.queues=1,ublk.depth=16
-check "/dev/ublkb$minor has 1 queue" \
-    test "$(find "/sys/block/ublkb$minor/mq" -mindepth 1 -maxdepth 1 -type d | wc -l)" -eq 1
-check "/dev/ublkb$minor has depth 16" test "$(cat /sys/block/ublkb"$minor"/queue/nr_requests)" -eq 16
-check "destroy" tap-ctl destroy -p "$pid" -m "$minor"
 
 # --- 20 create/destroy cycles, nothing left over
 img=$(make_raw cycle.img 16)

@@ -20,97 +20,72 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
 /// Handshake flag: the server speaks fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-
 /// Handshake flag: the server can omit the 124 zero bytes after `NBD_OPT_EXPORT_NAME`.
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 
 /// Client flag: the client speaks fixed newstyle.
 pub const CLIENT_FLAG_FIXED_NEWSTYLE: u32 = 1 << 0;
-
 /// Client flag: the client does not want the 124 zero bytes.
 pub const CLIENT_FLAG_NO_ZEROES: u32 = 1 << 1;
 
 /// Magic after `NBDMAGIC` in the old-style greeting.
 pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
-
 /// Length of the old-style greeting.
 pub const OLDSTYLE_GREETING_LEN: usize = 152;
 
 /// Option: choose an export and enter transmission (no reply header).
 pub const OPT_EXPORT_NAME: u32 = 1;
-
 /// Option: abort negotiation.
 pub const OPT_ABORT: u32 = 2;
-
 /// Option: list exports.
 pub const OPT_LIST: u32 = 3;
-
 /// Option: upgrade to TLS (unsupported here).
 pub const OPT_STARTTLS: u32 = 5;
-
 /// Option: describe an export.
 pub const OPT_INFO: u32 = 6;
-
 /// Option: describe an export and enter transmission.
 pub const OPT_GO: u32 = 7;
-
 /// Option: use structured replies.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
-
 /// Option: list metadata contexts.
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
-
 /// Option: select metadata contexts.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
-
 /// Option: 64-bit extended headers (unsupported here).
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 /// Option reply: success / end of a list.
 pub const REP_ACK: u32 = 1;
-
 /// Option reply: one export of a list.
 pub const REP_SERVER: u32 = 2;
-
 /// Option reply: one information item.
 pub const REP_INFO: u32 = 3;
-
 /// Option reply: one metadata context.
 pub const REP_META_CONTEXT: u32 = 4;
-
 /// Option error: option unknown to this server.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
-
 /// Option error: forbidden by policy.
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
-
 /// Option error: syntactically invalid option.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
-
 /// Option error: TLS must be negotiated first (`NBD_REP_ERR_TLS_REQD`).
 pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
-
 /// Reply error: the server is shutting down.
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
-
 /// Option error: a request is too big.
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
 /// Information item: size and transmission flags.
 pub const INFO_EXPORT: u16 = 0;
-
 /// Information item: canonical export name.
 pub const INFO_NAME: u16 = 1;
-
 /// Information item: human-readable description.
 pub const INFO_DESCRIPTION: u16 = 2;
-
 /// Information item: block size constraints.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
 /// Name of the one metadata context this server knows.
 pub const BASE_ALLOCATION: &str = "base:allocation";
-
 /// Context id handed out for `base:allocation` by `NBD_OPT_SET_META_CONTEXT`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 

@@ -27,34 +27,24 @@ pub use request::*;
 
 /// Transmission flag: always set.
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
-
 /// Transmission flag: the export is read-only.
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
-
 /// Transmission flag: `NBD_CMD_FLUSH` is supported.
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
-
 /// Transmission flag: `NBD_CMD_FLAG_FUA` is supported.
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
-
 /// Transmission flag: the medium is rotational (never set by this server).
 pub const TFLAG_ROTATIONAL: u16 = 1 << 4;
-
 /// Transmission flag: `NBD_CMD_TRIM` is supported.
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
-
 /// Transmission flag: `NBD_CMD_WRITE_ZEROES` is supported.
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-
 /// Transmission flag: `NBD_CMD_FLAG_DF` is supported on reads.
 pub const TFLAG_SEND_DF: u16 = 1 << 7;
-
 /// Transmission flag: several connections see a consistent export.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
-
 /// Transmission flag: `NBD_CMD_CACHE` is supported.
 pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
-
 /// Transmission flag: `NBD_CMD_FLAG_FAST_ZERO` is supported.
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 

@@ -13,19 +13,14 @@ pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Structured reply flag: final chunk of a reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
-
 /// Structured chunk: no payload, final.
 pub const REPLY_TYPE_NONE: u16 = 0;
-
 /// Structured chunk: data at an offset.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
-
 /// Structured chunk: zeroes at an offset.
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
-
 /// Structured chunk: block status descriptors.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-
 /// Reply chunk: block status with 64-bit extents (extended headers only).
 pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 
@@ -34,37 +29,28 @@ pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Structured chunk: error without an offset.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
-
 /// Structured chunk: error at an offset.
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
 /// NBD error: operation not permitted.
 pub const EPERM: u32 = 1;
-
 /// NBD error: input/output error.
 pub const EIO: u32 = 5;
-
 /// NBD error: out of memory.
 pub const ENOMEM: u32 = 12;
-
 /// NBD error: invalid argument.
 pub const EINVAL: u32 = 22;
-
 /// NBD error: no space left.
 pub const ENOSPC: u32 = 28;
-
 /// NBD error: value too large.
 pub const EOVERFLOW: u32 = 75;
-
 /// NBD error: operation not supported.
 pub const ENOTSUP: u32 = 95;
-
 /// NBD error: server shutting down.
 pub const ESHUTDOWN: u32 = 108;
 
 /// Extent status flag of `base:allocation`: unallocated.
 pub const STATE_HOLE: u32 = 1 << 0;
-
 /// Extent status flag of `base:allocation`: reads as zeroes.
 pub const STATE_ZERO: u32 = 1 << 1;
 

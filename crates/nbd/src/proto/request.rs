@@ -16,40 +16,28 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 
 /// Command: read.
 pub const CMD_READ: u16 = 0;
-
 /// Command: write (payload follows the header).
 pub const CMD_WRITE: u16 = 1;
-
 /// Command: disconnect.
 pub const CMD_DISC: u16 = 2;
-
 /// Command: flush.
 pub const CMD_FLUSH: u16 = 3;
-
 /// Command: trim (discard).
 pub const CMD_TRIM: u16 = 4;
-
 /// Command: prefetch into cache.
 pub const CMD_CACHE: u16 = 5;
-
 /// Command: write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
-
 /// Command: block status query.
 pub const CMD_BLOCK_STATUS: u16 = 7;
-
 /// Command flag: force unit access.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
-
 /// Command flag (write zeroes): do not punch a hole.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
-
 /// Command flag (read): do not fragment the structured reply.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
-
 /// Command flag (block status): one extent is enough.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
-
 /// Command flag (write zeroes): fail fast unless zeroing is cheap.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 

@@ -27,7 +27,9 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::Instrument;
 
 use crate::backlog::PeerBacklog;
-use crate::proto::{self, Negotiation, OptionHeader, OptionOutcome, ProtoError, Session};
+use crate::proto::{
+    self, Negotiation, OptionHeader, OptionOutcome, ProtoError, Session, TlsPolicy,
+};
 pub use crate::proto::{ExportInfo, Extent, WriteZeroesFlags};
 
 /// `ENOTSUP`, the answer of the optional [`Export`] methods by default.
@@ -490,28 +492,29 @@ enum HandshakeError {
     Protocol(#[from] ProtoError),
     #[error("client aborted the negotiation")]
     Aborted,
-    #[error("client asked for an export before starting the required TLS")]
-    TlsRequired,
 }
 
-/// Fixed newstyle negotiation. With `tls`, TLS is required: until the client has sent
-/// `NBD_OPT_STARTTLS` (acknowledged in the clear, then the TLS handshake), every option but
-/// `ABORT` is refused with `NBD_REP_ERR_TLS_REQD` (and `EXPORT_NAME`, which has no error
-/// reply, closes the connection); after it, negotiation continues inside TLS. Returns the
-/// stream to use for transmission (the TLS stream when upgraded).
+/// Fixed newstyle negotiation. With `tls`, TLS is required ([`TlsPolicy::Required`]: the
+/// negotiation state machine refuses everything else until `NBD_OPT_STARTTLS`, then this
+/// runs the TLS handshake and negotiation continues inside TLS). Returns the stream to use
+/// for transmission (the TLS stream when upgraded).
 async fn handshake<E: Export>(
     mut stream: BoxedStream,
     export: &E,
     export_name: &str,
     tls: Option<&crate::tls::Tls>,
 ) -> Result<(BoxedStream, Session, bool), HandshakeError> {
-    let mut tls_pending = tls;
     stream.write_all(&proto::server_greeting()).await?;
     stream.flush().await?;
     let mut flags = [0u8; 4];
     stream.read_exact(&mut flags).await?;
     let client = proto::parse_client_flags(flags)?;
-    let mut negotiation = Negotiation::new(export_name, export.info(), client);
+    let policy = if tls.is_some() {
+        TlsPolicy::Required
+    } else {
+        TlsPolicy::Plaintext
+    };
+    let mut negotiation = Negotiation::new(export_name, export.info(), client, policy);
     let mut data = Vec::new();
     let mut out = Vec::with_capacity(256);
     loop {
@@ -524,53 +527,16 @@ async fn handshake<E: Export>(
         data.resize(length, 0);
         stream.read_exact(&mut data).await?;
         out.clear();
-        if let Some(tls_settings) = tls_pending {
-            match header.option {
-                proto::OPT_STARTTLS if data.is_empty() => {
-                    proto::encode_option_reply(&mut out, header.option, proto::REP_ACK, &[]);
-                    stream.write_all(&out).await?;
-                    stream.flush().await?;
-                    let secured = tls_settings.acceptor.accept(stream).await?;
-                    stream = Box::new(secured);
-                    tls_pending = None;
-                    continue;
-                }
-                proto::OPT_STARTTLS => proto::encode_option_error(
-                    &mut out,
-                    header.option,
-                    proto::REP_ERR_INVALID,
-                    "NBD_OPT_STARTTLS carries no data",
-                ),
-                proto::OPT_ABORT => {}
-                proto::OPT_EXPORT_NAME => return Err(HandshakeError::TlsRequired),
-                _ => proto::encode_option_error(
-                    &mut out,
-                    header.option,
-                    proto::REP_ERR_TLS_REQD,
-                    "this export requires TLS: send NBD_OPT_STARTTLS first",
-                ),
-            }
-            if header.option != proto::OPT_ABORT {
-                stream.write_all(&out).await?;
-                stream.flush().await?;
-                continue;
-            }
-        } else if tls.is_some() && header.option == proto::OPT_STARTTLS {
-            proto::encode_option_error(
-                &mut out,
-                header.option,
-                proto::REP_ERR_INVALID,
-                "TLS is already active",
-            );
-            stream.write_all(&out).await?;
-            stream.flush().await?;
-            continue;
-        }
         let outcome = negotiation.handle_option(header, &data, &mut out)?;
         stream.write_all(&out).await?;
         stream.flush().await?;
         match outcome {
             OptionOutcome::Continue => {}
+            OptionOutcome::StartTls => {
+                // Only a negotiation under TlsPolicy::Required asks for it, so `tls` is set.
+                let settings = tls.ok_or_else(|| io::Error::other("STARTTLS without TLS"))?;
+                stream = Box::new(settings.acceptor.accept(stream).await?);
+            }
             OptionOutcome::Close => return Err(HandshakeError::Aborted),
             OptionOutcome::Transmission(session) => {
                 return Ok((stream, session, negotiation.extended_headers()))

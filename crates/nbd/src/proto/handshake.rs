@@ -39,7 +39,7 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// Option: list exports.
 pub const OPT_LIST: u32 = 3;
-/// Option: upgrade to TLS (unsupported here).
+/// Option: upgrade to TLS (see [`TlsPolicy`]).
 pub const OPT_STARTTLS: u32 = 5;
 /// Option: describe an export.
 pub const OPT_INFO: u32 = 6;
@@ -51,7 +51,7 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 /// Option: select metadata contexts.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
-/// Option: 64-bit extended headers (unsupported here).
+/// Option: 64-bit extended headers.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 /// Option reply: success / end of a list.
@@ -407,6 +407,35 @@ pub enum OptionOutcome {
     Close,
     /// Send the replies, then enter the transmission phase with these parameters.
     Transmission(Session),
+    /// Send the replies (the acknowledgement, in the clear), then run the TLS handshake on
+    /// the stream: the options that follow arrive inside TLS. Only under
+    /// [`TlsPolicy::Required`].
+    StartTls,
+}
+
+/// Whether a connection must negotiate TLS before anything else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS: `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP` like any unknown option.
+    #[default]
+    Plaintext,
+    /// TLS required: until the client has sent `NBD_OPT_STARTTLS` (acknowledged, then
+    /// [`OptionOutcome::StartTls`]), every option but `NBD_OPT_ABORT` is refused with
+    /// `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME`, which has no error reply, ends the
+    /// connection ([`ProtoError::TlsRequired`]). Once TLS is up, a second `NBD_OPT_STARTTLS`
+    /// is invalid.
+    Required,
+}
+
+/// Where a negotiation stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsState {
+    /// [`TlsPolicy::Plaintext`].
+    Off,
+    /// [`TlsPolicy::Required`], not started yet.
+    Pending,
+    /// [`TlsPolicy::Required`], started.
+    Active,
 }
 
 /// State of the option phase of one connection: feed it options, send what it writes.
@@ -419,12 +448,13 @@ pub struct Negotiation {
     base_allocation: Option<u32>,
     /// `NBD_OPT_EXTENDED_HEADERS` was acknowledged.
     extended: bool,
+    tls: TlsState,
 }
 
 impl Negotiation {
     /// Start negotiating `info` (listed under `export_name`) with a client that sent
-    /// `client` flags.
-    pub fn new(export_name: &str, info: ExportInfo, client: ClientFlags) -> Self {
+    /// `client` flags, under the `tls` policy.
+    pub fn new(export_name: &str, info: ExportInfo, client: ClientFlags, tls: TlsPolicy) -> Self {
         Self {
             export_name: export_name.to_owned(),
             info,
@@ -432,6 +462,10 @@ impl Negotiation {
             structured: false,
             base_allocation: None,
             extended: false,
+            tls: match tls {
+                TlsPolicy::Plaintext => TlsState::Off,
+                TlsPolicy::Required => TlsState::Pending,
+            },
         }
     }
 
@@ -471,6 +505,14 @@ impl Negotiation {
         out: &mut Vec<u8>,
     ) -> Result<OptionOutcome, ProtoError> {
         let option = header.option;
+        match self.tls {
+            TlsState::Pending if option != OPT_ABORT => return self.before_tls(option, data, out),
+            TlsState::Active if option == OPT_STARTTLS => {
+                encode_option_error(out, option, REP_ERR_INVALID, "TLS is already active");
+                return Ok(OptionOutcome::Continue);
+            }
+            _ => {}
+        }
         if option == OPT_EXTENDED_HEADERS {
             if data.is_empty() {
                 self.extended = true;
@@ -570,6 +612,41 @@ impl Negotiation {
         }
     }
 
+    /// An option other than `NBD_OPT_ABORT` while TLS is required and not started yet.
+    fn before_tls(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<OptionOutcome, ProtoError> {
+        match option {
+            OPT_STARTTLS if data.is_empty() => {
+                encode_option_reply(out, option, REP_ACK, &[]);
+                self.tls = TlsState::Active;
+                Ok(OptionOutcome::StartTls)
+            }
+            OPT_STARTTLS => {
+                encode_option_error(
+                    out,
+                    option,
+                    REP_ERR_INVALID,
+                    "NBD_OPT_STARTTLS carries no data",
+                );
+                Ok(OptionOutcome::Continue)
+            }
+            OPT_EXPORT_NAME => Err(ProtoError::TlsRequired),
+            _ => {
+                encode_option_error(
+                    out,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    "this export requires TLS: send NBD_OPT_STARTTLS first",
+                );
+                Ok(OptionOutcome::Continue)
+            }
+        }
+    }
+
     /// NBD_INFO_EXPORT always; NBD_INFO_BLOCK_SIZE always (the spec lets a server send it
     /// unasked); NBD_INFO_NAME and NBD_INFO_DESCRIPTION only when requested.
     fn encode_info(&self, out: &mut Vec<u8>, option: u32, name: &str, requests: &[u16]) {
@@ -625,7 +702,105 @@ mod tests {
                 fixed_newstyle: true,
                 no_zeroes,
             },
+            TlsPolicy::Plaintext,
         )
+    }
+
+    fn tls_negotiation() -> Negotiation {
+        Negotiation::new(
+            "vbd",
+            full_info(),
+            ClientFlags {
+                fixed_newstyle: true,
+                no_zeroes: true,
+            },
+            TlsPolicy::Required,
+        )
+    }
+
+    fn error_reply(option: u32, error: u32, message: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_option_error(&mut out, option, error, message);
+        out
+    }
+
+    #[test]
+    fn tls_required_refuses_everything_until_starttls() {
+        let mut n = tls_negotiation();
+        let required = "this export requires TLS: send NBD_OPT_STARTTLS first";
+        for (code, data) in [
+            (OPT_LIST, &[][..]),
+            (OPT_GO, &[0, 0, 0, 0, 0, 0]),
+            (OPT_INFO, &[0, 0, 0, 0, 0, 0]),
+            (OPT_STRUCTURED_REPLY, &[]),
+            (OPT_EXTENDED_HEADERS, &[]),
+            (OPT_SET_META_CONTEXT, &[1, 2, 3]),
+            (99, b"junk"),
+        ] {
+            let (outcome, out) = option(&mut n, code, data);
+            assert_eq!(outcome, OptionOutcome::Continue, "option {code}");
+            assert_eq!(
+                out,
+                error_reply(code, REP_ERR_TLS_REQD, required),
+                "option {code}"
+            );
+        }
+        assert!(!n.structured() && !n.extended_headers());
+        let (outcome, out) = option(&mut n, OPT_STARTTLS, &[0]);
+        assert_eq!(outcome, OptionOutcome::Continue);
+        assert_eq!(
+            out,
+            error_reply(
+                OPT_STARTTLS,
+                REP_ERR_INVALID,
+                "NBD_OPT_STARTTLS carries no data"
+            )
+        );
+        let mut out = Vec::new();
+        let header = OptionHeader {
+            option: OPT_EXPORT_NAME,
+            length: 0,
+        };
+        assert_eq!(
+            n.handle_option(header, &[], &mut out),
+            Err(ProtoError::TlsRequired)
+        );
+        assert!(out.is_empty(), "EXPORT_NAME before TLS gets no bytes");
+
+        let (outcome, out) = option(&mut n, OPT_STARTTLS, &[]);
+        assert_eq!(outcome, OptionOutcome::StartTls);
+        let mut ack = Vec::new();
+        encode_option_reply(&mut ack, OPT_STARTTLS, REP_ACK, &[]);
+        assert_eq!(out, ack);
+        // Inside TLS: options work as without the policy; STARTTLS again is invalid.
+        let (outcome, out) = option(&mut n, OPT_LIST, &[]);
+        assert_eq!(outcome, OptionOutcome::Continue);
+        assert_eq!(out, option(&mut negotiation(true), OPT_LIST, &[]).1);
+        let (outcome, out) = option(&mut n, OPT_STARTTLS, &[]);
+        assert_eq!(outcome, OptionOutcome::Continue);
+        assert_eq!(
+            out,
+            error_reply(OPT_STARTTLS, REP_ERR_INVALID, "TLS is already active")
+        );
+        let (outcome, _) = option(&mut n, OPT_EXPORT_NAME, b"");
+        assert!(matches!(outcome, OptionOutcome::Transmission(_)));
+    }
+
+    #[test]
+    fn tls_required_still_lets_the_client_abort() {
+        let (outcome, out) = option(&mut tls_negotiation(), OPT_ABORT, &[]);
+        assert_eq!(outcome, OptionOutcome::Close);
+        assert_eq!(out, option(&mut negotiation(true), OPT_ABORT, &[]).1);
+    }
+
+    #[test]
+    fn plaintext_answers_starttls_as_unsupported() {
+        let (outcome, out) = option(&mut negotiation(true), OPT_STARTTLS, &[]);
+        assert_eq!(outcome, OptionOutcome::Continue);
+        assert_eq!(
+            out,
+            error_reply(OPT_STARTTLS, REP_ERR_UNSUP, "option not supported")
+        );
     }
 
     fn option(n: &mut Negotiation, option: u32, data: &[u8]) -> (OptionOutcome, Vec<u8>) {
@@ -856,8 +1031,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn option_phase_never_panics(input in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            let mut n = negotiation(false);
+        fn option_phase_never_panics(
+            input in proptest::collection::vec(any::<u8>(), 0..2048),
+            tls in any::<bool>(),
+        ) {
+            let mut n = if tls { tls_negotiation() } else { negotiation(false) };
             let mut rest = input.as_slice();
             let mut out = Vec::new();
             while rest.len() >= OPTION_HEADER_LEN {
@@ -868,7 +1046,7 @@ mod tests {
                 let len = usize::try_from(header.length).unwrap().min(tail.len());
                 let (data, tail) = tail.split_at(len);
                 match n.handle_option(header, data, &mut out) {
-                    Ok(OptionOutcome::Continue) => {}
+                    Ok(OptionOutcome::Continue | OptionOutcome::StartTls) => {}
                     _ => break,
                 }
                 rest = tail;

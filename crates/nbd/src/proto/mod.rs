@@ -1,7 +1,8 @@
 //! Pure NBD protocol code, one module per phase of a connection:
 //!
 //! * `handshake`: the greetings (fixed newstyle and old style), client flags, option parsing
-//!   and option replies, and [`Negotiation`], the option-phase state machine;
+//!   and option replies, and [`Negotiation`], the option-phase state machine (including the
+//!   TLS-required policy, [`TlsPolicy`]);
 //! * `request`: transmission request headers (compact and extended) and their validation
 //!   against the negotiated [`Session`] ([`classify_request`]);
 //! * `reply`: simple replies, structured and extended reply chunks, read splitting into data
@@ -223,6 +224,9 @@ pub enum ProtoError {
         /// Magic as received.
         found: u32,
     },
+    /// `NBD_OPT_EXPORT_NAME` before the TLS the server requires (it has no error reply).
+    #[error("client asked for an export before starting the required TLS")]
+    TlsRequired,
     /// A write payload is too large to read, so the stream cannot be resynchronised.
     #[error("write of {length} bytes at offset {offset} exceeds the request limit {limit}")]
     WriteTooLarge {

@@ -1,15 +1,18 @@
 //! NBD (Network Block Device) protocol support for blktap-rs: the tapdisk daemon serves
 //! every virtual disk over NBD on a UNIX socket with this crate.
 //!
-//! The crate is split in two:
-//! * [`proto`] is pure code over bytes: protocol constants, the fixed newstyle handshake
-//!   (option parsing, option replies, a [`proto::Negotiation`] state machine), request
-//!   header parsing and validation ([`proto::classify_request`]) and reply encoding
-//!   (simple replies and structured reply chunks). It does no I/O, so the fuzz targets and
-//!   property tests drive it directly.
-//! * [`server`] is the tokio server: [`NbdServer`] accepts connections, runs the handshake
-//!   with a timeout, then serves many requests in flight per connection against an
-//!   [`Export`] (the disk), writing replies in completion order.
+//! The crate's modules, from the bytes up:
+//! * [`proto`] is pure code over bytes, one module per phase: the handshake (greetings,
+//!   option parsing and replies, the [`proto::Negotiation`] state machine with its TLS
+//!   policy), requests (header parsing and validation, [`proto::classify_request`]) and
+//!   replies (simple replies and structured reply chunks). It does no I/O, so the fuzz
+//!   targets and property tests drive it directly.
+//! * [`export`] is the [`Export`] trait: the disk behind an export, as the server sees it.
+//! * [`server`] is the tokio server: [`NbdServer`] accepts connections and runs the
+//!   handshake with a timeout; the transmission phase (`transmission`) then serves many
+//!   requests in flight per connection against the [`Export`], writing replies in completion
+//!   order through the reply outbox (`outbox`: packing, zero-copy read data, gathering
+//!   replies to a UNIX-socket client that still has plenty unread, probed by `backlog`).
 //!
 //! Supported: fixed newstyle negotiation with `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`,
 //! `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` / `SET_META_CONTEXT` (`base:allocation`);
@@ -22,12 +25,13 @@
 //! reply headers, `BLOCK_STATUS_EXT`) when the client asks for them.
 
 mod backlog;
+pub mod export;
 pub mod handover;
 pub mod proto;
 pub mod server;
 pub mod tls;
 mod transmission;
 
-pub use server::{
-    Export, ExportBuffer, ExportInfo, Extent, Handshake, NbdServer, ServerConfig, WriteZeroesFlags,
-};
+pub use export::{Export, ExportBuffer};
+pub use proto::{ExportInfo, Extent, WriteZeroesFlags};
+pub use server::{Handshake, NbdServer, ServerConfig};

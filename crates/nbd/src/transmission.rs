@@ -11,14 +11,15 @@
 //!   small read payloads are packed into one buffer, large payloads are written from the
 //!   export's buffer without a copy, and everything queued goes out in one call.
 //!
-//! * *gathering* (UNIX sockets, unless [`ServerConfig::gather_replies`] is off): finished
-//!   replies are held back while the client still has plenty unread (more than a whole
-//!   message of ours and a few replies besides; and only up to a few small replies), then
-//!   sent as one message. The client is never kept waiting (when it reaches our last
-//!   message, the held replies are on their way) and reads fewer, larger messages, which is
-//!   cheaper for it and for us; a held reply goes out as soon as the client's backlog runs
-//!   low (its reads wake us, see the `backlog` module). A client with a short queue (below
-//!   about a dozen 4 KiB reads in flight) never has that much unread, so nothing waits.
+//! * *gathering* (UNIX sockets, unless the server is configured without it,
+//!   [`gather_replies`](crate::ServerConfig::gather_replies)): finished replies are held
+//!   back while the client still has plenty unread (more than a whole message of ours and a
+//!   few replies besides; and only up to a few small replies), then sent as one message. The
+//!   client is never kept waiting (when it reaches our last message, the held replies are on
+//!   their way) and reads fewer, larger messages, which is cheaper for it and for us; a held
+//!   reply goes out as soon as the client's backlog runs low (its reads wake us, see the
+//!   `backlog` module). A client with a short queue (below about a dozen 4 KiB reads in
+//!   flight) never has that much unread, so nothing waits.
 //!
 //! Limits per connection: at most `max_requests_in_flight` requests admitted and not yet
 //! answered, and a byte budget over payloads held in memory; reading pauses at either limit.
@@ -35,12 +36,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::backlog::PeerBacklog;
+use crate::export::{Export, ExportBuffer};
+use crate::proto::Extent;
 use crate::proto::{
     self, Command, ExtendedRequestHeader, ReadChunk, RequestAction, RequestHeader, Session,
 };
-#[cfg(doc)]
-use crate::server::ServerConfig;
-use crate::server::{Export, ExportBuffer, Extent};
 
 /// Bytes of payload one connection may hold in memory at once (write payloads being read or
 /// executed, read data until written). A request larger than this still runs, alone.

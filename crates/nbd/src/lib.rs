@@ -27,6 +27,7 @@
 mod backlog;
 pub mod export;
 pub mod handover;
+mod outbox;
 pub mod proto;
 pub mod server;
 pub mod tls;

@@ -7,10 +7,10 @@
 //! * every admitted request becomes a future in one [`FuturesUnordered`] polled by the
 //!   connection task itself, so an export that completes at once (page-cache hits) costs no
 //!   wake-up; a request that waits (a paused disk, a slow device) only delays its own reply;
-//! * replies are encoded into an outbox and written with vectored writes: small replies and
-//!   small read payloads are packed into one buffer, large payloads are written from the
-//!   export's buffer without a copy, and everything queued goes out in one call.
-//!
+//! * replies are encoded into the connection's [`Outbox`] and written with vectored writes:
+//!   small replies and small read payloads are packed into one buffer, large payloads are
+//!   written from the export's buffer without a copy, and everything queued goes out in one
+//!   call (the `outbox` module holds those rules);
 //! * *gathering* (UNIX sockets, unless the server is configured without it,
 //!   [`gather_replies`](crate::ServerConfig::gather_replies)): finished replies are held
 //!   back while the client still has plenty unread (more than a whole message of ours and a
@@ -19,15 +19,14 @@
 //!   their way) and reads fewer, larger messages, which is cheaper for it and for us; a held
 //!   reply goes out as soon as the client's backlog runs low (its reads wake us, see the
 //!   `backlog` module). A client with a short queue (below about a dozen 4 KiB reads in
-//!   flight) never has that much unread, so nothing waits.
+//!   flight) never has that much unread, so nothing waits. The thresholds are the outbox's
+//!   ([`Outbox::may_gather`], [`outbox::plenty_unread`]); this loop decides when to look.
 //!
 //! Limits per connection: at most `max_requests_in_flight` requests admitted and not yet
 //! answered, and a byte budget over payloads held in memory; reading pauses at either limit.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io::{self, IoSlice};
-use std::ops::Range;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -37,10 +36,8 @@ use tokio::sync::watch;
 
 use crate::backlog::PeerBacklog;
 use crate::export::{Export, ExportBuffer};
-use crate::proto::Extent;
-use crate::proto::{
-    self, Command, ExtendedRequestHeader, ReadChunk, RequestAction, RequestHeader, Session,
-};
+use crate::outbox::{self, Done, Outbox};
+use crate::proto::{self, Command, ExtendedRequestHeader, RequestAction, RequestHeader, Session};
 
 /// Bytes of payload one connection may hold in memory at once (write payloads being read or
 /// executed, read data until written). A request larger than this still runs, alone.
@@ -49,433 +46,18 @@ pub(crate) const BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
 const RX_BUFFER: usize = 256 * 1024;
 /// Write payloads at least this large are read straight into the export's buffer.
 const DIRECT_PAYLOAD: usize = 64 * 1024;
-/// Read payloads up to this size are copied into the packed reply buffer.
-const COPY_LIMIT: usize = 32 * 1024;
-/// A packed reply buffer is closed at this size and a new one started.
-const PACK_LIMIT: usize = 512 * 1024;
-/// Most buffers handed to one vectored write.
-const MAX_IOVECS: usize = 64;
-/// Replies are gathered only while the client has this much unread (socket buffer memory,
-/// which counts a message until it is read to the end): more than one whole message of ours
-/// (at most `GATHER_BYTES` and one reply) plus a few replies to read while a held one goes
-/// out. A client with a short queue never gets there, so nothing of it waits...
-const GATHER_UNREAD_FLOOR: usize = 48 * 1024;
-/// ...and more than our last message plus this (the kernel's overhead per buffer and a few
-/// replies), so that the client has at least that whole message left to read.
-const GATHER_UNREAD_MARGIN: usize = 16 * 1024;
-/// ...and only until this many replies or payload bytes are waiting (32 KiB: what Linux
-/// puts in one message buffer of a UNIX socket).
-const GATHER_REPLIES: usize = 16;
-const GATHER_BYTES: usize = 32 * 1024;
 
-/// Whether the client has enough unread that replies may wait for company (see
-/// `GATHER_UNREAD_FLOOR`; `last_message`: bytes of our last write).
+/// Whether the client has enough unread that replies may wait for company
+/// ([`outbox::plenty_unread`]; `last_message`: bytes of our last write), and we can tell
+/// when it reads more.
 fn client_busy(backlog: &PeerBacklog, last_message: usize) -> bool {
     backlog
         .unread()
-        .is_ok_and(|unread| unread >= GATHER_UNREAD_FLOOR.max(last_message + GATHER_UNREAD_MARGIN))
+        .is_ok_and(|unread| outbox::plenty_unread(unread, last_message))
         && backlog.watch()
 }
 
 type RequestFuture<B> = Pin<Box<dyn Future<Output = Done<B>> + Send>>;
-
-/// A finished request, ready to be encoded.
-enum Done<B> {
-    Status {
-        cookie: u64,
-        /// The request's offset (echoed by extended reply headers).
-        offset: u64,
-        /// Payload bytes the request held (a write's data).
-        held: usize,
-        result: io::Result<()>,
-    },
-    Read {
-        cookie: u64,
-        offset: u64,
-        length: usize,
-        no_fragment: bool,
-        result: io::Result<B>,
-    },
-    BlockStatus {
-        cookie: u64,
-        offset: u64,
-        length: u32,
-        req_one: bool,
-        context: u32,
-        result: io::Result<Vec<Extent>>,
-    },
-}
-
-impl<B> Done<B> {
-    /// Payload bytes this request held while it ran (a read's data is then counted by the
-    /// outbox until written).
-    fn held(&self) -> usize {
-        match self {
-            Done::Read { length, .. } => *length,
-            Done::Status { held, .. } => *held,
-            Done::BlockStatus { .. } => 0,
-        }
-    }
-}
-
-/// One piece of the outgoing byte stream.
-enum Piece<B> {
-    /// Protocol bytes and small payloads, packed.
-    Packed(Vec<u8>),
-    /// `range` of a read buffer (shared when one read yields several data chunks).
-    Data(Arc<B>, Range<usize>),
-}
-
-impl<B: ExportBuffer> Piece<B> {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Piece::Packed(bytes) => bytes,
-            Piece::Data(buf, range) => buf.bytes().get(range.clone()).unwrap_or_default(),
-        }
-    }
-}
-
-/// Replies waiting for the socket.
-struct Outbox<B> {
-    pieces: VecDeque<Piece<B>>,
-    /// Bytes of the front piece already written.
-    front_written: usize,
-    /// Replies and payload bytes queued since the outbox was last empty.
-    replies: usize,
-    bytes: usize,
-    /// An emptied packed buffer kept for reuse.
-    spare: Vec<u8>,
-    /// Read buffers no longer needed, to hand back to the export.
-    returned: Vec<B>,
-    /// Structured replies were negotiated.
-    structured: bool,
-    /// Extended headers were negotiated (every reply is an extended chunk).
-    extended: bool,
-}
-
-impl<B: ExportBuffer> Outbox<B> {
-    fn new(structured: bool, extended: bool) -> Self {
-        Self {
-            structured: structured || extended,
-            extended,
-            pieces: VecDeque::new(),
-            front_written: 0,
-            replies: 0,
-            bytes: 0,
-            spare: Vec::new(),
-            returned: Vec::new(),
-        }
-    }
-
-    /// Keeps `buf` for the export if nothing else refers to it any more.
-    fn give_back(&mut self, buf: Arc<B>) {
-        if let Ok(buf) = Arc::try_unwrap(buf) {
-            self.returned.push(buf);
-        }
-    }
-
-    /// Whether the outbox holds read data, in few and small enough replies to wait for more
-    /// (status replies alone are a few bytes each: a client would need hundreds in flight
-    /// to have `GATHER_UNREAD_FLOOR` of them unread).
-    fn may_gather(&self) -> bool {
-        self.bytes > 0 && self.replies < GATHER_REPLIES && self.bytes < GATHER_BYTES
-    }
-
-    fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
-    }
-
-    /// The packed buffer at the back, started if need be.
-    fn packed(&mut self) -> &mut Vec<u8> {
-        let reuse =
-            !matches!(self.pieces.back(), Some(Piece::Packed(bytes)) if bytes.len() < PACK_LIMIT);
-        if reuse {
-            let mut fresh = std::mem::take(&mut self.spare);
-            fresh.clear();
-            if fresh.capacity() == 0 {
-                fresh.reserve(64 * 1024);
-            }
-            self.pieces.push_back(Piece::Packed(fresh));
-        }
-        match self.pieces.back_mut() {
-            Some(Piece::Packed(bytes)) => bytes,
-            // Just ensured above.
-            _ => unreachable!("outbox back is a packed buffer"),
-        }
-    }
-
-    fn data(&mut self, buf: &Arc<B>, range: Range<usize>) {
-        if range.len() <= COPY_LIMIT {
-            let bytes = buf.bytes().get(range).unwrap_or_default();
-            self.packed().extend_from_slice(bytes);
-        } else {
-            self.pieces.push_back(Piece::Data(Arc::clone(buf), range));
-        }
-    }
-
-    /// The queued bytes as I/O slices, at most `MAX_IOVECS`.
-    fn slices(&self) -> ([IoSlice<'_>; MAX_IOVECS], usize) {
-        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-        let mut count = 0;
-        for (index, piece) in self.pieces.iter().take(MAX_IOVECS).enumerate() {
-            let bytes = piece.bytes();
-            let bytes = if index == 0 {
-                bytes.get(self.front_written..).unwrap_or_default()
-            } else {
-                bytes
-            };
-            slices[count] = IoSlice::new(bytes);
-            count += 1;
-        }
-        (slices, count)
-    }
-
-    /// Drops `written` bytes from the front.
-    fn advance(&mut self, mut written: usize) {
-        while written > 0 {
-            let Some(front) = self.pieces.front() else {
-                break;
-            };
-            let left = front.bytes().len() - self.front_written;
-            if written < left {
-                self.front_written += written;
-                return;
-            }
-            written -= left;
-            self.front_written = 0;
-            match self.pieces.pop_front() {
-                Some(Piece::Packed(bytes)) if bytes.capacity() <= 2 * PACK_LIMIT => {
-                    self.spare = bytes;
-                }
-                Some(Piece::Data(buf, _)) => self.give_back(buf),
-                _ => {}
-            }
-        }
-        if self.pieces.is_empty() {
-            self.replies = 0;
-            self.bytes = 0;
-        }
-    }
-
-    /// A successful reply without data.
-    fn success(&mut self, cookie: u64, offset: u64) {
-        if self.extended {
-            let extended = self.extended;
-            proto::encode_reply_header(
-                self.packed(),
-                extended,
-                proto::REPLY_FLAG_DONE,
-                proto::REPLY_TYPE_NONE,
-                cookie,
-                offset,
-                0,
-            );
-        } else {
-            self.packed()
-                .extend_from_slice(&proto::simple_reply(cookie, 0));
-        }
-        self.replies += 1;
-    }
-
-    fn error(&mut self, cookie: u64, offset: u64, error: u32, message: &str) {
-        if self.structured {
-            let extended = self.extended;
-            proto::encode_error_reply(self.packed(), extended, cookie, offset, error, message);
-        } else {
-            self.packed()
-                .extend_from_slice(&proto::simple_reply(cookie, error));
-        }
-        self.replies += 1;
-    }
-
-    fn io_error(&mut self, cookie: u64, offset: u64, error: &io::Error) {
-        self.error(
-            cookie,
-            offset,
-            proto::nbd_error_from_io(error),
-            &error.to_string(),
-        );
-    }
-
-    fn chunk_header(&mut self, done: bool, kind: u16, cookie: u64, offset: u64, len: usize) {
-        let extended = self.extended;
-        let flags = if done { proto::REPLY_FLAG_DONE } else { 0 };
-        proto::encode_reply_header(self.packed(), extended, flags, kind, cookie, offset, len);
-    }
-
-    fn read(&mut self, cookie: u64, offset: u64, buf: B, no_fragment: bool) {
-        let len = buf.bytes().len();
-        self.bytes += len;
-        self.replies += 1;
-        // Small reads are copied into the packed buffer whole, so their buffer goes back to
-        // the export at once; only large ones are shared with the outbox until written.
-        let small = len <= COPY_LIMIT;
-        if !self.structured {
-            self.packed()
-                .extend_from_slice(&proto::simple_reply(cookie, 0));
-            if small {
-                self.packed().extend_from_slice(buf.bytes());
-                self.returned.push(buf);
-            } else {
-                let buf = Arc::new(buf);
-                self.data(&buf, 0..len);
-                self.give_back(buf);
-            }
-            return;
-        }
-        if len == 0 {
-            self.chunk_header(true, proto::REPLY_TYPE_NONE, cookie, offset, 0);
-            self.returned.push(buf);
-            return;
-        }
-        let chunks = if no_fragment {
-            vec![ReadChunk::Data {
-                offset,
-                range: 0..len,
-            }]
-        } else {
-            proto::split_read(offset, buf.bytes())
-        };
-        if small {
-            self.read_chunks(cookie, offset, chunks, buf.bytes(), None);
-            self.returned.push(buf);
-        } else {
-            let buf = Arc::new(buf);
-            self.read_chunks(cookie, offset, chunks, buf.bytes(), Some(&buf));
-            self.give_back(buf);
-        }
-    }
-
-    /// Queues the chunks of a structured read reply; data ranges are copied from `bytes`,
-    /// or queued from `shared` (the same bytes) when given and large.
-    fn read_chunks(
-        &mut self,
-        cookie: u64,
-        offset: u64,
-        chunks: Vec<ReadChunk>,
-        bytes: &[u8],
-        shared: Option<&Arc<B>>,
-    ) {
-        let last = chunks.len().saturating_sub(1);
-        for (index, chunk) in chunks.into_iter().enumerate() {
-            let done = index == last;
-            match chunk {
-                ReadChunk::Data { offset: at, range } => {
-                    self.chunk_header(
-                        done,
-                        proto::REPLY_TYPE_OFFSET_DATA,
-                        cookie,
-                        offset,
-                        8 + range.len(),
-                    );
-                    self.packed().extend_from_slice(&at.to_be_bytes());
-                    match shared {
-                        Some(buf) => self.data(buf, range),
-                        None => {
-                            let data = bytes.get(range).unwrap_or_default();
-                            self.packed().extend_from_slice(data);
-                        }
-                    }
-                }
-                ReadChunk::Hole { offset: at, length } => {
-                    self.chunk_header(done, proto::REPLY_TYPE_OFFSET_HOLE, cookie, offset, 12);
-                    let out = self.packed();
-                    out.extend_from_slice(&at.to_be_bytes());
-                    out.extend_from_slice(&length.to_be_bytes());
-                }
-            }
-        }
-    }
-
-    fn block_status(&mut self, cookie: u64, offset: u64, context: u32, descriptors: &[(u32, u32)]) {
-        let count = u32::try_from(descriptors.len()).unwrap_or(u32::MAX);
-        if self.extended {
-            self.chunk_header(
-                true,
-                proto::REPLY_TYPE_BLOCK_STATUS_EXT,
-                cookie,
-                offset,
-                8 + 16 * descriptors.len(),
-            );
-            let out = self.packed();
-            out.extend_from_slice(&context.to_be_bytes());
-            out.extend_from_slice(&count.to_be_bytes());
-            for &(length, flags) in descriptors {
-                out.extend_from_slice(&u64::from(length).to_be_bytes());
-                out.extend_from_slice(&u64::from(flags).to_be_bytes());
-            }
-        } else {
-            proto::encode_block_status_chunk(self.packed(), cookie, context, descriptors);
-        }
-        self.replies += 1;
-    }
-
-    fn finish(&mut self, done: Done<B>) {
-        match done {
-            Done::Status {
-                cookie,
-                offset,
-                result,
-                ..
-            } => match result {
-                Ok(()) => self.success(cookie, offset),
-                Err(error) => self.io_error(cookie, offset, &error),
-            },
-            Done::Read {
-                cookie,
-                offset,
-                length,
-                no_fragment,
-                result,
-            } => match result {
-                Ok(buf) if buf.bytes().len() == length => {
-                    self.read(cookie, offset, buf, no_fragment);
-                }
-                Ok(buf) => {
-                    self.error(
-                        cookie,
-                        offset,
-                        proto::EIO,
-                        &format!(
-                            "export returned {} bytes for a {length}-byte read at offset {offset}",
-                            buf.bytes().len()
-                        ),
-                    );
-                    self.returned.push(buf);
-                }
-                Err(error) => self.io_error(cookie, offset, &error),
-            },
-            Done::BlockStatus {
-                cookie,
-                offset,
-                length,
-                req_one,
-                context,
-                result,
-            } => match result {
-                Ok(extents) => {
-                    let limit = if req_one {
-                        1
-                    } else {
-                        proto::MAX_EXTENTS_PER_REPLY
-                    };
-                    let descriptors = proto::clamp_extents(&extents, length, limit);
-                    if descriptors.is_empty() {
-                        self.error(
-                            cookie,
-                            offset,
-                            proto::EIO,
-                            &format!("export gave no extents for offset {offset} length {length}"),
-                        );
-                    } else {
-                        self.block_status(cookie, offset, context, &descriptors);
-                    }
-                }
-                Err(error) => self.io_error(cookie, offset, &error),
-            },
-        }
-    }
-}
 
 /// Where the request parser stands in the byte stream.
 enum Incoming<B> {
@@ -552,17 +134,17 @@ struct Connection<E: Export> {
 impl<E: Export> Connection<E> {
     /// Hands buffers the outbox is done with back to the export.
     fn recycle(&mut self) {
-        for buf in self.outbox.returned.drain(..) {
+        for buf in self.outbox.take_returned() {
             self.export.recycle(buf);
         }
     }
 
     fn outstanding(&self) -> usize {
-        self.running.len() + self.outbox.replies
+        self.running.len() + self.outbox.replies()
     }
 
     fn held_bytes(&self) -> usize {
-        self.running_bytes + self.outbox.bytes
+        self.running_bytes + self.outbox.bytes()
     }
 
     /// Whether a request carrying `bytes` of payload may start now.

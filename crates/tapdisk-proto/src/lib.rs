@@ -47,8 +47,17 @@
 //! (unknown type, unterminated strings, impossible counts, ...) with a [`DecodeError`] that names
 //! the field and its absolute offset. [`Message::encode`] rejects exactly the values that decode
 //! would reject, so a message that encodes successfully always decodes back to itself.
+//!
+//! # The image argument
+//!
+//! `params.path` of OPEN and RESUME names the image as `TYPE:LOCATOR`; [`image`] parses it
+//! into an [`ImageSpec`], whose locator is a local path for file-backed types and verbatim
+//! text for the others (`nbd:unix:SOCKET:exportname=NAME`, `rbd:pool/image`).
 
+pub mod image;
 pub mod layout;
+
+pub use image::{ImageLocator, ImageSpec, ImageSpecError};
 
 use layout::{
     read_c_string, read_i32, read_u16, read_u32, read_u64, write_c_string, write_i32, write_u16,

@@ -1,8 +1,9 @@
 //! The image chain of a VBD: a leaf image above zero or more read-only parents.
 //!
-//! A chain is opened from a `type:/path` parameter string (tapdisk's `params`): the leaf is
-//! opened, then each image names its parent until one has none (or an `x-chain:` file lists
-//! the images, leaf first, and the parents of the last one listed are followed). Parents are
+//! A chain is opened from a `TYPE:LOCATOR` parameter string (tapdisk's `params`, parsed into
+//! an [`ImageLocator`]: a local path for file-backed types, verbatim text for the others): the
+//! leaf is opened, then each image names its parent until one has none (or an `x-chain:` file
+//! lists the images, leaf first, and the parents of the last one listed are followed). Parents are
 //! opened read-only and shared between chains of the same process. Reads start at the leaf; any
 //! sectors an image reports absent are read from the next image down, and sectors absent from
 //! the last image (or past a smaller parent's end) read as zeros. Writes, flushes and discards
@@ -23,54 +24,49 @@ use crate::engine::mapped::MappedBytes;
 use crate::engine::IoFuture;
 use crate::error::failure;
 use crate::iobuf::IoBuf;
+use tapdisk_proto::image::{ImageLocator, ImageSpec, X_CHAIN};
 
 /// Longest chain we follow before assuming a parent loop.
 pub const MAX_CHAIN_DEPTH: usize = 64;
-
-/// Longest image type name accepted in a `type:path` string (as tapdisk).
-const MAX_TYPE_NAME: usize = 31;
 
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
 }
 
-/// Splits a `type:/path` string at its first colon.
+/// Parses a `TYPE:LOCATOR` string ([`ImageSpec`], split at its first colon).
 ///
-/// Unknown type names give `ENOENT` (as tapdisk); an empty, relative or missing path gives
-/// `EINVAL` (the daemon runs in `/`, so a relative path would silently mean something else).
-pub fn parse_params(params: &str) -> io::Result<(DiskType, PathBuf)> {
+/// Unknown type names give `ENOENT` (as tapdisk); a missing type gives `EINVAL`, and so does
+/// an empty or relative path of a file-backed type (the daemon runs in `/`, so a relative
+/// path would silently mean something else) or an empty locator of another type.
+pub fn parse_params(params: &str) -> io::Result<(DiskType, ImageLocator)> {
     let invalid = |why: &str| failure(libc::EINVAL, format!("'{params}': {why}"));
-    let (type_name, path) = params
-        .split_once(':')
-        .ok_or_else(|| invalid("expected type:/path"))?;
-    if type_name.is_empty() || type_name.len() > MAX_TYPE_NAME {
-        return Err(invalid("bad image type name"));
+    let spec = ImageSpec::parse(params).map_err(|e| failure(libc::EINVAL, e.to_string()))?;
+    let type_name = &spec.type_name;
+    let disk_type = DiskType::from_name(type_name).map_err(|e| {
+        crate::error::with_context(e, format!("'{params}': unknown image type '{type_name}'"))
+    })?;
+    match &spec.locator {
+        ImageLocator::File(path) if !path.is_absolute() => {
+            Err(invalid("the image path must be absolute"))
+        }
+        ImageLocator::Remote(text) if text.is_empty() => Err(invalid("the locator is empty")),
+        _ => Ok((disk_type, spec.locator)),
     }
-    let disk_type = DiskType::from_name(type_name)
-        .map_err(|e| crate::error::with_context(e, format!("unknown image type '{type_name}'")))?;
-    let path = Path::new(path);
-    if !path.is_absolute() {
-        return Err(invalid("the image path must be absolute"));
-    }
-    Ok((disk_type, path.to_path_buf()))
 }
 
-/// Prefix of a chain description file parameter.
-pub const X_CHAIN_PREFIX: &str = "x-chain:";
-
-/// One image of an `x-chain:` file: its type, path and whether it is listed `ro`.
+/// One image of an `x-chain:` file: its type, locator and whether it is listed `ro`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainLine {
     /// Image type.
     pub disk_type: DiskType,
-    /// Absolute path.
-    pub path: PathBuf,
+    /// Where the image lives (file locators are absolute).
+    pub locator: ImageLocator,
     /// Listed with the `ro` option.
     pub read_only: bool,
 }
 
 /// Parses a chain description file (tapdisk's `x-chain:`): one image per line,
-/// `type:/path [options]`, leaf first, where options is a comma-separated list (`ro`).
+/// `TYPE:LOCATOR [options]`, leaf first, where options is a comma-separated list (`ro`).
 /// Blank lines and `#` comments are skipped. Errors (`EINVAL`, or `ENOENT` for an unknown
 /// type) are logged with the line number.
 pub fn parse_x_chain(text: &str, file: &Path) -> io::Result<Vec<ChainLine>> {
@@ -85,7 +81,7 @@ pub fn parse_x_chain(text: &str, file: &Path) -> io::Result<Vec<ChainLine>> {
         };
         let mut fields = line.split([' ', '\t']).filter(|f| !f.is_empty());
         let image = fields.next().unwrap_or_default();
-        let (disk_type, path) = parse_params(image).inspect_err(|_| bad("bad image"))?;
+        let (disk_type, locator) = parse_params(image).inspect_err(|_| bad("bad image"))?;
         let mut read_only = false;
         if let Some(options) = fields.next() {
             for option in options.split(',') {
@@ -104,7 +100,7 @@ pub fn parse_x_chain(text: &str, file: &Path) -> io::Result<Vec<ChainLine>> {
         }
         lines.push(ChainLine {
             disk_type,
-            path,
+            locator,
             read_only,
         });
     }
@@ -119,10 +115,13 @@ pub fn parse_x_chain(text: &str, file: &Path) -> io::Result<Vec<ChainLine>> {
 fn listed_images(
     params: &str,
     options: OpenOptions,
-) -> io::Result<Vec<(DiskType, PathBuf, OpenOptions)>> {
-    let Some(file) = params.strip_prefix(X_CHAIN_PREFIX) else {
-        let (disk_type, path) = parse_params(params)?;
-        return Ok(vec![(disk_type, path, options)]);
+) -> io::Result<Vec<(DiskType, ImageLocator, OpenOptions)>> {
+    let chain_file = params
+        .strip_prefix(X_CHAIN)
+        .and_then(|rest| rest.strip_prefix(':'));
+    let Some(file) = chain_file else {
+        let (disk_type, locator) = parse_params(params)?;
+        return Ok(vec![(disk_type, locator, options)]);
     };
     let file = Path::new(file);
     if !file.is_absolute() {
@@ -138,7 +137,7 @@ fn listed_images(
                 read_only: options.read_only || line.read_only,
                 ..options
             };
-            (line.disk_type, line.path, options)
+            (line.disk_type, line.locator, options)
         })
         .collect())
 }
@@ -192,16 +191,18 @@ pub fn shared_handles(disk_type: DiskType, path: &Path) -> usize {
         .map_or(0, |entry| entry.driver.strong_count())
 }
 
-/// Opens an image; a read-only shareable one is reused if this process already has it open
-/// with the same type and canonical path and the file has not changed since (`td_load`).
+/// Opens an image; a read-only shareable local file is reused if this process already has
+/// it open with the same type and canonical path and the file has not changed since
+/// (`td_load`). Images that are not local files are opened as they are named.
 fn open_maybe_shared(
     disk_type: DiskType,
-    path: &Path,
+    locator: &ImageLocator,
     options: OpenOptions,
 ) -> io::Result<Box<dyn ImageDriver>> {
-    if !(options.read_only && options.shareable) {
-        return open_image(disk_type, path, options);
-    }
+    let path = match locator {
+        ImageLocator::File(path) if options.read_only && options.shareable => path,
+        _ => return open_image(disk_type, locator, options),
+    };
     let canonical = std::fs::canonicalize(path)?;
     let stamp = FileStamp::of_path(&canonical)?;
     let key = (disk_type.name(), canonical);
@@ -219,7 +220,8 @@ fn open_maybe_shared(
         }
         shared.retain(|_, entry| entry.driver.strong_count() > 0);
     }
-    let driver: Arc<dyn ImageDriver> = Arc::from(open_image(disk_type, &key.1, options)?);
+    let canonical = ImageLocator::File(key.1.clone());
+    let driver: Arc<dyn ImageDriver> = Arc::from(open_image(disk_type, &canonical, options)?);
     shared_images()
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -334,14 +336,14 @@ impl ImageChain {
     pub fn open(params: &str, options: OpenOptions) -> io::Result<Self> {
         let listed = listed_images(params, options)?;
         let mut images: Vec<Image> = Vec::with_capacity(listed.len());
-        for (index, (disk_type, path, image_options)) in listed.into_iter().enumerate() {
+        for (index, (disk_type, locator, image_options)) in listed.into_iter().enumerate() {
             let options = if index == 0 {
                 image_options
             } else {
                 parent_options(image_options)
             };
-            let driver = open_maybe_shared(disk_type, &path, options).inspect_err(|e| {
-                tracing::error!(params, image = %path.display(), "cannot open image: {e}");
+            let driver = open_maybe_shared(disk_type, &locator, options).inspect_err(|e| {
+                tracing::error!(params, image = %locator, "cannot open image: {e}");
             })?;
             push_validated(&mut images, driver)?;
         }
@@ -350,9 +352,9 @@ impl ImageChain {
                 tracing::error!(params, "image chain deeper than {MAX_CHAIN_DEPTH}");
                 return Err(io::Error::from_raw_os_error(libc::ELOOP));
             }
-            let parent = open_maybe_shared(link.disk_type, &link.path, parent_options(options))
+            let parent = open_maybe_shared(link.disk_type, &link.locator, parent_options(options))
                 .inspect_err(|e| {
-                    tracing::error!(parent = %link.path.display(), "cannot open parent image: {e}");
+                    tracing::error!(parent = %link.locator, "cannot open parent image: {e}");
                 })?;
             push_validated(&mut images, parent)?;
         }
@@ -575,15 +577,29 @@ mod tests {
     fn parses_params_strings() {
         let (t, p) = parse_params("aio:/tmp/disk.img").unwrap();
         assert_eq!(t, DiskType::Aio);
-        assert_eq!(p, Path::new("/tmp/disk.img"));
+        assert_eq!(p, ImageLocator::File("/tmp/disk.img".into()));
         let (_, p) = parse_params("aio:/a:b").unwrap();
-        assert_eq!(p, Path::new("/a:b"));
+        assert_eq!(p, ImageLocator::File("/a:b".into()));
+        // Not a file: the locator is kept as given (relative-looking or not).
+        let (t, p) = parse_params("nbd:unix:/run/x.sock:exportname=vdi").unwrap();
+        assert_eq!(t, DiskType::Nbd);
+        assert_eq!(
+            p,
+            ImageLocator::Remote("unix:/run/x.sock:exportname=vdi".into())
+        );
+        let (_, p) = parse_params("nbd:fd-id").unwrap();
+        assert_eq!(p, ImageLocator::Remote("fd-id".into()));
         let errno = |s: &str| Some(crate::error::errno_of(&parse_params(s).unwrap_err()));
         assert_eq!(errno("bogus:/x"), Some(libc::ENOENT));
         assert_eq!(errno("aio:relative.img"), Some(libc::EINVAL));
         assert_eq!(errno("aio:"), Some(libc::EINVAL));
         assert_eq!(errno("/no/type"), Some(libc::EINVAL));
         assert_eq!(errno(":/x"), Some(libc::EINVAL));
+        assert_eq!(errno("nbd:"), Some(libc::EINVAL));
+        assert_eq!(errno("bogus:"), Some(libc::ENOENT));
+        assert_eq!(errno("rbd:pool/image"), Some(libc::ENOENT));
+        let message = crate::error::message_of(&parse_params("rbd:pool/image").unwrap_err());
+        assert!(message.contains("'rbd:pool/image'"), "{message}");
     }
 
     #[test]
@@ -596,17 +612,17 @@ mod tests {
             vec![
                 ChainLine {
                     disk_type: DiskType::Vhd,
-                    path: "/a/leaf.vhd".into(),
+                    locator: ImageLocator::File("/a/leaf.vhd".into()),
                     read_only: false
                 },
                 ChainLine {
                     disk_type: DiskType::Vhd,
-                    path: "/a/mid.vhd".into(),
+                    locator: ImageLocator::File("/a/mid.vhd".into()),
                     read_only: true
                 },
                 ChainLine {
                     disk_type: DiskType::Aio,
-                    path: "/a/base.img".into(),
+                    locator: ImageLocator::File("/a/base.img".into()),
                     read_only: true
                 },
             ]

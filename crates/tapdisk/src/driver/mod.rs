@@ -15,11 +15,14 @@ pub mod vhd;
 use std::fmt;
 use std::io;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
+
+pub use tapdisk_proto::image::ImageLocator;
 
 use crate::engine::mapped::MappedBytes;
 use crate::engine::{IoFuture, IoSettings};
+use crate::error::failure;
 use crate::iobuf::IoBuf;
 
 /// Bytes per sector used for VBD addressing (the C stack's `SECTOR_SIZE`).
@@ -104,8 +107,8 @@ impl DiskType {
 pub struct ParentLink {
     /// The parent's type.
     pub disk_type: DiskType,
-    /// The parent's path.
-    pub path: PathBuf,
+    /// The parent's file, or (for a format whose backing image may be remote) its locator.
+    pub locator: ImageLocator,
 }
 
 /// Allocation state of a sector range, for NBD block status.
@@ -251,19 +254,31 @@ pub enum DriverDetail {
     },
 }
 
-/// Opens an image of `disk_type` at `path` (`td_open`).
+/// Opens an image of `disk_type` at `locator` (`td_open`).
 pub fn open_image(
     disk_type: DiskType,
-    path: &Path,
+    locator: &ImageLocator,
     options: OpenOptions,
 ) -> io::Result<Box<dyn ImageDriver>> {
+    let name = disk_type.name();
+    let local_file = || {
+        locator.as_path().ok_or_else(|| {
+            failure(
+                libc::EINVAL,
+                format!("{name}:{locator}: a {name} image must be a local file"),
+            )
+        })
+    };
     match disk_type {
-        DiskType::Aio => Ok(Box::new(aio::AioImage::open(path, options)?)),
+        DiskType::Aio => Ok(Box::new(aio::AioImage::open(local_file()?, options)?)),
         DiskType::Vhd => Ok(Box::new(
-            self::vhd::VhdDriver::open(path, options)
+            self::vhd::VhdDriver::open(local_file()?, options)
                 .map_err(self::vhd::VhdDriverError::into_logged_io)?,
         )),
         // Known names whose drivers are not built yet: ENOSYS, as tapdisk does.
-        DiskType::Ram | DiskType::Nbd => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
+        DiskType::Ram | DiskType::Nbd => Err(failure(
+            libc::ENOSYS,
+            format!("{name}:{locator}: this tapdisk has no {name} driver yet"),
+        )),
     }
 }

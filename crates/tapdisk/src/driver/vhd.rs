@@ -69,7 +69,8 @@ use vhd::create::format_uuid;
 
 use super::{
     Allocation, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
-    OpenOptions, ParentLink, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
+    ImageLocator, OpenOptions, ParentLink, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE,
+    VDISK_READONLY,
 };
 use crate::engine::{open_engine, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
@@ -443,7 +444,7 @@ impl VhdDriver {
                 } else {
                     DiskType::Vhd
                 },
-                path: parent_path,
+                locator: ImageLocator::File(parent_path),
             })
         } else {
             None
@@ -1497,7 +1498,8 @@ mod tests {
         let driver = VhdDriver::open(&child, rw()).unwrap();
         let link = driver.parent().unwrap();
         assert_eq!(link.disk_type, DiskType::Vhd);
-        assert_eq!(link.path, std::fs::canonicalize(&base).unwrap());
+        let canonical = std::fs::canonicalize(&base).unwrap();
+        assert_eq!(link.locator, ImageLocator::File(canonical));
         driver.write(16, Arc::new(pattern(16, 8, 7))).await.unwrap();
         drop(driver);
 

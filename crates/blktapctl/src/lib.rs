@@ -33,4 +33,4 @@ pub use ops::{
 pub use paths::ControlDir;
 pub use recover::recover_with;
 pub use spawn::spawn_with;
-pub use tapdisk_proto::{ImageInfo, OpenFlags};
+pub use tapdisk_proto::{ImageInfo, ImageLocator, ImageSpec, OpenFlags};

@@ -14,9 +14,10 @@
 //! `check` prints `ok` because nothing kernel-side is needed.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
-use blktapctl::{Error, ListFilter, OpenFlags, OpenRequest, ResumeRequest};
+use blktapctl::{Error, ImageSpec, ListFilter, OpenFlags, OpenRequest, ResumeRequest};
 
 use crate::config::Config;
 use crate::getopt::Getopt;
@@ -362,25 +363,25 @@ fn device_options(name: &str, value: &str) -> Result<Vec<String>, Stop> {
 }
 
 /// Makes a path absolute (tapdisk runs in `/`).
-fn absolute_path(path: &str) -> String {
-    if path.starts_with('/') {
-        return path.to_owned();
+fn absolute_path(path: &Path) -> String {
+    if path.is_absolute() {
+        return path.display().to_string();
     }
     std::env::current_dir()
         .map(|cwd| cwd.join(path).display().to_string())
-        .unwrap_or_else(|_| path.to_owned())
+        .unwrap_or_else(|_| path.display().to_string())
 }
 
-/// Makes the path of a `type:path` argument absolute (tapdisk runs in `/`).
+/// Makes the relative path of a file image's `TYPE:PATH` argument absolute (tapdisk runs in
+/// `/`). Other locators (`nbd:unix:SOCKET:exportname=NAME`, `rbd:pool/image`) and
+/// arguments that are not `TYPE:LOCATOR` at all go to tapdisk exactly as given.
 fn absolute_params(params: String) -> String {
-    match params.split_once(':') {
-        Some((kind, path)) if !path.is_empty() && !path.starts_with('/') => {
-            match std::env::current_dir() {
-                Ok(cwd) => format!("{kind}:{}", cwd.join(path).display()),
-                Err(_) => params,
-            }
-        }
-        _ => params,
+    let Ok(spec) = ImageSpec::parse(&params) else {
+        return params;
+    };
+    match spec.relative_path() {
+        Some(relative) => format!("{}:{}", spec.type_name, absolute_path(relative)),
+        None => params,
     }
 }
 
@@ -519,7 +520,7 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
             let (pid, minor) = pid_minor(name, &c)?;
             let listen = c.listen.clone().ok_or_else(|| usage_error(name, None))?;
             let mode = match (&c.tls_dir, c.plaintext) {
-                (Some(dir), false) => format!("tls={}", absolute_path(dir)),
+                (Some(dir), false) => format!("tls={}", absolute_path(Path::new(dir))),
                 (None, true) => "plain".to_owned(),
                 _ => {
                     return Err(usage_error(
@@ -1151,6 +1152,32 @@ mod tests {
             err,
             "tap-ctl: open: option -E (encryption) is not supported yet: Operation not supported\n"
         );
+    }
+
+    #[test]
+    fn relative_file_paths_are_made_absolute_and_other_locators_kept() {
+        let cwd = std::env::current_dir().unwrap();
+        let within = |path: &str| cwd.join(path).display().to_string();
+        for (given, sent) in [
+            ("aio:disk.img", format!("aio:{}", within("disk.img"))),
+            ("vhd:../vm/a.vhd", format!("vhd:{}", within("../vm/a.vhd"))),
+            ("x-chain:chain", format!("x-chain:{}", within("chain"))),
+            ("vhd:/srv/a.vhd", "vhd:/srv/a.vhd".to_owned()),
+            ("aio:", "aio:".to_owned()),
+            ("no-type", "no-type".to_owned()),
+            (
+                "nbd:unix:/run/x.sock:exportname=vdi",
+                "nbd:unix:/run/x.sock:exportname=vdi".to_owned(),
+            ),
+            ("nbd:fd-id", "nbd:fd-id".to_owned()),
+            ("rbd:pool/image", "rbd:pool/image".to_owned()),
+        ] {
+            assert_eq!(absolute_params(given.to_owned()), sent, "{given}");
+        }
+        let Command::Open { request, .. } = command("open -p 1 -m 2 -a rbd:pool/img") else {
+            panic!("open parses to Open");
+        };
+        assert_eq!(request.params, "rbd:pool/img");
     }
 
     #[test]

@@ -26,7 +26,11 @@ fuzz_target!(|data: &[u8]| {
         ..CheckOptions::default()
     };
     let _ = check(MemFile::new(data.to_vec()), "fuzz", None, &opts);
-    if let Ok(img) = VhdImage::open(MemFile::new(data.to_vec()), "fuzz", OpenOptions::read_only()) {
+    if let Ok(img) = VhdImage::open(
+        MemFile::new(data.to_vec()),
+        "fuzz",
+        OpenOptions::read_only(),
+    ) {
         let n = img.total_sectors().min(1 << 16);
         let _ = img.map(0, n);
         let mut buf = vec![0u8; 4096];

@@ -88,8 +88,9 @@ start_server() {
 
 stop_server() {
     if [ -n "${OURS:-}" ]; then
-        set -- $OURS
-        "$BIN/tap-ctl" destroy -p "$1" -m "$2" || true
+        local pid minor
+        read -r pid minor <<<"$OURS"
+        "$BIN/tap-ctl" destroy -p "$pid" -m "$minor" || true
         OURS=
     fi
     if [ -n "$SERVER_PID" ]; then

@@ -48,8 +48,9 @@ start_server() { # SERVER FILE
         [ "$1" = ours ] && flags+=(-D)
         "$BIN/tap-ctl" create -a "vhd:$2" "${flags[@]}" >/dev/null
         OURS=$("$BIN/tap-ctl" list | sed -n 's/^pid=\([0-9]*\) minor=\([0-9]*\).*/\1 \2/p' | head -1)
-        set -- $OURS
-        SOCK=$BLKTAP_CONTROL_DIR/nbd$1.$2
+        local pid minor
+        read -r pid minor <<<"$OURS"
+        SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
         ;;
     qemu | qemu-direct)
         local cache=(--cache=writeback)
@@ -66,8 +67,9 @@ start_server() { # SERVER FILE
 
 stop_server() {
     if [ -n "$OURS" ]; then
-        set -- $OURS
-        "$BIN/tap-ctl" destroy -p "$1" -m "$2" || true
+        local pid minor
+        read -r pid minor <<<"$OURS"
+        "$BIN/tap-ctl" destroy -p "$pid" -m "$minor" || true
         OURS=
     fi
     if [ -n "$QEMU_PID" ]; then

@@ -12,7 +12,7 @@ WORK=$(mktemp -d /tmp/blktap-demo.XXXXXX)
 export BLKTAP_CONTROL_DIR=${BLKTAP_CONTROL_DIR:-$WORK/control}
 # The kernel block device: ublk where the kernel has it, else FUSE + loop (/dev/loopN).
 # BLKTAP_BLOCK_DEVICE=none runs the demo over NBD only.
-PID= MINOR=
+PID='' MINOR=''
 # On any exit: tear the VBD down if the demo stopped half-way (unmounts FUSE, frees the loop).
 cleanup() {
     if [ -n "$PID" ] && [ -n "$MINOR" ]; then "$BIN/tap-ctl" destroy -p "$PID" -m "$MINOR" 2>/dev/null || true; fi

@@ -13,7 +13,7 @@
 # Output: each test's checks and its "N passed, M failed" line; logs stay in the shared
 # folder, whose path is printed. Exit status: non-zero when any test failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 repo=$PWD
 run_in_vm=${RUN_IN_VM:-$repo/../shared/vm/run-in-vm.sh}
 target=${CARGO_TARGET_DIR:-$repo/target}

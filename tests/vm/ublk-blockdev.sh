@@ -127,7 +127,10 @@ check "link removed on destroy" test ! -L "/dev/xen/blktap-2/tapdev$minor"
 img=$(make_raw cycle.img 16)
 bad=0
 for i in $(seq 1 20); do
-    dev=$(create_dev ublk "$img") && test -b "$dev" && destroy_dev "$dev" >> "$LOG" 2>&1 || { bad=$((bad + 1)); echo "cycle $i failed ($dev)" >> "$LOG"; }
+    if ! { dev=$(create_dev ublk "$img") && test -b "$dev" && destroy_dev "$dev" >> "$LOG" 2>&1; }; then
+        bad=$((bad + 1))
+        echo "cycle $i failed ($dev)" >> "$LOG"
+    fi
 done
 check "20 create/destroy cycles" test "$bad" -eq 0
 check "no ublk device left" sh -c "! ls /dev/ublkb* /dev/ublkc* 2>/dev/null | grep -q ."

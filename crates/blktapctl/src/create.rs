@@ -27,7 +27,8 @@ pub struct CreatedVbd {
 /// Allocates a minor, spawns `tapdisk`, attaches the minor and opens `req` on it.
 ///
 /// On failure everything done so far is undone (best effort; the first error is returned):
-/// see [`start_on_minor`]; then the minor is freed.
+/// the new tapdisk is detached (it then exits) or, if attach never succeeded, terminated;
+/// then the minor is freed.
 pub fn create_with(dir: &ControlDir, tapdisk: &Path, req: &OpenRequest) -> Result<CreatedVbd> {
     let (minor, marker) = allocate(dir).map_err(|e| e.within("allocating a minor"))?;
     start_on_minor(dir, tapdisk, minor, marker, req, &req.params).inspect_err(|_| {

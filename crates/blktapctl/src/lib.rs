@@ -2,11 +2,11 @@
 //!
 //! * [`paths`] names the files of the control directory shared with `tapdisk`;
 //! * [`alloc`] hands out minors as marker files;
-//! * [`spawn`] starts a tapdisk and waits for its control socket;
+//! * [`spawn`](mod@spawn) starts a tapdisk and waits for its control socket;
 //! * [`ipc`] is the control-socket client, [`ops`] the per-VBD requests built on it;
-//! * [`list`] joins minors, tapdisks and VBDs for `tap-ctl list`;
-//! * [`create`] strings allocate + spawn + attach + open together, undoing on failure;
-//! * [`recover`] gives a block device whose tapdisk died a new tapdisk.
+//! * [`list`](mod@list) joins minors, tapdisks and VBDs for `tap-ctl list`;
+//! * [`create`](mod@create) strings allocate + spawn + attach + open together, undoing on failure;
+//! * [`recover`](mod@recover) gives a block device whose tapdisk died a new tapdisk.
 //!
 //! Every operation takes a [`ControlDir`], and those that start a tapdisk the path of the
 //! binary: the caller chooses both (`tap-ctl` from its configuration); the library reads no

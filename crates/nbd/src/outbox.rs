@@ -496,7 +496,9 @@ mod tests {
 
     /// Bytes 1, 2, 3, ... (never a zero block, so never a hole).
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| u8::try_from(i % 251 + 1).unwrap()).collect()
+        (0..len)
+            .map(|i| u8::try_from(i % 251 + 1).unwrap())
+            .collect()
     }
 
     /// Every queued byte, in order, as the next write would send it (and then more).

@@ -2,11 +2,11 @@
 # Runs every fuzz target (fuzz/fuzz_targets: control messages, NBD options and requests, VHD
 # metadata) for SECONDS each (default 60; scripts/test.sh uses a short smoke run).
 # cargo-fuzz needs nightly-only compiler flags: RUSTC_BOOTSTRAP=1 lets the stable toolchain,
-# the only one on these machines, accept them. Installs cargo-fuzz if missing.
+# the only one on these machines, accept them. cargo-fuzz comes from scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${1:-60}
-command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+command -v cargo-fuzz >/dev/null 2>&1 || { echo "fuzz: no cargo-fuzz: run scripts/setup.sh" >&2; exit 1; }
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 for target in $(cargo fuzz list); do

@@ -2,7 +2,9 @@
 # Installs what building and testing blktap-rs needs on a fresh Debian machine (as root):
 # the test peers (fio, libnbd-bin with nbdinfo/nbdcopy/nbdfuse, nbdkit, libvhdi-utils),
 # nbd-client (the VM tests attach /dev/nbd0 to tapdisk's NBD socket), libclang-dev (libublk's
-# -sys crate runs bindgen at build time), then builds every binary. qemu-utils (qemu-img,
+# -sys crate runs bindgen at build time), shellcheck (scripts/lint.sh), the cargo tools
+# cargo-fuzz (scripts/fuzz.sh) and cargo-deny (scripts/lint.sh), built from crates.io (a few
+# minutes the first time), then builds every binary. qemu-utils (qemu-img,
 # qemu-io, qemu-nbd) is preinstalled here; it is installed only when missing, so the newer
 # preinstalled one is never replaced.
 set -euo pipefail
@@ -11,7 +13,8 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in fio:fio nbdinfo:libnbd-bin nbdkit:nbdkit vhdiinfo:libvhdi-utils \
             mkfs.ext4:e2fsprogs losetup:mount lsblk:util-linux cmp:diffutils \
-            fusermount3:fuse3 qemu-img:qemu-utils nbd-client:nbd-client; do
+            fusermount3:fuse3 qemu-img:qemu-utils nbd-client:nbd-client \
+            shellcheck:shellcheck; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || need+=(libclang-dev)
@@ -21,6 +24,13 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+for tool in cargo-fuzz@0.13 cargo-deny@0.20; do
+    if ! command -v "${tool%@*}" >/dev/null 2>&1; then
+        echo "setup: installing $tool (cargo install)"
+        cargo install --locked --quiet "$tool"
+    fi
+done
 
 echo "setup: building"
 cargo build --workspace --bins --quiet

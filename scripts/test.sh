@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, clippy, unit tests, and the end-to-end tests that
-# drive the real tap-ctl/tapdisk/vhd-util binaries against qemu-img, qemu-io, fio, nbdinfo.
+# Runs every check and test: the static checks of scripts/lint.sh (formatting, clippy, rustdoc,
+# the shell scripts' lint, MSRV, cargo-deny), unit tests, and the end-to-end tests that drive
+# the real tap-ctl/tapdisk/vhd-util binaries against qemu-img, qemu-io, fio, nbdinfo.
 # Run as root (the tests create loop devices and FUSE mounts). Installs what is missing.
 # Last, the kernel-device tests that need ublk_drv and nbd run in a VM (scripts/vm-tests.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 
-echo "== cargo fmt --check"
-cargo fmt --all -- --check
-echo "== cargo clippy"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== static checks (scripts/lint.sh)"
+./scripts/lint.sh
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee /tmp/blktap-cargo-test.log
 echo "== fuzz smoke run"

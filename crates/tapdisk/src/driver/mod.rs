@@ -265,7 +265,7 @@ pub fn open_image(
         locator.as_path().ok_or_else(|| {
             failure(
                 libc::EINVAL,
-                format!("{name}:{locator}: a {name} image must be a local file"),
+                format!("{name}:{locator}: the {name} driver opens local files only"),
             )
         })
     };

@@ -156,31 +156,33 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
 }
 
 fn main() {
+    // Output goes through write! with errors ignored: a closed stdout or stderr is no reason
+    // to panic (SIGPIPE stays ignored, as in the C tapdisk).
     let flags = match Flags::parse(std::env::args().skip(1)) {
         Ok(flags) => flags,
         Err(error) => {
-            eprint!("tapdisk: {error}\n{USAGE}");
+            let _ = write!(io::stderr(), "tapdisk: {error}\n{USAGE}");
             std::process::exit(libc::EINVAL);
         }
     };
     if flags.help {
-        print!("{USAGE}");
+        let _ = io::stdout().write_all(USAGE.as_bytes());
         std::process::exit(0);
     }
     let config = match Config::load(&flags) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("tapdisk: {error}");
+            let _ = writeln!(io::stderr(), "tapdisk: {error}");
             std::process::exit(error.errno());
         }
     };
     if flags.print_config {
-        print!("{}", config.to_toml());
+        let _ = io::stdout().write_all(config.to_toml().as_bytes());
         std::process::exit(0);
     }
     let mut ready = None;
     if let Err(failure) = run(&flags, config, &mut ready) {
-        eprintln!("tapdisk: {}", failure.message);
+        let _ = writeln!(io::stderr(), "tapdisk: {}", failure.message);
         tracing::error!("{}", failure.message);
         if let Some(ready) = ready {
             ready.report(failure.errno);

@@ -8,6 +8,7 @@ mod getopt;
 mod key;
 mod progress;
 mod scan;
+mod sigpipe;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,7 @@ fn usage() {
 }
 
 fn main() -> ExitCode {
+    sigpipe::terminate_on_broken_pipe();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.retain(|a| a != "--debug");
     let Some(cmd) = args.first().cloned() else {

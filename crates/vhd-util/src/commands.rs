@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vhd::chain::{resolve_parent, Chain};
+use vhd::chain::{file_identity, resolve_parent, Chain, MAX_CHAIN_DEPTH};
 use vhd::check::{check_path, CheckOptions};
 use vhd::create::{create_file, CreateOptions, SnapshotOptions};
 use vhd::image::{OpenOptions, VhdImage};
@@ -16,6 +16,7 @@ use crate::progress::Bar;
 
 const EINVAL: i32 = 22;
 const ENOSYS: i32 = 38;
+const ELOOP: i32 = 40;
 
 /// The opener of every mutating command. Normally it never fails; with
 /// `VHD_UTIL_CRASH_AFTER_WRITES=N` (crash-injection tests) every mutating
@@ -553,9 +554,17 @@ pub fn check(args: &[String]) -> i32 {
 
 /// `check -p`: checks every ancestor of `name`, appending each one that
 /// passes to `checked`.
+/// The walk is bounded: it stops with `ELOOP` at an image already checked (by file identity)
+/// or past [`MAX_CHAIN_DEPTH`] images.
 fn check_parents(name: &str, opts: &CheckOptions, stats: bool, checked: &mut Vec<PathBuf>) -> i32 {
     let mut cur = PathBuf::from(name);
+    let mut seen: Vec<(u64, u64)> = file_identity(&cur).into_iter().collect();
     loop {
+        if checked.len() > MAX_CHAIN_DEPTH {
+            println!("error checking parents: -{ELOOP}");
+            println!("  (the chain of {name} is deeper than {MAX_CHAIN_DEPTH} images)");
+            return ELOOP;
+        }
         let img = match open_ro(&cur.display().to_string(), false) {
             Ok(i) => i,
             Err(e) => {
@@ -574,6 +583,18 @@ fn check_parents(name: &str, opts: &CheckOptions, stats: bool, checked: &mut Vec
                 return e.errno();
             }
         };
+        if let Some(id) = file_identity(&next) {
+            if seen.contains(&id) {
+                println!("error checking parents: -{ELOOP}");
+                println!(
+                    "  (parent loop: {} comes back to {}, already checked)",
+                    cur.display(),
+                    next.display()
+                );
+                return ELOOP;
+            }
+            seen.push(id);
+        }
         let r = check_one(&next.display().to_string(), opts, stats);
         if r != 0 {
             println!("error checking parents: -{r}");

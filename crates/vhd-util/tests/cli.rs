@@ -634,3 +634,66 @@ fn snapshot_skips_empty_parents_and_preallocates() {
     assert_eq!(ok(p, &["query", "-n", "cre.vhd", "-s"]), before);
     ok(p, &["check", "-n", "cre.vhd"]);
 }
+
+#[test]
+fn modify_refuses_a_parent_loop_and_check_stops_at_one() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(p, &["create", "-n", "r.vhd", "-s", "16"]);
+    ok(p, &["snapshot", "-e", "-n", "a.vhd", "-p", "r.vhd"]);
+    ok(p, &["snapshot", "-e", "-n", "b.vhd", "-p", "a.vhd"]);
+    ok(p, &["snapshot", "-e", "-n", "c.vhd", "-p", "b.vhd"]);
+    std::os::unix::fs::symlink("c.vhd", p.join("link.vhd")).unwrap();
+    // The image itself, its child, its grandchild, a grandchild through a symlink.
+    for parent in ["a.vhd", "b.vhd", "c.vhd", "link.vhd"] {
+        let o = run(p, &["modify", "-n", "a.vhd", "-p", parent]);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(40), "-p {parent}: {stdout}");
+        assert!(stdout.contains("parent loop"), "-p {parent}: {stdout}");
+        assert_eq!(ok(p, &["query", "-n", "a.vhd", "-p"]), "r.vhd\n");
+        assert!(
+            !p.join("a.vhd.journal").exists(),
+            "refused before journaling"
+        );
+    }
+    // Skipping a level is no loop.
+    ok(p, &["modify", "-n", "c.vhd", "-p", "a.vhd"]);
+    assert_eq!(ok(p, &["query", "-n", "c.vhd", "-p"]), "a.vhd\n");
+    ok(p, &["check", "-n", "c.vhd", "-p"]);
+
+    // A loop made behind modify's back (a file replaced under a parent's name): check -p
+    // and query -d stop with ELOOP instead of walking it forever.
+    ok(p, &["create", "-n", "z.vhd", "-s", "16"]);
+    ok(p, &["modify", "-n", "a.vhd", "-p", "z.vhd"]);
+    std::fs::rename(p.join("b.vhd"), p.join("z.vhd")).unwrap();
+    // ...with the parent UUID a.vhd records made to match, as a forged image would.
+    let uuid_of = |name: &str| {
+        let file = std::fs::File::open(p.join(name)).unwrap();
+        vhd::VhdImage::open(file, name, vhd::OpenOptions::read_only())
+            .unwrap()
+            .footer()
+            .uuid
+    };
+    let b_uuid = uuid_of("z.vhd");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p.join("a.vhd"))
+        .unwrap();
+    let mut a = vhd::VhdImage::open(file, "a.vhd", vhd::OpenOptions::read_write()).unwrap();
+    a.header_mut().unwrap().parent_uuid = b_uuid;
+    a.write_header().unwrap();
+    drop(a);
+    let o = run(p, &["check", "-n", "a.vhd", "-p"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(40), "{stdout}");
+    assert!(stdout.lines().count() < 10, "{stdout}");
+    assert!(stdout.contains("parent loop"), "{stdout}");
+    let o = run(p, &["query", "-n", "a.vhd", "-d"]);
+    assert_eq!(
+        o.status.code(),
+        Some(40),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

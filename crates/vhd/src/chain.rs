@@ -85,6 +85,62 @@ pub fn resolve_parent<F: BlockFile>(child: &VhdImage<F>, child_path: &Path) -> R
         })
 }
 
+/// What makes two paths the same image: device and inode of the file they name (after
+/// symlinks), or for a block device its device number, which every node of one disk shares
+/// (`/dev/VG/LV` and `/dev/mapper/VG-LV`). `None` when the path cannot be looked at.
+pub fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.file_type().is_block_device() {
+        Some((u64::MAX, meta.rdev()))
+    } else {
+        Some((meta.dev(), meta.ino()))
+    }
+}
+
+/// Refuses to make `new_parent` the parent of `image` (whose footer UUID is `image_uuid`)
+/// when that would close a loop: `new_parent` is the image itself or one of its
+/// descendants, i.e. walking up from `new_parent` reaches the image, recognised by file
+/// identity ([`file_identity`]) or by UUID. The walk stops where a parent cannot be found
+/// or opened (no loop can pass there) and gives up past [`MAX_CHAIN_DEPTH`] levels, which
+/// means the new parent's own chain loops already.
+pub fn refuse_parent_loop(image: &Path, image_uuid: [u8; 16], new_parent: &Path) -> Result<()> {
+    let image_id = file_identity(image);
+    let mut cur = new_parent.to_path_buf();
+    for _ in 0..MAX_CHAIN_DEPTH {
+        let same_file = image_id.is_some() && file_identity(&cur) == image_id;
+        let name = cur.display().to_string();
+        let opened = StdOpener
+            .open(&cur, false)
+            .map_err(|e| VhdError::io(format!("{name}: open"), e))
+            .and_then(|f| VhdImage::open(f, &name, OpenOptions::read_only()));
+        let same_uuid = opened
+            .as_ref()
+            .is_ok_and(|img| img.footer().uuid == image_uuid);
+        if same_file || same_uuid {
+            let how = if same_file { "is" } else { "has the UUID of" };
+            return Err(VhdError::ParentLoop(format!(
+                "{} cannot have parent {}: {name} {how} {} or one of its descendants",
+                image.display(),
+                new_parent.display(),
+                image.display()
+            )));
+        }
+        let Ok(img) = opened else { return Ok(()) };
+        if !img.has_parent() || img.parent_is_raw() {
+            return Ok(());
+        }
+        match resolve_parent(&img, &cur) {
+            Ok(next) => cur = next,
+            Err(_) => return Ok(()),
+        }
+    }
+    Err(VhdError::ParentLoop(format!(
+        "the chain of {} is deeper than {MAX_CHAIN_DEPTH} images",
+        new_parent.display()
+    )))
+}
+
 /// A raw file at the bottom of a chain.
 #[derive(Debug)]
 pub struct RawParent<F> {
@@ -136,8 +192,8 @@ impl<F: BlockFile> Chain<F> {
         };
         loop {
             if images.len() >= MAX_CHAIN_DEPTH {
-                return Err(VhdError::InvalidArgument(format!(
-                    "{}: chain deeper than {MAX_CHAIN_DEPTH} (loop?)",
+                return Err(VhdError::ParentLoop(format!(
+                    "{}: chain deeper than {MAX_CHAIN_DEPTH} images",
                     path.display()
                 )));
             }

@@ -132,6 +132,10 @@ pub enum VhdError {
     /// The target already exists.
     #[error("{0} already exists")]
     Exists(String),
+    /// Following parents comes back to an image already on the way (or goes deeper than any
+    /// real chain): the chain is a loop.
+    #[error("parent loop: {0}")]
+    ParentLoop(String),
 }
 
 impl VhdError {
@@ -153,6 +157,7 @@ impl VhdError {
         const EROFS: i32 = 30;
         const EFBIG: i32 = 27;
         const ENOSYS: i32 = 38;
+        const ELOOP: i32 = 40;
         match self {
             Self::Io { source, .. } => source.raw_os_error().unwrap_or(EIO),
             Self::Format(_)
@@ -167,6 +172,7 @@ impl VhdError {
             Self::ReadOnly(_) => EROFS,
             Self::NoSpace(_) => ENOSPC,
             Self::Exists(_) => EEXIST,
+            Self::ParentLoop(_) => ELOOP,
         }
     }
 }

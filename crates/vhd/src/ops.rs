@@ -748,6 +748,7 @@ fn plan_reparent<F: BlockFile>(
         [0; 16]
     } else {
         let p = open_image(&StdOpener, parent, OpenOptions::read_only())?;
+        crate::chain::refuse_parent_loop(path, img.footer().uuid, parent)?;
         p.footer().uuid
     };
     let spec: ParentSpec = crate::create::parent_spec(path, parent, uuid, None, false)?;
@@ -889,5 +890,9 @@ pub fn find_snapshot_target(parent: &Path) -> Result<(PathBuf, bool)> {
         }
         cur = next;
     }
-    Err(VhdError::InvalidArgument("chain too deep".into()))
+    Err(VhdError::ParentLoop(format!(
+        "the chain of {} is deeper than {} images",
+        parent.display(),
+        crate::chain::MAX_CHAIN_DEPTH
+    )))
 }

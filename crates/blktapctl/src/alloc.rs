@@ -5,6 +5,10 @@
 //! concurrent `tap-ctl allocate` calls never hand out the same minor. A tapdisk that attached a
 //! minor keeps an exclusive `flock` on its marker; `free` refuses to remove a marker it cannot
 //! lock itself.
+//!
+//! Before picking a number, allocation reclaims what tapdisks that died attached (`kill -9`, a
+//! crash) left behind ([`reclaim_stale`]): their markers (stale by the rule of
+//! [`crate::marker`]: unlocked yet naming the tapdisk that attached them) and their sockets.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::ErrorKind;
@@ -14,7 +18,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{flock, FlockOperation};
 
 use crate::error::{Error, Result};
-use crate::paths::{parse_marker_name, ControlDir, MAX_MINOR};
+use crate::marker::{listening_unix_sockets, process_exists, recorded_pid};
+use crate::paths::{parse_marker_name, parse_socket_owner, ControlDir, MAX_MINOR};
 
 /// Creates `<ctl dir>` (0755) and `<ctl dir>/tapdisk` (0700) if they are missing.
 fn prepare_directories(dir: &ControlDir) -> Result<()> {
@@ -62,6 +67,7 @@ pub fn allocate(dir: &ControlDir) -> Result<(u32, PathBuf)> {
     prepare_directories(dir)?;
     let markers = dir.marker_dir();
     let _lock = lock_marker_dir(&markers)?;
+    reclaim_stale(dir);
 
     let mut taken = vec![false; usize::try_from(MAX_MINOR).unwrap_or(usize::MAX) + 1];
     let entries = std::fs::read_dir(&markers).map_err(|e| {
@@ -116,6 +122,74 @@ pub fn allocate(dir: &ControlDir) -> Result<(u32, PathBuf)> {
             markers.display()
         ),
     ))
+}
+
+/// What [`reclaim_stale`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Minors whose stale markers were removed.
+    pub minors: Vec<u32>,
+    /// Sockets of tapdisks that are gone.
+    pub sockets: Vec<PathBuf>,
+}
+
+/// Removes what tapdisks that ended without detaching left in `dir` (best effort: what
+/// cannot be removed stays for the next try). Callers hold the marker directory's lock.
+///
+/// * A marker is reclaimed when it names the tapdisk that attached it, no process holds its
+///   lock (this function takes the lock itself before removing it, as `free` does), and no
+///   ublk device of that minor waits for `tap-ctl recover` (`<ctl dir>/vbd-<minor>`).
+/// * A tapdisk's sockets (`ctl<pid>`, `nbd*<pid>.<minor>`) are removed when process `pid`
+///   no longer exists and nobody listens on its control socket (`/proc/net/unix`).
+///
+/// Empty markers (allocated and not yet attached, or written by the C tapdisk) are never
+/// touched: only `free` removes those.
+pub fn reclaim_stale(dir: &ControlDir) -> Reclaimed {
+    let mut reclaimed = Reclaimed::default();
+    for minor in allocated_minors(dir).unwrap_or_default() {
+        let path = dir.marker_path(minor);
+        if recorded_pid(&path).is_none() || dir.recovery_state_path(minor).exists() {
+            continue;
+        }
+        let Ok(marker) = File::open(&path) else {
+            continue;
+        };
+        if flock(&marker, FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue; // held: its tapdisk is alive
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            reclaimed.minors.push(minor);
+        }
+    }
+    let (Ok(entries), Some(listening)) = (std::fs::read_dir(dir.root()), listening_unix_sockets())
+    else {
+        return reclaimed;
+    };
+    let mut sockets: Vec<(u32, PathBuf)> = entries
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_type().is_ok_and(|t| !t.is_dir()))
+        .filter_map(|entry| {
+            let owner = entry.file_name().to_str().and_then(parse_socket_owner)?;
+            Some((owner, entry.path()))
+        })
+        .collect();
+    sockets.sort();
+    let mut gone: Option<(u32, bool)> = None;
+    for (pid, path) in sockets {
+        let is_gone = match gone {
+            Some((known, verdict)) if known == pid => verdict,
+            _ => {
+                let verdict =
+                    !process_exists(pid) && !listening.contains(&dir.ctl_socket_path(pid));
+                gone = Some((pid, verdict));
+                verdict
+            }
+        };
+        if is_gone && std::fs::remove_file(&path).is_ok() {
+            reclaimed.sockets.push(path);
+        }
+    }
+    reclaimed
 }
 
 /// Frees `minor`: removes its marker file unless a tapdisk holds the marker's lock.
@@ -297,6 +371,60 @@ mod tests {
         drop(holder);
         free(&dir, minor).expect("free after unlock");
         assert!(!path.exists());
+    }
+
+    /// The pid of a process that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        pid
+    }
+
+    #[test]
+    fn allocation_reclaims_what_dead_tapdisks_left_and_nothing_else() {
+        let (_tmp, dir) = temp_control_dir();
+        for _ in 0..5 {
+            allocate(&dir).expect("allocate");
+        }
+        let dead = dead_pid();
+        let alive = std::process::id();
+        // 0: allocated, never attached (empty). 1: attached by a live process (us).
+        // 2: attached by a dead tapdisk. 3: the same, but its ublk device awaits recovery.
+        // 4: names a live pid but is unlocked (that process detached uncleanly): stale too.
+        let held = crate::marker::MarkerLock::acquire(&dir.marker_path(1), alive).expect("lock");
+        std::fs::write(dir.marker_path(2), format!("{dead}\n")).expect("write");
+        std::fs::write(dir.marker_path(3), format!("{dead}\n")).expect("write");
+        std::fs::write(dir.recovery_state_path(3), "state").expect("write");
+        std::fs::write(dir.marker_path(4), format!("{alive}\n")).expect("write");
+        // Sockets: the dead tapdisk's (nobody listens), and a live listener's.
+        let dead_sockets: Vec<PathBuf> = [
+            dir.ctl_socket_path(dead),
+            dir.nbd_socket_path(dead, 2),
+            dir.root().join(format!("nbd-old{dead}.2")),
+            dir.root().join(format!("nbdserver-new{dead}.2")),
+            dir.root().join(format!("nbdserver{dead}.2")),
+        ]
+        .into();
+        for path in &dead_sockets {
+            drop(std::os::unix::net::UnixListener::bind(path).expect("bind"));
+        }
+        let live =
+            std::os::unix::net::UnixListener::bind(dir.ctl_socket_path(alive)).expect("bind");
+        let _live_nbd =
+            std::os::unix::net::UnixListener::bind(dir.nbd_socket_path(alive, 1)).expect("bind");
+
+        let (minor, _) = allocate(&dir).expect("allocate");
+        assert_eq!(minor, 2, "the stale minor is handed out again");
+        assert_eq!(allocated_minors(&dir).expect("list"), vec![0, 1, 2, 3]);
+        assert_eq!(allocate(&dir).expect("allocate").0, 4);
+        for path in &dead_sockets {
+            assert!(!path.exists(), "{} reclaimed", path.display());
+        }
+        assert!(dir.ctl_socket_path(alive).exists());
+        assert!(dir.nbd_socket_path(alive, 1).exists());
+        assert!(dir.recovery_state_path(3).exists());
+        drop((held, live));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The control library behind `tap-ctl` (the role of the C `libblktapctl`).
 //!
 //! * [`paths`] names the files of the control directory shared with `tapdisk`;
-//! * [`alloc`] hands out minors as marker files;
+//! * [`alloc`] hands out minors as marker files (reclaiming those a dead tapdisk left),
+//!   [`marker`] tells who holds one;
 //! * [`spawn`](mod@spawn) starts a tapdisk and waits for its control socket;
 //! * [`ipc`] is the control-socket client, [`ops`] the per-VBD requests built on it;
 //! * [`list`](mod@list) joins minors, tapdisks and VBDs for `tap-ctl list`;
@@ -17,6 +18,7 @@ pub mod create;
 pub mod error;
 pub mod ipc;
 pub mod list;
+pub mod marker;
 pub mod ops;
 pub mod paths;
 pub mod recover;

@@ -27,6 +27,28 @@ pub fn parse_ctl_socket_name(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// The per-tapdisk sockets of the control directory, by file-name prefix: the control
+/// socket `ctl<pid>` and each VBD's NBD sockets `<prefix><pid>.<minor>`.
+const NBD_SOCKET_PREFIXES: [&str; 4] = ["nbdserver-new", "nbdserver", "nbd-old", "nbd"];
+
+/// The pid of the tapdisk that created socket `name` in the control directory: `ctl<pid>`,
+/// `nbd<pid>.<minor>`, `nbd-old<pid>.<minor>`, `nbdserver<pid>.<minor>` or
+/// `nbdserver-new<pid>.<minor>`.
+pub fn parse_socket_owner(name: &str) -> Option<u32> {
+    if let Some(pid) = parse_ctl_socket_name(name) {
+        return Some(pid);
+    }
+    let rest = NBD_SOCKET_PREFIXES
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))?;
+    let (pid, minor) = rest.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(minor) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 /// Parses the minor out of a marker file name (`tapdisk-<minor>`).
 pub fn parse_marker_name(name: &str) -> Option<u32> {
     let digits = name.strip_prefix("tapdisk-")?;
@@ -73,6 +95,12 @@ impl ControlDir {
     pub fn nbd_socket_path(&self, pid: u32, minor: u32) -> PathBuf {
         self.root.join(format!("nbd{pid}.{minor}"))
     }
+
+    /// Recovery state of a ublk device: `<ctl dir>/vbd-<minor>`. While it exists the device
+    /// outlives its tapdisk and waits for `tap-ctl recover`.
+    pub fn recovery_state_path(&self, minor: u32) -> PathBuf {
+        self.root.join(format!("vbd-{minor}"))
+    }
 }
 
 #[cfg(test)]
@@ -90,6 +118,16 @@ mod tests {
         assert_eq!(parse_marker_name("tapdisk-16384"), None);
         assert_eq!(parse_marker_name("tapdisk-"), None);
         assert_eq!(parse_marker_name("tapdisk--1"), None);
+        assert_eq!(parse_socket_owner("ctl42"), Some(42));
+        assert_eq!(parse_socket_owner("nbd42.0"), Some(42));
+        assert_eq!(parse_socket_owner("nbd-old42.7"), Some(42));
+        assert_eq!(parse_socket_owner("nbdserver42.7"), Some(42));
+        assert_eq!(parse_socket_owner("nbdserver-new42.16383"), Some(42));
+        assert_eq!(parse_socket_owner("nbdclient42"), None);
+        assert_eq!(parse_socket_owner("nbd42"), None);
+        assert_eq!(parse_socket_owner("nbd42.x"), None);
+        assert_eq!(parse_socket_owner("fuse42.0"), None);
+        assert_eq!(parse_socket_owner("vbd-3"), None);
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //!
 //! Handlers return `Err(errno)`; the control layer turns that into an `ERROR` reply.
 
+use blktapctl::marker::MarkerLock;
 use blktapctl::paths::ControlDir;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,8 +65,8 @@ const SUPPORTED_OPEN_FLAGS: u32 = OpenFlags::RDONLY.0
 #[derive(Debug)]
 struct Slot {
     vbd: Arc<Vbd>,
-    /// The locked marker file; dropping it releases the lock.
-    _marker: File,
+    /// The locked marker file; dropping it empties it and releases the lock.
+    _marker: MarkerLock,
     /// What serves the open VBD, in the order started (the NBD export first); empty while
     /// closed.
     frontends: Vec<Box<dyn Frontend>>,
@@ -322,32 +322,12 @@ impl Tapdisk {
             return Err(errno(libc::EEXIST));
         }
         let marker_path = self.control_dir.marker_path(u32::from(minor));
-        let marker = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&marker_path)
-            .inspect_err(|e| {
-                tracing::error!(
-                    minor,
-                    "attach: cannot open marker {}: {e}",
-                    marker_path.display()
-                );
-            })?;
-        rustix::fs::flock(
-            &marker,
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .map_err(|e| {
+        let marker = MarkerLock::acquire(&marker_path, self.pid).inspect_err(|e| {
             tracing::error!(
                 minor,
-                "attach: marker {} is locked by another tapdisk",
+                "attach: cannot lock marker {}: {e}",
                 marker_path.display()
             );
-            if e == rustix::io::Errno::WOULDBLOCK {
-                errno(libc::EBUSY)
-            } else {
-                io::Error::from(e)
-            }
         })?;
         slots.insert(
             minor,

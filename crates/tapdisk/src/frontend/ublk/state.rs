@@ -77,7 +77,7 @@ pub enum StateError {
 
 /// Path of the state file of `minor` in `control_dir`.
 pub fn state_path(control_dir: &Path, minor: u16) -> PathBuf {
-    control_dir.join(format!("vbd-{minor}"))
+    blktapctl::paths::ControlDir::new(control_dir).recovery_state_path(u32::from(minor))
 }
 
 impl VbdState {

@@ -5,12 +5,24 @@
 //! request (tapdisks), and each tapdisk's LIST stream (VBDs). A VBD row carries pid, minor,
 //! state and image; a tapdisk without VBDs appears with only its pid; an allocated minor that no
 //! tapdisk serves appears with only its minor.
+//!
+//! Every tapdisk is asked at the same time, each within [`LIST_STATS_TIMEOUT`], so one slow
+//! tapdisk costs the whole listing at most that long. A tapdisk that does not answer in time
+//! (stopped, overloaded) is not taken for dead: its control socket names its pid, and the
+//! markers whose `flock` it holds name its minors, so its rows still say `pid=P minor=M`
+//! (without state or image, which only it could tell), and the [`Survey`] reports it so that
+//! `tap-ctl` can exit non-zero. Entries left by tapdisks that died without detaching (see
+//! [`crate::marker`]) are reported as stale.
 
 use std::fmt::Write as _;
 
+use std::time::{Duration, Instant};
+
 use crate::alloc::allocated_minors;
 use crate::error::{Error, Result};
-use crate::ops::{get_pid, list_vbds, VbdEntry};
+use crate::ipc::LIST_STATS_TIMEOUT;
+use crate::marker::{recorded_pid, FlockHolders};
+use crate::ops::{get_pid_within, list_vbds_within, VbdEntry};
 use crate::paths::{parse_ctl_socket_name, ControlDir};
 
 /// One row of `tap-ctl list`; `None` fields are unknown and printed as `-` (tty) or omitted.
@@ -23,6 +35,9 @@ pub struct ListRow {
     pub driver: Option<String>,
     /// Image path, the part of `"type:/path"` after the first `:`.
     pub path: Option<String>,
+    /// Why the row is incomplete (a tapdisk that did not answer, a stale marker); shown at
+    /// a terminal only, never in the script format.
+    pub note: Option<String>,
 }
 
 impl ListRow {
@@ -35,11 +50,12 @@ impl ListRow {
             state: Some(vbd.state),
             driver,
             path,
+            note: None,
         }
     }
 
     /// The terminal format: `"%8s %4s %4s %10s %s"` of pid, minor, state, type, path with `-`
-    /// for unknown fields (no trailing newline).
+    /// for unknown fields (no trailing newline), then the note in parentheses, if any.
     pub fn format_table_row(&self) -> String {
         let dash = || "-".to_owned();
         let pid = self.pid.map_or_else(dash, |p| p.to_string());
@@ -47,7 +63,11 @@ impl ListRow {
         let state = self.state.map_or_else(dash, c_alt_hex);
         let driver = self.driver.as_deref().unwrap_or("-");
         let path = self.path.as_deref().unwrap_or("-");
-        format!("{pid:>8} {minor:>4} {state:>4} {driver:>10} {path}")
+        let line = format!("{pid:>8} {minor:>4} {state:>4} {driver:>10} {path}");
+        match &self.note {
+            Some(note) => format!("{line}  ({note})"),
+            None => line,
+        }
     }
 
     /// The script format: `pid=%d minor=%d state=%#x args=%s:%s`, space separated, each field
@@ -94,34 +114,54 @@ pub fn split_params(params: &str) -> (Option<String>, Option<String>) {
     }
 }
 
-/// One reachable tapdisk and its VBDs (`None` when its LIST request failed).
+/// One tapdisk and its VBDs (`None` when it did not answer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TapdiskVbds {
     pub pid: u32,
     pub vbds: Option<Vec<VbdEntry>>,
+    /// Minors whose markers this tapdisk holds locked: its rows when it did not answer.
+    pub held_minors: Vec<u32>,
 }
 
 /// The outer join: VBD rows per tapdisk (in the given order), a pid-only row for a tapdisk
-/// with no (or unlistable) VBDs, then a minor-only row for each allocated minor no tapdisk
-/// reported.
+/// with no VBDs, `pid minor` rows for the minors held by a tapdisk that did not answer (a
+/// pid-only row if it holds none), then a minor-only row for each allocated minor no
+/// tapdisk accounts for.
 pub fn join(minors: &[u32], tapdisks: &[TapdiskVbds]) -> Vec<ListRow> {
     let mut rows = Vec::new();
     let mut orphans: Vec<u32> = minors.to_vec();
     for tapdisk in tapdisks {
-        match tapdisk.vbds.as_deref() {
-            Some(vbds) if !vbds.is_empty() => {
-                for vbd in vbds {
-                    let row = ListRow::from_vbd(tapdisk.pid, vbd);
-                    if let Some(minor) = row.minor {
-                        orphans.retain(|m| *m != minor);
-                    }
-                    rows.push(row);
-                }
-            }
-            _ => rows.push(ListRow {
+        let claimed: Vec<ListRow> = match tapdisk.vbds.as_deref() {
+            Some(vbds) => vbds
+                .iter()
+                .map(|vbd| ListRow::from_vbd(tapdisk.pid, vbd))
+                .collect(),
+            None => tapdisk
+                .held_minors
+                .iter()
+                .map(|minor| ListRow {
+                    pid: Some(tapdisk.pid),
+                    minor: Some(*minor),
+                    note: Some("tapdisk did not answer".to_owned()),
+                    ..ListRow::default()
+                })
+                .collect(),
+        };
+        if claimed.is_empty() {
+            rows.push(ListRow {
                 pid: Some(tapdisk.pid),
+                note: tapdisk
+                    .vbds
+                    .is_none()
+                    .then(|| "tapdisk did not answer".to_owned()),
                 ..ListRow::default()
-            }),
+            });
+        }
+        for row in claimed {
+            if let Some(minor) = row.minor {
+                orphans.retain(|m| *m != minor);
+            }
+            rows.push(row);
         }
     }
     rows.extend(orphans.into_iter().map(|minor| ListRow {
@@ -131,8 +171,86 @@ pub fn join(minors: &[u32], tapdisks: &[TapdiskVbds]) -> Vec<ListRow> {
     rows
 }
 
-/// Pids of the tapdisks whose control sockets exist and answer a PID request, ascending.
-pub fn running_tapdisks(dir: &ControlDir) -> Result<Vec<u32>> {
+/// What a `tap-ctl list` found, beyond its rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Survey {
+    /// The rows, joined as [`join`] does.
+    pub rows: Vec<ListRow>,
+    /// Tapdisks whose control socket exists and accepts connections but which did not
+    /// answer within [`LIST_STATS_TIMEOUT`] (or answered garbage): their rows are
+    /// incomplete.
+    pub silent: Vec<(u32, Error)>,
+    /// Leftovers of tapdisks that died without detaching, one sentence each (the next
+    /// `allocate` reclaims them unless a ublk device waits for recovery).
+    pub stale: Vec<String>,
+}
+
+impl Survey {
+    /// The listing as a result: the rows, or the first silent tapdisk's error.
+    pub fn into_rows(self) -> Result<Vec<ListRow>> {
+        match self.silent.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(self.rows),
+        }
+    }
+}
+
+/// How one tapdisk answered.
+enum Answer {
+    /// Its VBDs (possibly none), under the pid it reported.
+    Vbds(u32, Vec<VbdEntry>),
+    /// Nobody listens on its socket (the tapdisk died or exited meanwhile).
+    Gone,
+    /// It is there but did not answer properly in time.
+    Silent(Error),
+}
+
+/// Asks the tapdisk on `ctl<id>` for its pid and VBDs, all within `timeout`.
+fn ask(dir: &ControlDir, id: u32, timeout: Duration) -> Answer {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let answer = get_pid_within(dir, id, timeout)
+        .and_then(|pid| list_vbds_within(dir, pid, left()).map(|vbds| (pid, vbds)));
+    match answer {
+        Ok((pid, vbds)) => Answer::Vbds(pid, vbds),
+        Err(e) if is_gone(&e) => Answer::Gone,
+        Err(e) => Answer::Silent(e),
+    }
+}
+
+/// Errors that mean no tapdisk is behind the socket (any more).
+fn is_gone(error: &Error) -> bool {
+    matches!(
+        error.errno(),
+        libc::ECONNREFUSED | libc::ENOENT | libc::ECONNRESET | libc::EPIPE
+    )
+}
+
+/// Tapdisks asked at once (one thread each).
+const PARALLEL_QUERIES: usize = 64;
+
+/// Asks every id in `ids` at once (in batches of [`PARALLEL_QUERIES`]); answers in order.
+fn ask_all(dir: &ControlDir, ids: &[u32]) -> Vec<(u32, Answer)> {
+    let mut answers = Vec::with_capacity(ids.len());
+    for batch in ids.chunks(PARALLEL_QUERIES) {
+        std::thread::scope(|scope| {
+            let asking: Vec<_> = batch
+                .iter()
+                .map(|&id| scope.spawn(move || ask(dir, id, LIST_STATS_TIMEOUT)))
+                .collect();
+            for (handle, &id) in asking.into_iter().zip(batch) {
+                let answer = handle.join().unwrap_or_else(|_| {
+                    Answer::Silent(Error::new(libc::EIO, format!("asking tapdisk {id} failed")))
+                });
+                answers.push((id, answer));
+            }
+        });
+    }
+    answers
+}
+
+/// Ids of the control sockets in `dir` (`ctl<pid>`), ascending.
+fn control_socket_ids(dir: &ControlDir) -> Result<Vec<u32>> {
     let entries = match std::fs::read_dir(dir.root()) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -148,37 +266,95 @@ pub fn running_tapdisks(dir: &ControlDir) -> Result<Vec<u32>> {
         .filter_map(|entry| entry.file_name().to_str().and_then(parse_ctl_socket_name))
         .collect();
     ids.sort_unstable();
-    // A stale socket (its tapdisk died) refuses the connection: skip it.
-    Ok(ids
-        .into_iter()
-        .filter_map(|id| get_pid(dir, id).ok())
-        .collect())
+    Ok(ids)
 }
 
-/// Every row of `tap-ctl list` (the 3-way join over `dir`).
-pub fn list(dir: &ControlDir) -> Result<Vec<ListRow>> {
+/// Joins `minors` with the answers of the tapdisks on `ids` (see [`Survey`]).
+fn survey_of(dir: &ControlDir, minors: &[u32], ids: &[u32]) -> Survey {
+    let locks = FlockHolders::read();
+    let holder = |minor: u32| locks.as_ref()?.holder(&dir.marker_path(minor));
+    let mut survey = Survey::default();
+    let mut tapdisks = Vec::new();
+    for (id, answer) in ask_all(dir, ids) {
+        match answer {
+            Answer::Vbds(pid, vbds) => tapdisks.push(TapdiskVbds {
+                pid,
+                vbds: Some(vbds),
+                held_minors: Vec::new(),
+            }),
+            Answer::Silent(error) => {
+                let held_minors = minors
+                    .iter()
+                    .copied()
+                    .filter(|minor| holder(*minor) == Some(id))
+                    .collect();
+                tapdisks.push(TapdiskVbds {
+                    pid: id,
+                    vbds: None,
+                    held_minors,
+                });
+                survey.silent.push((id, error));
+            }
+            Answer::Gone => survey.stale.push(format!(
+                "control socket {} is stale: tapdisk {id} is gone",
+                dir.ctl_socket_path(id).display()
+            )),
+        }
+    }
+    survey.rows = join(minors, &tapdisks);
+    // Minors no tapdisk accounts for: allocated, held by someone unknown, or stale.
+    for row in survey.rows.iter_mut().filter(|row| row.pid.is_none()) {
+        let Some(minor) = row.minor else { continue };
+        if locks.is_none() || holder(minor).is_some() {
+            continue;
+        }
+        let Some(pid) = recorded_pid(&dir.marker_path(minor)) else {
+            continue;
+        };
+        let (note, sentence) = if dir.recovery_state_path(minor).exists() {
+            (
+                format!("stale: tapdisk {pid} is gone; its ublk device awaits `tap-ctl recover -m {minor}`"),
+                format!("minor {minor} is stale: tapdisk {pid} died without detaching it; its ublk device awaits `tap-ctl recover -m {minor}`"),
+            )
+        } else {
+            (
+                format!("stale: tapdisk {pid} is gone"),
+                format!("minor {minor} is stale: tapdisk {pid} died without detaching it; the next allocate reclaims it"),
+            )
+        };
+        row.note = Some(note);
+        survey.stale.push(sentence);
+    }
+    survey
+}
+
+/// Every row of `tap-ctl list` (the 3-way join over `dir`), with the tapdisks that did not
+/// answer and the stale entries.
+pub fn survey(dir: &ControlDir) -> Result<Survey> {
     let minors = allocated_minors(dir)?;
-    let tapdisks: Vec<TapdiskVbds> = running_tapdisks(dir)?
-        .into_iter()
-        .map(|pid| TapdiskVbds {
-            pid,
-            vbds: list_vbds(dir, pid).ok(),
-        })
-        .collect();
-    Ok(join(&minors, &tapdisks))
+    let ids = control_socket_ids(dir)?;
+    Ok(survey_of(dir, &minors, &ids))
 }
 
-/// The rows of one tapdisk only (`tap-ctl list -p PID`): its VBDs, a pid-only row when it has
-/// none, nothing when it does not answer.
+/// The rows of one tapdisk only (`tap-ctl list -p PID`): its VBDs, a pid-only row when it
+/// has none, nothing when nobody listens on its socket; when it does not answer, the
+/// minors whose markers it holds.
+pub fn survey_pid(dir: &ControlDir, pid: u32) -> Result<Survey> {
+    let minors = allocated_minors(dir)?;
+    let mut survey = survey_of(dir, &minors, &[pid]);
+    survey.rows.retain(|row| row.pid == Some(pid));
+    survey.stale.clear();
+    Ok(survey)
+}
+
+/// Every row of `tap-ctl list`; fails when some tapdisk did not answer ([`survey`]).
+pub fn list(dir: &ControlDir) -> Result<Vec<ListRow>> {
+    survey(dir)?.into_rows()
+}
+
+/// The rows of tapdisk `pid` ([`survey_pid`]); fails when it did not answer.
 pub fn list_pid(dir: &ControlDir, pid: u32) -> Result<Vec<ListRow>> {
-    let Ok(pid) = get_pid(dir, pid) else {
-        return Ok(Vec::new());
-    };
-    let tapdisk = TapdiskVbds {
-        pid,
-        vbds: list_vbds(dir, pid).ok(),
-    };
-    Ok(join(&[], &[tapdisk]))
+    survey_pid(dir, pid)?.into_rows()
 }
 
 /// Row filters of `tap-ctl list` (`-p -m -t -f`), with the C tool's semantics: a type or file
@@ -282,18 +458,22 @@ mod tests {
                     vbd(0, 0, "vhd:/srv/a.vhd"),
                     vbd(2, 0x2a, "aio:/dev/sdb"),
                 ]),
+                held_minors: Vec::new(),
             },
             TapdiskVbds {
                 pid: 200,
                 vbds: Some(vec![]),
+                held_minors: Vec::new(),
             },
             TapdiskVbds {
                 pid: 300,
                 vbds: None,
+                held_minors: Vec::new(),
             },
             TapdiskVbds {
                 pid: 400,
                 vbds: Some(vec![vbd(5, 0x2, "")]),
+                held_minors: Vec::new(),
             },
         ];
         let rows = join(&[0, 1, 2, 3, 5], &tapdisks);
@@ -313,6 +493,32 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_tapdisk_keeps_the_minors_it_holds() {
+        let tapdisks = [
+            TapdiskVbds {
+                pid: 100,
+                vbds: None,
+                held_minors: vec![1, 3],
+            },
+            TapdiskVbds {
+                pid: 200,
+                vbds: None,
+                held_minors: vec![],
+            },
+        ];
+        let rows = join(&[0, 1, 3], &tapdisks);
+        let dicts: Vec<String> = rows.iter().map(ListRow::format_dict).collect();
+        assert_eq!(
+            dicts,
+            ["pid=100 minor=1", "pid=100 minor=3", "pid=200", "minor=0"]
+        );
+        assert_eq!(
+            rows[0].format_table_row(),
+            "     100    1    -          - -  (tapdisk did not answer)"
+        );
+    }
+
+    #[test]
     fn table_rows_are_c_formatted() {
         let rows = join(
             &[0, 7],
@@ -320,10 +526,12 @@ mod tests {
                 TapdiskVbds {
                     pid: 4242,
                     vbds: Some(vec![vbd(0, 0x2a, "vhd:/srv/a.vhd")]),
+                    held_minors: Vec::new(),
                 },
                 TapdiskVbds {
                     pid: 5,
                     vbds: Some(vec![]),
+                    held_minors: Vec::new(),
                 },
             ],
         );
@@ -343,6 +551,7 @@ mod tests {
             state: Some(0x200),
             driver: Some("verylongtype".to_owned()),
             path: Some("/p".to_owned()),
+            note: None,
         };
         assert_eq!(
             wide.format_table_row(),
@@ -358,6 +567,7 @@ mod tests {
             state: Some(0),
             driver: None,
             path: Some("/bare".to_owned()),
+            note: None,
         };
         assert_eq!(row.format_dict(), "minor=3 state=0");
         assert_eq!(ListRow::default().format_dict(), "");

@@ -208,8 +208,13 @@ pub fn block_device(dir: &ControlDir, pid: u32, minor: u32) -> Result<Option<Pat
 
 /// Asks the tapdisk listening on `ctl<id>` for its pid.
 pub fn get_pid(dir: &ControlDir, id: u32) -> Result<u32> {
+    get_pid_within(dir, id, LIST_STATS_TIMEOUT)
+}
+
+/// [`get_pid`], answered within `timeout`.
+pub fn get_pid_within(dir: &ControlDir, id: u32, timeout: Duration) -> Result<u32> {
     let message = Message::new(MessageType::Pid, 0, Body::Empty);
-    let reply = request(dir, id, &message, &[], Some(LIST_STATS_TIMEOUT))?;
+    let reply = request(dir, id, &message, &[], Some(timeout))?;
     match reply.body {
         Body::Pid(pid) => u32::try_from(pid)
             .map_err(|_| Error::new(libc::EPROTO, format!("tapdisk {id} reported pid {pid}"))),
@@ -334,8 +339,13 @@ pub struct VbdEntry {
 
 /// The VBDs of tapdisk `pid`, in the order the daemon sent them (10 s timeout).
 pub fn list_vbds(dir: &ControlDir, pid: u32) -> Result<Vec<VbdEntry>> {
+    list_vbds_within(dir, pid, LIST_STATS_TIMEOUT)
+}
+
+/// [`list_vbds`], all of it received within `timeout`.
+pub fn list_vbds_within(dir: &ControlDir, pid: u32, timeout: Duration) -> Result<Vec<VbdEntry>> {
     let message = Message::new(MessageType::List, COOKIE_ALL, Body::Empty);
-    let mut conn = Connection::connect(dir, pid, Some(LIST_STATS_TIMEOUT))?;
+    let mut conn = Connection::connect(dir, pid, Some(timeout))?;
     conn.send(&message, &[])?;
     let mut vbds = Vec::new();
     loop {

@@ -645,11 +645,11 @@ fn execute(command: Command, config: &Config, io: &mut Io<'_>) -> Result<(), Err
     let dir = &config.control_dir;
     match command {
         Command::List { filter } => {
-            let rows = match filter.pid {
-                Some(pid) => blktapctl::list_pid(dir, pid)?,
-                None => blktapctl::list(dir)?,
+            let survey = match filter.pid {
+                Some(pid) => blktapctl::list::survey_pid(dir, pid)?,
+                None => blktapctl::list::survey(dir)?,
             };
-            for row in rows.iter().filter(|row| filter.matches(row)) {
+            for row in survey.rows.iter().filter(|row| filter.matches(row)) {
                 // Scripts parse the dict form, which stays exactly the C one; people at a
                 // terminal also see the kernel block device of each open VBD.
                 let line = if io.stdout_is_tty {
@@ -665,6 +665,7 @@ fn execute(command: Command, config: &Config, io: &mut Io<'_>) -> Result<(), Err
                 };
                 let _ = writeln!(io.out, "{line}");
             }
+            return list_outcome(&survey, &filter, dir, io);
         }
         Command::Allocate => {
             let (_, marker) = blktapctl::allocate(dir)?;
@@ -738,6 +739,46 @@ fn execute(command: Command, config: &Config, io: &mut Io<'_>) -> Result<(), Err
         }
     }
     Ok(())
+}
+
+/// What `list` adds after its rows: stale entries on stderr (scripts parse stdout only), and
+/// the failure when a tapdisk that might hold a listed row did not answer. With `-m`, a
+/// tapdisk that did not answer matters only if the minor's marker is locked by it (or by
+/// nobody knows whom); any other filter cannot rule it out.
+fn list_outcome(
+    survey: &blktapctl::list::Survey,
+    filter: &ListFilter,
+    dir: &ControlDir,
+    io: &mut Io<'_>,
+) -> Result<(), Error> {
+    for sentence in &survey.stale {
+        let _ = writeln!(io.err, "tap-ctl: list: {sentence}");
+    }
+    let holder = filter.minor.and_then(|minor| {
+        blktapctl::marker::FlockHolders::read().map(|locks| locks.holder(&dir.marker_path(minor)))
+    });
+    let mut failure = None;
+    for (pid, error) in &survey.silent {
+        let relevant = match holder {
+            Some(held_by) => held_by == Some(*pid),
+            None => true,
+        };
+        if relevant {
+            let _ = writeln!(
+                io.err,
+                "tap-ctl: list: tapdisk {pid} did not answer, its VBDs are not all listed: {error}"
+            );
+            failure.get_or_insert_with(|| {
+                Error::new(
+                    error.errno(),
+                    format!(
+                        "tapdisk {pid} did not answer (its rows show only what its markers tell)"
+                    ),
+                )
+            });
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -6,9 +6,18 @@
 //! other clients or disk I/O. Anything malformed (truncated message, unknown type, unterminated
 //! string, unexpected extra bytes, bad key size) is answered with an `ERROR` reply carrying
 //! `EINVAL`, and the daemon carries on.
+//!
+//! Idle clients cannot hold the door shut: connections are accepted at once, whatever the
+//! others do; at most [`MAX_RECEIVING`] may still be sending their request, and a new one
+//! beyond that closes the oldest of them (which has had the longest to send 544 bytes). A
+//! request, once received, is served to the end (see [`ClientWatch`] for what happens when
+//! its client gives up meanwhile).
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tapdisk_proto::{
@@ -18,6 +27,7 @@ use tapdisk_proto::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 use tokio::time::timeout;
 
 use crate::server::{Reply, Tapdisk, Trailer};
@@ -28,8 +38,12 @@ pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a client may take to read its reply.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Control connections served at once; further clients wait in the listen backlog.
-pub const MAX_CONNECTIONS: u32 = 32;
+/// Connections that may still be sending their request; one more closes the oldest.
+pub const MAX_RECEIVING: usize = 64;
+
+/// Requests handled at once is not limited (state changes queue per minor); this is only the
+/// count [`ControlServer::drain`] waits for.
+const MAX_HANDLED: u32 = 1 << 16;
 
 /// Why a request could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -161,13 +175,70 @@ async fn discard_unread_input(stream: &mut UnixStream) {
     let _ = timeout(Duration::from_millis(500), drain).await;
 }
 
-/// Serves one control connection.
-async fn serve_connection(mut stream: UnixStream, tapdisk: Arc<Tapdisk>) {
-    let mut raw = [0u8; MESSAGE_SIZE];
-    let request = match timeout(RECEIVE_TIMEOUT, read_request(&mut stream, &mut raw)).await {
-        Ok(result) => result,
-        Err(_) => Err(RequestError::Timeout),
-    };
+/// Tells whether the client of a request is still there, so that a request whose client
+/// gave up (a `tap-ctl` past its timeout closes its socket) is not carried out afterwards.
+///
+/// A client that has sent its request only waits for the reply, so the socket hanging up
+/// (`POLLHUP`: the peer closed it; a mere `shutdown(SHUT_WR)` is not a hang-up) means the
+/// client has gone. The check is a `poll` with no timeout, cheap enough to make before every
+/// step that commits a change.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientWatch<'a> {
+    socket: Option<BorrowedFd<'a>>,
+}
+
+/// How often [`ClientWatch::gone`] looks.
+const HANGUP_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+impl<'a> ClientWatch<'a> {
+    /// Watches the client at the other end of `socket`.
+    pub fn new(socket: &'a impl AsFd) -> Self {
+        Self {
+            socket: Some(socket.as_fd()),
+        }
+    }
+
+    /// A client that never goes away (requests made inside the daemon, tests).
+    pub fn detached() -> ClientWatch<'static> {
+        ClientWatch { socket: None }
+    }
+
+    /// True once the client has closed its end.
+    pub fn is_gone(&self) -> bool {
+        let Some(socket) = self.socket else {
+            return false;
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &socket,
+            rustix::event::PollFlags::empty(),
+        )];
+        match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())) {
+            Ok(0) => false,
+            Ok(_) => fds[0]
+                .revents()
+                .intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::ERR),
+            Err(_) => false,
+        }
+    }
+
+    /// Resolves once the client has gone (never for [`ClientWatch::detached`]).
+    pub async fn gone(&self) {
+        if self.socket.is_none() {
+            return std::future::pending().await;
+        }
+        while !self.is_gone() {
+            tokio::time::sleep(HANGUP_POLL_INTERVAL).await;
+        }
+    }
+}
+
+/// Serves one control connection whose request has been read.
+async fn answer(
+    mut stream: UnixStream,
+    request: Result<(Message, Trailer), RequestError>,
+    cookie: u16,
+    tapdisk: &Tapdisk,
+) {
     let reply = match request {
         Ok((message, trailer)) => {
             tracing::debug!(
@@ -175,12 +246,13 @@ async fn serve_connection(mut stream: UnixStream, tapdisk: Arc<Tapdisk>) {
                 "received {}",
                 message.msg_type.name()
             );
-            tapdisk.handle(&message, &trailer).await
+            tapdisk
+                .handle(&message, &trailer, ClientWatch::new(&stream))
+                .await
         }
         Err(RequestError::Empty) => return,
         Err(e) => {
             tracing::warn!("control request refused: {e}");
-            let cookie = u16::from_le_bytes([raw[2], raw[3]]);
             Reply::Message(Message::error(cookie, libc::EINVAL))
         }
     };
@@ -201,34 +273,67 @@ async fn serve_connection(mut stream: UnixStream, tapdisk: Arc<Tapdisk>) {
     }
 }
 
+/// Connections still sending their request, oldest first.
+#[derive(Debug, Default)]
+struct Receiving {
+    connections: Mutex<VecDeque<(u64, AbortHandle)>>,
+}
+
+impl Receiving {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, AbortHandle)>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes the oldest connections beyond [`MAX_RECEIVING`] (called with the lock held,
+    /// right after registering a new one).
+    fn trim(connections: &mut VecDeque<(u64, AbortHandle)>) {
+        while connections.len() > MAX_RECEIVING {
+            if let Some((_, oldest)) = connections.pop_front() {
+                tracing::debug!("control connection still silent among many: closed");
+                oldest.abort();
+            }
+        }
+    }
+
+    /// Unregisters connection `id`; false when it was closed for a newer one meanwhile
+    /// (its task is being aborted and must not go on).
+    fn finish(&self, id: u64) -> bool {
+        let mut connections = self.lock();
+        match connections.iter().position(|(known, _)| *known == id) {
+            Some(index) => {
+                connections.remove(index);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Accepts control connections until the task is dropped.
 #[derive(Debug)]
 pub struct ControlServer {
-    connections: Arc<Semaphore>,
+    receiving: Arc<Receiving>,
+    handled: Arc<Semaphore>,
+    next_id: AtomicU64,
 }
 
 impl ControlServer {
     /// A server with no connections yet.
     pub fn new() -> Self {
         Self {
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS as usize)),
+            receiving: Arc::new(Receiving::default()),
+            handled: Arc::new(Semaphore::new(MAX_HANDLED as usize)),
+            next_id: AtomicU64::new(0),
         }
     }
 
     /// Accept loop: each connection gets its own task.
     pub async fn run(&self, listener: UnixListener, tapdisk: Arc<Tapdisk>) {
         loop {
-            let Ok(permit) = Arc::clone(&self.connections).acquire_owned().await else {
-                return;
-            };
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    let tapdisk = Arc::clone(&tapdisk);
-                    tokio::spawn(async move {
-                        serve_connection(stream, tapdisk).await;
-                        drop(permit);
-                    });
-                }
+                Ok((stream, _)) => self.serve(stream, Arc::clone(&tapdisk)),
                 Err(e) => {
                     tracing::error!("control socket accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -237,9 +342,36 @@ impl ControlServer {
         }
     }
 
-    /// Waits (at most `limit`) until no control connection is being served.
+    /// Starts the task of one connection: receive (evictable), then handle and answer.
+    fn serve(&self, mut stream: UnixStream, tapdisk: Arc<Tapdisk>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let receiving = Arc::clone(&self.receiving);
+        let handled = Arc::clone(&self.handled);
+        // Register before the task can run, so that it finds itself when it is done reading.
+        let mut registry = self.receiving.lock();
+        let task = tokio::spawn(async move {
+            let mut raw = [0u8; MESSAGE_SIZE];
+            let request = match timeout(RECEIVE_TIMEOUT, read_request(&mut stream, &mut raw)).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(RequestError::Timeout),
+            };
+            if !receiving.finish(id) {
+                return;
+            }
+            let Ok(_permit) = handled.try_acquire() else {
+                return;
+            };
+            let cookie = u16::from_le_bytes([raw[2], raw[3]]);
+            answer(stream, request, cookie, &tapdisk).await;
+        });
+        registry.push_back((id, task.abort_handle()));
+        Receiving::trim(&mut registry);
+    }
+
+    /// Waits (at most `limit`) until no control request is being handled.
     pub async fn drain(&self, limit: Duration) {
-        let all = self.connections.acquire_many(MAX_CONNECTIONS);
+        let all = self.handled.acquire_many(MAX_HANDLED);
         let _ = timeout(limit, all).await;
     }
 }

@@ -127,9 +127,14 @@ fn listed_images(
     if !file.is_absolute() {
         return Err(einval());
     }
-    let text = std::fs::read_to_string(file).inspect_err(|e| {
-        tracing::error!(file = %file.display(), "cannot read chain file: {e}");
-    })?;
+    let text = crate::driver::open_image_file(file, false, false)
+        .and_then(|mut opened| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut opened, &mut text).map(|_| text)
+        })
+        .inspect_err(|e| {
+            tracing::error!(file = %file.display(), "cannot read chain file: {e}");
+        })?;
     Ok(parse_x_chain(&text, file)?
         .into_iter()
         .map(|line| {

@@ -8,10 +8,10 @@
 
 use blktapctl::marker::MarkerLock;
 use blktapctl::paths::ControlDir;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tapdisk_proto::{
@@ -20,6 +20,7 @@ use tapdisk_proto::{
 use tokio::sync::watch;
 
 use crate::config::{Config, DeviceSettings};
+use crate::control::ClientWatch;
 use crate::driver::{DiskInfo, OpenOptions};
 use crate::error::{errno_of, failure, message_of};
 use crate::frontend::nbd::{NbdFrontend, NbdSettings, NbdTcpFrontend, TcpListen};
@@ -88,14 +89,26 @@ pub struct Tapdisk {
     config: Arc<Config>,
     control_dir: ControlDir,
     slots: Mutex<BTreeMap<u16, Slot>>,
-    /// Serialises the requests that change state (all but PID, LIST, STATS, DISK_INFO).
-    exclusive: tokio::sync::Mutex<()>,
+    /// One turn per minor: the requests that change a minor's state (all but PID, LIST,
+    /// STATS, DISK_INFO) run one at a time, in arrival order; other minors do not wait.
+    turns: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
     /// Set to true once the last VBD is detached.
     exit: watch::Sender<bool>,
 }
 
 fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
+}
+
+/// A request not carried out because its client closed the connection first.
+fn gave_up(msg_type: MessageType) -> io::Error {
+    failure(
+        libc::ECANCELED,
+        format!(
+            "the client gave up waiting: {} not carried out",
+            msg_type.name()
+        ),
+    )
 }
 
 /// The longest prefix of `text` that fits `max` bytes without splitting a character.
@@ -142,15 +155,13 @@ impl Tapdisk {
             control_dir: ControlDir::new(&config.control_dir),
             config,
             slots: Mutex::new(BTreeMap::new()),
-            exclusive: tokio::sync::Mutex::new(()),
+            turns: Mutex::new(HashMap::new()),
             exit: watch::channel(false).0,
         }
     }
 
     fn slots(&self) -> MutexGuard<'_, BTreeMap<u16, Slot>> {
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn vbd(&self, minor: u16) -> io::Result<Arc<Vbd>> {
@@ -206,14 +217,39 @@ impl Tapdisk {
         )
     }
 
-    /// Handles one decoded request.
-    pub async fn handle(&self, request: &Message, trailer: &Trailer) -> Reply {
+    /// The turn of `minor` (see [`Tapdisk::turns`]).
+    fn turn(&self, minor: u16) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(turns.entry(minor).or_default())
+    }
+
+    /// Handles one decoded request for `client`.
+    ///
+    /// A request that changes state waits for its minor's turn; if its client gives up
+    /// meanwhile, it is dropped unapplied. With its turn, it runs to the end, except where a
+    /// handler checks `client` (an open or resume not yet installed, a pause still draining):
+    /// there a client that has gone makes it undo what it did and fail with `ECANCELED`. What
+    /// remains is the moment between the last check and the reply: a client giving up just
+    /// then sees a failure although the change was made, as with any request and reply.
+    pub async fn handle(
+        &self,
+        request: &Message,
+        trailer: &Trailer,
+        client: ClientWatch<'_>,
+    ) -> Reply {
         let cookie = request.cookie;
         let result = if Self::is_reentrant(request.msg_type) {
-            self.dispatch(request, trailer).await
+            self.dispatch(request, trailer, client).await
         } else {
-            let _turn = self.exclusive.lock().await;
-            self.dispatch(request, trailer).await
+            let turn = self.turn(cookie);
+            let waited = tokio::select! {
+                held = turn.lock_owned() => Some(held),
+                () = client.gone() => None,
+            };
+            match waited {
+                Some(_held) if !client.is_gone() => self.dispatch(request, trailer, client).await,
+                _ => Err(gave_up(request.msg_type)),
+            }
         };
         result.unwrap_or_else(|e| {
             let code = errno_of(&e);
@@ -230,7 +266,12 @@ impl Tapdisk {
         })
     }
 
-    async fn dispatch(&self, request: &Message, trailer: &Trailer) -> io::Result<Reply> {
+    async fn dispatch(
+        &self,
+        request: &Message,
+        trailer: &Trailer,
+        client: ClientWatch<'_>,
+    ) -> io::Result<Reply> {
         let minor = request.cookie;
         let reply = |msg_type, body| Ok(Reply::Message(Message::new(msg_type, minor, body)));
         match (request.msg_type, &request.body) {
@@ -253,7 +294,7 @@ impl Tapdisk {
                 )
             }
             (MessageType::Open, Body::Params(params)) => {
-                let info = self.open(minor, params, trailer).await?;
+                let info = self.open(minor, params, trailer, client).await?;
                 reply(MessageType::OpenRsp, Body::Image(image_info(info)))
             }
             (MessageType::Close, _) => {
@@ -265,11 +306,11 @@ impl Tapdisk {
                 reply(MessageType::CloseRsp, Body::Empty)
             }
             (MessageType::Pause, _) => {
-                self.vbd(minor)?.pause().await?;
+                self.vbd(minor)?.pause_unless(client.gone()).await?;
                 reply(MessageType::PauseRsp, Body::Empty)
             }
             (MessageType::Resume, Body::Params(params)) => {
-                self.resume(minor, params, trailer).await?;
+                self.resume(minor, params, trailer, client).await?;
                 reply(MessageType::ResumeRsp, Body::Empty)
             }
             (MessageType::List, _) => Ok(Reply::List(self.list())),
@@ -321,6 +362,10 @@ impl Tapdisk {
         if slots.contains_key(&minor) {
             return Err(errno(libc::EEXIST));
         }
+        if *self.exit.borrow() {
+            // The last VBD was detached a moment ago: this process is on its way out.
+            return Err(failure(libc::ENODEV, "this tapdisk is exiting"));
+        }
         let marker_path = self.control_dir.marker_path(u32::from(minor));
         let marker = MarkerLock::acquire(&marker_path, self.pid).inspect_err(|e| {
             tracing::error!(
@@ -365,7 +410,13 @@ impl Tapdisk {
         Ok(())
     }
 
-    async fn open(&self, minor: u16, params: &Params, trailer: &Trailer) -> io::Result<DiskInfo> {
+    async fn open(
+        &self,
+        minor: u16,
+        params: &Params,
+        trailer: &Trailer,
+        client: ClientWatch<'_>,
+    ) -> io::Result<DiskInfo> {
         let vbd = self.vbd(minor).map_err(|_| {
             failure(
                 libc::EINVAL,
@@ -439,9 +490,23 @@ impl Tapdisk {
             options,
             timeout,
         };
-        let info = vbd.open(request).await.inspect_err(|e| {
+        if vbd.is_open() {
+            return Err(errno(libc::EALREADY));
+        }
+        // A slow open (stale NFS, a device that hangs) holds only this minor's turn, and
+        // only as long as its client waits: the open itself cannot be interrupted, so it
+        // finishes on the blocking pool and the chain it makes is closed.
+        let chain = tokio::select! {
+            chain = crate::vbd::open_chain(&request) => chain,
+            () = client.gone() => Err(gave_up(MessageType::Open)),
+        };
+        let chain = chain.inspect_err(|e| {
             tracing::error!(minor, "open {path} failed: {e}");
         })?;
+        if client.is_gone() {
+            return Err(gave_up(MessageType::Open));
+        }
+        let info = vbd.install(chain, request)?;
         let context = self.frontend_context(minor, &vbd, path.clone());
         let frontends = match self
             .start_frontends(&context, choice, &device, recover)
@@ -454,6 +519,12 @@ impl Tapdisk {
                 return Err(e);
             }
         };
+        if client.is_gone() {
+            let mut frontends = frontends;
+            let _ = stop_all(&mut frontends, true).await;
+            vbd.close(true).await;
+            return Err(gave_up(MessageType::Open));
+        }
         let slot_frontends = frontends.iter().map(|f| f.kind()).collect::<Vec<_>>();
         let device = frontends.iter().find_map(|f| f.stats().blockdev);
         if let Some(slot) = self.slots().get_mut(&minor) {
@@ -552,7 +623,13 @@ impl Tapdisk {
         }
     }
 
-    async fn resume(&self, minor: u16, params: &Params, trailer: &Trailer) -> io::Result<()> {
+    async fn resume(
+        &self,
+        minor: u16,
+        params: &Params,
+        trailer: &Trailer,
+        client: ClientWatch<'_>,
+    ) -> io::Result<()> {
         let vbd = self.vbd(minor)?;
         let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
         if unsupported != 0 || trailer.log_path.is_some() || !params.secondary.is_empty() {
@@ -563,7 +640,15 @@ impl Tapdisk {
             return Err(failure(libc::EOPNOTSUPP, what));
         }
         let new_params = (!params.path.is_empty()).then(|| params.path.clone());
-        vbd.resume(new_params).await
+        let reopened = tokio::select! {
+            reopened = vbd.reopen(new_params) => reopened?,
+            () = client.gone() => return Err(gave_up(MessageType::Resume)),
+        };
+        if client.is_gone() {
+            return Err(gave_up(MessageType::Resume));
+        }
+        vbd.finish_resume(reopened);
+        Ok(())
     }
 
     fn list(&self) -> Vec<Message> {

@@ -125,6 +125,13 @@ struct Inner {
     in_flight: usize,
 }
 
+/// A chain reopened for a paused VBD, not installed yet ([`Vbd::reopen`]).
+#[derive(Debug)]
+pub struct Reopened {
+    chain: ImageChain,
+    params: String,
+}
+
 /// One virtual block device.
 #[derive(Debug)]
 pub struct Vbd {
@@ -166,8 +173,9 @@ struct Admitted<'a> {
     in_flight: InFlight<'a>,
 }
 
-/// Opens a chain on the blocking pool (opening a file may block on slow storage).
-async fn open_chain(request: &OpenRequest) -> io::Result<ImageChain> {
+/// Opens a chain on the blocking pool (opening a file may block on slow storage). Dropping
+/// the future leaves the open running there; the chain it makes is then closed.
+pub async fn open_chain(request: &OpenRequest) -> io::Result<ImageChain> {
     let params = request.params.clone();
     let options = request.options;
     tokio::task::spawn_blocking(move || ImageChain::open(&params, options))
@@ -289,6 +297,13 @@ impl Vbd {
 
     /// Pauses: stops intake, drains in-flight requests, closes the chain.
     pub async fn pause(&self) -> io::Result<()> {
+        self.pause_unless(std::future::pending()).await
+    }
+
+    /// [`Vbd::pause`], abandoned if `give_up` completes while requests are still draining:
+    /// intake then resumes as if the pause had never been asked for, and the call fails with
+    /// `ECANCELED`. Once drained, the pause completes.
+    pub async fn pause_unless(&self, give_up: impl Future<Output = ()>) -> io::Result<()> {
         {
             let mut inner = self.lock();
             if inner.params.is_none() {
@@ -300,7 +315,15 @@ impl Vbd {
             inner.state |= state::PAUSE_REQUESTED | state::QUIESCE_REQUESTED;
         }
         self.notify();
-        self.wait_until(|inner| inner.in_flight == 0).await;
+        tokio::select! {
+            () = self.wait_until(|inner| inner.in_flight == 0) => {}
+            () = give_up => {
+                self.lock().state &= !(state::PAUSE_REQUESTED | state::QUIESCE_REQUESTED);
+                self.notify();
+                tracing::info!(minor = self.minor, "pause abandoned while draining");
+                return Err(errno(libc::ECANCELED));
+            }
+        }
         let chain = {
             let mut inner = self.lock();
             inner.state &= !(state::PAUSE_REQUESTED | state::QUIESCE_REQUESTED);
@@ -315,6 +338,14 @@ impl Vbd {
 
     /// Resumes a paused VBD, reopening its chain (from `new_params` if given).
     pub async fn resume(&self, new_params: Option<String>) -> io::Result<()> {
+        let reopened = self.reopen(new_params).await?;
+        self.finish_resume(reopened);
+        Ok(())
+    }
+
+    /// The first half of a resume: reopens the chain of a paused VBD (from `new_params` if
+    /// given) and checks its geometry, changing nothing yet; [`Vbd::finish_resume`] installs it.
+    pub async fn reopen(&self, new_params: Option<String>) -> io::Result<Reopened> {
         let (request, old_info) = {
             let inner = self.lock();
             if inner.state & state::PAUSED == 0 {
@@ -373,18 +404,26 @@ impl Vbd {
                 return Err(crate::error::failure(libc::EMEDIUMTYPE, what));
             }
         }
+        Ok(Reopened {
+            chain,
+            params: request.params,
+        })
+    }
+
+    /// The second half of a resume: runs the VBD on the chain [`Vbd::reopen`] opened.
+    pub fn finish_resume(&self, reopened: Reopened) {
+        let Reopened { chain, params } = reopened;
         {
             let mut inner = self.lock();
-            inner.params = Some(request.params);
+            inner.params = Some(params);
             self.mapped_hint.store(chain.is_mapped(), Ordering::Relaxed);
+            inner.info = Some(chain.info());
             inner.chain = Some(Arc::new(chain));
-            inner.info = Some(info);
             inner.state &=
                 !(state::PAUSED | state::QUIESCED | state::CLOSED | state::RESUME_FAILED);
         }
         self.notify();
         tracing::info!(minor = self.minor, "resumed");
-        Ok(())
     }
 
     /// Closes the chain. Unless `force`, waits for in-flight requests first; requests waiting at

@@ -184,3 +184,183 @@ fn kill_9_leftovers_are_shown_stale_and_reclaimed() {
     assert_eq!(after, expected);
     env.destroy(pid, minor);
 }
+
+#[test]
+fn a_fifo_is_refused_at_once() {
+    let env = Env::new();
+    let (pid, minor) = env.create(&env.raw_image("a.img", 1 << 20, 1), &[]);
+    let fifo = env.dir.path().join("fifo");
+    run_ok(Command::new("mkfifo").arg(&fifo));
+    let spare = env.tap_ctl_ok(&["allocate"]);
+    let spare = spare.trim().rsplit('-').next().unwrap().to_owned();
+    let (pid_s, minor_s) = (pid.to_string(), minor.to_string());
+    env.tap_ctl_ok(&["attach", "-p", &pid_s, "-m", &spare]);
+    let start = std::time::Instant::now();
+    let params = format!("aio:{}", fifo.display());
+    let stderr = env.tap_ctl_err(
+        &["open", "-R", "-p", &pid_s, "-m", &spare, "-a", &params],
+        libc::EINVAL,
+    );
+    println!("open of a FIFO: refused in {:.2?}", start.elapsed());
+    assert!(
+        stderr.contains("is a FIFO, not a regular file or block device"),
+        "{stderr}"
+    );
+    let params = format!("x-chain:{}", fifo.display());
+    let stderr = env.tap_ctl_err(
+        &["open", "-p", &pid_s, "-m", &spare, "-a", &params],
+        libc::EINVAL,
+    );
+    assert!(stderr.contains("is a FIFO"), "{stderr}");
+    // The other minor never noticed.
+    env.tap_ctl_ok(&["pause", "-p", &pid_s, "-m", &minor_s]);
+    env.tap_ctl_ok(&["unpause", "-p", &pid_s, "-m", &minor_s]);
+    env.tap_ctl_ok(&["detach", "-p", &pid_s, "-m", &spare]);
+    env.destroy(pid, minor);
+}
+
+/// Resumes a stopped process when dropped (so a failing test never leaves it stopped).
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+#[test]
+fn a_blocked_open_holds_only_its_minor_and_abandoned_requests_are_not_applied() {
+    if !std::path::Path::new("/dev/fuse").exists()
+        || !std::path::Path::new("/dev/loop-control").exists()
+    {
+        eprintln!("skipped: needs /dev/fuse and /dev/loop-control for a file whose open blocks");
+        return;
+    }
+    let env = Env::new();
+    // A file whose open(2) blocks: the FUSE file of a tapdisk that is stopped.
+    let served = format!("aio:{}", env.raw_image("s.img", 1 << 20, 1).display());
+    env.tap_ctl_ok(&["create", "-a", &served, "-b", "fuse"]);
+    let row = env
+        .list()
+        .into_iter()
+        .find(|row| row.args.as_deref() == Some(served.as_str()))
+        .expect("the FUSE-backed VBD is listed");
+    let (server, server_minor) = (row.pid.unwrap(), row.minor.unwrap());
+    let fuse_file = env.ctl_dir.join(format!("fuse{server}.{server_minor}"));
+    assert!(fuse_file.exists());
+    let (pid, minor) = env.create(&env.raw_image("a.img", 1 << 20, 2), &[]);
+    let (pid_s, minor_s) = (pid.to_string(), minor.to_string());
+    let spare = env.tap_ctl_ok(&["allocate"]);
+    let spare = spare.trim().rsplit('-').next().unwrap().to_owned();
+    env.tap_ctl_ok(&["attach", "-p", &pid_s, "-m", &spare]);
+
+    signal(server, "STOP");
+    let resume = Resume(server);
+    let blocked = format!("aio:{}", fuse_file.display());
+    let mut stuck_open = env
+        .tap_ctl_cmd(&[
+            "open", "-D", "-R", "-p", &pid_s, "-m", &spare, "-a", &blocked,
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Queued behind it on the same minor: an open of a plain image, whose client gives up.
+    let plain = format!("aio:{}", env.raw_image("b.img", 1 << 20, 3).display());
+    let mut queued_open = env
+        .tap_ctl_cmd(&["open", "-p", &pid_s, "-m", &spare, "-a", &plain])
+        .spawn()
+        .unwrap();
+
+    // Another minor of the same tapdisk changes state as if nothing were going on.
+    let start = std::time::Instant::now();
+    env.tap_ctl_ok(&["pause", "-p", &pid_s, "-m", &minor_s, "-t", "10"]);
+    let paused_in = start.elapsed();
+    env.tap_ctl_ok(&["unpause", "-p", &pid_s, "-m", &minor_s]);
+    println!("pause of another minor during a blocked open: {paused_in:.2?}");
+    assert!(
+        paused_in < std::time::Duration::from_secs(5),
+        "{paused_in:?}"
+    );
+    assert!(
+        queued_open.try_wait().unwrap().is_none(),
+        "the queued open waits its turn"
+    );
+    assert!(
+        stuck_open.try_wait().unwrap().is_none(),
+        "the open is blocked"
+    );
+
+    // Both clients give up: neither open may take effect later.
+    queued_open.kill().unwrap();
+    queued_open.wait().unwrap();
+    stuck_open.kill().unwrap();
+    stuck_open.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(resume);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let rows = env.list();
+    let spare_row = rows
+        .iter()
+        .find(|r| r.minor == Some(spare.parse().unwrap()))
+        .expect("the spare minor is listed");
+    assert_eq!(
+        spare_row.args, None,
+        "an abandoned open was applied: {rows:?}"
+    );
+    assert_eq!(spare_row.pid, Some(pid));
+    let row = rows.iter().find(|r| r.minor == Some(minor)).unwrap();
+    assert_eq!(row.state, Some(0), "{rows:?}");
+    // The minor is free for a real open now.
+    env.tap_ctl_ok(&["open", "-p", &pid_s, "-m", &spare, "-a", &plain]);
+    env.tap_ctl_ok(&["close", "-p", &pid_s, "-m", &spare]);
+    env.tap_ctl_ok(&["detach", "-p", &pid_s, "-m", &spare]);
+    env.destroy(pid, minor);
+    env.destroy(server, server_minor);
+}
+
+/// Opens `count` connections to `socket` that send `partial` bytes and then nothing.
+fn idle_clients(
+    socket: &std::path::Path,
+    count: usize,
+    partial: usize,
+) -> Vec<std::os::unix::net::UnixStream> {
+    (0..count)
+        .map(|_| {
+            let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+            std::io::Write::write_all(&mut stream, &vec![0u8; partial]).unwrap();
+            stream
+        })
+        .collect()
+}
+
+#[test]
+fn idle_control_connections_do_not_slow_the_control_plane() {
+    let env = Env::new();
+    let (pid, minor) = env.create(&env.raw_image("a.img", 1 << 20, 1), &[]);
+    let ctl = env.ctl_dir.join(format!("ctl{pid}"));
+    // Silent ones, and ones that stop half-way through their request.
+    let mut idle = idle_clients(&ctl, 100, 0);
+    idle.extend(idle_clients(&ctl, 50, 100));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let start = std::time::Instant::now();
+    env.tap_ctl_ok(&["list"]);
+    let list = start.elapsed();
+    let start = std::time::Instant::now();
+    env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+    let stats = start.elapsed();
+    let start = std::time::Instant::now();
+    env.tap_ctl_ok(&["pause", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+    env.tap_ctl_ok(&["unpause", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+    let pause = start.elapsed();
+    println!(
+        "with 150 idle control connections: list {list:.2?}, stats {stats:.2?}, pause+unpause {pause:.2?}"
+    );
+    for (what, took) in [("list", list), ("stats", stats), ("pause", pause)] {
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{what} took {took:?}"
+        );
+    }
+    drop(idle);
+    env.destroy(pid, minor);
+}

@@ -8,9 +8,9 @@
 //! can let the kernel copy read data straight from its pages ([`crate::engine::mapped`]).
 //! The first discard or zeroing (which may punch holes) ends that for the image's lifetime.
 
-use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,16 +40,6 @@ pub struct AioImage {
     block_device: bool,
 }
 
-/// Opens `path` with or without `O_DIRECT`.
-fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
-    let mut options = FsOpenOptions::new();
-    options.read(true).write(!read_only);
-    if direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
-    options.open(path)
-}
-
 impl AioImage {
     /// Opens a raw image.
     pub fn open(path: &Path, options: OpenOptions) -> io::Result<Self> {
@@ -59,11 +49,11 @@ impl AioImage {
     fn open_file(path: &Path, options: OpenOptions) -> io::Result<Self> {
         let read_only = options.read_only;
         let mut direct = !options.no_o_direct;
-        let mut file = match open_file(path, read_only, direct) {
+        let mut file = match super::open_image_file(path, !read_only, direct) {
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::info!(path = %path.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
                 direct = false;
-                open_file(path, read_only, false)?
+                super::open_image_file(path, !read_only, false)?
             }
             other => other?,
         };

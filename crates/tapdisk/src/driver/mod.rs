@@ -25,6 +25,48 @@ use crate::engine::{IoFuture, IoSettings};
 use crate::error::failure;
 use crate::iobuf::IoBuf;
 
+/// Opens a file a VBD is built from (an image, or an `x-chain:` description) without ever
+/// blocking on what is not a disk: the file is opened with `O_NONBLOCK` (so a FIFO or a
+/// device waiting for a peer returns at once), anything but a regular file or a block device
+/// is refused with `EINVAL` naming what it is, and `O_NONBLOCK` is cleared again for the I/O.
+/// `O_DIRECT` is asked for with `direct`; writing with `writable`.
+pub fn open_image_file(path: &Path, writable: bool, direct: bool) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let mut flags = libc::O_NONBLOCK;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(flags)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_dir() {
+            "a directory"
+        } else {
+            "not a file"
+        };
+        return Err(crate::error::failure(
+            libc::EINVAL,
+            format!(
+                "{} is {what}, not a regular file or block device",
+                path.display()
+            ),
+        ));
+    }
+    let status = rustix::fs::fcntl_getfl(&file)?;
+    rustix::fs::fcntl_setfl(&file, status - rustix::fs::OFlags::NONBLOCK)?;
+    Ok(file)
+}
+
 /// Bytes per sector used for VBD addressing (the C stack's `SECTOR_SIZE`).
 pub const SECTOR_SIZE: u64 = 512;
 

@@ -53,10 +53,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -380,16 +380,6 @@ impl fmt::Debug for VhdDriver {
     }
 }
 
-/// Opens `path` with or without `O_DIRECT`.
-fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
-    let mut options = FsOpenOptions::new();
-    options.read(true).write(!read_only);
-    if direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
-    options.open(path)
-}
-
 impl VhdDriver {
     /// Opens a VHD image, validating its metadata and locating its parent.
     pub fn open(path: &Path, options: OpenOptions) -> Result<Self, VhdDriverError> {
@@ -457,11 +447,11 @@ impl VhdDriver {
         drop(image);
 
         let mut direct = !options.no_o_direct;
-        let file = match open_file(path, read_only, direct) {
+        let file = match super::open_image_file(path, !read_only, direct) {
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::info!(path = %path.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
                 direct = false;
-                open_file(path, read_only, false)
+                super::open_image_file(path, !read_only, false)
             }
             other => other,
         }

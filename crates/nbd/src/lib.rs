@@ -22,11 +22,14 @@
 //! connections handed over as file descriptors ([`NbdServer::start_fd_receiver`],
 //! [`handover`]); TCP with required TLS ([`NbdServer::start_tcp`], [`tls::Tls`]).
 //! Extended headers (`NBD_OPT_EXTENDED_HEADERS`: 64-bit lengths, 32-byte request and
-//! reply headers, `BLOCK_STATUS_EXT`) when the client asks for them.
+//! reply headers, `BLOCK_STATUS_EXT`) when the client asks for them. Caps on live
+//! connections, nested per export and per process, with a clear refusal beyond them
+//! ([`limit`]).
 
 mod backlog;
 pub mod export;
 pub mod handover;
+pub mod limit;
 mod outbox;
 pub mod proto;
 pub mod server;
@@ -34,5 +37,6 @@ pub mod tls;
 mod transmission;
 
 pub use export::{Export, ExportBuffer};
+pub use limit::ConnectionLimit;
 pub use proto::{ExportInfo, Extent, WriteZeroesFlags};
 pub use server::{Handshake, NbdServer, ServerConfig};

@@ -31,6 +31,7 @@ use crate::export::Export;
 use crate::proto::{
     self, Negotiation, OptionHeader, OptionOutcome, ProtoError, Session, TlsPolicy,
 };
+use crate::limit::{ConnectionLimit, Refusal};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -48,6 +49,10 @@ pub struct ServerConfig {
     /// On UNIX sockets, hold small read replies back while the client still has plenty
     /// unread and send them together (see the `transmission` module).
     pub gather_replies: bool,
+    /// The cap on live connections this server counts in (shared with other servers as
+    /// the caller chooses); connections beyond it are refused (see the `limit` module).
+    /// `None`: no cap.
+    pub connection_limit: Option<Arc<ConnectionLimit>>,
 }
 
 /// How a connection starts.
@@ -69,6 +74,7 @@ impl Default for ServerConfig {
             handshake: Handshake::Newstyle,
             tls: None,
             gather_replies: true,
+            connection_limit: None,
         }
     }
 }
@@ -92,6 +98,10 @@ struct Shared {
     connection_ended: Notify,
     /// [`ServerConfig::gather_replies`].
     gather_replies: bool,
+    /// [`ServerConfig::connection_limit`].
+    limit: Option<Arc<ConnectionLimit>>,
+    /// [`ServerConfig::handshake`], for refusals.
+    handshake: Handshake,
 }
 
 impl Shared {
@@ -117,6 +127,15 @@ impl Shared {
             tracing::debug!("NBD server shutting down: dropping new connection");
             return;
         }
+        let place = match self.limit.as_ref().map(ConnectionLimit::admit) {
+            None => None,
+            Some(Ok(place)) => Some(place),
+            Some(Err(refusal)) => {
+                drop(backlog);
+                self.refuse(stream, refusal);
+                return;
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let future = (self.serve)(stream, backlog, self.shutdown.subscribe());
         let shared = Arc::clone(self);
@@ -126,11 +145,25 @@ impl Shared {
         let handle = self.runtime.spawn(
             async move {
                 let _guard = ConnectionGuard { shared, id };
+                let _place = place;
                 future.await;
             }
             .instrument(span),
         );
         connections.insert(id, handle.abort_handle());
+    }
+
+    /// Turns away a connection beyond the cap: newstyle clients are told why, old-style
+    /// ones (and any beyond the cap on refusals) are closed at once.
+    fn refuse(&self, stream: BoxedStream, refusal: Option<Refusal>) {
+        let Some(refusal) = refusal.filter(|_| self.handshake == Handshake::Newstyle) else {
+            tracing::debug!("NBD connection over the cap: closed");
+            return;
+        };
+        tracing::info!("NBD connection refused: {}", refusal.message);
+        self.runtime.spawn(async move {
+            crate::limit::refuse_newstyle(stream, &refusal).await;
+        });
     }
 
     /// Live connections, forgetting tasks that ended without running their guard.
@@ -299,6 +332,8 @@ impl NbdServer {
 
     fn new<E: Export>(export: Arc<E>, config: ServerConfig) -> NbdServer {
         let gather_replies = config.gather_replies;
+        let limit = config.connection_limit.clone();
+        let handshake = config.handshake;
         let config = Arc::new(config);
         let serve = move |stream: BoxedStream,
                           backlog: Option<PeerBacklog>,
@@ -318,6 +353,8 @@ impl NbdServer {
                 next_id: AtomicU64::new(0),
                 connection_ended: Notify::new(),
                 gather_replies,
+                limit,
+                handshake,
             }),
             accept: None,
         }

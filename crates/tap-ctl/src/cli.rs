@@ -748,7 +748,7 @@ fn execute(command: Command, config: &Config, io: &mut Io<'_>) -> Result<(), Err
 fn list_outcome(
     survey: &blktapctl::list::Survey,
     filter: &ListFilter,
-    dir: &ControlDir,
+    dir: &blktapctl::ControlDir,
     io: &mut Io<'_>,
 ) -> Result<(), Error> {
     for sentence in &survey.stale {

@@ -25,6 +25,10 @@
 //! [io]
 //! engine = "auto"          # "io_uring", "pread"
 //!
+//! [nbd]                    # caps on NBD connections, lowered to fit the open-file limit
+//! max_connections_per_vbd = 128
+//! max_connections = 1024   # per tapdisk
+//!
 //! [log]
 //! filter = "info"          # a tracing filter: "debug", "tapdisk=debug,nbd=info", ...
 //!
@@ -47,6 +51,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineChoice, IoSettings};
+use crate::frontend::nbd::ConnectionCaps;
 use crate::frontend::ublk::config::{
     Affinity, Bridge, UblkConfig, UserCopy, DEFAULT_DEPTH, DEFAULT_MAX_IO_KIB, DEFAULT_QUEUES,
     MAX_DEPTH, MAX_IO_KIB_LIMIT, MAX_QUEUES,
@@ -230,6 +235,8 @@ pub struct Config {
     pub block_device: BlockDeviceDefaults,
     /// Per-VBD device settings, site defaults.
     pub device: DeviceSettings,
+    /// Caps on NBD connections (`[nbd]`).
+    pub nbd: ConnectionCaps,
     /// Benchmark and diagnosis switches.
     pub tuning: Tuning,
     /// The site file read, if any.
@@ -244,6 +251,7 @@ impl Default for Config {
             io: IoSettings::default(),
             block_device: BlockDeviceDefaults::default(),
             device: DeviceSettings::default(),
+            nbd: ConnectionCaps::default(),
             tuning: Tuning::default(),
             file: None,
         }
@@ -263,7 +271,19 @@ struct SiteFile {
     #[serde(default)]
     log: LogSection,
     #[serde(default)]
+    nbd: NbdSection,
+    #[serde(default)]
     tuning: TuningSection,
+}
+
+/// Most connections a cap may allow.
+const MAX_CONNECTIONS_LIMIT: u32 = 1 << 20;
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct NbdSection {
+    max_connections_per_vbd: Option<i64>,
+    max_connections: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -502,6 +522,15 @@ impl Config {
         if let Some(filter) = &site.log.filter {
             config.log_filter = log_filter(&origin, "log.filter", filter)?;
         }
+        let range = 1..=MAX_CONNECTIONS_LIMIT;
+        if let Some(cap) = site.nbd.max_connections_per_vbd {
+            let cap: u32 = in_range(&origin, "nbd.max_connections_per_vbd", cap, range.clone())?;
+            config.nbd.per_vbd = usize::try_from(cap).unwrap_or(usize::MAX);
+        }
+        if let Some(cap) = site.nbd.max_connections {
+            let cap: u32 = in_range(&origin, "nbd.max_connections", cap, range)?;
+            config.nbd.per_tapdisk = usize::try_from(cap).unwrap_or(usize::MAX);
+        }
         let tuning = &site.tuning;
         if let Some(mapped) = tuning.mapped_reads {
             config.io.mapped_reads = mapped;
@@ -539,6 +568,10 @@ impl Config {
             },
             log: LogSection {
                 filter: Some(self.log_filter.clone()),
+            },
+            nbd: NbdSection {
+                max_connections_per_vbd: i64::try_from(self.nbd.per_vbd).ok(),
+                max_connections: i64::try_from(self.nbd.per_tapdisk).ok(),
             },
             tuning: TuningSection {
                 mapped_reads: Some(self.io.mapped_reads),
@@ -594,6 +627,22 @@ mod tests {
             let error = Flags::parse(args(bad)).unwrap_err();
             assert!(matches!(error, ConfigError::Usage(_)), "{bad}");
         }
+    }
+
+    #[test]
+    fn nbd_connection_caps() {
+        let config = site("[nbd]\nmax_connections_per_vbd = 4\nmax_connections = 9").unwrap();
+        assert_eq!((config.nbd.per_vbd, config.nbd.per_tapdisk), (4, 9));
+        assert_eq!(Config::default().nbd, ConnectionCaps::default());
+        for bad in ["max_connections_per_vbd = 0", "max_connections = -1"] {
+            let error = site(&format!("[nbd]\n{bad}")).unwrap_err();
+            assert!(matches!(error, ConfigError::Value { .. }), "{bad}: {error}");
+        }
+        let printed = Config::default().to_toml();
+        assert!(
+            printed.contains("[nbd]\nmax_connections_per_vbd = 128\nmax_connections = 1024"),
+            "{printed}"
+        );
     }
 
     #[test]

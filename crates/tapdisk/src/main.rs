@@ -117,6 +117,15 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
     );
 
     runtime.block_on(async {
+        let descriptors = sys::raise_open_file_limit();
+        let mut config = config;
+        config.nbd = config.nbd.within_descriptors(descriptors);
+        tracing::info!(
+            descriptors,
+            "NBD connections: at most {} per VBD, {} per tapdisk",
+            config.nbd.per_vbd,
+            config.nbd.per_tapdisk
+        );
         let tapdisk = Arc::new(Tapdisk::new(pid, Arc::new(config)));
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(listener) => listener,

@@ -30,6 +30,7 @@ use crate::frontend::{
 };
 use crate::stats::{self, VbdStats};
 use crate::vbd::{OpenRequest, Vbd, DEFAULT_REQUEST_TIMEOUT};
+use nbd::ConnectionLimit;
 
 /// Extra bytes a control request may carry after its 544-byte message.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -68,6 +69,8 @@ struct Slot {
     vbd: Arc<Vbd>,
     /// The locked marker file; dropping it empties it and releases the lock.
     _marker: MarkerLock,
+    /// The cap on this VBD's NBD connections, shared by its sockets and TCP listeners.
+    nbd_connections: Arc<ConnectionLimit>,
     /// What serves the open VBD, in the order started (the NBD export first); empty while
     /// closed.
     frontends: Vec<Box<dyn Frontend>>,
@@ -94,6 +97,9 @@ pub struct Tapdisk {
     turns: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
     /// Set to true once the last VBD is detached.
     exit: watch::Sender<bool>,
+    /// The cap on NBD connections of the whole process; each VBD has its own inside it
+    /// ([`Slot::nbd_connections`]).
+    nbd_connections: Arc<ConnectionLimit>,
 }
 
 fn errno(code: i32) -> io::Error {
@@ -153,11 +159,20 @@ impl Tapdisk {
         Self {
             pid,
             control_dir: ControlDir::new(&config.control_dir),
-            config,
             slots: Mutex::new(BTreeMap::new()),
             turns: Mutex::new(HashMap::new()),
             exit: watch::channel(false).0,
+            nbd_connections: ConnectionLimit::new("this tapdisk", config.nbd.per_tapdisk),
+            config,
         }
+    }
+
+    /// The cap on one VBD's NBD connections, inside the tapdisk's.
+    fn vbd_connection_limit(&self, minor: u16) -> Arc<ConnectionLimit> {
+        self.nbd_connections.within(
+            format!("minor {minor} of tapdisk {}", self.pid),
+            self.config.nbd.per_vbd,
+        )
     }
 
     fn slots(&self) -> MutexGuard<'_, BTreeMap<u16, Slot>> {
@@ -173,7 +188,13 @@ impl Tapdisk {
 
     /// What frontends of VBD `minor` are started with.
     fn frontend_context(&self, minor: u16, vbd: &Arc<Vbd>, params: String) -> FrontendContext {
+        let nbd_connections = self
+            .slots()
+            .get(&minor)
+            .map(|slot| Arc::clone(&slot.nbd_connections))
+            .unwrap_or_else(|| self.vbd_connection_limit(minor));
         FrontendContext {
+            nbd_connections,
             vbd: Arc::clone(vbd),
             minor,
             pid: self.pid,
@@ -379,6 +400,7 @@ impl Tapdisk {
             Slot {
                 vbd: Arc::new(Vbd::new(minor)),
                 _marker: marker,
+                nbd_connections: self.vbd_connection_limit(minor),
                 frontends: Vec::new(),
             },
         );

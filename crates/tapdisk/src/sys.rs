@@ -1,5 +1,5 @@
-//! Process plumbing: forking into the background (the `unsafe` part) and telling whether
-//! another process is still alive.
+//! Process plumbing: forking into the background (the `unsafe` part), telling whether
+//! another process is still alive, and the open file limit.
 //!
 //! The daemon's other `unsafe` code is just as confined: `engine::uring` and
 //! `engine::mapped` (memory the kernel reads or fills), and the ublk and loop device
@@ -8,6 +8,20 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
+
+/// Raises the soft limit on open files to the hard limit (a daemon serving many clients
+/// should not stop at a login shell's 1024); returns the limit now in force.
+pub fn raise_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!("cannot raise the open file limit: {e}");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
 
 /// The daemon side of a fork: report readiness (or failure) to the waiting parent through it.
 #[derive(Debug)]

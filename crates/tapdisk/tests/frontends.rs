@@ -42,6 +42,7 @@ async fn serve(dir: &tempfile::TempDir, image: FakeImage) -> (NbdFrontend, Strin
         pid: 1,
         control_dir: ControlDir::new(dir.path()),
         params: "aio:/fake".into(),
+        nbd_connections: nbd::ConnectionLimit::new("this disk", 128),
     };
     let frontend = NbdFrontend::start(&context, NbdSettings::default())
         .await

@@ -364,3 +364,129 @@ fn idle_control_connections_do_not_slow_the_control_plane() {
     drop(idle);
     env.destroy(pid, minor);
 }
+
+/// A newstyle NBD client that negotiates `NBD_OPT_GO` and then parks: the connection, or
+/// the server's error message.
+fn nbd_park(socket: &std::path::Path) -> Result<std::os::unix::net::UnixStream, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    stream
+        .read_exact(&mut greeting)
+        .map_err(|e| e.to_string())?;
+    let mut hello = 3u32.to_be_bytes().to_vec(); // FIXED_NEWSTYLE | NO_ZEROES
+    hello.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
+    hello.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    hello.extend_from_slice(&6u32.to_be_bytes());
+    hello.extend_from_slice(&[0u8; 6]); // empty name, no info requests
+    stream.write_all(&hello).map_err(|e| e.to_string())?;
+    loop {
+        let mut header = [0u8; 20];
+        stream.read_exact(&mut header).map_err(|e| e.to_string())?;
+        let kind = u32::from_be_bytes(header[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(header[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        stream.read_exact(&mut data).map_err(|e| e.to_string())?;
+        match kind {
+            1 => return Ok(stream),
+            kind if kind & 0x8000_0000 != 0 => {
+                return Err(format!("{kind:#x}: {}", String::from_utf8_lossy(&data)))
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn parked_nbd_clients_are_capped_and_the_control_plane_keeps_its_descriptors() {
+    let env = Env::new();
+    let image = format!("aio:{}", env.raw_image("a.img", 1 << 20, 1).display());
+    // The setting: a 1024-descriptor soft limit (hard 4096, which tapdisk takes).
+    let out = run_ok(
+        Command::new("prlimit")
+            .arg("--nofile=1024:4096")
+            .arg(tap_ctl_bin())
+            .args(["create", "-a", &image])
+            .env("BLKTAP_CONTROL_DIR", &env.ctl_dir)
+            .env("BLKTAP_TAPDISK", tapdisk_bin())
+            .env("BLKTAP_BLOCK_DEVICE", "none"),
+    );
+    let minor: u32 = out.trim().rsplit('-').next().unwrap().parse().unwrap();
+    let pid = env
+        .list()
+        .into_iter()
+        .find(|r| r.minor == Some(minor))
+        .unwrap()
+        .pid
+        .unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(
+        open_files.split_whitespace().nth(3) == Some("4096"),
+        "soft limit raised: {open_files}"
+    );
+
+    let socket = env.nbd_socket(pid, minor);
+    let start = std::time::Instant::now();
+    let mut parked = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..502 {
+        match nbd_park(&socket) {
+            Ok(stream) => parked.push(stream),
+            Err(message) => refused.push(message),
+        }
+    }
+    println!(
+        "502 clients: {} parked, {} refused in {:.2?}; first refusal: {:?}",
+        parked.len(),
+        refused.len(),
+        start.elapsed(),
+        refused.first()
+    );
+    assert_eq!(parked.len(), 128, "the per-VBD default");
+    assert!(
+        refused
+            .iter()
+            .all(|m| m.contains("too many connections to minor")),
+        "{refused:?}"
+    );
+    // A real client prints the reason (libnbd keeps server messages to its debug output).
+    let info = Command::new("qemu-img")
+        .args(["info", &env.nbd_uri(pid, minor)])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&info.stderr);
+    assert!(!info.status.success());
+    assert!(
+        said.contains("server reported: too many connections"),
+        "qemu-img said: {said}"
+    );
+    // Old-style clients beyond the cap are closed cleanly.
+    let mut old =
+        std::os::unix::net::UnixStream::connect(env.ctl_dir.join(format!("nbd-old{pid}.{minor}")))
+            .unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut old, &mut rest).unwrap();
+    assert!(rest.is_empty());
+    // The control plane answers at once.
+    let start = std::time::Instant::now();
+    env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+    env.tap_ctl_ok(&["list"]);
+    println!(
+        "control with 128 parked and 374 refused clients: {:.2?}",
+        start.elapsed()
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(2));
+    // Places free up as clients leave.
+    parked.truncate(100);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(nbd_park(&socket).is_ok());
+    drop(parked);
+    env.destroy(pid, minor);
+}

@@ -108,6 +108,9 @@ pub struct FrontendContext {
     pub control_dir: ControlDir,
     /// `type:/path` of the image (for names and logs).
     pub params: String,
+    /// The cap on the VBD's NBD connections (all its sockets and TCP listeners together),
+    /// itself inside the tapdisk's cap.
+    pub nbd_connections: Arc<::nbd::ConnectionLimit>,
 }
 
 /// A running frontend of one VBD: one way its requests arrive (the NBD sockets, a TCP

@@ -22,6 +22,48 @@ use crate::engine::IoFuture;
 use crate::iobuf::IoBuf;
 use crate::vbd::Vbd;
 
+/// Caps on NBD connections (see [`nbd::limit`]; the site file's `[nbd]` section): clients
+/// beyond them are refused with an NBD error (newstyle) or closed (old-style), so parked
+/// clients cannot take every descriptor of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCaps {
+    /// Connections per VBD, over all its sockets and TCP listeners.
+    pub per_vbd: usize,
+    /// Connections per tapdisk, over all its VBDs.
+    pub per_tapdisk: usize,
+}
+
+impl Default for ConnectionCaps {
+    fn default() -> Self {
+        Self {
+            per_vbd: 128,
+            per_tapdisk: 1024,
+        }
+    }
+}
+
+/// Descriptors kept for everything but NBD connections: the control socket and its
+/// connections, image files, block devices, io_uring, logging.
+pub const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// Descriptors one NBD connection may hold: its socket and, on UNIX sockets, two
+/// duplicates for reply gathering.
+pub const DESCRIPTORS_PER_CONNECTION: u64 = 3;
+
+impl ConnectionCaps {
+    /// These caps, lowered so that every connection fits in `descriptors` (the process's
+    /// `RLIMIT_NOFILE`) with [`RESERVED_DESCRIPTORS`] to spare.
+    #[must_use]
+    pub fn within_descriptors(self, descriptors: u64) -> Self {
+        let room = descriptors.saturating_sub(RESERVED_DESCRIPTORS) / DESCRIPTORS_PER_CONNECTION;
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        Self {
+            per_vbd: self.per_vbd.min(room),
+            per_tapdisk: self.per_tapdisk.min(room),
+        }
+    }
+}
+
 /// Largest request the export accepts (advertised as the maximum block size).
 pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
 
@@ -364,6 +406,7 @@ impl StartFrontend for NbdFrontend {
                 export_name: name.to_owned(),
                 handshake,
                 gather_replies: settings.gather_replies,
+                connection_limit: Some(Arc::clone(&context.nbd_connections)),
                 ..ServerConfig::default()
             };
             let export = Arc::clone(&export);
@@ -442,6 +485,7 @@ impl StartFrontend for NbdTcpFrontend {
         let config = ServerConfig {
             export_name: context.params.clone(),
             tls,
+            connection_limit: Some(Arc::clone(&context.nbd_connections)),
             ..ServerConfig::default()
         };
         let server = NbdServer::start_tcp(listener, export, config);
@@ -514,6 +558,17 @@ mod tests {
             pool.give(IoBuf::zeroed(1 << 20));
         }
         assert!(pool.lock().bytes <= POOL_MAX_BYTES);
+    }
+
+    #[test]
+    fn caps_leave_descriptors_for_the_control_plane() {
+        let caps = ConnectionCaps::default();
+        assert_eq!(caps.within_descriptors(1 << 20), caps);
+        // ulimit -n 1024: 256 kept, 768 / 3 = 256 connections.
+        let tight = caps.within_descriptors(1024);
+        assert_eq!(tight.per_tapdisk, 256);
+        assert_eq!(tight.per_vbd, 128);
+        assert_eq!(caps.within_descriptors(100).per_tapdisk, 0);
     }
 
     #[test]

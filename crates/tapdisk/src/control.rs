@@ -9,16 +9,16 @@
 //!
 //! Idle clients cannot hold the door shut: connections are accepted at once, whatever the
 //! others do; at most [`MAX_RECEIVING`] may still be sending their request, and a new one
-//! beyond that closes the oldest of them (which has had the longest to send 544 bytes). A
-//! request, once received, is served to the end (see [`ClientWatch`] for what happens when
-//! its client gives up meanwhile).
+//! beyond that closes the oldest of them that has had half a second to send its 544 bytes
+//! and has not. A request, once received, is served to the end (see
+//! [`ClientWatch`] for what happens when its client gives up meanwhile).
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tapdisk_proto::{
     Body, Message, MessageType, OpenFlags, LOG_PATH_PAYLOAD_LEN, MESSAGE_SIZE,
@@ -26,6 +26,7 @@ use tapdisk_proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 use tokio::time::timeout;
@@ -40,6 +41,9 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections that may still be sending their request; one more closes the oldest.
 pub const MAX_RECEIVING: usize = 64;
+
+/// How long a new connection has to send its request before it may be closed to make room.
+const GRACE: Duration = Duration::from_millis(500);
 
 /// Requests handled at once is not limited (state changes queue per minor); this is only the
 /// count [`ControlServer::drain`] waits for.
@@ -273,26 +277,56 @@ async fn answer(
     }
 }
 
+/// A connection still sending its request: its task, and a duplicate of its socket to see
+/// how much of the request has arrived.
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    task: AbortHandle,
+    socket: Option<OwnedFd>,
+    accepted: Instant,
+}
+
+impl Pending {
+    /// True when the connection may be closed to make room: it has had [`GRACE`] to send
+    /// its request, and the request has not fully arrived.
+    fn evictable(&self) -> bool {
+        self.accepted.elapsed() >= GRACE && !self.has_request()
+    }
+
+    /// True when a whole request waits in the socket (its task just has not run yet).
+    fn has_request(&self) -> bool {
+        self.socket.as_ref().is_some_and(|socket| {
+            rustix::io::ioctl_fionread(socket).is_ok_and(|queued| queued >= MESSAGE_SIZE as u64)
+        })
+    }
+}
+
 /// Connections still sending their request, oldest first.
 #[derive(Debug, Default)]
 struct Receiving {
-    connections: Mutex<VecDeque<(u64, AbortHandle)>>,
+    connections: Mutex<VecDeque<Pending>>,
 }
 
 impl Receiving {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, AbortHandle)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
         self.connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Closes the oldest connections beyond [`MAX_RECEIVING`] (called with the lock held,
-    /// right after registering a new one).
-    fn trim(connections: &mut VecDeque<(u64, AbortHandle)>) {
+    /// Closes the oldest connections beyond [`MAX_RECEIVING`] that are [`Pending::evictable`]
+    /// (called with the lock held, right after registering a new one). A connection younger
+    /// than [`GRACE`], or whose request waits in its socket, is spared: a client sends its
+    /// request right after connecting, however many others are there.
+    fn trim(connections: &mut VecDeque<Pending>) {
         while connections.len() > MAX_RECEIVING {
-            if let Some((_, oldest)) = connections.pop_front() {
+            let Some(index) = connections.iter().position(Pending::evictable) else {
+                return;
+            };
+            if let Some(oldest) = connections.remove(index) {
                 tracing::debug!("control connection still silent among many: closed");
-                oldest.abort();
+                oldest.task.abort();
             }
         }
     }
@@ -301,7 +335,7 @@ impl Receiving {
     /// (its task is being aborted and must not go on).
     fn finish(&self, id: u64) -> bool {
         let mut connections = self.lock();
-        match connections.iter().position(|(known, _)| *known == id) {
+        match connections.iter().position(|pending| pending.id == id) {
             Some(index) => {
                 connections.remove(index);
                 true
@@ -311,26 +345,60 @@ impl Receiving {
     }
 }
 
-/// Accepts control connections until the task is dropped.
+/// Accepts control connections on a thread of its own.
+///
+/// The data plane runs on the main runtime, where thousands of NBD connections may be
+/// handshaking; a control request queued behind their tasks would wait its turn among them.
+/// So the control socket has its own thread (a single-threaded runtime): accepting,
+/// reading requests and answering those that only read state (PID, LIST, STATS, DISK_INFO)
+/// never wait for the data plane. Requests that change state are handed to the main
+/// runtime, where the VBDs and their frontends live.
 #[derive(Debug)]
 pub struct ControlServer {
     receiving: Arc<Receiving>,
     handled: Arc<Semaphore>,
     next_id: AtomicU64,
+    /// The main runtime, for state-changing requests.
+    main: Handle,
 }
 
 impl ControlServer {
-    /// A server with no connections yet.
-    pub fn new() -> Self {
+    /// A server with no connections yet; state changes will run on `main`.
+    pub fn new(main: Handle) -> Self {
         Self {
             receiving: Arc::new(Receiving::default()),
             handled: Arc::new(Semaphore::new(MAX_HANDLED as usize)),
             next_id: AtomicU64::new(0),
+            main,
         }
     }
 
+    /// Starts the control thread serving `listener` (a non-blocking listening socket) for
+    /// the life of the process.
+    pub fn start(
+        self: &Arc<Self>,
+        listener: std::os::unix::net::UnixListener,
+        tapdisk: Arc<Tapdisk>,
+    ) -> io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let server = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("tapdisk-control".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match UnixListener::from_std(listener) {
+                        Ok(listener) => server.run(listener, tapdisk).await,
+                        Err(e) => tracing::error!("control socket: {e}"),
+                    }
+                });
+            })?;
+        Ok(())
+    }
+
     /// Accept loop: each connection gets its own task.
-    pub async fn run(&self, listener: UnixListener, tapdisk: Arc<Tapdisk>) {
+    async fn run(&self, listener: UnixListener, tapdisk: Arc<Tapdisk>) {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => self.serve(stream, Arc::clone(&tapdisk)),
@@ -347,6 +415,8 @@ impl ControlServer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let receiving = Arc::clone(&self.receiving);
         let handled = Arc::clone(&self.handled);
+        let main = self.main.clone();
+        let socket = stream.as_fd().try_clone_to_owned().ok();
         // Register before the task can run, so that it finds itself when it is done reading.
         let mut registry = self.receiving.lock();
         let task = tokio::spawn(async move {
@@ -359,13 +429,36 @@ impl ControlServer {
             if !receiving.finish(id) {
                 return;
             }
-            let Ok(_permit) = handled.try_acquire() else {
+            let Ok(permit) = handled.try_acquire_owned() else {
                 return;
             };
             let cookie = u16::from_le_bytes([raw[2], raw[3]]);
-            answer(stream, request, cookie, &tapdisk).await;
+            let changes_state = request
+                .as_ref()
+                .is_ok_and(|(message, _)| !Tapdisk::is_reentrant(message.msg_type));
+            if !changes_state {
+                answer(stream, request, cookie, &tapdisk).await;
+                return;
+            }
+            // Moved to the main runtime's reactor with the request.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => return tracing::warn!("control connection lost: {e}"),
+            };
+            main.spawn(async move {
+                match UnixStream::from_std(stream) {
+                    Ok(stream) => answer(stream, request, cookie, &tapdisk).await,
+                    Err(e) => tracing::warn!("control connection lost: {e}"),
+                }
+                drop(permit);
+            });
         });
-        registry.push_back((id, task.abort_handle()));
+        registry.push_back(Pending {
+            id,
+            task: task.abort_handle(),
+            socket,
+            accepted: Instant::now(),
+        });
         Receiving::trim(&mut registry);
     }
 
@@ -373,11 +466,5 @@ impl ControlServer {
     pub async fn drain(&self, limit: Duration) {
         let all = self.handled.acquire_many(MAX_HANDLED);
         let _ = timeout(limit, all).await;
-    }
-}
-
-impl Default for ControlServer {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -127,14 +127,11 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
             config.nbd.per_tapdisk
         );
         let tapdisk = Arc::new(Tapdisk::new(pid, Arc::new(config)));
-        let listener = match tokio::net::UnixListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::error!("control socket: {e}");
-                return;
-            }
-        };
-        let control = ControlServer::new();
+        let control = Arc::new(ControlServer::new(tokio::runtime::Handle::current()));
+        if let Err(e) = control.start(listener, Arc::clone(&tapdisk)) {
+            tracing::error!("cannot start the control thread: {e}");
+            return;
+        }
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let terminated = async {
@@ -146,7 +143,6 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
             }
         };
         let signalled = tokio::select! {
-            () = control.run(listener, Arc::clone(&tapdisk)) => false,
             () = tapdisk.wait_for_exit() => false,
             () = terminated => true,
             _ = tokio::signal::ctrl_c() => true,

@@ -490,3 +490,84 @@ fn parked_nbd_clients_are_capped_and_the_control_plane_keeps_its_descriptors() {
     drop(parked);
     env.destroy(pid, minor);
 }
+
+#[test]
+fn soak_control_stays_fast_among_hundreds_of_idle_slow_and_reconnecting_clients() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let env = Env::new();
+    let (pid, minor) = env.create(&env.raw_image("a.img", 4 << 20, 1), &[]);
+    let (pid_s, minor_s) = (pid.to_string(), minor.to_string());
+    let nbd = env.nbd_socket(pid, minor);
+    let ctl = env.ctl_dir.join(format!("ctl{pid}"));
+
+    // Idle: NBD clients parked after GO (beyond the cap they are refused), control clients
+    // that never send. Slow: NBD clients silent in the handshake, control clients that stop
+    // half-way through their request.
+    let parked: Vec<_> = (0..200).filter_map(|_| nbd_park(&nbd).ok()).collect();
+    let slow_nbd = idle_clients(&nbd, 100, 0);
+    let idle_ctl = idle_clients(&ctl, 100, 0);
+    let slow_ctl = idle_clients(&ctl, 100, 300);
+    // Reconnecting: NBD clients negotiating, holding on a moment and leaving, control
+    // clients sending half a request and leaving, in a loop.
+    const HOLD_MS: u64 = 20;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reconnects = Arc::new(AtomicUsize::new(0));
+    let churn: Vec<_> = (0..48)
+        .map(|i| {
+            let (stop, reconnects) = (Arc::clone(&stop), Arc::clone(&reconnects));
+            let (nbd, ctl) = (nbd.clone(), ctl.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let client = if i % 3 == 0 {
+                        idle_clients(&ctl, 1, 100).pop()
+                    } else {
+                        nbd_park(&nbd).ok()
+                    };
+                    std::thread::sleep(Duration::from_millis(HOLD_MS));
+                    drop(client);
+                    reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    let mut timings: Vec<(&str, Duration)> = Vec::new();
+    let soak_start = Instant::now();
+    while soak_start.elapsed() < Duration::from_secs(8) {
+        for (what, args) in [
+            ("list", vec!["list"]),
+            ("stats", vec!["stats", "-p", &pid_s, "-m", &minor_s]),
+            ("pause", vec!["pause", "-p", &pid_s, "-m", &minor_s]),
+            ("unpause", vec!["unpause", "-p", &pid_s, "-m", &minor_s]),
+        ] {
+            let start = Instant::now();
+            env.tap_ctl_ok(&args);
+            timings.push((what, start.elapsed()));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for thread in churn {
+        thread.join().unwrap();
+    }
+    let mut all: Vec<Duration> = timings.iter().map(|(_, t)| *t).collect();
+    all.sort();
+    let median = all[all.len() / 2];
+    let slowest = timings.iter().max_by_key(|(_, t)| *t).unwrap();
+    println!(
+        "soak: {} parked NBD, 100 slow NBD, 100 idle + 100 slow control, 48 reconnecting \
+         ({} reconnects in {:.1?}): {} control requests, median {median:.2?}, slowest {} {:.2?}",
+        parked.len(),
+        reconnects.load(Ordering::Relaxed),
+        soak_start.elapsed(),
+        timings.len(),
+        slowest.0,
+        slowest.1
+    );
+    assert_eq!(parked.len(), 128);
+    assert!(slowest.1 < Duration::from_secs(3), "{timings:?}");
+    assert!(median < Duration::from_millis(500), "{timings:?}");
+    drop((parked, slow_nbd, idle_ctl, slow_ctl));
+    env.destroy(pid, minor);
+}

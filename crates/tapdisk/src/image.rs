@@ -132,6 +132,7 @@ fn listed_images(
             let mut text = String::new();
             std::io::Read::read_to_string(&mut opened, &mut text).map(|_| text)
         })
+        .map_err(|e| crate::error::with_context(e, file.display()))
         .inspect_err(|e| {
             tracing::error!(file = %file.display(), "cannot read chain file: {e}");
         })?;

@@ -202,16 +202,23 @@ fn a_fifo_is_refused_at_once() {
         libc::EINVAL,
     );
     println!("open of a FIFO: refused in {:.2?}", start.elapsed());
-    assert!(
-        stderr.contains("is a FIFO, not a regular file or block device"),
-        "{stderr}"
+    let expected = format!(
+        "{}: a FIFO, not a regular file or block device",
+        fifo.display()
     );
+    assert!(stderr.contains(&expected), "{stderr}");
+    let params = format!("vhd:{}", fifo.display());
+    let stderr = env.tap_ctl_err(
+        &["open", "-R", "-p", &pid_s, "-m", &spare, "-a", &params],
+        libc::EINVAL,
+    );
+    assert!(stderr.contains("a FIFO, not a regular file"), "{stderr}");
     let params = format!("x-chain:{}", fifo.display());
     let stderr = env.tap_ctl_err(
         &["open", "-p", &pid_s, "-m", &spare, "-a", &params],
         libc::EINVAL,
     );
-    assert!(stderr.contains("is a FIFO"), "{stderr}");
+    assert!(stderr.contains("a FIFO, not a regular file"), "{stderr}");
     // The other minor never noticed.
     env.tap_ctl_ok(&["pause", "-p", &pid_s, "-m", &minor_s]);
     env.tap_ctl_ok(&["unpause", "-p", &pid_s, "-m", &minor_s]);

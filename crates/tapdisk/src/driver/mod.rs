@@ -28,7 +28,8 @@ use crate::iobuf::IoBuf;
 /// Opens a file a VBD is built from (an image, or an `x-chain:` description) without ever
 /// blocking on what is not a disk: the file is opened with `O_NONBLOCK` (so a FIFO or a
 /// device waiting for a peer returns at once), anything but a regular file or a block device
-/// is refused with `EINVAL` naming what it is, and `O_NONBLOCK` is cleared again for the I/O.
+/// is refused with `EINVAL` naming what it is (callers add the path), and `O_NONBLOCK` is
+/// cleared again for the I/O.
 /// `O_DIRECT` is asked for with `direct`; writing with `writable`.
 pub fn open_image_file(path: &Path, writable: bool, direct: bool) -> io::Result<std::fs::File> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -56,10 +57,7 @@ pub fn open_image_file(path: &Path, writable: bool, direct: bool) -> io::Result<
         };
         return Err(crate::error::failure(
             libc::EINVAL,
-            format!(
-                "{} is {what}, not a regular file or block device",
-                path.display()
-            ),
+            format!("{what}, not a regular file or block device"),
         ));
     }
     let status = rustix::fs::fcntl_getfl(&file)?;

@@ -150,7 +150,7 @@ impl VhdDriverError {
     /// The errno reported for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Self::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Self::Io { source, .. } => crate::error::errno_of(source),
             Self::Metadata { source, .. } => source.errno(),
             Self::MissingParent { .. } => libc::ENOENT,
             Self::ParentMismatch { .. } | Self::ParentType { .. } => libc::EINVAL,
@@ -398,7 +398,7 @@ impl VhdDriver {
         };
         // Metadata is read through a buffered descriptor (any alignment), I/O through the
         // engine's descriptor opened below.
-        let probe = File::open(path).map_err(io_error("cannot open"))?;
+        let probe = super::open_image_file(path, false, false).map_err(io_error("cannot open"))?;
         let stamp = FileStamp::of_metadata(&probe.metadata().map_err(io_error("cannot stat"))?);
         let file_len = vhd::BlockFile::len(&probe).map_err(io_error("cannot size"))?;
         let name = path.display().to_string();

@@ -412,15 +412,18 @@ fn parked_nbd_clients_are_capped_and_the_control_plane_keeps_its_descriptors() {
     let env = Env::new();
     let image = format!("aio:{}", env.raw_image("a.img", 1 << 20, 1).display());
     // The setting: a 1024-descriptor soft limit (hard 4096, which tapdisk takes).
-    let out = run_ok(
-        Command::new("prlimit")
-            .arg("--nofile=1024:4096")
-            .arg(tap_ctl_bin())
-            .args(["create", "-a", &image])
-            .env("BLKTAP_CONTROL_DIR", &env.ctl_dir)
-            .env("BLKTAP_TAPDISK", tapdisk_bin())
-            .env("BLKTAP_BLOCK_DEVICE", "none"),
-    );
+    let template = env.tap_ctl_cmd(&["create", "-a", &image]);
+    let mut create = Command::new("prlimit");
+    create
+        .arg("--nofile=1024:4096")
+        .arg(template.get_program())
+        .args(template.get_args());
+    for (key, value) in template.get_envs() {
+        if let Some(value) = value {
+            create.env(key, value);
+        }
+    }
+    let out = run_ok(&mut create);
     let minor: u32 = out.trim().rsplit('-').next().unwrap().parse().unwrap();
     let pid = env
         .list()

@@ -28,10 +28,10 @@ use tracing::Instrument;
 
 use crate::backlog::PeerBacklog;
 use crate::export::Export;
+use crate::limit::{ConnectionLimit, Refusal};
 use crate::proto::{
     self, Negotiation, OptionHeader, OptionOutcome, ProtoError, Session, TlsPolicy,
 };
-use crate::limit::{ConnectionLimit, Refusal};
 
 /// Server settings.
 #[derive(Debug, Clone)]

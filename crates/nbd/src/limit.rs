@@ -52,7 +52,7 @@ impl Drop for Place {
     }
 }
 
-/// A place in [`ConnectionLimit::refusing`] conversations; freed when dropped.
+/// A place among the connections being refused (bounded separately from live ones); freed when dropped.
 #[derive(Debug)]
 pub struct Refusal {
     limit: Arc<ConnectionLimit>,
@@ -147,7 +147,7 @@ const MAX_REFUSED_OPTIONS: usize = 16;
 /// `EXPORT_NAME` (which has no error reply: closed). Clients negotiate other options first
 /// (structured replies, metadata contexts) and go on after an error there, so refusing only
 /// the first option would close on them before they hear why; after the refused `GO` they
-/// abort. Bounded by [`REFUSAL_TIMEOUT`] and [`MAX_REFUSED_OPTIONS`].
+/// abort. Bounded by [`REFUSAL_TIMEOUT`] and a cap of 16 refused options.
 pub async fn refuse_newstyle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, refusal: &Refusal) {
     let conversation = async {
         stream.write_all(&proto::server_greeting()).await?;

@@ -152,14 +152,28 @@ impl Ring {
                 break;
             }
             // Queue full: hand what is queued to the kernel and retry.
-            self.ring.submit()?;
+            self.enter()?;
         }
         self.submitted += 1;
-        match self.ring.submit() {
-            Ok(_) => Ok(()),
-            // The entry stays queued; the next submit carries it.
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
-            Err(e) => Err(e),
+        self.enter()
+    }
+
+    /// Hands the queued entries to the kernel. `EBUSY` means completions are waiting in
+    /// the kernel's overflow list because nobody reaped the completion queue (the reaper
+    /// task may not have run for a while): reap into the slots to make room, then enter
+    /// again; each entry brings overflowed completions into the freed space.
+    fn enter(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    if self.ring.completion().is_empty() {
+                        std::thread::yield_now();
+                    }
+                    self.drain_completions();
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 }
@@ -557,5 +571,94 @@ mod tests {
         }
         assert_eq!(engine.pending(), 0);
         drop(engine);
+    }
+}
+
+/// A ring whose completion queue overflows while its owner is not reaping.
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::task::Waker;
+
+    /// Polls `future` once with a waker that does nothing.
+    fn poll_once<T>(future: &mut IoFuture<'_, T>) -> Poll<io::Result<T>> {
+        future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn more_operations_in_flight_than_the_completion_queue_holds() {
+        if !supported() {
+            eprintln!("skipped: io_uring unavailable");
+            return;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _context = runtime.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let blocks = 4096u64;
+        std::fs::write(&path, vec![0x5au8; usize::try_from(blocks * 4096).unwrap()]).unwrap();
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) => return eprintln!("skipped: no O_DIRECT here ({e})"),
+        };
+        file.sync_all().unwrap();
+        let engine = UringEngine::new(Arc::new(file)).unwrap();
+        // Every read is submitted, then the thread sleeps: nobody reaps (the reaper task
+        // cannot run on this runtime's only thread), so completions pile up far beyond
+        // the completion queue.
+        let mut futures: Vec<IoFuture<'_, IoBuf>> = (0..blocks)
+            .map(|i| engine.read_at(IoBuf::zeroed(4096), i * 4096))
+            .collect();
+        let mut done: Vec<Option<io::Result<IoBuf>>> = futures.iter().map(|_| None).collect();
+        for (future, result) in futures.iter_mut().zip(&mut done) {
+            if let Poll::Ready(r) = poll_once(future) {
+                *result = Some(r);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // More submissions while the completions are still unreaped.
+        let mut more: Vec<IoFuture<'_, IoBuf>> = (0..blocks)
+            .map(|i| engine.read_at(IoBuf::zeroed(4096), i * 4096))
+            .collect();
+        let mut more_done: Vec<Option<io::Result<IoBuf>>> = more.iter().map(|_| None).collect();
+        runtime.block_on(async {
+            std::future::poll_fn(|cx| {
+                let mut pending = false;
+                for (future, result) in futures
+                    .iter_mut()
+                    .zip(&mut done)
+                    .chain(more.iter_mut().zip(&mut more_done))
+                {
+                    if result.is_none() {
+                        match future.as_mut().poll(cx) {
+                            Poll::Ready(r) => *result = Some(r),
+                            Poll::Pending => pending = true,
+                        }
+                    }
+                }
+                if pending {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+        });
+        for result in done.into_iter().chain(more_done) {
+            let buf = result.unwrap().unwrap();
+            assert!(buf.as_slice().iter().all(|b| *b == 0x5a));
+        }
+        assert_eq!(engine.pending(), 0);
     }
 }

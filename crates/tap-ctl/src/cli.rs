@@ -20,7 +20,7 @@ use std::time::Duration;
 use blktapctl::{Error, ImageSpec, ListFilter, OpenFlags, OpenRequest, ResumeRequest};
 
 use crate::config::Config;
-use crate::getopt::Getopt;
+use getopt::Getopt;
 
 /// The commands, in the order the global usage lists them.
 pub const COMMANDS: [&str; 17] = [

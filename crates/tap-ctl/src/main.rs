@@ -5,7 +5,6 @@
 
 mod cli;
 mod config;
-mod getopt;
 
 use std::io::{IsTerminal, Write};
 

@@ -1,4 +1,5 @@
-//! A small getopt(3) work-alike, so `tap-ctl` accepts exactly what the C tool accepted.
+//! A small getopt(3) work-alike, so the tools that replace C ones (`tap-ctl`, `cbt-util`)
+//! accept exactly what the C tools accepted.
 //!
 //! Supported: clustered flags (`-RD`), attached values (`-p123`), detached values (`-p 123`,
 //! even when the value starts with `-`), `--` ending the options, and GNU-style permutation

@@ -7,9 +7,10 @@
 //! appears (accepted, no debug output yet). A failed operation prints
 //! `tap-ctl: <command>: <what failed>: <strerror>` on stderr and exits with the errno.
 //!
-//! Options the daemon does not implement yet (`create -d -r -e -2 -s -C`, `open -r -e -2 -s -C
-//! -E`, `unpause -2 -c`) are parsed and then refused with "not supported yet" and
-//! `EOPNOTSUPP` (95), without contacting any tapdisk. `major` and `check` belonged to the
+//! Options the daemon does not implement yet (`create -d -r -e -2 -s`, `open -r -e -2 -s -E`,
+//! `unpause -2`) are parsed and then refused with "not supported yet" and `EOPNOTSUPP` (95),
+//! without contacting any tapdisk. The changed-block log (`create`/`open`/`recover -C`,
+//! `unpause -c`) is made an absolute path, as image paths are (tapdisk runs in `/`). `major` and `check` belonged to the
 //! kernel-device (v3) stack: `major` reports that no blktap device major exists (`ENOSYS`),
 //! `check` prints `ok` because nothing kernel-side is needed.
 
@@ -205,7 +206,7 @@ pub fn usage(name: &str) -> String {
         }
         "recover" => {
             "usage: recover <-m minor> [-a type:/path/to/file] [-R read-only] [-D no O_DIRECT] \
-                     [-t request timeout in seconds]\n\n\
+                     [-t request timeout in seconds] [-C <logfile> changed-block log]\n\n\
                      Spawns a tapdisk for a minor whose tapdisk died and re-attaches it to the\n\
                      minor's surviving ublk device; without -a the recorded image is reopened\n"
         }
@@ -238,6 +239,8 @@ struct Collected {
     block_device: Option<OpenFlags>,
     /// `-o`: per-VBD device options, as `key = value` lines for tapdisk.
     options: Vec<String>,
+    /// `-C` (`create`, `open`, `recover`) or `-c` (`unpause`): the changed-block log.
+    log: Option<String>,
     /// Options given that the daemon does not support yet: (letter, description).
     unsupported: Vec<(char, &'static str)>,
     /// `nbd-listen -l`: TCP address.
@@ -303,7 +306,7 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
             }
             (_, '2') => c.unsupported.push(('2', "secondary image")),
             (_, 's') => c.unsupported.push(('s', "standby secondary")),
-            (_, 'C' | 'c') => c.unsupported.push((letter, "changed-block log")),
+            (_, 'C' | 'c') => c.log = Some(absolute_path(Path::new(&value))),
             (_, 'E') => c.unsupported.push(('E', "encryption")),
             _ => {}
         }
@@ -434,6 +437,7 @@ fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
         flags,
         request_timeout: timeout,
         options,
+        log_path: c.log.clone(),
         ..OpenRequest::default()
     }
 }
@@ -451,7 +455,7 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
         "close" => "p:m:ft:h",
         "unpause" => "p:m:a:2:c:h",
         "major" => "bch",
-        "recover" => "m:a:RDt:h",
+        "recover" => "m:a:RDt:C:h",
         "nbd-listen" => "p:m:l:T:Ph",
         _ => "",
     };
@@ -545,6 +549,7 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
                 minor,
                 request: ResumeRequest {
                     params: c.args.map(absolute_params),
+                    log_path: c.log,
                     ..ResumeRequest::default()
                 },
             }
@@ -1161,6 +1166,51 @@ mod tests {
     }
 
     #[test]
+    fn changed_block_logs_travel_with_open_create_recover_and_unpause() {
+        // SM's forms: open -D -C on activate, unpause -a -c at snapshot time.
+        let Command::Open { request, .. } =
+            command("open -p 1 -m 2 -a vhd:/sr/a.vhd -D -C /sr/a.cbtlog")
+        else {
+            panic!("open");
+        };
+        assert_eq!(request.log_path.as_deref(), Some("/sr/a.cbtlog"));
+        assert!(request.flags.contains(OpenFlags::NO_O_DIRECT));
+        assert_eq!(
+            command("unpause -p 1 -m 2 -a vhd:/sr/b.vhd -c /sr/a.cbtlog"),
+            Command::Unpause {
+                pid: 1,
+                minor: 2,
+                request: ResumeRequest {
+                    params: Some("vhd:/sr/b.vhd".to_owned()),
+                    log_path: Some("/sr/a.cbtlog".to_owned()),
+                    ..ResumeRequest::default()
+                }
+            }
+        );
+        let Command::Create { request } = command("create -a aio:/a.img -C /a.cbtlog") else {
+            panic!("create");
+        };
+        assert_eq!(request.log_path.as_deref(), Some("/a.cbtlog"));
+        let Command::Recover { request, .. } = command("recover -m 3 -C /a.cbtlog") else {
+            panic!("recover");
+        };
+        assert_eq!(request.log_path.as_deref(), Some("/a.cbtlog"));
+        // Relative paths are made absolute, as image paths are.
+        let Command::Open { request, .. } = command("open -p 1 -m 2 -a aio:/a.img -C rel.cbtlog")
+        else {
+            panic!("open");
+        };
+        let log = request.log_path.unwrap();
+        assert!(
+            log.starts_with('/') && log.ends_with("/rel.cbtlog"),
+            "{log}"
+        );
+        // The letters stay each command's own: -c is not open's, -C not unpause's.
+        assert!(is_usage_error("open -p 1 -m 2 -a aio:/a.img -c /l"));
+        assert!(is_usage_error("unpause -p 1 -m 2 -C /l"));
+    }
+
+    #[test]
     fn unimplemented_flags_are_refused_with_eopnotsupp() {
         for (line, letter) in [
             ("create -a vhd:/x -d tapdev3", 'd'),
@@ -1168,15 +1218,12 @@ mod tests {
             ("create -a vhd:/x -e 3", 'e'),
             ("create -a vhd:/x -2 vhd:/m", '2'),
             ("create -a vhd:/x -s", 's'),
-            ("create -a vhd:/x -C /log", 'C'),
             ("open -p 1 -m 2 -a vhd:/x -r", 'r'),
             ("open -p 1 -m 2 -a vhd:/x -e 3", 'e'),
             ("open -p 1 -m 2 -a vhd:/x -2 vhd:/m", '2'),
             ("open -p 1 -m 2 -a vhd:/x -s", 's'),
-            ("open -p 1 -m 2 -a vhd:/x -C /log", 'C'),
             ("open -p 1 -m 2 -a vhd:/x -E", 'E'),
             ("unpause -p 1 -m 2 -2 vhd:/m", '2'),
-            ("unpause -p 1 -m 2 -c /log", 'c'),
         ] {
             let what = unsupported(line).unwrap_or_else(|| panic!("{line:?} not refused"));
             assert!(

@@ -7,7 +7,9 @@
 //! opened read-only and shared between chains of the same process. Reads start at the leaf; any
 //! sectors an image reports absent are read from the next image down, and sectors absent from
 //! the last image (or past a smaller parent's end) read as zeros. Writes, flushes and discards
-//! go to the leaf only.
+//! go to the leaf only. A chain may carry a changed-block-tracking log above its leaf
+//! ([`ChangeLog`], the C stack's `log` image): writes, discards and zeroing mark their blocks
+//! in it before they go to the leaf, and a flush syncs it with the leaf.
 
 use std::collections::HashMap;
 use std::io;
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use crate::changelog::ChangeLog;
 use crate::driver::vhd::FileStamp;
 use crate::driver::{
     open_image, Allocation, Capabilities, DiskInfo, DiskType, DriverStats, ImageDriver,
@@ -328,10 +331,11 @@ pub struct Image {
     pub counters: ImageCounters,
 }
 
-/// The open images of one VBD, leaf first.
+/// The open images of one VBD, leaf first, and its changed-block log, if any.
 #[derive(Debug)]
 pub struct ImageChain {
     images: Vec<Image>,
+    log: Option<ChangeLog>,
 }
 
 impl ImageChain {
@@ -364,7 +368,31 @@ impl ImageChain {
                 })?;
             push_validated(&mut images, parent)?;
         }
-        Ok(Self { images })
+        Ok(Self { images, log: None })
+    }
+
+    /// Adds the changed-block-tracking log at `path` above the leaf (`-C`); it must be a log
+    /// of a disk of this chain's size ([`ChangeLog::open`]).
+    pub fn with_log(mut self, path: &Path) -> io::Result<Self> {
+        self.log = Some(ChangeLog::open(path, self.info().sectors)?);
+        Ok(self)
+    }
+
+    /// The changed-block-tracking log, if the chain has one.
+    pub fn log(&self) -> Option<&ChangeLog> {
+        self.log.as_ref()
+    }
+
+    /// Marks `count` sectors at `sector` changed in the log (if any) before they are written.
+    fn mark(&self, sector: u64, count: u64) -> io::Result<()> {
+        match &self.log {
+            Some(log) => {
+                log.mark(sector, count)?;
+                log.counters().hits[WRITE].fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// A chain of already opened drivers, leaf first (for drivers opened by other means,
@@ -380,7 +408,7 @@ impl ImageChain {
                 counters: ImageCounters::default(),
             })
             .collect();
-        Ok(Self { images })
+        Ok(Self { images, log: None })
     }
 
     /// The images, leaf first.
@@ -400,6 +428,9 @@ impl ImageChain {
 
     /// Reads `buf.len()` bytes from `sector` through the chain.
     pub async fn read(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        if let Some(log) = &self.log {
+            log.counters().hits[READ].fetch_add(1, Ordering::Relaxed);
+        }
         // The leaf level runs in the caller's future; only parents need a boxed future.
         self.read_level(0, sector, buf).await
     }
@@ -466,21 +497,29 @@ impl ImageChain {
         Some(range)
     }
 
-    /// Writes `buf` at `sector` into the leaf.
+    /// Writes `buf` at `sector` into the leaf (after marking its blocks in the log).
     pub async fn write(&self, sector: u64, buf: Arc<IoBuf>) -> io::Result<()> {
+        self.mark(sector, buf.len() as u64 / SECTOR_SIZE)?;
         let leaf = self.leaf();
         let result = leaf.driver.write(sector, buf).await;
         leaf.counters.count(WRITE, &result);
         result
     }
 
-    /// Flushes the leaf (parents are read-only).
+    /// Flushes the leaf (parents are read-only) and syncs the log.
     pub async fn flush(&self) -> io::Result<()> {
-        self.leaf().driver.flush().await
+        match &self.log {
+            Some(log) => {
+                let (leaf, log) = tokio::join!(self.leaf().driver.flush(), log.sync());
+                leaf.and(log)
+            }
+            None => self.leaf().driver.flush().await,
+        }
     }
 
-    /// Discards sectors of the leaf.
+    /// Discards sectors of the leaf (after marking them in the log).
     pub async fn discard(&self, sector: u64, count: u64) -> io::Result<()> {
+        self.mark(sector, count)?;
         self.leaf().driver.discard(sector, count).await
     }
 
@@ -500,6 +539,7 @@ impl ImageChain {
         if self.images.len() > 1 && !self.leaf().driver.zeroes_hide_parent() {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
+        self.mark(sector, count)?;
         self.leaf().driver.write_zeroes(sector, count, flags).await
     }
 

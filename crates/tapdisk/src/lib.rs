@@ -7,6 +7,7 @@
 //! process state ([`server`]), which creates, opens, pauses and closes VBDs. The
 //! configuration ([`config`]) is read once by `main` and passed down.
 
+pub mod changelog;
 pub mod config;
 pub mod control;
 pub mod driver;

@@ -59,6 +59,7 @@ pub enum Reply {
 const SUPPORTED_OPEN_FLAGS: u32 = OpenFlags::RDONLY.0
     | OpenFlags::NO_O_DIRECT.0
     | OpenFlags::SHARED.0
+    | OpenFlags::ADD_LOG.0
     | OpenFlags::BLOCKDEV_CHOICE.0
     | OpenFlags::BLOCKDEV_RECOVER.0
     | OpenFlags::OPEN_OPTIONS.0;
@@ -124,6 +125,19 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// The changed-block-tracking log an OPEN or RESUME asks for (`ADD_LOG`), which must be an
+/// absolute path (tapdisk runs in `/`).
+fn log_path(trailer: &Trailer) -> io::Result<Option<PathBuf>> {
+    match trailer.log_path.as_deref() {
+        None => Ok(None),
+        Some(path) if path.starts_with('/') => Ok(Some(PathBuf::from(path))),
+        Some(path) => Err(failure(
+            libc::EINVAL,
+            format!("the CBT log path '{path}' is not absolute"),
+        )),
+    }
 }
 
 fn image_info(info: DiskInfo) -> ImageInfo {
@@ -446,14 +460,9 @@ impl Tapdisk {
             )
         })?;
         let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
-        if unsupported != 0 || trailer.log_path.is_some() || trailer.key.is_some() {
+        if unsupported != 0 || trailer.key.is_some() {
             let what = format!(
-                "open flags {unsupported:#x}{}{} are not supported by this tapdisk",
-                if trailer.log_path.is_some() {
-                    ", a CBT log"
-                } else {
-                    ""
-                },
+                "open flags {unsupported:#x}{} are not supported by this tapdisk",
                 if trailer.key.is_some() {
                     ", an encryption key"
                 } else {
@@ -463,6 +472,7 @@ impl Tapdisk {
             tracing::error!(minor, "{what}");
             return Err(failure(libc::EOPNOTSUPP, what));
         }
+        let log = log_path(trailer)?;
         // Recovery re-attaches to the ublk device a dead tapdisk left; without a path the
         // image is the one its state file records.
         let recover = params.flags.contains(OpenFlags::BLOCKDEV_RECOVER);
@@ -511,6 +521,7 @@ impl Tapdisk {
             params: path.clone(),
             options,
             timeout,
+            log: log.clone(),
         };
         if vbd.is_open() {
             return Err(errno(libc::EALREADY));
@@ -554,13 +565,15 @@ impl Tapdisk {
         }
         tracing::info!(
             minor,
-            "opened {} ({} sectors), served by {}, block device {}",
+            "opened {} ({} sectors), served by {}, block device {}, CBT log {}",
             path,
             info.sectors,
             slot_frontends.join(", "),
             device
                 .as_ref()
-                .map_or("none".into(), |d| d.display().to_string())
+                .map_or("none".into(), |d| d.display().to_string()),
+            log.as_ref()
+                .map_or("none".into(), |log| log.display().to_string())
         );
         Ok(info)
     }
@@ -654,16 +667,17 @@ impl Tapdisk {
     ) -> io::Result<()> {
         let vbd = self.vbd(minor)?;
         let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
-        if unsupported != 0 || trailer.log_path.is_some() || !params.secondary.is_empty() {
+        if unsupported != 0 || !params.secondary.is_empty() {
             let what = format!(
-                "resume with flags {unsupported:#x}, a CBT log or a secondary is not supported by this tapdisk"
+                "resume with flags {unsupported:#x} or a secondary is not supported by this tapdisk"
             );
             tracing::error!(minor, "{what}");
             return Err(failure(libc::EOPNOTSUPP, what));
         }
+        let log = log_path(trailer)?;
         let new_params = (!params.path.is_empty()).then(|| params.path.clone());
         let reopened = tokio::select! {
-            reopened = vbd.reopen(new_params) => reopened?,
+            reopened = vbd.reopen(new_params, log) => reopened?,
             () = client.gone() => return Err(gave_up(MessageType::Resume)),
         };
         if client.is_gone() {

@@ -15,6 +15,9 @@ use serde::Serialize;
 use crate::driver::{DriverDetail, DriverStats};
 use crate::vbd::Vbd;
 
+/// The C stack's `DISK_TYPE_LOG`: the changed-block log's driver type in stats.
+pub const LOG_DISK_TYPE: u32 = 9;
+
 /// Request slots reported as each driver's `"reqs": { "max": ... }`.
 pub const MAX_REQUESTS: usize = 352;
 
@@ -104,30 +107,38 @@ impl VbdStats {
     /// The statistics of `vbd` now; `blockdev` is its kernel block device, if any.
     pub fn of(vbd: &Vbd, blockdev: Option<&Path>) -> Self {
         let counters = vbd.counters();
+        let load = |counter: &[std::sync::atomic::AtomicU64; 2]| {
+            [
+                counter[0].load(Ordering::Relaxed),
+                counter[1].load(Ordering::Relaxed),
+            ]
+        };
         let images = vbd.chain().map_or_else(Vec::new, |chain| {
-            chain
-                .images()
-                .iter()
-                .map(|image| {
-                    let load = |counter: &[std::sync::atomic::AtomicU64; 2]| {
-                        [
-                            counter[0].load(Ordering::Relaxed),
-                            counter[1].load(Ordering::Relaxed),
-                        ]
-                    };
-                    let disk_type = image.driver.disk_type();
-                    ImageStats {
-                        name: image.driver.path().to_string_lossy().into_owned(),
-                        hits: load(&image.counters.hits),
-                        fail: load(&image.counters.fail),
-                        driver: DriverInfo {
-                            disk_type: disk_type.number(),
-                            name: disk_type.name(),
-                            status: image.driver.stats().map(DriverStatus::from),
-                        },
-                    }
-                })
-                .collect()
+            // The changed-block log is the first image, above the leaf, as in the C stack.
+            let log = chain.log().map(|log| ImageStats {
+                name: log.path().to_string_lossy().into_owned(),
+                hits: load(&log.counters().hits),
+                fail: load(&log.counters().fail),
+                driver: DriverInfo {
+                    disk_type: LOG_DISK_TYPE,
+                    name: "log",
+                    status: None,
+                },
+            });
+            let images = chain.images().iter().map(|image| {
+                let disk_type = image.driver.disk_type();
+                ImageStats {
+                    name: image.driver.path().to_string_lossy().into_owned(),
+                    hits: load(&image.counters.hits),
+                    fail: load(&image.counters.fail),
+                    driver: DriverInfo {
+                        disk_type: disk_type.number(),
+                        name: disk_type.name(),
+                        status: image.driver.stats().map(DriverStatus::from),
+                    },
+                }
+            });
+            log.into_iter().chain(images).collect()
         });
         Self {
             name: vbd.params().unwrap_or_default(),
@@ -237,6 +248,37 @@ mod tests {
             "{all}"
         );
         assert!(all.contains(" }, { \"name\": "), "{all}");
+    }
+
+    #[tokio::test]
+    async fn the_changed_block_log_is_shown_first_as_the_c_log_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("disk.cbtlog");
+        std::fs::write(&log, cbt::LogFile::new(4096).unwrap().to_bytes()).unwrap();
+        let chain = crate::image::ImageChain::from_drivers(vec![Box::new(
+            FakeImage::new(8).at("/srv/disk.img"),
+        )])
+        .unwrap()
+        .with_log(&log)
+        .unwrap();
+        let vbd = Vbd::new(2);
+        let request = crate::vbd::OpenRequest {
+            params: "aio:/srv/disk.img".into(),
+            options: crate::driver::OpenOptions::default(),
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+            log: Some(log.clone()),
+        };
+        vbd.install(chain, request).unwrap();
+        vbd.write(0, IoBuf::zeroed(1024)).await.unwrap();
+        vbd.read(0, IoBuf::zeroed(512)).await.unwrap();
+        let text = to_text(&VbdStats::of(&vbd, None)).unwrap();
+        let expected = format!(
+            "\"images\": [ {{ \"name\": \"{}\", \"hits\": [ 1, 1 ], \"fail\": [ 0, 0 ], \
+             \"driver\": {{ \"type\": 9, \"name\": \"log\", \"status\": null }} }}, \
+             {{ \"name\": \"/srv/disk.img\", ",
+            log.display()
+        );
+        assert!(text.contains(&expected), "{text}");
     }
 
     #[test]

@@ -254,6 +254,7 @@ pub fn fake_vbd(image: FakeImage, timeout: Duration) -> Vbd {
             ..OpenOptions::default()
         },
         timeout,
+        log: None,
     };
     vbd.install(chain, request).expect("a new VBD is closed");
     vbd

@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -110,6 +111,8 @@ pub struct OpenRequest {
     pub options: OpenOptions,
     /// Request timeout.
     pub timeout: Duration,
+    /// The changed-block-tracking log to keep above the leaf (`-C`), if any.
+    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -173,14 +176,22 @@ struct Admitted<'a> {
     in_flight: InFlight<'a>,
 }
 
-/// Opens a chain on the blocking pool (opening a file may block on slow storage). Dropping
-/// the future leaves the open running there; the chain it makes is then closed.
+/// Opens a chain, and its log if asked for, on the blocking pool (opening a file may block on
+/// slow storage). Dropping the future leaves the open running there; the chain it makes is
+/// then closed.
 pub async fn open_chain(request: &OpenRequest) -> io::Result<ImageChain> {
     let params = request.params.clone();
     let options = request.options;
-    tokio::task::spawn_blocking(move || ImageChain::open(&params, options))
-        .await
-        .unwrap_or_else(|join_error| Err(io::Error::other(join_error)))
+    let log = request.log.clone();
+    tokio::task::spawn_blocking(move || {
+        let chain = ImageChain::open(&params, options)?;
+        match log {
+            Some(log) => chain.with_log(&log),
+            None => Ok(chain),
+        }
+    })
+    .await
+    .unwrap_or_else(|join_error| Err(io::Error::other(join_error)))
 }
 
 impl Vbd {
@@ -330,22 +341,28 @@ impl Vbd {
             inner.state |= state::QUIESCED | state::CLOSED | state::PAUSED;
             inner.chain.take()
         };
-        drop(chain);
+        self.retire(chain).await;
         self.notify();
         tracing::info!(minor = self.minor, "paused");
         Ok(())
     }
 
-    /// Resumes a paused VBD, reopening its chain (from `new_params` if given).
-    pub async fn resume(&self, new_params: Option<String>) -> io::Result<()> {
-        let reopened = self.reopen(new_params).await?;
+    /// Resumes a paused VBD, reopening its chain (from `new_params` if given) with the
+    /// changed-block log `log`: a resume without one stops tracking, as in the C stack.
+    pub async fn resume(&self, new_params: Option<String>, log: Option<PathBuf>) -> io::Result<()> {
+        let reopened = self.reopen(new_params, log).await?;
         self.finish_resume(reopened);
         Ok(())
     }
 
     /// The first half of a resume: reopens the chain of a paused VBD (from `new_params` if
-    /// given) and checks its geometry, changing nothing yet; [`Vbd::finish_resume`] installs it.
-    pub async fn reopen(&self, new_params: Option<String>) -> io::Result<Reopened> {
+    /// given, with the changed-block log `log`) and checks its geometry, changing nothing
+    /// yet; [`Vbd::finish_resume`] installs it.
+    pub async fn reopen(
+        &self,
+        new_params: Option<String>,
+        log: Option<PathBuf>,
+    ) -> io::Result<Reopened> {
         let (request, old_info) = {
             let inner = self.lock();
             if inner.state & state::PAUSED == 0 {
@@ -358,6 +375,7 @@ impl Vbd {
                 params,
                 options: inner.options,
                 timeout: inner.timeout,
+                log,
             };
             (request, inner.info)
         };
@@ -440,8 +458,19 @@ impl Vbd {
             inner.state = state::CLOSED;
             inner.chain.take()
         };
-        drop(chain);
+        self.retire(chain).await;
         self.notify();
+    }
+
+    /// Lets go of a chain taken out of service: its changed-block log is synced first, so the
+    /// toolstack may read (or move) the log once the pause or close is acknowledged.
+    async fn retire(&self, chain: Option<Arc<ImageChain>>) {
+        if let Some(log) = chain.as_deref().and_then(ImageChain::log) {
+            if let Err(e) = log.sync().await {
+                tracing::error!(minor = self.minor, "{e}");
+            }
+        }
+        drop(chain);
     }
 
     /// Admits one request: waits while paused, then checks state and bounds.
@@ -719,6 +748,7 @@ mod tests {
             params,
             options: OpenOptions::default(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
+            log: None,
         }
     }
 
@@ -758,7 +788,7 @@ mod tests {
         // Paused: left to the read path, which waits at the gate.
         vbd.pause().await.unwrap();
         assert!(vbd.read_mapped(0, 512, deliver_len(512)).is_none());
-        vbd.resume(None).await.unwrap();
+        vbd.resume(None, None).await.unwrap();
         assert!(vbd.read_mapped(0, 512, deliver_len(512)).is_some());
         assert_eq!(vbd.counters().received.load(Ordering::Relaxed), 3);
         // An image that is not mapped (on storage): left to the read path, nothing counted.
@@ -804,6 +834,52 @@ mod tests {
         assert!(vbd.read(0, IoBuf::zeroed(512)).await.is_err());
     }
 
+    /// The blocks marked in the CBT log at `path`.
+    fn marked_blocks(path: &std::path::Path) -> Vec<u64> {
+        let log = cbt::LogFile::parse(&std::fs::read(path).unwrap()).unwrap();
+        (0..log.bitmap.blocks())
+            .filter(|block| log.bitmap.is_set(*block))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_log_follows_pause_and_resume_as_the_toolstack_moves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * cbt::BLOCK_SIZE;
+        let new_log = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, cbt::LogFile::new(size).unwrap().to_bytes()).unwrap();
+            path
+        };
+        let (first, second) = (new_log("a.cbtlog"), new_log("b.cbtlog"));
+        let block = |n: u64| n * cbt::BLOCK_SIZE / SECTOR_SIZE;
+        let vbd = Vbd::new(1);
+        let mut open = request(raw_image(&dir, "a.img", 4 * 65536, 0));
+        open.log = Some(first.clone());
+        vbd.open(open).await.unwrap();
+        vbd.write(block(1), IoBuf::zeroed(4096)).await.unwrap();
+        vbd.discard(block(3), 8).await.unwrap();
+        assert_eq!(marked_blocks(&first), [1, 3]);
+        // The snapshot: the old log keeps what came before, the new one what comes after.
+        vbd.pause().await.unwrap();
+        vbd.resume(None, Some(second.clone())).await.unwrap();
+        vbd.write(block(2), IoBuf::zeroed(512)).await.unwrap();
+        assert_eq!(marked_blocks(&first), [1, 3]);
+        assert_eq!(marked_blocks(&second), [2]);
+        // A resume without a log stops tracking, as in the C stack.
+        vbd.pause().await.unwrap();
+        vbd.resume(None, None).await.unwrap();
+        vbd.write(block(0), IoBuf::zeroed(512)).await.unwrap();
+        assert_eq!(marked_blocks(&second), [2]);
+        // Another disk's log: the resume fails and the VBD stays paused.
+        vbd.pause().await.unwrap();
+        let other = dir.path().join("other.cbtlog");
+        std::fs::write(&other, cbt::LogFile::new(2 * size).unwrap().to_bytes()).unwrap();
+        let error = vbd.resume(None, Some(other)).await.unwrap_err();
+        assert_eq!(crate::error::errno_of(&error), libc::EINVAL);
+        assert_ne!(vbd.state() & state::PAUSED, 0);
+    }
+
     #[tokio::test]
     async fn read_only_refuses_writes() {
         let dir = tempfile::tempdir().unwrap();
@@ -833,13 +909,13 @@ mod tests {
         assert!(!reader.is_finished());
         // Another file of a different size is refused and the VBD stays paused.
         let bigger = raw_image(&dir, "big.img", 16384, 0);
-        let err = vbd.resume(Some(bigger)).await.unwrap_err();
+        let err = vbd.resume(Some(bigger), None).await.unwrap_err();
         assert_eq!(crate::error::errno_of(&err), libc::EMEDIUMTYPE);
         assert!(crate::error::message_of(&err).contains("the disk has 16 of 512"));
         assert_ne!(vbd.state() & state::PAUSED, 0);
         // A file of the same size is accepted and served.
         let other = raw_image(&dir, "b.img", 8192, 0xbb);
-        vbd.resume(Some(other.clone())).await.unwrap();
+        vbd.resume(Some(other.clone()), None).await.unwrap();
         assert_eq!(vbd.state(), 0);
         assert_eq!(vbd.params(), Some(other));
         let buf = reader.await.unwrap().unwrap();
@@ -952,7 +1028,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            vbd.resume(None).await.unwrap_err().raw_os_error(),
+            vbd.resume(None, None).await.unwrap_err().raw_os_error(),
             Some(libc::EINVAL)
         );
     }

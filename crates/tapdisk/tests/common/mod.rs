@@ -13,15 +13,20 @@ pub fn tapdisk_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tapdisk"))
 }
 
-/// The built `tap-ctl` binary (next to `tapdisk` in the target directory).
-pub fn tap_ctl_bin() -> PathBuf {
-    let path = tapdisk_bin().with_file_name("tap-ctl");
+/// The built binary `name` of the workspace (next to `tapdisk` in the target directory).
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let path = tapdisk_bin().with_file_name(name);
     assert!(
         path.exists(),
         "{} is missing: build every binary first (`cargo build --workspace --bins`)",
         path.display()
     );
     path
+}
+
+/// The built `tap-ctl` binary.
+pub fn tap_ctl_bin() -> PathBuf {
+    sibling_bin("tap-ctl")
 }
 
 /// True when an external tool is on PATH.
@@ -290,15 +295,9 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The built `vhd-util` binary (next to `tapdisk` in the target directory).
+/// The built `vhd-util` binary.
 pub fn vhd_util_bin() -> PathBuf {
-    let path = tapdisk_bin().with_file_name("vhd-util");
-    assert!(
-        path.exists(),
-        "{} is missing: build every binary first (`cargo build --workspace --bins`)",
-        path.display()
-    );
-    path
+    sibling_bin("vhd-util")
 }
 
 /// Runs `vhd-util ARGS`, asserting success; returns stdout.

@@ -218,6 +218,7 @@ mod tests {
             params: format!("aio:{}", path.display()),
             options: OpenOptions::default(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
+            log: None,
         })
         .await
         .unwrap();

@@ -1,0 +1,345 @@
+//! Changed-block tracking end to end, through the real `tap-ctl`, `tapdisk`, `cbt-util` and
+//! `vhd-util`: the storage manager's command forms (`open -D -C` on attach, `unpause -a -c`
+//! at snapshot time), bad logs refused with the file named, fio's random writes (with
+//! verification) leaving exactly the written blocks marked, and `kill -9` during writes never
+//! losing the mark of an acknowledged write.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{
+    fio_nbd_verify, process_alive, require, run_ok, sibling_bin, vhd_util_ok, wait_for, Env, Lcg,
+};
+use nbd::proto;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = cbt::BLOCK_SIZE;
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Runs `cbt-util ARGS`, asserting success; returns stdout.
+fn cbt_util(args: &[&str]) -> String {
+    run_ok(Command::new(sibling_bin("cbt-util")).args(args))
+}
+
+/// A new log for a disk of `size` bytes, as `cbt-util create` writes it.
+fn new_log(path: &Path, size: u64) {
+    std::fs::write(path, cbt::LogFile::new(size).unwrap().to_bytes()).unwrap();
+}
+
+/// A raw image of `len` zero bytes (sparse: quick to make).
+fn zero_image(env: &Env, name: &str, len: u64) -> std::path::PathBuf {
+    let path = env.dir.path().join(name);
+    std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+    path
+}
+
+/// The blocks marked in the log at `path`.
+fn marked(path: &Path) -> BTreeSet<u64> {
+    let log = cbt::LogFile::parse(&std::fs::read(path).unwrap()).unwrap();
+    (0..log.bitmap.blocks())
+        .filter(|block| log.bitmap.is_set(*block))
+        .collect()
+}
+
+/// `qemu-io -c COMMAND` on the NBD export of `pid`/`minor`.
+fn qemu_io(env: &Env, pid: u32, minor: u32, command: &str) {
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &env.nbd_uri(pid, minor), "-c", command]));
+}
+
+#[test]
+fn storage_manager_forms_track_writes_across_a_snapshot() {
+    require("qemu-io");
+    let env = Env::new();
+    let dir = env.dir.path();
+    let (leaf, snap_leaf) = (dir.join("vdi.vhd"), dir.join("vdi-2.vhd"));
+    let (log, snap_log) = (dir.join("vdi.cbtlog"), dir.join("snap.cbtlog"));
+    let size = (64 * MIB).to_string();
+    vhd_util_ok(&["create", "-n", s(&leaf), "-s", "64"]);
+    // Enable CBT on a detached VDI, then attach it: what SM's VDI.py runs.
+    cbt_util(&["create", "-n", s(&log), "-s", &size]);
+    cbt_util(&["set", "-n", s(&log), "-f", "1"]);
+    assert_eq!(cbt_util(&["get", "-n", s(&log), "-f"]), "1\n");
+    cbt_util(&["set", "-n", s(&log), "-f", "0"]);
+    let minor: u32 = env
+        .tap_ctl_ok(&["allocate"])
+        .trim()
+        .rsplit_once("tapdisk-")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let pid: u32 = env.tap_ctl_ok(&["spawn"]).trim().parse().unwrap();
+    let (p, m) = (pid.to_string(), minor.to_string());
+    env.tap_ctl_ok(&["attach", "-p", &p, "-m", &m]);
+    let vhd = |path: &Path| format!("vhd:{}", path.display());
+    env.tap_ctl_ok(&[
+        "open",
+        "-p",
+        &p,
+        "-m",
+        &m,
+        "-a",
+        &vhd(&leaf),
+        "-D",
+        "-C",
+        s(&log),
+    ]);
+    qemu_io(&env, pid, minor, "write -P 0x11 1M 4k");
+    // tap-ctl stats shows the log first, as the C stack's "log" image.
+    let stats = env.tap_ctl_ok(&["stats", "-p", &p, "-m", &m]);
+    let images = &stats[stats.find("\"images\": [ ").unwrap()..];
+    assert!(
+        images.starts_with(&format!(
+            "\"images\": [ {{ \"name\": \"{}\", \"hits\": [ 0, 1 ], \"fail\": [ 0, 0 ], \
+             \"driver\": {{ \"type\": 9, \"name\": \"log\", \"status\": null }} }}, \
+             {{ \"name\": \"{}\"",
+            log.display(),
+            leaf.display()
+        )),
+        "{stats}"
+    );
+
+    // The snapshot, inside pause/unpause: the log moves to the snapshot, a new one starts.
+    env.tap_ctl_ok(&["pause", "-p", &p, "-m", &m]);
+    std::fs::rename(&log, &snap_log).unwrap();
+    cbt_util(&["set", "-n", s(&snap_log), "-f", "1"]);
+    vhd_util_ok(&["snapshot", "-n", s(&snap_leaf), "-p", s(&leaf)]);
+    cbt_util(&["create", "-n", s(&log), "-s", &size]);
+    cbt_util(&["set", "-n", s(&log), "-f", "0"]);
+    env.tap_ctl_ok(&[
+        "unpause",
+        "-p",
+        &p,
+        "-m",
+        &m,
+        "-a",
+        &vhd(&snap_leaf),
+        "-c",
+        s(&log),
+    ]);
+    // 64 KiB + 512 at 3 MiB: blocks 48 and 49.
+    qemu_io(&env, pid, minor, "write -P 0x22 3M 65k");
+    assert_eq!(marked(&snap_log), BTreeSet::from([16]));
+    assert_eq!(marked(&log), BTreeSet::from([48, 49]));
+    // What SM reads: the raw bitmap, block 16 is bit 0 of byte 2.
+    let bitmap = Command::new(sibling_bin("cbt-util"))
+        .args(["get", "-n", s(&snap_log), "-b"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(bitmap.len(), 128);
+    assert_eq!(bitmap[2], 0x01);
+    assert!(bitmap.iter().enumerate().all(|(i, b)| i == 2 || *b == 0));
+
+    // An unpause without -c stops tracking, as in the C stack.
+    env.tap_ctl_ok(&["pause", "-p", &p, "-m", &m]);
+    env.tap_ctl_ok(&["unpause", "-p", &p, "-m", &m]);
+    qemu_io(&env, pid, minor, "write -P 0x33 5M 4k");
+    assert_eq!(marked(&log), BTreeSet::from([48, 49]));
+    let stats = env.tap_ctl_ok(&["stats", "-p", &p, "-m", &m]);
+    assert!(!stats.contains("\"name\": \"log\""), "{stats}");
+
+    env.tap_ctl_ok(&["close", "-p", &p, "-m", &m]);
+    env.tap_ctl_ok(&["detach", "-p", &p, "-m", &m]);
+    env.tap_ctl_ok(&["free", "-m", &m]);
+    cbt_util(&["set", "-n", s(&log), "-f", "1"]);
+    // The header is the storage manager's: tapdisk never touched it.
+    assert_eq!(cbt_util(&["get", "-n", s(&log), "-f"]), "1\n");
+    assert_eq!(cbt_util(&["get", "-n", s(&log), "-s"]), format!("{size}\n"));
+}
+
+#[test]
+fn bad_logs_are_refused_naming_the_file() {
+    let env = Env::new();
+    let image = env.raw_image("disk.img", usize::try_from(4 * MIB).unwrap(), 1);
+    let log = env.dir.path().join("disk.cbtlog");
+    let params = format!("aio:{}", image.display());
+    let create =
+        |log: &Path, errno: i32| env.tap_ctl_err(&["create", "-a", &params, "-C", s(log)], errno);
+    // Missing: the open's errno, the file named.
+    let missing = env.dir.path().join("missing.cbtlog");
+    let err = create(&missing, libc::ENOENT);
+    assert!(err.contains(s(&missing)), "{err}");
+    // Truncated header, truncated bitmap, another disk's log: EINVAL, the file named.
+    std::fs::write(&log, [0u8; 30]).unwrap();
+    let err = create(&log, libc::EINVAL);
+    assert!(
+        err.contains(s(&log)) && err.contains("shorter than the 48-byte CBT log header"),
+        "{err}"
+    );
+    std::fs::write(&log, cbt::LogHeader::new(4 * MIB).encode()).unwrap();
+    let err = create(&log, libc::EINVAL);
+    assert!(err.contains("needs 56"), "{err}");
+    new_log(&log, 8 * MIB);
+    let err = create(&log, libc::EINVAL);
+    assert!(
+        err.contains("it tracks a disk of 8388608 bytes, this disk has 4194304"),
+        "{err}"
+    );
+    // Nothing was left running by the failed creates.
+    assert!(env.list().is_empty(), "{:?}", env.list());
+
+    // A good log; then an unpause onto a bad one fails and leaves the VBD paused.
+    new_log(&log, 4 * MIB);
+    let (pid, minor) = env.create(&image, &["-C", s(&log)]);
+    let (p, m) = (pid.to_string(), minor.to_string());
+    env.tap_ctl_ok(&["pause", "-p", &p, "-m", &m]);
+    let err = env.tap_ctl_err(
+        &["unpause", "-p", &p, "-m", &m, "-c", s(&missing)],
+        libc::ENOENT,
+    );
+    assert!(err.contains(s(&missing)), "{err}");
+    let state = env.list()[0].state.unwrap();
+    assert_ne!(state & 0x20, 0, "still paused: {state:#x}");
+    env.tap_ctl_ok(&["unpause", "-p", &p, "-m", &m, "-c", s(&log)]);
+    assert_eq!(env.list()[0].state, Some(0));
+    env.destroy(pid, minor);
+}
+
+/// The 64 KiB blocks in which `before` and `after` differ.
+fn changed_blocks(before: &[u8], after: &[u8]) -> BTreeSet<u64> {
+    let block = usize::try_from(BLOCK).unwrap();
+    before
+        .chunks(block)
+        .zip(after.chunks(block))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(index, _)| index as u64)
+        .collect()
+}
+
+#[test]
+fn fio_random_writes_leave_exactly_the_written_blocks_marked() {
+    require("fio");
+    let env = Env::new();
+    let image = zero_image(&env, "disk.img", 64 * MIB);
+    let before = std::fs::read(&image).unwrap();
+    let log = env.dir.path().join("disk.cbtlog");
+    new_log(&log, 64 * MIB);
+    let (pid, minor) = env.create(&image, &["-C", s(&log)]);
+    // 600 random 4 KiB writes in the middle 32 MiB (512 blocks, about two thirds of them
+    // written), 16 in flight, read back and checked.
+    fio_nbd_verify(
+        env.dir.path(),
+        &env.nbd_uri(pid, minor),
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--offset=16M",
+            "--size=32M",
+            "--number_ios=600",
+        ],
+    );
+    env.destroy(pid, minor);
+    let changed = changed_blocks(&before, &std::fs::read(&image).unwrap());
+    assert!(
+        changed.len() > 200 && changed.len() < 500,
+        "{}",
+        changed.len()
+    );
+    assert!(changed.iter().all(|b| (256..768).contains(b)));
+    assert_eq!(marked(&log), changed);
+}
+
+/// A write's byte offset and length.
+type Write4k = (u64, u64);
+
+/// Writes random 4 KiB blocks (some straddling two 64 KiB blocks) to the old-style socket
+/// with up to 16 in flight until the connection dies; returns the (offset, length) of every
+/// write issued and of every write acknowledged.
+fn write_until_killed(socket: &Path, disk: u64, seed: u64) -> (Vec<Write4k>, Vec<Write4k>) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // Old-style greeting: magic, old-style magic, size, flags, 124 zeros.
+    let mut greeting = [0u8; 152];
+    stream.read_exact(&mut greeting).unwrap();
+    assert_eq!(greeting[16..24], disk.to_be_bytes());
+    let mut random = Lcg(seed);
+    let mut issued = Vec::new();
+    let mut acknowledged = Vec::new();
+    let data = vec![0x5au8; 4096];
+    let mut in_flight = 0;
+    loop {
+        while in_flight < 16 {
+            let offset = random.next(disk / 4096 - 1) * 4096 + random.next(2) * 2048;
+            let header = proto::RequestHeader {
+                flags: 0,
+                command: proto::CMD_WRITE,
+                cookie: issued.len() as u64,
+                offset,
+                length: 4096,
+            };
+            let mut request = header.encode().to_vec();
+            request.extend_from_slice(&data);
+            if stream.write_all(&request).is_err() {
+                return (issued, acknowledged);
+            }
+            issued.push((offset, 4096));
+            in_flight += 1;
+        }
+        let mut reply = [0u8; proto::SIMPLE_REPLY_LEN];
+        if stream.read_exact(&mut reply).is_err() {
+            return (issued, acknowledged);
+        }
+        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap());
+        assert_eq!(error, 0);
+        acknowledged.push(issued[usize::try_from(cookie).unwrap()]);
+        in_flight -= 1;
+    }
+}
+
+#[test]
+fn kill_9_during_writes_never_loses_the_mark_of_an_acknowledged_write() {
+    let env = Env::new();
+    let disk = 64 * MIB;
+    for round in 0..5u64 {
+        let image = zero_image(&env, &format!("disk{round}.img"), disk);
+        let log = env.dir.path().join(format!("disk{round}.cbtlog"));
+        new_log(&log, disk);
+        let (pid, minor) = env.create(&image, &["-C", s(&log)]);
+        let socket = env.ctl_dir.join(format!("nbd-old{pid}.{minor}"));
+        let writer = std::thread::spawn(move || write_until_killed(&socket, disk, round + 1));
+        // Let some writes be acknowledged, a different number each round.
+        std::thread::sleep(Duration::from_millis(150 + 70 * round));
+        run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+        let (issued, acknowledged) = writer.join().unwrap();
+        assert!(wait_for(Duration::from_secs(5), || !process_alive(pid)));
+        assert!(
+            !acknowledged.is_empty(),
+            "round {round}: nothing was acknowledged"
+        );
+        let blocks_of = |writes: &[Write4k]| -> BTreeSet<u64> {
+            writes
+                .iter()
+                .flat_map(|(offset, len)| cbt::blocks_of(*offset, *len))
+                .collect()
+        };
+        let marks = marked(&log);
+        let missing: Vec<_> = blocks_of(&acknowledged)
+            .difference(&marks)
+            .copied()
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: acknowledged but not marked: {missing:?}"
+        );
+        // Extra marks only ever come from writes that were issued.
+        assert!(marks.is_subset(&blocks_of(&issued)), "round {round}");
+        // What the dead tapdisk left: its control socket and its minor.
+        let _ = std::fs::remove_file(env.ctl_dir.join(format!("ctl{pid}")));
+        let _ = env.tap_ctl(&["free", "-m", &minor.to_string()]);
+    }
+}

@@ -17,6 +17,7 @@ use common::{
     fio_nbd_verify, process_alive, require, run_ok, sibling_bin, vhd_util_ok, wait_for, Env, Lcg,
 };
 use nbd::proto;
+use tapdisk_proto::{Body, Message, MessageType, OpenFlags, Params, MESSAGE_SIZE};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = cbt::BLOCK_SIZE;
@@ -342,4 +343,95 @@ fn kill_9_during_writes_never_loses_the_mark_of_an_acknowledged_write() {
         let _ = std::fs::remove_file(env.ctl_dir.join(format!("ctl{pid}")));
         let _ = env.tap_ctl(&["free", "-m", &minor.to_string()]);
     }
+}
+
+/// Sends `bytes` to tapdisk `pid`'s control socket, keeping the connection open, and reads
+/// the one reply: (type, errno of an ERROR).
+fn control_exchange(env: &Env, pid: u32, bytes: &[u8]) -> (MessageType, i32) {
+    let mut stream = UnixStream::connect(env.ctl_dir.join(format!("ctl{pid}"))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut reply = [0u8; MESSAGE_SIZE];
+    stream.read_exact(&mut reply).unwrap();
+    let reply = Message::decode(&reply).unwrap();
+    match reply.body {
+        Body::Response { error, .. } => (reply.msg_type, error),
+        _ => (reply.msg_type, 0),
+    }
+}
+
+#[test]
+fn the_log_path_comes_first_after_the_message_and_waits_no_longer_than_any_read() {
+    let env = Env::new();
+    let image = zero_image(&env, "disk.img", 4 * MIB);
+    let log = env.dir.path().join("disk.cbtlog");
+    new_log(&log, 4 * MIB);
+    let params = format!("aio:{}", image.display());
+    // tap-ctl sends both trailers, the log path first, then the open options: both are read
+    // (a bad option fails the open, a good one opens with the log).
+    let err = env.tap_ctl_err(
+        &[
+            "create",
+            "-a",
+            &params,
+            "-C",
+            s(&log),
+            "-o",
+            "ublk.queues=0",
+        ],
+        libc::EINVAL,
+    );
+    assert!(err.contains("ublk.queues"), "{err}");
+    let (pid, minor) = env.create(&image, &["-C", s(&log), "-o", "ublk.queues=4"]);
+    let (p, m) = (pid.to_string(), minor.to_string());
+    let stats = env.tap_ctl_ok(&["stats", "-p", &p, "-m", &m]);
+    assert!(stats.contains("\"name\": \"log\""), "{stats}");
+    env.tap_ctl_ok(&["close", "-p", &p, "-m", &m]);
+
+    let open = |flags: OpenFlags| {
+        Message::new(
+            MessageType::Open,
+            u16::try_from(minor).unwrap(),
+            Body::Params(Params {
+                flags: flags | OpenFlags::BLOCKDEV_NONE,
+                devnum: minor,
+                path: params.clone(),
+                ..Params::default()
+            }),
+        )
+        .encode()
+        .unwrap()
+        .to_vec()
+    };
+    let log_payload = tapdisk_proto::encode_log_path(s(&log)).unwrap();
+    let options_payload = tapdisk_proto::encode_open_options("ublk.queues = 4").unwrap();
+    // The trailers the other way round are refused.
+    let mut swapped = open(OpenFlags::ADD_LOG | OpenFlags::OPEN_OPTIONS);
+    swapped.extend_from_slice(&options_payload);
+    swapped.extend_from_slice(&log_payload);
+    assert_eq!(
+        control_exchange(&env, pid, &swapped),
+        (MessageType::Error, libc::EINVAL)
+    );
+    // A log path cut short and never finished: answered EINVAL after the control socket's
+    // receive deadline, like any other incomplete request.
+    let mut cut = open(OpenFlags::ADD_LOG);
+    cut.extend_from_slice(&log_payload[..100]);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        control_exchange(&env, pid, &cut),
+        (MessageType::Error, libc::EINVAL)
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    // The VBD is still closed and opens fine with the C order: message, log path.
+    let mut good = open(OpenFlags::ADD_LOG);
+    good.extend_from_slice(&log_payload);
+    assert_eq!(control_exchange(&env, pid, &good).0, MessageType::OpenRsp);
+    env.destroy(pid, minor);
 }

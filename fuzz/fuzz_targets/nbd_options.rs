@@ -35,6 +35,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     info.can_flush = true;
     info.can_trim = true;
     info.description = Some("fuzz".into());
+    info.meta_contexts = vec!["qemu:dirty-bitmap:cbt".into()];
     let mut negotiation = Negotiation::new("fuzz", info, client, policy);
     let mut out = Vec::new();
     while let Some((head, tail)) = rest.split_first_chunk::<OPTION_HEADER_LEN>() {

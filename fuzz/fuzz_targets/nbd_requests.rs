@@ -42,7 +42,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         transmission_flags: info.transmission_flags(structured),
         info,
         structured,
-        base_allocation: structured.then_some(1),
+        contexts: if structured {
+            vec![nbd::proto::MetaContext::BaseAllocation]
+        } else {
+            Vec::new()
+        },
         max_request,
     };
     if knobs & 128 != 0 {

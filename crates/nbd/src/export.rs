@@ -99,6 +99,19 @@ pub trait Export: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Status of `[offset, offset + len)` in the export's own metadata context `context`
+    /// (an index into [`ExportInfo::meta_contexts`]): extents in order with that context's
+    /// flags, as [`Export::block_status`]. Default: `ENOTSUP`.
+    fn context_status(
+        &self,
+        context: usize,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<Vec<Extent>>> + Send {
+        let _ = (context, offset, len);
+        async { Err(io::Error::from_raw_os_error(ENOTSUP_RAW)) }
+    }
+
     /// Allocation status of `[offset, offset + len)`: extents in order, may cover less
     /// than `len` (at least one extent). Default: one allocated extent.
     fn block_status(

@@ -76,8 +76,8 @@ pub(crate) enum Done<B> {
         offset: u64,
         length: u32,
         req_one: bool,
-        context: u32,
-        result: io::Result<Vec<Extent>>,
+        /// Each selected context's id and answer, in id order.
+        results: Vec<(u32, io::Result<Vec<Extent>>)>,
     },
 }
 
@@ -379,11 +379,19 @@ impl<B: ExportBuffer> Outbox<B> {
         }
     }
 
-    fn block_status(&mut self, cookie: u64, offset: u64, context: u32, descriptors: &[(u32, u32)]) {
+    /// One context's chunk of a block status reply; `done` for the request's last.
+    fn block_status(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        context: u32,
+        descriptors: &[(u32, u32)],
+        done: bool,
+    ) {
         let count = u32::try_from(descriptors.len()).unwrap_or(u32::MAX);
         if self.extended {
             self.chunk_header(
-                true,
+                done,
                 proto::REPLY_TYPE_BLOCK_STATUS_EXT,
                 cookie,
                 offset,
@@ -397,9 +405,11 @@ impl<B: ExportBuffer> Outbox<B> {
                 out.extend_from_slice(&u64::from(flags).to_be_bytes());
             }
         } else {
-            proto::encode_block_status_chunk(self.packed(), cookie, context, descriptors);
+            proto::encode_block_status_chunk(self.packed(), cookie, context, descriptors, done);
         }
-        self.replies += 1;
+        if done {
+            self.replies += 1;
+        }
     }
 
     pub(crate) fn finish(&mut self, done: Done<B>) {
@@ -442,29 +452,36 @@ impl<B: ExportBuffer> Outbox<B> {
                 offset,
                 length,
                 req_one,
-                context,
-                result,
-            } => match result {
-                Ok(extents) => {
-                    let limit = if req_one {
-                        1
-                    } else {
-                        proto::MAX_EXTENTS_PER_REPLY
+                results,
+            } => {
+                let limit = if req_one {
+                    1
+                } else {
+                    proto::MAX_EXTENTS_PER_REPLY
+                };
+                // Every context answers, or the request fails as a whole.
+                let mut chunks = Vec::with_capacity(results.len());
+                for (context, result) in results {
+                    let extents = match result {
+                        Ok(extents) => extents,
+                        Err(error) => return self.io_error(cookie, offset, &error),
                     };
                     let descriptors = proto::clamp_extents(&extents, length, limit);
                     if descriptors.is_empty() {
-                        self.error(
+                        return self.error(
                             cookie,
                             offset,
                             proto::EIO,
                             &format!("export gave no extents for offset {offset} length {length}"),
                         );
-                    } else {
-                        self.block_status(cookie, offset, context, &descriptors);
                     }
+                    chunks.push((context, descriptors));
                 }
-                Err(error) => self.io_error(cookie, offset, &error),
-            },
+                let last = chunks.len().saturating_sub(1);
+                for (index, (context, descriptors)) in chunks.iter().enumerate() {
+                    self.block_status(cookie, offset, *context, descriptors, index == last);
+                }
+            }
         }
     }
 }
@@ -690,17 +707,19 @@ mod tests {
             offset: 0,
             length: 8192,
             req_one: false,
-            context: 1,
-            result: Ok(vec![
-                Extent {
-                    length: 4096,
-                    flags: 0,
-                },
-                Extent {
-                    length: 1 << 40,
-                    flags: proto::STATE_HOLE | proto::STATE_ZERO,
-                },
-            ]),
+            results: vec![(
+                1,
+                Ok(vec![
+                    Extent {
+                        length: 4096,
+                        flags: 0,
+                    },
+                    Extent {
+                        length: 1 << 40,
+                        flags: proto::STATE_HOLE | proto::STATE_ZERO,
+                    },
+                ]),
+            )],
         });
         let mut expected = Vec::new();
         proto::encode_reply_header(
@@ -738,21 +757,50 @@ mod tests {
             offset: 0,
             length: 1024,
             req_one,
-            context: 1,
-            result,
+            results: vec![(1, result)],
         };
         outbox.finish(answer(true, Ok(extents.clone())));
         let mut expected = Vec::new();
-        proto::encode_block_status_chunk(&mut expected, 17, 1, &[(512, 3)]);
+        proto::encode_block_status_chunk(&mut expected, 17, 1, &[(512, 3)], true);
         assert_eq!(write_all(&mut outbox), expected);
         outbox.finish(answer(false, Ok(extents)));
         let mut expected = Vec::new();
-        proto::encode_block_status_chunk(&mut expected, 17, 1, &[(512, 3), (512, 0)]);
+        proto::encode_block_status_chunk(&mut expected, 17, 1, &[(512, 3), (512, 0)], true);
         assert_eq!(write_all(&mut outbox), expected);
         outbox.finish(answer(false, Ok(Vec::new())));
         let mut expected = Vec::new();
         let message = "export gave no extents for offset 0 length 1024";
         proto::encode_error_chunk(&mut expected, 17, proto::EIO, message);
+        assert_eq!(write_all(&mut outbox), expected);
+    }
+
+    #[test]
+    fn block_status_answers_every_context_done_on_the_last() {
+        let mut outbox = Outbox::new(true, false);
+        let one = |flags| {
+            Ok(vec![Extent {
+                length: 1024,
+                flags,
+            }])
+        };
+        let answer = |results| Done::BlockStatus {
+            cookie: 18,
+            offset: 0,
+            length: 1024,
+            req_one: false,
+            results,
+        };
+        outbox.finish(answer(vec![(1, one(0)), (2, one(proto::STATE_DIRTY))]));
+        let mut expected = Vec::new();
+        proto::encode_block_status_chunk(&mut expected, 18, 1, &[(1024, 0)], false);
+        proto::encode_block_status_chunk(&mut expected, 18, 2, &[(1024, 1)], true);
+        assert_eq!(write_all(&mut outbox), expected);
+        // One context failing fails the request as a whole: one error chunk, nothing else.
+        let failed = Err(io::Error::from_raw_os_error(EIO_RAW));
+        outbox.finish(answer(vec![(1, one(0)), (2, failed)]));
+        let mut expected = Vec::new();
+        let message = io::Error::from_raw_os_error(EIO_RAW).to_string();
+        proto::encode_error_chunk(&mut expected, 18, proto::EIO, &message);
         assert_eq!(write_all(&mut outbox), expected);
     }
 

@@ -37,7 +37,9 @@ use tokio::sync::watch;
 use crate::backlog::PeerBacklog;
 use crate::export::{Export, ExportBuffer};
 use crate::outbox::{self, Done, Outbox};
-use crate::proto::{self, Command, ExtendedRequestHeader, RequestAction, RequestHeader, Session};
+use crate::proto::{
+    self, Command, ExtendedRequestHeader, MetaContext, RequestAction, RequestHeader, Session,
+};
 
 /// Bytes of payload one connection may hold in memory at once (write payloads being read or
 /// executed, read data until written). A request larger than this still runs, alone.
@@ -362,17 +364,29 @@ impl<E: Export> Connection<E> {
                 offset,
                 length,
                 req_one,
-                context,
-            } => Box::pin(async move {
-                Done::BlockStatus {
-                    cookie,
-                    offset,
-                    length,
-                    req_one,
-                    context,
-                    result: export.block_status(offset, u64::from(length)).await,
-                }
-            }),
+            } => {
+                let contexts = self.session.contexts.clone();
+                Box::pin(async move {
+                    let len = u64::from(length);
+                    let mut results = Vec::with_capacity(contexts.len());
+                    for context in contexts {
+                        let result = match context {
+                            MetaContext::BaseAllocation => export.block_status(offset, len).await,
+                            MetaContext::Export(index) => {
+                                export.context_status(index, offset, len).await
+                            }
+                        };
+                        results.push((context.id(), result));
+                    }
+                    Done::BlockStatus {
+                        cookie,
+                        offset,
+                        length,
+                        req_one,
+                        results,
+                    }
+                })
+            }
         };
         self.running.push(future);
     }

@@ -706,6 +706,20 @@ impl Vbd {
             .unwrap_or_default()
     }
 
+    /// Which 64 KiB blocks of bytes `[offset, offset + len)` the changed-block log has
+    /// marked (`EINVAL` while the VBD tracks no changes). Waits while paused, as reads do.
+    pub async fn changed_extents(&self, offset: u64, len: u64) -> io::Result<Vec<cbt::Extent>> {
+        let first = offset / SECTOR_SIZE;
+        let end = offset.saturating_add(len).div_ceil(SECTOR_SIZE);
+        self.submit(Access::Read, first, end - first, move |chain| async move {
+            let log = chain.log().ok_or_else(|| {
+                crate::error::failure(libc::EINVAL, "the disk has no changed-block log now")
+            })?;
+            Ok(log.extents(offset, len))
+        })
+        .await
+    }
+
     /// Allocation status of `count` sectors at `sector`.
     pub async fn block_status(&self, sector: u64, count: u64) -> io::Result<Vec<StatusRun>> {
         self.submit(Access::Read, sector, count, move |chain| async move {

@@ -435,3 +435,192 @@ fn the_log_path_comes_first_after_the_message_and_waits_no_longer_than_any_read(
     assert_eq!(control_exchange(&env, pid, &good).0, MessageType::OpenRsp);
     env.destroy(pid, minor);
 }
+
+/// Reads `n` bytes.
+fn take(stream: &mut UnixStream, n: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n];
+    stream.read_exact(&mut bytes).unwrap();
+    bytes
+}
+
+fn be32(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes(bytes[..4].try_into().unwrap())
+}
+
+/// Sends option `option` with `data` and collects its replies up to the ACK: (type, data).
+fn negotiate_option(stream: &mut UnixStream, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+    let header = proto::OptionHeader {
+        option,
+        length: u32::try_from(data.len()).unwrap(),
+    };
+    stream.write_all(&header.encode()).unwrap();
+    stream.write_all(data).unwrap();
+    let mut replies = Vec::new();
+    loop {
+        let head = take(stream, 20);
+        let kind = be32(&head[12..16]);
+        let data = take(stream, usize::try_from(be32(&head[16..20])).unwrap());
+        if kind == proto::REP_ACK {
+            return replies;
+        }
+        replies.push((kind, data));
+    }
+}
+
+/// The changed and unchanged runs `nbdinfo --map=CONTEXT --json` shows: (offset, length,
+/// type, description).
+fn nbdinfo_map(uri: &str, context: &str) -> Vec<(u64, u64, u64, String)> {
+    let out = run_ok(Command::new("nbdinfo").args([&format!("--map={context}"), "--json", uri]));
+    let map: serde_json::Value = serde_json::from_str(&out).unwrap();
+    map.as_array()
+        .unwrap()
+        .iter()
+        .map(|extent| {
+            (
+                extent["offset"].as_u64().unwrap(),
+                extent["length"].as_u64().unwrap(),
+                extent["type"].as_u64().unwrap(),
+                extent["description"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_running_disk_serves_its_changed_blocks_as_a_dirty_bitmap_context() {
+    require("nbdinfo");
+    require("qemu-io");
+    let env = Env::new();
+    let disk = 8 * MIB;
+    let image = zero_image(&env, "disk.img", disk);
+    let log = env.dir.path().join("disk.cbtlog");
+    new_log(&log, disk);
+    let (pid, minor) = env.create(&image, &["-C", s(&log)]);
+    let uri = env.nbd_uri(pid, minor);
+    // Blocks 16, 48 and 49, and 127 (the last) by a discard.
+    qemu_io(&env, pid, minor, "write -P 0x11 1M 4k");
+    qemu_io(&env, pid, minor, "write -P 0x22 3M 65k");
+    qemu_io(&env, pid, minor, "discard 8128k 64k");
+    let run = |offset: u64, length: u64, dirty: bool| {
+        let (kind, description) = if dirty { (1, "dirty") } else { (0, "clean") };
+        (offset, length, kind, description.to_owned())
+    };
+    let expected = vec![
+        run(0, 16 * BLOCK, false),
+        run(16 * BLOCK, BLOCK, true),
+        run(17 * BLOCK, 31 * BLOCK, false),
+        run(48 * BLOCK, 2 * BLOCK, true),
+        run(50 * BLOCK, 77 * BLOCK, false),
+        run(127 * BLOCK, BLOCK, true),
+    ];
+    assert_eq!(nbdinfo_map(&uri, "qemu:dirty-bitmap:cbt"), expected);
+    let contexts = run_ok(Command::new("nbdinfo").args(["--json", &uri]));
+    assert!(contexts.contains("\"qemu:dirty-bitmap:cbt\""), "{contexts}");
+    // The same from the closed log, with cbt-util.
+    let (p, m) = (pid.to_string(), minor.to_string());
+    env.tap_ctl_ok(&["pause", "-p", &p, "-m", &m]);
+    let closed: serde_json::Value =
+        serde_json::from_str(&cbt_util(&["extents", "-n", s(&log)])).unwrap();
+    let closed: Vec<_> = closed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|extent| {
+            (
+                extent["offset"].as_u64().unwrap(),
+                extent["length"].as_u64().unwrap(),
+                extent["type"].as_u64().unwrap(),
+                extent["description"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(closed, expected);
+    env.tap_ctl_ok(&["unpause", "-p", &p, "-m", &m, "-c", s(&log)]);
+
+    // Both contexts in one request: a chunk for each, ids 1 and 2, DONE on the last.
+    let mut stream = UnixStream::connect(env.nbd_socket(pid, minor)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    take(&mut stream, 18);
+    let flags = proto::CLIENT_FLAG_FIXED_NEWSTYLE | proto::CLIENT_FLAG_NO_ZEROES;
+    stream.write_all(&flags.to_be_bytes()).unwrap();
+    assert!(negotiate_option(&mut stream, proto::OPT_STRUCTURED_REPLY, &[]).is_empty());
+    let mut query = 0u32.to_be_bytes().to_vec();
+    query.extend_from_slice(&2u32.to_be_bytes());
+    for name in [proto::BASE_ALLOCATION, "qemu:dirty-bitmap:cbt"] {
+        query.extend_from_slice(&u32::try_from(name.len()).unwrap().to_be_bytes());
+        query.extend_from_slice(name.as_bytes());
+    }
+    let selected = negotiate_option(&mut stream, proto::OPT_SET_META_CONTEXT, &query);
+    let ids: Vec<(u32, u32, Vec<u8>)> = selected
+        .into_iter()
+        .map(|(kind, data)| (kind, be32(&data), data[4..].to_vec()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (proto::REP_META_CONTEXT, 1, b"base:allocation".to_vec()),
+            (
+                proto::REP_META_CONTEXT,
+                2,
+                b"qemu:dirty-bitmap:cbt".to_vec()
+            ),
+        ]
+    );
+    let mut go = 0u32.to_be_bytes().to_vec();
+    go.extend_from_slice(&0u16.to_be_bytes());
+    negotiate_option(&mut stream, proto::OPT_GO, &go);
+    let request = proto::RequestHeader {
+        flags: 0,
+        command: proto::CMD_BLOCK_STATUS,
+        cookie: 9,
+        offset: 0,
+        length: u32::try_from(4 * MIB).unwrap(),
+    };
+    stream.write_all(&request.encode()).unwrap();
+    let mut chunks = Vec::new();
+    loop {
+        let head = take(&mut stream, 20);
+        let flags = u16::from_be_bytes([head[4], head[5]]);
+        let kind = u16::from_be_bytes([head[6], head[7]]);
+        let payload = take(&mut stream, usize::try_from(be32(&head[16..20])).unwrap());
+        assert_eq!(kind, proto::REPLY_TYPE_BLOCK_STATUS);
+        let descriptors: Vec<(u32, u32)> = payload[4..]
+            .chunks(8)
+            .map(|d| (be32(&d[..4]), be32(&d[4..])))
+            .collect();
+        chunks.push((flags, be32(&payload), descriptors));
+        if flags & proto::REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    let k = u32::try_from(BLOCK).unwrap();
+    assert_eq!(chunks.len(), 2, "{chunks:?}");
+    assert_eq!((chunks[0].0, chunks[0].1), (0, 1));
+    assert_eq!(
+        chunks[1],
+        (
+            proto::REPLY_FLAG_DONE,
+            2,
+            vec![(16 * k, 0), (k, 1), (31 * k, 0), (2 * k, 1), (14 * k, 0)]
+        )
+    );
+    drop(stream);
+
+    // Tracking stopped (an unpause without -c): new connections are not offered the
+    // context; asking for it anyway selects nothing.
+    env.tap_ctl_ok(&["pause", "-p", &p, "-m", &m]);
+    env.tap_ctl_ok(&["unpause", "-p", &p, "-m", &m]);
+    let out = Command::new("nbdinfo")
+        .args(["--map=qemu:dirty-bitmap:cbt", &uri])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let contexts = run_ok(Command::new("nbdinfo").args(["--json", &uri]));
+    assert!(!contexts.contains("qemu:dirty-bitmap:cbt"), "{contexts}");
+    env.destroy(pid, minor);
+}

@@ -84,10 +84,61 @@ pub const INFO_DESCRIPTION: u16 = 2;
 /// Information item: block size constraints.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
-/// Name of the one metadata context this server knows.
+/// Name of the metadata context every export offers.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// Context id handed out for `base:allocation` by `NBD_OPT_SET_META_CONTEXT`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Context id of the first of an export's own contexts ([`ExportInfo::meta_contexts`]);
+/// the others follow in order.
+pub const FIRST_EXPORT_CONTEXT_ID: u32 = 2;
+
+/// A metadata context a connection may select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `base:allocation`: holes and zeros (`STATE_HOLE`, `STATE_ZERO`).
+    BaseAllocation,
+    /// The export's own context `ExportInfo::meta_contexts[index]`, answered by the export.
+    Export(usize),
+}
+
+impl MetaContext {
+    /// The id the server hands out for this context.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::BaseAllocation => BASE_ALLOCATION_ID,
+            Self::Export(index) => {
+                FIRST_EXPORT_CONTEXT_ID.saturating_add(u32::try_from(index).unwrap_or(u32::MAX))
+            }
+        }
+    }
+
+    /// Its name, for `info`'s export.
+    pub fn name(self, info: &ExportInfo) -> &str {
+        match self {
+            Self::BaseAllocation => BASE_ALLOCATION,
+            Self::Export(index) => info.meta_contexts.get(index).map_or("", String::as_str),
+        }
+    }
+}
+
+/// The contexts of `info`'s export that `queries` ask for. Listing (`set == false`) matches a
+/// whole name or a namespace prefix ending in `:` (`base:`, `qemu:dirty-bitmap:`), and no
+/// query at all lists every context; selecting matches whole names only, and no query
+/// selects none.
+pub fn matching_contexts(info: &ExportInfo, queries: &[String], set: bool) -> Vec<MetaContext> {
+    let all = std::iter::once(MetaContext::BaseAllocation)
+        .chain((0..info.meta_contexts.len()).map(MetaContext::Export));
+    if queries.is_empty() {
+        return if set { Vec::new() } else { all.collect() };
+    }
+    all.filter(|context| {
+        let name = context.name(info);
+        queries.iter().any(|query| {
+            query == name || (!set && query.ends_with(':') && name.starts_with(query.as_str()))
+        })
+    })
+    .collect()
+}
 
 /// Size of the server greeting: NBDMAGIC, IHAVEOPT, handshake flags.
 pub const GREETING_LEN: usize = 18;
@@ -117,7 +168,7 @@ pub fn oldstyle_session(info: &ExportInfo) -> Session {
         info: info.clone(),
         transmission_flags: info.transmission_flags(false),
         structured: false,
-        base_allocation: None,
+        contexts: Vec::new(),
         max_request: max,
     }
 }
@@ -445,7 +496,7 @@ pub struct Negotiation {
     info: ExportInfo,
     client: ClientFlags,
     structured: bool,
-    base_allocation: Option<u32>,
+    contexts: Vec<MetaContext>,
     /// `NBD_OPT_EXTENDED_HEADERS` was acknowledged.
     extended: bool,
     tls: TlsState,
@@ -460,7 +511,7 @@ impl Negotiation {
             info,
             client,
             structured: false,
-            base_allocation: None,
+            contexts: Vec::new(),
             extended: false,
             tls: match tls {
                 TlsPolicy::Plaintext => TlsState::Off,
@@ -486,10 +537,10 @@ impl Negotiation {
             info: self.info.clone(),
             transmission_flags: self.info.transmission_flags(self.structured),
             structured: self.structured,
-            base_allocation: if self.structured {
-                self.base_allocation
+            contexts: if self.structured {
+                self.contexts.clone()
             } else {
-                None
+                Vec::new()
             },
             max_request: max,
         }
@@ -584,23 +635,17 @@ impl Negotiation {
                     );
                     return Ok(OptionOutcome::Continue);
                 }
-                let matches = if queries.is_empty() {
-                    // An empty list asks for every context when listing, none when setting.
-                    !set
-                } else {
-                    queries
-                        .iter()
-                        .any(|query| query == BASE_ALLOCATION || (!set && query == "base:"))
-                };
-                if set {
-                    self.base_allocation = matches.then_some(BASE_ALLOCATION_ID);
-                }
-                if matches {
-                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
-                    let mut item = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+                let matches = matching_contexts(&self.info, &queries, set);
+                for context in &matches {
+                    let name = context.name(&self.info);
+                    let id = if set { context.id() } else { 0 };
+                    let mut item = Vec::with_capacity(4 + name.len());
                     item.extend_from_slice(&id.to_be_bytes());
-                    item.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                    item.extend_from_slice(name.as_bytes());
                     encode_option_reply(out, option, REP_META_CONTEXT, &item);
+                }
+                if set {
+                    self.contexts = matches;
                 }
                 encode_option_reply(out, option, REP_ACK, &[]);
                 Ok(OptionOutcome::Continue)
@@ -976,8 +1021,91 @@ mod tests {
             panic!("GO must enter transmission");
         };
         assert!(session.structured);
-        assert_eq!(session.base_allocation, Some(BASE_ALLOCATION_ID));
+        assert_eq!(session.contexts, [MetaContext::BaseAllocation]);
         assert_ne!(session.transmission_flags & TFLAG_SEND_DF, 0);
+    }
+
+    /// A list or set query for `names`.
+    fn meta_query(names: &[&str]) -> Vec<u8> {
+        let mut data = vec![0u8; 4];
+        data.extend_from_slice(&u32::try_from(names.len()).unwrap().to_be_bytes());
+        for name in names {
+            data.extend_from_slice(&u32::try_from(name.len()).unwrap().to_be_bytes());
+            data.extend_from_slice(name.as_bytes());
+        }
+        data
+    }
+
+    /// The (id, name) of every `NBD_REP_META_CONTEXT` in `out`, which ends with an ACK.
+    fn meta_replies(out: &[u8]) -> Vec<(u32, String)> {
+        let mut found = Vec::new();
+        let mut at = 0;
+        while at + 20 <= out.len() {
+            let kind = u32::from_be_bytes(out[at + 12..at + 16].try_into().unwrap());
+            let len = usize::try_from(u32::from_be_bytes(
+                out[at + 16..at + 20].try_into().unwrap(),
+            ))
+            .unwrap();
+            let data = &out[at + 20..at + 20 + len];
+            if kind == REP_META_CONTEXT {
+                let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+                found.push((id, String::from_utf8(data[4..].to_vec()).unwrap()));
+            } else {
+                assert_eq!(kind, REP_ACK);
+            }
+            at += 20 + len;
+        }
+        found
+    }
+
+    #[test]
+    fn an_export_s_own_contexts_are_listed_and_selected() {
+        let mut info = full_info();
+        info.meta_contexts = vec!["qemu:dirty-bitmap:cbt".to_owned()];
+        let flags = ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: true,
+        };
+        let mut n = Negotiation::new("disk", info, flags, TlsPolicy::Plaintext);
+        option(&mut n, OPT_STRUCTURED_REPLY, &[]);
+        let list = |n: &mut Negotiation, names: &[&str]| {
+            meta_replies(&option(n, OPT_LIST_META_CONTEXT, &meta_query(names)).1)
+        };
+        let dirty = (0, "qemu:dirty-bitmap:cbt".to_owned());
+        let base = (0, BASE_ALLOCATION.to_owned());
+        assert_eq!(list(&mut n, &[]), [base.clone(), dirty.clone()]);
+        assert_eq!(list(&mut n, &["qemu:"]), std::slice::from_ref(&dirty));
+        assert_eq!(
+            list(&mut n, &["qemu:dirty-bitmap:"]),
+            std::slice::from_ref(&dirty)
+        );
+        assert_eq!(
+            list(&mut n, &["base:", "qemu:dirty-bitmap:cbt"]),
+            [base, dirty.clone()]
+        );
+        assert_eq!(list(&mut n, &["qemu:dirty-bitmap:other"]), []);
+        // Selecting takes whole names only; ids are 1 for base:allocation, then 2, ...
+        let set = |n: &mut Negotiation, names: &[&str]| {
+            meta_replies(&option(n, OPT_SET_META_CONTEXT, &meta_query(names)).1)
+        };
+        assert_eq!(set(&mut n, &["qemu:"]), []);
+        assert_eq!(
+            set(&mut n, &["qemu:dirty-bitmap:cbt", "base:allocation"]),
+            [
+                (1, BASE_ALLOCATION.to_owned()),
+                (2, "qemu:dirty-bitmap:cbt".to_owned())
+            ]
+        );
+        assert_eq!(
+            set(&mut n, &["qemu:dirty-bitmap:cbt"]),
+            [(2, dirty.1.clone())]
+        );
+        let (outcome, _) = option(&mut n, OPT_GO, &[0, 0, 0, 0, 0, 0]);
+        let OptionOutcome::Transmission(session) = outcome else {
+            panic!("GO must enter transmission");
+        };
+        assert_eq!(session.contexts, [MetaContext::Export(0)]);
+        assert_eq!(MetaContext::Export(0).id(), 2);
     }
 
     #[test]
@@ -1026,7 +1154,7 @@ mod tests {
         assert_eq!(greeting.to_vec(), expected);
         let session = oldstyle_session(&info);
         assert!(!session.structured);
-        assert_eq!(session.base_allocation, None);
+        assert!(session.contexts.is_empty());
     }
 
     proptest! {

@@ -85,6 +85,9 @@ pub struct ExportInfo {
     pub max_block: u32,
     /// Human-readable description sent as `NBD_INFO_DESCRIPTION` when asked for.
     pub description: Option<String>,
+    /// Metadata contexts the export answers itself besides `base:allocation`
+    /// (`Export::context_status`), e.g. `qemu:dirty-bitmap:NAME`.
+    pub meta_contexts: Vec<String>,
 }
 
 impl ExportInfo {
@@ -104,6 +107,7 @@ impl ExportInfo {
             preferred_block: 4096,
             max_block: DEFAULT_MAX_BLOCK,
             description: None,
+            meta_contexts: Vec::new(),
         }
     }
 
@@ -181,8 +185,8 @@ pub struct Session {
     pub transmission_flags: u16,
     /// Structured replies were negotiated.
     pub structured: bool,
-    /// Id of `base:allocation` when selected.
-    pub base_allocation: Option<u32>,
+    /// The metadata contexts selected, in id order (BLOCK_STATUS answers for each).
+    pub contexts: Vec<MetaContext>,
     /// Largest request length accepted.
     pub max_request: u32,
 }

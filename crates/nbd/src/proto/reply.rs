@@ -53,6 +53,8 @@ pub const ESHUTDOWN: u32 = 108;
 pub const STATE_HOLE: u32 = 1 << 0;
 /// Extent status flag of `base:allocation`: reads as zeroes.
 pub const STATE_ZERO: u32 = 1 << 1;
+/// Extent status flag of `qemu:dirty-bitmap:` contexts: the extent changed.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Size of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
@@ -246,21 +248,18 @@ pub fn clamp_extents(extents: &[Extent], length: u32, limit: usize) -> Vec<(u32,
     out
 }
 
-/// Append a final `BLOCK_STATUS` chunk for `context` with `descriptors` (length, flags).
+/// Append a `BLOCK_STATUS` chunk for `context` with `descriptors` (length, flags); `done`
+/// when it is the request's last chunk.
 pub fn encode_block_status_chunk(
     out: &mut Vec<u8>,
     cookie: u64,
     context: u32,
     descriptors: &[(u32, u32)],
+    done: bool,
 ) {
     let length = 4u32.saturating_add(wire_len(descriptors.len()).saturating_mul(8));
-    encode_chunk_header(
-        out,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_BLOCK_STATUS,
-        cookie,
-        length,
-    );
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    encode_chunk_header(out, flags, REPLY_TYPE_BLOCK_STATUS, cookie, length);
     out.extend_from_slice(&context.to_be_bytes());
     for (len, flags) in descriptors {
         out.extend_from_slice(&len.to_be_bytes());
@@ -356,11 +355,16 @@ mod tests {
             &[0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0x20, 0]
         );
         out.clear();
-        encode_block_status_chunk(&mut out, 3, 1, &[(512, 3), (1024, 0)]);
+        encode_block_status_chunk(&mut out, 3, 1, &[(512, 3), (1024, 0)], true);
+        assert_eq!(&out[4..8], &[0, 1, 0, 5]);
         assert_eq!(
             &out[16..],
             &[0, 0, 0, 20, 0, 0, 0, 1, 0, 0, 2, 0, 0, 0, 0, 3, 0, 0, 4, 0, 0, 0, 0, 0]
         );
+        // Not the last chunk of its request: no DONE flag.
+        out.clear();
+        encode_block_status_chunk(&mut out, 3, 2, &[(512, 1)], false);
+        assert_eq!(&out[4..8], &[0, 0, 0, 5]);
     }
 
     #[test]

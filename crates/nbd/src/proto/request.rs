@@ -150,16 +150,14 @@ pub enum Command {
         /// Byte length.
         length: u32,
     },
-    /// Block status of `base:allocation`.
+    /// Block status, for every context the session selected.
     BlockStatus {
         /// Byte offset.
         offset: u64,
         /// Byte length.
         length: u32,
-        /// Only one extent wanted.
+        /// Only one extent wanted (per context).
         req_one: bool,
-        /// Context id to answer with.
-        context: u32,
     },
 }
 
@@ -335,23 +333,21 @@ pub fn classify_request(
                 Ok(RequestAction::Execute(Command::Cache { offset, length }))
             }
         }
-        CMD_BLOCK_STATUS => match session.base_allocation {
-            None => reject(EINVAL, "no metadata context negotiated"),
-            Some(context) => {
-                if !allowed(CMD_FLAG_REQ_ONE) {
-                    reject(EINVAL, "unsupported flags on NBD_CMD_BLOCK_STATUS")
-                } else if length == 0 || !in_range {
-                    reject(EINVAL, "block status range empty or beyond the end")
-                } else {
-                    Ok(RequestAction::Execute(Command::BlockStatus {
-                        offset,
-                        length,
-                        req_one: header.flags & CMD_FLAG_REQ_ONE != 0,
-                        context,
-                    }))
-                }
+        CMD_BLOCK_STATUS => {
+            if session.contexts.is_empty() {
+                reject(EINVAL, "no metadata context negotiated")
+            } else if !allowed(CMD_FLAG_REQ_ONE) {
+                reject(EINVAL, "unsupported flags on NBD_CMD_BLOCK_STATUS")
+            } else if length == 0 || !in_range {
+                reject(EINVAL, "block status range empty or beyond the end")
+            } else {
+                Ok(RequestAction::Execute(Command::BlockStatus {
+                    offset,
+                    length,
+                    req_one: header.flags & CMD_FLAG_REQ_ONE != 0,
+                }))
             }
-        },
+        }
         _ => reject(EINVAL, "unknown command"),
     }
 }
@@ -465,7 +461,7 @@ mod tests {
             transmission_flags: info.transmission_flags(false),
             info,
             structured: false,
-            base_allocation: None,
+            contexts: Vec::new(),
             max_request: max,
         }
     }
@@ -656,7 +652,9 @@ mod tests {
             info.read_only = read_only;
             let mut s = session(info);
             s.structured = structured;
-            s.base_allocation = structured.then_some(1);
+            if structured {
+                s.contexts = vec![MetaContext::BaseAllocation];
+            }
             match classify_request(&s, &header) {
                 Ok(RequestAction::Execute(Command::Read { offset, length, .. })) => {
                     prop_assert!(in_bounds(offset, u64::from(length), size));

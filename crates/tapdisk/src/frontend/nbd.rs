@@ -64,6 +64,11 @@ impl ConnectionCaps {
     }
 }
 
+/// The metadata context of a tracked disk's changed-block log: flag 1 (`STATE_DIRTY`) for
+/// the 64 KiB blocks written since the log was created. Named as qemu names its dirty
+/// bitmaps, so qemu's and libnbd's tools read it (`nbdinfo --map=qemu:dirty-bitmap:cbt`).
+pub const CBT_CONTEXT: &str = "qemu:dirty-bitmap:cbt";
+
 /// Largest request the export accepts (advertised as the maximum block size).
 pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
 
@@ -164,6 +169,7 @@ impl VbdExport {
             preferred_block: 4096,
             max_block: MAX_REQUEST_BYTES,
             description: Some(name.to_owned()),
+            meta_contexts: Vec::new(),
         };
         Ok(Self {
             vbd,
@@ -188,7 +194,12 @@ impl Export for VbdExport {
     type Buffer = IoBuf;
 
     fn info(&self) -> ExportInfo {
-        self.info.clone()
+        let mut info = self.info.clone();
+        // Connections made while the disk is tracked may ask for its changed blocks.
+        if self.vbd.chain().is_some_and(|chain| chain.log().is_some()) {
+            info.meta_contexts.push(CBT_CONTEXT.to_owned());
+        }
+        info
     }
 
     fn buffer(&self, len: usize) -> IoBuf {
@@ -270,6 +281,30 @@ impl Export for VbdExport {
             at += step;
         }
         Ok(())
+    }
+
+    async fn context_status(
+        &self,
+        context: usize,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<Extent>> {
+        // The changed-block log is the only context of our own.
+        if context != 0 {
+            return Err(einval());
+        }
+        let extents = self.vbd.changed_extents(offset, len).await?;
+        Ok(extents
+            .into_iter()
+            .map(|extent| Extent {
+                length: extent.length,
+                flags: if extent.changed {
+                    nbd::proto::STATE_DIRTY
+                } else {
+                    0
+                },
+            })
+            .collect())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {

@@ -467,11 +467,10 @@ fn negotiate_option(stream: &mut UnixStream, option: u32, data: &[u8]) -> Vec<(u
     }
 }
 
-/// The changed and unchanged runs `nbdinfo --map=CONTEXT --json` shows: (offset, length,
-/// type, description).
-fn nbdinfo_map(uri: &str, context: &str) -> Vec<(u64, u64, u64, String)> {
-    let out = run_ok(Command::new("nbdinfo").args([&format!("--map={context}"), "--json", uri]));
-    let map: serde_json::Value = serde_json::from_str(&out).unwrap();
+/// The runs of a map as `nbdinfo --map --json` (and `cbt-util extents`) print it:
+/// (offset, length, type, description).
+fn json_map(text: &str) -> Vec<(u64, u64, u64, String)> {
+    let map: serde_json::Value = serde_json::from_str(text).unwrap();
     map.as_array()
         .unwrap()
         .iter()
@@ -516,27 +515,14 @@ fn the_running_disk_serves_its_changed_blocks_as_a_dirty_bitmap_context() {
         run(50 * BLOCK, 77 * BLOCK, false),
         run(127 * BLOCK, BLOCK, true),
     ];
-    assert_eq!(nbdinfo_map(&uri, "qemu:dirty-bitmap:cbt"), expected);
+    let map = run_ok(Command::new("nbdinfo").args(["--map=qemu:dirty-bitmap:cbt", "--json", &uri]));
+    assert_eq!(json_map(&map), expected);
     let contexts = run_ok(Command::new("nbdinfo").args(["--json", &uri]));
     assert!(contexts.contains("\"qemu:dirty-bitmap:cbt\""), "{contexts}");
     // The same from the closed log, with cbt-util.
     let (p, m) = (pid.to_string(), minor.to_string());
     env.tap_ctl_ok(&["pause", "-p", &p, "-m", &m]);
-    let closed: serde_json::Value =
-        serde_json::from_str(&cbt_util(&["extents", "-n", s(&log)])).unwrap();
-    let closed: Vec<_> = closed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|extent| {
-            (
-                extent["offset"].as_u64().unwrap(),
-                extent["length"].as_u64().unwrap(),
-                extent["type"].as_u64().unwrap(),
-                extent["description"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let closed = json_map(&cbt_util(&["extents", "-n", s(&log)]));
     assert_eq!(closed, expected);
     env.tap_ctl_ok(&["unpause", "-p", &p, "-m", &m, "-c", s(&log)]);
 

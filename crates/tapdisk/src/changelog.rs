@@ -214,6 +214,12 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// Whether marks were written since the last sync.
+    #[cfg(test)]
+    pub(crate) fn has_unsynced_marks(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire)
+    }
+
     /// The changed and unchanged extents of bytes `[offset, offset + len)` of the disk.
     pub fn extents(&self, offset: u64, len: u64) -> Vec<cbt::Extent> {
         cbt::extents(self.size, offset, len, |byte| {
@@ -285,7 +291,7 @@ mod tests {
             .collect();
         assert_eq!(changed, [(1, 1), (3, 1), (7, 3)]);
         log.sync().await.unwrap();
-        assert!(!log.unsynced.load(Ordering::Relaxed));
+        assert!(!log.has_unsynced_marks());
     }
 
     #[tokio::test]
@@ -297,7 +303,7 @@ mod tests {
         std::fs::write(&path, [0xaau8; 49]).unwrap();
         log.mark(2 * SECTORS_PER_BLOCK, 8).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), [0xaau8; 49]);
-        assert!(!log.unsynced.load(Ordering::Relaxed));
+        assert!(!log.has_unsynced_marks());
         // Nothing to sync, so no fdatasync either.
         log.sync().await.unwrap();
     }

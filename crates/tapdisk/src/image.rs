@@ -801,6 +801,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn writes_are_marked_in_the_log_and_flushes_sync_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![0u8; 4 * 65536]).unwrap();
+        let log = dir.path().join("disk.cbtlog");
+        std::fs::write(&log, cbt::LogFile::new(4 * 65536).unwrap().to_bytes()).unwrap();
+        let chain = ImageChain::open(&format!("aio:{}", path.display()), OpenOptions::default())
+            .unwrap()
+            .with_log(&log)
+            .unwrap();
+        chain
+            .write(256, Arc::new(IoBuf::copy_from(&[1u8; 512])))
+            .await
+            .unwrap();
+        chain.discard(384, 8).await.unwrap();
+        let on_disk = cbt::LogFile::parse(&std::fs::read(&log).unwrap()).unwrap();
+        assert_eq!(on_disk.bitmap.as_bytes(), [0b1100]);
+        let marks = chain.log().unwrap();
+        assert!(marks.has_unsynced_marks());
+        chain.flush().await.unwrap();
+        assert!(!marks.has_unsynced_marks());
+        // Reads pass through the log without marking anything.
+        chain.read(0, IoBuf::zeroed(512)).await.unwrap();
+        assert_eq!(marks.counters().hits[READ].load(Ordering::Relaxed), 1);
+        assert_eq!(marks.counters().hits[WRITE].load(Ordering::Relaxed), 2);
+        assert!(!marks.has_unsynced_marks());
+    }
+
+    #[tokio::test]
     async fn chain_reads_and_writes_the_leaf() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");

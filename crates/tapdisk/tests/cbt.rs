@@ -1,8 +1,9 @@
 //! Changed-block tracking end to end, through the real `tap-ctl`, `tapdisk`, `cbt-util` and
 //! `vhd-util`: the storage manager's command forms (`open -D -C` on attach, `unpause -a -c`
 //! at snapshot time), bad logs refused with the file named, fio's random writes (with
-//! verification) leaving exactly the written blocks marked, and `kill -9` during writes never
-//! losing the mark of an acknowledged write.
+//! verification) leaving exactly the written blocks marked, `kill -9` during writes never
+//! losing the mark of an acknowledged write, and the header (the consistent flag, the links)
+//! left as SM set it after a clean close and after a crash.
 
 mod common;
 
@@ -21,6 +22,8 @@ use tapdisk_proto::{Body, Message, MessageType, OpenFlags, Params, MESSAGE_SIZE}
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = cbt::BLOCK_SIZE;
+/// A parent link SM might write into a log.
+const PARENT_UUID: &str = "6f1c2a3b-0d4e-4f50-8a61-b7c8d9e0f123";
 
 fn s(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -49,6 +52,11 @@ fn marked(path: &Path) -> BTreeSet<u64> {
     (0..log.bitmap.blocks())
         .filter(|block| log.bitmap.is_set(*block))
         .collect()
+}
+
+/// The 48 header bytes of the log at `path`.
+fn header_bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()[..cbt::HEADER_LEN].to_vec()
 }
 
 /// `qemu-io -c COMMAND` on the NBD export of `pid`/`minor`.
@@ -116,6 +124,9 @@ fn storage_manager_forms_track_writes_across_a_snapshot() {
     vhd_util_ok(&["snapshot", "-n", s(&snap_leaf), "-p", s(&leaf)]);
     cbt_util(&["create", "-n", s(&log), "-s", &size]);
     cbt_util(&["set", "-n", s(&log), "-f", "0"]);
+    cbt_util(&["set", "-n", s(&log), "-p", PARENT_UUID]);
+    let header_at_unpause = header_bytes(&log);
+    let snap_header = header_bytes(&snap_log);
     env.tap_ctl_ok(&[
         "unpause",
         "-p",
@@ -152,8 +163,18 @@ fn storage_manager_forms_track_writes_across_a_snapshot() {
     env.tap_ctl_ok(&["close", "-p", &p, "-m", &m]);
     env.tap_ctl_ok(&["detach", "-p", &p, "-m", &m]);
     env.tap_ctl_ok(&["free", "-m", &m]);
+    // The header is the storage manager's, as in the C stack: after a clean close the
+    // consistent flag is still the 0 SM set before the unpause (SM sets 1 after the
+    // detach), the links and size are as SM left them, and the log tapdisk left at the
+    // snapshot kept the header SM gave it.
+    assert_eq!(header_bytes(&log), header_at_unpause);
+    assert_eq!(header_bytes(&snap_log), snap_header);
+    assert_eq!(cbt_util(&["get", "-n", s(&log), "-f"]), "0\n");
+    assert_eq!(
+        cbt_util(&["get", "-n", s(&log), "-p"]),
+        format!("{PARENT_UUID}\n")
+    );
     cbt_util(&["set", "-n", s(&log), "-f", "1"]);
-    // The header is the storage manager's: tapdisk never touched it.
     assert_eq!(cbt_util(&["get", "-n", s(&log), "-f"]), "1\n");
     assert_eq!(cbt_util(&["get", "-n", s(&log), "-s"]), format!("{size}\n"));
 }
@@ -310,6 +331,7 @@ fn kill_9_during_writes_never_loses_the_mark_of_an_acknowledged_write() {
         let image = zero_image(&env, &format!("disk{round}.img"), disk);
         let log = env.dir.path().join(format!("disk{round}.cbtlog"));
         new_log(&log, disk);
+        let header_at_open = header_bytes(&log);
         let (pid, minor) = env.create(&image, &["-C", s(&log)]);
         let socket = env.ctl_dir.join(format!("nbd-old{pid}.{minor}"));
         let writer = std::thread::spawn(move || write_until_killed(&socket, disk, round + 1));
@@ -339,6 +361,10 @@ fn kill_9_during_writes_never_loses_the_mark_of_an_acknowledged_write() {
         );
         // Extra marks only ever come from writes that were issued.
         assert!(marks.is_subset(&blocks_of(&issued)), "round {round}");
+        // A crash leaves the header as SM set it before the open: consistent 0, so SM's next
+        // attach finds the log inconsistent (and resets CBT), as with the C stack.
+        assert_eq!(header_bytes(&log), header_at_open, "round {round}");
+        assert_eq!(cbt_util(&["get", "-n", s(&log), "-f"]), "0\n");
         // What the dead tapdisk left: its control socket and its minor.
         let _ = std::fs::remove_file(env.ctl_dir.join(format!("ctl{pid}")));
         let _ = env.tap_ctl(&["free", "-m", &minor.to_string()]);

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::driver::SECTOR_SIZE;
+use crate::driver::{open_image_file, SECTOR_SIZE};
 use crate::error::failure;
 use crate::image::ImageCounters;
 
@@ -65,17 +65,15 @@ fn bad_log(path: &Path, what: impl std::fmt::Display) -> io::Error {
 }
 
 impl ChangeLog {
-    /// Opens the log at `path` for a disk of `sectors` sectors: the file must be a log of a
-    /// disk of that size with its whole bitmap present. Errors name the file and the
-    /// problem: the open's errno, or `EINVAL` for a short file or another disk's log.
+    /// Opens the log at `path` for a disk of `sectors` sectors: the file (a regular file or
+    /// a block device, e.g. an LV) must be a log of a disk of that size with its whole
+    /// bitmap present. Errors name the file and the problem: the open's errno, or `EINVAL`
+    /// for a FIFO or other non-file, a short file or another disk's log.
     pub fn open(path: &Path, sectors: u64) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| {
-                crate::error::with_context(e, format!("cannot open the CBT log {}", path.display()))
-            })?;
+        // As an image file: a FIFO or a device waiting for a peer is refused, never waited on.
+        let file = open_image_file(path, true, false).map_err(|e| {
+            crate::error::with_context(e, format!("cannot open the CBT log {}", path.display()))
+        })?;
         let mut header = [0u8; cbt::HEADER_LEN];
         let got = read_at_most(&file, &mut header, 0)
             .map_err(|e| bad_log(path, format!("reading the header: {e}")))?;

@@ -191,6 +191,14 @@ fn bad_logs_are_refused_naming_the_file() {
     let missing = env.dir.path().join("missing.cbtlog");
     let err = create(&missing, libc::ENOENT);
     assert!(err.contains(s(&missing)), "{err}");
+    // A FIFO is refused at once, never waited on.
+    let fifo = env.dir.path().join("fifo.cbtlog");
+    run_ok(Command::new("mkfifo").arg(&fifo));
+    let err = create(&fifo, libc::EINVAL);
+    assert!(
+        err.contains(&format!("{}: a FIFO, not a regular file", fifo.display())),
+        "{err}"
+    );
     // Truncated header, truncated bitmap, another disk's log: EINVAL, the file named.
     std::fs::write(&log, [0u8; 30]).unwrap();
     let err = create(&log, libc::EINVAL);
@@ -621,12 +629,29 @@ fn the_running_disk_serves_its_changed_blocks_as_a_dirty_bitmap_context() {
             vec![(16 * k, 0), (k, 1), (31 * k, 0), (2 * k, 1), (14 * k, 0)]
         )
     );
-    drop(stream);
 
-    // Tracking stopped (an unpause without -c): new connections are not offered the
-    // context; asking for it anyway selects nothing.
+    // Tracking stopped (an unpause without -c): the connection that selected the context
+    // gets EINVAL for it; new connections are not offered it, and asking for it anyway
+    // selects nothing.
     env.tap_ctl_ok(&["pause", "-p", &p, "-m", &m]);
     env.tap_ctl_ok(&["unpause", "-p", &p, "-m", &m]);
+    let request = proto::RequestHeader {
+        cookie: 10,
+        ..request
+    };
+    stream.write_all(&request.encode()).unwrap();
+    let head = take(&mut stream, 20);
+    let payload = take(&mut stream, usize::try_from(be32(&head[16..20])).unwrap());
+    assert_eq!(
+        u16::from_be_bytes([head[6], head[7]]),
+        proto::REPLY_TYPE_ERROR
+    );
+    assert_ne!(
+        u16::from_be_bytes([head[4], head[5]]) & proto::REPLY_FLAG_DONE,
+        0
+    );
+    assert_eq!(be32(&payload), proto::EINVAL);
+    drop(stream);
     let out = Command::new("nbdinfo")
         .args(["--map=qemu:dirty-bitmap:cbt", &uri])
         .output()

@@ -23,7 +23,7 @@ if [ ! -x "$run_in_vm" ] && [ ! -f "$run_in_vm" ]; then
     echo "vm-tests: $run_in_vm not found" >&2
     exit 2
 fi
-for b in tap-ctl tapdisk vhd-util; do
+for b in tap-ctl tapdisk vhd-util cbt-util; do
     [ -x "$bin/$b" ] || { echo "vm-tests: $bin/$b missing (run scripts/setup.sh)" >&2; exit 2; }
 done
 vm_dir=${VM_DIR:-/var/cache/blktap-vm}
@@ -35,7 +35,7 @@ fi
 share=$(mktemp -d /tmp/blktap-vm.XXXXXX)
 export VM_SHARE=$share
 mkdir -p "$share/repo/target/debug" "$share/repo/tests/vm"
-cp "$bin/tap-ctl" "$bin/tapdisk" "$bin/vhd-util" "$share/repo/target/debug/"
+cp "$bin/tap-ctl" "$bin/tapdisk" "$bin/vhd-util" "$bin/cbt-util" "$share/repo/target/debug/"
 cp tests/vm/*.sh "$share/repo/tests/vm/"
 cp scripts/bench-ublk.sh "$share/repo/tests/vm/" 2>/dev/null || true
 

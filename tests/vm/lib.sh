@@ -2,8 +2,9 @@
 # tests/vm/lib.sh -- helpers for the tests that run inside the VM (sourced, never run).
 #
 # A test is started by scripts/vm-tests.sh as `run-in-vm.sh run tests/vm/NAME.sh REPO NAME`, where
-# REPO holds tests/vm/ and target/debug/{tap-ctl,tapdisk,vhd-util} (scripts/vm-tests.sh copies them
-# into the VM's shared folder, so REPO is visible in the guest even when the checkout is not).
+# REPO holds tests/vm/ and target/debug/{tap-ctl,tapdisk,vhd-util,cbt-util} (scripts/vm-tests.sh
+# copies them into the VM's shared folder, so REPO is visible in the guest even when the
+# checkout is not).
 # The test prints one line per check ("ok - ..." or "FAIL - ...") and ends with the line
 # "N passed, M failed"; it exits non-zero when any check failed. Scratch files live in the
 # guest's /tmp (RAM); tapdisk's syslog goes to $VM_SHARE/NAME.syslog for post-mortems.

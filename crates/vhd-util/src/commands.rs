@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vhd::chain::{file_identity, resolve_parent, Chain, MAX_CHAIN_DEPTH};
+use vhd::chain::{file_identity, resolve_parent, MAX_CHAIN_DEPTH};
 use vhd::check::{check_path, CheckOptions};
 use vhd::create::{create_file, CreateOptions, SnapshotOptions};
 use vhd::image::{OpenOptions, VhdImage};
@@ -78,9 +78,8 @@ fn open_ro(name: &str, backup: bool) -> vhd::Result<VhdImage<std::fs::File>> {
         f,
         name,
         OpenOptions {
-            writable: false,
-            ignore_disabled: true,
             use_backup_footer: backup,
+            ..OpenOptions::inspect()
         },
     )
 }
@@ -266,8 +265,8 @@ pub fn query(args: &[String]) -> i32 {
         println!("marker: {}", img.marker());
     }
     if p.has('d') {
-        match Chain::open(Path::new(name), false) {
-            Ok(c) => println!("chain depth: {}", c.depth()),
+        match vhd::chain::chain_depth(Path::new(name)) {
+            Ok(depth) => println!("chain depth: {depth}"),
             Err(e) => {
                 println!("error checking chain depth: {}", neg(&e));
                 if err == 0 {

@@ -279,15 +279,7 @@ fn open(name: &str) -> vhd::Result<VhdImage<std::fs::File>> {
     let f = StdOpener
         .open(Path::new(name), false)
         .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
-    VhdImage::open(
-        f,
-        name,
-        OpenOptions {
-            writable: false,
-            ignore_disabled: true,
-            use_backup_footer: false,
-        },
-    )
+    VhdImage::open(f, name, OpenOptions::inspect())
 }
 
 /// What `read -p -n NAME` prints; also used by `check` for invalid images.

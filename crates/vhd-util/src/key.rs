@@ -49,7 +49,10 @@ fn open(name: &str, writable: bool) -> Result<VhdImage<std::fs::File>, i32> {
     let opts = if writable {
         OpenOptions::read_write()
     } else {
-        OpenOptions::read_only()
+        OpenOptions {
+            inspect: true,
+            ..OpenOptions::read_only()
+        }
     };
     VhdImage::open(f, name, opts).map_err(|e| {
         println!("error opening {name}: -{}", e.errno());

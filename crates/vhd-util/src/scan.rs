@@ -249,17 +249,7 @@ fn scan_target(target: &Target, flags: Flags) -> Image {
     let opened = StdOpener
         .open(Path::new(&target.name), false)
         .map_err(|e| vhd::VhdError::io(format!("{}: open", target.name), e))
-        .and_then(|f| {
-            VhdImage::open(
-                f,
-                &target.name,
-                OpenOptions {
-                    writable: false,
-                    ignore_disabled: true,
-                    use_backup_footer: false,
-                },
-            )
-        });
+        .and_then(|f| VhdImage::open(f, &target.name, OpenOptions::inspect()));
     let vhd = match opened {
         Ok(v) => v,
         Err(e) => {

@@ -181,15 +181,24 @@ impl<F: BlockFile> Chain<F> {
 
     /// Opens the chain at `path`; only the leaf is writable.
     pub fn open_with<O: Opener<File = F>>(opener: &O, path: &Path, writable: bool) -> Result<Self> {
+        let opts = OpenOptions {
+            writable,
+            ..OpenOptions::default()
+        };
+        Self::open_levels(opener, path, opts)
+    }
+
+    /// Opens every level with `opts` (only the leaf writable).
+    fn open_levels<O: Opener<File = F>>(
+        opener: &O,
+        path: &Path,
+        mut opts: OpenOptions,
+    ) -> Result<Self> {
         let mut images = Vec::new();
         let mut paths = Vec::new();
         let mut raw = None;
         let mut raw_path = None;
         let mut cur = path.to_path_buf();
-        let mut opts = OpenOptions {
-            writable,
-            ..OpenOptions::default()
-        };
         loop {
             if images.len() >= MAX_CHAIN_DEPTH {
                 return Err(VhdError::ParentLoop(format!(
@@ -227,7 +236,7 @@ impl<F: BlockFile> Chain<F> {
             let f = opener
                 .open(&next, false)
                 .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
-            let p = VhdImage::open(f, &name, OpenOptions::read_only())?;
+            let p = VhdImage::open(f, &name, opts)?;
             if Some(p.footer().uuid) != expected_uuid {
                 return Err(VhdError::ParentUuidMismatch {
                     child: cur.display().to_string(),
@@ -359,24 +368,11 @@ impl<F: BlockFile> Chain<F> {
     }
 
     /// Discards sectors: afterwards they read as zeros. A leaf without a
-    /// parent just drops them; a differencing leaf stores zeros so that the
-    /// parent's data stays hidden.
+    /// parent frees whole blocks and clears the bits of partial ones; a
+    /// differencing leaf makes them present zeros so the parent's data stays
+    /// hidden ([`VhdImage::zero_sectors`]).
     pub fn discard(&mut self, sector: u64, count: u64) -> Result<()> {
-        if self.images[0].has_parent() {
-            let mut cur = sector;
-            let end = sector.saturating_add(count);
-            let chunk = 4096u64;
-            let zeros = vec![0u8; usize::try_from(chunk * SECTOR).unwrap_or(0)];
-            while cur < end {
-                let n = (end - cur).min(chunk);
-                self.images[0]
-                    .write_sectors(cur, &zeros[..usize::try_from(n * SECTOR).unwrap_or(0)])?;
-                cur += n;
-            }
-            Ok(())
-        } else {
-            self.images[0].deallocate_sectors(sector, count)
-        }
+        self.images[0].zero_sectors(sector, count, true)
     }
 
     /// Flushes the leaf.
@@ -386,7 +382,13 @@ impl<F: BlockFile> Chain<F> {
 }
 
 /// Chain depth (number of VHDs) starting at `path`, following locators.
+/// Metadata only: the images are opened for inspection (see
+/// [`OpenOptions::inspect`]).
 pub fn chain_depth(path: &Path) -> Result<u32> {
-    let chain = Chain::open(path, false)?;
+    let opts = OpenOptions {
+        inspect: true,
+        ..OpenOptions::read_only()
+    };
+    let chain = Chain::open_levels(&StdOpener, path, opts)?;
     Ok(u32::try_from(chain.depth()).unwrap_or(u32::MAX))
 }

@@ -249,6 +249,7 @@ pub fn check<F: BlockFile>(
             writable: false,
             ignore_disabled: true,
             use_backup_footer: use_backup,
+            inspect: true,
         },
     ) {
         Ok(i) => i,
@@ -556,15 +557,7 @@ fn check_parent_locators<F: BlockFile>(
         }
         if !img.parent_is_raw() && !opts.ignore_parent_uuid {
             let ok = StdOpener.open(&location, false).ok().and_then(|f| {
-                VhdImage::open(
-                    f,
-                    &location.display().to_string(),
-                    OpenOptions {
-                        ignore_disabled: true,
-                        ..OpenOptions::read_only()
-                    },
-                )
-                .ok()
+                VhdImage::open(f, &location.display().to_string(), OpenOptions::inspect()).ok()
             });
             match ok {
                 None => {

@@ -26,6 +26,11 @@ pub trait BlockFile {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes written data durable.
     fn sync(&self) -> io::Result<()>;
+    /// Whether this is a block device: its size is fixed, so a VHD's footer stays at its
+    /// end and new blocks go before it.
+    fn is_block_device(&self) -> bool {
+        false
+    }
 }
 
 impl BlockFile for std::fs::File {
@@ -52,12 +57,18 @@ impl BlockFile for std::fs::File {
     fn sync(&self) -> io::Result<()> {
         self.sync_data()
     }
+    fn is_block_device(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.metadata()
+            .is_ok_and(|m| m.file_type().is_block_device())
+    }
 }
 
-/// A growable in-memory file.
+/// A growable in-memory file, or an in-memory block device of fixed size.
 #[derive(Debug, Default, Clone)]
 pub struct MemFile {
     data: Arc<Mutex<Vec<u8>>>,
+    device: bool,
 }
 
 impl MemFile {
@@ -65,6 +76,16 @@ impl MemFile {
     pub fn new(data: Vec<u8>) -> Self {
         Self {
             data: Arc::new(Mutex::new(data)),
+            device: false,
+        }
+    }
+
+    /// A block device holding `data`: writes past its end fail with `ENOSPC`, and it cannot
+    /// be resized.
+    pub fn device(data: Vec<u8>) -> Self {
+        Self {
+            data: Arc::new(Mutex::new(data)),
+            device: true,
         }
     }
 
@@ -112,6 +133,9 @@ impl BlockFile for MemFile {
                 "memory file limit",
             ));
         }
+        if self.device && end > d.len() {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
         if end > d.len() {
             d.resize(end, 0);
         }
@@ -122,6 +146,9 @@ impl BlockFile for MemFile {
         Ok(self.lock().len() as u64)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.device {
+            return Err(io::Error::from_raw_os_error(22)); // EINVAL: a device's size is fixed
+        }
         let len = to_index(len)?;
         if len > (1usize << 36) {
             return Err(io::Error::new(
@@ -134,6 +161,9 @@ impl BlockFile for MemFile {
     }
     fn sync(&self) -> io::Result<()> {
         Ok(())
+    }
+    fn is_block_device(&self) -> bool {
+        self.device
     }
 }
 
@@ -196,6 +226,9 @@ impl<F: BlockFile> BlockFile for FaultFile<F> {
             return Err(io::Error::other("simulated crash"));
         }
         self.inner.sync()
+    }
+    fn is_block_device(&self) -> bool {
+        self.inner.is_block_device()
     }
 }
 

@@ -2,9 +2,13 @@
 //!
 //! * Pure format code (no I/O): [`footer`], [`header`], [`locator`],
 //!   [`bat`], [`bitmap`], [`batmap`], [`geometry`].
+//! * The core (no I/O): [`metadata::Metadata`], the in-memory model of an
+//!   open image that validates its layout, maps sectors and hands out
+//!   [`plan`]s for writes, allocation, discard and write-zeroes, in the
+//!   crash-safe order; executors run them.
 //! * Images over a small positional I/O trait ([`io::BlockFile`]):
-//!   [`image::VhdImage`] (mapping, reads, writes, allocation),
-//!   [`chain::Chain`] (parents through locators), [`create`].
+//!   [`image::VhdImage`] (the synchronous executor: open, reads, writes,
+//!   discard), [`chain::Chain`] (parents through locators), [`create`].
 //! * Maintenance: [`check`], [`journal`], [`ops`] (coalesce, resize,
 //!   fill, repair, modify, copy).
 #![forbid(unsafe_code)]
@@ -24,7 +28,9 @@ pub mod image;
 pub mod io;
 pub mod journal;
 pub mod locator;
+pub mod metadata;
 pub mod ops;
+pub mod plan;
 
 pub use bytes::ones_complement_checksum;
 pub use chain::Chain;

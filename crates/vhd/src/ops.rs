@@ -546,7 +546,7 @@ pub fn fill<O: Opener>(
             if !leaf.has_parent() {
                 bitmap.set_range(0, spb, true);
             }
-            leaf.allocate_block(block, None, &bitmap)?;
+            leaf.allocate_block(block, &bitmap)?;
         } else {
             chain.read(start, &mut buf[..len])?;
             chain.write(start, &buf[..len])?;
@@ -585,6 +585,7 @@ pub fn repair_with_journal<O: Opener>(
             writable: false,
             ignore_disabled: true,
             use_backup_footer: use_backup,
+            inspect: true,
         },
     )?;
     let end = if img.disk_type().is_sparse() {

@@ -116,7 +116,7 @@ fn dynamic_disk_discard_reads_zero() {
     let mut img = create_file(&p, &CreateOptions::dynamic(SIZE)).unwrap();
     img.write_sectors(0, &pattern(9, 0, 4096)).unwrap();
     assert!(img.batmap().unwrap().is_full(0));
-    img.deallocate_sectors(10, 20).unwrap();
+    img.zero_sectors(10, 20, true).unwrap();
     assert!(!img.batmap().unwrap().is_full(0));
     let mut b = vec![0u8; 30 * 512];
     img.read_sectors(0, &mut b).unwrap();

@@ -1286,3 +1286,367 @@ fn push_extent(out: &mut Vec<Extent>, e: Extent) {
     }
     out.push(e);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{create, CreateOptions, ParentSpec};
+    use crate::image::{OpenOptions, VhdImage};
+    use crate::io::{BlockFile, MemFile};
+    use crate::locator::PlatformCode;
+    use crate::plan::Serial;
+
+    const MIB: u64 = 1 << 20;
+    /// Sectors per 2 MiB block.
+    const SPB: u64 = 4096;
+
+    /// A fresh 8 MiB dynamic image (differencing with `parent`), as bytes.
+    fn image_bytes(parent: bool) -> Vec<u8> {
+        let spec = ParentSpec {
+            uuid: [7; 16],
+            timestamp: 1,
+            name: "p.vhd".into(),
+            locators: vec![(PlatformCode::Macx, "./p.vhd".into())],
+            keyhash: None,
+        };
+        let img = create(
+            MemFile::default(),
+            "t",
+            &CreateOptions::dynamic(8 * MIB),
+            parent.then_some(&spec),
+        )
+        .unwrap();
+        img.into_file().contents()
+    }
+
+    fn open(bytes: Vec<u8>, device: bool, opts: OpenOptions) -> crate::Result<VhdImage<MemFile>> {
+        let file = if device {
+            MemFile::device(bytes)
+        } else {
+            MemFile::new(bytes)
+        };
+        VhdImage::open(file, "t", opts)
+    }
+
+    fn set_entry(bytes: &mut [u8], block: usize, entry: u32) {
+        let at = 1536 + 4 * block;
+        bytes[at..at + 4].copy_from_slice(&entry.to_be_bytes());
+    }
+
+    /// The image with blocks 0 and 1 allocated.
+    fn with_block0(parent: bool) -> Vec<u8> {
+        let mut img = open(image_bytes(parent), false, OpenOptions::read_write()).unwrap();
+        img.write_sectors(0, &[1u8; 512]).unwrap();
+        img.write_sectors(SPB, &[2u8; 512]).unwrap();
+        img.into_file().contents()
+    }
+
+    fn refused(bytes: Vec<u8>, needle: &str) {
+        for writable in [false, true] {
+            let opts = OpenOptions {
+                writable,
+                ..OpenOptions::default()
+            };
+            let e = open(bytes.clone(), false, opts).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(needle), "expected '{needle}' in '{text}'");
+            assert_eq!(e.errno(), 22, "{text}");
+        }
+        // Inspection still opens it (check reports the damage in its own words).
+        open(bytes, false, OpenOptions::inspect()).unwrap();
+    }
+
+    #[test]
+    fn bat_entries_into_metadata_are_refused_naming_the_entry() {
+        let base = with_block0(true);
+        let footer_sector = u32::try_from(base.len() / 512 - 1).unwrap();
+        let first = u32::from_be_bytes(base[1536..1540].try_into().unwrap());
+        let cases: [(u32, &str); 7] = [
+            (footer_sector, "past the footer"),
+            (0, "overlaps the backup footer"),
+            (1, "overlaps the dynamic header"),
+            (3, "overlaps the BAT"),
+            (4, "overlaps the batmap header"),
+            (5, "overlaps the batmap"),
+            (first + 1, "block 2 (byte"),
+        ];
+        for (entry, needle) in cases {
+            let mut bytes = base.clone();
+            set_entry(&mut bytes, 2, entry);
+            refused(bytes, needle);
+        }
+        // The message names the entry: index, its offset in the file, the sector it holds.
+        let mut bytes = base.clone();
+        set_entry(&mut bytes, 2, footer_sector);
+        let text = open(bytes, false, OpenOptions::read_only())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("BAT field `entry` at offset 1544")
+                && text.contains(&format!("block 2 (sector {footer_sector:#x}")),
+            "{text}"
+        );
+        // A locator's payload.
+        let img = open(base.clone(), false, OpenOptions::inspect()).unwrap();
+        let locator = img.header().unwrap().locators[0].data_offset;
+        let mut bytes = base.clone();
+        set_entry(&mut bytes, 2, u32::try_from(locator / 512).unwrap());
+        refused(bytes, "overlaps the parent locator 0");
+    }
+
+    #[test]
+    fn a_bat_overlapping_the_header_is_refused() {
+        let mut bytes = image_bytes(false);
+        // Point the header's table offset at the header itself (checksum fixed up).
+        let mut h = DynamicHeader::parse(&bytes[512..1536], 512).unwrap();
+        h.table_offset = 512;
+        h.update_checksum();
+        bytes[512..1536].copy_from_slice(&h.to_bytes());
+        let e = open(bytes, false, OpenOptions::read_only()).unwrap_err();
+        assert!(e.to_string().contains("overlaps the"), "{e}");
+    }
+
+    #[test]
+    fn allocation_goes_after_the_data_and_moves_the_footer_first() {
+        let mut img = open(image_bytes(false), false, OpenOptions::read_write()).unwrap();
+        let old_footer = img.footer_offset();
+        let (_, mut meta) = std::mem::replace(
+            &mut img,
+            open(image_bytes(false), false, OpenOptions::read_write()).unwrap(),
+        )
+        .into_parts();
+        let piece = Piece {
+            sector: SPB + 8,
+            count: 8,
+            at: 0,
+        };
+        assert_eq!(meta.plan(Op::Write, &piece).unwrap(), Planned::NeedsLock(1));
+        let plan = meta.plan_locked(Op::Write, &piece).unwrap();
+        let stages = plan.stages();
+        let Step::Footer { offset: footer_at } = stages[0][0] else {
+            panic!("footer first: {plan:?}");
+        };
+        let Step::NewBitmap { entry, .. } = stages[1][1] else {
+            panic!("{plan:?}");
+        };
+        let bitmap_at = u64::from(entry) * 512;
+        assert!(bitmap_at >= old_footer);
+        assert_eq!((bitmap_at + 512) % DATA_ALIGNMENT, 0, "data page aligned");
+        assert_eq!(footer_at, bitmap_at + 512 + 2 * MIB);
+        assert_eq!(
+            stages[1][0],
+            Step::Data {
+                offset: bitmap_at + 512 + 8 * 512,
+                at: 0,
+                len: 4096
+            }
+        );
+        assert_eq!(stages[2], vec![Step::BatEntry { block: 1, entry }]);
+        assert_eq!(stages.len(), 3, "a partial block is not marked full");
+        assert_eq!(
+            stages[2][0].serial(),
+            Serial {
+                block: Some(1),
+                table: Some(crate::plan::Table::Bat)
+            }
+        );
+        // A second block goes past the first one's footer.
+        let plan = meta
+            .plan_locked(
+                Op::Write,
+                &Piece {
+                    sector: 0,
+                    count: SPB,
+                    at: 0,
+                },
+            )
+            .unwrap();
+        let Step::NewBitmap { entry: second, .. } = plan.stages()[1][1] else {
+            panic!("{plan:?}");
+        };
+        assert!(u64::from(second) * 512 > footer_at);
+        assert_eq!(plan.stages()[3], vec![Step::MarkFull { block: 0 }]);
+    }
+
+    /// The image with its footer moved to the end of a 16 MiB device.
+    fn device_bytes(dev: usize) -> Vec<u8> {
+        let mut bytes = image_bytes(false);
+        let footer = bytes.split_off(bytes.len() - 512);
+        bytes.resize(dev - 512, 0xee); // old data of the volume
+        bytes.extend_from_slice(&footer);
+        bytes
+    }
+
+    #[test]
+    fn on_a_device_blocks_fill_the_space_before_the_fixed_footer() {
+        let dev = usize::try_from(7 * MIB).unwrap();
+        let img = open(device_bytes(dev), true, OpenOptions::read_write()).unwrap();
+        let (file, mut meta) = img.into_parts();
+        assert_eq!(meta.placement(), Placement::Device);
+        let footer = meta.footer_offset();
+        assert_eq!(footer, 7 * MIB - 512);
+        let data_end = meta.end_of_metadata();
+        let mut img = VhdImage::open(file, "t", OpenOptions::read_write()).unwrap();
+        // Present zeros on a device: the volume's old bytes must be zeroed.
+        let plan = meta
+            .plan_locked(
+                Op::Zero { deallocate: false },
+                &Piece {
+                    sector: 16,
+                    count: 8,
+                    at: 0,
+                },
+            )
+            .unwrap();
+        assert!(plan.steps().all(|s| !matches!(s, Step::Footer { .. })));
+        let Some(Step::Zero { offset, len, .. }) = plan
+            .steps()
+            .find(|s| matches!(s, Step::Zero { .. }))
+            .cloned()
+        else {
+            panic!("no zeroing: {plan:?}");
+        };
+        assert_eq!(len, 4096);
+        assert!(offset >= data_end && offset < footer);
+        // Through the executor: three 2 MiB blocks fit in 7 MiB, the fourth does not.
+        img.zero_sectors(16, 8, false).unwrap();
+        img.write_sectors(SPB, &vec![2u8; 512]).unwrap();
+        img.write_sectors(2 * SPB, &vec![3u8; 512]).unwrap();
+        let e = img.write_sectors(3 * SPB, &[4u8; 512]).unwrap_err();
+        assert_eq!(e.errno(), 28, "{e}");
+        assert!(e.to_string().contains("past the footer"), "{e}");
+        assert_eq!(img.footer_offset(), footer, "the footer never moves");
+        let mut back = vec![0xffu8; 16 * 512];
+        img.read_sectors(8, &mut back).unwrap();
+        assert!(back.iter().all(|b| *b == 0), "no old volume data shows");
+        let bytes = img.into_file().contents();
+        assert_eq!(bytes.len(), dev);
+        crate::check::check(
+            MemFile::device(bytes),
+            "t",
+            None,
+            &crate::check::CheckOptions {
+                check_bitmaps: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn allocation_rechecks_that_the_space_is_free() {
+        let dev = usize::try_from(7 * MIB).unwrap();
+        let mut img = open(device_bytes(dev), true, OpenOptions::read_write()).unwrap();
+        img.write_sectors(0, &[1u8; 512]).unwrap();
+        let (_, mut meta) = img.into_parts();
+        // A cursor gone wrong would put the next block over block 0 or the metadata.
+        meta.next_free = 0;
+        let e = meta
+            .plan_locked(
+                Op::Write,
+                &Piece {
+                    sector: 2 * SPB,
+                    count: 1,
+                    at: 0,
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("new block 2"), "{e}");
+        assert!(e.to_string().contains("would overlap"), "{e}");
+    }
+
+    #[test]
+    fn discard_frees_whole_blocks_and_clears_partial_ones() {
+        let img = open(with_block0(false), false, OpenOptions::read_write()).unwrap();
+        let (file, mut meta) = img.into_parts();
+        let whole = Piece {
+            sector: 0,
+            count: SPB,
+            at: 0,
+        };
+        let plan = meta
+            .plan_locked(Op::Zero { deallocate: true }, &whole)
+            .unwrap();
+        let steps: Vec<&Step> = plan.steps().collect();
+        assert!(matches!(steps[0], Step::ClearFull { block: 0 }));
+        assert!(matches!(
+            steps[1],
+            Step::BatEntry {
+                block: 0,
+                entry: BAT_UNUSED
+            }
+        ));
+        assert!(matches!(steps[2], Step::Release { .. }));
+        let part = Piece {
+            sector: 0,
+            count: 1,
+            at: 0,
+        };
+        let plan = meta
+            .plan_locked(Op::Zero { deallocate: true }, &part)
+            .unwrap();
+        let steps: Vec<&Step> = plan.steps().collect();
+        assert!(matches!(steps[0], Step::Zero { .. }));
+        assert!(matches!(steps[2], Step::SetBits { value: false, .. }));
+        // Without deallocation the sectors stay present (zeroed, bits set).
+        let plan = meta
+            .plan_locked(Op::Zero { deallocate: false }, &part)
+            .unwrap();
+        assert!(plan
+            .steps()
+            .any(|s| matches!(s, Step::SetBits { value: true, .. })));
+        drop(file);
+    }
+
+    #[test]
+    fn bat_and_batmap_writes_carry_the_current_state() {
+        let img = open(with_block0(false), false, OpenOptions::read_write()).unwrap();
+        let (_, mut meta) = img.into_parts();
+        let entry0 = meta.bat().entries[0];
+        // Two allocations planned before either completes: each BAT sector write keeps the
+        // other's entry once it is published.
+        let a = meta
+            .plan_locked(
+                Op::Write,
+                &Piece {
+                    sector: 2 * SPB,
+                    count: 1,
+                    at: 0,
+                },
+            )
+            .unwrap();
+        let b = meta
+            .plan_locked(
+                Op::Write,
+                &Piece {
+                    sector: 3 * SPB,
+                    count: 1,
+                    at: 0,
+                },
+            )
+            .unwrap();
+        let bat_step = |p: &Plan| {
+            p.steps()
+                .find(|s| matches!(s, Step::BatEntry { .. }))
+                .cloned()
+        };
+        let (Some(sa), Some(sb)) = (bat_step(&a), bat_step(&b)) else {
+            panic!("no BAT steps");
+        };
+        let Prepare::Ready(pa) = meta.prepare(&sa, None).unwrap() else {
+            panic!()
+        };
+        meta.complete(pa);
+        let Prepare::Ready(pb) = meta.prepare(&sb, None).unwrap() else {
+            panic!()
+        };
+        let Io::Write(writes) = &pb.io else { panic!() };
+        let sector = &writes[0].1;
+        let at = |i: usize| u32::from_be_bytes(sector[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!(at(0), entry0);
+        assert_eq!(at(2), meta.bat().entries[2]);
+        assert_ne!(at(2), BAT_UNUSED);
+        assert_ne!(at(3), BAT_UNUSED);
+        assert_eq!(at(4), BAT_UNUSED);
+    }
+}

@@ -207,32 +207,42 @@ pub enum Step {
     },
 }
 
-/// The lock a step must run under.
+/// One of the two metadata tables whose sector writes are serialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Serial {
-    /// None.
-    None,
-    /// The one lock of BAT sector writes.
+pub enum Table {
+    /// BAT sector writes.
     Bat,
-    /// The one lock of batmap writes.
+    /// Batmap writes.
     Batmap,
-    /// The lock of this block (bitmap updates, allocation, zeroing).
-    Block(u64),
+}
+
+/// The locks a step must run under, taken in this order: the block's, then the table's.
+/// An executor that holds the block's lock for the whole plan ([`Planned::NeedsLock`]) or
+/// has exclusive access takes only what it does not hold yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serial {
+    /// The block whose bitmap or allocation the step changes.
+    pub block: Option<u64>,
+    /// The table the step writes.
+    pub table: Option<Table>,
 }
 
 impl Step {
-    /// The lock to hold while preparing, doing and completing this step.
+    /// The locks to hold while preparing, doing and completing this step.
     pub fn serial(&self) -> Serial {
-        match *self {
-            Self::BatEntry { .. } => Serial::Bat,
-            Self::MarkFull { .. } | Self::ClearFull { .. } => Serial::Batmap,
-            Self::SetBits { block, .. } => Serial::Block(block),
+        let (block, table) = match *self {
+            Self::BatEntry { block, .. } => (Some(block), Some(Table::Bat)),
+            Self::MarkFull { block } | Self::ClearFull { block } => {
+                (Some(block), Some(Table::Batmap))
+            }
+            Self::SetBits { block, .. } => (Some(block), None),
             Self::Footer { .. }
             | Self::Data { .. }
             | Self::Zero { .. }
             | Self::NewBitmap { .. }
-            | Self::Release { .. } => Serial::None,
-        }
+            | Self::Release { .. } => (None, None),
+        };
+        Serial { block, table }
     }
 }
 

@@ -1292,7 +1292,7 @@ mod tests {
     use super::*;
     use crate::create::{create, CreateOptions, ParentSpec};
     use crate::image::{OpenOptions, VhdImage};
-    use crate::io::{BlockFile, MemFile};
+    use crate::io::MemFile;
     use crate::locator::PlatformCode;
     use crate::plan::Serial;
 

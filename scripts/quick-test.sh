@@ -11,12 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pure_tests=(
-    properties wire_fixtures                  # tapdisk-proto
-    chain_model crash_and_corruption          # vhd
-    raw_protocol extended_headers             # nbd
-    ipc list_create                           # blktapctl
-    binary                                    # tap-ctl
-    cli                                       # vhd-util, cbt-util
+    properties wire_fixtures                        # tapdisk-proto
+    chain_model crash_and_corruption planner_model  # vhd
+    raw_protocol extended_headers                   # nbd
+    ipc list_create                                 # blktapctl
+    binary                                          # tap-ctl
+    cli                                             # vhd-util, cbt-util
 )
 args=(--workspace --lib --bins)
 for name in "${pure_tests[@]}"; do

@@ -23,6 +23,8 @@ cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 
 echo "== cargo clippy (workspace, fuzz targets)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The test-only crash-injection build of vhd-util (its abort-at-every-write tests use it).
+cargo clippy -p vhd-util --all-targets --features crash-injection --quiet -- -D warnings
 # Checking the fuzz targets needs no nightly flags; sharing target/ reuses the workspace's
 # dependencies.
 cargo clippy --manifest-path fuzz/Cargo.toml --target-dir target --bins --quiet -- -D warnings

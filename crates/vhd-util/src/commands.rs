@@ -7,7 +7,7 @@ use vhd::chain::{file_identity, resolve_parent, MAX_CHAIN_DEPTH};
 use vhd::check::{check_path, CheckOptions};
 use vhd::create::{create_file, CreateOptions, SnapshotOptions};
 use vhd::image::{OpenOptions, VhdImage};
-use vhd::io::{CrashBudget, FaultOpener, Opener, StdOpener};
+use vhd::io::{Opener, StdOpener};
 use vhd::ops;
 use vhd::{DiskType, VhdError};
 
@@ -18,34 +18,39 @@ const EINVAL: i32 = 22;
 const ENOSYS: i32 = 38;
 const ELOOP: i32 = 40;
 
-/// The opener of every mutating command. Normally it never fails; with
-/// `VHD_UTIL_CRASH_AFTER_WRITES=N` (crash-injection tests) every mutating
-/// I/O call after the first N fails, and [`finish`] then aborts the
-/// process as if it had been killed at that point.
-fn opener() -> FaultOpener {
-    let budget = std::env::var("VHD_UTIL_CRASH_AFTER_WRITES")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-        .unwrap_or(i64::MAX);
-    FaultOpener {
-        budget: CrashBudget::new(budget),
-    }
+/// Runs `f` with the opener of every mutating command: plain files.
+#[cfg(not(feature = "crash-injection"))]
+fn with_opener<T>(f: impl FnOnce(&StdOpener) -> T) -> T {
+    f(&StdOpener)
 }
 
-/// Passes `r` through unless the simulated crash happened: then the
-/// process dies without cleanup or further output.
-fn finish<T>(o: &FaultOpener, r: T) -> T {
-    if o.budget.crashed() {
-        std::process::abort();
-    }
-    r
-}
+#[cfg(feature = "crash-injection")]
+use crash::with_opener;
 
-/// Runs `f` with the command opener (see [`opener`]).
-fn with_opener<T>(f: impl FnOnce(&FaultOpener) -> T) -> T {
-    let o = opener();
-    let r = f(&o);
-    finish(&o, r)
+/// Crash injection for the tests (cargo feature `crash-injection`; the shipped binary has
+/// none of it): with `VHD_UTIL_CRASH_AFTER_WRITES=N` every mutating I/O call after the
+/// first N fails, and the process then aborts as if it had been killed at that point.
+#[cfg(feature = "crash-injection")]
+mod crash {
+    use vhd::io::{CrashBudget, FaultOpener};
+
+    /// Runs `f` with an opener that fails every write after the budget, then aborts if the
+    /// simulated crash happened.
+    pub(super) fn with_opener<T>(f: impl FnOnce(&FaultOpener) -> T) -> T {
+        let budget = std::env::var("VHD_UTIL_CRASH_AFTER_WRITES")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(i64::MAX);
+        let opener = FaultOpener {
+            budget: CrashBudget::new(budget),
+        };
+        let result = f(&opener);
+        if opener.budget.crashed() {
+            // Dies without cleanup or further output.
+            std::process::abort();
+        }
+        result
+    }
 }
 
 fn parse(args: &[String], spec: &str, usage: &str) -> Result<Parsed, i32> {

@@ -1,18 +1,39 @@
 //! Drives the built `vhd-util` binary: command outputs and exit statuses,
 //! chains, coalesce, resize, repair, modify, and crash injection (the
 //! process aborts after N writes; afterwards `check` passes or `revert`
-//! restores the old image).
+//! restores the old image). Crash injection needs a binary built with the
+//! `crash-injection` feature, which the tests build themselves.
 
 // Test images are a few MiB: sizes and offsets always fit in usize.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use vhd::Chain;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vhd-util")
+}
+
+/// `vhd-util` built with the `crash-injection` feature (the shipped binary has no crash
+/// hook), once per test run, in a target directory of its own.
+fn crash_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("crash-injection");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "vhd-util", "--features"])
+            .arg("crash-injection")
+            .arg("--target-dir")
+            .arg(&target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building vhd-util with crash injection");
+        target.join("debug").join("vhd-util")
+    })
 }
 
 fn run(dir: &Path, args: &[&str]) -> Output {
@@ -306,7 +327,7 @@ fn crash_loop(
     for n in 0..400 {
         let d = tempfile::tempdir().unwrap();
         copy_dir(files, tmpl.path(), d.path());
-        let o = Command::new(bin())
+        let o = Command::new(crash_bin())
             .args(args)
             .current_dir(d.path())
             .env("VHD_UTIL_CRASH_AFTER_WRITES", n.to_string())
@@ -339,6 +360,21 @@ fn crash_loop(
         );
     }
     panic!("operation never completed");
+}
+
+#[test]
+#[cfg(not(feature = "crash-injection"))]
+fn the_shipped_binary_has_no_crash_hook() {
+    let d = tempfile::tempdir().unwrap();
+    ok(d.path(), &["create", "-n", "x.vhd", "-s", "4"]);
+    let o = Command::new(bin())
+        .args(["set", "-n", "x.vhd", "-f", "hidden", "-v", "1"])
+        .current_dir(d.path())
+        .env("VHD_UTIL_CRASH_AFTER_WRITES", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(ok(d.path(), &["query", "-n", "x.vhd", "-f"]).contains("hidden: 1"));
 }
 
 #[test]

@@ -343,6 +343,55 @@ fn corrupt_images_and_missing_parents_are_refused_at_create() {
     assert!(env.list().is_empty(), "{:?}", env.list());
 }
 
+/// Issue 19, item 1: a BAT entry pointing into metadata (here the sectors of the footer)
+/// must not be served: reads would return the footer as disk data and guest writes would
+/// overwrite it. `tap-ctl create` fails with EINVAL and names the entry; `vhd-util check`
+/// keeps its own message.
+#[test]
+fn image_whose_bat_points_at_the_footer_is_refused_at_create() {
+    require("qemu-io");
+    let env = Env::new();
+    let image = env.dir.path().join("trap.vhd");
+    create_vhd(&image, 64);
+    let (pid, minor) = env.create_params(&vhd_params(&image), &["-b", "none"]);
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &env.nbd_uri(pid, minor),
+        "-c",
+        "write -P 7 0 2M",
+    ]));
+    env.destroy(pid, minor);
+    check_vhd(&image);
+    // BAT entry 1 (at byte 1536 + 4) := (file size / 512) - 2, the footer's sectors.
+    let mut bytes = std::fs::read(&image).unwrap();
+    let footer_sector = u32::try_from(bytes.len() / 512 - 2).unwrap();
+    bytes[1540..1544].copy_from_slice(&footer_sector.to_be_bytes());
+    std::fs::write(&image, &bytes).unwrap();
+    let out = Command::new(common::vhd_util_bin())
+        .args(["check", "-n", &image.display().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("block 1 (offset"), "{text}");
+    assert!(text.contains("clobbers footer"), "{text}");
+    for extra in [&["-b", "none"][..], &["-b", "none", "-R"][..]] {
+        let mut args = vec!["create", "-a"];
+        let params = vhd_params(&image);
+        args.push(&params);
+        args.extend_from_slice(extra);
+        let stderr = env.tap_ctl_err(&args, libc::EINVAL);
+        assert!(
+            stderr.contains("block 1")
+                && stderr.contains(&format!("sector {footer_sector:#x}"))
+                && stderr.contains("footer"),
+            "{stderr}"
+        );
+    }
+    assert!(env.list().is_empty(), "{:?}", env.list());
+    assert_eq!(std::fs::read(&image).unwrap(), bytes, "the image was not touched");
+}
+
 #[test]
 fn image_whose_batmap_qemu_overwrote_is_refused_for_writing_only() {
     require("qemu-io");

@@ -373,7 +373,10 @@ fn image_whose_bat_points_at_the_footer_is_refused_at_create() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success() && text.contains("block 1 (offset"), "{text}");
+    assert!(
+        !out.status.success() && text.contains("block 1 (offset"),
+        "{text}"
+    );
     assert!(text.contains("clobbers footer"), "{text}");
     for extra in [&["-b", "none"][..], &["-b", "none", "-R"][..]] {
         let mut args = vec!["create", "-a"];
@@ -389,7 +392,11 @@ fn image_whose_bat_points_at_the_footer_is_refused_at_create() {
         );
     }
     assert!(env.list().is_empty(), "{:?}", env.list());
-    assert_eq!(std::fs::read(&image).unwrap(), bytes, "the image was not touched");
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        bytes,
+        "the image was not touched"
+    );
 }
 
 #[test]

@@ -19,9 +19,10 @@ use tapdisk::driver::vhd::VhdDriver;
 use tapdisk::driver::ImageDriver;
 use tapdisk::engine::{IoEngine, IoFuture};
 use tapdisk::iobuf::IoBuf;
-use vhd::image::{OpenOptions, VhdImage};
 use vhd::io::{BlockFile, MemFile};
-use vhd_inputs::{clamp, open_case, pattern, read_all, Case, FuzzOp, Guard, Model};
+use vhd_inputs::{
+    clamp, open_case, pattern, read_all, reopen_and_verify, Case, FuzzOp, Guard, Model,
+};
 
 /// An I/O engine over a memory file whose writes are checked by a [`Guard`].
 #[derive(Debug)]
@@ -59,7 +60,9 @@ impl IoEngine for GuardEngine {
     }
     fn write_at(&self, buf: Arc<IoBuf>, offset: u64) -> IoFuture<'_, ()> {
         self.guard.check_write(offset, buf.len() as u64);
-        Box::pin(std::future::ready(self.file.write_at(buf.as_slice(), offset)))
+        Box::pin(std::future::ready(
+            self.file.write_at(buf.as_slice(), offset),
+        ))
     }
     fn sync_data(&self) -> IoFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
@@ -86,7 +89,10 @@ async fn run(driver: &VhdDriver, model: Option<&Model>, op: FuzzOp) -> bool {
             count,
             seed,
         } => driver
-            .write(sector, Arc::new(IoBuf::copy_from(&pattern(seed, sector, count))))
+            .write(
+                sector,
+                Arc::new(IoBuf::copy_from(&pattern(seed, sector, count))),
+            )
             .await
             .is_ok(),
         FuzzOp::Zero {
@@ -173,18 +179,5 @@ fuzz_target!(|data: &[u8]| {
         }
     });
     drop(driver);
-    let bytes = file.contents();
-    let file = if case.device {
-        MemFile::device(bytes)
-    } else {
-        MemFile::new(bytes)
-    };
-    let reopened = VhdImage::open(file, "fuzz.vhd", OpenOptions::read_write())
-        .unwrap_or_else(|e| panic!("the image no longer opens: {e}"));
-    if let Some(model) = &model {
-        let mut buf = vec![0u8; usize::try_from(total * 512).unwrap_or(0)];
-        if read_all(&reopened, &mut buf) {
-            model.verify(0, &buf);
-        }
-    }
+    reopen_and_verify(&case, file.contents(), model.as_ref());
 });

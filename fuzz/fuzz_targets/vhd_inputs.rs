@@ -63,18 +63,21 @@ fn base_images() -> &'static [Vec<u8>; 4] {
     static BASES: OnceLock<[Vec<u8>; 4]> = OnceLock::new();
     BASES.get_or_init(|| {
         let fresh = || {
-            create(MemFile::default(), "base", &CreateOptions::dynamic(SIZE), None)
-                .expect("create")
-                .into_file()
-                .contents()
+            create(
+                MemFile::default(),
+                "base",
+                &CreateOptions::dynamic(SIZE),
+                None,
+            )
+            .expect("create")
+            .into_file()
+            .contents()
         };
-        let mut allocated = VhdImage::open(
-            MemFile::new(fresh()),
-            "base",
-            OpenOptions::read_write(),
-        )
-        .expect("open");
-        allocated.write_sectors(8, &pattern(1, 8, 8)).expect("write");
+        let mut allocated =
+            VhdImage::open(MemFile::new(fresh()), "base", OpenOptions::read_write()).expect("open");
+        allocated
+            .write_sectors(8, &pattern(1, 8, 8))
+            .expect("write");
         allocated
             .write_sectors(8192, &pattern(2, 8192, 4096))
             .expect("write");
@@ -217,7 +220,11 @@ impl Case {
                 // A BAT entry set to a small sector (into the metadata or the first blocks).
                 1 => {
                     let entry = 1536 + 4 * (usize::from(p[1]) % 4);
-                    put32(&mut bytes, entry, u32::from(u16::from_le_bytes([p[2], p[3]])) % 64);
+                    put32(
+                        &mut bytes,
+                        entry,
+                        u32::from(u16::from_le_bytes([p[2], p[3]])) % 64,
+                    );
                 }
                 // A BAT entry set near the primary footer.
                 2 => {
@@ -364,9 +371,9 @@ impl Guard {
                     r.end
                 ),
                 Area::BatmapHeader | Area::Batmap => {
-                    let covered = (offset..end).step_by(512).all(|at| {
-                        batmap.iter().any(|b| at >= b.start && at < b.end)
-                    });
+                    let covered = (offset..end)
+                        .step_by(512)
+                        .all(|at| batmap.iter().any(|b| at >= b.start && at < b.end));
                     assert!(covered, "write {offset}+{len} strays out of the batmap");
                 }
                 // A new block may overwrite a file's old footer (after the new one is written).
@@ -443,6 +450,25 @@ impl Model {
 /// Opens the case's image as a writer would; `None` when it is refused.
 pub fn open_case(case: &Case) -> Option<VhdImage<MemFile>> {
     VhdImage::open(case.file(), "fuzz.vhd", OpenOptions::read_write()).ok()
+}
+
+/// Checks that `bytes`, what became of the case's image, still opens as a writer would and
+/// reads like the model.
+pub fn reopen_and_verify(case: &Case, bytes: Vec<u8>, model: Option<&Model>) {
+    let file = if case.device {
+        MemFile::device(bytes)
+    } else {
+        MemFile::new(bytes)
+    };
+    let reopened = VhdImage::open(file, "fuzz.vhd", OpenOptions::read_write())
+        .unwrap_or_else(|e| panic!("the image no longer opens: {e}"));
+    if let Some(model) = model {
+        let total = reopened.total_sectors();
+        let mut buf = vec![0u8; usize::try_from(total * 512).unwrap_or(0)];
+        if read_all(&reopened, &mut buf) {
+            model.verify(0, &buf);
+        }
+    }
 }
 
 /// Reads all of `image` into `buf`; false on any error.

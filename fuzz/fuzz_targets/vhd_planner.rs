@@ -14,7 +14,9 @@ use std::io;
 use libfuzzer_sys::fuzz_target;
 use vhd::image::{OpenOptions, VhdImage};
 use vhd::io::{BlockFile, MemFile};
-use vhd_inputs::{clamp, open_case, pattern, read_all, Case, FuzzOp, Guard, Model};
+use vhd_inputs::{
+    clamp, open_case, pattern, read_all, reopen_and_verify, Case, FuzzOp, Guard, Model,
+};
 
 /// A memory file whose writes are checked by a [`Guard`].
 struct GuardFile {
@@ -93,18 +95,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // What we wrote must still open as a writer would, and read like the model.
-    let bytes = image.into_file().inner.contents();
-    let file = if case.device {
-        MemFile::device(bytes)
-    } else {
-        MemFile::new(bytes)
-    };
-    let reopened = VhdImage::open(file, "fuzz.vhd", OpenOptions::read_write())
-        .unwrap_or_else(|e| panic!("the image no longer opens: {e}"));
-    if let Some(model) = &model {
-        let mut buf = vec![0u8; usize::try_from(total * 512).unwrap_or(0)];
-        if read_all(&reopened, &mut buf) {
-            model.verify(0, &buf);
-        }
-    }
+    reopen_and_verify(&case, image.into_file().inner.contents(), model.as_ref());
 });

@@ -22,7 +22,7 @@ pub use crate::metadata::{
 };
 use crate::metadata::{Loaded, LoadedSparse, Placement};
 pub use crate::plan::Extent;
-use crate::plan::{Io, LoadedBitmap, Mapping, Op, Piece, Plan, Prepare};
+use crate::plan::{DataWrite, Io, LoadedBitmap, Mapping, Op, Piece, Plan, Prepare, ZeroRange};
 
 /// Zeros written at once where a range must be zeroed by writing.
 const ZERO_CHUNK: u64 = 2 << 20;
@@ -484,7 +484,7 @@ impl<F: BlockFile> VhdImage<F> {
             Io::Write(ref writes) => writes
                 .iter()
                 .try_for_each(|(offset, bytes)| self.write_raw(*offset, bytes)),
-            Io::Data { offset, at, len } => {
+            Io::Data(DataWrite { offset, at, len }) => {
                 let bytes = at
                     .checked_add(len)
                     .and_then(|end| data.get(at..end))
@@ -497,7 +497,7 @@ impl<F: BlockFile> VhdImage<F> {
                     })?;
                 self.write_raw(offset, bytes)
             }
-            Io::Zero { offset, len, .. } => {
+            Io::Zero(ZeroRange { offset, len, .. }) => {
                 let zeros = vec![0u8; to_len(len.min(ZERO_CHUNK))?];
                 let mut done = 0;
                 while done < len {

@@ -41,8 +41,8 @@ use crate::error::{FormatError, Result, VhdError};
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
 use crate::header::{DynamicHeader, HEADER_SIZE};
 use crate::plan::{
-    BitmapLoad, Effect, Extent, Io, LoadedBitmap, Mapping, Op, Piece, Plan, Planned, Prepare,
-    Prepared, Step,
+    BitmapLoad, DataWrite, Effect, Extent, Io, LoadedBitmap, Mapping, Op, Piece, Plan, Planned,
+    Prepare, Prepared, Step, ZeroRange,
 };
 
 /// Sector size.
@@ -833,21 +833,12 @@ impl Metadata {
                 if entry == BAT_UNUSED {
                     return self.plan_allocation(block, range, None);
                 }
-                Ok(Plan::new(vec![
-                    vec![Step::Zero {
-                        offset: self.data_offset(entry, first),
-                        len: piece.count * SECTOR,
-                        deallocate,
-                    }],
-                    vec![Step::SetBits {
-                        block,
-                        entry,
-                        first,
-                        count: piece.count,
-                        value: true,
-                    }],
-                    vec![Step::MarkFull { block }],
-                ]))
+                let zero = Step::Zero(ZeroRange {
+                    offset: self.data_offset(entry, first),
+                    len: piece.count * SECTOR,
+                    deallocate,
+                });
+                Ok(then_set_bits(zero, block, entry, first, piece.count))
             }
             Op::Zero { .. } if entry == BAT_UNUSED => Ok(Plan::default()),
             Op::Zero { .. } if first == 0 && piece.count == spb => Ok(Plan::new(vec![
@@ -862,11 +853,11 @@ impl Metadata {
                 }],
             ])),
             Op::Zero { .. } => Ok(Plan::new(vec![
-                vec![Step::Zero {
+                vec![Step::Zero(ZeroRange {
                     offset: self.data_offset(entry, first),
                     len: piece.count * SECTOR,
                     deallocate: true,
-                }],
+                })],
                 vec![Step::ClearFull { block }],
                 vec![Step::SetBits {
                     block,
@@ -894,16 +885,12 @@ impl Metadata {
     fn plan_fixed(&self, op: Op, piece: &Piece) -> Plan {
         let offset = piece.sector * SECTOR;
         let step = match op {
-            Op::Write => Step::Data {
-                offset,
-                at: piece.at,
-                len: usize::try_from(piece.count * SECTOR).unwrap_or(usize::MAX),
-            },
-            Op::Zero { deallocate } => Step::Zero {
+            Op::Write => Step::Data(data_write(offset, piece)),
+            Op::Zero { deallocate } => Step::Zero(ZeroRange {
                 offset,
                 len: piece.count * SECTOR,
                 deallocate,
-            },
+            }),
         };
         Plan::new(vec![vec![step]])
     }
@@ -913,11 +900,7 @@ impl Metadata {
         let spb = self.sectors_per_block();
         let first = piece.sector % spb;
         let entry = self.entry(block);
-        let data = Step::Data {
-            offset: self.data_offset(entry, first),
-            at: piece.at,
-            len: usize::try_from(piece.count * SECTOR).unwrap_or(usize::MAX),
-        };
+        let data = Step::Data(data_write(self.data_offset(entry, first), piece));
         let covered = self.is_full(block)
             || self
                 .bitmaps
@@ -926,17 +909,7 @@ impl Metadata {
         if covered {
             return Plan::new(vec![vec![data]]);
         }
-        Plan::new(vec![
-            vec![data],
-            vec![Step::SetBits {
-                block,
-                entry,
-                first,
-                count: piece.count,
-                value: true,
-            }],
-            vec![Step::MarkFull { block }],
-        ])
+        then_set_bits(data, block, entry, first, piece.count)
     }
 
     /// Reserves space for `block` and plans its allocation with `bits` as its bitmap and the
@@ -965,11 +938,7 @@ impl Metadata {
         let mut unreferenced = Vec::new();
         let written = piece.map(|p| {
             let first = p.sector % spb;
-            unreferenced.push(Step::Data {
-                offset: self.data_offset(entry, first),
-                at: p.at,
-                len: usize::try_from(p.count * SECTOR).unwrap_or(usize::MAX),
-            });
+            unreferenced.push(Step::Data(data_write(self.data_offset(entry, first), p)));
             first..first + p.count
         });
         if self.placement == Placement::Device {
@@ -980,11 +949,11 @@ impl Metadata {
                     .as_ref()
                     .is_none_or(|w| s >= w.end || s + n <= w.start);
                 if set && outside {
-                    unreferenced.push(Step::Zero {
+                    unreferenced.push(Step::Zero(ZeroRange {
                         offset: self.data_offset(entry, s),
                         len: n * SECTOR,
                         deallocate: false,
-                    });
+                    }));
                 }
             }
         }
@@ -1076,26 +1045,8 @@ impl Metadata {
                 let bytes = self.footer.clone().to_bytes_checked().to_vec();
                 ready(Io::Write(vec![(*offset, bytes)]), Effect::FooterAt(*offset))
             }
-            Step::Data { offset, at, len } => ready(
-                Io::Data {
-                    offset: *offset,
-                    at: *at,
-                    len: *len,
-                },
-                Effect::None,
-            ),
-            Step::Zero {
-                offset,
-                len,
-                deallocate,
-            } => ready(
-                Io::Zero {
-                    offset: *offset,
-                    len: *len,
-                    deallocate: *deallocate,
-                },
-                Effect::None,
-            ),
+            Step::Data(write) => ready(Io::Data(*write), Effect::None),
+            Step::Zero(range) => ready(Io::Zero(*range), Effect::None),
             Step::Release { offset, len } => ready(
                 Io::Release {
                     offset: *offset,
@@ -1253,6 +1204,31 @@ impl Metadata {
             }
         }
     }
+}
+
+/// The request bytes of `piece` written at file byte `offset`.
+fn data_write(offset: u64, piece: &Piece) -> DataWrite {
+    DataWrite {
+        offset,
+        at: piece.at,
+        len: usize::try_from(piece.count * SECTOR).unwrap_or(usize::MAX),
+    }
+}
+
+/// `first_step`, then bits `[first, first + count)` of allocated `block` set, then the
+/// batmap: a write or present-zeroing in an allocated block.
+fn then_set_bits(first_step: Step, block: u64, entry: u32, first: u64, count: u64) -> Plan {
+    Plan::new(vec![
+        vec![first_step],
+        vec![Step::SetBits {
+            block,
+            entry,
+            first,
+            count,
+            value: true,
+        }],
+        vec![Step::MarkFull { block }],
+    ])
 }
 
 /// Appends `e` to `out`, merging it with the last run when contiguous.
@@ -1435,11 +1411,11 @@ mod tests {
         assert_eq!(footer_at, bitmap_at + 512 + 2 * MIB);
         assert_eq!(
             stages[1][0],
-            Step::Data {
+            Step::Data(DataWrite {
                 offset: bitmap_at + 512 + 8 * 512,
                 at: 0,
                 len: 4096
-            }
+            })
         );
         assert_eq!(stages[2], vec![Step::BatEntry { block: 1, entry }]);
         assert_eq!(stages.len(), 3, "a partial block is not marked full");
@@ -1499,10 +1475,8 @@ mod tests {
             )
             .unwrap();
         assert!(plan.steps().all(|s| !matches!(s, Step::Footer { .. })));
-        let Some(Step::Zero { offset, len, .. }) = plan
-            .steps()
-            .find(|s| matches!(s, Step::Zero { .. }))
-            .cloned()
+        let Some(Step::Zero(ZeroRange { offset, len, .. })) =
+            plan.steps().find(|s| matches!(s, Step::Zero(_))).cloned()
         else {
             panic!("no zeroing: {plan:?}");
         };
@@ -1586,7 +1560,7 @@ mod tests {
             .plan_locked(Op::Zero { deallocate: true }, &part)
             .unwrap();
         let steps: Vec<&Step> = plan.steps().collect();
-        assert!(matches!(steps[0], Step::Zero { .. }));
+        assert!(matches!(steps[0], Step::Zero(_)));
         assert!(matches!(steps[2], Step::SetBits { value: false, .. }));
         // Without deallocation the sectors stay present (zeroed, bits set).
         let plan = meta

@@ -131,6 +131,28 @@ impl LoadedBitmap {
     }
 }
 
+/// Request bytes `[at, at + len)` written at file byte `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataWrite {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Byte offset in the request buffer.
+    pub at: usize,
+    /// Bytes.
+    pub len: usize,
+}
+
+/// `[offset, offset + len)` of the file made to read as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroRange {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Punching a hole is fine (else the space stays allocated).
+    pub deallocate: bool,
+}
+
 /// One step of a plan. Executors treat steps as opaque apart from [`Step::serial`]; what to
 /// write comes from [`crate::metadata::Metadata::prepare`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,24 +162,10 @@ pub enum Step {
         /// Byte offset.
         offset: u64,
     },
-    /// Write request bytes `[at, at + len)` at file byte `offset`.
-    Data {
-        /// Byte offset in the file.
-        offset: u64,
-        /// Byte offset in the request buffer.
-        at: usize,
-        /// Bytes.
-        len: usize,
-    },
-    /// Make `[offset, offset + len)` of the file read as zeros.
-    Zero {
-        /// Byte offset in the file.
-        offset: u64,
-        /// Bytes.
-        len: u64,
-        /// Punching a hole is fine (else keep the space allocated).
-        deallocate: bool,
-    },
+    /// Write request bytes into the file.
+    Data(DataWrite),
+    /// Make a range of the file read as zeros.
+    Zero(ZeroRange),
     /// Write the bitmap of a block being allocated (not yet referenced by the BAT).
     NewBitmap {
         /// The block.
@@ -237,8 +245,8 @@ impl Step {
             }
             Self::SetBits { block, .. } => (Some(block), None),
             Self::Footer { .. }
-            | Self::Data { .. }
-            | Self::Zero { .. }
+            | Self::Data(_)
+            | Self::Zero(_)
             | Self::NewBitmap { .. }
             | Self::Release { .. } => (None, None),
         };
@@ -296,24 +304,10 @@ pub enum Io {
     Nothing,
     /// Write these buffers, in order: `(file offset, bytes)`.
     Write(Vec<(u64, Vec<u8>)>),
-    /// Write request bytes `[at, at + len)` at `offset`.
-    Data {
-        /// Byte offset in the file.
-        offset: u64,
-        /// Byte offset in the request buffer.
-        at: usize,
-        /// Bytes.
-        len: usize,
-    },
+    /// Write request bytes into the file.
+    Data(DataWrite),
     /// Make a range read as zeros (punch or zero-range where possible, else write zeros).
-    Zero {
-        /// Byte offset in the file.
-        offset: u64,
-        /// Bytes.
-        len: u64,
-        /// Punching is fine.
-        deallocate: bool,
-    },
+    Zero(ZeroRange),
     /// Punch a range out, ignoring failures.
     Release {
         /// Byte offset.

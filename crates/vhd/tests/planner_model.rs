@@ -21,7 +21,7 @@ use vhd::create::{create_file, snapshot, CreateOptions, SnapshotOptions};
 use vhd::image::{OpenOptions, VhdImage};
 use vhd::io::{BlockFile, MemFile};
 use vhd::metadata::Metadata;
-use vhd::plan::{Io, LoadedBitmap, Op, Prepare};
+use vhd::plan::{DataWrite, Io, LoadedBitmap, Op, Prepare, ZeroRange};
 use vhd::Chain;
 
 const MIB: u64 = 1 << 20;
@@ -195,9 +195,11 @@ impl CrashingExecutor {
                     let done = match &prepared.io {
                         Io::Nothing => true,
                         Io::Write(writes) => writes.iter().all(|(o, b)| self.write(*o, b)),
-                        Io::Data { offset, at, len } => self.write(*offset, &data[*at..*at + *len]),
+                        Io::Data(DataWrite { offset, at, len }) => {
+                            self.write(*offset, &data[*at..*at + *len])
+                        }
                         // A punch reads back as zeros.
-                        Io::Zero { offset, len, .. } | Io::Release { offset, len } => {
+                        Io::Zero(ZeroRange { offset, len, .. }) | Io::Release { offset, len } => {
                             self.write(*offset, &vec![0u8; *len as usize])
                         }
                     };

@@ -41,7 +41,8 @@ use std::task::Poll;
 use vhd::create::format_uuid;
 use vhd::metadata::Metadata;
 use vhd::plan::{
-    BitmapLoad, Extent, Io, LoadedBitmap, Mapping, Op, Piece, Plan, Planned, Prepare, Step, Table,
+    BitmapLoad, DataWrite, Extent, Io, LoadedBitmap, Mapping, Op, Piece, Plan, Planned, Prepare,
+    Step, Table, ZeroRange,
 };
 
 use super::{
@@ -667,7 +668,7 @@ impl VhdDriver {
                 }
                 Ok(())
             }
-            Io::Data { offset, at, len } => {
+            Io::Data(DataWrite { offset, at, len }) => {
                 let data = data.ok_or_else(|| errno(libc::EINVAL))?;
                 let part = if at == 0 && len == data.len() {
                     Arc::clone(data)
@@ -680,11 +681,11 @@ impl VhdDriver {
                 };
                 self.engine.write_at(part, offset).await
             }
-            Io::Zero {
+            Io::Zero(ZeroRange {
                 offset,
                 len,
                 deallocate,
-            } => self.zero_file_range(offset, len, deallocate).await,
+            }) => self.zero_file_range(offset, len, deallocate).await,
             Io::Release { offset, len } => {
                 if let Err(e) = self.engine.punch_hole(offset, len).await {
                     tracing::debug!(path = %self.path.display(), offset, "cannot punch freed block: {e}");

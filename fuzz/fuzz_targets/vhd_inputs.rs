@@ -16,13 +16,14 @@ use vhd::io::{BlockFile, MemFile};
 use vhd::locator::PlatformCode;
 use vhd::metadata::{Area, Metadata, Placement, Region};
 
-const MIB: u64 = 1 << 20;
-/// Virtual size of the base images.
-const SIZE: u64 = 8 * MIB;
-/// Size of the block device of the device base image.
-const DEVICE: usize = 12 << 20;
+/// Virtual size of the base images: sixteen blocks.
+const SIZE: u64 = 1 << 20;
+/// Block size of the base images (small, so each run is cheap; the logic is the same).
+const BLOCK: u32 = 64 << 10;
+/// Size of the block device of the device base image: room for fifteen blocks.
+const DEVICE: usize = (1 << 20) + (64 << 10);
 /// Largest disk whose contents are modelled.
-const MODEL_LIMIT: u64 = 64 * MIB;
+const MODEL_LIMIT: u64 = 64 << 20;
 
 /// One operation on the virtual disk.
 #[derive(Debug, Clone, Copy)]
@@ -62,16 +63,15 @@ pub fn pattern(seed: u8, sector: u64, count: u64) -> Vec<u8> {
 fn base_images() -> &'static [Vec<u8>; 4] {
     static BASES: OnceLock<[Vec<u8>; 4]> = OnceLock::new();
     BASES.get_or_init(|| {
+        let options = CreateOptions {
+            block_size: BLOCK,
+            ..CreateOptions::dynamic(SIZE)
+        };
         let fresh = || {
-            create(
-                MemFile::default(),
-                "base",
-                &CreateOptions::dynamic(SIZE),
-                None,
-            )
-            .expect("create")
-            .into_file()
-            .contents()
+            create(MemFile::default(), "base", &options, None)
+                .expect("create")
+                .into_file()
+                .contents()
         };
         let mut allocated =
             VhdImage::open(MemFile::new(fresh()), "base", OpenOptions::read_write()).expect("open");
@@ -79,7 +79,7 @@ fn base_images() -> &'static [Vec<u8>; 4] {
             .write_sectors(8, &pattern(1, 8, 8))
             .expect("write");
         allocated
-            .write_sectors(8192, &pattern(2, 8192, 4096))
+            .write_sectors(256, &pattern(2, 256, 128))
             .expect("write");
         let spec = ParentSpec {
             uuid: [7; 16],
@@ -88,15 +88,10 @@ fn base_images() -> &'static [Vec<u8>; 4] {
             locators: vec![(PlatformCode::Macx, "./parent.vhd".into())],
             keyhash: None,
         };
-        let mut child = create(
-            MemFile::default(),
-            "child",
-            &CreateOptions::dynamic(SIZE),
-            Some(&spec),
-        )
-        .expect("create child");
+        let mut child =
+            create(MemFile::default(), "child", &options, Some(&spec)).expect("create child");
         child
-            .write_sectors(4096 + 17, &pattern(3, 4113, 30))
+            .write_sectors(128 + 17, &pattern(3, 145, 30))
             .expect("write");
         let mut device = fresh();
         let footer = device.split_off(device.len() - 512);
@@ -190,7 +185,7 @@ impl Case {
                     deallocate: true,
                 },
                 FuzzOp::Write {
-                    sector: 4100,
+                    sector: 130,
                     count: 1,
                     seed: 2,
                 },
@@ -229,7 +224,7 @@ impl Case {
                 // A BAT entry set near the primary footer.
                 2 => {
                     let footer = u32::try_from(len / 512 - 1).unwrap_or(0);
-                    let entry = 1536 + 4 * (usize::from(p[1]) % 4);
+                    let entry = 1536 + 4 * (usize::from(p[1]) % 16);
                     put32(&mut bytes, entry, footer.saturating_sub(u32::from(p[3])));
                 }
                 // A byte of the primary footer.
@@ -247,7 +242,7 @@ impl Case {
         while let Some((o, tail)) = rest.split_first_chunk::<6>() {
             rest = tail;
             let sector = u64::from(u32::from_le_bytes([o[1], o[2], o[3], o[4]]));
-            let count = 1 + (u64::from(o[5]) * 37) % 4096;
+            let count = 1 + (u64::from(o[5]) * 37) % 512;
             ops.push(match o[0] % 5 {
                 0 | 1 => FuzzOp::Write {
                     sector,
@@ -387,9 +382,11 @@ impl Guard {
     }
 }
 
-/// The disk's expected contents: `None` where an operation failed part-way.
+/// The disk's expected contents, and which sectors are known (an operation that failed
+/// part-way leaves its range unknown).
 pub struct Model {
-    sectors: Vec<Option<Vec<u8>>>,
+    data: Vec<u8>,
+    known: Vec<bool>,
 }
 
 impl Model {
@@ -398,22 +395,24 @@ impl Model {
         if total * 512 > MODEL_LIMIT {
             return None;
         }
-        let mut disk = vec![0u8; usize::try_from(total * 512).ok()?];
-        let known = read(&mut disk);
+        let mut data = vec![0u8; usize::try_from(total * 512).ok()?];
+        let known = read(&mut data);
         Some(Self {
-            sectors: disk
-                .chunks(512)
-                .map(|s| known.then(|| s.to_vec()))
-                .collect(),
+            data,
+            known: vec![known; usize::try_from(total).ok()?],
         })
     }
 
-    fn set(&mut self, sector: u64, data: Option<&[u8]>) {
-        if let Some(slot) = usize::try_from(sector)
-            .ok()
-            .and_then(|i| self.sectors.get_mut(i))
-        {
-            *slot = data.map(<[u8]>::to_vec);
+    fn set(&mut self, sector: u64, bytes: Option<&[u8]>) {
+        let Ok(i) = usize::try_from(sector) else {
+            return;
+        };
+        if i >= self.known.len() {
+            return;
+        }
+        self.known[i] = bytes.is_some();
+        if let Some(b) = bytes {
+            self.data[i * 512..(i + 1) * 512].copy_from_slice(b);
         }
     }
 
@@ -436,12 +435,17 @@ impl Model {
         }
     }
 
-    /// Compares what a read of `count` sectors at `sector` returned.
+    /// Compares what a read of sectors from `sector` returned.
     pub fn verify(&self, sector: u64, data: &[u8]) {
         for (i, got) in data.chunks(512).enumerate() {
-            let at = sector + i as u64;
-            if let Some(Some(want)) = usize::try_from(at).ok().and_then(|i| self.sectors.get(i)) {
-                assert!(got == want.as_slice(), "sector {at} differs from the model");
+            let Ok(at) = usize::try_from(sector + i as u64) else {
+                continue;
+            };
+            if self.known.get(at) == Some(&true) {
+                assert!(
+                    got == &self.data[at * 512..(at + 1) * 512],
+                    "sector {at} differs from the model"
+                );
             }
         }
     }

@@ -824,7 +824,7 @@ impl Metadata {
         let block = piece.sector / spb;
         let first = piece.sector % spb;
         let entry = self.entry(block);
-        let mut range = SectorBitmap::zeroed(usize::try_from(self.bitmap_bytes()).unwrap_or(512));
+        let mut range = SectorBitmap::zeroed(to_len(self.bitmap_bytes()));
         range.set_range(first, piece.count, true);
         match op {
             Op::Write if entry == BAT_UNUSED => self.plan_allocation(block, range, Some(piece)),
@@ -1131,6 +1131,14 @@ impl Metadata {
                     return ready(Io::Nothing, Effect::None);
                 }
                 bitmap::clear_bit(&mut self.full, *block);
+                // The batmap said every sector is present; the bits the next steps clear
+                // start from that, not from a bitmap that may disagree on disk.
+                let entry = self.entry(*block);
+                if entry != BAT_UNUSED {
+                    let mut bits = SectorBitmap::zeroed(to_len(self.bitmap_bytes()));
+                    bits.set_range(0, self.sectors_per_block(), true);
+                    self.bitmaps.store(*block, entry, bits);
+                }
                 Ok(Prepare::Ready(self.render_batmap()))
             }
         }
@@ -1204,6 +1212,11 @@ impl Metadata {
             }
         }
     }
+}
+
+/// A byte count as a buffer length (bitmaps are at most a few KiB).
+fn to_len(bytes: u64) -> usize {
+    usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
 /// The request bytes of `piece` written at file byte `offset`.
@@ -1570,6 +1583,48 @@ mod tests {
             .steps()
             .any(|s| matches!(s, Step::SetBits { value: true, .. })));
         drop(file);
+    }
+
+    #[test]
+    fn clearing_part_of_a_block_the_batmap_calls_full_keeps_the_rest_as_it_read() {
+        // Block 0 holds sector 0 only, but its batmap bit says full (a damaged batmap that
+        // still checksums), and its data area holds stray bytes at sector 5.
+        let mut bytes = with_block0(false);
+        let img = open(bytes.clone(), false, OpenOptions::inspect()).unwrap();
+        let map_at = usize::try_from(img.batmap().unwrap().header.batmap_offset).unwrap();
+        let header_at = usize::try_from(img.batmap_header_offset().unwrap()).unwrap();
+        let data_at = usize::try_from(u64::from(img.bat().entries[0]) * 512 + 512).unwrap();
+        drop(img);
+        bytes[map_at] |= 0x80;
+        let sum = crate::batmap::batmap_checksum(&bytes[map_at..map_at + 512], 0x0001_0002);
+        bytes[header_at + 24..header_at + 28].copy_from_slice(&sum.to_be_bytes());
+        bytes[data_at + 5 * 512..data_at + 6 * 512].fill(0x5a);
+        let mut img = open(bytes, false, OpenOptions::read_write()).unwrap();
+        assert!(img.batmap().unwrap().is_full(0));
+        let mut before = vec![0u8; 16 * 512];
+        img.read_sectors(0, &mut before).unwrap();
+        assert!(before[5 * 512..6 * 512].iter().all(|b| *b == 0x5a));
+        img.zero_sectors(100, 10, true).unwrap();
+        let mut after = vec![0u8; 16 * 512];
+        img.read_sectors(0, &mut after).unwrap();
+        assert!(
+            before == after,
+            "sectors outside the discarded range changed"
+        );
+        let mut gone = vec![0xffu8; 10 * 512];
+        img.read_sectors(100, &mut gone).unwrap();
+        assert!(gone.iter().all(|b| *b == 0));
+        // Bitmap and batmap now agree.
+        crate::check::check(
+            img.into_file(),
+            "t",
+            None,
+            &crate::check::CheckOptions {
+                check_bitmaps: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     }
 
     #[test]

@@ -1072,6 +1072,9 @@ impl Metadata {
                 if self.entry(*block) != *entry {
                     return Ok(Prepare::Restart);
                 }
+                if *value && self.is_full(*block) {
+                    return ready(Io::Nothing, Effect::None); // every bit is set already
+                }
                 if let Some(l) = loaded {
                     self.remember(l);
                 }

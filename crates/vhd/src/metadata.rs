@@ -1333,6 +1333,15 @@ mod tests {
         img.into_file().contents()
     }
 
+    /// `check` (bitmaps included) accepts the image.
+    fn assert_valid(file: MemFile) {
+        let opts = crate::check::CheckOptions {
+            check_bitmaps: true,
+            ..Default::default()
+        };
+        crate::check::check(file, "t", None, &opts).unwrap();
+    }
+
     fn refused(bytes: Vec<u8>, needle: &str) {
         for writable in [false, true] {
             let opts = OpenOptions {
@@ -1511,16 +1520,7 @@ mod tests {
         assert!(back.iter().all(|b| *b == 0), "no old volume data shows");
         let bytes = img.into_file().contents();
         assert_eq!(bytes.len(), dev);
-        crate::check::check(
-            MemFile::device(bytes),
-            "t",
-            None,
-            &crate::check::CheckOptions {
-                check_bitmaps: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        assert_valid(MemFile::device(bytes));
     }
 
     #[test]
@@ -1618,16 +1618,7 @@ mod tests {
         img.read_sectors(100, &mut gone).unwrap();
         assert!(gone.iter().all(|b| *b == 0));
         // Bitmap and batmap now agree.
-        crate::check::check(
-            img.into_file(),
-            "t",
-            None,
-            &crate::check::CheckOptions {
-                check_bitmaps: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        assert_valid(img.into_file());
     }
 
     #[test]

@@ -396,6 +396,14 @@ impl Metadata {
                 available: bytes.len() as u64,
             });
         }
+        self.clock += 1;
+        if let Some(table) = self.l2.get_mut(&l1_index) {
+            if table.offset == offset {
+                // What is in memory is never older than the disk: keep it.
+                table.used = self.clock;
+                return Ok(());
+            }
+        }
         if self.l2.len() >= self.l2_capacity {
             let mut uses: Vec<u64> = self.l2.values().map(|t| t.used).collect();
             uses.sort_unstable();

@@ -334,8 +334,79 @@ pub struct Image {
 /// The open images of one VBD, leaf first, and its changed-block log, if any.
 #[derive(Debug)]
 pub struct ImageChain {
-    images: Vec<Image>,
+    images: Arc<Vec<Image>>,
     log: Option<ChangeLog>,
+}
+
+/// The images below one image of a chain, for its copy-on-write reads
+/// ([`ImageDriver::attach_below`]). It holds the chain weakly (the leaf that holds it is part
+/// of the chain); once the chain is dropped reads fail with `ESHUTDOWN`.
+#[derive(Debug, Clone)]
+pub struct Below {
+    images: Weak<Vec<Image>>,
+    level: usize,
+}
+
+impl Below {
+    /// Reads `buf.len()` bytes at `sector` as the images below see them (zeros where none
+    /// holds data).
+    pub async fn read(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        let images = self
+            .images
+            .upgrade()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+        read_level(&images, self.level, sector, buf).await
+    }
+}
+
+fn read_at_level(images: &[Image], level: usize, sector: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
+    Box::pin(read_level(images, level, sector, buf))
+}
+
+/// Reads through `images` from `level` down: sectors a level reports absent come from the
+/// next one, zeros below the last one or past a smaller image's end.
+async fn read_level(
+    images: &[Image],
+    level: usize,
+    sector: u64,
+    mut buf: IoBuf,
+) -> io::Result<IoBuf> {
+    let Some(image) = images.get(level) else {
+        buf.as_mut_slice().fill(0);
+        return Ok(buf);
+    };
+    let total = buf.len() as u64 / SECTOR_SIZE;
+    let size = image.driver.info().sectors;
+    // Sectors past a (smaller) parent's end read as zeros.
+    let inside = size.saturating_sub(sector).min(total);
+    if inside < total {
+        let keep = usize::try_from(inside * SECTOR_SIZE).map_err(|_| einval())?;
+        if inside == 0 {
+            buf.as_mut_slice().fill(0);
+            return Ok(buf);
+        }
+        let mut head = IoBuf::zeroed(keep);
+        head = read_at_level(images, level, sector, head).await?;
+        buf.as_mut_slice()[..keep].copy_from_slice(head.as_slice());
+        let len = buf.len();
+        buf.zero_range(keep..len);
+        return Ok(buf);
+    }
+    let result = image.driver.read(sector, buf).await;
+    image.counters.count(READ, &result);
+    let outcome = result?;
+    let mut buf = outcome.buf;
+    for range in outcome.absent {
+        let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
+        let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
+        if start >= end || end > buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let part = IoBuf::zeroed(end - start);
+        let part = read_at_level(images, level + 1, sector + range.start, part).await?;
+        buf.as_mut_slice()[start..end].copy_from_slice(part.as_slice());
+    }
+    Ok(buf)
 }
 
 impl ImageChain {
@@ -368,7 +439,19 @@ impl ImageChain {
                 })?;
             push_validated(&mut images, parent)?;
         }
-        Ok(Self { images, log: None })
+        Ok(Self::assemble(images))
+    }
+
+    /// The chain of `images`, whose leaf is handed the images below it.
+    fn assemble(images: Vec<Image>) -> Self {
+        let images = Arc::new(images);
+        if let Some(leaf) = images.first() {
+            leaf.driver.attach_below(Below {
+                images: Arc::downgrade(&images),
+                level: 1,
+            });
+        }
+        Self { images, log: None }
     }
 
     /// Adds the changed-block-tracking log at `path` above the leaf (`-C`); it must be a log
@@ -408,7 +491,7 @@ impl ImageChain {
                 counters: ImageCounters::default(),
             })
             .collect();
-        Ok(Self { images, log: None })
+        Ok(Self::assemble(images))
     }
 
     /// The images, leaf first.
@@ -432,52 +515,7 @@ impl ImageChain {
             log.counters().hits[READ].fetch_add(1, Ordering::Relaxed);
         }
         // The leaf level runs in the caller's future; only parents need a boxed future.
-        self.read_level(0, sector, buf).await
-    }
-
-    fn read_at_level(&self, level: usize, sector: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
-        Box::pin(self.read_level(level, sector, buf))
-    }
-
-    async fn read_level(&self, level: usize, sector: u64, mut buf: IoBuf) -> io::Result<IoBuf> {
-        let Some(image) = self.images.get(level) else {
-            buf.as_mut_slice().fill(0);
-            return Ok(buf);
-        };
-        let total = buf.len() as u64 / SECTOR_SIZE;
-        let size = image.driver.info().sectors;
-        // Sectors past a (smaller) parent's end read as zeros.
-        let inside = size.saturating_sub(sector).min(total);
-        if inside < total {
-            let keep = usize::try_from(inside * SECTOR_SIZE).map_err(|_| einval())?;
-            if inside == 0 {
-                buf.as_mut_slice().fill(0);
-                return Ok(buf);
-            }
-            let mut head = IoBuf::zeroed(keep);
-            head = self.read_at_level(level, sector, head).await?;
-            buf.as_mut_slice()[..keep].copy_from_slice(head.as_slice());
-            let len = buf.len();
-            buf.zero_range(keep..len);
-            return Ok(buf);
-        }
-        let result = image.driver.read(sector, buf).await;
-        image.counters.count(READ, &result);
-        let outcome = result?;
-        let mut buf = outcome.buf;
-        for range in outcome.absent {
-            let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
-            let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
-            if start >= end || end > buf.len() {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            let part = IoBuf::zeroed(end - start);
-            let part = self
-                .read_at_level(level + 1, sector + range.start, part)
-                .await?;
-            buf.as_mut_slice()[start..end].copy_from_slice(part.as_slice());
-        }
-        Ok(buf)
+        read_level(&self.images, 0, sector, buf).await
     }
 
     /// True when this chain can serve mapped reads at all ([`ImageChain::mapped`]).

@@ -10,6 +10,7 @@
 //! several queues at once and completes them asynchronously.
 
 pub mod aio;
+pub mod qcow2;
 pub mod vhd;
 
 use std::fmt;
@@ -23,6 +24,7 @@ pub use tapdisk_proto::image::ImageLocator;
 use crate::engine::mapped::MappedBytes;
 use crate::engine::{IoFuture, IoSettings};
 use crate::error::failure;
+use crate::image::Below;
 use crate::iobuf::IoBuf;
 
 /// Opens a file a VBD is built from (an image, or an `x-chain:` description) without ever
@@ -103,6 +105,8 @@ pub enum DiskType {
     Aio,
     /// Virtual Hard Disk (fixed, dynamic, differencing).
     Vhd,
+    /// QEMU copy-on-write disk, versions 2 and 3 (XCP-ng's `qcow2`).
+    Qcow2,
     /// Whole image held in memory.
     Ram,
     /// NBD client.
@@ -115,6 +119,7 @@ impl DiskType {
         match name {
             "aio" => Ok(Self::Aio),
             "vhd" => Ok(Self::Vhd),
+            "qcow2" => Ok(Self::Qcow2),
             "ram" => Ok(Self::Ram),
             "nbd" => Ok(Self::Nbd),
             _ => Err(io::Error::from_raw_os_error(libc::ENOENT)),
@@ -126,6 +131,7 @@ impl DiskType {
         match self {
             Self::Aio => "aio",
             Self::Vhd => "vhd",
+            Self::Qcow2 => "qcow2",
             Self::Ram => "ram",
             Self::Nbd => "nbd",
         }
@@ -136,6 +142,7 @@ impl DiskType {
         match self {
             Self::Aio => 0,
             Self::Vhd => 4,
+            Self::Qcow2 => 6,
             Self::Ram => 5,
             Self::Nbd => 15,
         }
@@ -220,6 +227,10 @@ pub trait ImageDriver: Send + Sync + fmt::Debug {
     fn validate_parent(&self, _parent: &dyn ImageDriver) -> io::Result<()> {
         Ok(())
     }
+    /// Hands a copy-on-write driver the images below it in its chain (called on the leaf
+    /// once the chain is open), from which it copies the parts of a cluster a write does not
+    /// cover. The default ignores it.
+    fn attach_below(&self, _below: Below) {}
     /// Reads `buf.len()` bytes starting at `sector`.
     fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, ReadOutcome>;
     /// The `len` bytes at `sector` as a range of a memory mapping the kernel can copy from
@@ -292,6 +303,11 @@ pub enum DriverDetail {
         /// Format type and block counters.
         vhd: self::vhd::VhdStats,
     },
+    /// qcow2 images: the `"qcow2"` object.
+    Qcow2 {
+        /// Geometry and allocation counters.
+        qcow2: self::qcow2::Qcow2Stats,
+    },
 }
 
 /// Opens an image of `disk_type` at `locator` (`td_open`).
@@ -311,6 +327,10 @@ pub fn open_image(
     };
     match disk_type {
         DiskType::Aio => Ok(Box::new(aio::AioImage::open(local_file()?, options)?)),
+        DiskType::Qcow2 => Ok(Box::new(self::qcow2::Qcow2Driver::open(
+            local_file()?,
+            options,
+        )?)),
         DiskType::Vhd => Ok(Box::new(
             self::vhd::VhdDriver::open(local_file()?, options)
                 .map_err(self::vhd::VhdDriverError::into_logged_io)?,

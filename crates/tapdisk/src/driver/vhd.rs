@@ -148,7 +148,7 @@ fn to_len(bytes: u64) -> io::Result<usize> {
 type JoinSlot<'a, T> = (Option<IoFuture<'a, T>>, Option<io::Result<T>>);
 
 /// Polls several futures concurrently and returns their results in order.
-async fn join_all<'a, T>(futures: Vec<IoFuture<'a, T>>) -> Vec<io::Result<T>> {
+pub(crate) async fn join_all<'a, T>(futures: Vec<IoFuture<'a, T>>) -> Vec<io::Result<T>> {
     let mut slots: Vec<JoinSlot<'a, T>> = futures.into_iter().map(|f| (Some(f), None)).collect();
     std::future::poll_fn(|cx| {
         let mut pending = false;
@@ -185,6 +185,11 @@ async fn run_all<'a, T>(mut futures: Vec<IoFuture<'a, T>>) -> io::Result<Vec<T>>
         }
     }
     join_all(futures).await.into_iter().collect()
+}
+
+/// First error of a set of results, if any.
+pub(crate) fn first_error<T>(results: Vec<io::Result<T>>) -> io::Result<Vec<T>> {
+    results.into_iter().collect()
 }
 
 /// Identity of a file at open time, to tell whether a shared parent is still the same file.

@@ -1,0 +1,977 @@
+//! The `qcow2` driver (XCP-ng's type 6): qcow2 images, versions 2 and 3, executing the `qcow2`
+//! crate's plans through an [`IoEngine`].
+//!
+//! The header, the L1 table and the refcount table are read at open ([`qcow2::Header`] refuses
+//! what is not implemented by name: encryption, external data files, unknown incompatible
+//! features; writable opens also refuse images marked dirty or corrupt, or holding internal
+//! snapshots). L2 tables are loaded on first use and cached (up to 64 MiB), so a request to an
+//! allocated cluster costs no metadata read; refcount blocks are only read when clusters are
+//! reserved or freed.
+//!
+//! # Chains
+//! The backing file named in the header (relative to the image's directory) is the image's
+//! parent: `qcow2` or `raw` (the backing format extension, else the file's magic). The image
+//! chain reads absent ranges from it, and gives the driver a [`Below`] handle through which a
+//! partial write into an unallocated cluster copies the rest of the cluster from below.
+//!
+//! # Writes and crash safety
+//! Writes into allocated clusters go straight to their place. Others follow the order the
+//! planner documents ([`::qcow2::meta`]): clusters come from a pool whose refcounts were written
+//! ahead (refcount blocks, then the refcount table or a new table and then the header); the
+//! data (with its copy-on-write fill) is written; then the L2 entry; then a replaced cluster
+//! is dereferenced. A missing L2 table is written (zeroed) before the L1 entry that points to
+//! it. Each step is awaited before the next starts, so `kill -9` at any moment leaves at most
+//! leaked clusters, and a flush (`fdatasync`) makes every acknowledged write durable. Unused
+//! reserved clusters are given back when the image is closed.
+//!
+//! Concurrency: one lock per guest cluster (striped) serialises allocations of a cluster; one
+//! per L2 table (striped) serialises rendering, writing and publishing that table's entries and
+//! loading it; one for table creation and L1 writes; one for every refcount change. A write to
+//! an allocated cluster takes none of them.
+//!
+//! # Zeroing and discard
+//! Whole clusters are unmapped (no backing file) or given the zero flag (version 3; with a
+//! backing file, so the parent's data stays hidden); partial clusters, and version 2 images
+//! with a backing file, get zeros written. Freed clusters are punched out of the file.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use ::qcow2::header::{incompatible, offsets, Header};
+use ::qcow2::layout::Layout;
+use ::qcow2::meta::{
+    Allocation, Fill, L2Update, MetaWrite, Need, Plan, Release, RunKind, ZeroPlan,
+};
+use ::qcow2::{Metadata, Qcow2Error};
+
+use super::vhd::{first_error, join_all};
+use super::{
+    Allocation as Status, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
+    ImageLocator, OpenOptions, ParentLink, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE,
+    VDISK_READONLY,
+};
+use crate::engine::{open_engine, IoEngine, IoFuture};
+use crate::image::Below;
+use crate::iobuf::IoBuf;
+
+/// Stripes of the per-cluster allocation lock.
+const CLUSTER_LOCK_STRIPES: usize = 256;
+/// Stripes of the per-L2-table lock.
+const TABLE_LOCK_STRIPES: usize = 64;
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn to_len(bytes: u64) -> io::Result<usize> {
+    usize::try_from(bytes).map_err(|_| errno(libc::EINVAL))
+}
+
+/// A qcow2 image's part of `tap-ctl stats` (the driver status's `"qcow2"` object).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Qcow2Stats {
+    /// 2 or 3.
+    pub version: u32,
+    /// Bytes per cluster.
+    pub cluster_size: u64,
+    /// 128-bit L2 entries with subclusters.
+    pub extended_l2: bool,
+    /// Clusters written anew (allocated or given data) since the image was opened.
+    pub allocations: u64,
+    /// L2 tables read.
+    pub l2_loads: u64,
+    /// L2 tables in the cache.
+    pub cached_l2_tables: usize,
+    /// Chunks of clusters reserved.
+    pub reservations: u64,
+    /// Reserved clusters not used yet.
+    pub reserved_clusters: u64,
+    /// Compressed clusters decompressed.
+    pub decompressions: u64,
+}
+
+/// Counters shown in stats.
+#[derive(Debug, Default)]
+struct Qcow2Counters {
+    allocations: AtomicU64,
+    l2_loads: AtomicU64,
+    reservations: AtomicU64,
+    decompressions: AtomicU64,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2Driver {
+    path: PathBuf,
+    info: DiskInfo,
+    engine: Box<dyn IoEngine>,
+    /// A buffered descriptor for the rare synchronous steps: growing the file, marking the
+    /// image corrupt, giving back reserved clusters at close.
+    file: File,
+    read_only: bool,
+    direct: bool,
+    header: Header,
+    layout: Layout,
+    parent: Option<ParentLink>,
+    meta: Mutex<Metadata>,
+    below: OnceLock<Below>,
+    cluster_locks: Vec<tokio::sync::Mutex<()>>,
+    table_locks: Vec<tokio::sync::Mutex<()>>,
+    /// L2 table creation and L1 writes.
+    l1_lock: tokio::sync::Mutex<()>,
+    /// Every refcount change, and header rewrites.
+    refcount_lock: tokio::sync::Mutex<()>,
+    /// The last decompressed cluster: (host offset of its data, bytes).
+    last_decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    marked_corrupt: AtomicBool,
+    counters: Qcow2Counters,
+}
+
+impl std::fmt::Debug for Qcow2Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Driver")
+            .field("path", &self.path)
+            .field("version", &self.header.version)
+            .field("cluster_size", &self.layout.cluster_size())
+            .field("info", &self.info)
+            .field("direct", &self.direct)
+            .field("engine", &self.engine.name())
+            .field("parent", &self.parent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an image could not be opened: the file and the problem.
+fn open_error(path: &Path, what: impl std::fmt::Display, code: i32) -> io::Error {
+    let message = format!("{}: {what}", path.display());
+    tracing::error!("{message}");
+    crate::error::failure(code, message)
+}
+
+fn format_error(path: &Path, error: &Qcow2Error) -> io::Error {
+    open_error(path, error, error.errno())
+}
+
+/// Where the backing file named `name` in image `path` is, and its type.
+fn backing_link(path: &Path, header: &Header) -> io::Result<Option<ParentLink>> {
+    let Some(name) = &header.backing_file else {
+        return Ok(None);
+    };
+    let name = String::from_utf8(name.clone())
+        .map_err(|_| open_error(path, "the backing file name is not UTF-8", libc::EINVAL))?;
+    if name.starts_with("json:") || name.split_once(':').is_some_and(|(p, _)| !p.contains('/')) {
+        return Err(open_error(
+            path,
+            format!("backing file '{name}' is not a local file (protocols are not supported)"),
+            libc::EOPNOTSUPP,
+        ));
+    }
+    let backing = Path::new(&name);
+    let backing = if backing.is_absolute() {
+        backing.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new("/")).join(backing)
+    };
+    let disk_type = match header.backing_format() {
+        Some(b"qcow2") => DiskType::Qcow2,
+        Some(b"raw") | Some(b"file") | Some(b"host_device") => DiskType::Aio,
+        Some(other) => {
+            return Err(open_error(
+                path,
+                format!(
+                    "backing file format '{}' is not supported (qcow2 or raw)",
+                    String::from_utf8_lossy(other)
+                ),
+                libc::EOPNOTSUPP,
+            ))
+        }
+        None => {
+            // No format recorded: the file's magic decides, as qemu probes.
+            let mut magic = [0u8; 4];
+            let file = super::open_image_file(&backing, false, false).map_err(|e| {
+                open_error(
+                    path,
+                    format!("backing file {}: {e}", backing.display()),
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                )
+            })?;
+            let _ = file.read_at(&mut magic, 0);
+            if u32::from_be_bytes(magic) == ::qcow2::header::MAGIC {
+                DiskType::Qcow2
+            } else {
+                DiskType::Aio
+            }
+        }
+    };
+    Ok(Some(ParentLink {
+        disk_type,
+        locator: ImageLocator::File(backing),
+    }))
+}
+
+impl Qcow2Driver {
+    /// Opens a qcow2 image.
+    pub fn open(path: &Path, options: OpenOptions) -> io::Result<Self> {
+        let read_only = options.read_only;
+        let io_error = |what: &str| {
+            let path = path.to_path_buf();
+            let what = what.to_owned();
+            move |e: io::Error| {
+                open_error(
+                    &path,
+                    format!("{what}: {e}"),
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                )
+            }
+        };
+        // Metadata is read through a buffered descriptor (any alignment), I/O through the
+        // engine's descriptor opened below.
+        let mut file =
+            super::open_image_file(path, !read_only, false).map_err(io_error("cannot open"))?;
+        let header = ::qcow2::image::read_header(&mut file).map_err(|e| {
+            match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<Qcow2Error>())
+            {
+                Some(format) => format_error(path, format),
+                None => io_error("cannot read the header")(e),
+            }
+        })?;
+        header
+            .check_open(!read_only)
+            .map_err(|e| format_error(path, &e))?;
+        let parent = backing_link(path, &header)?;
+        let cs = header.cluster_size();
+        let mut l1 = vec![0u8; to_len(u64::from(header.l1_size) * 8)?];
+        ::qcow2::image::Storage::read_at(&mut file, &mut l1, header.l1_table_offset)
+            .map_err(io_error("cannot read the L1 table"))?;
+        let mut table = vec![0u8; to_len(u64::from(header.refcount_table_clusters) * cs)?];
+        ::qcow2::image::Storage::read_at(&mut file, &mut table, header.refcount_table_offset)
+            .map_err(io_error("cannot read the refcount table"))?;
+        let file_len = file.metadata().map_err(io_error("cannot stat"))?.len();
+        let meta =
+            Metadata::open(&header, &l1, &table, file_len).map_err(|e| format_error(path, &e))?;
+        if !read_only && header.version >= 3 && header.autoclear_features != 0 {
+            // Autoclear features we do not maintain (persistent bitmaps) stop being valid
+            // the moment we write: clear them first, as the specification requires.
+            file.write_all_at(&[0u8; 8], offsets::AUTOCLEAR_FEATURES as u64)
+                .map_err(io_error("cannot clear the autoclear features"))?;
+            tracing::info!(path = %path.display(), bits = header.autoclear_features, "cleared autoclear feature bits");
+        }
+        let mut direct = !options.no_o_direct;
+        let io_file = match super::open_image_file(path, !read_only, direct) {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(path = %path.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
+                direct = false;
+                super::open_image_file(path, !read_only, false)
+            }
+            other => other,
+        }
+        .map_err(io_error("cannot open for I/O"))?;
+        let layout = Layout::of(&header);
+        let info = DiskInfo {
+            sectors: header.size / SECTOR_SIZE,
+            sector_size: 512,
+            info: if read_only { VDISK_READONLY } else { 0 },
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            info,
+            engine: open_engine(Arc::new(io_file), !direct, options.io.engine),
+            file,
+            read_only,
+            direct,
+            header,
+            layout,
+            parent,
+            meta: Mutex::new(meta),
+            below: OnceLock::new(),
+            cluster_locks: (0..CLUSTER_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            table_locks: (0..TABLE_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            l1_lock: tokio::sync::Mutex::new(()),
+            refcount_lock: tokio::sync::Mutex::new(()),
+            last_decompressed: Mutex::new(None),
+            marked_corrupt: AtomicBool::new(false),
+            counters: Qcow2Counters::default(),
+        })
+    }
+
+    /// The header as opened.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// True when the image is accessed with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Metadata> {
+        self.meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn cluster_lock(&self, cluster: u64) -> &tokio::sync::Mutex<()> {
+        let index = usize::try_from(cluster % CLUSTER_LOCK_STRIPES as u64).unwrap_or(0);
+        &self.cluster_locks[index]
+    }
+
+    fn table_lock(&self, l1_index: u64) -> &tokio::sync::Mutex<()> {
+        let index = usize::try_from(l1_index % TABLE_LOCK_STRIPES as u64).unwrap_or(0);
+        &self.table_locks[index]
+    }
+
+    /// A metadata error met while serving I/O: logged, the image marked corrupt (version 3,
+    /// writable), and `EIO` for the request.
+    fn metadata_error(&self, error: Qcow2Error) -> io::Error {
+        if matches!(error, Qcow2Error::Unsupported { .. }) {
+            tracing::error!(path = %self.path.display(), "{error}");
+            return crate::error::failure(
+                error.errno(),
+                format!("{}: {error}", self.path.display()),
+            );
+        }
+        tracing::error!(path = %self.path.display(), "corrupt metadata: {error}");
+        if !self.read_only
+            && self.header.version >= 3
+            && !self.marked_corrupt.swap(true, Ordering::Relaxed)
+        {
+            let bits = self.header.incompatible_features | incompatible::CORRUPT;
+            match self
+                .file
+                .write_all_at(&bits.to_be_bytes(), offsets::INCOMPATIBLE_FEATURES as u64)
+            {
+                Ok(()) => {
+                    tracing::error!(path = %self.path.display(), "image marked corrupt: no more writes until repaired")
+                }
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), "cannot mark the image corrupt: {e}")
+                }
+            }
+        }
+        crate::error::failure(libc::EIO, format!("{}: {error}", self.path.display()))
+    }
+
+    fn refuse_if_corrupt(&self) -> io::Result<()> {
+        if self.marked_corrupt.load(Ordering::Relaxed) {
+            return Err(crate::error::failure(
+                libc::EIO,
+                format!(
+                    "{}: marked corrupt; repair with `qemu-img check -r all`",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `plan` until it is ready, loading and preparing what it needs. `table_held` names
+    /// the L2 table whose lock the caller holds (its loads then happen without taking it).
+    async fn resolve<T>(
+        &self,
+        table_held: Option<u64>,
+        mut plan: impl FnMut(&mut Metadata) -> ::qcow2::Result<Plan<T>> + Send,
+    ) -> io::Result<T> {
+        loop {
+            let step = plan(&mut self.meta()).map_err(|e| self.metadata_error(e))?;
+            match step {
+                Plan::Ready(value) => return Ok(value),
+                Plan::Load(need) => self.satisfy(need, table_held).await?,
+            }
+        }
+    }
+
+    /// Like [`Qcow2Driver::resolve`] for refcount plans, whose caller holds the refcount lock.
+    async fn resolve_refcounts<T>(
+        &self,
+        mut plan: impl FnMut(&mut Metadata) -> ::qcow2::Result<Plan<T>> + Send,
+    ) -> io::Result<T> {
+        loop {
+            let step = plan(&mut self.meta()).map_err(|e| self.metadata_error(e))?;
+            match step {
+                Plan::Ready(value) => return Ok(value),
+                Plan::Load(Need::RefBlock { rt_index, offset }) => {
+                    let buf = self.read_cluster(offset).await?;
+                    self.meta().insert_refblock(rt_index, buf.as_slice());
+                }
+                Plan::Load(other) => {
+                    tracing::error!(path = %self.path.display(), "refcount plan needs {other:?}");
+                    return Err(errno(libc::EIO));
+                }
+            }
+        }
+    }
+
+    async fn read_cluster(&self, offset: u64) -> io::Result<IoBuf> {
+        let buf = IoBuf::zeroed(to_len(self.layout.cluster_size())?);
+        self.engine.read_at(buf, offset).await
+    }
+
+    fn satisfy<'a>(&'a self, need: Need, table_held: Option<u64>) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            match need {
+                Need::L2 { l1_index, offset } => {
+                    let _table = if table_held == Some(l1_index) {
+                        None
+                    } else {
+                        Some(self.table_lock(l1_index).lock().await)
+                    };
+                    let buf = self.read_cluster(offset).await?;
+                    self.counters.l2_loads.fetch_add(1, Ordering::Relaxed);
+                    self.meta()
+                        .insert_l2(l1_index, offset, buf.as_slice())
+                        .map_err(|e| self.metadata_error(e))
+                }
+                Need::RefBlock { .. } => {
+                    // Only refcount plans load refcount blocks, under the refcount lock.
+                    tracing::error!(path = %self.path.display(), "unexpected {need:?}");
+                    Err(errno(libc::EIO))
+                }
+                Need::Reserve => self.reserve().await,
+                Need::NewL2 { l1_index } => self.create_l2(l1_index).await,
+            }
+        })
+    }
+
+    async fn write_meta(&self, write: &MetaWrite) -> io::Result<()> {
+        self.engine
+            .write_at(Arc::new(IoBuf::copy_from(&write.bytes)), write.offset)
+            .await
+    }
+
+    async fn write_phase(&self, writes: &[MetaWrite]) -> io::Result<()> {
+        let futures: Vec<IoFuture<'_, ()>> = writes
+            .iter()
+            .map(|w| Box::pin(self.write_meta(w)) as IoFuture<'_, ()>)
+            .collect();
+        first_error(join_all(futures).await).map(|_| ())
+    }
+
+    /// Reserves clusters ahead (see [`::qcow2::meta::Metadata::plan_reserve`]).
+    async fn reserve(&self) -> io::Result<()> {
+        let _refcounts = self.refcount_lock.lock().await;
+        if self.meta().pool_len() > 0 {
+            return Ok(());
+        }
+        let plan = self.resolve_refcounts(|m| m.plan_reserve(1)).await?;
+        let len = self.file.metadata()?.len();
+        if len < plan.extend_to {
+            self.file.set_len(plan.extend_to)?;
+        }
+        for phase in &plan.phases {
+            self.write_phase(phase).await?;
+        }
+        if let Some((offset, clusters)) = plan.new_table {
+            // Read the header unit afresh (someone such as SM's hidden flag writer may have
+            // changed other bytes of it) and change only the two fields.
+            let unit = to_len(self.layout.meta_unit())?;
+            let mut head = self.engine.read_at(IoBuf::zeroed(unit), 0).await?;
+            let at = offsets::REFCOUNT_TABLE_OFFSET;
+            head.as_mut_slice()[at..at + 8].copy_from_slice(&offset.to_be_bytes());
+            let at = offsets::REFCOUNT_TABLE_CLUSTERS;
+            head.as_mut_slice()[at..at + 4].copy_from_slice(&clusters.to_be_bytes());
+            self.engine.write_at(Arc::new(head), 0).await?;
+        }
+        self.counters.reservations.fetch_add(1, Ordering::Relaxed);
+        let old = self.meta().commit_reserve(plan);
+        if let Some(old) = old {
+            self.release_locked(&[old]).await?;
+        }
+        Ok(())
+    }
+
+    /// Dereferences `releases`; the caller holds the refcount lock.
+    async fn release_locked(&self, releases: &[Release]) -> io::Result<Vec<u64>> {
+        if releases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plan = self.resolve_refcounts(|m| m.plan_release(releases)).await?;
+        self.write_phase(&plan.writes).await?;
+        Ok(plan.freed)
+    }
+
+    /// Dereferences `releases` and punches out the clusters that became free.
+    async fn release(&self, releases: &[Release]) -> io::Result<()> {
+        if releases.is_empty() {
+            return Ok(());
+        }
+        let freed = {
+            let _refcounts = self.refcount_lock.lock().await;
+            self.release_locked(releases).await?
+        };
+        for host in freed {
+            if let Err(e) = self
+                .engine
+                .punch_hole(host, self.layout.cluster_size())
+                .await
+            {
+                tracing::debug!(path = %self.path.display(), host, "cannot punch a freed cluster: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the L2 table of `l1_index`: the zeroed table, then the L1 entry.
+    async fn create_l2(&self, l1_index: u64) -> io::Result<()> {
+        let _l1 = self.l1_lock.lock().await;
+        let Some(new) = self.resolve(None, |m| m.plan_new_l2(l1_index)).await? else {
+            return Ok(());
+        };
+        self.write_meta(&new.table).await?;
+        let l1 = self.meta().render_l1(new.l1_index, new.l1_word);
+        self.write_meta(&l1).await?;
+        self.meta().publish_new_l2(&new);
+        Ok(())
+    }
+
+    /// Writes an L2 entry: rendered, written and published under the table's lock.
+    async fn update_l2(&self, update: &L2Update) -> io::Result<()> {
+        let _table = self.table_lock(update.l1_index).lock().await;
+        let unit = self
+            .resolve(Some(update.l1_index), |m| m.render_l2(update))
+            .await?;
+        self.write_meta(&unit).await?;
+        self.meta().publish_l2(update);
+        Ok(())
+    }
+
+    fn check_range(&self, sector: u64, sectors: u64) -> io::Result<()> {
+        match sector.checked_add(sectors) {
+            Some(end) if end <= self.info.sectors => Ok(()),
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    /// The decompressed cluster whose data is at `host` (`len` bytes).
+    async fn decompressed(&self, host: u64, len: u64) -> io::Result<Arc<Vec<u8>>> {
+        if let Some((cached, data)) = self
+            .last_decompressed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            if *cached == host {
+                return Ok(Arc::clone(data));
+            }
+        }
+        // Read whole sectors (O_DIRECT), from the one holding the first byte.
+        let start = host & !(SECTOR_SIZE - 1);
+        let buf = IoBuf::zeroed(to_len(len + (host - start))?);
+        let buf = self.engine.read_at(buf, start).await?;
+        let skip = to_len(host - start)?;
+        let mut cluster = vec![0u8; to_len(self.layout.cluster_size())?];
+        ::qcow2::compress::decompress(
+            self.header.compression_type(),
+            &buf.as_slice()[skip..],
+            &mut cluster,
+            host,
+        )
+        .map_err(|e| self.metadata_error(e))?;
+        self.counters.decompressions.fetch_add(1, Ordering::Relaxed);
+        let cluster = Arc::new(cluster);
+        *self
+            .last_decompressed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((host, Arc::clone(&cluster)));
+        Ok(cluster)
+    }
+
+    async fn map(&self, offset: u64, len: u64) -> io::Result<Vec<::qcow2::meta::Run>> {
+        self.resolve(None, |m| m.map(offset, len)).await
+    }
+
+    async fn read_runs(&self, sector: u64, mut buf: IoBuf) -> io::Result<ReadOutcome> {
+        let offset = sector * SECTOR_SIZE;
+        let runs = self.map(offset, buf.len() as u64).await?;
+        if let [run] = runs.as_slice() {
+            match run.kind {
+                RunKind::Data { host } => {
+                    let buf = self.engine.read_at(buf, host).await?;
+                    return Ok(ReadOutcome {
+                        buf,
+                        absent: Vec::new(),
+                    });
+                }
+                RunKind::Absent => {
+                    let sectors = buf.len() as u64 / SECTOR_SIZE;
+                    return Ok(ReadOutcome {
+                        absent: std::iter::once(0..sectors).collect(),
+                        buf,
+                    });
+                }
+                RunKind::Zero => {
+                    buf.as_mut_slice().fill(0);
+                    return Ok(ReadOutcome {
+                        buf,
+                        absent: Vec::new(),
+                    });
+                }
+                RunKind::Compressed { .. } => {}
+            }
+        }
+        let mut absent = Vec::new();
+        let mut reads: Vec<IoFuture<'_, IoBuf>> = Vec::new();
+        let mut targets = Vec::new();
+        for run in &runs {
+            let (at, len) = (to_len(run.offset)?, to_len(run.len)?);
+            match run.kind {
+                RunKind::Data { host } => {
+                    reads.push(self.engine.read_at(IoBuf::zeroed(len), host));
+                    targets.push(at);
+                }
+                RunKind::Zero => buf.zero_range(at..at + len),
+                RunKind::Absent => {
+                    absent.push(run.offset / SECTOR_SIZE..(run.offset + run.len) / SECTOR_SIZE);
+                }
+                RunKind::Compressed {
+                    host,
+                    len: stored,
+                    within,
+                } => {
+                    let cluster = self.decompressed(host, stored).await?;
+                    let from = to_len(within)?;
+                    buf.as_mut_slice()[at..at + len].copy_from_slice(&cluster[from..from + len]);
+                }
+            }
+        }
+        let parts = first_error(join_all(reads).await)?;
+        for (part, at) in parts.into_iter().zip(targets) {
+            buf.as_mut_slice()[at..at + part.len()].copy_from_slice(part.as_slice());
+        }
+        Ok(ReadOutcome { buf, absent })
+    }
+
+    /// Fills `out` with bytes `range` of guest cluster `cluster` as `fill` says.
+    async fn fill(
+        &self,
+        cluster: u64,
+        range: &std::ops::Range<u64>,
+        fill: Fill,
+        out: &mut [u8],
+    ) -> io::Result<()> {
+        let cs = self.layout.cluster_size();
+        match fill {
+            Fill::Zeros => out.fill(0),
+            Fill::Below => {
+                let below = self.below.get().ok_or_else(|| {
+                    tracing::error!(path = %self.path.display(), "copy-on-write needs the backing chain, which is not attached");
+                    errno(libc::EIO)
+                })?;
+                let guest = cluster * cs + range.start;
+                let data = below
+                    .read(guest / SECTOR_SIZE, IoBuf::zeroed(out.len()))
+                    .await?;
+                out.copy_from_slice(data.as_slice());
+            }
+            Fill::Own { host } => {
+                let data = self
+                    .engine
+                    .read_at(IoBuf::zeroed(out.len()), host + range.start)
+                    .await?;
+                out.copy_from_slice(data.as_slice());
+            }
+            Fill::Compressed { host, len } => {
+                let data = self.decompressed(host, len).await?;
+                out.copy_from_slice(&data[to_len(range.start)?..to_len(range.end)?]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out an allocation plan for request bytes `data` at `start` of the cluster.
+    async fn allocate(&self, plan: &Allocation, start: u64, data: Arc<IoBuf>) -> io::Result<()> {
+        if plan.head.is_none() && plan.tail.is_none() {
+            self.engine.write_at(data, plan.host + start).await?;
+        } else {
+            let base = plan.write.start;
+            let mut buf = IoBuf::zeroed(to_len(plan.write.end - base)?);
+            for (range, fill) in [&plan.head, &plan.tail].into_iter().flatten() {
+                let out =
+                    &mut buf.as_mut_slice()[to_len(range.start - base)?..to_len(range.end - base)?];
+                self.fill(plan.cluster, range, *fill, out).await?;
+            }
+            let at = to_len(start - base)?;
+            buf.as_mut_slice()[at..at + data.len()].copy_from_slice(data.as_slice());
+            self.engine
+                .write_at(Arc::new(buf), plan.host + base)
+                .await?;
+        }
+        self.counters.allocations.fetch_add(1, Ordering::Relaxed);
+        if let Some(update) = &plan.entry {
+            self.update_l2(update).await?;
+        }
+        self.release(&plan.release).await
+    }
+
+    /// Writes `data` at bytes `[start, start + len)` of guest cluster `cluster`.
+    async fn write_in_cluster(&self, cluster: u64, start: u64, data: Arc<IoBuf>) -> io::Result<()> {
+        let len = data.len() as u64;
+        if let Some(host) = self
+            .resolve(None, |m| m.in_place(cluster, start, len))
+            .await?
+        {
+            return self.engine.write_at(data, host).await;
+        }
+        let _cluster = self.cluster_lock(cluster).lock().await;
+        if let Some(host) = self
+            .resolve(None, |m| m.in_place(cluster, start, len))
+            .await?
+        {
+            return self.engine.write_at(data, host).await;
+        }
+        let plan = self
+            .resolve(None, |m| m.plan_allocation(cluster, start, len))
+            .await?;
+        self.allocate(&plan, start, data).await
+    }
+
+    async fn write_bytes(&self, offset: u64, buf: Arc<IoBuf>) -> io::Result<()> {
+        let cs = self.layout.cluster_size();
+        let (cluster, start) = (offset / cs, offset % cs);
+        if start + buf.len() as u64 <= cs {
+            return self.write_in_cluster(cluster, start, buf).await;
+        }
+        let mut writes: Vec<IoFuture<'_, ()>> = Vec::new();
+        let mut done = 0u64;
+        let total = buf.len() as u64;
+        while done < total {
+            let at = offset + done;
+            let (cluster, start) = (at / cs, at % cs);
+            let len = (cs - start).min(total - done);
+            let part = IoBuf::copy_from(&buf.as_slice()[to_len(done)?..to_len(done + len)?]);
+            writes.push(Box::pin(self.write_in_cluster(
+                cluster,
+                start,
+                Arc::new(part),
+            )));
+            done += len;
+        }
+        first_error(join_all(writes).await).map(|_| ())
+    }
+
+    /// Zeroes (with `deallocate`, discards) `count` sectors at `sector`.
+    async fn zero(&self, sector: u64, count: u64, deallocate: bool) -> io::Result<()> {
+        if self.read_only {
+            return Err(errno(libc::EPERM));
+        }
+        self.refuse_if_corrupt()?;
+        self.check_range(sector, count)?;
+        let cs = self.layout.cluster_size();
+        let (offset, end) = (sector * SECTOR_SIZE, (sector + count) * SECTOR_SIZE);
+        let mut at = offset;
+        while at < end {
+            let (cluster, start) = (at / cs, at % cs);
+            let piece = (cs - start).min(end - at);
+            // The last cluster of a disk whose size is not a multiple of the cluster size
+            // is whole when the range reaches the end.
+            let whole = start == 0 && (piece == cs || at + piece >= self.layout.size);
+            let plan = if whole {
+                let _cluster = self.cluster_lock(cluster).lock().await;
+                let plan = self
+                    .resolve(None, |m| m.plan_zero(cluster, deallocate))
+                    .await?;
+                if let ZeroPlan::Update { update, release } = &plan {
+                    self.update_l2(update).await?;
+                    self.release(release).await?;
+                }
+                plan
+            } else {
+                ZeroPlan::WriteZeros
+            };
+            if plan == ZeroPlan::WriteZeros {
+                let zeros = Arc::new(IoBuf::zeroed(to_len(piece)?));
+                self.write_in_cluster(cluster, start, zeros).await?;
+            }
+            at += piece;
+        }
+        Ok(())
+    }
+
+    /// Gives back the reserved clusters nobody used (at close), synchronously.
+    fn release_pool(&self) -> io::Result<()> {
+        let mut meta = self.meta();
+        loop {
+            let plan = meta
+                .plan_release_pool()
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            match plan {
+                Plan::Ready((writes, truncate)) => {
+                    for write in &writes {
+                        self.file.write_all_at(&write.bytes, write.offset)?;
+                    }
+                    if let Some(len) = truncate {
+                        self.file.set_len(len)?;
+                    }
+                    return Ok(());
+                }
+                Plan::Load(Need::RefBlock { rt_index, offset }) => {
+                    let mut buf = vec![0u8; to_len(self.layout.cluster_size())?];
+                    self.file.read_exact_at(&mut buf, offset)?;
+                    meta.insert_refblock(rt_index, &buf);
+                }
+                Plan::Load(other) => {
+                    return Err(io::Error::other(format!(
+                        "releasing the pool needs {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Number of reserved, unused clusters (statistics and tests).
+    pub fn reserved_clusters(&self) -> u64 {
+        self.meta().pool_len()
+    }
+}
+
+impl Drop for Qcow2Driver {
+    fn drop(&mut self) {
+        if self.read_only || self.marked_corrupt.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = self.release_pool() {
+            tracing::warn!(path = %self.path.display(), "cannot give back reserved clusters (they stay leaked): {e}");
+        }
+    }
+}
+
+impl ImageDriver for Qcow2Driver {
+    fn disk_type(&self) -> DiskType {
+        DiskType::Qcow2
+    }
+
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn parent(&self) -> Option<ParentLink> {
+        self.parent.clone()
+    }
+
+    fn validate_parent(&self, parent: &dyn ImageDriver) -> io::Result<()> {
+        match &self.parent {
+            Some(link) if link.disk_type != parent.disk_type() => Err(crate::error::failure(
+                libc::EINVAL,
+                format!(
+                    "{}: backing file {} is a {} image, the header says {}",
+                    self.path.display(),
+                    parent.path().display(),
+                    parent.disk_type().name(),
+                    link.disk_type.name()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn attach_below(&self, below: Below) {
+        let _ = self.below.set(below);
+    }
+
+    fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, ReadOutcome> {
+        Box::pin(async move {
+            if buf.len() as u64 % SECTOR_SIZE != 0 {
+                return Err(errno(libc::EINVAL));
+            }
+            self.check_range(sector, buf.len() as u64 / SECTOR_SIZE)?;
+            self.read_runs(sector, buf).await
+        })
+    }
+
+    fn write(&self, sector: u64, buf: Arc<IoBuf>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.read_only {
+                return Err(errno(libc::EPERM));
+            }
+            self.refuse_if_corrupt()?;
+            if buf.len() as u64 % SECTOR_SIZE != 0 {
+                return Err(errno(libc::EINVAL));
+            }
+            self.check_range(sector, buf.len() as u64 / SECTOR_SIZE)?;
+            self.write_bytes(sector * SECTOR_SIZE, buf).await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.engine.sync_data()
+    }
+
+    fn discard(&self, sector: u64, count: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.zero(sector, count, true))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let writable = !self.read_only;
+        Capabilities {
+            discard: writable,
+            write_zeroes: writable,
+            block_status: true,
+        }
+    }
+
+    fn write_zeroes(&self, sector: u64, count: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(self.zero(sector, count, flags.may_deallocate))
+    }
+
+    fn zeroes_hide_parent(&self) -> bool {
+        true
+    }
+
+    fn block_status(&self, sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
+        Box::pin(async move {
+            self.check_range(sector, count)?;
+            let runs = self.map(sector * SECTOR_SIZE, count * SECTOR_SIZE).await?;
+            let mut out: Vec<StatusRun> = Vec::with_capacity(runs.len());
+            for run in runs {
+                let state = match run.kind {
+                    RunKind::Data { .. } | RunKind::Compressed { .. } => Status::Data,
+                    RunKind::Zero => Status::Zero,
+                    RunKind::Absent => Status::Absent,
+                };
+                let sectors = run.len / SECTOR_SIZE;
+                match out.last_mut() {
+                    Some(last) if last.state == state => last.sectors += sectors,
+                    _ => out.push(StatusRun { sectors, state }),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn stats(&self) -> Option<DriverStats> {
+        let (cached_l2_tables, reserved_clusters) = {
+            let meta = self.meta();
+            (meta.cached_l2_tables(), meta.pool_len())
+        };
+        Some(DriverStats {
+            pending: self.engine.pending(),
+            engine: self.engine.name(),
+            detail: DriverDetail::Qcow2 {
+                qcow2: Qcow2Stats {
+                    version: self.header.version,
+                    cluster_size: self.layout.cluster_size(),
+                    extended_l2: self.layout.extended_l2,
+                    allocations: self.counters.allocations.load(Ordering::Relaxed),
+                    l2_loads: self.counters.l2_loads.load(Ordering::Relaxed),
+                    cached_l2_tables,
+                    reservations: self.counters.reservations.load(Ordering::Relaxed),
+                    reserved_clusters,
+                    decompressions: self.counters.decompressions.load(Ordering::Relaxed),
+                },
+            },
+        })
+    }
+}

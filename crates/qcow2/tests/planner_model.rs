@@ -197,3 +197,39 @@ proptest! {
         prop_assert_eq!(crashed, storage.bytes);
     }
 }
+
+/// Small clusters outgrow the refcount table: the table moves (header rewritten, old table
+/// freed) and the image stays consistent.
+#[test]
+fn refcount_table_growth() {
+    for order in [0u32, 4, 6] {
+        let options = CreateOptions {
+            size: 16 << 20,
+            cluster_bits: 9,
+            refcount_order: order,
+            ..CreateOptions::new(16 << 20)
+        };
+        let mut image = Image::open(create(&options).unwrap(), true).unwrap();
+        let table_before = image.header().refcount_table_offset;
+        let chunk: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i / 512 % 251) as u8 | 1)
+            .collect();
+        for i in 0..16u64 {
+            image.write(i << 20, &chunk).unwrap();
+        }
+        let mut back = vec![0u8; 1 << 20];
+        image.read(15 << 20, &mut back).unwrap();
+        assert_eq!(back, chunk);
+        let mut bytes = image.close().unwrap();
+        let header = qcow2::image::read_header(&mut bytes).unwrap();
+        if order >= 4 {
+            assert_ne!(header.refcount_table_offset, table_before, "order {order}");
+        }
+        let report = check(&mut bytes).unwrap();
+        assert!(report.is_consistent(), "order {order}: {report:?}");
+        assert_eq!(report.leaks, 0, "order {order}");
+        let mut reopened = Image::open(bytes, false).unwrap();
+        reopened.read(15 << 20, &mut back).unwrap();
+        assert_eq!(back, chunk);
+    }
+}

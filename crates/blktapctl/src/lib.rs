@@ -14,6 +14,7 @@
 //! environment. Every failure is an [`Error`]: an errno and what was being done.
 
 pub mod alloc;
+pub mod commit;
 pub mod create;
 pub mod error;
 pub mod ipc;
@@ -25,6 +26,7 @@ pub mod recover;
 pub mod spawn;
 
 pub use alloc::{allocate, allocated_minors, free, free_settling};
+pub use commit::CommitStatus;
 pub use create::{create_with, CreatedVbd};
 pub use error::{strerror, Error, Result};
 pub use list::{find_minor, find_pid, list, list_pid, ListFilter, ListRow};

@@ -17,7 +17,7 @@ use crate::ipc::{request, Connection, LIST_STATS_TIMEOUT};
 use crate::paths::{ControlDir, MAX_MINOR};
 
 /// The cookie for `minor`, which must be within `0..=MAX_MINOR`.
-fn cookie(minor: u32) -> Result<u16> {
+pub(crate) fn cookie(minor: u32) -> Result<u16> {
     u16::try_from(minor)
         .ok()
         .filter(|_| minor <= MAX_MINOR)

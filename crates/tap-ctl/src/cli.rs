@@ -1,11 +1,16 @@
 //! Command-line parsing and execution of `tap-ctl`, compatible with the C tool.
 //!
-//! Conventions kept from the C tool: with no arguments or an unknown command the global usage
-//! goes to stdout with exit status 0; `-h` prints a command's usage on stdout (exit 0); an
+//! Conventions kept from the C tool: with no arguments the global usage goes to stdout with
+//! exit status 0; `-h` prints a command's usage on stdout (exit 0); an
 //! unknown option, a missing option value, a missing required option or a malformed number
 //! prints the usage on stderr and exits with `EINVAL` (22); `--debug` is removed wherever it
 //! appears (accepted, no debug output yet). A failed operation prints
 //! `tap-ctl: <command>: <what failed>: <strerror>` on stderr and exits with the errno.
+//! Unlike the C tool, an unknown command is an error (the global usage on stderr, exit
+//! `EINVAL`): the C tool's exit status 0 made scripts take a misspelt command for success.
+//!
+//! XCP-ng's live commit commands: `commit -p -m -a PATH` (start), `query -p -m` (prints
+//! `Commit status '<status>' (<current>/<total>)`), `cancel -p -m [-w]`.
 //!
 //! Options the daemon does not implement yet (`create -d -r -e -2 -s`, `open -r -e -2 -s -E`,
 //! `unpause -2`) are parsed and then refused with "not supported yet" and `EOPNOTSUPP` (95),
@@ -24,7 +29,7 @@ use crate::config::Config;
 use getopt::Getopt;
 
 /// The commands, in the order the global usage lists them.
-pub const COMMANDS: [&str; 17] = [
+pub const COMMANDS: [&str; 20] = [
     "list",
     "allocate",
     "free",
@@ -38,6 +43,9 @@ pub const COMMANDS: [&str; 17] = [
     "pause",
     "unpause",
     "stats",
+    "commit",
+    "query",
+    "cancel",
     "recover",
     "nbd-listen",
     "major",
@@ -95,6 +103,23 @@ pub enum Command {
     Stats {
         pid: u32,
         minor: u32,
+    },
+    /// Start a live commit of the VBD's active layer `path` (XCP-ng).
+    Commit {
+        pid: u32,
+        minor: u32,
+        path: String,
+    },
+    /// Print the commit job's progress (XCP-ng).
+    Query {
+        pid: u32,
+        minor: u32,
+    },
+    /// Cancel the commit job, with `wait` until it stopped (XCP-ng).
+    Cancel {
+        pid: u32,
+        minor: u32,
+        wait: bool,
     },
     /// Serve a VBD's NBD export on TCP too (blktap-rs extension): `spec` is
     /// `ADDRESS tls=DIR` or `ADDRESS plain`.
@@ -204,6 +229,9 @@ pub fn usage(name: &str) -> String {
                     Prints the VBD statistics as a JSON-style object; images are listed \
                     leaf first, root last\n"
         }
+        "commit" => "usage: commit <-p pid> <-m minor> <-a /path/to/file>\n",
+        "query" => "usage: query <-p pid> <-m minor>\n",
+        "cancel" => "usage: cancel <-p pid> <-m minor> [-w]\n",
         "recover" => {
             "usage: recover <-m minor> [-a type:/path/to/file] [-R read-only] [-D no O_DIRECT] \
                      [-t request timeout in seconds] [-C <logfile> changed-block log]\n\n\
@@ -249,6 +277,8 @@ struct Collected {
     tls_dir: Option<String>,
     /// `nbd-listen -P`: plaintext TCP, explicitly.
     plaintext: bool,
+    /// `cancel -w`: wait until the job stopped.
+    wait: bool,
 }
 
 /// A number option's value, or the usage error for it.
@@ -287,6 +317,7 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
             ("nbd-listen", 'l') => c.listen = Some(value),
             ("nbd-listen", 'T') => c.tls_dir = Some(value),
             ("nbd-listen", 'P') => c.plaintext = true,
+            ("cancel", 'w') => c.wait = true,
             (_, 'p') => c.pid = Some(number(name, letter, &value)?),
             (_, 'm') => c.minor = Some(number(name, letter, &value)?),
             (_, 'a') => c.args = Some(value),
@@ -450,7 +481,9 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
         "free" => "m:h",
         "create" => "a:RDd:e:r2:st:C:b:o:h",
         "destroy" | "pause" => "p:m:t:h",
-        "attach" | "detach" | "stats" => "p:m:h",
+        "attach" | "detach" | "stats" | "query" => "p:m:h",
+        "commit" => "p:m:a:h",
+        "cancel" => "p:m:wh",
         "open" => "a:RDm:p:e:r2:st:C:Eb:o:h",
         "close" => "p:m:ft:h",
         "unpause" => "p:m:a:2:c:h",
@@ -541,6 +574,27 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
                 spec: format!("{listen} {mode}"),
             }
         }
+        "commit" => {
+            let (pid, minor) = pid_minor(name, &c)?;
+            let path = c.args.clone().ok_or_else(|| usage_error(name, None))?;
+            Command::Commit {
+                pid,
+                minor,
+                path: absolute_path(&path),
+            }
+        }
+        "query" => {
+            let (pid, minor) = pid_minor(name, &c)?;
+            Command::Query { pid, minor }
+        }
+        "cancel" => {
+            let (pid, minor) = pid_minor(name, &c)?;
+            Command::Cancel {
+                pid,
+                minor,
+                wait: c.wait,
+            }
+        }
         "unpause" => {
             let (pid, minor) = pid_minor(name, &c)?;
             refuse_unsupported(name, &c)?;
@@ -589,7 +643,10 @@ pub fn parse(argv: &[String], config: &Config) -> Action {
         return Action::Help(global_usage());
     };
     let Some(name) = COMMANDS.iter().copied().find(|c| c == first) else {
-        return Action::Help(global_usage());
+        return Action::Usage {
+            message: Some(format!("tap-ctl: unknown command '{first}'")),
+            usage: global_usage(),
+        };
     };
     match parse_command(name, rest, config) {
         Ok(command) => Action::Run { name, command },
@@ -723,6 +780,20 @@ fn execute(command: Command, config: &Config, io: &mut Io<'_>) -> Result<(), Err
         Command::Stats { pid, minor } => {
             let text = blktapctl::stats(dir, pid, Some(minor))?;
             let _ = writeln!(io.out, "{text}");
+        }
+        Command::Commit { pid, minor, path } => {
+            blktapctl::commit::commit(dir, pid, minor, &path)?;
+        }
+        Command::Query { pid, minor } => {
+            let job = blktapctl::commit::query(dir, pid, minor)?;
+            let _ = writeln!(
+                io.out,
+                "Commit status '{}' ({}/{})",
+                job.status, job.current, job.total
+            );
+        }
+        Command::Cancel { pid, minor, wait } => {
+            blktapctl::commit::cancel(dir, pid, minor, wait)?;
         }
         Command::NbdListen { pid, minor, spec } => {
             let address = blktapctl::nbd_listen(dir, pid, minor, &spec)?;
@@ -924,13 +995,8 @@ mod tests {
     }
 
     #[test]
-    fn no_args_or_unknown_command_prints_global_usage_and_succeeds() {
-        for line in [
-            "",
-            "frobnicate",
-            "--debug",
-            "a-very-long-command-name-beyond-24",
-        ] {
+    fn no_args_prints_global_usage_and_succeeds() {
+        for line in ["", "--debug"] {
             let action = parse(&args(line));
             assert_eq!(action, Action::Help(global_usage()), "{line:?}");
             let (status, out, err) = run_captured(action, false);
@@ -938,6 +1004,71 @@ mod tests {
             assert!(out.starts_with("usage: tap-ctl COMMAND [OPTIONS]\nCOMMAND := { list |"));
             assert!(out.ends_with("| major | check }\n"), "{out}");
             assert!(err.is_empty());
+        }
+    }
+
+    #[test]
+    fn unknown_commands_fail_with_einval() {
+        for line in [
+            "frobnicate",
+            "a-very-long-command-name-beyond-24",
+            "commit2",
+        ] {
+            let (status, out, err) = run_captured(parse(&args(line)), false);
+            assert_eq!(status, libc::EINVAL, "{line:?}");
+            assert!(out.is_empty());
+            let name = line.split(' ').next().unwrap();
+            assert!(
+                err.starts_with(&format!(
+                    "tap-ctl: unknown command '{name}'\nusage: tap-ctl COMMAND"
+                )),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn commit_query_and_cancel_parse_as_xcpng_builds_them() {
+        assert_eq!(
+            command("commit -p 12 -m 3 -a /srv/sr/leaf.qcow2"),
+            Command::Commit {
+                pid: 12,
+                minor: 3,
+                path: "/srv/sr/leaf.qcow2".to_owned()
+            }
+        );
+        assert_eq!(
+            command("query -p 12 -m 3"),
+            Command::Query { pid: 12, minor: 3 }
+        );
+        assert_eq!(
+            command("cancel -p 12 -m 3 -w"),
+            Command::Cancel {
+                pid: 12,
+                minor: 3,
+                wait: true
+            }
+        );
+        assert_eq!(
+            command("cancel -p 12 -m 3"),
+            Command::Cancel {
+                pid: 12,
+                minor: 3,
+                wait: false
+            }
+        );
+        for (line, usage) in [
+            (
+                "commit -p 1 -m 2",
+                "usage: commit <-p pid> <-m minor> <-a /path/to/file>\n",
+            ),
+            ("query -m 2", "usage: query <-p pid> <-m minor>\n"),
+            ("cancel -p 1", "usage: cancel <-p pid> <-m minor> [-w]\n"),
+        ] {
+            let (status, out, err) = run_captured(parse(&args(line)), false);
+            assert_eq!(status, libc::EINVAL, "{line}");
+            assert!(out.is_empty());
+            assert_eq!(err, usage);
         }
     }
 

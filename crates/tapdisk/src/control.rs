@@ -351,7 +351,8 @@ impl Receiving {
 /// handshaking; a control request queued behind their tasks would wait its turn among them.
 /// So the control socket has its own thread (a single-threaded runtime): accepting,
 /// reading requests and answering those that only read state (PID, LIST, STATS, DISK_INFO)
-/// never wait for the data plane. Requests that change state are handed to the main
+/// or only signal a commit job (QUERY_COMMIT_JOB, CANCEL_COMMIT_JOB) never wait for the data
+/// plane. Requests that change state are handed to the main
 /// runtime, where the VBDs and their frontends live.
 #[derive(Debug)]
 pub struct ControlServer {

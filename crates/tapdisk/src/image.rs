@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use crate::changelog::ChangeLog;
 use crate::driver::vhd::FileStamp;
@@ -331,11 +331,26 @@ pub struct Image {
     pub counters: ImageCounters,
 }
 
+/// Told of every change to the leaf once it completed: `(first sector, sectors)`.
+pub type WriteObserver = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// The open images of one VBD, leaf first, and its changed-block log, if any.
-#[derive(Debug)]
 pub struct ImageChain {
     images: Arc<Vec<Image>>,
     log: Option<ChangeLog>,
+    /// Set while an observer is installed, so writes without one skip the lock.
+    observed: AtomicBool,
+    observer: RwLock<Option<WriteObserver>>,
+}
+
+impl std::fmt::Debug for ImageChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageChain")
+            .field("images", &self.images)
+            .field("log", &self.log)
+            .field("observed", &self.observed)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The images below one image of a chain, for its copy-on-write reads
@@ -451,7 +466,12 @@ impl ImageChain {
                 level: 1,
             });
         }
-        Self { images, log: None }
+        Self {
+            images,
+            log: None,
+            observed: AtomicBool::new(false),
+            observer: RwLock::new(None),
+        }
     }
 
     /// Adds the changed-block-tracking log at `path` above the leaf (`-C`); it must be a log
@@ -475,6 +495,33 @@ impl ImageChain {
                 Ok(())
             }
             None => Ok(()),
+        }
+    }
+
+    /// Installs (or with `None` removes) the observer told of every write, discard and
+    /// write-zeroes of the leaf after it completed (successfully or not), e.g. a live
+    /// commit tracking what it must copy again. A change in flight when the observer is
+    /// installed is reported when it completes.
+    pub fn observe_writes(&self, observer: Option<WriteObserver>) {
+        let on = observer.is_some();
+        *self
+            .observer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = observer;
+        self.observed.store(on, Ordering::SeqCst);
+    }
+
+    fn written(&self, sector: u64, count: u64) {
+        if !self.observed.load(Ordering::SeqCst) {
+            return;
+        }
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(observer) = observer {
+            observer(sector, count);
         }
     }
 
@@ -537,10 +584,12 @@ impl ImageChain {
 
     /// Writes `buf` at `sector` into the leaf (after marking its blocks in the log).
     pub async fn write(&self, sector: u64, buf: Arc<IoBuf>) -> io::Result<()> {
-        self.mark(sector, buf.len() as u64 / SECTOR_SIZE)?;
+        let count = buf.len() as u64 / SECTOR_SIZE;
+        self.mark(sector, count)?;
         let leaf = self.leaf();
         let result = leaf.driver.write(sector, buf).await;
         leaf.counters.count(WRITE, &result);
+        self.written(sector, count);
         result
     }
 
@@ -558,7 +607,9 @@ impl ImageChain {
     /// Discards sectors of the leaf (after marking them in the log).
     pub async fn discard(&self, sector: u64, count: u64) -> io::Result<()> {
         self.mark(sector, count)?;
-        self.leaf().driver.discard(sector, count).await
+        let result = self.leaf().driver.discard(sector, count).await;
+        self.written(sector, count);
+        result
     }
 
     /// Optional operations of the chain: the leaf's, except that zeroing without writing
@@ -578,7 +629,9 @@ impl ImageChain {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
         self.mark(sector, count)?;
-        self.leaf().driver.write_zeroes(sector, count, flags).await
+        let result = self.leaf().driver.write_zeroes(sector, count, flags).await;
+        self.written(sector, count);
+        result
     }
 
     /// Allocation of `count` sectors at `sector`, resolved through the chain: every run is

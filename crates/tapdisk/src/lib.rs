@@ -4,10 +4,12 @@
 //! to a **VBD** ([`vbd`]), which passes them to its **image chain** ([`image`]) of format
 //! **drivers** ([`driver`]), which do file I/O through an **I/O engine** ([`engine`]).
 //! The **control socket** ([`control`]) receives `tap-ctl`'s messages and hands them to the
-//! process state ([`server`]), which creates, opens, pauses and closes VBDs. The
-//! configuration ([`config`]) is read once by `main` and passed down.
+//! process state ([`server`]), which creates, opens, pauses and closes VBDs, and runs live
+//! commits of qcow2 chains ([`commit`]). The configuration ([`config`]) is read once by
+//! `main` and passed down.
 
 pub mod changelog;
+pub mod commit;
 pub mod config;
 pub mod control;
 pub mod driver;

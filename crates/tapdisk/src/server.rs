@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tapdisk_proto::{
-    Body, ImageInfo, ListEntry, Message, MessageType, OpenFlags, Params, StatInfo,
+    Body, ImageInfo, ListEntry, Message, MessageType, OpenFlags, Params, Query, StatInfo,
 };
 use tokio::sync::watch;
 
+use crate::commit::{CommitJob, JobStatus};
 use crate::config::{Config, DeviceSettings};
 use crate::control::ClientWatch;
 use crate::driver::{DiskInfo, OpenOptions};
@@ -75,6 +76,8 @@ struct Slot {
     /// What serves the open VBD, in the order started (the NBD export first); empty while
     /// closed.
     frontends: Vec<Box<dyn Frontend>>,
+    /// The live commit job, until a query reports it concluded.
+    commit: Option<Arc<CommitJob>>,
 }
 
 impl Slot {
@@ -94,7 +97,9 @@ pub struct Tapdisk {
     control_dir: ControlDir,
     slots: Mutex<BTreeMap<u16, Slot>>,
     /// One turn per minor: the requests that change a minor's state (all but PID, LIST,
-    /// STATS, DISK_INFO) run one at a time, in arrival order; other minors do not wait.
+    /// STATS, DISK_INFO and the commit job's QUERY and CANCEL) run one at a time, in arrival
+    /// order; other minors do not wait. A commit job takes its minor's turn to switch the
+    /// VBD's chain.
     turns: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
     /// Set to true once the last VBD is detached.
     exit: watch::Sender<bool>,
@@ -248,7 +253,12 @@ impl Tapdisk {
     pub fn is_reentrant(msg_type: MessageType) -> bool {
         matches!(
             msg_type,
-            MessageType::Pid | MessageType::List | MessageType::Stats | MessageType::DiskInfo
+            MessageType::Pid
+                | MessageType::List
+                | MessageType::Stats
+                | MessageType::DiskInfo
+                | MessageType::QueryCommitJob
+                | MessageType::CancelCommitJob
         )
     }
 
@@ -341,6 +351,7 @@ impl Tapdisk {
                 reply(MessageType::CloseRsp, Body::Empty)
             }
             (MessageType::Pause, _) => {
+                self.end_commit(minor).await;
                 self.vbd(minor)?.pause_unless(client.gone()).await?;
                 reply(MessageType::PauseRsp, Body::Empty)
             }
@@ -377,14 +388,24 @@ impl Tapdisk {
                     .ok_or_else(|| errno(libc::EINVAL))?;
                 reply(MessageType::DiskInfoRsp, Body::Image(image_info(info)))
             }
-            (
-                MessageType::XenblkifConnect
-                | MessageType::XenblkifDisconnect
-                | MessageType::Commit
-                | MessageType::QueryCommitJob
-                | MessageType::CancelCommitJob,
-                _,
-            ) => Err(errno(libc::EOPNOTSUPP)),
+            (MessageType::Commit, Body::Params(params)) => {
+                self.commit(minor, &params.path)?;
+                reply(MessageType::CommitRsp, Body::Empty)
+            }
+            (MessageType::QueryCommitJob, _) => {
+                let query = self.query_commit(minor)?;
+                reply(MessageType::QueryCommitJobRsp, Body::Query(query))
+            }
+            (MessageType::CancelCommitJob, Body::Params(params)) => {
+                let job = self.commit_job(minor)?;
+                if let Some(job) = job {
+                    job.cancel(params.flags.0 & 1 != 0).await;
+                }
+                reply(MessageType::CancelCommitJobRsp, Body::Empty)
+            }
+            (MessageType::XenblkifConnect | MessageType::XenblkifDisconnect, _) => {
+                Err(errno(libc::EOPNOTSUPP))
+            }
             _ => Err(errno(libc::EINVAL)),
         }
     }
@@ -416,6 +437,7 @@ impl Tapdisk {
                 _marker: marker,
                 nbd_connections: self.vbd_connection_limit(minor),
                 frontends: Vec::new(),
+                commit: None,
             },
         );
         tracing::info!(minor, "attached");
@@ -619,7 +641,77 @@ impl Tapdisk {
         Ok(frontends)
     }
 
+    /// Starts a live commit of `top` (the active layer) on VBD `minor`.
+    fn commit(&self, minor: u16, top: &str) -> io::Result<()> {
+        let vbd = self.vbd(minor)?;
+        if let Some(job) = self.commit_job(minor)? {
+            return Err(crate::error::failure(
+                libc::EINVAL,
+                format!(
+                    "minor {minor} already has a commit job ({}); query it until it concludes",
+                    job.progress().status.name()
+                ),
+            ));
+        }
+        let job = CommitJob::start(vbd, top, self.turn(minor))?;
+        if let Some(slot) = self.slots().get_mut(&minor) {
+            slot.commit = Some(job);
+        }
+        Ok(())
+    }
+
+    fn commit_job(&self, minor: u16) -> io::Result<Option<Arc<CommitJob>>> {
+        let slots = self.slots();
+        let slot = slots.get(&minor).ok_or_else(|| errno(libc::ENODEV))?;
+        Ok(slot.commit.clone())
+    }
+
+    /// The commit job's progress. A ready job is asked to complete; a concluded one is
+    /// dismissed (the next query says `undefined`), and if it failed the query fails with its
+    /// errno and reason.
+    fn query_commit(&self, minor: u16) -> io::Result<Query> {
+        let Some(job) = self.commit_job(minor)? else {
+            return Ok(Query {
+                current_progress: 0,
+                total_progress: 0,
+                status: "undefined".to_owned(),
+            });
+        };
+        let progress = job.progress();
+        match progress.status {
+            JobStatus::Ready => job.request_complete(),
+            JobStatus::Concluded => {
+                if let Some(slot) = self.slots().get_mut(&minor) {
+                    slot.commit = None;
+                }
+                if let Some((code, message)) = progress.error {
+                    return Err(crate::error::failure(code, message));
+                }
+            }
+            _ => {}
+        }
+        Ok(Query {
+            current_progress: progress.current,
+            total_progress: progress.total,
+            status: progress.status.name().to_owned(),
+        })
+    }
+
+    /// Cancels VBD `minor`'s commit job, if any, and waits until it has stopped (before
+    /// the VBD is paused or closed).
+    async fn end_commit(&self, minor: u16) {
+        let job = self
+            .slots()
+            .get_mut(&minor)
+            .and_then(|slot| slot.commit.take());
+        if let Some(job) = job {
+            job.cancel(false).await;
+            job.finished().await;
+        }
+    }
+
     async fn close(&self, minor: u16, force: bool) -> io::Result<()> {
+        self.end_commit(minor).await;
         let (vbd, mut frontends) = {
             let mut slots = self.slots();
             let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;

@@ -246,6 +246,11 @@ impl Vbd {
         self.lock().params.is_some()
     }
 
+    /// The options the image chain was opened with.
+    pub fn open_options(&self) -> OpenOptions {
+        self.lock().options
+    }
+
     /// Disk information of the open (or paused) disk.
     pub fn disk_info(&self) -> Option<DiskInfo> {
         self.lock().info
@@ -442,6 +447,50 @@ impl Vbd {
         }
         self.notify();
         tracing::info!(minor = self.minor, "resumed");
+    }
+
+    /// Stops intake and waits until no request is in flight, keeping the chain open (a live
+    /// commit switches chains this way); returns the chain. `EINVAL` unless running.
+    /// Requests arriving meanwhile wait at the gate until [`Vbd::unquiesce`].
+    pub async fn quiesce(&self) -> io::Result<Arc<ImageChain>> {
+        {
+            let mut inner = self.lock();
+            if inner.params.is_none() || inner.chain.is_none() || inner.state != 0 {
+                return Err(errno(libc::EINVAL));
+            }
+            inner.state |= state::QUIESCE_REQUESTED;
+        }
+        self.notify();
+        self.wait_until(|inner| inner.in_flight == 0).await;
+        let chain = {
+            let mut inner = self.lock();
+            inner.state &= !state::QUIESCE_REQUESTED;
+            inner.state |= state::QUIESCED;
+            inner.chain.clone()
+        };
+        chain.ok_or_else(|| errno(libc::EINVAL))
+    }
+
+    /// Lets requests in again after [`Vbd::quiesce`], on `replacement` (a chain of the same
+    /// geometry and its `type:/path`) when given. A replacement of another geometry is
+    /// refused with `EMEDIUMTYPE` and the old chain kept.
+    pub fn unquiesce(&self, replacement: Option<(ImageChain, String)>) -> io::Result<()> {
+        let mut result = Ok(());
+        {
+            let mut inner = self.lock();
+            if let Some((chain, params)) = replacement {
+                if Some(chain.info()) == inner.info {
+                    self.mapped_hint.store(chain.is_mapped(), Ordering::Relaxed);
+                    inner.chain = Some(Arc::new(chain));
+                    inner.params = Some(params);
+                } else {
+                    result = Err(errno(libc::EMEDIUMTYPE));
+                }
+            }
+            inner.state &= !state::QUIESCED;
+        }
+        self.notify();
+        result
     }
 
     /// Closes the chain. Unless `force`, waits for in-flight requests first; requests waiting at

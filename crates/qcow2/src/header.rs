@@ -371,25 +371,25 @@ impl Header {
                 ),
             ));
         }
-        if self.l1_table_offset == 0 || !aligned(self.l1_table_offset) {
-            return Err(bad(
+        for (field, at, value) in [
+            (
                 "l1_table_offset",
                 offsets::L1_TABLE_OFFSET,
-                format!(
-                    "{:#x} is not a non-zero multiple of the cluster size",
-                    self.l1_table_offset
-                ),
-            ));
-        }
-        if self.refcount_table_offset == 0 || !aligned(self.refcount_table_offset) {
-            return Err(bad(
+                self.l1_table_offset,
+            ),
+            (
                 "refcount_table_offset",
                 offsets::REFCOUNT_TABLE_OFFSET,
-                format!(
-                    "{:#x} is not a non-zero multiple of the cluster size",
-                    self.refcount_table_offset
-                ),
-            ));
+                self.refcount_table_offset,
+            ),
+        ] {
+            if value == 0 || !aligned(value) {
+                return Err(bad(
+                    field,
+                    at,
+                    format!("{value:#x} is not a non-zero multiple of the cluster size"),
+                ));
+            }
         }
         let table_bytes = u64::from(self.refcount_table_clusters) * cluster_size;
         if self.refcount_table_clusters == 0 || table_bytes > MAX_REFCOUNT_TABLE_BYTES {

@@ -1056,7 +1056,7 @@ mod tests {
         let data = Arc::new(pattern(10 * MIB, 3));
         driver.write(0, Arc::clone(&data)).await.unwrap();
         let out = driver
-            .read(0, IoBuf::zeroed(to_len(16 * MIB).unwrap()))
+            .read(0, IoBuf::zeroed(to_len(10 * MIB).unwrap()))
             .await
             .unwrap();
         assert!(out.absent.is_empty());

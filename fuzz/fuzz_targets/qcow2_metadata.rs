@@ -1,7 +1,11 @@
-//! Fuzz target: qcow2 metadata parsing and planning over an in-memory image. The input is
-//! parsed raw (header, L2 entries) and used as a whole image file: opened, checked, read,
-//! written, zeroed and closed through the planner and its synchronous executor. Nothing may
-//! panic, hang or allocate without bound; errors are fine.
+//! Fuzz target: qcow2 metadata parsing and planning over an in-memory image. The input's
+//! first byte chooses how it becomes an image: used whole as the file, or a valid image made
+//! by `qcow2::image::create` (shape from the next bytes) with the rest of the input patched
+//! over its first 64 KiB (header, tables, the first data), which reaches the planner far more
+//! often than random bytes would. Raw, the input is also parsed as a header and L2 entries.
+//! The image is opened, checked, read, written, zeroed and closed through the planner and
+//! its synchronous executor. Nothing may panic, hang or allocate without bound; errors are
+//! fine.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -10,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 use qcow2::check::check;
 use qcow2::entry::Entry;
 use qcow2::header::Header;
-use qcow2::image::{Image, Storage};
+use qcow2::image::{create, CreateOptions, Image, Storage};
 use qcow2::layout::Layout;
 
 /// Sparse storage: 4 KiB pages, so reservations that grow the file cost nothing.
@@ -30,24 +34,32 @@ impl Sparse {
 
 impl Storage for Sparse {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        for (i, byte) in buf.iter_mut().enumerate() {
-            let at = offset + i as u64;
-            *byte = if at < self.len {
-                self.pages
-                    .get(&(at / 4096))
-                    .map_or(0, |page| page[(at % 4096) as usize])
-            } else {
-                0
-            };
+        buf.fill(0);
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let within = (at % 4096) as usize;
+            let n = (4096 - within).min(buf.len() - done);
+            if at < self.len {
+                if let Some(page) = self.pages.get(&(at / 4096)) {
+                    let n = n.min((self.len - at) as usize);
+                    buf[done..done + n].copy_from_slice(&page[within..within + n]);
+                }
+            }
+            done += n;
         }
         Ok(())
     }
 
     fn write_at(&mut self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        for (i, byte) in data.iter().enumerate() {
-            let at = offset + i as u64;
+        let mut done = 0;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let within = (at % 4096) as usize;
+            let n = (4096 - within).min(data.len() - done);
             let page = self.pages.entry(at / 4096).or_insert_with(|| vec![0; 4096]);
-            page[(at % 4096) as usize] = *byte;
+            page[within..within + n].copy_from_slice(&data[done..done + n]);
+            done += n;
         }
         self.len = self.len.max(offset + data.len() as u64);
         Ok(())
@@ -64,11 +76,46 @@ impl Storage for Sparse {
     }
 }
 
+/// A valid image shaped by `shape`, with `patches` (offset: 2 bytes, value: 1 byte each)
+/// applied to its first 64 KiB.
+fn generated(shape: &[u8], patches: &[u8]) -> Option<Vec<u8>> {
+    let cluster_bits = 9 + u32::from(shape[0] % 8);
+    let version = 2 + u32::from(shape[1] & 1);
+    let options = CreateOptions {
+        size: (u64::from(shape[2] % 16) + 1) << 20,
+        cluster_bits,
+        version,
+        extended_l2: version == 3 && cluster_bits >= 14 && shape[1] & 2 != 0,
+        refcount_order: u32::from(shape[3] % 7),
+        backing: None,
+    };
+    let mut image = create(&options).ok()?;
+    for patch in patches.chunks_exact(3) {
+        let at = usize::from(u16::from_le_bytes([patch[0], patch[1]]));
+        if let Some(byte) = image.get_mut(at) {
+            *byte = patch[2];
+        }
+    }
+    Some(image)
+}
+
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 8 || data.len() > (4 << 20) {
+    if data.len() < 13 || data.len() > (4 << 20) {
         return;
     }
-    let (ops, image) = data.split_at(8);
+    let (ops, rest) = data[1..].split_at(8);
+    let made;
+    let image = if data[0] & 1 == 0 {
+        rest
+    } else {
+        match generated(&rest[..4], &rest[4..]) {
+            Some(bytes) => {
+                made = bytes;
+                &made
+            }
+            None => return,
+        }
+    };
     if let Ok(header) = Header::parse(image) {
         let _ = header.encode();
         let _ = header.check_open(true);

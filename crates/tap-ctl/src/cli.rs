@@ -580,7 +580,7 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
             Command::Commit {
                 pid,
                 minor,
-                path: absolute_path(&path),
+                path: absolute_path(Path::new(&path)),
             }
         }
         "query" => {

@@ -772,8 +772,14 @@ impl Qcow2Driver {
                 .resolve(None, |m| m.in_place(cluster, start, len))
                 .await?
             {
+                // A run grows only while both the request's bytes and the host's follow on
+                // (a piece to allocate in between ends it).
                 Some(host) => match &mut run {
-                    Some((_, run_host, run_len)) if *run_host + *run_len == host => *run_len += len,
+                    Some((run_from, run_host, run_len))
+                        if *run_from + *run_len == done && *run_host + *run_len == host =>
+                    {
+                        *run_len += len
+                    }
                     _ => {
                         if let Some((from, host, len)) = run.take() {
                             batch.push(self.engine.write_at(piece(from, len)?, host));
@@ -1061,6 +1067,36 @@ mod tests {
             .unwrap();
         assert!(out.absent.is_empty());
         assert!(out.buf.as_slice() == data.as_slice());
+        drop(driver);
+        consistent(&path);
+    }
+
+    #[tokio::test]
+    async fn a_long_write_over_allocated_and_fresh_clusters_puts_each_piece_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), "m.qcow2", &CreateOptions::new(8 * MIB));
+        let driver = Qcow2Driver::open(&path, OpenOptions::default()).unwrap();
+        let cs = 65536;
+        // Clusters 0 and 3 allocated one after the other in the file, 1 and 2 not: their
+        // host bytes follow each other, the request's bytes between them do not.
+        driver.write(0, Arc::new(pattern(cs, 1))).await.unwrap();
+        driver
+            .write(3 * cs / 512, Arc::new(pattern(cs, 2)))
+            .await
+            .unwrap();
+        let data = Arc::new(pattern(4 * cs, 7));
+        driver.write(0, Arc::clone(&data)).await.unwrap();
+        let out = driver
+            .read(0, IoBuf::zeroed(to_len(4 * cs).unwrap()))
+            .await
+            .unwrap();
+        for cluster in 0..4 {
+            let range = to_len(cluster * cs).unwrap()..to_len((cluster + 1) * cs).unwrap();
+            assert!(
+                out.buf.as_slice()[range.clone()] == data.as_slice()[range],
+                "cluster {cluster}"
+            );
+        }
         drop(driver);
         consistent(&path);
     }

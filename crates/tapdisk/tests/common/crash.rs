@@ -225,7 +225,9 @@ impl Model {
             let allowed = id == self.durable[s] || self.since[s].contains(&id);
             assert!(
                 allowed && data == sector_data(id, u64::try_from(s).unwrap()),
-                "iteration {iteration}: sector {s} holds write {id}, expected {} or one of {:?}",
+                "iteration {iteration}: sector {s} holds write {id} (as written to sector {}), \
+                 expected {} or one of {:?}",
+                u64::from_le_bytes(data[8..16].try_into().unwrap()),
                 self.durable[s],
                 self.since[s]
             );

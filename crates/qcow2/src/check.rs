@@ -1,12 +1,15 @@
 //! Refcount consistency, as `qemu-img check` sees it: every cluster's stored refcount is
 //! compared with the references found by walking the header, the L1 and L2 tables and the
 //! refcount structures. A refcount below its references (or a refcount-one flag that does
-//! not match) is a corruption; one above is a leak.
+//! not match) is a corruption; one above is a leak. [`rebuild_refcounts`] writes refcounts
+//! from the same walk, for images whose dirty bit says the stored ones may be stale.
 
 use std::collections::BTreeMap;
 use std::io;
 
 use crate::entry::{decode_l1, Entry, COPIED};
+use crate::error::Qcow2Error;
+use crate::header::{incompatible, offsets, Header};
 use crate::image::{read_header, to_io, Storage};
 use crate::layout::Layout;
 use crate::refcount;
@@ -37,6 +40,74 @@ fn to_index(value: u64) -> io::Result<usize> {
     usize::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
 }
 
+/// References to clusters found by walking the header and the active L1 and L2 tables.
+#[derive(Default)]
+struct References {
+    /// Cluster -> number of references.
+    counts: BTreeMap<u64, u64>,
+    /// (cluster, refcount-one flag, where) to verify once refcounts are known.
+    flagged: Vec<(u64, bool, String)>,
+    /// Entries that cannot be decoded.
+    corruptions: Vec<String>,
+}
+
+impl References {
+    fn add(&mut self, start: u64, len: u64, cs: u64) {
+        for cluster in start / cs..=(start + len.max(1) - 1) / cs {
+            *self.counts.entry(cluster).or_default() += 1;
+        }
+    }
+}
+
+/// Walks the header cluster, the L1 table, the L2 tables and the data clusters they map.
+fn mapping_references<S: Storage>(
+    storage: &mut S,
+    header: &Header,
+    layout: &Layout,
+) -> io::Result<References> {
+    let cs = layout.cluster_size();
+    let mut refs = References::default();
+    refs.add(0, cs, cs);
+    refs.add(header.l1_table_offset, u64::from(header.l1_size) * 8, cs);
+    let mut l1 = vec![0u8; to_index(u64::from(header.l1_size) * 8)?];
+    storage.read_at(&mut l1, header.l1_table_offset)?;
+    let mut l2 = vec![0u8; to_index(cs)?];
+    for i in 0..l1.len() / 8 {
+        let at = header.l1_table_offset + i as u64 * 8;
+        let word = be64(&l1, i);
+        let Some((offset, _)) = decode_l1(word, layout, at).map_err(to_io)? else {
+            continue;
+        };
+        refs.add(offset, cs, cs);
+        refs.flagged
+            .push((offset / cs, word & COPIED != 0, format!("L1 entry {i}")));
+        storage.read_at(&mut l2, offset)?;
+        let n = to_index(layout.l2_entry_words())?;
+        for j in 0..to_index(layout.l2_entries())? {
+            let words = [
+                be64(&l2, j * n),
+                if n == 2 { be64(&l2, j * n + 1) } else { 0 },
+            ];
+            let at = offset + (j * n * 8) as u64;
+            match Entry::decode(words, layout, at) {
+                Err(e) => refs.corruptions.push(e.to_string()),
+                Ok(Entry::Standard {
+                    host: Some(host),
+                    copied,
+                    ..
+                }) => {
+                    refs.add(host, cs, cs);
+                    refs.flagged
+                        .push((host / cs, copied, format!("L2 entry at {at:#x}")));
+                }
+                Ok(Entry::Compressed { host, len }) => refs.add(host, len, cs),
+                Ok(Entry::Standard { host: None, .. }) => {}
+            }
+        }
+    }
+    Ok(refs)
+}
+
 /// Checks the image in `storage` (images with internal snapshots are not supported).
 pub fn check<S: Storage>(storage: &mut S) -> io::Result<CheckReport> {
     let header = read_header(storage)?;
@@ -49,62 +120,21 @@ pub fn check<S: Storage>(storage: &mut S) -> io::Result<CheckReport> {
             .push("internal snapshots are not checked".to_owned());
         return Ok(report);
     }
-    let mut refs: BTreeMap<u64, u64> = BTreeMap::new();
-    let reference = |refs: &mut BTreeMap<u64, u64>, start: u64, len: u64| {
-        for cluster in start / cs..=(start + len.max(1) - 1) / cs {
-            *refs.entry(cluster).or_default() += 1;
-        }
-    };
-    reference(&mut refs, 0, cs);
-    reference(
-        &mut refs,
-        header.l1_table_offset,
-        u64::from(header.l1_size) * 8,
-    );
+    let mut walked = mapping_references(storage, &header, &layout)?;
+    report.corruptions.append(&mut walked.corruptions);
     let table_len = u64::from(header.refcount_table_clusters) * cs;
-    reference(&mut refs, header.refcount_table_offset, table_len);
+    walked.add(header.refcount_table_offset, table_len, cs);
     let mut table = vec![0u8; to_index(table_len)?];
     storage.read_at(&mut table, header.refcount_table_offset)?;
     let blocks: Vec<u64> = (0..table.len() / 8).map(|i| be64(&table, i)).collect();
     for block in blocks.iter().filter(|b| **b != 0) {
-        reference(&mut refs, *block, cs);
+        walked.add(*block, cs, cs);
     }
-    let mut l1 = vec![0u8; to_index(u64::from(header.l1_size) * 8)?];
-    storage.read_at(&mut l1, header.l1_table_offset)?;
-    // (cluster, refcount-one flag, where) to verify once refcounts are known.
-    let mut flagged: Vec<(u64, bool, String)> = Vec::new();
-    let mut l2 = vec![0u8; to_index(cs)?];
-    for i in 0..l1.len() / 8 {
-        let at = header.l1_table_offset + i as u64 * 8;
-        let word = be64(&l1, i);
-        let Some((offset, _)) = decode_l1(word, &layout, at).map_err(to_io)? else {
-            continue;
-        };
-        reference(&mut refs, offset, cs);
-        flagged.push((offset / cs, word & COPIED != 0, format!("L1 entry {i}")));
-        storage.read_at(&mut l2, offset)?;
-        let n = to_index(layout.l2_entry_words())?;
-        for j in 0..to_index(layout.l2_entries())? {
-            let words = [
-                be64(&l2, j * n),
-                if n == 2 { be64(&l2, j * n + 1) } else { 0 },
-            ];
-            let at = offset + (j * n * 8) as u64;
-            match Entry::decode(words, &layout, at) {
-                Err(e) => report.corruptions.push(e.to_string()),
-                Ok(Entry::Standard {
-                    host: Some(host),
-                    copied,
-                    ..
-                }) => {
-                    reference(&mut refs, host, cs);
-                    flagged.push((host / cs, copied, format!("L2 entry at {at:#x}")));
-                }
-                Ok(Entry::Compressed { host, len }) => reference(&mut refs, host, len),
-                Ok(Entry::Standard { host: None, .. }) => {}
-            }
-        }
-    }
+    let References {
+        counts: refs,
+        flagged,
+        ..
+    } = walked;
     let rbe = layout.refblock_entries();
     let mut block = vec![0u8; to_index(cs)?];
     let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
@@ -153,4 +183,152 @@ pub fn check<S: Storage>(storage: &mut S) -> io::Result<CheckReport> {
         }
     }
     Ok(report)
+}
+
+/// Rebuilds the refcounts of an image whose dirty bit is set (its stored refcounts may be
+/// stale, as after a crash with lazy refcounts), as the specification requires before the
+/// image is written: counts the references of the header, L1 and L2 tables and data
+/// clusters, writes a new refcount table and blocks after everything else in the file,
+/// then points the header at them and clears the dirty bit, syncing between the steps. A
+/// crash at any point leaves either the old dirty image or the rebuilt one (a later open
+/// rebuilds again while the bit is set). The old refcount structures become free space.
+/// Returns the new header. Refuses images with internal snapshots, what
+/// [`Header::check_open`] refuses for reading, and references a refcount cannot hold.
+pub fn rebuild_refcounts<S: Storage>(storage: &mut S) -> io::Result<Header> {
+    let header = read_header(storage)?;
+    header.check_open(false).map_err(to_io)?;
+    if header.nb_snapshots > 0 {
+        return Err(to_io(Qcow2Error::unsupported(format!(
+            "rebuilding the refcounts of an image with {} internal snapshots",
+            header.nb_snapshots
+        ))));
+    }
+    let layout = Layout::of(&header);
+    let cs = layout.cluster_size();
+    let walked = mapping_references(storage, &header, &layout)?;
+    if let Some(first) = walked.corruptions.first() {
+        return Err(to_io(Qcow2Error::field(
+            "L2 table",
+            "entry",
+            0,
+            format!("cannot rebuild refcounts over an undecodable entry: {first}"),
+        )));
+    }
+    let mut counts = walked.counts;
+    let max = layout.refcount_max();
+    if let Some((cluster, count)) = counts.iter().find(|(_, count)| **count > max) {
+        return Err(to_io(Qcow2Error::field(
+            "refcount",
+            "width",
+            offsets::REFCOUNT_ORDER as u64,
+            format!(
+                "cluster {cluster} is referenced {count} times, more than {}-bit refcounts hold",
+                layout.refcount_bits()
+            ),
+        )));
+    }
+    // The new structures go after the file and after every referenced cluster.
+    let used_end = counts.keys().next_back().map_or(1, |last| last + 1);
+    let first_new = storage.file_len()?.div_ceil(cs).max(used_end);
+    let rbe = layout.refblock_entries();
+    let (mut blocks, mut table_clusters) = (0u64, 0u64);
+    loop {
+        let end = first_new + blocks + table_clusters;
+        let need_blocks = end.div_ceil(rbe);
+        let need_table = (need_blocks * 8).div_ceil(cs);
+        if (need_blocks, need_table) == (blocks, table_clusters) {
+            break;
+        }
+        (blocks, table_clusters) = (need_blocks, need_table);
+    }
+    let table_clusters_u32 = u32::try_from(table_clusters).map_err(|_| {
+        to_io(Qcow2Error::field(
+            "header",
+            "refcount_table_clusters",
+            offsets::REFCOUNT_TABLE_CLUSTERS as u64,
+            format!("{table_clusters} clusters do not fit"),
+        ))
+    })?;
+    for cluster in first_new..first_new + blocks + table_clusters {
+        counts.insert(cluster, 1);
+    }
+    let mut table = vec![0u8; to_index(table_clusters * cs)?];
+    let mut block = vec![0u8; to_index(cs)?];
+    for index in 0..blocks {
+        block.fill(0);
+        for (cluster, count) in counts.range(index * rbe..(index + 1) * rbe) {
+            refcount::set(
+                &mut block,
+                cluster - index * rbe,
+                layout.refcount_order,
+                *count,
+            );
+        }
+        let offset = (first_new + index) * cs;
+        storage.write_at(&block, offset)?;
+        let entry = to_index(index * 8)?;
+        table[entry..entry + 8].copy_from_slice(&offset.to_be_bytes());
+    }
+    let table_offset = (first_new + blocks) * cs;
+    storage.write_at(&table, table_offset)?;
+    storage.sync()?;
+    let mut fields = [0u8; 12];
+    fields[..8].copy_from_slice(&table_offset.to_be_bytes());
+    fields[8..].copy_from_slice(&table_clusters_u32.to_be_bytes());
+    storage.write_at(&fields, offsets::REFCOUNT_TABLE_OFFSET as u64)?;
+    storage.sync()?;
+    let features = header.incompatible_features & !incompatible::DIRTY;
+    storage.write_at(
+        &features.to_be_bytes(),
+        offsets::INCOMPATIBLE_FEATURES as u64,
+    )?;
+    storage.sync()?;
+    read_header(storage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{create, CreateOptions, Image};
+
+    #[test]
+    fn stale_refcounts_of_a_dirty_image_are_rebuilt() {
+        for (cluster_bits, refcount_order) in [(16, 4), (9, 0), (12, 6)] {
+            let options = CreateOptions {
+                cluster_bits,
+                refcount_order,
+                ..CreateOptions::new(4 << 20)
+            };
+            let mut image = Image::open(create(&options).unwrap(), true).unwrap();
+            let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            image.write(1 << 20, &data).unwrap();
+            image.write(3 << 20, &data[..5000]).unwrap();
+            let mut bytes = image.close().unwrap();
+            // Stale refcounts, as lazy refcounts leave them after a crash: the first block
+            // is blank, and the dirty bit says so.
+            let header = read_header(&mut bytes).unwrap();
+            let block = be64(&bytes[to_index(header.refcount_table_offset).unwrap()..], 0);
+            let cs = header.cluster_size();
+            bytes[to_index(block).unwrap()..to_index(block + cs).unwrap()].fill(0);
+            bytes[79] |= 1;
+            assert!(!check(&mut bytes).unwrap().is_consistent());
+            assert!(
+                Image::open(bytes.clone(), true).is_err(),
+                "dirty images are refused"
+            );
+
+            let rebuilt = rebuild_refcounts(&mut bytes).unwrap();
+            assert_eq!(rebuilt.incompatible_features & incompatible::DIRTY, 0);
+            let report = check(&mut bytes).unwrap();
+            assert_eq!(report, CheckReport::default(), "order {refcount_order}");
+            let mut image = Image::open(bytes, true).unwrap();
+            let mut back = vec![0u8; data.len()];
+            image.read(1 << 20, &mut back).unwrap();
+            assert!(back == data);
+            // Writes after the rebuild allocate from the new refcounts.
+            image.write(2 << 20, &data[..70_000]).unwrap();
+            let mut bytes = image.close().unwrap();
+            assert_eq!(check(&mut bytes).unwrap(), CheckReport::default());
+        }
+    }
 }

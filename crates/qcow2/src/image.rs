@@ -22,6 +22,10 @@ pub trait Storage {
     fn file_len(&mut self) -> io::Result<u64>;
     /// Sets the length (growing with zeros or truncating).
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// Makes what was written durable (nothing to do for storage in memory).
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn to_index(value: u64) -> io::Result<usize> {
@@ -85,6 +89,10 @@ impl Storage for std::fs::File {
 
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         std::fs::File::set_len(self, len)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_data()
     }
 }
 

@@ -10,7 +10,8 @@
 //!   writes, zeroing and refcount updates, in a crash-safe order;
 //! - [`image`]: a synchronous executor of those plans over any [`image::Storage`] (tests,
 //!   tools), with [`image::create`] for new images;
-//! - [`check`]: a refcount consistency check (what `qemu-img check` verifies), for tests.
+//! - [`check`]: a refcount consistency check (what `qemu-img check` verifies), for tests, and
+//!   the rebuild of the refcounts of an image whose dirty bit is set.
 //!
 //! The tapdisk driver (`crates/tapdisk/src/driver/qcow2.rs`) is the asynchronous executor.
 

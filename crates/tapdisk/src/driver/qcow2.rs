@@ -3,8 +3,9 @@
 //!
 //! The header, the L1 table and the refcount table are read at open ([`qcow2::Header`] refuses
 //! what is not implemented by name: encryption, external data files, unknown incompatible
-//! features; writable opens also refuse images marked dirty or corrupt, or holding internal
-//! snapshots). L2 tables are loaded on first use and cached (up to 64 MiB), so a request to an
+//! features; writable opens also refuse images marked corrupt or holding internal snapshots,
+//! and rebuild the refcounts of an image whose dirty bit is set before anything else is
+//! written, as qemu does; read-only opens read such images as they are). L2 tables are loaded on first use and cached (up to 64 MiB), so a request to an
 //! allocated cluster costs no metadata read; refcount blocks are only read when clusters are
 //! reserved or freed.
 //!
@@ -233,15 +234,36 @@ impl Qcow2Driver {
         // engine's descriptor opened below.
         let mut file =
             super::open_image_file(path, !read_only, false).map_err(io_error("cannot open"))?;
-        let header = ::qcow2::image::read_header(&mut file).map_err(|e| {
-            match e
+        let io_or_format_error = |what: &'static str| {
+            move |e: io::Error| match e
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<Qcow2Error>())
             {
                 Some(format) => format_error(path, format),
-                None => io_error("cannot read the header")(e),
+                None => io_error(what)(e),
             }
-        })?;
+        };
+        let mut header = ::qcow2::image::read_header(&mut file)
+            .map_err(io_or_format_error("cannot read the header"))?;
+        if !read_only {
+            // Refuse first (nothing is changed in an image we refuse), as if it were clean.
+            let mut clean = header.clone();
+            clean.incompatible_features &= !incompatible::DIRTY;
+            clean.check_open(true).map_err(|e| format_error(path, &e))?;
+            if header.version >= 3 && header.autoclear_features != 0 {
+                // Autoclear features we do not maintain (persistent bitmaps) stop being
+                // valid the moment we write: clear them first, as the specification requires.
+                file.write_all_at(&[0u8; 8], offsets::AUTOCLEAR_FEATURES as u64)
+                    .map_err(io_error("cannot clear the autoclear features"))?;
+                tracing::info!(path = %path.display(), bits = header.autoclear_features, "cleared autoclear feature bits");
+            }
+            if header.incompatible_features & incompatible::DIRTY != 0 {
+                // Stale refcounts (lazy refcounts and a crash): rebuilt before any write.
+                tracing::warn!(path = %path.display(), "dirty bit set: rebuilding the refcounts");
+                header = ::qcow2::check::rebuild_refcounts(&mut file)
+                    .map_err(io_or_format_error("cannot rebuild the refcounts"))?;
+            }
+        }
         header
             .check_open(!read_only)
             .map_err(|e| format_error(path, &e))?;
@@ -256,13 +278,6 @@ impl Qcow2Driver {
         let file_len = file.metadata().map_err(io_error("cannot stat"))?.len();
         let meta =
             Metadata::open(&header, &l1, &table, file_len).map_err(|e| format_error(path, &e))?;
-        if !read_only && header.version >= 3 && header.autoclear_features != 0 {
-            // Autoclear features we do not maintain (persistent bitmaps) stop being valid
-            // the moment we write: clear them first, as the specification requires.
-            file.write_all_at(&[0u8; 8], offsets::AUTOCLEAR_FEATURES as u64)
-                .map_err(io_error("cannot clear the autoclear features"))?;
-            tracing::info!(path = %path.display(), bits = header.autoclear_features, "cleared autoclear feature bits");
-        }
         let mut direct = !options.no_o_direct;
         let io_file = match super::open_image_file(path, !read_only, direct) {
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {

@@ -2,7 +2,10 @@
 //! 2 MiB, version 2 and 3, extended L2 entries, compressed with zlib and zstd, backing chains
 //! of qcow2 and raw images) read identically through our NBD export (`qemu-img compare`); the
 //! same writes applied through our export and by qemu directly to a copy give images that
-//! `qemu-img check` finds clean (no leak either) and `qemu-img compare` finds identical.
+//! `qemu-img check` finds clean (no leak either) and `qemu-img compare` finds identical;
+//! NBD block status through our export maps data where qemu's own map of the chain does;
+//! discards through our export read back as zeros; encrypted images and external data files
+//! are refused by name.
 
 mod common;
 
@@ -16,7 +19,8 @@ const MIB: u64 = 1 << 20;
 /// Runs `qemu-io` with the given commands on `target`, failing on error.
 fn qemu_io(format: &str, target: &str, commands: &[String]) {
     let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", format]);
+    // `-d unmap`: qemu-io ignores `discard` commands otherwise.
+    cmd.args(["-f", format, "-d", "unmap"]);
     for command in commands {
         cmd.args(["-c", command]);
     }
@@ -43,6 +47,26 @@ fn check(path: &Path) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
+}
+
+/// The byte ranges `qemu-img map` reports as data (merged), for `target` opened as `format`:
+/// over our NBD export this is our block status as qemu's NBD client reads it.
+fn data_ranges(format: &str, target: &str) -> Vec<(u64, u64)> {
+    let json = qemu_img(&["map", "--output=json", "-f", format, target]);
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for extent in extents {
+        if extent["data"] != serde_json::Value::Bool(true) {
+            continue;
+        }
+        let start = extent["start"].as_u64().unwrap();
+        let end = start + extent["length"].as_u64().unwrap();
+        match ranges.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => ranges.push((start, end)),
+        }
+    }
+    ranges
 }
 
 fn compare(a: &str, a_format: &str, b: &str) -> bool {
@@ -162,18 +186,39 @@ fn run_case(case: &Case) {
         "{}: qemu and our export read differently",
         case.name
     );
-    // The same writes through us and by qemu on the reference copy.
+    assert_eq!(
+        data_ranges("raw", &uri),
+        data_ranges("qcow2", &image_arg),
+        "{}: our block status differs from qemu's map",
+        case.name
+    );
+    // The same writes through us and by qemu on the reference copy; a discard through us
+    // (NBD TRIM, reading back as zeros) is a zeroing write for qemu.
     let mut writes = scattered_writes(size, 99);
     writes.push(format!("write -P 0x5a {} {}", size - MIB, MIB));
-    writes.push("flush".to_owned());
-    qemu_io("raw", &uri, &writes);
-    qemu_io("qcow2", &reference.display().to_string(), &writes);
+    let mut ours = writes.clone();
+    let mut theirs = writes;
+    for (offset, len) in [(3 * MIB, MIB), (5 * MIB + 1536, 300 * 1024)] {
+        ours.push(format!("discard {offset} {len}"));
+        theirs.push(format!("write -z {offset} {len}"));
+    }
+    ours.push("flush".to_owned());
+    theirs.push("flush".to_owned());
+    qemu_io("raw", &uri, &ours);
+    qemu_io("qcow2", &reference.display().to_string(), &theirs);
     assert!(
         compare(&reference.display().to_string(), "qcow2", &uri),
         "{}: our export differs from qemu's result after the writes",
         case.name
     );
+    let exported = data_ranges("raw", &uri);
     env.destroy(pid, minor);
+    assert_eq!(
+        exported,
+        data_ranges("qcow2", &image_arg),
+        "{}: our block status differs from qemu's map of what we wrote",
+        case.name
+    );
     let (status, report) = check(&image);
     assert_eq!(status, 0, "{}: qemu-img check: {report}", case.name);
     let same = Command::new("qemu-img")
@@ -302,4 +347,105 @@ fn the_xcpng_hidden_extension_survives_our_writes() {
     assert_ne!(&after[48..60], &prefix[48..60], "the refcount table moved");
     assert_eq!(&after[60..at + 32], &prefix[60..]);
     assert_eq!(check(&image).0, 0);
+}
+
+#[test]
+fn a_dirty_image_gets_its_refcounts_rebuilt_before_our_writes() {
+    require("qemu-img");
+    require("qemu-io");
+    let env = Env::new();
+    let image = env.dir.path().join("dirty.qcow2");
+    let image_arg = image.display().to_string();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on,cluster_size=4096",
+        &image_arg,
+        "12M",
+    ]);
+    // qemu with lazy refcounts, aborted: refcounts stale, dirty bit set.
+    let aborted = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -c 0; exec qemu-io -f qcow2 -c 'write -P 0x31 0 3M' \
+             -c 'write -P 0x32 5M 1M' -c abort '{image_arg}'"
+        ))
+        .output()
+        .unwrap();
+    assert!(!aborted.status.success());
+    assert_eq!(std::fs::read(&image).unwrap()[79] & 1, 1, "dirty bit set");
+    assert_eq!(check(&image).0, 2, "stale refcounts are corruptions");
+    // qemu's own repair of a copy, as the reference.
+    let reference = env.dir.path().join("reference.qcow2");
+    std::fs::copy(&image, &reference).unwrap();
+    let reference_arg = reference.display().to_string();
+    qemu_img(&["check", "-q", "-r", "all", &reference_arg]);
+    let (pid, minor) = env.create_params(&format!("qcow2:{image_arg}"), &[]);
+    let uri = env.nbd_uri(pid, minor);
+    let mut writes = scattered_writes(12 * MIB, 5);
+    writes.push("flush".to_owned());
+    qemu_io("raw", &uri, &writes);
+    qemu_io("qcow2", &reference_arg, &writes);
+    env.destroy(pid, minor);
+    assert_eq!(
+        std::fs::read(&image).unwrap()[79] & 1,
+        0,
+        "dirty bit cleared"
+    );
+    let (status, report) = check(&image);
+    assert_eq!(status, 0, "qemu-img check: {report}");
+    let same = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&image)
+        .arg(&reference)
+        .status()
+        .unwrap();
+    assert!(same.success(), "the image differs from qemu's");
+}
+
+#[test]
+fn encryption_and_external_data_files_are_refused_by_name() {
+    require("qemu-img");
+    let env = Env::new();
+    let dir = env.dir.path();
+    let encrypted = dir.join("luks.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "--object",
+                "secret,id=s0,data=secret",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=s0",
+            ])
+            .arg(&encrypted)
+            .arg("4M"),
+    );
+    let external = dir.join("external.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={}", dir.join("data.raw").display()))
+            .arg(&external)
+            .arg("4M"),
+    );
+    for (image, what) in [
+        (&encrypted, "encryption (LUKS"),
+        (&external, "external data file"),
+    ] {
+        for extra in [&[][..], &["-R"][..]] {
+            let mut args = vec!["create", "-a"];
+            let params = format!("qcow2:{}", image.display());
+            args.push(&params);
+            args.extend_from_slice(extra);
+            let err = env.tap_ctl_err(&args, libc::EOPNOTSUPP);
+            assert!(err.contains(what), "{err}");
+        }
+    }
 }

@@ -3,15 +3,15 @@
 //! by `qcow2::image::create` (shape from the next bytes) with the rest of the input patched
 //! over its first 64 KiB (header, tables, the first data), which reaches the planner far more
 //! often than random bytes would. Raw, the input is also parsed as a header and L2 entries.
-//! The image is opened, checked, read, written, zeroed and closed through the planner and
-//! its synchronous executor. Nothing may panic, hang or allocate without bound; errors are
+//! The image is checked, has its refcounts rebuilt (as for a dirty image), and is opened,
+//! read, written, zeroed and closed through the planner and its synchronous executor. Nothing may panic, hang or allocate without bound; errors are
 //! fine.
 #![no_main]
 
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use qcow2::check::check;
+use qcow2::check::{check, rebuild_refcounts};
 use qcow2::entry::Entry;
 use qcow2::header::Header;
 use qcow2::image::{create, CreateOptions, Image, Storage};
@@ -134,6 +134,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let _ = check(&mut Sparse::from(image));
+    let mut rebuilt = Sparse::from(image);
+    if rebuild_refcounts(&mut rebuilt).is_ok() {
+        let _ = check(&mut rebuilt);
+    }
     let Ok(mut opened) = Image::open(Sparse::from(image), true) else {
         return;
     };

@@ -40,35 +40,37 @@ fn to_index(value: u64) -> io::Result<usize> {
     usize::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
 }
 
-/// References to clusters found by walking the header and the active L1 and L2 tables.
-#[derive(Default)]
-struct References {
-    /// Cluster -> number of references.
-    counts: BTreeMap<u64, u64>,
-    /// (cluster, refcount-one flag, where) to verify once refcounts are known.
-    flagged: Vec<(u64, bool, String)>,
-    /// Entries that cannot be decoded.
-    corruptions: Vec<String>,
+/// What the walk of an image's mapping finds.
+enum Found {
+    /// Bytes `[start, start + len)` of the file are in use (one reference to each cluster
+    /// they touch).
+    Used { start: u64, len: u64 },
+    /// A table entry pointing at `cluster` carries the refcount-one flag `copied`; `l1` is
+    /// the L1 index for an L2 table, else `at` is where the L2 entry lies.
+    Flag {
+        cluster: u64,
+        copied: bool,
+        l1: Option<usize>,
+        at: u64,
+    },
+    /// An L2 entry that cannot be decoded.
+    Bad(Qcow2Error),
 }
 
-impl References {
-    fn add(&mut self, start: u64, len: u64, cs: u64) {
-        for cluster in start / cs..=(start + len.max(1) - 1) / cs {
-            *self.counts.entry(cluster).or_default() += 1;
-        }
-    }
-}
-
-/// Walks the header cluster, the L1 table, the L2 tables and the data clusters they map.
-fn mapping_references<S: Storage>(
+/// Walks the header cluster, the active L1 table, the L2 tables and the data clusters they
+/// map, telling `found` about each.
+fn walk_mapping<S: Storage>(
     storage: &mut S,
     header: &Header,
     layout: &Layout,
-) -> io::Result<References> {
+    found: &mut dyn FnMut(Found) -> io::Result<()>,
+) -> io::Result<()> {
     let cs = layout.cluster_size();
-    let mut refs = References::default();
-    refs.add(0, cs, cs);
-    refs.add(header.l1_table_offset, u64::from(header.l1_size) * 8, cs);
+    found(Found::Used { start: 0, len: cs })?;
+    found(Found::Used {
+        start: header.l1_table_offset,
+        len: u64::from(header.l1_size) * 8,
+    })?;
     let mut l1 = vec![0u8; to_index(u64::from(header.l1_size) * 8)?];
     storage.read_at(&mut l1, header.l1_table_offset)?;
     let mut l2 = vec![0u8; to_index(cs)?];
@@ -78,9 +80,16 @@ fn mapping_references<S: Storage>(
         let Some((offset, _)) = decode_l1(word, layout, at).map_err(to_io)? else {
             continue;
         };
-        refs.add(offset, cs, cs);
-        refs.flagged
-            .push((offset / cs, word & COPIED != 0, format!("L1 entry {i}")));
+        found(Found::Used {
+            start: offset,
+            len: cs,
+        })?;
+        found(Found::Flag {
+            cluster: offset / cs,
+            copied: word & COPIED != 0,
+            l1: Some(i),
+            at,
+        })?;
         storage.read_at(&mut l2, offset)?;
         let n = to_index(layout.l2_entry_words())?;
         for j in 0..to_index(layout.l2_entries())? {
@@ -90,22 +99,34 @@ fn mapping_references<S: Storage>(
             ];
             let at = offset + (j * n * 8) as u64;
             match Entry::decode(words, layout, at) {
-                Err(e) => refs.corruptions.push(e.to_string()),
+                Err(e) => found(Found::Bad(e))?,
                 Ok(Entry::Standard {
                     host: Some(host),
                     copied,
                     ..
                 }) => {
-                    refs.add(host, cs, cs);
-                    refs.flagged
-                        .push((host / cs, copied, format!("L2 entry at {at:#x}")));
+                    found(Found::Used {
+                        start: host,
+                        len: cs,
+                    })?;
+                    found(Found::Flag {
+                        cluster: host / cs,
+                        copied,
+                        l1: None,
+                        at,
+                    })?;
                 }
-                Ok(Entry::Compressed { host, len }) => refs.add(host, len, cs),
+                Ok(Entry::Compressed { host, len }) => found(Found::Used { start: host, len })?,
                 Ok(Entry::Standard { host: None, .. }) => {}
             }
         }
     }
-    Ok(refs)
+    Ok(())
+}
+
+/// The clusters bytes `[start, start + len)` touch.
+fn clusters(start: u64, len: u64, cs: u64) -> std::ops::RangeInclusive<u64> {
+    start / cs..=(start + len.max(1) - 1) / cs
 }
 
 /// Checks the image in `storage` (images with internal snapshots are not supported).
@@ -120,21 +141,42 @@ pub fn check<S: Storage>(storage: &mut S) -> io::Result<CheckReport> {
             .push("internal snapshots are not checked".to_owned());
         return Ok(report);
     }
-    let mut walked = mapping_references(storage, &header, &layout)?;
-    report.corruptions.append(&mut walked.corruptions);
+    let mut refs: BTreeMap<u64, u64> = BTreeMap::new();
+    let reference = |refs: &mut BTreeMap<u64, u64>, start: u64, len: u64| {
+        for cluster in clusters(start, len, cs) {
+            *refs.entry(cluster).or_default() += 1;
+        }
+    };
+    // (cluster, refcount-one flag, where) to verify once refcounts are known.
+    let mut flagged: Vec<(u64, bool, String)> = Vec::new();
+    walk_mapping(storage, &header, &layout, &mut |found| {
+        match found {
+            Found::Used { start, len } => reference(&mut refs, start, len),
+            Found::Flag {
+                cluster,
+                copied,
+                l1,
+                at,
+            } => flagged.push((
+                cluster,
+                copied,
+                match l1 {
+                    Some(i) => format!("L1 entry {i}"),
+                    None => format!("L2 entry at {at:#x}"),
+                },
+            )),
+            Found::Bad(e) => report.corruptions.push(e.to_string()),
+        }
+        Ok(())
+    })?;
     let table_len = u64::from(header.refcount_table_clusters) * cs;
-    walked.add(header.refcount_table_offset, table_len, cs);
+    reference(&mut refs, header.refcount_table_offset, table_len);
     let mut table = vec![0u8; to_index(table_len)?];
     storage.read_at(&mut table, header.refcount_table_offset)?;
     let blocks: Vec<u64> = (0..table.len() / 8).map(|i| be64(&table, i)).collect();
     for block in blocks.iter().filter(|b| **b != 0) {
-        walked.add(*block, cs, cs);
+        reference(&mut refs, *block, cs);
     }
-    let References {
-        counts: refs,
-        flagged,
-        ..
-    } = walked;
     let rbe = layout.refblock_entries();
     let mut block = vec![0u8; to_index(cs)?];
     let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
@@ -205,35 +247,51 @@ pub fn rebuild_refcounts<S: Storage>(storage: &mut S) -> io::Result<Header> {
     }
     let layout = Layout::of(&header);
     let cs = layout.cluster_size();
-    let walked = mapping_references(storage, &header, &layout)?;
-    if let Some(first) = walked.corruptions.first() {
-        return Err(to_io(Qcow2Error::field(
-            "L2 table",
-            "entry",
-            0,
-            format!("cannot rebuild refcounts over an undecodable entry: {first}"),
-        )));
-    }
-    let mut counts = walked.counts;
+    let order = layout.refcount_order;
     let max = layout.refcount_max();
-    if let Some((cluster, count)) = counts.iter().find(|(_, count)| **count > max) {
-        return Err(to_io(Qcow2Error::field(
-            "refcount",
-            "width",
-            offsets::REFCOUNT_ORDER as u64,
-            format!(
-                "cluster {cluster} is referenced {count} times, more than {}-bit refcounts hold",
-                layout.refcount_bits()
-            ),
-        )));
-    }
-    // The new structures go after the file and after every referenced cluster.
-    let used_end = counts.keys().next_back().map_or(1, |last| last + 1);
-    let first_new = storage.file_len()?.div_ceil(cs).max(used_end);
+    let file_clusters = storage.file_len()?.div_ceil(cs);
+    // The new refcounts, packed as the blocks hold them: the blocks are slices of this.
+    let bytes_for = |clusters: u64| to_index((clusters << order).div_ceil(8));
+    let mut counts = vec![0u8; bytes_for(file_clusters)?];
+    walk_mapping(storage, &header, &layout, &mut |found| match found {
+        Found::Used { start, len } => {
+            for cluster in clusters(start, len, cs) {
+                if cluster >= file_clusters {
+                    return Err(to_io(Qcow2Error::field(
+                        "mapping",
+                        "host offset",
+                        start,
+                        format!(
+                            "cluster {cluster} lies beyond the end of the file \
+                             ({file_clusters} clusters): cannot rebuild the refcounts \
+                             (`qemu-img check -r all` repairs this)"
+                        ),
+                    )));
+                }
+                let count = refcount::get(&counts, cluster, order);
+                if count == max {
+                    return Err(to_io(Qcow2Error::field(
+                        "refcount",
+                        "width",
+                        offsets::REFCOUNT_ORDER as u64,
+                        format!(
+                            "cluster {cluster} is referenced more often than {}-bit refcounts hold",
+                            layout.refcount_bits()
+                        ),
+                    )));
+                }
+                refcount::set(&mut counts, cluster, order, count + 1);
+            }
+            Ok(())
+        }
+        Found::Flag { .. } => Ok(()),
+        Found::Bad(e) => Err(to_io(e)),
+    })?;
+    // The new blocks and table go after the end of the file, and count themselves.
     let rbe = layout.refblock_entries();
     let (mut blocks, mut table_clusters) = (0u64, 0u64);
     loop {
-        let end = first_new + blocks + table_clusters;
+        let end = file_clusters + blocks + table_clusters;
         let need_blocks = end.div_ceil(rbe);
         let need_table = (need_blocks * 8).div_ceil(cs);
         if (need_blocks, need_table) == (blocks, table_clusters) {
@@ -249,27 +307,17 @@ pub fn rebuild_refcounts<S: Storage>(storage: &mut S) -> io::Result<Header> {
             format!("{table_clusters} clusters do not fit"),
         ))
     })?;
-    for cluster in first_new..first_new + blocks + table_clusters {
-        counts.insert(cluster, 1);
+    counts.resize(bytes_for(blocks * rbe)?, 0);
+    for cluster in file_clusters..file_clusters + blocks + table_clusters {
+        refcount::set(&mut counts, cluster, order, 1);
     }
     let mut table = vec![0u8; to_index(table_clusters * cs)?];
-    let mut block = vec![0u8; to_index(cs)?];
-    for index in 0..blocks {
-        block.fill(0);
-        for (cluster, count) in counts.range(index * rbe..(index + 1) * rbe) {
-            refcount::set(
-                &mut block,
-                cluster - index * rbe,
-                layout.refcount_order,
-                *count,
-            );
-        }
-        let offset = (first_new + index) * cs;
-        storage.write_at(&block, offset)?;
-        let entry = to_index(index * 8)?;
-        table[entry..entry + 8].copy_from_slice(&offset.to_be_bytes());
+    for (index, block) in counts.chunks(to_index(cs)?).enumerate() {
+        let offset = (file_clusters + index as u64) * cs;
+        storage.write_at(block, offset)?;
+        table[index * 8..index * 8 + 8].copy_from_slice(&offset.to_be_bytes());
     }
-    let table_offset = (first_new + blocks) * cs;
+    let table_offset = (file_clusters + blocks) * cs;
     storage.write_at(&table, table_offset)?;
     storage.sync()?;
     let mut fields = [0u8; 12];
@@ -329,6 +377,16 @@ mod tests {
             image.write(2 << 20, &data[..70_000]).unwrap();
             let mut bytes = image.close().unwrap();
             assert_eq!(check(&mut bytes).unwrap(), CheckReport::default());
+            // A mapping beyond the end of the file is refused, the image left as it was.
+            bytes[79] |= 1;
+            bytes.truncate(bytes.len() / 2);
+            let before = bytes.clone();
+            let err = rebuild_refcounts(&mut bytes).unwrap_err();
+            assert!(
+                err.to_string().contains("beyond the end of the file"),
+                "{err}"
+            );
+            assert!(bytes == before);
         }
     }
 }

@@ -1024,28 +1024,32 @@ impl Metadata {
             let (end, missing) = loop {
                 let end = start + blocks + table_clusters + want;
                 let (first_rt, last_rt) = (start / rbe, (end - 1) / rbe);
-                let missing: Vec<u64> = (first_rt..=last_rt)
-                    .filter(|i| *i >= rt_len || self.refcount_table[to_index(*i)] == 0)
-                    .collect();
                 let new_table = if last_rt >= rt_len {
                     let entries = (last_rt + 1).max(rt_len) * 2;
                     (entries * 8).div_ceil(cs)
                 } else {
                     0
                 };
+                // Checked before the blocks are counted: far placements (a damaged image's
+                // offsets) would make that count, and the table, enormous.
+                if new_table * cs > MAX_REFCOUNT_TABLE_BYTES {
+                    return Err(Qcow2Error::unsupported(format!(
+                        "growing the refcount table past 8 MiB ({new_table} clusters) to address host cluster {end}"
+                    )));
+                }
+                let missing: Vec<u64> = (first_rt..=last_rt)
+                    .filter(|i| *i >= rt_len || self.refcount_table[to_index(*i)] == 0)
+                    .collect();
                 if missing.len() as u64 == blocks && new_table == table_clusters {
                     break (end, missing);
                 }
                 blocks = missing.len() as u64;
                 table_clusters = new_table;
             };
-            if table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES {
-                return Err(Qcow2Error::unsupported(format!(
-                    "growing the refcount table past 8 MiB ({table_clusters} clusters) to address host cluster {end}"
-                )));
-            }
             // Existing blocks over the range must be loaded, and must count nothing there
-            // (a reference past the high water mark would be handed out twice).
+            // (a reference past the high water mark would be handed out twice). The next
+            // try starts after the last cluster found in use, so a block full of counts
+            // (a damaged image) costs one try, not one per cluster.
             for rt_index in start / rbe..=(end - 1) / rbe {
                 if missing.contains(&rt_index) {
                     continue;
@@ -1054,7 +1058,10 @@ impl Metadata {
                 let block = &self.refblocks[&rt_index];
                 let lo = start.max(rt_index * rbe);
                 let hi = end.min((rt_index + 1) * rbe);
-                if let Some(used) = (lo..hi).find(|c| refcount::get(block, c % rbe, order) != 0) {
+                if let Some(used) = (lo..hi)
+                    .rev()
+                    .find(|c| refcount::get(block, c % rbe, order) != 0)
+                {
                     start = used + 1;
                     continue 'placement;
                 }

@@ -233,3 +233,20 @@ fn refcount_table_growth() {
         assert_eq!(back, chunk);
     }
 }
+
+/// A damaged header whose refcount table lies far beyond the image (here at 1 PiB) makes the
+/// first allocating write fail with an error at once: the table it would need is sized
+/// before anything is counted or allocated over the range.
+#[test]
+fn a_refcount_table_far_away_fails_the_first_allocation() {
+    let options = CreateOptions {
+        cluster_bits: 9,
+        refcount_order: 0,
+        ..CreateOptions::new(1 << 20)
+    };
+    let mut bytes = create(&options).unwrap();
+    bytes[48..56].copy_from_slice(&(1u64 << 50).to_be_bytes());
+    let mut image = Image::open(bytes, true).unwrap();
+    let err = image.write(0, &[1u8; 512]).unwrap_err();
+    assert!(err.to_string().contains("past 8 MiB"), "{err}");
+}

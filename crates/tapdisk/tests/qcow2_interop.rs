@@ -5,7 +5,7 @@
 //! `qemu-img check` finds clean (no leak either) and `qemu-img compare` finds identical;
 //! NBD block status through our export maps data where qemu's own map of the chain does;
 //! discards through our export read back as zeros; encrypted images and external data files
-//! are refused by name.
+//! are refused by name; a dirty image is repaired; a 16 TiB chain serves its last bytes.
 
 mod common;
 
@@ -448,4 +448,75 @@ fn encryption_and_external_data_files_are_refused_by_name() {
             assert!(err.contains(what), "{err}");
         }
     }
+}
+
+/// Beyond VHD's 2 TiB: a 16 TiB disk (SM's largest qcow2) and a snapshot child of it, as SM
+/// makes them, serve writes across the 2 TiB mark and at the last megabyte; qemu reads them
+/// back through the chain and finds both images clean.
+#[test]
+fn a_16_tib_disk_and_its_snapshot_serve_their_last_bytes() {
+    require("qemu-img");
+    require("qemu-io");
+    require("nbdinfo");
+    let env = Env::new();
+    let (tib, size) = (1u64 << 40, 16u64 << 40);
+    let base = env.dir.path().join("base.qcow2");
+    let child = env.dir.path().join("child.qcow2");
+    let (base_arg, child_arg) = (base.display().to_string(), child.display().to_string());
+    qemu_img(&["create", "-q", "-f", "qcow2", &base_arg, "16T"]);
+    let (pid, minor) = env.create_params(&format!("qcow2:{base_arg}"), &[]);
+    let uri = env.nbd_uri(pid, minor);
+    let info = run_ok(Command::new("nbdinfo").args(["--size", &uri]));
+    assert_eq!(info.trim(), size.to_string());
+    qemu_io(
+        "raw",
+        &uri,
+        &[
+            format!("write -P 0x61 {} {}", 2 * tib - 4096, 8192),
+            format!("write -P 0x62 {} {MIB}", size - MIB),
+            "flush".to_owned(),
+        ],
+    );
+    env.destroy(pid, minor);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "-o",
+        "cluster_size=65536",
+        &child_arg,
+    ]);
+    let (pid, minor) = env.create_params(&format!("qcow2:{child_arg}"), &[]);
+    let uri = env.nbd_uri(pid, minor);
+    qemu_io(
+        "raw",
+        &uri,
+        &[
+            format!("read -P 0x61 {} {}", 2 * tib - 4096, 8192),
+            format!("write -P 0x63 {} {}", size - 4096, 4096),
+            format!("write -P 0x64 {} {}", 3 * tib, 4096),
+            "flush".to_owned(),
+        ],
+    );
+    env.destroy(pid, minor);
+    for image in [&base, &child] {
+        let (status, report) = check(image);
+        assert_eq!(status, 0, "{}: {report}", image.display());
+    }
+    qemu_io(
+        "qcow2",
+        &child_arg,
+        &[
+            format!("read -P 0x61 {} {}", 2 * tib - 4096, 8192),
+            format!("read -P 0x62 {} {}", size - MIB, MIB - 4096),
+            format!("read -P 0x63 {} {}", size - 4096, 4096),
+            format!("read -P 0x64 {} {}", 3 * tib, 4096),
+            format!("read -P 0 {} {}", 3 * tib + 4096, 4096),
+        ],
+    );
 }

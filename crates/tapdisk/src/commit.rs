@@ -21,7 +21,8 @@
 //! XCP-ng: a job that failed is reported by the `query` that would say `concluded` as an
 //! ERROR reply carrying the errno and the reason (so the storage manager never mistakes it for
 //! a finished commit), and `cancel` also stops a job that is `ready`. Only the active layer
-//! can be committed (`EOPNOTSUPP` for an image below it).
+//! can be committed (`EOPNOTSUPP` for an image below it); as in XCP-ng, a VBD with a CBT
+//! log is refused (`EOPNOTSUPP`).
 
 use std::io;
 use std::ops::Range;
@@ -189,6 +190,17 @@ impl CommitJob {
                 format!(
                     "minor {minor} serves a {} image; only qcow2 images can be committed",
                     leaf.driver.disk_type().name()
+                ),
+            ));
+        }
+        if chain.log().is_some() {
+            // As XCP-ng's tapdisk (its first image is then the log, not qcow2): the switch
+            // to the base would also end the changed-block tracking.
+            return Err(failure(
+                libc::EOPNOTSUPP,
+                format!(
+                    "minor {minor} tracks changed blocks (a CBT log above the image); \
+                     a commit would end the tracking"
                 ),
             ));
         }

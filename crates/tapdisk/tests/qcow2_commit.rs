@@ -2,7 +2,8 @@
 //! XCP-ng's storage manager builds (`tap-ctl commit -p PID -m MINOR -a PATH`, `tap-ctl query`
 //! polled until `concluded`, `tap-ctl cancel -w`): with the disk idle (the result compared
 //! with qemu's view of the chain before the commit), under fio writes with verification
-//! (no write lost across the switch), and cancelled.
+//! (no write lost across the switch), and cancelled; refused for other image types and for
+//! a VBD with a CBT log.
 
 mod common;
 
@@ -336,6 +337,32 @@ fn cancelled_commit_keeps_the_leaf_and_says_so() {
         row.args.as_deref(),
         Some(format!("qcow2:{}", leaf.display()).as_str())
     );
+    env.destroy(pid, minor);
+}
+
+#[test]
+fn commit_is_refused_while_changed_blocks_are_tracked() {
+    require("qemu-img");
+    let env = Env::new();
+    let (_base, leaf) = chain(env.dir.path(), "64M");
+    let log = env.dir.path().join("leaf.cbtlog");
+    run_ok(Command::new(common::sibling_bin("cbt-util")).args([
+        "create",
+        "-n",
+        log.to_str().unwrap(),
+        "-s",
+        &(64u64 << 20).to_string(),
+    ]));
+    let (pid, minor) = env.create_params(
+        &format!("qcow2:{}", leaf.display()),
+        &["-C", log.to_str().unwrap()],
+    );
+    let (p, m) = (pid.to_string(), minor.to_string());
+    let err = env.tap_ctl_err(
+        &["commit", "-p", &p, "-m", &m, "-a", leaf.to_str().unwrap()],
+        95,
+    );
+    assert!(err.contains("CBT log"), "{err}");
     env.destroy(pid, minor);
 }
 

@@ -16,8 +16,9 @@
 //!    chunks are copied, the base is flushed, and the VBD switches to the base's chain (its
 //!    `type:/path` becomes the base's). The images above the base are left as they were.
 //!
-//! Progress is in bytes: `total` is what was found to copy plus what the guest dirtied again
-//! since, `current` what was copied. Statuses use qemu's job status names. Differences from
+//! Progress is in bytes: `total` is what the first scan found to copy plus what the guest
+//! changed outside it or again after its copy (never below `current`, equal to it once
+//! complete), `current` what was copied. Statuses use qemu's job status names. Differences from
 //! XCP-ng: a job that failed is reported by the `query` that would say `concluded` as an
 //! ERROR reply carrying the errno and the reason (so the storage manager never mistakes it for
 //! a finished commit), and `cancel` also stops a job that is `ready`. Only the active layer
@@ -94,6 +95,17 @@ struct JobState {
     progress: Progress,
     complete: bool,
     cancel: bool,
+}
+
+/// What the progress figures hold of a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Not counted in `total` yet.
+    Unseen,
+    /// Its bytes found by the first scan are counted in `total`.
+    Counted,
+    /// Copied at least once: a further copy adds to `total`.
+    Copied,
 }
 
 /// Chunks changed by the guest since they were last copied.
@@ -384,6 +396,8 @@ impl CommitJob {
         self.set_status(JobStatus::Running);
         // Everything some image above the base holds is to be copied.
         let sectors = setup.chain.info().sectors;
+        let chunks = sectors.div_ceil(CHUNK_SECTORS);
+        let mut copied = vec![Chunk::Unseen; usize::try_from(chunks).unwrap_or(0)];
         let mut total = 0;
         let mut at = 0;
         while at < sectors {
@@ -391,13 +405,18 @@ impl CommitJob {
             for range in allocated_above(&setup.chain, setup.base_index, at, count).await? {
                 total += (range.end - range.start) * SECTOR_SIZE;
                 self.dirty.mark(range.start, range.end - range.start);
+                let chunks = range.start / CHUNK_SECTORS..=(range.end - 1) / CHUNK_SECTORS;
+                for chunk in chunks {
+                    if let Some(state) = usize::try_from(chunk).ok().and_then(|i| copied.get_mut(i))
+                    {
+                        *state = Chunk::Counted;
+                    }
+                }
             }
             at += count;
             self.cancelled()?;
         }
         self.state().progress.total = total;
-        let chunks = sectors.div_ceil(CHUNK_SECTORS);
-        let mut copied = vec![false; usize::try_from(chunks).unwrap_or(0)];
         loop {
             self.cancelled()?;
             if !setup
@@ -430,7 +449,7 @@ impl CommitJob {
         setup: &Setup,
         target: &ImageChain,
         chunk: u64,
-        copied: &mut [bool],
+        copied: &mut [Chunk],
     ) -> io::Result<()> {
         let sectors = setup.chain.info().sectors;
         let start = chunk * CHUNK_SECTORS;
@@ -443,16 +462,21 @@ impl CommitJob {
             target.write(range.start, Arc::new(data)).await?;
             bytes += len as u64;
         }
-        let again = usize::try_from(chunk)
+        let before = usize::try_from(chunk)
             .ok()
             .and_then(|i| copied.get_mut(i))
-            .map(|seen| std::mem::replace(seen, true))
-            .unwrap_or(false);
+            .map_or(Chunk::Copied, |state| {
+                std::mem::replace(state, Chunk::Copied)
+            });
         let mut state = self.state();
-        state.progress.current += bytes;
-        if again {
-            state.progress.total += bytes;
+        let progress = &mut state.progress;
+        progress.current += bytes;
+        if before != Chunk::Counted {
+            // Work the first scan did not count: guest writes, or a chunk copied again.
+            progress.total += bytes;
         }
+        // The guest may have added to a counted chunk before its copy.
+        progress.total = progress.total.max(progress.current);
         Ok(())
     }
 
@@ -461,7 +485,7 @@ impl CommitJob {
         &self,
         setup: &Setup,
         target: ImageChain,
-        copied: &mut [bool],
+        copied: &mut [Chunk],
     ) -> io::Result<()> {
         // Pause and close cancel the job and wait for it while holding this turn: give way
         // to them rather than wait for it.
@@ -497,6 +521,11 @@ impl CommitJob {
         setup.chain.observe_writes(None);
         let params = setup.base_params.clone();
         setup.vbd.unquiesce(Some((target, params.clone())))?;
+        {
+            // Done: all the work there was is what was copied.
+            let mut state = self.state();
+            state.progress.total = state.progress.current;
+        }
         tracing::info!(
             minor = setup.vbd.minor(),
             "commit complete: the disk now runs on {params}"

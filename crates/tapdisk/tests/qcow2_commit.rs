@@ -78,8 +78,9 @@ fn parse_query(line: &str) -> (String, u64, u64) {
     )
 }
 
-/// Polls `tap-ctl query` every 100 ms (SM polls every second) until `concluded`; returns
-/// the statuses seen.
+/// Polls `tap-ctl query` every 100 ms (SM polls every second) until `concluded`, checking
+/// the progress (never more copied than the total, all of it once concluded); returns the
+/// statuses seen.
 fn poll_until_concluded(env: &Env, pid: &str, minor: &str) -> Vec<String> {
     let started = Instant::now();
     let mut seen = Vec::new();
@@ -94,6 +95,7 @@ fn poll_until_concluded(env: &Env, pid: &str, minor: &str) -> Vec<String> {
             seen.push(status.clone());
         }
         if status == "concluded" {
+            assert_eq!(current, total, "a concluded job copied all its work");
             return seen;
         }
         assert!(

@@ -5,7 +5,8 @@
 //! `qemu-img check` finds clean (no leak either) and `qemu-img compare` finds identical;
 //! NBD block status through our export maps data where qemu's own map of the chain does;
 //! discards through our export read back as zeros; encrypted images and external data files
-//! are refused by name; a dirty image is repaired; a 16 TiB chain serves its last bytes.
+//! are refused by name; a dirty image is repaired, a corrupt one served read-only only; a
+//! 16 TiB chain serves its last bytes.
 
 mod common;
 
@@ -519,4 +520,42 @@ fn a_16_tib_disk_and_its_snapshot_serve_their_last_bytes() {
             format!("read -P 0 {} {}", 3 * tib + 4096, 4096),
         ],
     );
+}
+
+/// An image whose corrupt bit is set (as qemu leaves one after catching inconsistent
+/// metadata) is refused for writing with an error saying so and how to repair it, and is
+/// served read-only as qemu serves it.
+#[test]
+fn a_corrupt_image_is_served_read_only_only() {
+    require("qemu-img");
+    require("qemu-io");
+    let env = Env::new();
+    let image = env.dir.path().join("corrupt.qcow2");
+    let image_arg = image.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &image_arg, "4M"]);
+    qemu_io("qcow2", &image_arg, &["write -P 0x41 0 64k".to_owned()]);
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[79] |= 2;
+    std::fs::write(&image, &bytes).unwrap();
+    let params = format!("qcow2:{image_arg}");
+    let err = env.tap_ctl_err(&["create", "-a", &params], libc::EOPNOTSUPP);
+    assert!(
+        err.contains("marked corrupt") && err.contains("qemu-img check -r all"),
+        "{err}"
+    );
+    let (pid, minor) = env.create_params(&params, &["-R"]);
+    let uri = env.nbd_uri(pid, minor);
+    let out = run_ok(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x41 0 64k",
+        "-c",
+        "read -P 0 64k 64k",
+        &uri,
+    ]));
+    assert!(!out.contains("fail"), "{out}");
+    env.destroy(pid, minor);
+    assert_eq!(std::fs::read(&image).unwrap(), bytes, "nothing written");
 }

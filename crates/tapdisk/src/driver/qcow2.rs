@@ -49,7 +49,7 @@ use ::qcow2::meta::{
 };
 use ::qcow2::{Metadata, Qcow2Error};
 
-use super::vhd::{first_error, join_all};
+use super::vhd::run_all;
 use super::{
     Allocation as Status, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
     ImageLocator, OpenOptions, ParentLink, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE,
@@ -469,7 +469,7 @@ impl Qcow2Driver {
             .iter()
             .map(|w| Box::pin(self.write_meta(w)) as IoFuture<'_, ()>)
             .collect();
-        first_error(join_all(futures).await).map(|_| ())
+        run_all(futures).await.map(|_| ())
     }
 
     /// Reserves clusters ahead (see [`::qcow2::meta::Metadata::plan_reserve`]).
@@ -667,7 +667,7 @@ impl Qcow2Driver {
             if batch.is_empty() {
                 break;
             }
-            for part in first_error(join_all(batch).await)? {
+            for part in run_all(batch).await? {
                 let at = targets.next().ok_or_else(|| errno(libc::EIO))?;
                 buf.as_mut_slice()[at..at + part.len()].copy_from_slice(part.as_slice());
             }
@@ -808,14 +808,14 @@ impl Qcow2Driver {
                 }
             }
             if batch.len() >= BATCH {
-                first_error(join_all(std::mem::take(&mut batch)).await)?;
+                run_all(std::mem::take(&mut batch)).await?;
             }
             done += len;
         }
         if let Some((from, host, len)) = run {
             batch.push(self.engine.write_at(piece(from, len)?, host));
         }
-        first_error(join_all(batch).await).map(|_| ())
+        run_all(batch).await.map(|_| ())
     }
 
     /// Zeroes (with `deallocate`, discards) `count` sectors at `sector`.
@@ -1129,7 +1129,7 @@ mod tests {
                 )
             })
             .collect();
-        first_error(join_all(writes).await).unwrap();
+        run_all(writes).await.unwrap();
         for i in 0..64u64 {
             let out = driver
                 .read(i * 8 * 17 % (64 * MIB / 512), IoBuf::zeroed(4096))

@@ -148,7 +148,7 @@ fn to_len(bytes: u64) -> io::Result<usize> {
 type JoinSlot<'a, T> = (Option<IoFuture<'a, T>>, Option<io::Result<T>>);
 
 /// Polls several futures concurrently and returns their results in order.
-pub(crate) async fn join_all<'a, T>(futures: Vec<IoFuture<'a, T>>) -> Vec<io::Result<T>> {
+async fn join_all<'a, T>(futures: Vec<IoFuture<'a, T>>) -> Vec<io::Result<T>> {
     let mut slots: Vec<JoinSlot<'a, T>> = futures.into_iter().map(|f| (Some(f), None)).collect();
     std::future::poll_fn(|cx| {
         let mut pending = false;
@@ -178,18 +178,13 @@ pub(crate) async fn join_all<'a, T>(futures: Vec<IoFuture<'a, T>>) -> Vec<io::Re
 
 /// Runs `futures` concurrently (one is simply awaited) and returns their results, or the
 /// first error.
-async fn run_all<'a, T>(mut futures: Vec<IoFuture<'a, T>>) -> io::Result<Vec<T>> {
+pub(crate) async fn run_all<'a, T>(mut futures: Vec<IoFuture<'a, T>>) -> io::Result<Vec<T>> {
     if futures.len() == 1 {
         if let Some(only) = futures.pop() {
             return Ok(vec![only.await?]);
         }
     }
     join_all(futures).await.into_iter().collect()
-}
-
-/// First error of a set of results, if any.
-pub(crate) fn first_error<T>(results: Vec<io::Result<T>>) -> io::Result<Vec<T>> {
-    results.into_iter().collect()
 }
 
 /// Identity of a file at open time, to tell whether a shared parent is still the same file.

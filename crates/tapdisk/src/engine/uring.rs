@@ -80,6 +80,16 @@ impl Ring {
     fn reap(&mut self) {
         loop {
             self.drain_completions();
+            // Completions that found the completion queue full wait in the kernel's
+            // overflow list and come back only with an `io_uring_enter` (nothing signals
+            // the eventfd for them again): enter, then drain what it brought, for as long
+            // as entering brings some.
+            if self.ring.submission().cq_overflow()
+                && self.enter().is_ok()
+                && !self.ring.completion().is_empty()
+            {
+                continue;
+            }
             let want_signal = self.submitted > 0;
             let completion = self.ring.completion();
             let signalled = !completion.eventfd_disabled();

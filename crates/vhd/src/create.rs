@@ -9,7 +9,7 @@ use crate::bat::Bat;
 use crate::batmap::{batmap_checksum, BatmapHeader, KeyHash};
 use crate::bytes::round_up;
 use crate::error::{Result, VhdError};
-use crate::footer::{unix_to_vhd_time, vhd_now, DiskType, Footer};
+use crate::footer::{unix_to_vhd_time, vhd_now, DiskType, Footer, FOOTER_SIZE};
 use crate::header::{DynamicHeader, DEFAULT_BLOCK_SIZE};
 use crate::image::{OpenOptions, SparseLayout, VhdImage, MAX_PHYSICAL_BYTES, SECTOR};
 use crate::io::{BlockFile, Opener, StdOpener};
@@ -124,7 +124,11 @@ fn validate(opts: &CreateOptions) -> Result<()> {
     Ok(())
 }
 
-/// Creates an image in `file` (which must be empty) and opens it read-write.
+/// Creates an image in `file` and opens it read-write. `file` is either
+/// empty (a new file, which grows to the image's size) or pre-sized (a
+/// block device such as an LVM volume): then the image is written in place
+/// and its primary footer goes in the last sector, as the C tools lay out
+/// VHDs on volumes.
 pub fn create<F: BlockFile>(
     file: F,
     name: &str,
@@ -144,10 +148,33 @@ pub fn create<F: BlockFile>(
         f.write_at(b, off)
             .map_err(|e| VhdError::io(format!("{name}: write at offset {off}"), e))
     };
+    let presized = file
+        .len()
+        .map_err(|e| VhdError::io(format!("{name}: size"), e))?
+        / SECTOR
+        * SECTOR;
+    // Where the primary footer goes when the image needs `end` bytes before it.
+    let footer_at = |end: u64| -> Result<u64> {
+        if presized == 0 {
+            return Ok(end);
+        }
+        if end + FOOTER_SIZE as u64 > presized {
+            return Err(VhdError::NoSpace(format!(
+                "{name}: {presized} bytes cannot hold {end} bytes of image and a footer"
+            )));
+        }
+        Ok(presized - FOOTER_SIZE as u64)
+    };
     if disk_type == DiskType::Fixed {
-        file.set_len(opts.size)
-            .map_err(|e| VhdError::io(format!("{name}: extend to {}", opts.size), e))?;
-        w(&file, opts.size, &footer.to_bytes_checked())?;
+        let at = footer_at(opts.size)?;
+        if presized == 0 {
+            file.set_len(opts.size)
+                .map_err(|e| VhdError::io(format!("{name}: extend to {}", opts.size), e))?;
+        } else {
+            // A volume holds someone's old data: the disk must read as zeros.
+            zero_range(&file, name, opts.size)?;
+        }
+        w(&file, at, &footer.to_bytes_checked())?;
         return VhdImage::open(file, name, OpenOptions::read_write());
     }
     let block = u64::from(opts.block_size);
@@ -160,14 +187,17 @@ pub fn create<F: BlockFile>(
             bytes: max,
         })?;
     let layout = SparseLayout::new(entries);
-    // Worst case physical size when every block is allocated.
+    // Worst case physical size when every block of the virtual size is
+    // allocated. A preallocation for a larger size (`max_size`, `-S`) only
+    // sizes the BAT: a fast resize checks the limit again when it grows.
     let bm = crate::bitmap::bitmap_bytes(block / SECTOR);
     let per_block = round_up(bm + block, crate::image::DATA_ALIGNMENT);
-    let full = layout.end + 65536 + u64::from(entries) * per_block + 512;
+    let full = layout.end + 65536 + opts.size.div_ceil(block) * per_block + 512;
     if full > MAX_PHYSICAL_BYTES {
         return Err(VhdError::TooLarge {
             what: format!(
-                "{name}: a fully allocated {max}-byte dynamic disk needs {full} physical bytes"
+                "{name}: a fully allocated {}-byte dynamic disk needs {full} physical bytes",
+                opts.size
             ),
             bytes: full,
         });
@@ -224,18 +254,36 @@ pub fn create<F: BlockFile>(
         );
         w(&file, *off, &padded)?;
     }
-    w(&file, end, &footer_bytes)?;
+    w(&file, footer_at(end)?, &footer_bytes)?;
     file.sync()
         .map_err(|e| VhdError::io(format!("{name}: sync"), e))?;
     VhdImage::open(file, name, OpenOptions::read_write())
 }
 
-/// Creates a new image file at `path` (fails if it exists).
+/// Writes zeros over `[0, len)` of `file`.
+fn zero_range<F: BlockFile>(file: &F, name: &str, len: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; usize::try_from(CHUNK).unwrap_or(4096)];
+    let mut at = 0;
+    while at < len {
+        let n = usize::try_from((len - at).min(CHUNK)).unwrap_or(zeros.len());
+        file.write_at(&zeros[..n], at)
+            .map_err(|e| VhdError::io(format!("{name}: zero at offset {at}"), e))?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Creates a new image file at `path` (fails if it exists), or writes one
+/// onto the block device `path` names.
 pub fn create_file(path: &Path, opts: &CreateOptions) -> Result<VhdImage<std::fs::File>> {
     create_with(&StdOpener, path, opts, None)
 }
 
-/// Creates a new image through an [`Opener`], removing it on failure.
+/// Creates a new image through an [`Opener`], removing it on failure. A
+/// block device (e.g. an LVM volume made for the image) is written in
+/// place, with the primary footer in its last sector; an existing regular
+/// file is refused with `EEXIST`.
 pub fn create_with<O: Opener>(
     opener: &O,
     path: &Path,
@@ -243,6 +291,12 @@ pub fn create_with<O: Opener>(
     parent: Option<&ParentSpec>,
 ) -> Result<VhdImage<O::File>> {
     let name = path.display().to_string();
+    if crate::io::is_block_device(path) {
+        let file = opener
+            .open(path, true)
+            .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
+        return create(file, &name, opts, parent);
+    }
     let file = opener.create(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             VhdError::Exists(name.clone())
@@ -277,9 +331,36 @@ pub struct SnapshotOptions {
     pub virtual_size: Option<u64>,
 }
 
-/// Canonical absolute form of `p` (the file must exist).
+/// Canonical absolute form of `p` (the file must exist), as the C tools'
+/// `canonpath` makes it: an LVM volume `/dev/VG/LV` becomes its stable
+/// device-mapper name `/dev/mapper/VG-LV` (dashes inside either name
+/// doubled) when that node exists, a `/dev/mapper/NAME` path stays as it
+/// is, and anything else is the real path (symbolic links resolved). So
+/// parent locators never record a `/dev/dm-N` node, whose number changes
+/// each time a volume is activated.
 pub fn canonical(p: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(p).map_err(|e| VhdError::io(format!("{}: resolve path", p.display()), e))
+    let resolve_err = |e| VhdError::io(format!("{}: resolve path", p.display()), e);
+    let lexical = crate::chain::normalize(&std::path::absolute(p).map_err(resolve_err)?);
+    if let Some(mapper) = device_mapper_path(&lexical).filter(|m| m.exists()) {
+        return Ok(mapper);
+    }
+    std::fs::canonicalize(p).map_err(resolve_err)
+}
+
+/// The device-mapper node of `/dev/mapper/NAME` or an LVM path `/dev/VG/LV`
+/// (absolute and normalized), whether or not it exists.
+pub fn device_mapper_path(p: &Path) -> Option<PathBuf> {
+    let rest = p.strip_prefix("/dev").ok()?;
+    let parts: Vec<&str> = rest.iter().map(|c| c.to_str()).collect::<Option<_>>()?;
+    match parts.as_slice() {
+        ["mapper", _] => Some(p.to_path_buf()),
+        [vg, lv] => Some(PathBuf::from(format!(
+            "/dev/mapper/{}-{}",
+            vg.replace('-', "--"),
+            lv.replace('-', "--")
+        ))),
+        _ => None,
+    }
 }
 
 /// Absolute form of a path whose file may not exist yet (its directory must).
@@ -332,7 +413,11 @@ pub fn parent_spec(
     absolute_only: bool,
 ) -> Result<ParentSpec> {
     let parent_abs = canonical(parent)?;
-    let child_abs = absolute_new(child)?;
+    let child_abs = if child.exists() {
+        canonical(child)?
+    } else {
+        absolute_new(child)?
+    };
     let child_dir = child_abs.parent().unwrap_or(Path::new("/"));
     let rel = relative_path(child_dir, &parent_abs);
     let abs = parent_abs.to_string_lossy().into_owned();
@@ -476,6 +561,65 @@ mod tests {
     }
 
     #[test]
+    fn presized_targets_get_the_footer_in_their_last_sector() {
+        // A 64 MiB dynamic disk with its BAT sized for 2 TiB, on a "volume"
+        // of 12 MiB + 100 bytes holding old data.
+        let dev = MemFile::new(vec![0xa5; (12 << 20) + 100]);
+        let mut o = CreateOptions::dynamic(64 << 20);
+        o.max_size = Some(2 << 40);
+        let img = create(dev.clone(), "lv", &o, None).unwrap();
+        assert_eq!(img.footer_offset(), (12 << 20) - 512);
+        assert_eq!(img.header().unwrap().max_table_entries, 1 << 20);
+        let f = dev.contents();
+        assert_eq!(f.len(), (12 << 20) + 100);
+        assert_eq!(&f[(12 << 20) - 512..(12 << 20) - 504], b"conectix");
+        assert_eq!(&f[..512], &f[(12 << 20) - 512..12 << 20]);
+        // Too small for the metadata and a footer: ENOSPC.
+        let e = create(MemFile::new(vec![0; 8192]), "tiny", &o, None).unwrap_err();
+        assert_eq!(e.errno(), 28, "{e}");
+        // A fixed disk on a volume: its data reads as zeros.
+        let dev = MemFile::new(vec![0xa5; 3 << 20]);
+        let img = create(dev.clone(), "lv", &CreateOptions::fixed(2 << 20), None).unwrap();
+        assert_eq!(img.footer_offset(), (3 << 20) - 512);
+        assert!(dev.contents()[..2 << 20].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn writable_open_falls_back_to_the_backup_footer() {
+        // As after LVHD grows a volume and zeroes its last sector.
+        let dev = MemFile::new(vec![0; 8 << 20]);
+        create(dev.clone(), "lv", &CreateOptions::dynamic(16 << 20), None).unwrap();
+        let grown = MemFile::new([dev.contents(), vec![0; 4 << 20]].concat());
+        let mut img = VhdImage::open(grown.clone(), "lv", OpenOptions::read_write()).unwrap();
+        assert!(img.used_backup_footer());
+        assert_eq!(img.footer_offset(), (12 << 20) - 512);
+        img.relocate_footer((12 << 20) - 512).unwrap();
+        let img = VhdImage::open(grown, "lv", OpenOptions::read_write()).unwrap();
+        assert!(!img.used_backup_footer());
+    }
+
+    #[test]
+    fn volume_paths_map_to_device_mapper_names() {
+        let m = |p: &str| device_mapper_path(Path::new(p)).map(|p| p.display().to_string());
+        assert_eq!(
+            m("/dev/VG_XenStorage-1-2/VHD-ab-cd").as_deref(),
+            Some("/dev/mapper/VG_XenStorage--1--2-VHD--ab--cd")
+        );
+        assert_eq!(m("/dev/mapper/vg-lv").as_deref(), Some("/dev/mapper/vg-lv"));
+        assert_eq!(m("/dev/loop0"), None);
+        assert_eq!(m("/dev/disk/by-id/x"), None);
+        assert_eq!(m("/srv/vg/lv"), None);
+        // Without such a node, the real path.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.vhd"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.path().join("a.vhd"), d.path().join("l")).unwrap();
+        assert_eq!(
+            canonical(&d.path().join("l")).unwrap(),
+            std::fs::canonicalize(d.path().join("a.vhd")).unwrap()
+        );
+    }
+
+    #[test]
     fn two_tib_limit() {
         let e = create(
             MemFile::default(),
@@ -493,5 +637,11 @@ mod tests {
             None
         )
         .is_ok());
+        // Preallocating the BAT for 2 TiB (what LVHD always asks for) sizes
+        // metadata only: allowed.
+        let mut o = CreateOptions::dynamic(64 << 20);
+        o.max_size = Some(2 << 40);
+        let img = create(MemFile::default(), "m", &o, None).unwrap();
+        assert_eq!(img.header().unwrap().max_table_entries, 1 << 20);
     }
 }

@@ -127,13 +127,13 @@ impl<F: BlockFile> VhdImage<F> {
             match Footer::parse(&buf, footer_offset) {
                 Ok(f) => (f, false),
                 Err(primary_err) => {
-                    // Fall back to the backup copy for reading only.
+                    // Fall back to the backup copy, in every mode as the C
+                    // tools do (LVHD zeroes the last sector of a volume it
+                    // grew, then moves the footer there with `modify -s`).
                     file.read_at(&mut buf, 0)
                         .map_err(io_ctx(name, "read backup footer", 0))?;
                     match Footer::parse(&buf, 0) {
-                        Ok(f) if f.kind().is_some_and(DiskType::is_sparse) && !opts.writable => {
-                            (f, true)
-                        }
+                        Ok(f) if f.kind().is_some_and(DiskType::is_sparse) => (f, true),
                         _ => return Err(primary_err.into()),
                     }
                 }
@@ -185,7 +185,11 @@ impl<F: BlockFile> VhdImage<F> {
             used_backup_footer,
             sparse,
         };
-        let meta = Metadata::new(name, loaded, opts.writable || !opts.inspect)?;
+        let mut meta = Metadata::new(name, loaded, opts.writable || !opts.inspect)?;
+        if used_backup_footer && meta.footer_offset() < meta.end_of_data() {
+            // A footer rewritten later never lands on data of a file cut short.
+            meta.set_footer_offset(meta.end_of_data());
+        }
         Ok(Self {
             file,
             writable: opts.writable,

@@ -52,7 +52,16 @@ impl BlockFile for std::fs::File {
         }
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        std::fs::File::set_len(self, len)
+        if self.metadata()?.is_file() {
+            return std::fs::File::set_len(self, len);
+        }
+        // A block device keeps its size: "truncating" it leaves the bytes
+        // past `len` unused, as the C tools do; it cannot grow (ENOSPC).
+        const ENOSPC: i32 = 28;
+        if len > BlockFile::len(self)? {
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
+        Ok(())
     }
     fn sync(&self) -> io::Result<()> {
         self.sync_data()
@@ -62,6 +71,13 @@ impl BlockFile for std::fs::File {
         self.metadata()
             .is_ok_and(|m| m.file_type().is_block_device())
     }
+}
+
+/// Whether `path` names a block device (an LVM volume, a disk): such a
+/// target is written in place, never created, truncated or removed.
+pub fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// A growable in-memory file, or an in-memory block device of fixed size.

@@ -17,6 +17,10 @@
 //! back for an interrupted operation), saves every region the update will
 //! change before the caller touches the image, and on [`Transaction::finish`]
 //! commits (entry counts zeroed) and removes the file.
+//!
+//! A journal may also be a block device made for it (LVHD storage keeps
+//! journals on logical volumes): it is written over, never truncated or
+//! removed, and a committed header (no entries) is what marks it done.
 
 use std::path::{Path, PathBuf};
 
@@ -275,7 +279,12 @@ impl<J: BlockFile> Transaction<J> {
         let old_len = vhd
             .len()
             .map_err(|e| VhdError::io(format!("{jname}: size of the image"), e))?;
-        let file = opener.create(journal_path).map_err(|e| {
+        let created = if crate::io::is_block_device(journal_path) {
+            opener.open(journal_path, true)
+        } else {
+            opener.create(journal_path)
+        };
+        let file = created.map_err(|e| {
             let context = if e.kind() == std::io::ErrorKind::AlreadyExists {
                 format!(
                     "journal {jname} already exists (an earlier operation was interrupted: \
@@ -325,11 +334,37 @@ impl<J: BlockFile> Transaction<J> {
     /// image first.
     pub fn finish(self) -> Result<()> {
         self.journal.commit()?;
-        std::fs::remove_file(&self.path)
-            .map_err(|e| VhdError::io(format!("{}: remove journal", self.path.display()), e))?;
-        sync_parent_dir(&self.path);
-        Ok(())
+        remove_journal(&self.path)
     }
+}
+
+/// Removes a finished journal file; a journal device stays (its committed
+/// header says there is nothing to revert).
+pub fn remove_journal(path: &Path) -> Result<()> {
+    if crate::io::is_block_device(path) {
+        return Ok(());
+    }
+    std::fs::remove_file(path)
+        .map_err(|e| VhdError::io(format!("{}: remove journal", path.display()), e))?;
+    sync_parent_dir(path);
+    Ok(())
+}
+
+/// Marks a journal whose entries were restored as committed (entry counts
+/// zeroed), so running revert again restores nothing.
+pub fn mark_committed<J: BlockFile>(journal: &J) -> Result<()> {
+    let mut hb = [0u8; 512];
+    journal
+        .read_at(&mut hb, 0)
+        .map_err(|e| VhdError::io("read journal header", e))?;
+    let mut header = JournalHeader::parse(&hb)?;
+    header.data_entries = 0;
+    header.metadata_entries = 0;
+    header.journal_eof = HEADER;
+    journal
+        .write_at(&header.to_bytes(), 0)
+        .map_err(|e| VhdError::io("write journal header", e))?;
+    journal.sync().map_err(|e| VhdError::io("sync journal", e))
 }
 
 /// Makes a file's creation or removal durable (best effort: some file

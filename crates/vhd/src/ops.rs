@@ -17,6 +17,7 @@
 //! both images are valid, the chain reads as before, and running coalesce
 //! again completes the merge.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use crate::bat::{Bat, BAT_UNUSED};
@@ -169,6 +170,9 @@ fn require_tap_sparse<F: BlockFile>(img: &VhdImage<F>) -> Result<()> {
     Ok(())
 }
 
+/// Where journals of block devices go (created when first needed).
+pub const DEVICE_JOURNAL_DIR: &str = "/var/lib/vhd-util";
+
 /// The journal used by operations that are not given one: `<image>.journal`
 /// next to a regular file; for a block device (whose directory may not
 /// persist), `/var/lib/vhd-util/<path with '/' replaced by '_'>.journal`.
@@ -181,7 +185,7 @@ pub fn default_journal_path(image: &Path) -> PathBuf {
             .chars()
             .map(|c| if c == '/' { '_' } else { c })
             .collect();
-        return Path::new("/var/lib/vhd-util").join(format!("{flat}.journal"));
+        return Path::new(DEVICE_JOURNAL_DIR).join(format!("{flat}.journal"));
     }
     let mut s = image.as_os_str().to_os_string();
     s.push(".journal");
@@ -204,6 +208,15 @@ fn begin<O: Opener, F: BlockFile>(
     img: &VhdImage<F>,
     regions: &[Region],
 ) -> Result<Transaction<O::File>> {
+    if journal_path.parent() == Some(Path::new(DEVICE_JOURNAL_DIR)) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(DEVICE_JOURNAL_DIR)
+            .map_err(|e| {
+                VhdError::io(format!("{DEVICE_JOURNAL_DIR}: create journal directory"), e)
+            })?;
+    }
     Transaction::begin(opener, journal_path, img.file(), img.footer().uuid, regions)
 }
 
@@ -498,12 +511,15 @@ pub fn revert_path(path: &Path, journal_path: &Path) -> Result<usize> {
     let vhd = StdOpener
         .open(path, true)
         .map_err(|e| VhdError::io(format!("{}: open", path.display()), e))?;
+    let device = crate::io::is_block_device(journal_path);
     let j = StdOpener
-        .open(journal_path, false)
+        .open(journal_path, device)
         .map_err(|e| VhdError::io(format!("{}: open journal", journal_path.display()), e))?;
     let n = crate::journal::revert(&vhd, &j)?;
-    std::fs::remove_file(journal_path)
-        .map_err(|e| VhdError::io(format!("{}: remove journal", journal_path.display()), e))?;
+    if device && n > 0 {
+        crate::journal::mark_committed(&j)?;
+    }
+    crate::journal::remove_journal(journal_path)?;
     Ok(n)
 }
 
@@ -686,12 +702,16 @@ pub fn modify_with_journal<O: Opener>(
                 "physical size {size} must be a multiple of 512 and at least {min}"
             )));
         }
-        let old_len = img
-            .file()
-            .len()
-            .map_err(|e| VhdError::io(format!("{}: size", path.display()), e))?;
-        let from = img.footer_offset().min(size - FOOTER_SIZE as u64);
-        regions.push((EntryKind::Footer, from, old_len.saturating_sub(from)));
+        // The sector the footer moves to and the old footer; whatever a
+        // shrinking file loses in between is unreferenced space.
+        regions.push((
+            EntryKind::Footer,
+            size - FOOTER_SIZE as u64,
+            FOOTER_SIZE as u64,
+        ));
+        if img.footer_offset() != size - FOOTER_SIZE as u64 {
+            regions.push((EntryKind::Footer, img.footer_offset(), FOOTER_SIZE as u64));
+        }
         if img.disk_type().is_sparse() {
             regions.push((EntryKind::FooterCopy, 0, FOOTER_SIZE as u64));
         }

@@ -75,7 +75,7 @@ fn mb(v: &str) -> Option<u64> {
     v.parse::<u64>().ok().and_then(|m| m.checked_mul(1 << 20))
 }
 
-fn open_ro(name: &str, backup: bool) -> vhd::Result<VhdImage<std::fs::File>> {
+pub(crate) fn open_ro(name: &str, backup: bool) -> vhd::Result<VhdImage<std::fs::File>> {
     let f = StdOpener
         .open(Path::new(name), false)
         .map_err(|e| VhdError::io(format!("{name}: open"), e))?;
@@ -201,6 +201,14 @@ pub fn snapshot(args: &[String]) -> i32 {
     }
 }
 
+/// The parent of differencing image `img` (opened as `name`) as the C
+/// tools print it: the file its locators lead to, canonical and absolute
+/// (an LVM volume by its `/dev/mapper` name), whatever the cwd.
+pub(crate) fn parent_path(img: &VhdImage<std::fs::File>, name: &str) -> vhd::Result<String> {
+    let found = resolve_parent(img, Path::new(name))?;
+    Ok(vhd::create::canonical(&found)?.display().to_string())
+}
+
 /// Parent path as recorded (unresolved), for `query -p -u`.
 fn recorded_parent(img: &VhdImage<std::fs::File>) -> Option<String> {
     img.parent_locator_paths()
@@ -250,9 +258,7 @@ pub fn query(args: &[String]) -> i32 {
             let r = if p.has('u') {
                 recorded_parent(&img).ok_or(EINVAL)
             } else {
-                resolve_parent(&img, Path::new(name))
-                    .map(|p| p.display().to_string())
-                    .map_err(|e| e.errno())
+                parent_path(&img, name).map_err(|e| e.errno())
             };
             match r {
                 Ok(s) => println!("{s}"),

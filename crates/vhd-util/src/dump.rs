@@ -435,6 +435,8 @@ pub fn read(args: &[String]) -> i32 {
     }
     if p.has('B') {
         if !img.disk_type().is_sparse() {
+            // A fixed disk has no BAT (the C tool's line and status).
+            println!("Failed to get bat for {name}: -{EINVAL}");
             return EINVAL;
         }
         let blocks = img.virtual_size() / img.block_size().max(1);

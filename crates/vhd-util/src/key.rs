@@ -1,5 +1,10 @@
 //! `vhd-util key`: compute, set, check and print the keyhash stored in the
 //! batmap header (cookie, 32-byte nonce, SHA-256 of nonce ‖ key).
+//!
+//! Output as the C tool's: `-p` prints `NONCE HASH` (hex, one space; `none`
+//! without a keyhash), which is what XenServer's storage manager splits;
+//! `-C` prints the hash alone. The nonce is `-N`'s, else all zeros (so
+//! `-s -H HASH` stores exactly the hash a toolstack computed).
 
 use std::path::Path;
 
@@ -81,20 +86,14 @@ pub fn run(args: &[String]) -> i32 {
                 return EINVAL;
             }
         },
-        None => vhd::create::random_uuid()
-            .iter()
-            .chain(vhd::create::random_uuid().iter())
-            .copied()
-            .collect::<Vec<u8>>()
-            .try_into()
-            .unwrap_or([0; 32]),
+        None => [0; 32],
     };
     let r = if p.has('C') {
         let Some(k) = p.value('k') else {
             println!("{U}");
             return EINVAL;
         };
-        read_key(k).map(|key| println!("{}:{}", hex(&nonce), hex(&keyhash(nonce, &key))))
+        read_key(k).map(|key| println!("{}", hex(&keyhash(nonce, &key))))
     } else if p.has('s') {
         let Some(name) = p.value('n') else {
             println!("{U}");
@@ -155,7 +154,7 @@ pub fn run(args: &[String]) -> i32 {
             return EINVAL;
         };
         open(name, false).map(|img| match img.keyhash() {
-            Some(kh) if kh.cookie != 0 => println!("{}:{}", hex(&kh.nonce), hex(&kh.hash)),
+            Some(kh) if kh.cookie == 1 => println!("{} {}", hex(&kh.nonce), hex(&kh.hash)),
             _ => println!("none"),
         })
     } else {

@@ -12,21 +12,32 @@
 //! other roots, hidden children after their visible siblings, as the C tool
 //! orders them), `-v` prints
 //! full paths, `-f` takes parent names from the header instead of
-//! resolving locators. `-l VG` scans the logical volumes of a volume group
-//! (listed with `lvs` from lvm2, opened as `/dev/VG/LV`, so they must be
-//! active; `VHD_UTIL_LVM_DEV_DIR` replaces `/dev` for tests); the filter
-//! and operands are then patterns over the volume names.
+//! resolving locators.
+//!
+//! `-l VG` scans the logical volumes of a volume group instead: the filter
+//! and operands are patterns over the volume names, and each volume is read
+//! from its physical volumes ([`crate::lvm`]), active or not. As the C tool
+//! does for volumes, only the start of each is read (the footer copy at
+//! offset 0, the header, the parent locator, with `-M` the batmap header),
+//! `size` is the volume's size, and a parent is named by its volume: the
+//! device-mapper name a locator records (`/dev/mapper/VG-VHD--uuid`) gives
+//! `VHD-uuid`, which `-a` then looks up among the group's volumes.
 
 use std::path::Path;
 
+use vhd::batmap::{BatmapHeader, BATMAP_COOKIE, BATMAP_HEADER_SIZE};
 use vhd::chain::resolve_parent;
+use vhd::footer::{Footer, FOOTER_SIZE};
+use vhd::header::{DynamicHeader, HEADER_SIZE};
 use vhd::image::{OpenOptions, VhdImage};
 use vhd::io::{BlockFile, Opener, StdOpener};
-use vhd::locator::PlatformCode;
+use vhd::locator::{decode_payload, ParentLocator, PlatformCode};
 
 use crate::getopt::getopt;
+use crate::lvm::{self, Volume, VolumeFile};
 
 const EINVAL: i32 = 22;
+const ENOENT: i32 = 2;
 
 const USAGE: &str = "usage: [OPTIONS] FILES\noptions: [-m match filter] [-f fast] [-c continue on failure] [-l LVM volume] [-p pretty print] [-a scan parents] [-v verbose] [-h help] [-M show markers]";
 
@@ -44,7 +55,7 @@ struct Flags {
 /// Something to scan.
 #[derive(Debug, Clone)]
 struct Target {
-    /// Path as given (or found).
+    /// Path as given (or found), or the volume name with `-l`.
     name: String,
     /// A raw parent: not opened as a VHD; reported hidden.
     raw: bool,
@@ -292,14 +303,151 @@ fn scan_target(target: &Target, flags: Flags) -> Image {
     img
 }
 
-/// Prints the pretty tree of the images scanned without error.
-fn print_tree(mut images: Vec<Image>, flags: Flags) {
+/// The volume a parent locator or header name designates: the last
+/// component of a device-mapper name `VG-LV` (single dashes separate, double
+/// dashes stand for one), e.g. `/dev/mapper/VG_XenStorage--1-VHD--2` ->
+/// `VHD-2`. A name without a separating dash is taken as it is.
+pub fn volume_name(recorded: &str) -> String {
+    let base = basename(recorded);
+    let mut decoded = String::with_capacity(base.len());
+    let mut chars = base.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '-' if chars.peek() == Some(&'-') => {
+                chars.next();
+                decoded.push('-');
+            }
+            '-' => decoded.push('/'),
+            c => decoded.push(c),
+        }
+    }
+    match decoded.rsplit_once('/') {
+        Some((_, lv)) => lv.to_string(),
+        None => decoded,
+    }
+}
+
+/// The locator the C scan reads for a volume's parent: the MACX one, else
+/// the last W2RU one, else the first in use.
+fn scan_locator(header: &DynamicHeader) -> Option<&ParentLocator> {
+    let mut pick = None;
+    for l in header.locators.iter().filter(|l| l.is_used()) {
+        match l.platform() {
+            Some(PlatformCode::Macx) => return Some(l),
+            Some(PlatformCode::W2ru) => pick = Some(l),
+            _ if pick.is_none() => pick = Some(l),
+            _ => {}
+        }
+    }
+    pick
+}
+
+fn read_at<F: BlockFile>(file: &F, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut b = vec![0u8; len];
+    file.read_at(&mut b, offset)?;
+    Ok(b)
+}
+
+/// Scans a logical volume from the start of its data (see the module docs).
+fn scan_volume(volume: &Volume, target: &Target, flags: Flags) -> Image {
+    let mut img = Image {
+        name: target.name.clone(),
+        size: volume.size,
+        ..Image::default()
+    };
+    let errno = |e: &std::io::Error| -e.raw_os_error().unwrap_or(5);
+    if target.raw {
+        img.capacity = img.size;
+        img.hidden = 1;
+        return img;
+    }
+    let file = match VolumeFile::open(volume) {
+        Ok(f) => f,
+        Err(e) => {
+            img.error = Some((errno(&e), "opening device"));
+            return img;
+        }
+    };
+    if volume.segments.first().is_none_or(|s| s.len < 4096) {
+        img.error = Some((-EINVAL, "device too small"));
+        return img;
+    }
+    let head = match read_at(&file, 0, FOOTER_SIZE + HEADER_SIZE) {
+        Ok(b) => b,
+        Err(e) => {
+            img.error = Some((errno(&e), "reading headers"));
+            return img;
+        }
+    };
+    let Ok(footer) = Footer::parse(&head[..FOOTER_SIZE], 0) else {
+        img.error = Some((-EINVAL, "invalid footer"));
+        return img;
+    };
+    img.capacity = footer.current_size;
+    img.hidden = footer.hidden;
+    if !footer.kind().is_some_and(vhd::DiskType::is_sparse) {
+        return img;
+    }
+    let header = if footer.data_offset == FOOTER_SIZE as u64 {
+        DynamicHeader::parse(&head[FOOTER_SIZE..], footer.data_offset).ok()
+    } else {
+        read_at(&file, footer.data_offset, HEADER_SIZE)
+            .ok()
+            .and_then(|b| DynamicHeader::parse(&b, footer.data_offset).ok())
+    };
+    let Some(header) = header else {
+        img.error = Some((-EINVAL, "reading header"));
+        return img;
+    };
+    if flags.markers && footer.expects_batmap() {
+        let at = header.table_offset + header.bat_bytes();
+        let batmap = read_at(&file, at, BATMAP_HEADER_SIZE)
+            .ok()
+            .filter(|b| b[..8] == BATMAP_COOKIE)
+            .and_then(|b| BatmapHeader::parse(&b, at).ok());
+        let Some(batmap) = batmap else {
+            img.error = Some((-EINVAL, "checking markers"));
+            return img;
+        };
+        img.marker = batmap.marker;
+        img.keyhash = Some(batmap.keyhash)
+            .filter(|k| k.cookie != 0)
+            .map(|k| hex(&k.hash));
+    }
+    if footer.kind() == Some(vhd::DiskType::Differencing) {
+        img.parent_is_raw = header.parent_uuid_is_null();
+        let from_header = || header.parent_name().ok().filter(|n| !n.is_empty());
+        let from_locator = || {
+            let l = scan_locator(&header)?;
+            let data = read_at(&file, l.data_offset, usize::try_from(l.data_len).ok()?).ok()?;
+            decode_payload(l.platform()?, &data).ok()
+        };
+        let recorded = if flags.fast {
+            from_header().or_else(from_locator)
+        } else {
+            from_locator()
+        };
+        match recorded {
+            Some(p) => img.parent = Some(volume_name(&p)),
+            None => {
+                img.error = Some((-EINVAL, "getting parent"));
+                return img;
+            }
+        }
+    }
+    img
+}
+
+/// Prints the pretty tree of the images scanned without error. Parents
+/// are matched to images by canonical path when `files`, else by name.
+fn print_tree(mut images: Vec<Image>, flags: Flags, files: bool) {
     images.sort_by(|a, b| a.name.cmp(&b.name));
     images.dedup_by(|a, b| a.name == b.name);
     let key = |s: &str| {
         std::fs::canonicalize(s)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| s.to_string())
+            .ok()
+            .filter(|_| files)
+            .map_or_else(|| s.to_string(), |p| p.display().to_string())
     };
     let parent_of: Vec<Option<usize>> = images
         .iter()
@@ -346,24 +494,6 @@ fn print_tree(mut images: Vec<Image>, flags: Flags) {
     }
 }
 
-/// Logical volumes of `vg` as `(name, device path)`, listed with `lvs`.
-fn lvm_targets(vg: &str) -> Result<Vec<(String, String)>, i32> {
-    let out = std::process::Command::new("lvs")
-        .args(["--noheadings", "-o", "lv_name", vg])
-        .output()
-        .map_err(|e| e.raw_os_error().unwrap_or(38))?;
-    if !out.status.success() {
-        return Err(EINVAL);
-    }
-    let dev_dir = std::env::var("VHD_UTIL_LVM_DEV_DIR").unwrap_or_else(|_| "/dev".into());
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(|lv| (lv.to_string(), format!("{dev_dir}/{vg}/{lv}")))
-        .collect())
-}
-
 /// The `scan` command.
 pub fn scan(args: &[String]) -> i32 {
     let p = match getopt(args, "m:fcl:pavMh") {
@@ -402,30 +532,34 @@ pub fn scan(args: &[String]) -> i32 {
         };
         println!("{}", line(&img, flags, 0));
     };
+    // With -l, the group's volumes; targets are then volume names.
+    let mut volumes: Option<Vec<Volume>> = None;
     if let Some(vg) = p.value('l') {
-        // Volume names: those matching the filter, then each operand.
-        let lvs = match lvm_targets(vg) {
-            Ok(l) => l,
+        let vols = match lvm::list_volumes(vg) {
+            Ok(v) => v,
             Err(e) => {
-                println!("scan failed: -{e}");
-                return e;
+                eprintln!("lvm_scan_vg failed -{EINVAL}: {e}");
+                eprintln!("scan failed: -{EINVAL}. Check syslog for details");
+                return EINVAL;
             }
         };
-        let mut used = vec![false; lvs.len()];
+        // Volume names: those matching the filter, then each operand.
+        let mut used = vec![false; vols.len()];
         for pat in filter
             .into_iter()
             .chain(p.operands.iter().map(String::as_str))
         {
-            for (i, (name, dev)) in lvs.iter().enumerate() {
-                if !used[i] && fnmatch(pat.as_bytes(), name.as_bytes()) {
+            for (i, v) in vols.iter().enumerate() {
+                if !used[i] && fnmatch(pat.as_bytes(), v.name.as_bytes()) {
                     used[i] = true;
                     targets.push(Target {
-                        name: dev.clone(),
+                        name: v.name.clone(),
                         raw: false,
                     });
                 }
             }
         }
+        volumes = Some(vols);
     } else {
         if let Some(f) = filter {
             targets.extend(
@@ -450,13 +584,26 @@ pub fn scan(args: &[String]) -> i32 {
             });
         }
     }
+    let volume = |name: &str| {
+        volumes
+            .as_ref()
+            .and_then(|v| v.iter().find(|v| v.name == name))
+    };
     let mut err = 0;
     let mut pretty_images = Vec::new();
     let mut i = 0;
     while i < targets.len() {
         let target = targets[i].clone();
         i += 1;
-        let img = scan_target(&target, flags);
+        let img = match (&volumes, volume(&target.name)) {
+            (None, _) => scan_target(&target, flags),
+            (Some(_), Some(v)) => scan_volume(v, &target, flags),
+            (Some(_), None) => Image {
+                name: target.name.clone(),
+                error: Some((-ENOENT, "failure scanning target")),
+                ..Image::default()
+            },
+        };
         if img.error.is_none() && flags.pretty {
             pretty_images.push(img.clone());
         } else {
@@ -468,13 +615,17 @@ pub fn scan(args: &[String]) -> i32 {
                     .iter()
                     .any(|t| basename(&t.name) == basename(parent));
                 if !known {
-                    if std::fs::metadata(parent).is_ok() {
+                    let exists = match &volumes {
+                        Some(_) => volume(parent).is_some(),
+                        None => std::fs::metadata(parent).is_ok(),
+                    };
+                    if exists {
                         targets.push(Target {
                             name: parent.clone(),
                             raw: img.parent_is_raw,
                         });
                     } else {
-                        error_line(parent, -2);
+                        error_line(parent, -ENOENT);
                     }
                 }
             }
@@ -487,7 +638,7 @@ pub fn scan(args: &[String]) -> i32 {
         }
     }
     if flags.pretty {
-        print_tree(pretty_images, flags);
+        print_tree(pretty_images, flags, volumes.is_none());
     }
     if flags.nofail {
         0
@@ -507,5 +658,17 @@ mod tests {
         assert!(fnmatch(b"VHD-[0-9a-f]*", b"VHD-3abc"));
         assert!(!fnmatch(b"VHD-[!0-9]*", b"VHD-3abc"));
         assert!(fnmatch(b"a?c", b"abc"));
+    }
+
+    #[test]
+    fn parents_are_named_by_their_volume() {
+        let id = "8c2f6a04-1b3e-4c5d-9e7f-0a1b2c3d4e5f";
+        let vg = "VG_XenStorage--41d3c3a4--7a2b--4c1d--8e9f--102030405060";
+        let lv = format!("VHD--{}", id.replace('-', "--"));
+        let want = format!("VHD-{id}");
+        assert_eq!(volume_name(&format!("/dev/mapper/{vg}-{lv}")), want);
+        assert_eq!(volume_name(&format!("./{vg}-{lv}")), want);
+        assert_eq!(volume_name(&format!("{vg}-{lv}")), want);
+        assert_eq!(volume_name("parent.vhd"), "parent.vhd");
     }
 }

@@ -1,4 +1,4 @@
-//! A closed output pipe ends `vhd-util` quietly, as it ends the C tool.
+//! A closed output pipe ends `vhd-util` and `td-util` quietly, as it ends the C tools.
 //!
 //! Rust programs start with `SIGPIPE` ignored, so writing to a pipe whose reader has gone
 //! fails with `EPIPE`, and `println!` turns that into a panic with a backtrace

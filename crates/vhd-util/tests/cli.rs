@@ -62,6 +62,14 @@ fn read_all(path: &Path) -> Vec<u8> {
     buf
 }
 
+/// `dir/name` as `query -p` prints a parent: canonical and absolute.
+fn abs(dir: &Path, name: &str) -> String {
+    std::fs::canonicalize(dir.join(name))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
 fn pattern(seed: u8, n: usize) -> Vec<u8> {
     (0..n).map(|i| seed.wrapping_add((i % 241) as u8)).collect()
 }
@@ -117,9 +125,11 @@ fn create_query_set_scan() {
     );
     ok(p, &["snapshot", "-n", "b.vhd", "-p", "a.vhd"]);
     ok(p, &["create", "-n", "f.vhd", "-s", "4", "-r"]);
+    // The parent as a canonical absolute path, though the child was named
+    // relative to the current directory (SM parses it as a path).
     assert_eq!(
         ok(p, &["query", "-n", "b.vhd", "-p", "-d"]),
-        "a.vhd\nchain depth: 2\n"
+        format!("{}\nchain depth: 2\n", abs(p, "a.vhd"))
     );
     assert_eq!(
         ok(p, &["scan", "a.vhd", "b.vhd", "f.vhd"]),
@@ -172,30 +182,103 @@ fn create_query_set_scan() {
     );
     assert_eq!(run(p, &["scan"]).status.code(), Some(22));
     std::fs::remove_file(p.join("junk.vhd")).unwrap();
-    // -l VG: volumes listed by lvs (a stand-in script here), opened under
-    // the device directory.
+    // -l VG: stand-in `vgs` and `lvs` print what lvm2 prints for a group
+    // whose physical volume is the file "pv" (1 MiB before the first
+    // extent, 4 MiB extents); volumes are read from it at their extents.
+    // The images are made as files named like the device-mapper nodes of
+    // volumes VHD-p (a copy of a.vhd) and VHD-c (its snapshot), so the
+    // locators record what they record on LVHD.
+    std::fs::copy(p.join("a.vhd"), p.join("VG_test-VHD--p")).unwrap();
+    ok(
+        p,
+        &["snapshot", "-n", "VG_test-VHD--c", "-p", "VG_test-VHD--p"],
+    );
     let bin_dir = p.join("bin");
-    let vg = p.join("dev").join("VG_test");
     std::fs::create_dir_all(&bin_dir).unwrap();
-    std::fs::create_dir_all(&vg).unwrap();
-    std::fs::copy(p.join("a.vhd"), vg.join("VHD-a")).unwrap();
-    std::fs::copy(p.join("f.vhd"), vg.join("VHD-f")).unwrap();
-    std::fs::write(vg.join("MGT"), b"x").unwrap();
-    let lvs = bin_dir.join("lvs");
-    std::fs::write(&lvs, "#!/bin/sh\nprintf '  MGT\\n  VHD-a\\n  VHD-f\\n'\n").unwrap();
-    std::fs::set_permissions(&lvs, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let o = Command::new(bin())
-        .args(["scan", "-l", "VG_test", "-m", "VHD-*"])
-        .current_dir(p)
-        .env("PATH", format!("{}:/usr/bin:/bin", bin_dir.display()))
-        .env("VHD_UTIL_LVM_DEV_DIR", p.join("dev"))
-        .output()
-        .unwrap();
+    let pv = p.join("pv");
+    let extent = |i: u64| (1 << 20) + i * (4 << 20);
+    let place = |file: &str, to: u64| {
+        let data = std::fs::read(p.join(file)).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&pv)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, to).unwrap();
+        f.set_len(extent(6)).unwrap();
+    };
+    place("VG_test-VHD--p", extent(2));
+    place("VG_test-VHD--c", extent(4));
+    place("f.vhd", extent(0));
+    let pvn = pv.display();
+    let script = |name: &str, body: String| {
+        let path = bin_dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\ncat <<'EOF'\n{body}\nEOF\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    };
+    script(
+        "vgs",
+        format!(
+            r#"{{"report": [{{"vg": [{{"vg_name":"VG_test", "vg_extent_size":"4194304", "pv_name":"{pvn}", "pe_start":"1048576"}}]}}]}}"#
+        ),
+    );
+    let seg = |lv: &str, size: u64, start: u64, len: u64, dev: String| {
+        format!(
+            r#"{{"lv_name":"{lv}", "lv_size":"{size}", "segtype":"linear", "seg_start":"{start}", "seg_size":"{len}", "devices":"{dev}"}}"#
+        )
+    };
+    script(
+        "lvs",
+        format!(
+            r#"{{"report": [{{"seg": [{}, {}, {}, {}, {}]}}]}}"#,
+            seg("MGT", 4 << 20, 0, 4 << 20, format!("{pvn}(1)")),
+            seg("VHD-c", 8 << 20, 0, 4 << 20, format!("{pvn}(4)")),
+            seg("VHD-c", 8 << 20, 4 << 20, 4 << 20, format!("{pvn}(5)")),
+            seg("VHD-f", 4 << 20, 0, 4 << 20, format!("{pvn}(0)")),
+            seg("VHD-p", 4 << 20, 0, 4 << 20, format!("{pvn}(2)")),
+        ),
+    );
+    let scan_l = |args: &[&str]| {
+        Command::new(bin())
+            .args(["scan", "-l", "VG_test"])
+            .args(args)
+            .current_dir(p)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin_dir.display()))
+            .output()
+            .unwrap()
+    };
+    // Dynamic images are read through their footer copy at offset 0; size
+    // is the volume's; parents are named by volume. VHD-f is fixed (its
+    // footer is not at the start): an error, passed over with -c.
+    let o = scan_l(&["-f", "-m", "VHD-*", "-c"]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
-        "vhd=VHD-a capacity=104857600 size=5120 hidden=1 parent=none\n\
-         vhd=VHD-f capacity=4194304 size=4194816 hidden=0 parent=none\n"
+        "vhd=VHD-c capacity=104857600 size=8388608 hidden=0 parent=VHD-p\n\
+         vhd=VHD-f scan-error=-22 error-message='invalid footer'\n\
+         vhd=VHD-p capacity=104857600 size=4194304 hidden=1 parent=none\n"
     );
+    assert_eq!(o.status.code(), Some(0));
+    // -a adds the parent found among the group's volumes; -M the markers.
+    let o = scan_l(&["-m", "VHD-c", "-a", "-M"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "vhd=VHD-c capacity=104857600 size=8388608 hidden=0 marker=0 keyhash=none parent=VHD-p\n\
+         vhd=VHD-p capacity=104857600 size=4194304 hidden=1 marker=1 keyhash=none parent=none\n"
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let o = scan_l(&["-m", "VHD-f"]);
+    assert_eq!(o.status.code(), Some(22));
+    // A group lvm does not know: the C tool's lines on stderr, EINVAL.
+    std::fs::write(
+        bin_dir.join("vgs"),
+        "#!/bin/sh\necho '  Volume group \"x\" not found' >&2\nexit 5\n",
+    )
+    .unwrap();
+    let o = scan_l(&["-m", "VHD-*"]);
+    assert_eq!(o.status.code(), Some(22));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("scan failed: -22"));
     // Depth limit.
     let o = run(
         p,
@@ -238,7 +321,10 @@ fn chain_coalesce_resize_modify_repair() {
     ok(p, &["check", "-n", "base.vhd"]);
     // Reparent the child onto the flat copy (same data).
     ok(p, &["modify", "-n", "child.vhd", "-p", "flat.vhd"]);
-    assert_eq!(ok(p, &["query", "-n", "child.vhd", "-p"]), "flat.vhd\n");
+    assert_eq!(
+        ok(p, &["query", "-n", "child.vhd", "-p"]),
+        format!("{}\n", abs(p, "flat.vhd"))
+    );
     ok(p, &["check", "-n", "child.vhd"]);
     assert_eq!(read_all(&p.join("child.vhd")), before);
     // Resize: journaled grows the BAT, fast needs -S.
@@ -606,13 +692,14 @@ fn snapshot_skips_empty_parents_and_preallocates() {
     ok(p, &["snapshot", "-n", "mid.vhd", "-p", "base.vhd"]);
     // mid is empty: a snapshot of it links to base unless -e.
     ok(p, &["snapshot", "-n", "leaf.vhd", "-p", "mid.vhd"]);
-    assert_eq!(ok(p, &["query", "-n", "leaf.vhd", "-p"]), "base.vhd\n");
+    let parent = |leaf: &str| ok(p, &["query", "-n", leaf, "-p"]);
+    assert_eq!(parent("leaf.vhd"), format!("{}\n", abs(p, "base.vhd")));
     ok(p, &["snapshot", "-n", "leaf-e.vhd", "-p", "mid.vhd", "-e"]);
-    assert!(ok(p, &["query", "-n", "leaf-e.vhd", "-p"]) == "mid.vhd\n");
+    assert_eq!(parent("leaf-e.vhd"), format!("{}\n", abs(p, "mid.vhd")));
     // A non-empty differencing parent is linked as given.
     write(&p.join("mid.vhd"), 8, &pattern(2, 512));
     ok(p, &["snapshot", "-n", "leaf2.vhd", "-p", "mid.vhd"]);
-    assert!(ok(p, &["query", "-n", "leaf2.vhd", "-p"]) == "mid.vhd\n");
+    assert_eq!(parent("leaf2.vhd"), format!("{}\n", abs(p, "mid.vhd")));
     assert_eq!(
         ok(p, &["query", "-n", "leaf2.vhd", "-d"]),
         "chain depth: 3\n"
@@ -622,7 +709,7 @@ fn snapshot_skips_empty_parents_and_preallocates() {
     ok(p, &["resize", "-n", "grown.vhd", "-s", "32", "-j", "g.j"]);
     ok(p, &["snapshot", "-n", "leaf3.vhd", "-p", "grown.vhd"]);
     assert_eq!(ok(p, &["query", "-n", "leaf3.vhd", "-v"]), "32\n");
-    assert!(ok(p, &["query", "-n", "leaf3.vhd", "-p"]) == "base.vhd\n");
+    assert_eq!(parent("leaf3.vhd"), format!("{}\n", abs(p, "base.vhd")));
     ok(p, &["check", "-n", "leaf3.vhd", "-p"]);
     // An empty disk over a raw parent: the snapshot gets the raw parent.
     std::fs::write(p.join("raw.img"), vec![7u8; 4 << 20]).unwrap();
@@ -631,7 +718,7 @@ fn snapshot_skips_empty_parents_and_preallocates() {
         &["snapshot", "-n", "over-raw.vhd", "-p", "raw.img", "-m"],
     );
     ok(p, &["snapshot", "-n", "leaf4.vhd", "-p", "over-raw.vhd"]);
-    assert!(ok(p, &["query", "-n", "leaf4.vhd", "-p"]) == "raw.img\n");
+    assert_eq!(parent("leaf4.vhd"), format!("{}\n", abs(p, "raw.img")));
     assert_eq!(read_all(&p.join("leaf4.vhd")), vec![7u8; 4 << 20]);
     // -S preallocates metadata that resize -f grows into.
     ok(

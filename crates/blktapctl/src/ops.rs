@@ -135,7 +135,9 @@ impl ResumeRequest {
             devnum: 0,
             domid: 0,
             path: self.params.clone().unwrap_or_default(),
-            prt_devnum: NO_PARENT_DEVNUM,
+            // The C tap-ctl zeroes the whole message; a RESUME never
+            // reuses a parent, and tapdisk ignores the field.
+            prt_devnum: 0,
             req_timeout: 0,
             secondary: self.secondary.clone().unwrap_or_default(),
         };

@@ -217,6 +217,8 @@ fn close_force_sends_force_shutdown_and_unpause_sends_resume() {
         panic!("RESUME without params");
     };
     assert_eq!(params.path, "aio:/new.img");
+    // As the C tap-ctl sends it (a zeroed message): no parent devnum.
+    assert_eq!(params.prt_devnum, 0);
 }
 
 #[test]

@@ -145,11 +145,14 @@ fn log_path(trailer: &Trailer) -> io::Result<Option<PathBuf>> {
     }
 }
 
+/// The image description sent in OPEN_RSP and DISK_INFO_RSP. The C
+/// tapdisk's drivers never set `VDISK_READONLY` there (a read-only open
+/// reports 0); ours keep it internally for the frontends only.
 fn image_info(info: DiskInfo) -> ImageInfo {
     ImageInfo {
         sectors: info.sectors,
         sector_size: info.sector_size,
-        info: info.info,
+        info: info.info & !crate::driver::VDISK_READONLY,
     }
 }
 

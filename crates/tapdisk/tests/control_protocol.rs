@@ -212,3 +212,39 @@ fn a_stalled_client_does_not_block_others() {
     Command::new("kill").arg(pid.to_string()).status().unwrap();
     assert!(wait_for(Duration::from_secs(5), || !process_alive(pid)));
 }
+
+#[test]
+fn a_read_only_open_reports_info_zero_as_the_c_tapdisk() {
+    let env = Env::new();
+    let (pid, socket) = start_tapdisk(&env);
+    let image = env.raw_image("ro.img", 1 << 20, 3);
+    let marker = env.tap_ctl_ok(&["allocate"]);
+    let minor: u16 = marker.trim().rsplit('-').next().unwrap().parse().unwrap();
+    let attach = decode_one(&exchange(
+        &socket,
+        &request(MessageType::Attach, minor, Body::Empty),
+    ));
+    assert_eq!(attach.msg_type, MessageType::AttachRsp, "{attach:?}");
+    let params = Params {
+        flags: OpenFlags::RDONLY | OpenFlags::BLOCKDEV_NONE,
+        devnum: u32::from(minor),
+        path: format!("aio:{}", image.display()),
+        ..Params::default()
+    };
+    for msg_type in [MessageType::Open, MessageType::DiskInfo] {
+        let body = match msg_type {
+            MessageType::Open => Body::Params(params.clone()),
+            _ => Body::Empty,
+        };
+        let reply = decode_one(&exchange(&socket, &request(msg_type, minor, body)));
+        let Body::Image(info) = reply.body else {
+            panic!("{msg_type:?}: {reply:?}");
+        };
+        assert_eq!((info.sectors, info.sector_size, info.info), (2048, 512, 0));
+    }
+    let (p, m) = (pid.to_string(), minor.to_string());
+    env.tap_ctl_ok(&["close", "-p", &p, "-m", &m]);
+    env.tap_ctl_ok(&["detach", "-p", &p, "-m", &m]);
+    assert!(wait_for(Duration::from_secs(5), || !process_alive(pid)));
+    env.tap_ctl_ok(&["free", "-m", &m]);
+}

@@ -349,7 +349,8 @@ pub fn resize_journaled<O: Opener>(
         img.relocate_footer(new_size)?;
         img.sync()?;
     } else {
-        resize_sparse(&mut img, &mut txn, new_size)?;
+        let on_device = crate::io::is_block_device(path);
+        resize_sparse(&mut img, &mut txn, new_size, on_device)?;
     }
     txn.finish()
 }
@@ -360,10 +361,14 @@ fn poison<F: BlockFile>(img: &mut VhdImage<F>) -> Result<()> {
     img.sync()
 }
 
+/// Grows a sparse image's BAT (moving blocks in the way) or only its size.
+/// On a block device (`on_device`) moved blocks go after the data, not
+/// after the footer in the device's last sector, and the footer stays there.
 fn resize_sparse<F: BlockFile, J: BlockFile>(
     img: &mut VhdImage<F>,
     journal: &mut Transaction<J>,
     new_size: u64,
+    on_device: bool,
 ) -> Result<()> {
     let header = img
         .header()
@@ -408,6 +413,33 @@ fn resize_sparse<F: BlockFile, J: BlockFile>(
         new_locs.push((slot, nl, data));
     }
     let meta_end = round_up(meta_end, SECTOR);
+    // Blocks whose bitmap/data intersect the new metadata region move to
+    // the end of the data; where each goes is planned before anything is
+    // touched (a volume too small for them fails here, unchanged).
+    let per = img.bitmap_bytes() + block;
+    let mut bat = img.bat().clone();
+    let mut batmap_bits = img.batmap().map(|b| b.map.clone());
+    let device_footer = on_device.then(|| img.footer_offset());
+    let mut next = img.end_of_data().max(meta_end);
+    if device_footer.is_none() {
+        next = next.max(img.footer_offset());
+    }
+    let bm = img.bitmap_bytes();
+    let mut moves = Vec::new();
+    for (i, &e) in bat.entries.iter().enumerate() {
+        if e == BAT_UNUSED || u64::from(e) * SECTOR >= meta_end {
+            continue;
+        }
+        let dst = round_up(next + bm, crate::image::DATA_ALIGNMENT) - bm;
+        if device_footer.is_some_and(|f| dst + per > f) {
+            return Err(VhdError::NoSpace(format!(
+                "{}: no room before the footer to move block {i}; grow the volume first",
+                img.name()
+            )));
+        }
+        moves.push((i, u64::from(e) * SECTOR, dst));
+        next = dst + per;
+    }
     // Save every old byte in [0, meta_end) that will be overwritten, plus
     // the BAT, batmap and locators (all inside that range or moved).
     let old_len = img.file().len().map_err(|e| VhdError::io("size", e))?;
@@ -422,23 +454,8 @@ fn resize_sparse<F: BlockFile, J: BlockFile>(
         )?;
     }
     poison(img)?;
-    // Move blocks whose bitmap/data intersect the new metadata region.
-    let per = img.bitmap_bytes() + block;
-    let mut bat = img.bat().clone();
-    let mut batmap_bits = img.batmap().map(|b| b.map.clone());
-    let moving: Vec<usize> = bat
-        .entries
-        .iter()
-        .enumerate()
-        .filter(|(_, &e)| e != BAT_UNUSED && u64::from(e) * SECTOR < meta_end)
-        .map(|(i, _)| i)
-        .collect();
-    let mut next = img.footer_offset().max(img.end_of_data()).max(meta_end);
-    let bm = img.bitmap_bytes();
     let mut buf = vec![0u8; usize::try_from(per).unwrap_or(0)];
-    for i in moving {
-        let src = u64::from(bat.entries[i]) * SECTOR;
-        let dst = round_up(next + bm, crate::image::DATA_ALIGNMENT) - bm;
+    for (i, src, dst) in moves {
         img.file()
             .read_at(&mut buf, src)
             .map_err(|e| VhdError::io(format!("{}: read block {i}", img.name()), e))?;
@@ -449,7 +466,6 @@ fn resize_sparse<F: BlockFile, J: BlockFile>(
             what: format!("{}: moved block {i}", img.name()),
             bytes: dst,
         })?;
-        next = dst + per;
     }
     // New BAT, batmap and locators.
     let mut new_bat = Bat::unallocated(new_entries as usize);
@@ -496,7 +512,7 @@ fn resize_sparse<F: BlockFile, J: BlockFile>(
     img.file()
         .write_at(&b, 0)
         .map_err(|e| VhdError::io(format!("{}: write backup footer", img.name()), e))?;
-    img.relocate_footer(end)?;
+    img.relocate_footer(device_footer.unwrap_or(end))?;
     img.sync()
 }
 
@@ -604,7 +620,10 @@ pub fn repair_with_journal<O: Opener>(
             inspect: true,
         },
     )?;
-    let end = if img.disk_type().is_sparse() {
+    // A block device keeps its footer in its last sector, as the C tool.
+    let end = if crate::io::is_block_device(path) {
+        img.footer_offset()
+    } else if img.disk_type().is_sparse() {
         img.end_of_data()
     } else {
         img.virtual_size()

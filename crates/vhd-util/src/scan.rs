@@ -1,6 +1,7 @@
 //! `vhd-util scan`: one line per image,
 //! `vhd=NAME capacity=BYTES size=BYTES hidden=N parent=NAME|none`
-//! (`-M` adds `marker=N keyhash=HEX|none` before `parent=`), or
+//! (`-M` adds `marker=N keyhash=HEX` before `parent=`, the hash empty
+//! when there is none, as the C tool prints it), or
 //! `vhd=NAME scan-error=-ERRNO error-message='WHAT'`.
 //!
 //! Targets are the paths the `-m` pattern matches on the file system
@@ -108,7 +109,7 @@ fn line(img: &Image, flags: Flags, indent: usize) -> String {
         s.push_str(&format!(
             " marker={} keyhash={}",
             img.marker,
-            img.keyhash.as_deref().unwrap_or("none")
+            img.keyhash.as_deref().unwrap_or_default()
         ));
     }
     s.push_str(&format!(" parent={}{not_found}", parent.unwrap_or("none")));

@@ -65,10 +65,19 @@ pub fn dir_of(path: &Path) -> PathBuf {
     }
 }
 
+/// The directory relative parent locators are resolved against: that of
+/// the child's canonical path, as the C tools do (so an LVM volume named
+/// `/dev/VG/LV` resolves `./VG-PARENT` in `/dev/mapper`, where the locators
+/// of volumes point); the directory of `child_path` as given when it does
+/// not resolve.
+pub fn locator_base_dir(child_path: &Path) -> PathBuf {
+    crate::create::canonical(child_path).map_or_else(|_| dir_of(child_path), |c| dir_of(&c))
+}
+
 /// Resolves the parent path of differencing image `child` at `child_path`:
 /// the first locator whose file exists.
 pub fn resolve_parent<F: BlockFile>(child: &VhdImage<F>, child_path: &Path) -> Result<PathBuf> {
-    let cands = parent_candidates(child, &dir_of(child_path));
+    let cands = parent_candidates(child, &locator_base_dir(child_path));
     if cands.is_empty() {
         return Err(VhdError::ParentNotFound {
             child: child.name().to_string(),

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::bat::BAT_UNUSED;
 use crate::bytes::all_zero;
-use crate::chain::dir_of;
+use crate::chain::locator_base_dir;
 use crate::error::FormatError;
 use crate::footer::{vhd_now, DiskType, Footer, FOOTER_SIZE};
 use crate::header::{DynamicHeader, HEADER_SIZE};
@@ -544,7 +544,7 @@ fn check_parent_locators<F: BlockFile>(
         let location = if p.is_absolute() {
             p
         } else {
-            crate::chain::normalize(&dir_of(child_path).join(p))
+            crate::chain::normalize(&locator_base_dir(child_path).join(p))
         };
         if !location.exists() {
             if code == PlatformCode::Macx {

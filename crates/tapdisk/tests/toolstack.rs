@@ -37,47 +37,35 @@ use common::{parse_list_line, process_alive, run_ok, vhd_util_bin, wait_for, Env
 
 const MIB: u64 = 1 << 20;
 
-/// `vhd-util ARGS` with SM's `--debug` in front.
+/// `vhd-util ARGS` with SM's `--debug` in front, in `dir`.
+fn vhd_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(vhd_util_bin());
+    cmd.arg("--debug").args(args).current_dir(dir);
+    cmd
+}
+
 fn vhd_util(dir: &Path, args: &[&str]) -> Output {
-    Command::new(vhd_util_bin())
-        .arg("--debug")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
+    vhd_cmd(dir, args).output().unwrap()
 }
 
 /// `vhd-util`, asserting success; returns stdout.
 fn vhd_ok(dir: &Path, args: &[&str]) -> String {
-    let out = vhd_util(dir, args);
-    assert!(
-        out.status.success(),
-        "vhd-util {args:?}: {:?}\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    run_ok(&mut vhd_cmd(dir, args))
+}
+
+/// `td-util ARGS` in `dir`.
+fn td_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(vhd_util_bin().with_file_name("td-util"));
+    cmd.args(args).current_dir(dir);
+    cmd
 }
 
 fn td_util(dir: &Path, args: &[&str]) -> Output {
-    Command::new(vhd_util_bin().with_file_name("td-util"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
+    td_cmd(dir, args).output().unwrap()
 }
 
 fn td_ok(dir: &Path, args: &[&str]) -> String {
-    let out = td_util(dir, args);
-    assert!(
-        out.status.success(),
-        "td-util {args:?}: {:?}\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    run_ok(&mut td_cmd(dir, args))
 }
 
 /// SM's `vhdutil.getVHDInfo`: `query -vsaf[p]`, one answer per line in the
@@ -151,6 +139,14 @@ fn has_parent(dir: &Path, path: &str) -> bool {
         .to_string();
     assert!(kind == "Differencing" || kind == "Dynamic", "{kind}");
     kind == "Differencing"
+}
+
+/// `dir/name` as `query -p` prints a parent: canonical and absolute.
+fn canonical(dir: &Path, name: &str) -> String {
+    std::fs::canonicalize(dir.join(name))
+        .unwrap()
+        .display()
+        .to_string()
 }
 
 /// A file's bytes at `offset`.
@@ -342,12 +338,7 @@ fn tap_ctl_lines_not_built_yet_are_refused() {
 fn vhd_util_file_sr_lines() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let full = |name: &str| {
-        std::fs::canonicalize(dir.join(name))
-            .unwrap()
-            .display()
-            .to_string()
-    };
+    let full = |name: &str| canonical(dir, name);
     // create: dynamic with -S, fixed with -r.
     vhd_ok(
         dir,
@@ -674,12 +665,7 @@ fn vhd_util_lvhd_lines_on_block_devices() {
 fn td_util_lines() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let full = |name: &str| {
-        std::fs::canonicalize(dir.join(name))
-            .unwrap()
-            .display()
-            .to_string()
-    };
+    let full = |name: &str| canonical(dir, name);
     // create vhd MB PATH: a dynamic VHD like vhd-util create's.
     assert_eq!(td_ok(dir, &["create", "vhd", "100", "base.vhd"]), "");
     assert_eq!(

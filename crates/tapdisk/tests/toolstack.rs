@@ -278,58 +278,29 @@ fn tap_ctl_vbd_life_cycle() {
 fn tap_ctl_lines_not_built_yet_are_refused() {
     let env = Env::new();
     let vhd = "vhd:/srv/sr/leaf.vhd";
-    let cases: &[&[&str]] = &[
+    let cbt = "/srv/sr/leaf.cbtlog";
+    let mirror = "nbd:unix:/run/mirror.sock:exportname=leaf";
+    // (command, arguments after "-p 1 -m 0")
+    let cases: &[(&str, &[&str])] = &[
         // Changed-block tracking: issue 14 makes these work.
-        &[
-            "open",
-            "-p",
-            "1",
-            "-m",
-            "0",
-            "-a",
-            vhd,
-            "-C",
-            "/srv/sr/leaf.cbtlog",
-        ],
-        &[
-            "unpause",
-            "-p",
-            "1",
-            "-m",
-            "0",
-            "-a",
-            vhd,
-            "-c",
-            "/srv/sr/leaf.cbtlog",
-        ],
+        ("open", &["-a", vhd, "-C", cbt]),
+        ("unpause", &["-a", vhd, "-c", cbt]),
         // Encrypted VDIs and IntelliCache: issue 20.
-        &["open", "-p", "1", "-m", "0", "-a", vhd, "-E"],
-        &["open", "-p", "1", "-m", "0", "-a", vhd, "-r"],
-        &[
-            "open", "-p", "1", "-m", "0", "-a", vhd, "-r", "-e", "3", "-2", vhd,
-        ],
-        &[
-            "open", "-p", "1", "-m", "0", "-a", vhd, "-e", "3", "-2", vhd, "-s",
-        ],
+        ("open", &["-a", vhd, "-E"]),
+        ("open", &["-a", vhd, "-r"]),
+        ("open", &["-a", vhd, "-r", "-e", "3", "-2", vhd]),
+        ("open", &["-a", vhd, "-e", "3", "-2", vhd, "-s"]),
         // Storage migration mirror: issue 15.
-        &[
-            "unpause",
-            "-p",
-            "1",
-            "-m",
-            "0",
-            "-a",
-            vhd,
-            "-2",
-            "nbd:unix:/run/mirror.sock:exportname=leaf",
-        ],
+        ("unpause", &["-a", vhd, "-2", mirror]),
         // XCP-ng qcow2 live commit: issue 17.
-        &["commit", "-p", "1", "-m", "0", "-a", "/srv/sr/base.qcow2"],
-        &["query", "-p", "1", "-m", "0"],
-        &["cancel", "-p", "1", "-m", "0", "-w"],
+        ("commit", &["-a", "/srv/sr/base.qcow2"]),
+        ("query", &[]),
+        ("cancel", &["-w"]),
     ];
-    for args in cases {
-        let stderr = env.tap_ctl_err(args, libc::EOPNOTSUPP);
+    for (command, rest) in cases {
+        let mut args = vec![*command, "-p", "1", "-m", "0"];
+        args.extend_from_slice(rest);
+        let stderr = env.tap_ctl_err(&args, libc::EOPNOTSUPP);
         assert!(stderr.contains("not supported yet"), "{args:?}: {stderr}");
     }
 }

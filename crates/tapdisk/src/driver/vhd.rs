@@ -1186,8 +1186,15 @@ mod tests {
             std::fs::write(&path, copy).unwrap();
             path
         };
-        // Primary footer checksum (the backup would be used for reading only).
+        // A bad primary footer: the backup copy at offset 0 is used, for writing too, as
+        // the C tapdisk does (LVHD relies on it after growing a volume).
         let path = corrupt("footer.vhd", &|b| b[len - 512 + 64] ^= 0xff);
+        VhdDriver::open(&path, rw()).unwrap();
+        // Both copies bad: refused, naming the primary footer's problem.
+        let path = corrupt("footers.vhd", &|b| {
+            b[len - 512 + 64] ^= 0xff;
+            b[64] ^= 0xff;
+        });
         let err = VhdDriver::open(&path, rw()).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
         assert_eq!(err.errno(), libc::EINVAL);

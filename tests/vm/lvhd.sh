@@ -112,7 +112,10 @@ check "tap-ctl pause" tap-ctl pause -p "$pid" -m "$minor"
 check "lvcreate $B (8 MiB)" lvcreate -q -L 8m -n "$B" "$VG"
 check "vhd-util snapshot -S 2097152 onto $B" \
     vhd-util snapshot -n "$(dev "$B")" -p "$(dev "$A")" -S 2097152
-check "set hidden on $A" vhd-util set -n "$(dev "$A")" -f hidden -v 1
+# A device's default journal directory need not exist (the guest's root is a scratch overlay).
+rm -rf /var/lib/vhd-util
+check "set hidden on $A (its journal directory created on the way)" \
+    sh -c "vhd-util set -n '$(dev "$A")' -f hidden -v 1 && test -d /var/lib/vhd-util"
 check "query -p: the parent by its device-mapper name" \
     test "$(vhd-util query -p -n "$(dev "$B")")" = "/dev/mapper/$(sed 's/-/--/g' <<<"$VG")-$(sed 's/-/--/g' <<<"$A")"
 check "read -p: the decoded name ends with the parent volume (SM's _getVHDParentNoCheck)" \

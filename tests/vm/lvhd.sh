@@ -8,6 +8,7 @@
 # deflate (modify -s, lvreduce), resize with a journal volume, set parent. After each step
 # `vhd-util check` must pass, and the disk's data is compared with a model (a raw file that
 # received the same writes). Small volumes (4 MiB extents), a 16 MiB disk.
+# shellcheck disable=SC2317 # the helpers below run through check
 . "$1/tests/vm/lib.sh"
 
 modprobe dm_mod 2>/dev/null
@@ -43,9 +44,10 @@ inflate() {
 }
 # deflate LV: footer to the end of the data (rounded up to an extent), then shrink.
 deflate() {
-    local phys size
+    local phys extents size
     phys=$(vhd-util query -s -n "$(dev "$1")") || return 1
-    size=$(( (phys + 4 * MB - 1) / (4 * MB) * 4 * MB ))
+    extents=$(( (phys + 4 * MB - 1) / (4 * MB) ))
+    size=$(( extents * 4 * MB ))
     vhd-util modify -s "$size" -n "$(dev "$1")" && lvreduce -q -f -L "$((size / MB))m" "$VG/$1"
 }
 valid() { vhd-util check -n "$(dev "$1")" | grep -qx "$(dev "$1") is valid"; }
@@ -59,7 +61,7 @@ served_is_model() {
     d=$(tap-ctl create -R -b ublk -a "vhd:$(dev "$1")" 2>>"$LOG") || return 1
     cmp "$d" "$MODEL"; rc=$?
     m=$(minor_of_device "$d"); tap-ctl destroy -p "$(pid_of_minor "$m")" -m "$m"
-    return $rc
+    return "$rc"
 }
 # scan_field LINE KEY: a key=value of one scan line, split as SM's _parseVHDInfo does.
 scan_field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
@@ -117,7 +119,7 @@ rm -rf /var/lib/vhd-util
 check "set hidden on $A (its journal directory created on the way)" \
     sh -c "vhd-util set -n '$(dev "$A")' -f hidden -v 1 && test -d /var/lib/vhd-util"
 check "query -p: the parent by its device-mapper name" \
-    test "$(vhd-util query -p -n "$(dev "$B")")" = "/dev/mapper/$(sed 's/-/--/g' <<<"$VG")-$(sed 's/-/--/g' <<<"$A")"
+    test "$(vhd-util query -p -n "$(dev "$B")")" = "/dev/mapper/${VG//-/--}-${A//-/--}"
 check "read -p: the decoded name ends with the parent volume (SM's _getVHDParentNoCheck)" \
     sh -c "vhd-util read -p -n '$(dev "$B")' | grep 'decoded name :' | head -n1 | cut -d: -f2 | tr -d ' ' | sed 's/--/-/g' | grep -q '$A\$'"
 check "inflate $B to 24 MiB" inflate "$B" $((24 * MB))

@@ -224,7 +224,10 @@ fn query_vhd(name: &str, p: &crate::getopt::Parsed) -> i32 {
         if img.has_parent() {
             match commands::parent_path(&img, name) {
                 Ok(parent) => println!("{parent}"),
-                Err(e) => println!("failed getting parent: -{}", e.errno()),
+                Err(e) => {
+                    println!("failed getting parent: -{}", e.errno());
+                    err = e.errno();
+                }
             }
         } else {
             println!("{name} has no parent");

@@ -13,6 +13,7 @@ use vhd::{DiskType, VhdError};
 
 use crate::getopt::{getopt, Parsed};
 use crate::progress::Bar;
+use crate::Settings;
 
 const EINVAL: i32 = 22;
 const ENOSYS: i32 = 38;
@@ -20,7 +21,7 @@ const ELOOP: i32 = 40;
 
 /// Runs `f` with the opener of every mutating command: plain files.
 #[cfg(not(feature = "crash-injection"))]
-fn with_opener<T>(f: impl FnOnce(&StdOpener) -> T) -> T {
+fn with_opener<T>(_settings: &Settings, f: impl FnOnce(&StdOpener) -> T) -> T {
     f(&StdOpener)
 }
 
@@ -28,21 +29,19 @@ fn with_opener<T>(f: impl FnOnce(&StdOpener) -> T) -> T {
 use crash::with_opener;
 
 /// Crash injection for the tests (cargo feature `crash-injection`; the shipped binary has
-/// none of it): with `VHD_UTIL_CRASH_AFTER_WRITES=N` every mutating I/O call after the
-/// first N fails, and the process then aborts as if it had been killed at that point.
+/// none of it): with [`Settings::crash_after_writes`] set to N, every mutating I/O call
+/// after the first N fails, and the process then aborts as if it had been killed there.
 #[cfg(feature = "crash-injection")]
 mod crash {
     use vhd::io::{CrashBudget, FaultOpener};
 
+    use crate::Settings;
+
     /// Runs `f` with an opener that fails every write after the budget, then aborts if the
     /// simulated crash happened.
-    pub(super) fn with_opener<T>(f: impl FnOnce(&FaultOpener) -> T) -> T {
-        let budget = std::env::var("VHD_UTIL_CRASH_AFTER_WRITES")
-            .ok()
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(i64::MAX);
+    pub(super) fn with_opener<T>(settings: &Settings, f: impl FnOnce(&FaultOpener) -> T) -> T {
         let opener = FaultOpener {
-            budget: CrashBudget::new(budget),
+            budget: CrashBudget::new(settings.crash_after_writes.unwrap_or(i64::MAX)),
         };
         let result = f(&opener);
         if opener.budget.crashed() {
@@ -299,7 +298,7 @@ pub fn query(args: &[String]) -> i32 {
     err
 }
 
-pub fn set(args: &[String]) -> i32 {
+pub fn set(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> <-f field> <-v value> [-h help]";
     let p = match parse(args, "n:f:v:h", U) {
         Ok(p) => p,
@@ -327,7 +326,9 @@ pub fn set(args: &[String]) -> i32 {
         println!("error opening {name}: {}", neg(&e));
         return e.errno();
     }
-    let r = with_opener(|o| ops::set_field(o, path, field, v, &ops::default_journal_path(path)));
+    let r = with_opener(settings, |o| {
+        ops::set_field(o, path, field, v, &ops::default_journal_path(path))
+    });
     match r {
         Ok(()) => 0,
         Err(e) => {
@@ -343,7 +344,7 @@ pub fn set(args: &[String]) -> i32 {
     }
 }
 
-pub fn repair(args: &[String]) -> i32 {
+pub fn repair(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-b use the back-up footer] [-h help]";
     let p = match parse(args, "n:bh", U) {
         Ok(p) => p,
@@ -353,7 +354,7 @@ pub fn repair(args: &[String]) -> i32 {
         println!("{U}");
         return EINVAL;
     };
-    match with_opener(|o| ops::repair(o, Path::new(name), p.has('b'))) {
+    match with_opener(settings, |o| ops::repair(o, Path::new(name), p.has('b'))) {
         Ok(()) => 0,
         Err(e) => {
             println!("error repairing {name}: {}", neg(&e));
@@ -362,7 +363,7 @@ pub fn repair(args: &[String]) -> i32 {
     }
 }
 
-pub fn resize(args: &[String]) -> i32 {
+pub fn resize(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> <-s size (MB)> <-j journal|-f fast> [-h help]";
     let p = match parse(args, "n:s:j:fh", U) {
         Ok(p) => p,
@@ -377,7 +378,7 @@ pub fn resize(args: &[String]) -> i32 {
         println!("{U}");
         return EINVAL;
     }
-    let r = with_opener(|o| match (journal, p.has('f')) {
+    let r = with_opener(settings, |o| match (journal, p.has('f')) {
         (Some(j), false) => ops::resize_journaled(o, Path::new(name), size, Path::new(j)),
         (Some(j), true) => ops::resize_fast_with_journal(o, Path::new(name), size, Path::new(j)),
         (None, _) => ops::resize_fast(o, Path::new(name), size),
@@ -432,7 +433,7 @@ pub fn fill(args: &[String]) -> i32 {
     }
 }
 
-pub fn coalesce(args: &[String]) -> i32 {
+pub fn coalesce(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] [-x custom parent] [-h help]";
     let p = match getopt(args, "n:o:a:x:sph") {
         Ok(p) if !p.has('h') => p,
@@ -466,7 +467,7 @@ pub fn coalesce(args: &[String]) -> i32 {
                 return ENOSYS;
             }
         }
-        with_opener(|o| {
+        with_opener(settings, |o| {
             let mut cb = |d, t| bar.update(d, t);
             ops::coalesce(o, Path::new(name), p.has('s'), Some(&mut cb))
         })
@@ -484,7 +485,7 @@ pub fn coalesce(args: &[String]) -> i32 {
     }
 }
 
-pub fn modify(args: &[String]) -> i32 {
+pub fn modify(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-p NEW_PARENT set parent [-m raw]] [-s NEW_SIZE set size] [-z zero (kill data)] [-h help]";
     let p = match parse(args, "n:p:s:mzh", U) {
         Ok(p) => p,
@@ -507,7 +508,7 @@ pub fn modify(args: &[String]) -> i32 {
         physical_size,
         zero_bat: p.has('z'),
     };
-    match with_opener(|o| ops::modify(o, Path::new(name), &opts)) {
+    match with_opener(settings, |o| ops::modify(o, Path::new(name), &opts)) {
         Ok(()) => 0,
         Err(e) => {
             println!("error modifying {name}: {}", neg(&e));

@@ -26,9 +26,46 @@ fn usage() {
     println!("COMMAND := {{ {} }}", COMMANDS.join(" | "));
 }
 
+/// What the binaries read from their environment at start and hand down to
+/// the commands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Crash injection for tests (`VHD_UTIL_CRASH_AFTER_WRITES=N`): the
+    /// journaled commands (`set`, `repair`, `resize`, `coalesce`, `modify`)
+    /// fail every mutating I/O call after the first N, then abort as if the
+    /// process had been killed there. `None`: no injection. Only builds with
+    /// the test-only cargo feature `crash-injection` honour it.
+    pub crash_after_writes: Option<i64>,
+}
+
+impl Settings {
+    /// The environment variable of [`Settings::crash_after_writes`].
+    pub const CRASH_AFTER_WRITES_VAR: &'static str = "VHD_UTIL_CRASH_AFTER_WRITES";
+
+    /// The settings given by `lookup` (variable name to value; the process
+    /// environment in the binaries). A value that is not a number is
+    /// ignored.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        Self {
+            crash_after_writes: lookup(Self::CRASH_AFTER_WRITES_VAR)
+                .and_then(|v| v.trim().parse().ok()),
+        }
+    }
+
+    /// What a binary of this build takes from `lookup`: [`Settings::from_lookup`] with the
+    /// `crash-injection` feature, nothing otherwise (the shipped binaries read no variable).
+    pub fn for_this_build(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        if cfg!(feature = "crash-injection") {
+            Self::from_lookup(lookup)
+        } else {
+            Self::default()
+        }
+    }
+}
+
 /// Runs `vhd-util` with `args` (without the program name); `--debug`
 /// anywhere is accepted and ignored, as SM passes it.
-pub fn vhd_util(mut args: Vec<String>) -> i32 {
+pub fn vhd_util(settings: &Settings, mut args: Vec<String>) -> i32 {
     args.retain(|a| a != "--debug");
     let Some(cmd) = args.first().cloned() else {
         usage();
@@ -40,12 +77,12 @@ pub fn vhd_util(mut args: Vec<String>) -> i32 {
         "snapshot" => commands::snapshot(rest),
         "query" => commands::query(rest),
         "read" => commands::read(rest),
-        "set" => commands::set(rest),
-        "repair" => commands::repair(rest),
-        "resize" => commands::resize(rest),
+        "set" => commands::set(settings, rest),
+        "repair" => commands::repair(settings, rest),
+        "resize" => commands::resize(settings, rest),
         "fill" => commands::fill(rest),
-        "coalesce" => commands::coalesce(rest),
-        "modify" => commands::modify(rest),
+        "coalesce" => commands::coalesce(settings, rest),
+        "modify" => commands::modify(settings, rest),
         "scan" => commands::scan(rest),
         "check" => commands::check(rest),
         "revert" => commands::revert(rest),
@@ -65,4 +102,21 @@ pub fn vhd_util(mut args: Vec<String>) -> i32 {
 /// The process exit code of a command status (its magnitude, at most 255).
 pub fn exit_code(status: i32) -> ExitCode {
     ExitCode::from(u8::try_from(status.unsigned_abs().min(255)).unwrap_or(u8::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+
+    #[test]
+    fn settings_come_from_the_lookup_given() {
+        let none = Settings::from_lookup(|_| None);
+        assert_eq!(none, Settings::default());
+        let set = Settings::from_lookup(|name| {
+            (name == Settings::CRASH_AFTER_WRITES_VAR).then(|| "7".to_string())
+        });
+        assert_eq!(set.crash_after_writes, Some(7));
+        let junk = Settings::from_lookup(|_| Some("seven".to_string()));
+        assert_eq!(junk.crash_after_writes, None);
+    }
 }

@@ -6,5 +6,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     vhd_util::sigpipe::terminate_on_broken_pipe();
-    vhd_util::exit_code(vhd_util::vhd_util(std::env::args().skip(1).collect()))
+    let settings = vhd_util::Settings::for_this_build(|name| std::env::var(name).ok());
+    let args = std::env::args().skip(1).collect();
+    vhd_util::exit_code(vhd_util::vhd_util(&settings, args))
 }

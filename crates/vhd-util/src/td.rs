@@ -20,6 +20,7 @@ use std::path::Path;
 
 use crate::commands;
 use crate::getopt::getopt;
+use crate::Settings;
 
 const EINVAL: i32 = 22;
 const EIO: i32 = 5;
@@ -68,7 +69,7 @@ fn strings(v: &[&str]) -> Vec<String> {
 }
 
 /// Runs `td-util` with `args` (without the program name).
-pub fn td_util(args: &[String]) -> i32 {
+pub fn td_util(settings: &Settings, args: &[String]) -> i32 {
     let Some(cmd) = args.first() else {
         return help();
     };
@@ -95,7 +96,7 @@ pub fn td_util(args: &[String]) -> i32 {
         "create" => create(kind, rest),
         "snapshot" => snapshot(kind, rest),
         "query" => query(kind, rest),
-        _ => set(kind, rest),
+        _ => set(settings, kind, rest),
     }
 }
 
@@ -269,7 +270,7 @@ fn query_aio(name: &str, p: &crate::getopt::Parsed) -> i32 {
     0
 }
 
-fn set(kind: DiskType, args: &[String]) -> i32 {
+fn set(settings: &Settings, kind: DiskType, args: &[String]) -> i32 {
     let usage = || {
         eprintln!(
             "usage: td-util set {} [-h help] <FILENAME> <FIELD> <VALUE>",
@@ -295,7 +296,10 @@ fn set(kind: DiskType, args: &[String]) -> i32 {
         eprintln!("Invalid field {field}");
         return usage();
     }
-    commands::set(&strings(&["-n", name, "-f", "hidden", "-v", value]))
+    commands::set(
+        settings,
+        &strings(&["-n", name, "-f", "hidden", "-v", value]),
+    )
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! Output as the C tool's: `-p` prints `NONCE HASH` (hex, one space; `none`
 //! without a keyhash), which is what XenServer's storage manager splits;
 //! `-C` prints the hash alone. The nonce is `-N`'s, else all zeros (so
-//! `-s -H HASH` stores exactly the hash a toolstack computed).
+//! `-s -H HASH` stores exactly the hash a toolstack computed). `-s` refuses
+//! an image that already holds blocks (EINVAL), as the C tool does.
 
 use std::path::Path;
 
@@ -117,6 +118,12 @@ pub fn run(args: &[String]) -> i32 {
             }
         };
         open(name, true).and_then(|mut img| {
+            // As the C tool: a keyhash names the key of data still to be
+            // written, so it cannot be set under blocks already there.
+            if img.bat().allocated_count() > 0 {
+                println!("can't save key hashes for non-empty vhds");
+                return Err(EINVAL);
+            }
             img.set_keyhash(KeyHash {
                 cookie: 1,
                 nonce,

@@ -373,18 +373,24 @@ fn chain_coalesce_resize_modify_repair() {
     // modify -z drops all data.
     ok(p, &["modify", "-n", "flat.vhd", "-z"]);
     assert_eq!(ok(p, &["query", "-n", "flat.vhd", "-a"]), "0\n");
-    // key: set, check, print.
+    // key: set, check, print, on an image without blocks (one that holds
+    // data is refused, as by the C tool).
     std::fs::write(p.join("k"), [7u8; 32]).unwrap();
-    ok(p, &["key", "-s", "-n", "pre.vhd", "-k", "k"]);
-    ok(p, &["key", "-c", "-n", "pre.vhd", "-k", "k"]);
+    let o = run(p, &["key", "-s", "-n", "pre.vhd", "-k", "k"]);
+    assert_eq!(o.status.code(), Some(22));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("non-empty"));
+    assert_eq!(ok(p, &["key", "-p", "-n", "pre.vhd"]), "none\n");
+    ok(p, &["create", "-n", "enc.vhd", "-s", "16"]);
+    ok(p, &["key", "-s", "-n", "enc.vhd", "-k", "k"]);
+    ok(p, &["key", "-c", "-n", "enc.vhd", "-k", "k"]);
     std::fs::write(p.join("k2"), [8u8; 32]).unwrap();
     assert_eq!(
-        run(p, &["key", "-c", "-n", "pre.vhd", "-k", "k2"])
+        run(p, &["key", "-c", "-n", "enc.vhd", "-k", "k2"])
             .status
             .code(),
         Some(22)
     );
-    assert_eq!(ok(p, &["key", "-p", "-n", "pre.vhd"]).len(), 130);
+    assert_eq!(ok(p, &["key", "-p", "-n", "enc.vhd"]).len(), 130);
 }
 
 fn copy_dir(files: &[&str], from: &Path, to: &Path) {

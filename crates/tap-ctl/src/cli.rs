@@ -15,9 +15,9 @@
 //! Options the daemon does not implement yet (`create -d -r -e -2 -s`, `open -r -e -2 -s -E`,
 //! `unpause -2`) are parsed and then refused with "not supported yet" and `EOPNOTSUPP` (95),
 //! without contacting any tapdisk. The changed-block log (`create`/`open`/`recover -C`,
-//! `unpause -c`) is made an absolute path, as image paths are (tapdisk runs in `/`). `major` and `check` belonged to the
-//! kernel-device (v3) stack: `major` reports that no blktap device major exists (`ENOSYS`),
-//! `check` prints `ok` because nothing kernel-side is needed.
+//! `unpause -c`) is made an absolute path, as image paths are (tapdisk runs in `/`). `major`
+//! and `check` belonged to the kernel-device (v3) stack: `major` reports that no blktap
+//! device major exists (`ENOSYS`), `check` prints `ok` because nothing kernel-side is needed.
 
 use std::io::Write;
 use std::path::Path;

@@ -12,8 +12,9 @@
 //! | `tap-ctl stats -p -m` (first line through a JSON parser, `nbd_mirror_failed`) | `tap_ctl_vbd_life_cycle` |
 //! | `tap-ctl pause`, `unpause -a vhd:NEWLEAF`, `unpause` (same path) | `tap_ctl_vbd_life_cycle` |
 //! | `tap-ctl close -t 120 [-f]`, `detach`, `free -m`; NBD socket `<ctl dir>/nbd<pid>.<minor>` | `tap_ctl_vbd_life_cycle` |
-//! | `tap-ctl open -C` (CBT, issue 14), `-E` (issue 20), `-r`, `-r -e N -2 vhd:PATH`, `-e N -2 vhd:PATH -s` (IntelliCache, issue 20) | `tap_ctl_lines_not_built_yet_are_refused` |
-//! | `tap-ctl unpause -c` (issue 14), `unpause -2 nbd:unix:SOCK:exportname=NAME` (issue 15) | `tap_ctl_lines_not_built_yet_are_refused` |
+//! | `tap-ctl open -C PATH.cbtlog`, `unpause -a vhd:NEWLEAF -c PATH.cbtlog` (CBT) | `crates/tapdisk/tests/cbt.rs` `storage_manager_forms_track_writes_across_a_snapshot` |
+//! | `tap-ctl open -E` (issue 20), `-r`, `-r -e N -2 vhd:PATH`, `-e N -2 vhd:PATH -s` (IntelliCache, issue 20) | `tap_ctl_lines_not_built_yet_are_refused` |
+//! | `tap-ctl unpause -2 nbd:unix:SOCK:exportname=NAME` (issue 15) | `tap_ctl_lines_not_built_yet_are_refused` |
 //! | `tap-ctl commit -a`, `query`, `cancel -w` (qcow2, issue 17) | `tap_ctl_lines_not_built_yet_are_refused` |
 //! | `vhd-util create -n -s [-r] [-S]`, `snapshot -n -p [-m] [-e] [-S]` | `vhd_util_file_sr_lines` |
 //! | `vhd-util query -n` with `-v -s -p -f -a -d -S`, `-vsafp`, `-vsaf`, `-vsafpu` | `vhd_util_file_sr_lines` |
@@ -23,7 +24,7 @@
 //! | `vhd-util resize -f`, `resize -j JOURNAL`, `revert -j`, `key -p`, `key -s -H` | `vhd_util_file_sr_lines` |
 //! | LVHD on volumes: `create -S 2097152` on an existing device, `snapshot -S`, `set hidden`, `modify -s` after the volume grew and its last sector was zeroed, `modify -s` to shrink, `resize -j` with a journal device, `modify -p` | `vhd_util_lvhd_lines_on_block_devices` (loop devices), `tests/vm/lvhd.sh` (LVM) |
 //! | `td-util create vhd MB PATH`, `snapshot vhd CHILD PARENT`, `query vhd -v|-p|-vpfb PATH` | `td_util_lines` |
-//! | `cbt-util create/get/set/coalesce` | not built yet (issue 14: no binary to run) |
+//! | `cbt-util create/get/set/coalesce` | `crates/cbt-util/tests/cli.rs`, `crates/tapdisk/tests/cbt.rs` (the SM sequence around a snapshot) |
 
 mod common;
 
@@ -278,13 +279,9 @@ fn tap_ctl_vbd_life_cycle() {
 fn tap_ctl_lines_not_built_yet_are_refused() {
     let env = Env::new();
     let vhd = "vhd:/srv/sr/leaf.vhd";
-    let cbt = "/srv/sr/leaf.cbtlog";
     let mirror = "nbd:unix:/run/mirror.sock:exportname=leaf";
     // (command, arguments after "-p 1 -m 0")
     let cases: &[(&str, &[&str])] = &[
-        // Changed-block tracking: issue 14 makes these work.
-        ("open", &["-a", vhd, "-C", cbt]),
-        ("unpause", &["-a", vhd, "-c", cbt]),
         // Encrypted VDIs and IntelliCache: issue 20.
         ("open", &["-a", vhd, "-E"]),
         ("open", &["-a", vhd, "-r"]),

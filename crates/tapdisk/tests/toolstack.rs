@@ -420,6 +420,13 @@ fn vhd_util_file_sr_lines() {
     assert_eq!(parent_no_check(dir, "child.vhd"), "./base.vhd");
     let bitmap = vhd_util(dir, &["read", "-B", "-n", "base.vhd"]).stdout;
     assert_eq!(bitmap, vec![0b1100_0000, 0, 0, 0]);
+    // read -B of a fixed disk: no BAT, the C tool's line and EINVAL.
+    let out = vhd_util(dir, &["read", "-B", "-n", "fixed.vhd"]);
+    assert_eq!(out.status.code(), Some(libc::EINVAL));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Failed to get bat for fixed.vhd: -22\n"
+    );
 
     // modify -p [-m]: reparent (the raw one on the fixed file).
     vhd_ok(dir, &["modify", "-n", "empty-ok.vhd", "-p", "base.vhd"]);

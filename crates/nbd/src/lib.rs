@@ -25,8 +25,14 @@
 //! reply headers, `BLOCK_STATUS_EXT`) when the client asks for them. Caps on live
 //! connections, nested per export and per process, with a clear refusal beyond them
 //! ([`limit`]).
+//!
+//! [`client`] is the other side: [`client::Client`] negotiates with a server (old style,
+//! newstyle with `GO` or `EXPORT_NAME`, structured replies, TLS) and keeps many requests in
+//! flight with a deadline each; its pure part, [`client::codec`], reads what servers send
+//! with the same constants and headers as [`proto`].
 
 mod backlog;
+pub mod client;
 pub mod export;
 pub mod handover;
 pub mod limit;

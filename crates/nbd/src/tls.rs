@@ -1,5 +1,7 @@
 //! TLS for NBD over TCP (rustls, X.509 certificates): a server built with [`Tls`] requires
-//! every client to upgrade with `NBD_OPT_STARTTLS` before negotiating anything else.
+//! every client to upgrade with `NBD_OPT_STARTTLS` before negotiating anything else; a
+//! client built with [`ClientTls`] upgrades its connections and checks the server's
+//! certificate against the authorities it was given.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -74,5 +76,67 @@ impl Tls {
     /// `server-cert.pem` and `server-key.pem`.
     pub fn from_dir(dir: &Path) -> Result<Self, TlsError> {
         Self::from_pem_files(&dir.join("server-cert.pem"), &dir.join("server-key.pem"))
+    }
+}
+
+/// Client-side TLS settings: the certificate authorities a server's certificate must chain
+/// to, and optionally a client certificate.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub(crate) connector: tokio_rustls::TlsConnector,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientTls")
+    }
+}
+
+impl ClientTls {
+    /// From a directory laid out as qemu and nbdkit expect of a client
+    /// (`--tls-certificates`): `ca-cert.pem` (the authorities to trust), and, if both
+    /// exist, `client-cert.pem` and `client-key.pem` (presented to servers that ask).
+    pub fn from_dir(dir: &Path) -> Result<Self, TlsError> {
+        let ca = dir.join("ca-cert.pem");
+        let pem_error = |what, path: &Path, message: String| TlsError::Pem {
+            what,
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let authorities: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca)
+            .map_err(|e| pem_error("certificate authorities", &ca, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem_error("certificate authorities", &ca, e.to_string()))?;
+        for authority in authorities {
+            roots.add(authority)?;
+        }
+        if roots.is_empty() {
+            return Err(pem_error(
+                "certificate authorities",
+                &ca,
+                "no certificate found".into(),
+            ));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let cert = dir.join("client-cert.pem");
+        let key = dir.join("client-key.pem");
+        let config = if cert.exists() && key.exists() {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+                .map_err(|e| pem_error("certificates", &cert, e.to_string()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| pem_error("certificates", &cert, e.to_string()))?;
+            let key = PrivateKeyDer::from_pem_file(&key)
+                .map_err(|e| pem_error("the private key", &key, e.to_string()))?;
+            builder.with_client_auth_cert(chain, key)?
+        } else {
+            builder.with_no_client_auth()
+        };
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
     }
 }

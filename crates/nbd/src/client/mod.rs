@@ -1,0 +1,1229 @@
+//! An NBD client on tokio: negotiates with a server over a connected socket, then keeps
+//! many requests in flight on it. tapdisk's `nbd` image driver (storage-migration mirrors,
+//! remote disks) is built on it.
+//!
+//! **Handshake.** Old style (the greeting carries size and flags, as tapdisk's
+//! `nbdserver<pid>.<minor>` fd receivers speak it) and newstyle. On a fixed newstyle server
+//! the client asks for structured replies (`NBD_OPT_STRUCTURED_REPLY`), then for the export
+//! with `NBD_OPT_GO` (asking for the block size limits), and falls back to
+//! `NBD_OPT_EXPORT_NAME` when the server does not know `GO`; a plain newstyle server only
+//! gets `EXPORT_NAME`. With [`ClientConfig::tls`] the client first upgrades with
+//! `NBD_OPT_STARTTLS` and refuses to go on in plaintext; without it, a server that insists
+//! on TLS is reported as such ([`ClientError::TlsRequired`]). The whole handshake has a
+//! deadline ([`ClientConfig::handshake_timeout`]).
+//!
+//! **Transmission.** Requests are written by the task that makes them (one lock around the
+//! socket's write half, header and payload in one vectored write), so a request costs no
+//! hand-off to another task; one reader task reads replies and completes requests by cookie,
+//! reading read data straight into the caller's buffer. At most
+//! [`ClientConfig::max_in_flight`] requests are on the wire; up to
+//! [`ClientConfig::max_queued`] more wait for a slot, and beyond that a request fails at once
+//! with [`ClientError::Busy`] (`EBUSY`) instead of queueing without bound. Requests larger
+//! than the server's maximum are split.
+//!
+//! **Failures.** Every request has a deadline ([`ClientConfig::request_timeout`]) covering
+//! its wait for a slot, its sending and its reply: a hung server is detected. A timed-out
+//! request, a failed read or write on the socket, or anything the server sends that the
+//! protocol does not allow breaks the connection: every request in flight fails, later ones
+//! fail at once ([`ClientError::Disconnected`]), and the socket is shut down. The client
+//! never reconnects by itself: whether that is possible (an address can be dialled again, a
+//! handed-over socket cannot) is for the owner to decide.
+
+pub mod codec;
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::time::Instant;
+
+use self::codec::{
+    ChunkContext, ChunkMeaning, ClientProtoError, ExportFacts, GreetingStyle, InfoItem, ReplyKind,
+    ServerFlags,
+};
+use crate::handover::ReceivedStream;
+use crate::proto::{
+    self, CMD_DISC, CMD_FLAG_FAST_ZERO, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, DEFAULT_MAX_BLOCK, OPT_GO, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK,
+    REP_ERR_TLS_REQD, REP_ERR_UNSUP, REP_INFO, SIMPLE_REPLY_LEN, STRUCTURED_HEADER_LEN,
+    TFLAG_READ_ONLY, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FLUSH, TFLAG_SEND_TRIM,
+    TFLAG_SEND_WRITE_ZEROES,
+};
+use crate::tls::ClientTls;
+use crate::ExportBuffer;
+
+/// How a client connects and behaves.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The export asked for (`""`: the server's default export).
+    pub export_name: String,
+    /// Upgrade to TLS, checking the server's certificate for this name (a DNS name or an IP
+    /// address). Only for newstyle servers: an old-style greeting then fails the handshake.
+    pub tls: Option<(ClientTls, String)>,
+    /// Deadline of the whole handshake.
+    pub handshake_timeout: Duration,
+    /// Deadline of each request, from its submission to its reply.
+    pub request_timeout: Duration,
+    /// Requests on the wire at once.
+    pub max_in_flight: usize,
+    /// Requests waiting for a slot at once; more fail with `EBUSY`.
+    pub max_queued: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            export_name: String::new(),
+            tls: None,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_in_flight: 256,
+            max_queued: 1024,
+        }
+    }
+}
+
+/// Which handshake the server took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeStyle {
+    /// Old-style greeting.
+    Oldstyle,
+    /// Newstyle, export chosen with `NBD_OPT_EXPORT_NAME`.
+    ExportName,
+    /// Fixed newstyle, export chosen with `NBD_OPT_GO`.
+    Go,
+}
+
+impl HandshakeStyle {
+    /// Lower-case name, for logs and stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Oldstyle => "oldstyle",
+            Self::ExportName => "export_name",
+            Self::Go => "go",
+        }
+    }
+}
+
+/// What negotiation settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags (`TFLAG_*`).
+    pub flags: u16,
+    /// The handshake taken.
+    pub style: HandshakeStyle,
+    /// Structured replies are on.
+    pub structured: bool,
+    /// The connection runs over TLS.
+    pub tls: bool,
+    /// Smallest request size the server accepts (1 unless it said otherwise).
+    pub min_block: u32,
+    /// Largest request payload; larger requests are split.
+    pub max_request: u32,
+}
+
+impl Negotiated {
+    /// The export refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.flags & TFLAG_READ_ONLY != 0
+    }
+
+    /// The server implements `NBD_CMD_FLUSH`.
+    pub fn can_flush(&self) -> bool {
+        self.flags & TFLAG_SEND_FLUSH != 0
+    }
+
+    /// The server implements `NBD_CMD_TRIM`.
+    pub fn can_trim(&self) -> bool {
+        self.flags & TFLAG_SEND_TRIM != 0
+    }
+
+    /// The server implements `NBD_CMD_WRITE_ZEROES`.
+    pub fn can_write_zeroes(&self) -> bool {
+        self.flags & TFLAG_SEND_WRITE_ZEROES != 0
+    }
+
+    /// The server implements the fast-zero flag.
+    pub fn can_fast_zero(&self) -> bool {
+        self.flags & TFLAG_SEND_FAST_ZERO != 0
+    }
+}
+
+/// Why negotiation or a request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// Reading or writing the socket failed during the handshake.
+    #[error("{what}: {message}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The system's explanation.
+        message: String,
+        /// Its errno, if any.
+        errno: Option<i32>,
+    },
+    /// The server broke the protocol during the handshake.
+    #[error("{0}")]
+    Protocol(#[from] ClientProtoError),
+    /// The server refused the export.
+    #[error("the server refused {option}: {message}")]
+    Refused {
+        /// The option refused.
+        option: &'static str,
+        /// The server's message and error.
+        message: String,
+    },
+    /// The server accepts TLS connections only and no TLS was configured.
+    #[error("the server requires TLS and none is configured for this connection")]
+    TlsRequired,
+    /// TLS was asked for but could not be set up.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The handshake did not finish in time.
+    #[error("the handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The server answered a request with an error.
+    #[error("the server answered error {errno}{message}")]
+    Server {
+        /// The errno of the NBD error.
+        errno: i32,
+        /// The server's message (with a leading `": "`), or empty.
+        message: String,
+    },
+    /// The connection is broken; this and every later request fails.
+    #[error("the connection is closed: {0}")]
+    Disconnected(String),
+    /// The request got no reply in time (the connection is broken since).
+    #[error("no reply within {0:?}")]
+    TimedOut(Duration),
+    /// Too many requests wait for a slot already.
+    #[error("too many requests queued")]
+    Busy,
+    /// The request cannot be expressed on this connection.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// The errno a caller reports for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Io { errno, .. } => errno.unwrap_or(libc::EIO),
+            Self::Protocol(_) => libc::EPROTO,
+            Self::Refused { .. } => libc::ENXIO,
+            Self::TlsRequired | Self::Tls(_) => libc::EACCES,
+            Self::HandshakeTimeout(_) | Self::TimedOut(_) => libc::ETIMEDOUT,
+            Self::Server { errno, .. } => *errno,
+            Self::Disconnected(_) => libc::ENOTCONN,
+            Self::Busy => libc::EBUSY,
+            Self::Invalid(_) => libc::EINVAL,
+        }
+    }
+
+    /// True when the connection can no longer carry requests (as opposed to one request
+    /// being refused by the server or the queue).
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Disconnected(_) | Self::TimedOut(_) | Self::Io { .. } | Self::Protocol(_)
+        )
+    }
+
+    fn io(what: &'static str, error: &io::Error) -> Self {
+        Self::Io {
+            what,
+            message: error.to_string(),
+            errno: error.raw_os_error(),
+        }
+    }
+}
+
+impl From<ClientError> for io::Error {
+    fn from(error: ClientError) -> Self {
+        io::Error::from_raw_os_error(error.errno())
+    }
+}
+
+type BoxedReader = Box<dyn AsyncRead + Send + Unpin>;
+type BoxedWriter = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A request waiting for its reply.
+enum Waiter<B> {
+    /// A read: data goes to `buf[base + ...]`.
+    Read {
+        buf: B,
+        base: usize,
+        context: ChunkContext,
+        /// Buffer ranges filled so far (structured replies), sorted, never overlapping.
+        covered: Vec<Range<usize>>,
+        error: Option<ClientError>,
+        done: oneshot::Sender<Result<B, ClientError>>,
+    },
+    /// Any other request.
+    Command {
+        context: ChunkContext,
+        error: Option<ClientError>,
+        done: oneshot::Sender<Result<(), ClientError>>,
+    },
+}
+
+impl<B> Waiter<B> {
+    fn context(&self) -> ChunkContext {
+        match self {
+            Self::Read { context, .. } | Self::Command { context, .. } => *context,
+        }
+    }
+
+    fn fail(self, error: ClientError) {
+        match self {
+            Self::Read { done, .. } => {
+                let _ = done.send(Err(error));
+            }
+            Self::Command { done, .. } => {
+                let _ = done.send(Err(error));
+            }
+        }
+    }
+
+    /// Completes the request: with the first error recorded, else success.
+    fn finish(self) -> Result<(), ClientProtoError> {
+        match self {
+            Self::Read {
+                buf,
+                context,
+                covered,
+                error,
+                done,
+                ..
+            } => {
+                let result = match error {
+                    Some(error) => Err(error),
+                    None => {
+                        let whole = usize::try_from(context.length).unwrap_or(usize::MAX);
+                        let complete =
+                            whole == 0 || (covered.len() == 1 && covered[0] == (0..whole));
+                        if !complete {
+                            let error = ClientProtoError::Invalid {
+                                what: format!(
+                                    "the reply to a read of {whole} bytes at {} covers {covered:?}",
+                                    context.offset
+                                ),
+                            };
+                            let _ = done.send(Err(ClientError::Protocol(error.clone())));
+                            return Err(error);
+                        }
+                        Ok(buf)
+                    }
+                };
+                let _ = done.send(result);
+            }
+            Self::Command { error, done, .. } => {
+                let _ = done.send(error.map_or(Ok(()), Err));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Records that `range` of a read buffer was filled; overlapping chunks are a violation.
+fn cover(covered: &mut Vec<Range<usize>>, range: Range<usize>) -> Result<(), ClientProtoError> {
+    let at = covered.partition_point(|r| r.end <= range.start);
+    if covered.get(at).is_some_and(|r| r.start < range.end) {
+        return Err(ClientProtoError::Invalid {
+            what: format!("reply chunks overlap at bytes {range:?}"),
+        });
+    }
+    covered.insert(at, range);
+    // Merge neighbours, so a complete read is one range.
+    let mut merged: Vec<Range<usize>> = Vec::with_capacity(covered.len());
+    for r in covered.drain(..) {
+        match merged.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => merged.push(r),
+        }
+    }
+    *covered = merged;
+    Ok(())
+}
+
+struct State<B> {
+    next_cookie: u64,
+    pending: HashMap<u64, Waiter<B>>,
+    /// Why the connection is broken, once it is.
+    broken: Option<String>,
+}
+
+struct Shared<B> {
+    negotiated: Negotiated,
+    request_timeout: Duration,
+    max_queued: usize,
+    writer: tokio::sync::Mutex<BoxedWriter>,
+    state: Mutex<State<B>>,
+    slots: Semaphore,
+    queued: AtomicUsize,
+    /// Set once the connection is broken or closed: the reader stops.
+    stop: watch::Sender<bool>,
+    timeouts: AtomicU64,
+}
+
+impl<B: ExportBuffer> Shared<B> {
+    fn state(&self) -> MutexGuard<'_, State<B>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.state().broken.clone()
+    }
+
+    /// Breaks the connection: every request in flight fails with `reason`, later ones fail
+    /// at once, the reader stops and the socket is shut down.
+    fn break_connection(self: &Arc<Self>, reason: String) {
+        let waiters: Vec<Waiter<B>> = {
+            let mut state = self.state();
+            if state.broken.is_some() {
+                return;
+            }
+            tracing::warn!("NBD connection broken: {reason}");
+            state.broken = Some(reason.clone());
+            state.pending.drain().map(|(_, waiter)| waiter).collect()
+        };
+        for waiter in waiters {
+            waiter.fail(ClientError::Disconnected(reason.clone()));
+        }
+        self.stop.send_replace(true);
+        // Tell the server we are gone once no request is being written.
+        let shared = Arc::clone(self);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let mut writer = shared.writer.lock().await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    }
+
+    /// Registers a waiter and returns its cookie.
+    fn register(&self, waiter: Waiter<B>) -> Result<u64, ClientError> {
+        let mut state = self.state();
+        if let Some(reason) = &state.broken {
+            return Err(ClientError::Disconnected(reason.clone()));
+        }
+        let cookie = state.next_cookie;
+        state.next_cookie = state.next_cookie.wrapping_add(1);
+        state.pending.insert(cookie, waiter);
+        Ok(cookie)
+    }
+
+    /// Writes one request; a write abandoned half-way breaks the connection (the stream
+    /// would be out of step).
+    async fn send(self: &Arc<Self>, header: &[u8], payload: &[u8]) -> Result<(), ClientError> {
+        let mut writer = self.writer.lock().await;
+        let mut guard = BreakOnDrop {
+            shared: Some(self),
+            reason: "a request was abandoned while being sent",
+        };
+        let result = write_all_vectored(&mut *writer, header, payload).await;
+        guard.shared = None;
+        drop(writer);
+        result.map_err(|e| {
+            let error = ClientError::io("sending a request", &e);
+            self.break_connection(error.to_string());
+            error
+        })
+    }
+}
+
+/// Breaks the connection when dropped armed.
+struct BreakOnDrop<'a, B: ExportBuffer> {
+    shared: Option<&'a Arc<Shared<B>>>,
+    reason: &'static str,
+}
+
+impl<B: ExportBuffer> Drop for BreakOnDrop<'_, B> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.break_connection(self.reason.to_owned());
+        }
+    }
+}
+
+/// Writes `header` then `payload`, with vectored writes.
+async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
+    writer: &mut W,
+    header: &[u8],
+    payload: &[u8],
+) -> io::Result<()> {
+    let total = header.len() + payload.len();
+    let mut written = 0;
+    while written < total {
+        let n = if written < header.len() {
+            let slices = [IoSlice::new(&header[written..]), IoSlice::new(payload)];
+            writer.write_vectored(&slices).await?
+        } else {
+            writer.write(&payload[written - header.len()..]).await?
+        };
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        written += n;
+    }
+    writer.flush().await
+}
+
+/// A connected, negotiated NBD client. Dropping it stops its reader; [`Client::close`]
+/// says goodbye to the server first.
+pub struct Client<B: ExportBuffer> {
+    shared: Arc<Shared<B>>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl<B: ExportBuffer> std::fmt::Debug for Client<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("negotiated", &self.shared.negotiated)
+            .field("broken", &self.shared.broken())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: ExportBuffer> Drop for Client<B> {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A socket type a client runs on, split into halves that need no lock between them.
+trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    fn into_halves(self) -> (BoxedReader, BoxedWriter);
+}
+
+impl Transport for tokio::net::UnixStream {
+    fn into_halves(self) -> (BoxedReader, BoxedWriter) {
+        let (read, write) = self.into_split();
+        (Box::new(read), Box::new(write))
+    }
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn into_halves(self) -> (BoxedReader, BoxedWriter) {
+        let (read, write) = self.into_split();
+        (Box::new(read), Box::new(write))
+    }
+}
+
+impl<B: ExportBuffer> Client<B> {
+    /// Negotiates on `stream` (connected to the server) as `config` says, within its
+    /// handshake deadline. Must be called within a tokio runtime; the reader task is spawned
+    /// on it.
+    pub async fn connect(
+        stream: ReceivedStream,
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let deadline = config.handshake_timeout;
+        tokio::time::timeout(deadline, Self::negotiate(stream, config))
+            .await
+            .map_err(|_| ClientError::HandshakeTimeout(deadline))?
+    }
+
+    async fn negotiate(stream: ReceivedStream, config: &ClientConfig) -> Result<Self, ClientError> {
+        match stream {
+            ReceivedStream::Unix(stream) => Self::negotiate_on(stream, config).await,
+            ReceivedStream::Tcp(stream) => {
+                let _ = stream.set_nodelay(true);
+                Self::negotiate_on(stream, config).await
+            }
+        }
+    }
+
+    async fn negotiate_on<S: Transport>(
+        mut stream: S,
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let negotiated = match greet(&mut stream).await? {
+            Greeting::Oldstyle(_) if config.tls.is_some() => {
+                return Err(ClientError::Tls(
+                    "the server greeted old-style, which cannot carry TLS".into(),
+                ))
+            }
+            Greeting::Oldstyle(facts) => oldstyle(facts),
+            Greeting::Newstyle(flags) => match &config.tls {
+                Some((tls, name)) => {
+                    let mut stream = upgrade(stream, flags, tls, name).await?;
+                    let negotiated = options(&mut stream, config, flags, true).await?;
+                    let (read, write) = tokio::io::split(stream);
+                    return Ok(Self::start(
+                        (Box::new(read), Box::new(write)),
+                        negotiated,
+                        config,
+                    ));
+                }
+                None => options(&mut stream, config, flags, false).await?,
+            },
+        };
+        Ok(Self::start(stream.into_halves(), negotiated, config))
+    }
+
+    fn start(
+        (read, write): (BoxedReader, BoxedWriter),
+        negotiated: Negotiated,
+        config: &ClientConfig,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            negotiated,
+            request_timeout: config.request_timeout,
+            max_queued: config.max_queued,
+            writer: tokio::sync::Mutex::new(write),
+            state: Mutex::new(State {
+                next_cookie: 1,
+                pending: HashMap::new(),
+                broken: None,
+            }),
+            slots: Semaphore::new(config.max_in_flight.max(1)),
+            queued: AtomicUsize::new(0),
+            stop: watch::channel(false).0,
+            timeouts: AtomicU64::new(0),
+        });
+        let reader = tokio::spawn(read_loop(
+            Arc::clone(&shared),
+            BufReader::with_capacity(64 * 1024, read),
+        ))
+        .abort_handle();
+        Self { shared, reader }
+    }
+
+    /// What negotiation settled.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.shared.negotiated
+    }
+
+    /// Why the connection is broken, once it is.
+    pub fn broken(&self) -> Option<String> {
+        self.shared.broken()
+    }
+
+    /// Requests waiting for their reply.
+    pub fn in_flight(&self) -> usize {
+        self.shared.state().pending.len()
+    }
+
+    /// Requests that timed out (each broke the connection it was on).
+    pub fn timeouts(&self) -> u64 {
+        self.shared.timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Runs one request (its payload at most the server's maximum) within the request
+    /// deadline.
+    async fn call<T>(
+        &self,
+        header: [u8; proto::REQUEST_HEADER_LEN],
+        payload: &[u8],
+        waiter: Waiter<B>,
+        reply: oneshot::Receiver<Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        let shared = &self.shared;
+        let deadline = Instant::now() + shared.request_timeout;
+        if let Some(reason) = shared.broken() {
+            return Err(ClientError::Disconnected(reason));
+        }
+        let permit = match shared.slots.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if shared.queued.fetch_add(1, Ordering::Relaxed) >= shared.max_queued {
+                    shared.queued.fetch_sub(1, Ordering::Relaxed);
+                    return Err(ClientError::Busy);
+                }
+                let acquired = tokio::time::timeout_at(deadline, shared.slots.acquire()).await;
+                shared.queued.fetch_sub(1, Ordering::Relaxed);
+                match acquired {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(ClientError::Disconnected("closed".into())),
+                    Err(_) => return Err(self.timed_out(None)),
+                }
+            }
+        };
+        let mut header = header;
+        let cookie = shared.register(waiter)?;
+        header[8..16].copy_from_slice(&cookie.to_be_bytes());
+        let exchange = async {
+            shared.send(&header, payload).await?;
+            reply
+                .await
+                .unwrap_or_else(|_| Err(ClientError::Disconnected("reader stopped".into())))
+        };
+        let result = match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(self.timed_out(Some(cookie))),
+        };
+        drop(permit);
+        result
+    }
+
+    /// Breaks the connection for a request that timed out.
+    fn timed_out(&self, cookie: Option<u64>) -> ClientError {
+        let shared = &self.shared;
+        if let Some(cookie) = cookie {
+            shared.state().pending.remove(&cookie);
+        }
+        shared.timeouts.fetch_add(1, Ordering::Relaxed);
+        let timeout = shared.request_timeout;
+        shared.break_connection(format!("a request got no reply within {timeout:?}"));
+        ClientError::TimedOut(timeout)
+    }
+
+    fn chunks(&self, offset: u64, len: usize) -> Result<Vec<(u64, Range<usize>)>, ClientError> {
+        let max = usize::try_from(self.shared.negotiated.max_request).unwrap_or(usize::MAX);
+        let size = self.shared.negotiated.size;
+        let inside = u64::try_from(len)
+            .ok()
+            .and_then(|len| offset.checked_add(len))
+            .is_some_and(|end| end <= size);
+        if !inside {
+            return Err(ClientError::Invalid(format!(
+                "{len} bytes at offset {offset} are beyond the export's {size} bytes"
+            )));
+        }
+        Ok((0..len)
+            .step_by(max.max(1))
+            .map(|start| (offset + start as u64, start..len.min(start + max)))
+            .collect())
+    }
+
+    /// Reads `buf.bytes().len()` bytes at `offset` into `buf`.
+    pub async fn read(&self, offset: u64, mut buf: B) -> Result<B, ClientError> {
+        let len = buf.bytes().len();
+        for (at, range) in self.chunks(offset, len)? {
+            let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
+            let (done, reply) = oneshot::channel();
+            let waiter = Waiter::Read {
+                buf,
+                base: range.start,
+                context: ChunkContext {
+                    read: true,
+                    offset: at,
+                    length,
+                },
+                covered: Vec::new(),
+                error: None,
+                done,
+            };
+            let header = codec::encode_request(CMD_READ, 0, 0, at, length);
+            buf = self.call(header, &[], waiter, reply).await?;
+        }
+        Ok(buf)
+    }
+
+    async fn command(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
+        let (done, reply) = oneshot::channel();
+        let waiter = Waiter::Command {
+            context: ChunkContext {
+                read: false,
+                offset,
+                length,
+            },
+            error: None,
+            done,
+        };
+        let header = codec::encode_request(command, flags, 0, offset, length);
+        self.call(header, payload, waiter, reply).await
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        for (at, range) in self.chunks(offset, data.len())? {
+            let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
+            self.command(CMD_WRITE, 0, at, length, &data[range]).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes completed writes durable (nothing to do when the server has no flush).
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        if !self.shared.negotiated.can_flush() {
+            return Ok(());
+        }
+        self.command(CMD_FLUSH, 0, 0, 0, &[]).await
+    }
+
+    /// Zeroes `len` bytes at `offset` with `NBD_CMD_WRITE_ZEROES`; `may_trim` lets the
+    /// server deallocate them, `fast` asks it to refuse (`ENOTSUP`) rather than write.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fast: bool,
+    ) -> Result<(), ClientError> {
+        let negotiated = &self.shared.negotiated;
+        if !negotiated.can_write_zeroes() || (fast && !negotiated.can_fast_zero()) {
+            return Err(ClientError::Server {
+                errno: libc::EOPNOTSUPP,
+                message: String::new(),
+            });
+        }
+        let mut flags = if may_trim { 0 } else { CMD_FLAG_NO_HOLE };
+        if fast {
+            flags |= CMD_FLAG_FAST_ZERO;
+        }
+        self.ranged(CMD_WRITE_ZEROES, flags, offset, len).await
+    }
+
+    /// Discards `len` bytes at `offset` with `NBD_CMD_TRIM` (what they read afterwards is up
+    /// to the server).
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        if !self.shared.negotiated.can_trim() {
+            return Err(ClientError::Server {
+                errno: libc::EOPNOTSUPP,
+                message: String::new(),
+            });
+        }
+        self.ranged(CMD_TRIM, 0, offset, len).await
+    }
+
+    /// A command without payload over `len` bytes, split at the server's maximum.
+    async fn ranged(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        let len =
+            usize::try_from(len).map_err(|_| ClientError::Invalid("range too long".into()))?;
+        for (at, range) in self.chunks(offset, len)? {
+            let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
+            self.command(command, flags, at, length, &[]).await?;
+        }
+        Ok(())
+    }
+
+    /// Says goodbye (`NBD_CMD_DISC`, which has no reply) once nothing is in flight, and
+    /// stops the connection.
+    pub async fn close(self) {
+        if self.broken().is_none() {
+            let header = codec::encode_request(CMD_DISC, 0, 0, 0, 0);
+            let sent = tokio::time::timeout(Duration::from_secs(1), async {
+                let mut writer = self.shared.writer.lock().await;
+                let _ = write_all_vectored(&mut *writer, &header, &[]).await;
+                let _ = writer.shutdown().await;
+            })
+            .await;
+            if sent.is_err() {
+                tracing::debug!("NBD disconnect not sent within 1 s");
+            }
+        }
+        self.shared.break_connection("closed".into());
+    }
+}
+
+fn oldstyle(facts: ExportFacts) -> Negotiated {
+    Negotiated {
+        size: facts.size,
+        flags: facts.flags,
+        style: HandshakeStyle::Oldstyle,
+        structured: false,
+        tls: false,
+        min_block: 1,
+        max_request: DEFAULT_MAX_BLOCK,
+    }
+}
+
+enum Greeting {
+    Oldstyle(ExportFacts),
+    Newstyle(ServerFlags),
+}
+
+async fn read_exact<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), ClientError> {
+    stream
+        .read_exact(buf)
+        .await
+        .map(|_| ())
+        .map_err(|e| ClientError::io(what, &e))
+}
+
+async fn write_all<S: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<(), ClientError> {
+    stream
+        .write_all(bytes)
+        .await
+        .map_err(|e| ClientError::io(what, &e))?;
+    stream.flush().await.map_err(|e| ClientError::io(what, &e))
+}
+
+/// Reads the greeting; for a newstyle server, sends the client flags.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<Greeting, ClientError> {
+    let mut start = [0u8; codec::GREETING_START_LEN];
+    read_exact(stream, &mut start, "reading the greeting").await?;
+    match codec::parse_greeting_start(&start)? {
+        GreetingStyle::Oldstyle => {
+            let mut rest = [0u8; codec::OLDSTYLE_REST_LEN];
+            read_exact(stream, &mut rest, "reading the old-style greeting").await?;
+            Ok(Greeting::Oldstyle(codec::parse_oldstyle_rest(&rest)))
+        }
+        GreetingStyle::Newstyle => {
+            let mut flags = [0u8; 2];
+            read_exact(stream, &mut flags, "reading the handshake flags").await?;
+            let flags = codec::parse_server_flags(flags);
+            write_all(
+                stream,
+                &codec::client_flags(flags),
+                "sending the client flags",
+            )
+            .await?;
+            Ok(Greeting::Newstyle(flags))
+        }
+    }
+}
+
+/// One option reply: its type and payload.
+async fn option_reply<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    option: u32,
+) -> Result<(u32, Vec<u8>), ClientError> {
+    let mut header = [0u8; codec::OPTION_REPLY_HEADER_LEN];
+    read_exact(stream, &mut header, "reading an option reply").await?;
+    let header = codec::parse_option_reply_header(&header, option)?;
+    let mut data = vec![0u8; usize::try_from(header.length).unwrap_or_default()];
+    read_exact(stream, &mut data, "reading an option reply").await?;
+    Ok((header.reply_type, data))
+}
+
+/// Sends `option` and reads its single reply.
+async fn simple_option<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    option: u32,
+) -> Result<(u32, Vec<u8>), ClientError> {
+    let mut out = Vec::new();
+    codec::encode_option(&mut out, option, &[]);
+    write_all(stream, &out, "sending an option").await?;
+    option_reply(stream, option).await
+}
+
+/// Upgrades a newstyle connection to TLS with `NBD_OPT_STARTTLS`.
+async fn upgrade<S>(
+    mut stream: S,
+    flags: ServerFlags,
+    tls: &ClientTls,
+    name: &str,
+) -> Result<tokio_rustls::client::TlsStream<S>, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !flags.fixed_newstyle {
+        return Err(ClientError::Tls(
+            "the server is not fixed newstyle, so it cannot start TLS".into(),
+        ));
+    }
+    let (reply, data) = simple_option(&mut stream, OPT_STARTTLS).await?;
+    if reply != REP_ACK {
+        return Err(ClientError::Tls(format!(
+            "the server refused STARTTLS (reply {reply:#x}: {})",
+            codec::error_text(&data)
+        )));
+    }
+    let server_name = tokio_rustls::rustls::pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| ClientError::Tls(format!("server name {name:?}: {e}")))?;
+    tls.connector
+        .connect(server_name, stream)
+        .await
+        .map_err(|e| ClientError::Tls(e.to_string()))
+}
+
+/// The option phase after the greeting: structured replies, then `GO` (with `EXPORT_NAME`
+/// as the fallback).
+async fn options<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    config: &ClientConfig,
+    flags: ServerFlags,
+    tls: bool,
+) -> Result<Negotiated, ClientError> {
+    let mut structured = false;
+    if flags.fixed_newstyle {
+        let (reply, _) = simple_option(stream, OPT_STRUCTURED_REPLY).await?;
+        match reply {
+            REP_ACK => structured = true,
+            REP_ERR_TLS_REQD => return Err(ClientError::TlsRequired),
+            _ => {}
+        }
+        let mut out = Vec::new();
+        codec::encode_go(&mut out, true, &config.export_name);
+        write_all(stream, &out, "sending NBD_OPT_GO").await?;
+        let mut facts = None;
+        let mut sizes = None;
+        loop {
+            let (reply, data) = option_reply(stream, OPT_GO).await?;
+            match reply {
+                REP_INFO => match codec::parse_info(&data)? {
+                    InfoItem::Export(export) => facts = Some(export),
+                    InfoItem::BlockSize { min, max, .. } => sizes = Some((min, max)),
+                    InfoItem::Other(_) => {}
+                },
+                REP_ACK => {
+                    let facts = facts.ok_or_else(|| ClientProtoError::Invalid {
+                        what: "NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into(),
+                    })?;
+                    let (min, max) = sizes.unwrap_or((1, DEFAULT_MAX_BLOCK));
+                    return Ok(Negotiated {
+                        size: facts.size,
+                        flags: facts.flags,
+                        style: HandshakeStyle::Go,
+                        structured,
+                        tls,
+                        min_block: min.max(1),
+                        max_request: if max >= min.max(512) {
+                            max.min(DEFAULT_MAX_BLOCK)
+                        } else {
+                            DEFAULT_MAX_BLOCK
+                        },
+                    });
+                }
+                REP_ERR_UNSUP => break,
+                REP_ERR_TLS_REQD => return Err(ClientError::TlsRequired),
+                error if error & (1 << 31) != 0 => {
+                    return Err(ClientError::Refused {
+                        option: "NBD_OPT_GO",
+                        message: format!("{} (reply {error:#x})", codec::error_text(&data)),
+                    })
+                }
+                // Replies a client may ignore.
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    codec::encode_export_name(&mut out, &config.export_name);
+    write_all(stream, &out, "sending NBD_OPT_EXPORT_NAME").await?;
+    let mut answer = [0u8; codec::EXPORT_NAME_REPLY_LEN];
+    read_exact(stream, &mut answer, "reading the export").await?;
+    let facts = codec::parse_export_name_reply(&answer);
+    if !flags.no_zeroes {
+        let mut zeros = [0u8; codec::EXPORT_NAME_PADDING];
+        read_exact(stream, &mut zeros, "reading the export").await?;
+    }
+    Ok(Negotiated {
+        size: facts.size,
+        flags: facts.flags,
+        style: HandshakeStyle::ExportName,
+        structured,
+        tls,
+        min_block: 1,
+        max_request: DEFAULT_MAX_BLOCK,
+    })
+}
+
+/// Reads replies until the connection breaks or is stopped, then breaks it.
+async fn read_loop<B: ExportBuffer>(shared: Arc<Shared<B>>, mut reader: BufReader<BoxedReader>) {
+    let mut stop = shared.stop.subscribe();
+    let reason = tokio::select! {
+        _ = stop.wait_for(|stopped| *stopped) => return,
+        error = read_replies(&shared, &mut reader) => error,
+    };
+    shared.break_connection(reason);
+}
+
+/// Reads replies and completes their requests; returns why it stopped.
+async fn read_replies<B: ExportBuffer>(
+    shared: &Arc<Shared<B>>,
+    reader: &mut BufReader<BoxedReader>,
+) -> String {
+    let structured = shared.negotiated.structured;
+    loop {
+        let mut magic = [0u8; 4];
+        match reader.read_exact(&mut magic).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return "the server closed the connection".into()
+            }
+            Err(e) => return format!("reading a reply: {e}"),
+        }
+        let outcome = match codec::parse_reply_magic(magic, structured) {
+            Ok(ReplyKind::Simple) => simple_reply(shared, reader, magic).await,
+            Ok(ReplyKind::Chunk) => chunk(shared, reader, magic).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(reason) = outcome {
+            return reason;
+        }
+    }
+}
+
+fn take_waiter<B: ExportBuffer>(shared: &Shared<B>, cookie: u64) -> Result<Waiter<B>, String> {
+    shared
+        .state()
+        .pending
+        .remove(&cookie)
+        .ok_or_else(|| format!("the server replied to unknown cookie {cookie}"))
+}
+
+/// Reads `range` of `buf` (offset by `base`) from the socket.
+async fn read_into<B: ExportBuffer>(
+    reader: &mut BufReader<BoxedReader>,
+    buf: &mut B,
+    range: Range<usize>,
+) -> Result<(), String> {
+    let target = buf
+        .bytes_mut()
+        .get_mut(range)
+        .ok_or_else(|| "read data does not fit the buffer".to_owned())?;
+    reader
+        .read_exact(target)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("reading read data: {e}"))
+}
+
+async fn simple_reply<B: ExportBuffer>(
+    shared: &Arc<Shared<B>>,
+    reader: &mut BufReader<BoxedReader>,
+    magic: [u8; 4],
+) -> Result<(), String> {
+    let mut bytes = [0u8; SIMPLE_REPLY_LEN];
+    bytes[..4].copy_from_slice(&magic);
+    reader
+        .read_exact(&mut bytes[4..])
+        .await
+        .map_err(|e| format!("reading a reply: {e}"))?;
+    let reply = codec::parse_simple_reply(&bytes);
+    let waiter = take_waiter(shared, reply.cookie)?;
+    if reply.error != 0 {
+        waiter.fail(ClientError::Server {
+            errno: codec::errno_of_nbd_error(reply.error),
+            message: String::new(),
+        });
+        return Ok(());
+    }
+    match waiter {
+        Waiter::Read {
+            mut buf,
+            base,
+            context,
+            done,
+            ..
+        } => {
+            let len = usize::try_from(context.length).unwrap_or(usize::MAX);
+            read_into(reader, &mut buf, base..base + len).await?;
+            let _ = done.send(Ok(buf));
+        }
+        Waiter::Command { done, .. } => {
+            let _ = done.send(Ok(()));
+        }
+    }
+    Ok(())
+}
+
+async fn chunk<B: ExportBuffer>(
+    shared: &Arc<Shared<B>>,
+    reader: &mut BufReader<BoxedReader>,
+    magic: [u8; 4],
+) -> Result<(), String> {
+    let mut bytes = [0u8; STRUCTURED_HEADER_LEN];
+    bytes[..4].copy_from_slice(&magic);
+    reader
+        .read_exact(&mut bytes[4..])
+        .await
+        .map_err(|e| format!("reading a reply chunk: {e}"))?;
+    let header = codec::parse_chunk_header(&bytes);
+    let mut waiter = take_waiter(shared, header.cookie)?;
+    let context = waiter.context();
+    let prefix_len = codec::chunk_prefix_len(&header, context).map_err(|e| e.to_string())?;
+    let mut prefix = vec![0u8; prefix_len];
+    reader
+        .read_exact(&mut prefix)
+        .await
+        .map_err(|e| format!("reading a reply chunk: {e}"))?;
+    let meaning = codec::parse_chunk(&header, &prefix, context).map_err(|e| e.to_string())?;
+    match (&mut waiter, meaning) {
+        (
+            Waiter::Read {
+                buf, base, covered, ..
+            },
+            ChunkMeaning::Data { range },
+        ) => {
+            cover(covered, range.clone()).map_err(|e| e.to_string())?;
+            let base = *base;
+            read_into(reader, buf, base + range.start..base + range.end).await?;
+        }
+        (
+            Waiter::Read {
+                buf, base, covered, ..
+            },
+            ChunkMeaning::Hole { range },
+        ) => {
+            cover(covered, range.clone()).map_err(|e| e.to_string())?;
+            let base = *base;
+            if let Some(zeros) = buf
+                .bytes_mut()
+                .get_mut(base + range.start..base + range.end)
+            {
+                zeros.fill(0);
+            }
+        }
+        (
+            Waiter::Read { error, .. } | Waiter::Command { error, .. },
+            ChunkMeaning::Error {
+                error: code,
+                message,
+            },
+        ) => {
+            if error.is_none() {
+                *error = Some(ClientError::Server {
+                    errno: codec::errno_of_nbd_error(code),
+                    message: if message.is_empty() {
+                        message
+                    } else {
+                        format!(": {message}")
+                    },
+                });
+            }
+        }
+        (_, ChunkMeaning::Nothing) => {}
+        // chunk_prefix_len refuses data and hole chunks for anything but reads.
+        (Waiter::Command { .. }, ChunkMeaning::Data { .. } | ChunkMeaning::Hole { .. }) => {
+            return Err("a data chunk answered a request that is not a read".into())
+        }
+    }
+    if header.done {
+        waiter.finish().map_err(|e| e.to_string())?;
+    } else {
+        shared.state().pending.insert(header.cookie, waiter);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coverage_merges_and_refuses_overlaps() {
+        let mut covered = Vec::new();
+        cover(&mut covered, 4..8).unwrap();
+        cover(&mut covered, 0..2).unwrap();
+        assert_eq!(covered, [0..2, 4..8]);
+        cover(&mut covered, 2..4).unwrap();
+        assert_eq!(covered, vec![0..8]);
+        assert!(cover(&mut covered, 7..9).is_err());
+        assert!(cover(&mut covered, 0..1).is_err());
+        cover(&mut covered, 8..9).unwrap();
+        assert_eq!(covered, vec![0..9]);
+    }
+}

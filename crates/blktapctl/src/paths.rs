@@ -91,6 +91,12 @@ impl ControlDir {
         self.root.join(format!("ctl{pid}"))
     }
 
+    /// Where a tapdisk receives sockets for its `nbd:` images (storage migration):
+    /// `<ctl dir>/nbdclient<pid>`.
+    pub fn nbd_client_socket_path(&self, pid: u32) -> PathBuf {
+        self.root.join(format!("nbdclient{pid}"))
+    }
+
     /// NBD (fixed newstyle) socket of one VBD: `<ctl dir>/nbd<pid>.<minor>`.
     pub fn nbd_socket_path(&self, pid: u32, minor: u32) -> PathBuf {
         self.root.join(format!("nbd{pid}.{minor}"))
@@ -138,5 +144,9 @@ mod tests {
         assert_eq!(dir.marker_path(7), Path::new("/x/ctl/tapdisk/tapdisk-7"));
         assert_eq!(dir.ctl_socket_path(42), Path::new("/x/ctl/ctl42"));
         assert_eq!(dir.nbd_socket_path(42, 7), Path::new("/x/ctl/nbd42.7"));
+        assert_eq!(
+            dir.nbd_client_socket_path(42),
+            Path::new("/x/ctl/nbdclient42")
+        );
     }
 }

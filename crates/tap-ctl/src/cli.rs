@@ -12,12 +12,13 @@
 //! XCP-ng's live commit commands: `commit -p -m -a PATH` (start), `query -p -m` (prints
 //! `Commit status '<status>' (<current>/<total>)`), `cancel -p -m [-w]`.
 //!
-//! Options the daemon does not implement yet (`create -d -r -e -2 -s`, `open -r -e -2 -s -E`,
-//! `unpause -2`) are parsed and then refused with "not supported yet" and `EOPNOTSUPP` (95),
-//! without contacting any tapdisk. The changed-block log (`create`/`open`/`recover -C`,
-//! `unpause -c`) is made an absolute path, as image paths are (tapdisk runs in `/`). `major`
-//! and `check` belonged to the kernel-device (v3) stack: `major` reports that no blktap
-//! device major exists (`ENOSYS`), `check` prints `ok` because nothing kernel-side is needed.
+//! Options the daemon does not implement yet (`create -d -r -e`, `open -r -e -E`) are parsed
+//! and then refused with "not supported yet" and `EOPNOTSUPP` (95), without contacting any
+//! tapdisk. The changed-block log (`create`/`open`/`recover -C`, `unpause -c`) is made an
+//! absolute path, as image paths are (tapdisk runs in `/`); so is a secondary image's
+//! (`-2 TYPE:PATH`) when it is a local file. `major` and `check` belonged to the
+//! kernel-device (v3) stack: `major` reports that no blktap device major exists (`ENOSYS`),
+//! `check` prints `ok` because nothing kernel-side is needed.
 
 use std::io::Write;
 use std::path::Path;
@@ -269,6 +270,10 @@ struct Collected {
     options: Vec<String>,
     /// `-C` (`create`, `open`, `recover`) or `-c` (`unpause`): the changed-block log.
     log: Option<String>,
+    /// `-2`: the secondary image (`TYPE:LOCATOR`, or `null` to remove it on unpause).
+    secondary: Option<String>,
+    /// `-s`: the secondary is a standby.
+    standby: bool,
     /// Options given that the daemon does not support yet: (letter, description).
     unsupported: Vec<(char, &'static str)>,
     /// `nbd-listen -l`: TCP address.
@@ -335,8 +340,8 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
                 number::<u32>(name, letter, &value)?;
                 c.unsupported.push(('e', "reuse of a parent chain"));
             }
-            (_, '2') => c.unsupported.push(('2', "secondary image")),
-            (_, 's') => c.unsupported.push(('s', "standby secondary")),
+            (_, '2') => c.secondary = Some(absolute_params(value)),
+            (_, 's') => c.standby = true,
             (_, 'C' | 'c') => c.log = Some(absolute_path(Path::new(&value))),
             (_, 'E') => c.unsupported.push(('E', "encryption")),
             _ => {}
@@ -454,8 +459,24 @@ fn request_timeout(name: &str, c: &Collected) -> Result<u16, Stop> {
     }
 }
 
+/// The secondary of `create`/`open` (`-2`, with `-s` a standby, which needs `-2`).
+fn secondary(name: &str, c: &Collected) -> Result<Option<String>, Stop> {
+    if c.standby && c.secondary.is_none() {
+        return Err(usage_error(
+            name,
+            Some(format!(
+                "tap-ctl: {name}: -s (standby) needs a secondary image (-2)"
+            )),
+        ));
+    }
+    Ok(c.secondary.clone())
+}
+
 fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
     let mut flags = c.block_device.unwrap_or_default();
+    if c.standby {
+        flags |= OpenFlags::STANDBY;
+    }
     let options = (!c.options.is_empty()).then(|| c.options.join("\n"));
     if c.readonly {
         flags |= OpenFlags::RDONLY;
@@ -469,6 +490,7 @@ fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
         request_timeout: timeout,
         options,
         log_path: c.log.clone(),
+        secondary: c.secondary.clone(),
         ..OpenRequest::default()
     }
 }
@@ -528,6 +550,7 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
         "create" => {
             let args = c.args.clone().ok_or_else(|| usage_error(name, None))?;
             let req_timeout = request_timeout(name, &c)?;
+            secondary(name, &c)?;
             refuse_unsupported(name, &c)?;
             Command::Create {
                 request: open_request(args, &c, req_timeout),
@@ -546,6 +569,7 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
             let (pid, minor) = pid_minor(name, &c)?;
             let args = c.args.clone().ok_or_else(|| usage_error(name, None))?;
             let req_timeout = request_timeout(name, &c)?;
+            secondary(name, &c)?;
             refuse_unsupported(name, &c)?;
             Command::Open {
                 pid,
@@ -604,7 +628,7 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
                 request: ResumeRequest {
                     params: c.args.map(absolute_params),
                     log_path: c.log,
-                    ..ResumeRequest::default()
+                    secondary: c.secondary,
                 },
             }
         }
@@ -1347,14 +1371,9 @@ mod tests {
             ("create -a vhd:/x -d tapdev3", 'd'),
             ("create -a vhd:/x -r", 'r'),
             ("create -a vhd:/x -e 3", 'e'),
-            ("create -a vhd:/x -2 vhd:/m", '2'),
-            ("create -a vhd:/x -s", 's'),
             ("open -p 1 -m 2 -a vhd:/x -r", 'r'),
             ("open -p 1 -m 2 -a vhd:/x -e 3", 'e'),
-            ("open -p 1 -m 2 -a vhd:/x -2 vhd:/m", '2'),
-            ("open -p 1 -m 2 -a vhd:/x -s", 's'),
             ("open -p 1 -m 2 -a vhd:/x -E", 'E'),
-            ("unpause -p 1 -m 2 -2 vhd:/m", '2'),
         ] {
             let what = unsupported(line).unwrap_or_else(|| panic!("{line:?} not refused"));
             assert!(
@@ -1371,6 +1390,41 @@ mod tests {
             err,
             "tap-ctl: open: option -E (encryption) is not supported yet: Operation not supported\n"
         );
+    }
+
+    #[test]
+    fn secondary_images_and_standby() {
+        let Command::Open { request, .. } = command("open -p 1 -m 2 -a vhd:/x -2 nbd:vbd/7/xvda")
+        else {
+            panic!("open parses to Open");
+        };
+        assert_eq!(request.secondary.as_deref(), Some("nbd:vbd/7/xvda"));
+        assert!(!request.flags.contains(OpenFlags::STANDBY));
+        let Command::Create { request } = command("create -a vhd:/x -2 aio:spare.img -s") else {
+            panic!("create parses to Create");
+        };
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            request.secondary,
+            Some(format!("aio:{}", cwd.join("spare.img").display()))
+        );
+        assert!(request.flags.contains(OpenFlags::STANDBY));
+        for (line, secondary) in [
+            (
+                "unpause -p 1 -m 2 -a vhd:/y -2 nbd:unix:/run/s.sock:exportname=vdi",
+                "nbd:unix:/run/s.sock:exportname=vdi",
+            ),
+            ("unpause -p 1 -m 2 -2 null", "null"),
+        ] {
+            let Command::Unpause { request, .. } = command(line) else {
+                panic!("unpause parses to Unpause");
+            };
+            assert_eq!(request.secondary.as_deref(), Some(secondary), "{line}");
+        }
+        // A standby needs a secondary; unpause has no -s.
+        assert!(is_usage_error("open -p 1 -m 2 -a vhd:/x -s"));
+        assert!(is_usage_error("create -a vhd:/x -s"));
+        assert!(is_usage_error("unpause -p 1 -m 2 -2 null -s"));
     }
 
     #[test]

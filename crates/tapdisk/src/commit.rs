@@ -381,7 +381,7 @@ impl CommitJob {
         let options = OpenOptions {
             read_only: false,
             shareable: false,
-            ..setup.options
+            ..setup.options.clone()
         };
         let params = setup.base_params.clone();
         let target = tokio::task::spawn_blocking(move || ImageChain::open(&params, options))

@@ -29,6 +29,12 @@
 //! max_connections_per_vbd = 128
 //! max_connections = 1024   # per tapdisk
 //!
+//! [nbd_client]             # the nbd image driver: storage-migration mirrors, remote disks
+//! request_timeout = 30     # seconds a request may go unanswered; then the connection is dropped
+//! handshake_timeout = 10   # seconds to connect and negotiate
+//! max_in_flight = 256      # requests on the wire per connection (as many again may queue)
+//! tls_certificates = ""    # a directory with ca-cert.pem: TLS for host:port targets
+//!
 //! [log]
 //! filter = "info"          # a tracing filter: "debug", "tapdisk=debug,nbd=info", ...
 //!
@@ -50,6 +56,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::driver::nbd::NbdClientSettings;
 use crate::engine::{EngineChoice, IoSettings};
 use crate::frontend::nbd::ConnectionCaps;
 use crate::frontend::ublk::config::{
@@ -239,6 +246,8 @@ pub struct Config {
     pub nbd: ConnectionCaps,
     /// Benchmark and diagnosis switches.
     pub tuning: Tuning,
+    /// The NBD client of `nbd:` images.
+    pub nbd_client: NbdClientSettings,
     /// The site file read, if any.
     pub file: Option<PathBuf>,
 }
@@ -253,6 +262,7 @@ impl Default for Config {
             device: DeviceSettings::default(),
             nbd: ConnectionCaps::default(),
             tuning: Tuning::default(),
+            nbd_client: NbdClientSettings::default(),
             file: None,
         }
     }
@@ -274,6 +284,8 @@ struct SiteFile {
     nbd: NbdSection,
     #[serde(default)]
     tuning: TuningSection,
+    #[serde(default)]
+    nbd_client: NbdClientSection,
 }
 
 /// Most connections a cap may allow.
@@ -322,6 +334,49 @@ struct TuningSection {
     nbd_gather: Option<bool>,
     ublk_bridge: Option<Bridge>,
     ublk_affinity: Option<Affinity>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct NbdClientSection {
+    request_timeout: Option<i64>,
+    handshake_timeout: Option<i64>,
+    max_in_flight: Option<i64>,
+    tls_certificates: Option<PathBuf>,
+}
+
+impl NbdClientSection {
+    /// Applies the keys present to `settings`.
+    fn apply(&self, settings: &mut NbdClientSettings, origin: &str) -> Result<(), ConfigError> {
+        let seconds = |key, value| in_range(origin, key, value, 1..=3600u64);
+        if let Some(secs) = self.request_timeout {
+            settings.request_timeout =
+                std::time::Duration::from_secs(seconds("nbd_client.request_timeout", secs)?);
+        }
+        if let Some(secs) = self.handshake_timeout {
+            settings.handshake_timeout =
+                std::time::Duration::from_secs(seconds("nbd_client.handshake_timeout", secs)?);
+        }
+        if let Some(slots) = self.max_in_flight {
+            settings.max_in_flight = in_range(origin, "nbd_client.max_in_flight", slots, 1..=4096)?;
+        }
+        match &self.tls_certificates {
+            Some(dir) if dir.as_os_str().is_empty() => settings.tls_certificates = None,
+            Some(dir) => {
+                // Checked now, so a wrong directory stops tapdisk at start; read again at
+                // every connection, so renewed certificates are picked up.
+                nbd::tls::ClientTls::from_dir(dir).map_err(|e| ConfigError::Value {
+                    origin: origin.to_owned(),
+                    key: "nbd_client.tls_certificates",
+                    value: format!("{:?}", dir.display().to_string()),
+                    reason: e.to_string(),
+                })?;
+                settings.tls_certificates = Some(dir.clone());
+            }
+            None => {}
+        }
+        Ok(())
+    }
 }
 
 /// The per-VBD options an OPEN may carry (the same keys as the site file's).
@@ -544,6 +599,7 @@ impl Config {
         if let Some(affinity) = tuning.ublk_affinity {
             config.tuning.ublk_affinity = affinity;
         }
+        site.nbd_client.apply(&mut config.nbd_client, &origin)?;
         Ok(config)
     }
 
@@ -578,6 +634,14 @@ impl Config {
                 nbd_gather: Some(self.tuning.nbd_gather),
                 ublk_bridge: Some(self.tuning.ublk_bridge),
                 ublk_affinity: Some(self.tuning.ublk_affinity),
+            },
+            nbd_client: NbdClientSection {
+                request_timeout: i64::try_from(self.nbd_client.request_timeout.as_secs()).ok(),
+                handshake_timeout: i64::try_from(self.nbd_client.handshake_timeout.as_secs()).ok(),
+                max_in_flight: Some(i64::from(self.nbd_client.max_in_flight)),
+                tls_certificates: Some(
+                    self.nbd_client.tls_certificates.clone().unwrap_or_default(),
+                ),
             },
         };
         let source = match &self.file {
@@ -672,7 +736,8 @@ mod tests {
              [ublk]\nqueues = 4\ndepth = 128\nmax_io_kib = 1024\nuser_copy = \"off\"\n\
              [io]\nengine = \"pread\"\n[log]\nfilter = \"debug\"\n\
              [tuning]\nmapped_reads = false\nnbd_gather = false\nublk_bridge = \"spawn\"\n\
-             ublk_affinity = \"other\"\n",
+             ublk_affinity = \"other\"\n\
+             [nbd_client]\nrequest_timeout = 5\nhandshake_timeout = 3\nmax_in_flight = 8\n",
         )
         .unwrap();
         assert_eq!(
@@ -709,6 +774,15 @@ mod tests {
             }
         );
         assert_eq!(config.device.ublk(&config.tuning).max_io_bytes, 1024 * 1024);
+        assert_eq!(
+            config.nbd_client,
+            NbdClientSettings {
+                request_timeout: std::time::Duration::from_secs(5),
+                handshake_timeout: std::time::Duration::from_secs(3),
+                max_in_flight: 8,
+                tls_certificates: None,
+            }
+        );
         // What --print-config prints reads back as the same configuration.
         let printed = config.to_toml();
         let again = Config::from_text(&printed, Path::new("/etc/blktap/tapdisk.toml")).unwrap();
@@ -735,6 +809,19 @@ mod tests {
             ),
             ("[ublk]\nmax_io_kib = 65536", "ublk.max_io_kib = 65536"),
             ("[log]\nfilter = \"[\"", "log.filter = \"[\""),
+            (
+                "[nbd_client]\nrequest_timeout = 0",
+                "nbd_client.request_timeout = 0: expected 1 to 3600",
+            ),
+            (
+                "[nbd_client]\nmax_in_flight = 5000",
+                "nbd_client.max_in_flight = 5000",
+            ),
+            (
+                "[nbd_client]\ntls_certificates = \"/nonexistent/pki\"",
+                "nbd_client.tls_certificates = \"/nonexistent/pki\": cannot load certificate \
+                 authorities from /nonexistent/pki/ca-cert.pem",
+            ),
         ] {
             let error = site(text).unwrap_err();
             assert!(

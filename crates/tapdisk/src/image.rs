@@ -27,6 +27,7 @@ use crate::engine::mapped::MappedBytes;
 use crate::engine::IoFuture;
 use crate::error::failure;
 use crate::iobuf::IoBuf;
+use crate::secondary::Secondary;
 use tapdisk_proto::image::{ImageLocator, ImageSpec, X_CHAIN};
 
 /// Longest chain we follow before assuming a parent loop.
@@ -117,14 +118,14 @@ pub fn parse_x_chain(text: &str, file: &Path) -> io::Result<Vec<ChainLine>> {
 /// The images `params` names explicitly, leaf first, with their open options.
 fn listed_images(
     params: &str,
-    options: OpenOptions,
+    options: &OpenOptions,
 ) -> io::Result<Vec<(DiskType, ImageLocator, OpenOptions)>> {
     let chain_file = params
         .strip_prefix(X_CHAIN)
         .and_then(|rest| rest.strip_prefix(':'));
     let Some(file) = chain_file else {
         let (disk_type, locator) = parse_params(params)?;
-        return Ok(vec![(disk_type, locator, options)]);
+        return Ok(vec![(disk_type, locator, options.clone())]);
     };
     let file = Path::new(file);
     if !file.is_absolute() {
@@ -144,7 +145,7 @@ fn listed_images(
         .map(|line| {
             let options = OpenOptions {
                 read_only: options.read_only || line.read_only,
-                ..options
+                ..options.clone()
             };
             (line.disk_type, line.locator, options)
         })
@@ -152,11 +153,11 @@ fn listed_images(
 }
 
 /// How parents are opened: read-only and shareable.
-fn parent_options(options: OpenOptions) -> OpenOptions {
+fn parent_options(options: &OpenOptions) -> OpenOptions {
     OpenOptions {
         read_only: true,
         shareable: true,
-        ..options
+        ..options.clone()
     }
 }
 
@@ -297,6 +298,9 @@ impl ImageDriver for SharedImage {
     fn stats(&self) -> Option<DriverStats> {
         self.0.stats()
     }
+    fn release(&self) {
+        // Shared images are local files: nothing outlives them.
+    }
 }
 
 /// Read and write counters of one image (`hits` and `fail` in stats).
@@ -312,6 +316,16 @@ const READ: usize = 0;
 const WRITE: usize = 1;
 
 impl ImageCounters {
+    /// Counts a read.
+    pub fn count_read<T>(&self, result: &io::Result<T>) {
+        self.count(READ, result);
+    }
+
+    /// Counts a write.
+    pub fn count_write<T>(&self, result: &io::Result<T>) {
+        self.count(WRITE, result);
+    }
+
     fn count<T>(&self, direction: usize, result: &io::Result<T>) {
         let counter = if result.is_ok() {
             &self.hits
@@ -334,13 +348,14 @@ pub struct Image {
 /// Told of every change to the leaf once it completed: `(first sector, sectors)`.
 pub type WriteObserver = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
-/// The open images of one VBD, leaf first, and its changed-block log, if any.
+/// The open images of one VBD, leaf first, its changed-block log and its secondary, if any.
 pub struct ImageChain {
     images: Arc<Vec<Image>>,
     log: Option<ChangeLog>,
     /// Set while an observer is installed, so writes without one skip the lock.
     observed: AtomicBool,
     observer: RwLock<Option<WriteObserver>>,
+    secondary: Option<Secondary>,
 }
 
 impl std::fmt::Debug for ImageChain {
@@ -349,6 +364,7 @@ impl std::fmt::Debug for ImageChain {
             .field("images", &self.images)
             .field("log", &self.log)
             .field("observed", &self.observed)
+            .field("secondary", &self.secondary)
             .finish_non_exhaustive()
     }
 }
@@ -430,13 +446,13 @@ impl ImageChain {
     /// then the parents of the last one are followed through [`ImageDriver::parent`]. Parents
     /// are opened read-only and shareable: one already open in this process is reused.
     pub fn open(params: &str, options: OpenOptions) -> io::Result<Self> {
-        let listed = listed_images(params, options)?;
+        let listed = listed_images(params, &options)?;
         let mut images: Vec<Image> = Vec::with_capacity(listed.len());
         for (index, (disk_type, locator, image_options)) in listed.into_iter().enumerate() {
             let options = if index == 0 {
                 image_options
             } else {
-                parent_options(image_options)
+                parent_options(&image_options)
             };
             let driver = open_maybe_shared(disk_type, &locator, options).inspect_err(|e| {
                 tracing::error!(params, image = %locator, "cannot open image: {e}");
@@ -448,7 +464,7 @@ impl ImageChain {
                 tracing::error!(params, "image chain deeper than {MAX_CHAIN_DEPTH}");
                 return Err(io::Error::from_raw_os_error(libc::ELOOP));
             }
-            let parent = open_maybe_shared(link.disk_type, &link.locator, parent_options(options))
+            let parent = open_maybe_shared(link.disk_type, &link.locator, parent_options(&options))
                 .inspect_err(|e| {
                     tracing::error!(parent = %link.locator, "cannot open parent image: {e}");
                 })?;
@@ -471,6 +487,7 @@ impl ImageChain {
             log: None,
             observed: AtomicBool::new(false),
             observer: RwLock::new(None),
+            secondary: None,
         }
     }
 
@@ -541,6 +558,27 @@ impl ImageChain {
         Ok(Self::assemble(images))
     }
 
+    /// Gives back what the images hold beyond this chain ([`ImageDriver::release`]); the VBD
+    /// calls it at pause and close, once requests have drained.
+    pub fn release(&self) {
+        for image in self.images.iter() {
+            image.driver.release();
+        }
+        if let Some(secondary) = &self.secondary {
+            secondary.release();
+        }
+    }
+
+    /// Makes `secondary` this chain's mirror or standby ([`crate::secondary`]).
+    pub fn set_secondary(&mut self, secondary: Secondary) {
+        self.secondary = Some(secondary);
+    }
+
+    /// The secondary, if any.
+    pub fn secondary(&self) -> Option<&Secondary> {
+        self.secondary.as_ref()
+    }
+
     /// The images, leaf first.
     pub fn images(&self) -> &[Image] {
         &self.images
@@ -556,11 +594,20 @@ impl ImageChain {
         self.leaf().driver.info()
     }
 
-    /// Reads `buf.len()` bytes from `sector` through the chain.
+    /// Reads `buf.len()` bytes from `sector` through the chain (and from the secondary,
+    /// for sectors written there only).
     pub async fn read(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
         if let Some(log) = &self.log {
             log.counters().hits[READ].fetch_add(1, Ordering::Relaxed);
         }
+        match &self.secondary {
+            Some(secondary) if secondary.holds_data() => secondary.read(self, sector, buf).await,
+            _ => self.read_chain(sector, buf).await,
+        }
+    }
+
+    /// Reads through the images, leaf first, ignoring the secondary.
+    pub(crate) async fn read_chain(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
         // The leaf level runs in the caller's future; only parents need a boxed future.
         read_level(&self.images, 0, sector, buf).await
     }
@@ -568,7 +615,8 @@ impl ImageChain {
     /// True when this chain can serve mapped reads at all ([`ImageChain::mapped`]).
     pub fn is_mapped(&self) -> bool {
         // A zero-length range is mapped exactly when the image is.
-        matches!(self.images.as_slice(), [image] if image.driver.mapped(0, 0).is_some())
+        self.secondary.is_none()
+            && matches!(self.images.as_slice(), [image] if image.driver.mapped(0, 0).is_some())
     }
 
     /// The `len` bytes at `sector` as mapped memory the kernel can copy from, when a
@@ -577,37 +625,60 @@ impl ImageChain {
         let [image] = self.images.as_slice() else {
             return None;
         };
+        if self.secondary.is_some() {
+            return None;
+        }
         let range = image.driver.mapped(sector, len)?;
         image.counters.hits[READ].fetch_add(1, Ordering::Relaxed);
         Some(range)
     }
 
-    /// Writes `buf` at `sector` into the leaf (after marking its blocks in the log).
+    /// Writes `buf` at `sector` into the leaf (and the secondary, as it says), after marking
+    /// its blocks in the log.
     pub async fn write(&self, sector: u64, buf: Arc<IoBuf>) -> io::Result<()> {
         let count = buf.len() as u64 / SECTOR_SIZE;
         self.mark(sector, count)?;
         let leaf = self.leaf();
-        let result = leaf.driver.write(sector, buf).await;
-        leaf.counters.count(WRITE, &result);
+        let result = match &self.secondary {
+            Some(secondary) => secondary.write(leaf, sector, buf).await,
+            None => {
+                let result = leaf.driver.write(sector, buf).await;
+                leaf.counters.count(WRITE, &result);
+                result
+            }
+        };
         self.written(sector, count);
         result
     }
 
-    /// Flushes the leaf (parents are read-only) and syncs the log.
+    /// Flushes the leaf (parents are read-only) and the secondary it writes, and syncs the
+    /// log.
     pub async fn flush(&self) -> io::Result<()> {
+        let leaf = self.leaf().driver.flush();
+        let data = async {
+            match &self.secondary {
+                Some(secondary) => secondary.flush(leaf).await,
+                None => leaf.await,
+            }
+        };
         match &self.log {
             Some(log) => {
-                let (leaf, log) = tokio::join!(self.leaf().driver.flush(), log.sync());
-                leaf.and(log)
+                let (data, log) = tokio::join!(data, log.sync());
+                data.and(log)
             }
-            None => self.leaf().driver.flush().await,
+            None => data.await,
         }
     }
 
-    /// Discards sectors of the leaf (after marking them in the log).
+    /// Discards sectors of the leaf (zeroes them on the secondary it writes), after marking
+    /// them in the log.
     pub async fn discard(&self, sector: u64, count: u64) -> io::Result<()> {
         self.mark(sector, count)?;
-        let result = self.leaf().driver.discard(sector, count).await;
+        let leaf = self.leaf().driver.discard(sector, count);
+        let result = match &self.secondary {
+            Some(secondary) => secondary.zero(sector, count, leaf).await,
+            None => leaf.await,
+        };
         self.written(sector, count);
         result
     }
@@ -629,7 +700,11 @@ impl ImageChain {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
         self.mark(sector, count)?;
-        let result = self.leaf().driver.write_zeroes(sector, count, flags).await;
+        let leaf = self.leaf().driver.write_zeroes(sector, count, flags);
+        let result = match &self.secondary {
+            Some(secondary) => secondary.zero(sector, count, leaf).await,
+            None => leaf.await,
+        };
         self.written(sector, count);
         result
     }
@@ -637,6 +712,20 @@ impl ImageChain {
     /// Allocation of `count` sectors at `sector`, resolved through the chain: every run is
     /// `Data` or `Zero` (sectors absent everywhere are zero).
     pub fn block_status(&self, sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
+        match &self.secondary {
+            Some(secondary) if secondary.holds_data() => {
+                Box::pin(secondary.block_status(self, sector, count))
+            }
+            _ => self.block_status_of_chain(sector, count),
+        }
+    }
+
+    /// Block status through the images, ignoring the secondary.
+    pub(crate) fn block_status_of_chain(
+        &self,
+        sector: u64,
+        count: u64,
+    ) -> IoFuture<'_, Vec<StatusRun>> {
         self.block_status_at_level(0, sector, count)
     }
 

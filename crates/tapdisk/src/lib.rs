@@ -19,6 +19,7 @@ pub mod frontend;
 pub mod image;
 pub mod iobuf;
 pub mod logging;
+pub mod secondary;
 pub mod server;
 pub mod stats;
 pub mod sys;

@@ -3,9 +3,10 @@
 //! Without `-D` it forks into the background (the parent exits once the daemon is ready or
 //! has failed, with the daemon's status), creates its control socket `<ctl dir>/ctl<pid>` and
 //! writes that path on its original standard output, which is how `tap-ctl spawn` learns the
-//! pid. With `-D` it stays in the foreground and logs to stderr. On a startup failure (an
-//! invalid configuration among them) it prints `tapdisk: <message>` on stderr and exits with
-//! the errno. The configuration ([`tapdisk::config`]) is read here, once, and passed down.
+//! pid; beside it, `<ctl dir>/nbdclient<pid>` receives sockets for `nbd:` images. With `-D`
+//! it stays in the foreground and logs to stderr. On a startup failure (an invalid
+//! configuration among them) it prints `tapdisk: <message>` on stderr and exits with the
+//! errno. The configuration ([`tapdisk::config`]) is read here, once, and passed down.
 
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -40,12 +41,8 @@ fn create_control_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
-/// Binds `<dir>/ctl<pid>` with root-only permissions.
-fn bind_control_socket(
-    dir: &Path,
-    pid: u32,
-) -> io::Result<(std::os::unix::net::UnixListener, PathBuf)> {
-    let path = blktapctl::paths::ControlDir::new(dir).ctl_socket_path(pid);
+/// Binds the socket at `path` (replacing a stale one) with root-only permissions.
+fn bind_socket(path: PathBuf) -> io::Result<(std::os::unix::net::UnixListener, PathBuf)> {
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -83,12 +80,21 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
         tapdisk::logging::init_syslog(pid, &config.log_filter);
         std::env::set_current_dir("/").map_err(|e| Failure::new("chdir /", &e))?;
     }
-    let (listener, socket_path) = bind_control_socket(&control_dir, pid).map_err(|e| {
+    let paths = blktapctl::paths::ControlDir::new(&control_dir);
+    let (listener, socket_path) = bind_socket(paths.ctl_socket_path(pid)).map_err(|e| {
         Failure::new(
             &format!("binding the control socket in {}", control_dir.display()),
             &e,
         )
     })?;
+    let (nbd_client_listener, nbd_client_path) = bind_socket(paths.nbd_client_socket_path(pid))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&socket_path);
+            Failure::new(
+                &format!("binding the nbdclient socket in {}", control_dir.display()),
+                &e,
+            )
+        })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tapdisk")
@@ -102,6 +108,7 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
         if let Err(e) = announced.and_then(|()| detach_stdio()) {
             ready.report(e.raw_os_error().unwrap_or(libc::EIO));
             let _ = std::fs::remove_file(&socket_path);
+            let _ = std::fs::remove_file(&nbd_client_path);
             return Err(Failure::new("announcing the control socket", &e));
         }
         ready.report(0);
@@ -132,6 +139,13 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
             tracing::error!("cannot start the control thread: {e}");
             return;
         }
+        let receiver = match tokio::net::UnixListener::from_std(nbd_client_listener) {
+            Ok(nbd_client) => Some(tokio::spawn(tapdisk.passed_sockets().receive(nbd_client))),
+            Err(e) => {
+                tracing::error!("nbdclient socket: {e}");
+                None
+            }
+        };
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let terminated = async {
@@ -152,10 +166,14 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
         }
         // Let in-progress control requests (e.g. the final DETACH) deliver their replies.
         control.drain(Duration::from_secs(2)).await;
+        if let Some(receiver) = receiver {
+            receiver.abort();
+        }
         tapdisk.shutdown().await;
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     let _ = std::fs::remove_file(&socket_path);
+    let _ = std::fs::remove_file(&nbd_client_path);
     tracing::info!("tapdisk exiting");
     Ok(())
 }

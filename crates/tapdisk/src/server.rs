@@ -22,6 +22,8 @@ use tokio::sync::watch;
 use crate::commit::{CommitJob, JobStatus};
 use crate::config::{Config, DeviceSettings};
 use crate::control::ClientWatch;
+use crate::driver::nbd::passed::PassedSockets;
+use crate::driver::nbd::NbdClientContext;
 use crate::driver::{DiskInfo, OpenOptions};
 use crate::error::{errno_of, failure, message_of};
 use crate::frontend::nbd::{NbdFrontend, NbdSettings, NbdTcpFrontend, TcpListen};
@@ -29,8 +31,9 @@ use crate::frontend::ublk::{UblkDevice, UblkStart};
 use crate::frontend::{
     start_block_device, BlockDeviceChoice, Frontend, FrontendContext, StartFrontend,
 };
+use crate::secondary::{SecondaryConfig, SecondaryMode, NULL_SECONDARY};
 use crate::stats::{self, VbdStats};
-use crate::vbd::{OpenRequest, Vbd, DEFAULT_REQUEST_TIMEOUT};
+use crate::vbd::{OpenRequest, SecondaryChange, Vbd, DEFAULT_REQUEST_TIMEOUT};
 use nbd::ConnectionLimit;
 
 /// Extra bytes a control request may carry after its 544-byte message.
@@ -61,9 +64,26 @@ const SUPPORTED_OPEN_FLAGS: u32 = OpenFlags::RDONLY.0
     | OpenFlags::NO_O_DIRECT.0
     | OpenFlags::SHARED.0
     | OpenFlags::ADD_LOG.0
+    | OpenFlags::SECONDARY.0
+    | OpenFlags::STANDBY.0
     | OpenFlags::BLOCKDEV_CHOICE.0
     | OpenFlags::BLOCKDEV_RECOVER.0
     | OpenFlags::OPEN_OPTIONS.0;
+
+/// The secondary `params` names: `u.params.secondary` when `SECONDARY` is set (required
+/// then), nothing otherwise.
+fn secondary_of(params: &Params) -> io::Result<Option<&str>> {
+    if !params.flags.contains(OpenFlags::SECONDARY) {
+        return Ok(None);
+    }
+    if params.secondary.is_empty() {
+        return Err(failure(
+            libc::EINVAL,
+            "SECONDARY is set but no secondary image is named",
+        ));
+    }
+    Ok(Some(&params.secondary))
+}
 
 /// One attached VBD.
 #[derive(Debug)]
@@ -95,6 +115,9 @@ pub struct Tapdisk {
     pid: u32,
     config: Arc<Config>,
     control_dir: ControlDir,
+    /// What `nbd:` images are opened with: the client settings and the sockets received on
+    /// `nbdclient<pid>`.
+    nbd_client: NbdClientContext,
     slots: Mutex<BTreeMap<u16, Slot>>,
     /// One turn per minor: the requests that change a minor's state (all but PID, LIST,
     /// STATS, DISK_INFO and the commit job's QUERY and CANCEL) run one at a time, in arrival
@@ -181,6 +204,10 @@ impl Tapdisk {
         Self {
             pid,
             control_dir: ControlDir::new(&config.control_dir),
+            nbd_client: NbdClientContext {
+                settings: config.nbd_client.clone(),
+                sockets: Arc::new(PassedSockets::default()),
+            },
             slots: Mutex::new(BTreeMap::new()),
             turns: Mutex::new(HashMap::new()),
             exit: watch::channel(false).0,
@@ -195,6 +222,12 @@ impl Tapdisk {
             format!("minor {minor} of tapdisk {}", self.pid),
             self.config.nbd.per_vbd,
         )
+    }
+
+    /// The sockets handed to this process for `nbd:` images; `main` feeds them from
+    /// `nbdclient<pid>` ([`PassedSockets::receive`]).
+    pub fn passed_sockets(&self) -> Arc<PassedSockets> {
+        Arc::clone(&self.nbd_client.sockets)
     }
 
     fn slots(&self) -> MutexGuard<'_, BTreeMap<u16, Slot>> {
@@ -537,16 +570,29 @@ impl Tapdisk {
             no_o_direct: params.flags.contains(OpenFlags::NO_O_DIRECT),
             shareable: params.flags.contains(OpenFlags::SHARED),
             io: self.config.io,
+            nbd: self.nbd_client.clone(),
         };
         let timeout = match params.req_timeout {
             0 => DEFAULT_REQUEST_TIMEOUT,
             secs => Duration::from_secs(u64::from(secs)),
+        };
+        let secondary = match secondary_of(params)? {
+            None | Some(NULL_SECONDARY) => None,
+            Some(secondary) => {
+                let mode = if params.flags.contains(OpenFlags::STANDBY) {
+                    SecondaryMode::Standby
+                } else {
+                    SecondaryMode::Mirror
+                };
+                Some(SecondaryConfig::new(secondary.to_owned(), mode))
+            }
         };
         let request = OpenRequest {
             params: path.clone(),
             options,
             timeout,
             log: log.clone(),
+            secondary,
         };
         if vbd.is_open() {
             return Err(errno(libc::EALREADY));
@@ -555,7 +601,7 @@ impl Tapdisk {
         // only as long as its client waits: the open itself cannot be interrupted, so it
         // finishes on the blocking pool and the chain it makes is closed.
         let chain = tokio::select! {
-            chain = crate::vbd::open_chain(&request) => chain,
+            chain = crate::vbd::open_chain(&request, minor) => chain,
             () = client.gone() => Err(gave_up(MessageType::Open)),
         };
         let chain = chain.inspect_err(|e| {
@@ -762,17 +808,21 @@ impl Tapdisk {
     ) -> io::Result<()> {
         let vbd = self.vbd(minor)?;
         let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
-        if unsupported != 0 || !params.secondary.is_empty() {
-            let what = format!(
-                "resume with flags {unsupported:#x} or a secondary is not supported by this tapdisk"
-            );
+        if unsupported != 0 {
+            let what =
+                format!("resume with flags {unsupported:#x} is not supported by this tapdisk");
             tracing::error!(minor, "{what}");
             return Err(failure(libc::EOPNOTSUPP, what));
         }
         let log = log_path(trailer)?;
+        let change = match secondary_of(params)? {
+            None => SecondaryChange::Keep,
+            Some(NULL_SECONDARY) => SecondaryChange::Remove,
+            Some(secondary) => SecondaryChange::Set(secondary.to_owned()),
+        };
         let new_params = (!params.path.is_empty()).then(|| params.path.clone());
         let reopened = tokio::select! {
-            reopened = vbd.reopen(new_params, log) => reopened?,
+            reopened = vbd.reopen(new_params, log, change) => reopened?,
             () = client.gone() => return Err(gave_up(MessageType::Resume)),
         };
         if client.is_gone() {

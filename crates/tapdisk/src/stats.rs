@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use crate::driver::{DriverDetail, DriverStats};
+use crate::image::Image;
 use crate::vbd::Vbd;
 
 /// The C stack's `DISK_TYPE_LOG`: the changed-block log's driver type in stats.
@@ -33,10 +34,11 @@ pub struct VbdStats {
     pub secs: [u64; 2],
     /// The image chain, leaf first.
     pub images: Vec<ImageStats>,
-    /// Always 0 (the C field, kept for parsers).
+    /// Sectors written to the secondary since the leaf ran out of space (the C name).
     #[serde(rename = "FIXME_enospc_redirect_count")]
     pub enospc_redirect_count: u64,
-    /// Always 0 (no NBD mirror).
+    /// 1 once the secondary (the storage-migration mirror) failed and is no longer
+    /// written, else 0; an integer, as xapi parses it.
     pub nbd_mirror_failed: u64,
     /// Requests in flight.
     pub reqs_outstanding: usize,
@@ -63,7 +65,7 @@ pub struct DriverInfo {
     /// The C stack's `DISK_TYPE_*` number.
     #[serde(rename = "type")]
     pub disk_type: u32,
-    /// The driver's name (`aio`, `vhd`).
+    /// The driver's name (`aio`, `vhd`, `nbd`).
     pub name: &'static str,
     /// Its status, `null` when it reports none.
     pub status: Option<DriverStatus>,
@@ -103,43 +105,56 @@ impl From<DriverStats> for DriverStatus {
     }
 }
 
+/// A `[reads, writes]` counter pair now.
+fn loaded(counter: &[std::sync::atomic::AtomicU64; 2]) -> [u64; 2] {
+    [
+        counter[0].load(Ordering::Relaxed),
+        counter[1].load(Ordering::Relaxed),
+    ]
+}
+
+impl ImageStats {
+    /// The statistics of `image` now.
+    fn of(image: &Image) -> Self {
+        let disk_type = image.driver.disk_type();
+        Self {
+            name: image.driver.path().to_string_lossy().into_owned(),
+            hits: loaded(&image.counters.hits),
+            fail: loaded(&image.counters.fail),
+            driver: DriverInfo {
+                disk_type: disk_type.number(),
+                name: disk_type.name(),
+                status: image.driver.stats().map(DriverStatus::from),
+            },
+        }
+    }
+}
+
 impl VbdStats {
     /// The statistics of `vbd` now; `blockdev` is its kernel block device, if any.
     pub fn of(vbd: &Vbd, blockdev: Option<&Path>) -> Self {
         let counters = vbd.counters();
-        let load = |counter: &[std::sync::atomic::AtomicU64; 2]| {
-            [
-                counter[0].load(Ordering::Relaxed),
-                counter[1].load(Ordering::Relaxed),
-            ]
-        };
         let images = vbd.chain().map_or_else(Vec::new, |chain| {
             // The changed-block log is the first image, above the leaf, as in the C stack.
             let log = chain.log().map(|log| ImageStats {
                 name: log.path().to_string_lossy().into_owned(),
-                hits: load(&log.counters().hits),
-                fail: load(&log.counters().fail),
+                hits: loaded(&log.counters().hits),
+                fail: loaded(&log.counters().fail),
                 driver: DriverInfo {
                     disk_type: LOG_DISK_TYPE,
                     name: "log",
                     status: None,
                 },
             });
-            let images = chain.images().iter().map(|image| {
-                let disk_type = image.driver.disk_type();
-                ImageStats {
-                    name: image.driver.path().to_string_lossy().into_owned(),
-                    hits: load(&image.counters.hits),
-                    fail: load(&image.counters.fail),
-                    driver: DriverInfo {
-                        disk_type: disk_type.number(),
-                        name: disk_type.name(),
-                        status: image.driver.stats().map(DriverStatus::from),
-                    },
+            let mut images: Vec<ImageStats> = chain.images().iter().map(ImageStats::of).collect();
+            if let Some(secondary) = chain.secondary() {
+                if let Some(at) = secondary.listed_at() {
+                    images.insert(at.min(images.len()), ImageStats::of(secondary.image()));
                 }
-            });
+            }
             log.into_iter().chain(images).collect()
         });
+        let secondary = vbd.secondary_state();
         Self {
             name: vbd.params().unwrap_or_default(),
             blockdev: blockdev.map(|path| path.to_string_lossy().into_owned()),
@@ -148,8 +163,12 @@ impl VbdStats {
                 counters.secs[1].load(Ordering::Relaxed),
             ],
             images,
-            enospc_redirect_count: 0,
-            nbd_mirror_failed: 0,
+            enospc_redirect_count: secondary
+                .as_ref()
+                .map_or(0, |state| state.redirected_sectors()),
+            nbd_mirror_failed: secondary
+                .as_ref()
+                .map_or(0, |state| u64::from(state.mirror_failed())),
             reqs_outstanding: vbd.in_flight(),
             read_caching: "false",
         }
@@ -267,6 +286,7 @@ mod tests {
             options: crate::driver::OpenOptions::default(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
             log: Some(log.clone()),
+            secondary: None,
         };
         vbd.install(chain, request).unwrap();
         vbd.write(0, IoBuf::zeroed(1024)).await.unwrap();

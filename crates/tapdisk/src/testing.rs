@@ -255,6 +255,7 @@ pub fn fake_vbd(image: FakeImage, timeout: Duration) -> Vbd {
         },
         timeout,
         log: None,
+        secondary: None,
     };
     vbd.install(chain, request).expect("a new VBD is closed");
     vbd

@@ -33,6 +33,7 @@ use crate::driver::{Capabilities, DiskInfo, OpenOptions, StatusRun, ZeroFlags, S
 use crate::engine::mapped::MappedBytes;
 use crate::image::ImageChain;
 use crate::iobuf::IoBuf;
+use crate::secondary::{self, SecondaryConfig, SecondaryMode, SecondaryState};
 
 /// VBD state bits, as shown by `tap-ctl list` (tapdisk's `TD_VBD_*`).
 pub mod state {
@@ -70,11 +71,11 @@ fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
-/// Errors worth retrying, as tapdisk: `EAGAIN`, `EBUSY`, `EINTR`.
+/// Errors worth retrying, as tapdisk: `EAGAIN`, `EBUSY`, `EINTR` (bare or with context).
 fn is_retryable(error: &io::Error) -> bool {
     matches!(
-        error.raw_os_error(),
-        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+        crate::error::errno_of(error),
+        libc::EAGAIN | libc::EBUSY | libc::EINTR
     )
 }
 
@@ -113,6 +114,19 @@ pub struct OpenRequest {
     pub timeout: Duration,
     /// The changed-block-tracking log to keep above the leaf (`-C`), if any.
     pub log: Option<PathBuf>,
+    /// The secondary image (`-2`), if any.
+    pub secondary: Option<SecondaryConfig>,
+}
+
+/// What a resume does to the VBD's secondary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecondaryChange {
+    /// Re-open the one it has, if any (a RESUME without `SECONDARY`).
+    Keep,
+    /// Remove it (`-2 null`).
+    Remove,
+    /// Use this `TYPE:LOCATOR` from now on (`-2 TYPE:LOCATOR`).
+    Set(String),
 }
 
 #[derive(Debug)]
@@ -126,6 +140,10 @@ struct Inner {
     /// Disk information from the last successful open (kept while paused).
     info: Option<DiskInfo>,
     in_flight: usize,
+    /// The secondary, kept while paused and re-opened on every resume.
+    secondary: Option<SecondaryConfig>,
+    /// The VBD was opened with a standby secondary: later ones are standbys too.
+    standby: bool,
 }
 
 /// A chain reopened for a paused VBD, not installed yet ([`Vbd::reopen`]).
@@ -133,6 +151,7 @@ struct Inner {
 pub struct Reopened {
     chain: ImageChain,
     params: String,
+    secondary: Option<SecondaryConfig>,
 }
 
 /// One virtual block device.
@@ -176,14 +195,14 @@ struct Admitted<'a> {
     in_flight: InFlight<'a>,
 }
 
-/// Opens a chain, and its log if asked for, on the blocking pool (opening a file may block on
-/// slow storage). Dropping the future leaves the open running there; the chain it makes is
-/// then closed.
-pub async fn open_chain(request: &OpenRequest) -> io::Result<ImageChain> {
+/// Opens a chain, its log and its secondary if asked for, for VBD `minor`; the files are
+/// opened on the blocking pool (opening a file may block on slow storage). Dropping the future
+/// leaves the open running there; the chain it makes is then closed.
+pub async fn open_chain(request: &OpenRequest, minor: u16) -> io::Result<ImageChain> {
     let params = request.params.clone();
-    let options = request.options;
+    let options = request.options.clone();
     let log = request.log.clone();
-    tokio::task::spawn_blocking(move || {
+    let mut chain = tokio::task::spawn_blocking(move || {
         let chain = ImageChain::open(&params, options)?;
         match log {
             Some(log) => chain.with_log(&log),
@@ -191,7 +210,14 @@ pub async fn open_chain(request: &OpenRequest) -> io::Result<ImageChain> {
         }
     })
     .await
-    .unwrap_or_else(|join_error| Err(io::Error::other(join_error)))
+    .unwrap_or_else(|join_error| Err(io::Error::other(join_error)))?;
+    if let Some(secondary) = &request.secondary {
+        if let Err(e) = secondary::attach(&mut chain, secondary, &request.options, minor).await {
+            chain.release();
+            return Err(e);
+        }
+    }
+    Ok(chain)
 }
 
 impl Vbd {
@@ -207,6 +233,8 @@ impl Vbd {
                 chain: None,
                 info: None,
                 in_flight: 0,
+                secondary: None,
+                standby: false,
             }),
             changes: watch::channel(0).0,
             counters: VbdCounters::default(),
@@ -248,7 +276,7 @@ impl Vbd {
 
     /// The options the image chain was opened with.
     pub fn open_options(&self) -> OpenOptions {
-        self.lock().options
+        self.lock().options.clone()
     }
 
     /// Disk information of the open (or paused) disk.
@@ -266,6 +294,14 @@ impl Vbd {
         &self.counters
     }
 
+    /// The state of the secondary, if the VBD has one (also while paused).
+    pub fn secondary_state(&self) -> Option<Arc<SecondaryState>> {
+        self.lock()
+            .secondary
+            .as_ref()
+            .map(|secondary| Arc::clone(&secondary.state))
+    }
+
     /// The open chain, if any (not while paused).
     pub fn chain(&self) -> Option<Arc<ImageChain>> {
         self.lock().chain.clone()
@@ -276,7 +312,7 @@ impl Vbd {
         if self.is_open() {
             return Err(errno(libc::EALREADY));
         }
-        let chain = open_chain(&request).await?;
+        let chain = open_chain(&request, self.minor).await?;
         self.install(chain, request)
     }
 
@@ -290,6 +326,11 @@ impl Vbd {
         inner.params = Some(request.params);
         inner.options = request.options;
         inner.timeout = request.timeout;
+        inner.standby = request
+            .secondary
+            .as_ref()
+            .is_some_and(|secondary| secondary.mode == SecondaryMode::Standby);
+        inner.secondary = request.secondary;
         self.mapped_hint.store(chain.is_mapped(), Ordering::Relaxed);
         inner.chain = Some(Arc::new(chain));
         inner.info = Some(info);
@@ -353,20 +394,61 @@ impl Vbd {
     }
 
     /// Resumes a paused VBD, reopening its chain (from `new_params` if given) with the
-    /// changed-block log `log`: a resume without one stops tracking, as in the C stack.
+    /// changed-block log `log` (a resume without one stops tracking, as in the C stack) and
+    /// its secondary.
     pub async fn resume(&self, new_params: Option<String>, log: Option<PathBuf>) -> io::Result<()> {
-        let reopened = self.reopen(new_params, log).await?;
+        self.resume_with(new_params, log, SecondaryChange::Keep)
+            .await
+    }
+
+    /// [`Vbd::resume`] with the secondary changed as `change` says.
+    pub async fn resume_with(
+        &self,
+        new_params: Option<String>,
+        log: Option<PathBuf>,
+        change: SecondaryChange,
+    ) -> io::Result<()> {
+        let reopened = self.reopen(new_params, log, change).await?;
         self.finish_resume(reopened);
         Ok(())
     }
 
+    /// The secondary a resume opens after `change`.
+    fn secondary_after(&self, inner: &Inner, change: SecondaryChange) -> Option<SecondaryConfig> {
+        let current = inner.secondary.clone();
+        match change {
+            SecondaryChange::Keep => current,
+            SecondaryChange::Remove => match current {
+                Some(secondary) if secondary.state.failed_over() => {
+                    tracing::error!(
+                        minor = self.minor,
+                        "keeping the secondary {}: writes made since the leaf filled up live \
+                         there only",
+                        secondary.params
+                    );
+                    Some(secondary)
+                }
+                _ => None,
+            },
+            SecondaryChange::Set(params) => {
+                let mode = match (&current, inner.standby) {
+                    (Some(secondary), _) => secondary.mode,
+                    (None, true) => SecondaryMode::Standby,
+                    (None, false) => SecondaryMode::Mirror,
+                };
+                Some(SecondaryConfig::new(params, mode))
+            }
+        }
+    }
+
     /// The first half of a resume: reopens the chain of a paused VBD (from `new_params` if
-    /// given, with the changed-block log `log`) and checks its geometry, changing nothing
-    /// yet; [`Vbd::finish_resume`] installs it.
+    /// given, with the changed-block log `log`) with its secondary changed as `change` says,
+    /// and checks its geometry, changing nothing yet; [`Vbd::finish_resume`] installs it.
     pub async fn reopen(
         &self,
         new_params: Option<String>,
         log: Option<PathBuf>,
+        change: SecondaryChange,
     ) -> io::Result<Reopened> {
         let (request, old_info) = {
             let inner = self.lock();
@@ -378,15 +460,16 @@ impl Vbd {
                 .ok_or_else(|| errno(libc::EINVAL))?;
             let request = OpenRequest {
                 params,
-                options: inner.options,
+                options: inner.options.clone(),
                 timeout: inner.timeout,
                 log,
+                secondary: self.secondary_after(&inner, change),
             };
             (request, inner.info)
         };
         let mut attempt = 1;
         let chain = loop {
-            match open_chain(&request).await {
+            match open_chain(&request, self.minor).await {
                 Ok(chain) => break chain,
                 Err(e)
                     if attempt < RESUME_OPEN_ATTEMPTS
@@ -430,15 +513,21 @@ impl Vbd {
         Ok(Reopened {
             chain,
             params: request.params,
+            secondary: request.secondary,
         })
     }
 
     /// The second half of a resume: runs the VBD on the chain [`Vbd::reopen`] opened.
     pub fn finish_resume(&self, reopened: Reopened) {
-        let Reopened { chain, params } = reopened;
+        let Reopened {
+            chain,
+            params,
+            secondary,
+        } = reopened;
         {
             let mut inner = self.lock();
             inner.params = Some(params);
+            inner.secondary = secondary;
             self.mapped_hint.store(chain.is_mapped(), Ordering::Relaxed);
             inner.info = Some(chain.info());
             inner.chain = Some(Arc::new(chain));
@@ -504,6 +593,7 @@ impl Vbd {
         let chain = {
             let mut inner = self.lock();
             inner.params = None;
+            inner.secondary = None;
             inner.state = state::CLOSED;
             inner.chain.take()
         };
@@ -512,12 +602,16 @@ impl Vbd {
     }
 
     /// Lets go of a chain taken out of service: its changed-block log is synced first, so the
-    /// toolstack may read (or move) the log once the pause or close is acknowledged.
+    /// toolstack may read (or move) the log once the pause or close is acknowledged, and what
+    /// its images hold beyond it is given back ([`ImageChain::release`]).
     async fn retire(&self, chain: Option<Arc<ImageChain>>) {
-        if let Some(log) = chain.as_deref().and_then(ImageChain::log) {
-            if let Err(e) = log.sync().await {
-                tracing::error!(minor = self.minor, "{e}");
+        if let Some(chain) = chain.as_deref() {
+            if let Some(log) = chain.log() {
+                if let Err(e) = log.sync().await {
+                    tracing::error!(minor = self.minor, "{e}");
+                }
             }
+            chain.release();
         }
         drop(chain);
     }
@@ -616,7 +710,7 @@ impl Vbd {
                     }
                     retries += 1;
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    let pause = if e.raw_os_error() == Some(libc::EBUSY) {
+                    let pause = if crate::error::errno_of(&e) == libc::EBUSY {
                         Duration::from_millis(10)
                     } else {
                         RETRY_INTERVAL
@@ -798,6 +892,7 @@ fn sectors_of(len: usize) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secondary::{SecondaryConfig, SecondaryMode};
     use crate::testing::{fake_vbd, FakeImage};
 
     fn raw_image(dir: &tempfile::TempDir, name: &str, bytes: usize, fill: u8) -> String {
@@ -812,6 +907,7 @@ mod tests {
             options: OpenOptions::default(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
             log: None,
+            secondary: None,
         }
     }
 
@@ -1081,6 +1177,76 @@ mod tests {
         // Out of bounds: refused like a write.
         let past = vbd.fill_zeroes(7, 2).await.unwrap_err();
         assert_eq!(past.raw_os_error(), Some(libc::ENOSPC));
+    }
+
+    #[tokio::test]
+    async fn secondaries_survive_resumes_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = raw_image(&dir, "leaf.img", 65536, 0);
+        let spare = raw_image(&dir, "spare.img", 65536, 0);
+        let other = raw_image(&dir, "other.img", 65536, 0);
+        let file = |params: &str| std::fs::read(params.strip_prefix("aio:").unwrap()).unwrap();
+        let vbd = Vbd::new(2);
+        let mut open = request(leaf.clone());
+        open.secondary = Some(SecondaryConfig::new(spare.clone(), SecondaryMode::Mirror));
+        vbd.open(open).await.unwrap();
+        vbd.write(0, IoBuf::copy_from(&[1; 512])).await.unwrap();
+        assert_eq!(file(&spare)[0], 1);
+        // A resume without a change re-opens the mirror.
+        vbd.pause().await.unwrap();
+        assert!(vbd.secondary_state().is_some(), "kept while paused");
+        vbd.resume(None, None).await.unwrap();
+        vbd.write(1, IoBuf::copy_from(&[2; 512])).await.unwrap();
+        assert_eq!(file(&spare)[512], 2);
+        // -2 null removes it.
+        vbd.pause().await.unwrap();
+        vbd.resume_with(None, None, SecondaryChange::Remove)
+            .await
+            .unwrap();
+        assert!(vbd.secondary_state().is_none());
+        vbd.write(2, IoBuf::copy_from(&[3; 512])).await.unwrap();
+        assert_eq!(file(&spare)[1024], 0);
+        assert_eq!(file(&leaf)[1024], 3);
+        // A new one, with a fresh state.
+        vbd.pause().await.unwrap();
+        vbd.resume_with(None, None, SecondaryChange::Set(other.clone()))
+            .await
+            .unwrap();
+        vbd.write(3, IoBuf::copy_from(&[4; 512])).await.unwrap();
+        assert_eq!(file(&other)[1536], 4);
+        assert!(!vbd.secondary_state().unwrap().mirror_failed());
+        // Refused: a secondary of another size, or one that cannot be opened.
+        let small = raw_image(&dir, "small.img", 4096, 0);
+        for (params, errno) in [
+            (small, libc::EINVAL),
+            (
+                format!("aio:{}", dir.path().join("missing").display()),
+                libc::ENOENT,
+            ),
+        ] {
+            vbd.pause().await.unwrap();
+            let error = vbd
+                .resume_with(None, None, SecondaryChange::Set(params.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(crate::error::errno_of(&error), errno, "{params}");
+            assert_ne!(vbd.state() & state::RESUME_FAILED, 0);
+            vbd.resume(None, None).await.unwrap();
+        }
+        // An NBD mirror that cannot be opened is let go: the resume succeeds and says so.
+        vbd.pause().await.unwrap();
+        vbd.resume_with(None, None, SecondaryChange::Set("nbd:vbd/7/xvda".into()))
+            .await
+            .unwrap();
+        assert!(vbd.secondary_state().unwrap().mirror_failed());
+        assert!(vbd.chain().unwrap().secondary().is_none());
+        vbd.write(4, IoBuf::copy_from(&[5; 512])).await.unwrap();
+        // ... and is not tried again on the next resume.
+        vbd.pause().await.unwrap();
+        vbd.resume(None, None).await.unwrap();
+        assert!(vbd.secondary_state().unwrap().mirror_failed());
+        vbd.close(false).await;
+        assert!(vbd.secondary_state().is_none());
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 //! several queues at once and completes them asynchronously.
 
 pub mod aio;
+pub mod nbd;
 pub mod qcow2;
 pub mod vhd;
 
@@ -86,7 +87,7 @@ pub const VDISK_READONLY: u32 = 0x4;
 
 /// How an image is opened (the subset of tapdisk's `TD_OPEN_*` flags a driver sees, and
 /// tapdisk's I/O settings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OpenOptions {
     /// Open read-only; writes fail with `EPERM`.
     pub read_only: bool,
@@ -96,6 +97,8 @@ pub struct OpenOptions {
     pub shareable: bool,
     /// Engine and mapped reads, from tapdisk's configuration.
     pub io: IoSettings,
+    /// The NBD client's settings and the sockets handed to this process (`nbd:` images).
+    pub nbd: self::nbd::NbdClientContext,
 }
 
 /// The registered image types, with the C stack's `DISK_TYPE_*` numbers.
@@ -275,6 +278,10 @@ pub trait ImageDriver: Send + Sync + fmt::Debug {
     fn stats(&self) -> Option<DriverStats> {
         None
     }
+    /// Gives back, at pause or close once requests have drained, what the image holds that
+    /// outlives it (an `nbd:` image's handed-over connection goes back to the process's
+    /// passed sockets). Default: nothing; files close when the driver is dropped.
+    fn release(&self) {}
 }
 
 /// A driver's status in `tap-ctl stats` (the `"status"` object of an image). The VBD adds the
@@ -308,6 +315,11 @@ pub enum DriverDetail {
         /// Geometry and allocation counters.
         qcow2: self::qcow2::Qcow2Stats,
     },
+    /// NBD images: the `"nbd"` object.
+    Nbd {
+        /// Connection state and counters.
+        nbd: self::nbd::NbdStats,
+    },
 }
 
 /// Opens an image of `disk_type` at `locator` (`td_open`).
@@ -335,8 +347,12 @@ pub fn open_image(
             self::vhd::VhdDriver::open(local_file()?, options)
                 .map_err(self::vhd::VhdDriverError::into_logged_io)?,
         )),
+        DiskType::Nbd => Ok(Box::new(self::nbd::NbdImage::open(
+            &locator.to_string(),
+            &options,
+        )?)),
         // Known names whose drivers are not built yet: ENOSYS, as tapdisk does.
-        DiskType::Ram | DiskType::Nbd => Err(failure(
+        DiskType::Ram => Err(failure(
             libc::ENOSYS,
             format!("{name}:{locator}: this tapdisk has no {name} driver yet"),
         )),

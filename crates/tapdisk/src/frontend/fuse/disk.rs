@@ -219,6 +219,7 @@ mod tests {
             options: OpenOptions::default(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
             log: None,
+            secondary: None,
         })
         .await
         .unwrap();

@@ -7,10 +7,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{require, run_ok, vhd_util_ok, Env};
+use common::{require, run_ok, vhd_util_ok, Env, FioGuard};
 
 /// fio options shared by the writing run and the later verify-only run (same offsets).
 fn fio_job(uri: &str) -> Vec<String> {
@@ -35,18 +35,6 @@ fn assert_fio_clean(out: &str) {
     let json = &out[out.find('{').expect("fio JSON output")..];
     assert!(json.contains("\"error\" : 0"), "{json}");
     assert!(!json.contains("verify: bad"), "{json}");
-}
-
-/// Kills fio if the test fails half way.
-struct FioGuard(Option<Child>);
-
-impl Drop for FioGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 fn allocated_blocks(path: &Path) -> u64 {

@@ -17,12 +17,13 @@ fn non_file_locators_reach_tapdisk_verbatim() {
             .output()
             .unwrap()
     };
-    // What SM passes for a storage-migration mirror: no driver yet, so ENOSYS, and the
-    // message carries the locator as given (not made into a path under the cwd).
+    // What SM passes for a storage-migration mirror, to a socket that does not exist: the
+    // nbd driver's ENOENT, and the message carries the locator as given (not made into a
+    // path under the cwd).
     let mirror = "nbd:unix:/run/sm/nbd/mirror.sock:exportname=vdi-1";
     let out = in_dir(&["create", "-a", mirror]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(libc::ENOSYS), "{stderr}");
+    assert_eq!(out.status.code(), Some(libc::ENOENT), "{stderr}");
     // Named twice: in what tap-ctl sent, and in tapdisk's explanation.
     assert_eq!(
         stderr.matches(mirror).count(),

@@ -20,7 +20,12 @@ pub const MAX_MINOR: u32 = 16383;
 
 /// Parses the pid out of a control socket file name (`ctl<pid>`).
 pub fn parse_ctl_socket_name(name: &str) -> Option<u32> {
-    let digits = name.strip_prefix("ctl")?;
+    pid_after(name, "ctl")
+}
+
+/// The decimal pid that is all of `name` after `prefix`.
+fn pid_after(name: &str, prefix: &str) -> Option<u32> {
+    let digits = name.strip_prefix(prefix)?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -32,10 +37,10 @@ pub fn parse_ctl_socket_name(name: &str) -> Option<u32> {
 const NBD_SOCKET_PREFIXES: [&str; 4] = ["nbdserver-new", "nbdserver", "nbd-old", "nbd"];
 
 /// The pid of the tapdisk that created socket `name` in the control directory: `ctl<pid>`,
-/// `nbd<pid>.<minor>`, `nbd-old<pid>.<minor>`, `nbdserver<pid>.<minor>` or
+/// `nbdclient<pid>`, `nbd<pid>.<minor>`, `nbd-old<pid>.<minor>`, `nbdserver<pid>.<minor>` or
 /// `nbdserver-new<pid>.<minor>`.
 pub fn parse_socket_owner(name: &str) -> Option<u32> {
-    if let Some(pid) = parse_ctl_socket_name(name) {
+    if let Some(pid) = parse_ctl_socket_name(name).or_else(|| pid_after(name, "nbdclient")) {
         return Some(pid);
     }
     let rest = NBD_SOCKET_PREFIXES
@@ -129,7 +134,9 @@ mod tests {
         assert_eq!(parse_socket_owner("nbd-old42.7"), Some(42));
         assert_eq!(parse_socket_owner("nbdserver42.7"), Some(42));
         assert_eq!(parse_socket_owner("nbdserver-new42.16383"), Some(42));
-        assert_eq!(parse_socket_owner("nbdclient42"), None);
+        assert_eq!(parse_socket_owner("nbdclient42"), Some(42));
+        assert_eq!(parse_socket_owner("nbdclient"), None);
+        assert_eq!(parse_socket_owner("nbdclient42.0"), None);
         assert_eq!(parse_socket_owner("nbd42"), None);
         assert_eq!(parse_socket_owner("nbd42.x"), None);
         assert_eq!(parse_socket_owner("fuse42.0"), None);

@@ -107,8 +107,8 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
     if let Some(ready) = ready.take() {
         if let Err(e) = announced.and_then(|()| detach_stdio()) {
             ready.report(e.raw_os_error().unwrap_or(libc::EIO));
-            let _ = std::fs::remove_file(&socket_path);
             let _ = std::fs::remove_file(&nbd_client_path);
+            let _ = std::fs::remove_file(&socket_path);
             return Err(Failure::new("announcing the control socket", &e));
         }
         ready.report(0);
@@ -172,8 +172,9 @@ fn run(flags: &Flags, config: Config, ready: &mut Option<sys::ReadyPipe>) -> Res
         tapdisk.shutdown().await;
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
-    let _ = std::fs::remove_file(&socket_path);
+    // The control socket goes last: whoever sees it gone may take the tapdisk for gone.
     let _ = std::fs::remove_file(&nbd_client_path);
+    let _ = std::fs::remove_file(&socket_path);
     tracing::info!("tapdisk exiting");
     Ok(())
 }

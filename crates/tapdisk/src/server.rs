@@ -491,12 +491,17 @@ impl Tapdisk {
         drop(slots);
         tracing::info!(minor, "detached");
         if last {
-            // Unlink the control socket before the reply goes out, so that once the caller
-            // sees the last DETACH acknowledged, `tap-ctl list` no longer finds this process.
-            let socket = self.control_dir.ctl_socket_path(self.pid);
-            if let Err(e) = std::fs::remove_file(&socket) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!("removing {}: {e}", socket.display());
+            // Unlink the sockets before the reply goes out, so that once the caller sees the
+            // last DETACH acknowledged, `tap-ctl list` no longer finds this process and
+            // nothing of it is left in the control directory (the control socket last).
+            for socket in [
+                self.control_dir.nbd_client_socket_path(self.pid),
+                self.control_dir.ctl_socket_path(self.pid),
+            ] {
+                if let Err(e) = std::fs::remove_file(&socket) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        tracing::warn!("removing {}: {e}", socket.display());
+                    }
                 }
             }
             self.exit.send_replace(true);

@@ -6,7 +6,9 @@
 //! destination, `qemu-img compare` identical at the end; the mirror surviving SM's
 //! pause/unpause and going away with `-2 null`; a destination killed or hung mid-run (the
 //! guest's I/O goes on, `nbd_mirror_failed` becomes 1); a standby secondary taking over a
-//! leaf on a full filesystem; an `nbd:` image as a VBD's only image, over TLS.
+//! leaf on a full filesystem; an `nbd:` image as a VBD's only image, over TLS to another
+//! tapdisk, and from qemu-nbd (newstyle, structured replies) and nbdkit (old style; TLS
+//! required on TCP).
 
 mod common;
 
@@ -16,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    fio_nbd_verify, make_certificates, require, run_ok, vhd_util_ok, wait_for, Env, FioGuard,
+    fio_nbd_verify, make_certificates, require, run_ok, vhd_util_ok, wait_for, ChildGuard, Env,
 };
 
 const MIB: usize = 1 << 20;
@@ -67,11 +69,12 @@ fn unpause(env: &Env, (pid, minor): (u32, u32), extra: &[&str]) {
     env.tap_ctl_ok(&args);
 }
 
-fn compare(env: &Env, a: (u32, u32), b: (u32, u32)) -> (bool, String) {
+/// `qemu-img compare` of two raw images (files or NBD URIs): identical?, and what it said.
+fn compare_raw(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi::OsStr>) -> (bool, String) {
     let out = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(env.nbd_uri(a.0, a.1))
-        .arg(env.nbd_uri(b.0, b.1))
+        .arg(a)
+        .arg(b)
         .output()
         .unwrap();
     let text =
@@ -79,9 +82,13 @@ fn compare(env: &Env, a: (u32, u32), b: (u32, u32)) -> (bool, String) {
     (out.status.success(), text)
 }
 
+fn compare(env: &Env, a: (u32, u32), b: (u32, u32)) -> (bool, String) {
+    compare_raw(env.nbd_uri(a.0, a.1), env.nbd_uri(b.0, b.1))
+}
+
 /// fio writing and verifying 4-64 KiB blocks over `size` of `uri` at about `rate` bytes
 /// per second (fio's `rate_iops` counts in smallest blocks, so a byte rate it is).
-fn spawn_fio(env: &Env, uri: &str, size: &str, rate: &str) -> FioGuard {
+fn spawn_fio(env: &Env, uri: &str, size: &str, rate: &str) -> ChildGuard {
     let child = Command::new("fio")
         .current_dir(env.dir.path())
         .args([
@@ -102,11 +109,11 @@ fn spawn_fio(env: &Env, uri: &str, size: &str, rate: &str) -> FioGuard {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    FioGuard(Some(child))
+    ChildGuard(Some(child))
 }
 
 /// Waits for fio and asserts it saw no error and no bad block.
-fn fio_clean(mut fio: FioGuard) {
+fn fio_clean(mut fio: ChildGuard) {
     let child: Child = fio.0.take().unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -227,7 +234,7 @@ fn storage_migration_mirror_with_a_copy_and_fio_verify() {
 }
 
 /// A source mirroring to a destination, with the guest writing; returns both VBDs and fio.
-fn mirrored_pair(env: &Env) -> ((u32, u32), (u32, u32), FioGuard) {
+fn mirrored_pair(env: &Env) -> ((u32, u32), (u32, u32), ChildGuard) {
     let source = env.create(&image(env, "src.img", 32), &["-b", "none"]);
     let destination = env.create(&image(env, "dst.img", 32), &["-b", "none"]);
     hand_over(env, destination, source.0, "vbd/3/xvdb");
@@ -418,4 +425,160 @@ fn an_nbd_export_served_as_a_vbd_over_tls() {
     );
     assert!(error.contains("requires TLS"), "{error}");
     env.destroy(remote.0, remote.1);
+}
+
+/// Starts `program ARGS` as an NBD server and waits until `ready` holds.
+fn start_server(program: &str, args: &[&str], ready: impl FnMut() -> bool) -> ChildGuard {
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let server = ChildGuard(Some(child));
+    assert!(
+        wait_for(Duration::from_secs(10), ready),
+        "{program} did not come up"
+    );
+    server
+}
+
+/// A TCP port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `"nbd"` status of a VBD's first image in `tap-ctl stats`, after checking the image is
+/// an `nbd:` one (type 15).
+fn nbd_status(env: &Env, vbd: (u32, u32)) -> serde_json::Value {
+    let stats = stats(env, vbd);
+    let driver = &stats["images"][0]["driver"];
+    assert_eq!(driver["type"], 15, "{stats}");
+    driver["status"]["nbd"].clone()
+}
+
+/// Asserts `qemu-img compare` finds raw `file` and the export at `uri` identical.
+fn assert_same(file: &Path, uri: &str) {
+    let (same, text) = compare_raw(file, uri);
+    assert!(same, "{text}");
+}
+
+/// Checks that VBD `vbd` reads as `file` does, then writes through it and finds the bytes in
+/// `file` (and nothing else changed) once the VBD is gone.
+fn served_as_file(env: &Env, vbd: (u32, u32), file: &Path) {
+    let before = std::fs::read(file).unwrap();
+    assert_same(file, &env.nbd_uri(vbd.0, vbd.1));
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 1M 192k", "-c", "flush"])
+            .arg(env.nbd_uri(vbd.0, vbd.1)),
+    );
+    env.destroy(vbd.0, vbd.1);
+    let written = MIB..MIB + 192 * 1024;
+    let after = std::fs::read(file).unwrap();
+    assert!(after[written.clone()].iter().all(|&b| b == 0x5a));
+    assert_eq!(after[..written.start], before[..written.start]);
+    assert_eq!(after[written.end..], before[written.end..]);
+}
+
+#[test]
+fn nbd_images_served_by_qemu_nbd_and_nbdkit() {
+    require("qemu-nbd");
+    require("nbdkit");
+    require("qemu-io");
+    require("openssl");
+    let env = Env::new();
+
+    // qemu-nbd, newstyle with an export name, as SM spells the locator: NBD_OPT_GO and
+    // structured replies (the file's last 2 MiB a hole, read back as hole chunks).
+    let file = image(&env, "qemu.img", 4);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(6 * MIB as u64)
+        .unwrap();
+    let socket = env.dir.path().join("qemu.sock");
+    let _qemu = start_server(
+        "qemu-nbd",
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "-x",
+            "disk",
+            "-k",
+            path_str(&socket),
+            path_str(&file),
+        ],
+        || socket.exists(),
+    );
+    let vbd = env.create_params(
+        &format!("nbd:unix:{}:exportname=disk", socket.display()),
+        &["-b", "none"],
+    );
+    let status = nbd_status(&env, vbd);
+    assert_eq!(status["handshake"], "go", "{status}");
+    assert_eq!(status["structured"], true, "{status}");
+    served_as_file(&env, vbd, &file);
+
+    // nbdkit, old style, the locator a plain socket path. Read-only: nbdkit 1.32 advertises
+    // FLUSH and FUA in its old-style greeting but refuses both (qemu-io sees the same).
+    let file = image(&env, "oldstyle.img", 4);
+    let socket = env.dir.path().join("oldstyle.sock");
+    let _oldstyle = start_server(
+        "nbdkit",
+        &[
+            "-f",
+            "-o",
+            "-r",
+            "-U",
+            path_str(&socket),
+            "file",
+            path_str(&file),
+        ],
+        || socket.exists(),
+    );
+    let vbd = env.create_params(&format!("nbd:{}", socket.display()), &["-b", "none", "-R"]);
+    let status = nbd_status(&env, vbd);
+    assert_eq!(status["handshake"], "oldstyle", "{status}");
+    assert_eq!(status["structured"], false, "{status}");
+    assert_same(&file, &env.nbd_uri(vbd.0, vbd.1));
+    env.destroy(vbd.0, vbd.1);
+
+    // nbdkit requiring TLS on TCP: the client upgrades with the site's authorities.
+    let pki = env.dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    make_certificates(&pki);
+    env.site_config(&format!(
+        "[nbd_client]\ntls_certificates = \"{}\"\n",
+        pki.display()
+    ));
+    let file = image(&env, "tls.img", 4);
+    let port = free_port().to_string();
+    let _tls = start_server(
+        "nbdkit",
+        &[
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--tls=require",
+            &format!("--tls-certificates={}", pki.display()),
+            "file",
+            path_str(&file),
+        ],
+        || std::net::TcpStream::connect(("127.0.0.1", port.parse().unwrap())).is_ok(),
+    );
+    let vbd = env.create_params(&format!("nbd:localhost:{port}"), &["-b", "none"]);
+    let status = nbd_status(&env, vbd);
+    assert_eq!(status["tls"], true, "{status}");
+    assert_eq!(status["structured"], true, "{status}");
+    served_as_file(&env, vbd, &file);
+    assert_eq!(env.leftovers(), Vec::<String>::new());
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{require, run_ok, vhd_util_ok, Env, FioGuard};
+use common::{require, run_ok, vhd_util_ok, ChildGuard, Env};
 
 /// fio options shared by the writing run and the later verify-only run (same offsets).
 fn fio_job(uri: &str) -> Vec<String> {
@@ -69,9 +69,9 @@ fn snapshot_and_coalesce_under_fio_load() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut fio = FioGuard(Some(fio));
+    let mut fio = ChildGuard(Some(fio));
     let started = Instant::now();
-    let still_running = |fio: &mut FioGuard| {
+    let still_running = |fio: &mut ChildGuard| {
         fio.0
             .as_mut()
             .is_some_and(|child| child.try_wait().unwrap().is_none())

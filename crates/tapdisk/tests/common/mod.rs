@@ -369,10 +369,10 @@ pub fn fio_nbd_verify(dir: &Path, uri: &str, job: &[&str]) -> String {
     json
 }
 
-/// Kills fio if the test fails half way.
-pub struct FioGuard(pub Option<std::process::Child>);
+/// Kills a child process (fio, an NBD server) if the test fails half way.
+pub struct ChildGuard(pub Option<std::process::Child>);
 
-impl Drop for FioGuard {
+impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();

@@ -147,7 +147,8 @@ fn kill_9_leftovers_are_shown_stale_and_reclaimed() {
     }
     let before = env.leftovers();
     println!("after 5 kill -9: {} files: {before:?}", before.len());
-    assert_eq!(before.len(), 1 + 5 * 6, "{before:?}");
+    // Each: its marker, ctl<pid>, nbdclient<pid> and the four NBD sockets of its minor.
+    assert_eq!(before.len(), 1 + 5 * 7, "{before:?}");
 
     let out = env.tap_ctl(&["list"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -173,6 +174,7 @@ fn kill_9_leftovers_are_shown_stale_and_reclaimed() {
     println!("after the next create: {} files: {after:?}", after.len());
     let mut expected = vec![
         format!("ctl{pid}"),
+        format!("nbdclient{pid}"),
         format!("nbd{pid}.{minor}"),
         format!("nbd-old{pid}.{minor}"),
         format!("nbdserver{pid}.{minor}"),

@@ -8,7 +8,7 @@
 //! guest's I/O goes on, `nbd_mirror_failed` becomes 1); a standby secondary taking over a
 //! leaf on a full filesystem; an `nbd:` image as a VBD's only image, over TLS to another
 //! tapdisk, and from qemu-nbd (newstyle, structured replies) and nbdkit (old style; TLS
-//! required on TCP).
+//! required on TCP); an `nbd:` image reconnecting to a restarted server.
 
 mod common;
 
@@ -581,4 +581,49 @@ fn nbd_images_served_by_qemu_nbd_and_nbdkit() {
     assert_eq!(status["structured"], true, "{status}");
     served_as_file(&env, vbd, &file);
     assert_eq!(env.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn an_nbd_image_reconnects_to_a_restarted_server() {
+    require("qemu-nbd");
+    require("qemu-io");
+    let env = Env::new();
+    let file = image(&env, "restart.img", 4);
+    let socket = env.dir.path().join("restart.sock");
+    let serve = || {
+        let _ = std::fs::remove_file(&socket);
+        start_server(
+            "qemu-nbd",
+            &["-f", "raw", "-t", "-k", path_str(&socket), path_str(&file)],
+            || socket.exists(),
+        )
+    };
+    let server = serve();
+    let vbd = env.create_params(&format!("nbd:unix:{}", socket.display()), &["-b", "none"]);
+    // The server goes away; a guest write waits (EAGAIN, retried every second by the VBD)
+    // until it is back, then completes on a new connection.
+    drop(server);
+    let writer = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x3c 2M 64k"])
+        .arg(env.nbd_uri(vbd.0, vbd.1))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut writer = ChildGuard(Some(writer));
+    std::thread::sleep(Duration::from_secs(2));
+    let _server = serve();
+    let out = writer.0.take().unwrap().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = nbd_status(&env, vbd);
+    assert_eq!(status["connected"], true, "{status}");
+    assert_eq!(status["reconnects"], 1, "{status}");
+    env.destroy(vbd.0, vbd.1);
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(bytes[2 * MIB..2 * MIB + 65536].iter().all(|&b| b == 0x3c));
 }

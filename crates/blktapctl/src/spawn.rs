@@ -21,6 +21,10 @@ use rustix::pipe::{pipe_with, PipeFlags};
 use crate::error::{Error, Result};
 use crate::paths::{parse_ctl_socket_name, ControlDir, CONTROL_DIR_ENV};
 
+/// Where an installed tapdisk lives, in the order `tap-ctl` and `libblktapctl.so` look
+/// (the packages install it at the first).
+pub const TAPDISK_LOCATIONS: [&str; 2] = ["/usr/libexec/tapdisk", "/usr/lib/blktap/tapdisk"];
+
 /// How long to wait for the daemon to report its control socket.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -24,8 +24,9 @@ pub const TAPDISK_ENV: &str = "BLKTAP_TAPDISK";
 /// Environment variable giving the default of `-b`.
 pub const BLOCK_DEVICE_ENV: &str = "BLKTAP_BLOCK_DEVICE";
 
-/// Fixed locations searched for tapdisk (after `$BLKTAP_TAPDISK` and tap-ctl's own directory).
-pub const TAPDISK_LOCATIONS: [&str; 2] = ["/usr/libexec/tapdisk", "/usr/lib/blktap/tapdisk"];
+/// Fixed locations searched for tapdisk (after `$BLKTAP_TAPDISK` and tap-ctl's own
+/// directory); `libblktapctl.so` searches the same.
+pub use blktapctl::spawn::TAPDISK_LOCATIONS;
 
 /// What `tap-ctl` runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]

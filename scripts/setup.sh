@@ -3,8 +3,9 @@
 # the test peers (fio, libnbd-bin with nbdinfo/nbdcopy/nbdfuse, nbdkit, libvhdi-utils),
 # nbd-client (the VM tests attach /dev/nbd0 to tapdisk's NBD socket), lvm2 (vhd-util scan -l
 # runs its vgs and lvs; the VM tests build LVHD volume groups), libclang-dev (libublk's
-# -sys crate runs bindgen at build time), shellcheck (scripts/lint.sh), the cargo tools
-# cargo-fuzz (scripts/fuzz.sh) and cargo-deny (scripts/lint.sh), built from crates.io (a few
+# -sys crate runs bindgen at build time), valgrind and pkg-config (libblktapctl's C client
+# test builds against the installed .pc and runs under valgrind), shellcheck
+# (scripts/lint.sh), the cargo tools cargo-fuzz (scripts/fuzz.sh) and cargo-deny (scripts/lint.sh), built from crates.io (a few
 # minutes the first time), then builds every binary. qemu-utils (qemu-img,
 # qemu-io, qemu-nbd) is preinstalled here; it is installed only when missing, so the newer
 # preinstalled one is never replaced.
@@ -15,7 +16,7 @@ need=()
 for pair in fio:fio nbdinfo:libnbd-bin nbdkit:nbdkit vhdiinfo:libvhdi-utils \
             mkfs.ext4:e2fsprogs losetup:mount lsblk:util-linux cmp:diffutils \
             fusermount3:fuse3 qemu-img:qemu-utils nbd-client:nbd-client \
-            shellcheck:shellcheck lvm:lvm2; do
+            shellcheck:shellcheck lvm:lvm2 valgrind:valgrind pkg-config:pkgconf; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || need+=(libclang-dev)

@@ -146,7 +146,14 @@ impl Client {
         };
         let program = dir.path().join("client");
         let output = Command::new("cc")
-            .args(["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g"])
+            .args([
+                "-std=gnu11",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-g",
+                "-pthread",
+            ])
             .args(pkg_config("--cflags"))
             .arg("-o")
             .arg(&program)

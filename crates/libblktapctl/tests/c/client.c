@@ -8,9 +8,10 @@
  *   client CTL_DIR TAPDISK list
  *   client CTL_DIR TAPDISK tapback PID MINOR
  *   client CTL_DIR TAPDISK destroy PID MINOR IMAGE
- *   client CTL_DIR TAPDISK checks
+ *   client CTL_DIR TAPDISK checks      (argument checks, simple calls, four threads)
  */
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -152,8 +153,28 @@ static int destroy(pid_t pid, int minor, const char *image)
 	return 0;
 }
 
+/* One of several threads allocating, listing and freeing at once. */
+static void *worker(void *unused)
+{
+	struct list_head list;
+	char *devname;
+	int i, minor;
+
+	(void)unused;
+	for (i = 0; i < 10; i++) {
+		CHECK(tap_ctl_allocate(&minor, &devname) == 0);
+		CHECK(tap_ctl_list(&list) == 0);
+		CHECK(list.next != &list);
+		tap_ctl_list_free(&list);
+		CHECK(tap_ctl_free(minor) == 0);
+		free(devname);
+	}
+	return NULL;
+}
+
 static int checks(const char *ctl_dir)
 {
+	pthread_t threads[4];
 	char *type = NULL, *path = NULL, *name;
 	char expected[512];
 	struct list_head list;
@@ -213,6 +234,11 @@ static int checks(const char *ctl_dir)
 	free(devname);
 	CHECK(tap_ctl_free(minor) == 0);
 	CHECK(tap_ctl_free(minor) == -ENOENT);
+
+	for (int i = 0; i < 4; i++)
+		CHECK(pthread_create(&threads[i], NULL, worker, NULL) == 0);
+	for (int i = 0; i < 4; i++)
+		CHECK(pthread_join(threads[i], NULL) == 0);
 	printf("checks passed\n");
 	return 0;
 }

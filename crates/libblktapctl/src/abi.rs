@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blktapctl::list::ListRow;
 use blktapctl::{Error, Result};
@@ -93,6 +93,12 @@ unsafe fn opt_bytes<'a>(ptr: *const c_char) -> Option<&'a [u8]> {
     // SAFETY: non-NULL string arguments are NUL-terminated and valid for the call (module
     // contract).
     Some(unsafe { CStr::from_ptr(ptr) }.to_bytes())
+}
+
+/// The C string at `ptr` as a path; `None` for NULL.
+unsafe fn opt_path(ptr: *const c_char) -> Option<PathBuf> {
+    // SAFETY: forwarded contract of this function's caller.
+    unsafe { opt_bytes(ptr) }.map(|bytes| PathBuf::from(OsStr::from_bytes(bytes)))
 }
 
 /// The C string at `ptr` as text; `None` for NULL, `EINVAL` if it is not UTF-8.
@@ -377,18 +383,38 @@ pub unsafe extern "C" fn tap_ctl_read_raw(
     })
 }
 
+/// Runs `op` on the caller's descriptor and message, by the deadline `timeout` sets.
+unsafe fn on_message(
+    name: &str,
+    fd: c_int,
+    message: *mut RawMessage,
+    timeout: *mut timeval,
+    op: impl FnOnce(BorrowedFd<'_>, &mut RawMessage, Option<Instant>) -> Result<()>,
+) -> c_int {
+    entry(name, || {
+        // SAFETY: forwarded contract of this function's caller.
+        let (fd, message, timeout) =
+            unsafe { (borrow_fd(fd)?, message_of(message)?, timeout_of(timeout)?) };
+        op(fd, message, deadline_in(timeout)).map(|()| 0)
+    })
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn tap_ctl_read_message(
     fd: c_int,
     message: *mut RawMessage,
     timeout: *mut timeval,
 ) -> c_int {
-    entry("tap_ctl_read_message", || {
-        // SAFETY: module contract.
-        let (fd, message, timeout) =
-            unsafe { (borrow_fd(fd)?, message_of(message)?, timeout_of(timeout)?) };
-        read_full(fd, message, deadline_in(timeout)).map(|()| 0)
-    })
+    // SAFETY: module contract.
+    unsafe {
+        on_message(
+            "tap_ctl_read_message",
+            fd,
+            message,
+            timeout,
+            |fd, message, deadline| read_full(fd, message, deadline),
+        )
+    }
 }
 
 #[no_mangle]
@@ -397,12 +423,16 @@ pub unsafe extern "C" fn tap_ctl_write_message(
     message: *mut RawMessage,
     timeout: *mut timeval,
 ) -> c_int {
-    entry("tap_ctl_write_message", || {
-        // SAFETY: module contract.
-        let (fd, message, timeout) =
-            unsafe { (borrow_fd(fd)?, message_of(message)?, timeout_of(timeout)?) };
-        write_full(fd, message, deadline_in(timeout)).map(|()| 0)
-    })
+    // SAFETY: module contract.
+    unsafe {
+        on_message(
+            "tap_ctl_write_message",
+            fd,
+            message,
+            timeout,
+            |fd, message, deadline| write_full(fd, message, deadline),
+        )
+    }
 }
 
 #[no_mangle]
@@ -411,12 +441,16 @@ pub unsafe extern "C" fn tap_ctl_send_and_receive(
     message: *mut RawMessage,
     timeout: *mut timeval,
 ) -> c_int {
-    entry("tap_ctl_send_and_receive", || {
-        // SAFETY: module contract.
-        let (fd, message, timeout) =
-            unsafe { (borrow_fd(fd)?, message_of(message)?, timeout_of(timeout)?) };
-        calls::send_and_receive(fd, message, &[], deadline_in(timeout)).map(|()| 0)
-    })
+    // SAFETY: module contract.
+    unsafe {
+        on_message(
+            "tap_ctl_send_and_receive",
+            fd,
+            message,
+            timeout,
+            |fd, message, deadline| calls::send_and_receive(fd, message, &[], deadline),
+        )
+    }
 }
 
 #[no_mangle]
@@ -541,6 +575,29 @@ pub unsafe extern "C" fn parse_params(
     })
 }
 
+/// The arguments of an OPEN from C: `strings` are params, secondary and log path.
+unsafe fn open_args<'a>(
+    strings: (*const c_char, *const c_char, *const c_char),
+    flags: c_int,
+    prt_minor: c_int,
+    timeout: c_int,
+    key: Option<Vec<u8>>,
+) -> Result<OpenArgs<'a>> {
+    let (params, secondary, logpath) = strings;
+    // SAFETY: forwarded contract of this function's caller.
+    unsafe {
+        Ok(OpenArgs {
+            params: req_str(params, "params")?,
+            flags: u32::from_ne_bytes(flags.to_ne_bytes()),
+            prt_minor,
+            secondary: opt_str(secondary, "secondary")?,
+            timeout,
+            logpath: opt_str(logpath, "log path")?,
+            key,
+        })
+    }
+}
+
 // ---- minors, tapdisks, VBDs ------------------------------------------------------------------
 
 #[no_mangle]
@@ -594,18 +651,9 @@ pub unsafe extern "C" fn tap_ctl_create(
         if devname.is_null() {
             return Err(null("devname"));
         }
+        let strings = (params, secondary.cast_const(), logpath);
         // SAFETY: module contract.
-        let args = unsafe {
-            OpenArgs {
-                params: req_str(params, "params")?,
-                flags: u32::from_ne_bytes(flags.to_ne_bytes()),
-                prt_minor,
-                secondary: opt_str(secondary, "secondary")?,
-                timeout,
-                logpath: opt_str(logpath, "log path")?,
-                key: None,
-            }
-        };
+        let args = unsafe { open_args(strings, flags, prt_minor, timeout, None) }?;
         let device = calls::create(args)?;
         let name = malloc_path(&device)?;
         // SAFETY: checked non-NULL.
@@ -681,18 +729,9 @@ pub unsafe extern "C" fn tap_ctl_open(
         }
     });
     entry("tap_ctl_open", || {
+        let strings = (params, secondary, logpath);
         // SAFETY: module contract.
-        let args = unsafe {
-            OpenArgs {
-                params: req_str(params, "params")?,
-                flags: u32::from_ne_bytes(flags.to_ne_bytes()),
-                prt_minor,
-                secondary: opt_str(secondary, "secondary")?,
-                timeout,
-                logpath: opt_str(logpath, "log path")?,
-                key,
-            }
-        };
+        let args = unsafe { open_args(strings, flags, prt_minor, timeout, key) }?;
         calls::open(pid_of(id)?, minor_of(minor)?, args).map(|()| 0)
     })
 }
@@ -857,20 +896,16 @@ pub unsafe extern "C" fn tap_ctl_info(
 
 #[no_mangle]
 pub unsafe extern "C" fn tap_ctl_set_control_dir(dir: *const c_char) -> c_int {
-    entry("tap_ctl_set_control_dir", || {
-        // SAFETY: module contract.
-        let dir = unsafe { opt_bytes(dir) };
-        settings::set_control_dir(dir.map(|d| PathBuf::from(OsStr::from_bytes(d))));
-        Ok(0)
-    })
+    // SAFETY: module contract.
+    let dir = unsafe { opt_path(dir) };
+    settings::set_control_dir(dir);
+    0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn tap_ctl_set_tapdisk(path: *const c_char) -> c_int {
-    entry("tap_ctl_set_tapdisk", || {
-        // SAFETY: module contract.
-        let path = unsafe { opt_bytes(path) };
-        settings::set_tapdisk(path.map(|p| PathBuf::from(OsStr::from_bytes(p))));
-        Ok(0)
-    })
+    // SAFETY: module contract.
+    let path = unsafe { opt_path(path) };
+    settings::set_tapdisk(path);
+    0
 }

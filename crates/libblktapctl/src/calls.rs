@@ -21,6 +21,16 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Byte offset of `u.params.flags` in `tapdisk_message_t` (the union starts 8-aligned).
 const PARAMS_FLAGS_OFFSET: usize = 8;
 
+/// `value`, which flag `flag` of a C call requires (`EINVAL` naming both when missing).
+fn required<T>(value: Option<T>, flag: &str, what: &str) -> Result<T> {
+    value.ok_or_else(|| {
+        Error::new(
+            libc::EINVAL,
+            format!("TAPDISK_MESSAGE_FLAG_{flag} without {what}"),
+        )
+    })
+}
+
 /// A tapdisk id or pid from C: non-negative.
 pub fn pid_of(value: i32) -> Result<u32> {
     u32::try_from(value).map_err(|_| Error::new(libc::EINVAL, format!("invalid pid {value}")))
@@ -146,21 +156,11 @@ impl OpenArgs<'_> {
             request.secondary = Some(self.secondary.unwrap_or_default().to_owned());
         }
         if flags.contains(OpenFlags::ADD_LOG) {
-            let log = self.logpath.ok_or_else(|| {
-                Error::new(
-                    libc::EINVAL,
-                    "TAPDISK_MESSAGE_FLAG_ADD_LOG without a log path",
-                )
-            })?;
+            let log = required(self.logpath, "ADD_LOG", "a log path")?;
             request.log_path = Some(log.to_owned());
         }
         if flags.contains(OpenFlags::OPEN_ENCRYPTED) {
-            let key = self.key.ok_or_else(|| {
-                Error::new(
-                    libc::EINVAL,
-                    "TAPDISK_MESSAGE_FLAG_OPEN_ENCRYPTED without a key",
-                )
-            })?;
+            let key = required(self.key, "OPEN_ENCRYPTED", "a key")?;
             request.encryption_key = Some(key);
         }
         request.request_timeout = u16::try_from(self.timeout).map_err(|_| {
@@ -222,12 +222,7 @@ pub fn unpause(
         request.secondary = Some(secondary.unwrap_or_default().to_owned());
     }
     if flags.contains(OpenFlags::ADD_LOG) {
-        let log = logpath.ok_or_else(|| {
-            Error::new(
-                libc::EINVAL,
-                "TAPDISK_MESSAGE_FLAG_ADD_LOG without a log path",
-            )
-        })?;
+        let log = required(logpath, "ADD_LOG", "a log path")?;
         request.log_path = Some(log.to_owned());
     }
     blktapctl::unpause(&control_dir(), pid, minor, &request)
@@ -263,23 +258,13 @@ pub fn trailer(
     let flags = OpenFlags(u32::from_ne_bytes(raw));
     let mut trailer = Vec::new();
     if flags.contains(OpenFlags::ADD_LOG) {
-        let log = logpath.ok_or_else(|| {
-            Error::new(
-                libc::EINVAL,
-                "TAPDISK_MESSAGE_FLAG_ADD_LOG without a log path",
-            )
-        })?;
+        let log = required(logpath, "ADD_LOG", "a log path")?;
         let payload = encode_log_path(log)
             .map_err(|e| Error::new(libc::ENAMETOOLONG, format!("log path {log:?}: {e}")))?;
         trailer.extend_from_slice(&payload);
     }
     if flags.contains(OpenFlags::OPEN_ENCRYPTED) {
-        let key = key.ok_or_else(|| {
-            Error::new(
-                libc::EINVAL,
-                "TAPDISK_MESSAGE_FLAG_OPEN_ENCRYPTED without a key",
-            )
-        })?;
+        let key = required(key, "OPEN_ENCRYPTED", "a key")?;
         let payload = encode_key(key)
             .map_err(|e| Error::new(libc::EINVAL, format!("encryption key: {e}")))?;
         trailer.extend_from_slice(&payload);

@@ -8,7 +8,7 @@
 //! handed back comes from `malloc` and list rows are this module's [`TapList`]. NULL is
 //! refused with `-EINVAL` wherever a value is needed (the C library would crash there).
 //!
-//! Every entry point runs its work inside [`entry`]: a panic is caught and reported as
+//! Every entry point runs its work inside `entry`: a panic is caught and reported as
 //! `-EIO`, never unwound into C; every error becomes its negative errno, and, while
 //! `tap_ctl_debug` is non-zero, a line on stderr saying what failed. Nothing is printed
 //! otherwise.

@@ -6,7 +6,7 @@
  *
  *   client CTL_DIR TAPDISK create IMAGE
  *   client CTL_DIR TAPDISK list
- *   client CTL_DIR TAPDISK tapback PID MINOR
+ *   client CTL_DIR TAPDISK tapback PID MINOR   (also pause, unpause, stats)
  *   client CTL_DIR TAPDISK destroy PID MINOR IMAGE
  *   client CTL_DIR TAPDISK checks      (argument checks, simple calls, four threads)
  */
@@ -137,6 +137,26 @@ static int tapback(pid_t pid, int minor)
 		CHECK(message.type == TAPDISK_MESSAGE_DISK_INFO_RSP);
 		CHECK(message.u.image.sectors == sectors);
 		close(fd);
+	}
+
+	/* Pause (state 0x2a in the listing), then resume on the same image. */
+	{
+		struct timeval timeout = { .tv_sec = 30, .tv_usec = 0 };
+		FILE *out = tmpfile();
+
+		CHECK(tap_ctl_pause(pid, minor, &timeout) == 0);
+		CHECK(tap_ctl_list_pid(pid, &list) == 0);
+		tap_list_for_each_entry(row, &list)
+			if (row->minor == minor)
+				CHECK(row->state == 0x2a);
+		tap_ctl_list_free(&list);
+		CHECK(tap_ctl_info(pid, &sectors, &sector_size, &info, minor) == 0);
+		CHECK(tap_ctl_unpause(pid, minor, NULL, 0, NULL, NULL) == 0);
+
+		CHECK(out != NULL);
+		CHECK(tap_ctl_stats_fwrite(pid, minor, out) == 0);
+		CHECK(ftell(out) > 2);
+		fclose(out);
 	}
 
 	/* A minor this tapdisk does not serve. */

@@ -54,6 +54,18 @@ pub fn parse_socket_owner(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
+/// The pid and minor of a VBD's NBD socket name, `nbd<pid>.<minor>` (the one an `-e MINOR`
+/// open looks for: the C stack's glob `nbd[0-9]*.<minor>`).
+pub fn parse_nbd_socket_name(name: &str) -> Option<(u32, u32)> {
+    let (pid, minor) = name.strip_prefix("nbd")?.split_once('.')?;
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    Some((number(pid)?, number(minor)?))
+}
+
 /// Parses the minor out of a marker file name (`tapdisk-<minor>`).
 pub fn parse_marker_name(name: &str) -> Option<u32> {
     let digits = name.strip_prefix("tapdisk-")?;
@@ -124,6 +136,12 @@ mod tests {
         assert_eq!(parse_ctl_socket_name("ctl"), None);
         assert_eq!(parse_ctl_socket_name("ctl12x"), None);
         assert_eq!(parse_ctl_socket_name("nbd12.3"), None);
+        assert_eq!(parse_nbd_socket_name("nbd12.3"), Some((12, 3)));
+        assert_eq!(parse_nbd_socket_name("nbd-old12.3"), None);
+        assert_eq!(parse_nbd_socket_name("nbdserver12.3"), None);
+        assert_eq!(parse_nbd_socket_name("nbd12.3x"), None);
+        assert_eq!(parse_nbd_socket_name("nbd.3"), None);
+        assert_eq!(parse_nbd_socket_name("nbdclient12"), None);
         assert_eq!(parse_marker_name("tapdisk-0"), Some(0));
         assert_eq!(parse_marker_name("tapdisk-16383"), Some(16383));
         assert_eq!(parse_marker_name("tapdisk-16384"), None);

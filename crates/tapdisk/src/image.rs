@@ -9,10 +9,13 @@
 //! the last image (or past a smaller parent's end) read as zeros. Writes, flushes and discards
 //! go to the leaf only. A chain may carry a changed-block-tracking log above its leaf
 //! ([`ChangeLog`], the C stack's `log` image): writes, discards and zeroing mark their blocks
-//! in it before they go to the leaf, and a flush syncs it with the leaf.
+//! in it before they go to the leaf, and a flush syncs it with the leaf. With IntelliCache
+//! ([`crate::lcache`]) the parent may be another VBD's NBD export (`-e`), and what the images
+//! below serve may be kept in the leaf (`-r`, the local cache).
 
 use std::collections::HashMap;
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -27,6 +30,7 @@ use crate::engine::mapped::MappedBytes;
 use crate::engine::IoFuture;
 use crate::error::failure;
 use crate::iobuf::IoBuf;
+use crate::lcache::{still_absent, LocalCache};
 use crate::secondary::Secondary;
 use tapdisk_proto::image::{ImageLocator, ImageSpec, X_CHAIN};
 
@@ -356,6 +360,8 @@ pub struct ImageChain {
     observed: AtomicBool,
     observer: RwLock<Option<WriteObserver>>,
     secondary: Option<Secondary>,
+    /// IntelliCache's local cache of the images below the leaf (`-r`), if any.
+    local_cache: Option<LocalCache>,
 }
 
 impl std::fmt::Debug for ImageChain {
@@ -365,6 +371,7 @@ impl std::fmt::Debug for ImageChain {
             .field("log", &self.log)
             .field("observed", &self.observed)
             .field("secondary", &self.secondary)
+            .field("local_cache", &self.local_cache)
             .finish_non_exhaustive()
     }
 }
@@ -446,6 +453,17 @@ impl ImageChain {
     /// then the parents of the last one are followed through [`ImageDriver::parent`]. Parents
     /// are opened read-only and shareable: one already open in this process is reused.
     pub fn open(params: &str, options: OpenOptions) -> io::Result<Self> {
+        Self::open_above(params, options, None)
+    }
+
+    /// [`ImageChain::open`], except that with `parent_export` the images listed are not
+    /// followed: their parent is the NBD export at that socket (another VBD's chain, `-e`),
+    /// opened read-only and taken as it is (no format can check a parent it reaches by NBD).
+    pub fn open_above(
+        params: &str,
+        options: OpenOptions,
+        parent_export: Option<&Path>,
+    ) -> io::Result<Self> {
         let listed = listed_images(params, &options)?;
         let mut images: Vec<Image> = Vec::with_capacity(listed.len());
         for (index, (disk_type, locator, image_options)) in listed.into_iter().enumerate() {
@@ -458,6 +476,19 @@ impl ImageChain {
                 tracing::error!(params, image = %locator, "cannot open image: {e}");
             })?;
             push_validated(&mut images, driver)?;
+        }
+        if let Some(socket) = parent_export {
+            let locator = ImageLocator::Remote(socket.display().to_string());
+            let parent = open_image(DiskType::Nbd, &locator, parent_options(&options))
+                .map_err(|e| {
+                    crate::error::with_context(e, format!("parent export {}", socket.display()))
+                })
+                .inspect_err(|e| tracing::error!(params, "cannot open the parent export: {e}"))?;
+            images.push(Image {
+                driver: parent,
+                counters: ImageCounters::default(),
+            });
+            return Ok(Self::assemble(images));
         }
         while let Some(link) = images.last().and_then(|image| image.driver.parent()) {
             if images.len() >= MAX_CHAIN_DEPTH {
@@ -488,6 +519,30 @@ impl ImageChain {
             observed: AtomicBool::new(false),
             observer: RwLock::new(None),
             secondary: None,
+            local_cache: None,
+        }
+    }
+
+    /// Keeps what the images below the leaf serve in the leaf ([`crate::lcache`], `-r`).
+    /// A chain of one image has nothing below to cache and stays as it is (as in the C
+    /// stack).
+    pub fn with_local_cache(mut self) -> Self {
+        if self.images.len() > 1 {
+            self.local_cache = Some(LocalCache::new(self.leaf().driver.path()));
+        }
+        self
+    }
+
+    /// The local cache, if the chain has one.
+    pub fn local_cache(&self) -> Option<&LocalCache> {
+        self.local_cache.as_ref()
+    }
+
+    /// Holds off fills of the local cache while the leaf changes (`None` without a cache).
+    async fn fence_fills(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        match &self.local_cache {
+            Some(cache) => Some(cache.fence().read().await),
+            None => None,
         }
     }
 
@@ -608,8 +663,91 @@ impl ImageChain {
 
     /// Reads through the images, leaf first, ignoring the secondary.
     pub(crate) async fn read_chain(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
-        // The leaf level runs in the caller's future; only parents need a boxed future.
-        read_level(&self.images, 0, sector, buf).await
+        match &self.local_cache {
+            Some(cache) => self.read_through_cache(cache, sector, buf).await,
+            // The leaf level runs in the caller's future; only parents need a boxed future.
+            None => read_level(&self.images, 0, sector, buf).await,
+        }
+    }
+
+    /// A read with a local cache: what the leaf lacks comes from the images below and is
+    /// then written into the leaf, unless the cache stopped filling. A failed fill never
+    /// fails the read.
+    async fn read_through_cache(
+        &self,
+        cache: &LocalCache,
+        sector: u64,
+        buf: IoBuf,
+    ) -> io::Result<IoBuf> {
+        let leaf = self.leaf();
+        let total = buf.len() as u64 / SECTOR_SIZE;
+        if sector.saturating_add(total) > leaf.driver.info().sectors {
+            return read_level(&self.images, 0, sector, buf).await;
+        }
+        let result = leaf.driver.read(sector, buf).await;
+        leaf.counters.count(READ, &result);
+        let outcome = result?;
+        let mut buf = outcome.buf;
+        let mut fetched: Vec<(Range<u64>, IoBuf)> = Vec::with_capacity(outcome.absent.len());
+        for range in outcome.absent {
+            let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
+            let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
+            if start >= end || end > buf.len() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let part = IoBuf::zeroed(end - start);
+            let part = read_at_level(&self.images, 1, sector + range.start, part).await?;
+            buf.as_mut_slice()[start..end].copy_from_slice(part.as_slice());
+            fetched.push((sector + range.start..sector + range.end, part));
+        }
+        let shared: u64 = fetched
+            .iter()
+            .map(|(range, _)| range.end - range.start)
+            .sum();
+        cache.count_read(total - shared, shared);
+        if !fetched.is_empty() && cache.may_fill() {
+            if let Err(e) = self.fill(cache, &fetched).await {
+                cache.fill_failed(&e);
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Writes what was `fetched` from below into the leaf where the leaf still lacks it,
+    /// with the leaf's writes held off.
+    async fn fill(&self, cache: &LocalCache, fetched: &[(Range<u64>, IoBuf)]) -> io::Result<()> {
+        let _fence = cache.fence().write().await;
+        let mut written = 0;
+        let result = self.fill_pieces(fetched, &mut written).await;
+        cache.filled(written);
+        result
+    }
+
+    /// The writes of [`ImageChain::fill`], counting the sectors written in `written`.
+    async fn fill_pieces(
+        &self,
+        fetched: &[(Range<u64>, IoBuf)],
+        written: &mut u64,
+    ) -> io::Result<()> {
+        let leaf = self.leaf();
+        for (range, data) in fetched {
+            let runs = leaf
+                .driver
+                .block_status(range.start, range.end - range.start)
+                .await?;
+            for piece in still_absent(range, &runs) {
+                let from = usize::try_from((piece.start - range.start) * SECTOR_SIZE)
+                    .map_err(|_| einval())?;
+                let to = usize::try_from((piece.end - range.start) * SECTOR_SIZE)
+                    .map_err(|_| einval())?;
+                let bytes = data.as_slice().get(from..to).ok_or_else(einval)?;
+                leaf.driver
+                    .write(piece.start, Arc::new(IoBuf::copy_from(bytes)))
+                    .await?;
+                *written += piece.end - piece.start;
+            }
+        }
+        Ok(())
     }
 
     /// True when this chain can serve mapped reads at all ([`ImageChain::mapped`]).
@@ -639,6 +777,7 @@ impl ImageChain {
         let count = buf.len() as u64 / SECTOR_SIZE;
         self.mark(sector, count)?;
         let leaf = self.leaf();
+        let fence = self.fence_fills().await;
         let result = match &self.secondary {
             Some(secondary) => secondary.write(leaf, sector, buf).await,
             None => {
@@ -647,6 +786,7 @@ impl ImageChain {
                 result
             }
         };
+        drop(fence);
         self.written(sector, count);
         result
     }
@@ -674,11 +814,13 @@ impl ImageChain {
     /// them in the log.
     pub async fn discard(&self, sector: u64, count: u64) -> io::Result<()> {
         self.mark(sector, count)?;
+        let fence = self.fence_fills().await;
         let leaf = self.leaf().driver.discard(sector, count);
         let result = match &self.secondary {
             Some(secondary) => secondary.zero(sector, count, leaf).await,
             None => leaf.await,
         };
+        drop(fence);
         self.written(sector, count);
         result
     }
@@ -700,11 +842,13 @@ impl ImageChain {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
         self.mark(sector, count)?;
+        let fence = self.fence_fills().await;
         let leaf = self.leaf().driver.write_zeroes(sector, count, flags);
         let result = match &self.secondary {
             Some(secondary) => secondary.zero(sector, count, leaf).await,
             None => leaf.await,
         };
+        drop(fence);
         self.written(sector, count);
         result
     }

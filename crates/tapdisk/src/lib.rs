@@ -18,6 +18,7 @@ pub mod error;
 pub mod frontend;
 pub mod image;
 pub mod iobuf;
+pub mod lcache;
 pub mod logging;
 pub mod secondary;
 pub mod server;

@@ -31,6 +31,7 @@ use crate::frontend::ublk::{UblkDevice, UblkStart};
 use crate::frontend::{
     start_block_device, BlockDeviceChoice, Frontend, FrontendContext, StartFrontend,
 };
+use crate::lcache::IntelliCache;
 use crate::secondary::{SecondaryConfig, SecondaryMode, NULL_SECONDARY};
 use crate::stats::{self, VbdStats};
 use crate::vbd::{OpenRequest, SecondaryChange, Vbd, DEFAULT_REQUEST_TIMEOUT};
@@ -66,6 +67,8 @@ const SUPPORTED_OPEN_FLAGS: u32 = OpenFlags::RDONLY.0
     | OpenFlags::ADD_LOG.0
     | OpenFlags::SECONDARY.0
     | OpenFlags::STANDBY.0
+    | OpenFlags::ADD_LCACHE.0
+    | OpenFlags::REUSE_PRT.0
     | OpenFlags::BLOCKDEV_CHOICE.0
     | OpenFlags::BLOCKDEV_RECOVER.0
     | OpenFlags::OPEN_OPTIONS.0;
@@ -83,6 +86,66 @@ fn secondary_of(params: &Params) -> io::Result<Option<&str>> {
         ));
     }
     Ok(Some(&params.secondary))
+}
+
+/// The NBD socket of VBD `minor` in the control directory (`nbd<pid>.<minor>`, whichever
+/// tapdisk serves it), for an open with `-e MINOR`: `ENOENT` when there is none, `EINVAL`
+/// when there are several (as the C stack's glob).
+fn parent_export(control_dir: &ControlDir, minor: u32) -> io::Result<PathBuf> {
+    let root = control_dir.root();
+    let context = |e: io::Error| {
+        crate::error::with_context(
+            e,
+            format!(
+                "looking for the export of minor {minor} in {}",
+                root.display()
+            ),
+        )
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(context)? {
+        let name = entry.map_err(context)?.file_name();
+        let owned = name
+            .to_str()
+            .and_then(blktapctl::paths::parse_nbd_socket_name);
+        if owned.is_some_and(|(_, of)| of == minor) {
+            found.push(root.join(&name));
+        }
+    }
+    match found.as_slice() {
+        [socket] => Ok(socket.clone()),
+        [] => Err(failure(
+            libc::ENOENT,
+            format!(
+                "-e {minor}: no NBD export of minor {minor} in {}",
+                root.display()
+            ),
+        )),
+        _ => Err(failure(
+            libc::EINVAL,
+            format!(
+                "-e {minor}: {} NBD exports of minor {minor} in {}",
+                found.len(),
+                root.display()
+            ),
+        )),
+    }
+}
+
+/// IntelliCache's part of an OPEN: `ADD_LCACHE` (`-r`) and `REUSE_PRT` with `prt_devnum`
+/// (`-e MINOR`).
+fn intellicache_of(params: &Params, control_dir: &ControlDir) -> io::Result<IntelliCache> {
+    let reuse = params.flags.contains(OpenFlags::REUSE_PRT)
+        && params.prt_devnum != tapdisk_proto::NO_PARENT_DEVNUM;
+    let parent_export = if reuse {
+        Some(parent_export(control_dir, params.prt_devnum)?)
+    } else {
+        None
+    };
+    Ok(IntelliCache {
+        local_cache: params.flags.contains(OpenFlags::ADD_LCACHE),
+        parent_export,
+    })
 }
 
 /// One attached VBD.
@@ -598,6 +661,7 @@ impl Tapdisk {
             timeout,
             log: log.clone(),
             secondary,
+            intellicache: intellicache_of(params, &self.control_dir)?,
         };
         if vbd.is_open() {
             return Err(errno(libc::EALREADY));

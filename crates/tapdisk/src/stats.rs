@@ -14,10 +14,14 @@ use serde::Serialize;
 
 use crate::driver::{DriverDetail, DriverStats};
 use crate::image::Image;
+use crate::lcache::{LocalCache, LocalCacheStats};
 use crate::vbd::Vbd;
 
 /// The C stack's `DISK_TYPE_LOG`: the changed-block log's driver type in stats.
 pub const LOG_DISK_TYPE: u32 = 9;
+
+/// The C stack's `DISK_TYPE_LCACHE`: the local cache's driver type in stats.
+pub const LCACHE_DISK_TYPE: u32 = 11;
 
 /// Request slots reported as each driver's `"reqs": { "max": ... }`.
 pub const MAX_REQUESTS: usize = 352;
@@ -44,6 +48,10 @@ pub struct VbdStats {
     pub reqs_outstanding: usize,
     /// Always `"false"` (no read cache), a string as in the C stack.
     pub read_caching: &'static str,
+    /// IntelliCache's local cache (`-r`): hits, misses, sectors filled (a blktap-rs
+    /// addition; absent without a local cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_cache: Option<LocalCacheStats>,
 }
 
 /// One image of the chain.
@@ -152,8 +160,28 @@ impl VbdStats {
                     images.insert(at.min(images.len()), ImageStats::of(secondary.image()));
                 }
             }
+            // The local cache sits right below the leaf, named after it, as in the C stack.
+            if let Some(cache) = chain.local_cache() {
+                let stats = cache.stats();
+                images.insert(
+                    1.min(images.len()),
+                    ImageStats {
+                        name: cache.path().to_string_lossy().into_owned(),
+                        hits: [stats.misses, stats.fills],
+                        fail: [0, stats.fill_errors],
+                        driver: DriverInfo {
+                            disk_type: LCACHE_DISK_TYPE,
+                            name: "lc",
+                            status: None,
+                        },
+                    },
+                );
+            }
             log.into_iter().chain(images).collect()
         });
+        let local_cache = vbd
+            .chain()
+            .and_then(|chain| chain.local_cache().map(LocalCache::stats));
         let secondary = vbd.secondary_state();
         Self {
             name: vbd.params().unwrap_or_default(),
@@ -171,6 +199,7 @@ impl VbdStats {
                 .map_or(0, |state| u64::from(state.mirror_failed())),
             reqs_outstanding: vbd.in_flight(),
             read_caching: "false",
+            local_cache,
         }
     }
 }
@@ -287,6 +316,7 @@ mod tests {
             timeout: DEFAULT_REQUEST_TIMEOUT,
             log: Some(log.clone()),
             secondary: None,
+            intellicache: crate::lcache::IntelliCache::default(),
         };
         vbd.install(chain, request).unwrap();
         vbd.write(0, IoBuf::zeroed(1024)).await.unwrap();

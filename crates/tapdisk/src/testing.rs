@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::driver::{
-    Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver, OpenOptions,
-    ReadOutcome, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
+    Allocation, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
+    OpenOptions, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
 };
 use crate::engine::IoFuture;
 use crate::image::ImageChain;
@@ -109,6 +109,8 @@ pub struct FakeImage {
     info: DiskInfo,
     capabilities: Capabilities,
     data: Mutex<Vec<u8>>,
+    /// For a sparse image ([`FakeImage::sparse`]), which sectors were written.
+    written: Option<Mutex<Vec<bool>>>,
     faults: Arc<Faults>,
 }
 
@@ -125,8 +127,44 @@ impl FakeImage {
             },
             capabilities: Capabilities::default(),
             data: Mutex::new(vec![0; bytes]),
+            written: None,
             faults: Arc::default(),
         }
+    }
+
+    /// The same image as the leaf of a chain sees a sparse one: sectors never written are
+    /// absent (reads leave them to the images below; block status says `Absent`).
+    pub fn sparse(mut self) -> Self {
+        let sectors = usize::try_from(self.info.sectors).expect("a fake image fits memory");
+        self.written = Some(Mutex::new(vec![false; sectors]));
+        self
+    }
+
+    /// Marks `count` sectors at `sector` written (sparse images).
+    fn mark_written(&self, sector: u64, count: u64) {
+        if let Some(written) = &self.written {
+            let index = |s: u64| usize::try_from(s).expect("checked against the size");
+            lock(written)[index(sector)..index(sector + count)].fill(true);
+        }
+    }
+
+    /// Runs of `count` sectors at `sector` (relative to it), written or not: all written for
+    /// an image that is not sparse.
+    fn runs(&self, sector: u64, count: u64) -> Vec<(std::ops::Range<u64>, bool)> {
+        let Some(written) = &self.written else {
+            return vec![(0..count, true)];
+        };
+        let written = lock(written);
+        let mut runs: Vec<(std::ops::Range<u64>, bool)> = Vec::new();
+        for offset in 0..count {
+            let index = usize::try_from(sector + offset).expect("checked against the size");
+            let here = written[index];
+            match runs.last_mut() {
+                Some((range, state)) if *state == here => range.end = offset + 1,
+                _ => runs.push((offset..offset + 1, here)),
+            }
+        }
+        runs
     }
 
     /// The same image at `path` (its name in stats).
@@ -175,6 +213,7 @@ impl FakeImage {
         self.faults.writes.take()?;
         let range = self.range(sector, count)?;
         lock(&self.data)[range].fill(0);
+        self.mark_written(sector, count);
         Ok(())
     }
 }
@@ -198,20 +237,26 @@ impl ImageDriver for FakeImage {
                 gate.acquire().await.map_err(io::Error::other)?.forget();
             }
             self.faults.reads.take()?;
-            let range = self.range(sector, buf.len() as u64 / SECTOR_SIZE)?;
+            let count = buf.len() as u64 / SECTOR_SIZE;
+            let range = self.range(sector, count)?;
             buf.as_mut_slice().copy_from_slice(&lock(&self.data)[range]);
-            Ok(ReadOutcome {
-                buf,
-                absent: Vec::new(),
-            })
+            let absent = self
+                .runs(sector, count)
+                .into_iter()
+                .filter(|(_, written)| !written)
+                .map(|(range, _)| range)
+                .collect();
+            Ok(ReadOutcome { buf, absent })
         })
     }
 
     fn write(&self, sector: u64, buf: Arc<IoBuf>) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.faults.writes.take()?;
-            let range = self.range(sector, buf.len() as u64 / SECTOR_SIZE)?;
+            let count = buf.len() as u64 / SECTOR_SIZE;
+            let range = self.range(sector, count)?;
             lock(&self.data)[range].copy_from_slice(buf.as_slice());
+            self.mark_written(sector, count);
             Ok(())
         })
     }
@@ -230,6 +275,24 @@ impl ImageDriver for FakeImage {
 
     fn write_zeroes(&self, sector: u64, count: u64, _flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move { self.zero(sector, count, self.capabilities.write_zeroes) })
+    }
+
+    fn block_status(&self, sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
+        Box::pin(async move {
+            self.range(sector, count)?;
+            Ok(self
+                .runs(sector, count)
+                .into_iter()
+                .map(|(range, written)| StatusRun {
+                    sectors: range.end - range.start,
+                    state: if written {
+                        Allocation::Data
+                    } else {
+                        Allocation::Absent
+                    },
+                })
+                .collect())
+        })
     }
 
     fn stats(&self) -> Option<DriverStats> {
@@ -256,6 +319,7 @@ pub fn fake_vbd(image: FakeImage, timeout: Duration) -> Vbd {
         timeout,
         log: None,
         secondary: None,
+        intellicache: crate::lcache::IntelliCache::default(),
     };
     vbd.install(chain, request).expect("a new VBD is closed");
     vbd

@@ -33,6 +33,7 @@ use crate::driver::{Capabilities, DiskInfo, OpenOptions, StatusRun, ZeroFlags, S
 use crate::engine::mapped::MappedBytes;
 use crate::image::ImageChain;
 use crate::iobuf::IoBuf;
+use crate::lcache::IntelliCache;
 use crate::secondary::{self, SecondaryConfig, SecondaryMode, SecondaryState};
 
 /// VBD state bits, as shown by `tap-ctl list` (tapdisk's `TD_VBD_*`).
@@ -116,6 +117,9 @@ pub struct OpenRequest {
     pub log: Option<PathBuf>,
     /// The secondary image (`-2`), if any.
     pub secondary: Option<SecondaryConfig>,
+    /// IntelliCache: a local cache of the parent chain (`-r`), another VBD's export as the
+    /// parent (`-e`); kept for every resume.
+    pub intellicache: IntelliCache,
 }
 
 /// What a resume does to the VBD's secondary.
@@ -144,6 +148,8 @@ struct Inner {
     secondary: Option<SecondaryConfig>,
     /// The VBD was opened with a standby secondary: later ones are standbys too.
     standby: bool,
+    /// IntelliCache's settings from the open, applied again by every resume.
+    intellicache: IntelliCache,
 }
 
 /// A chain reopened for a paused VBD, not installed yet ([`Vbd::reopen`]).
@@ -202,8 +208,15 @@ pub async fn open_chain(request: &OpenRequest, minor: u16) -> io::Result<ImageCh
     let params = request.params.clone();
     let options = request.options.clone();
     let log = request.log.clone();
+    let intellicache = request.intellicache.clone();
     let mut chain = tokio::task::spawn_blocking(move || {
-        let chain = ImageChain::open(&params, options)?;
+        let chain =
+            ImageChain::open_above(&params, options, intellicache.parent_export.as_deref())?;
+        let chain = if intellicache.local_cache {
+            chain.with_local_cache()
+        } else {
+            chain
+        };
         match log {
             Some(log) => chain.with_log(&log),
             None => Ok(chain),
@@ -235,6 +248,7 @@ impl Vbd {
                 in_flight: 0,
                 secondary: None,
                 standby: false,
+                intellicache: IntelliCache::default(),
             }),
             changes: watch::channel(0).0,
             counters: VbdCounters::default(),
@@ -331,6 +345,7 @@ impl Vbd {
             .as_ref()
             .is_some_and(|secondary| secondary.mode == SecondaryMode::Standby);
         inner.secondary = request.secondary;
+        inner.intellicache = request.intellicache;
         self.mapped_hint.store(chain.is_mapped(), Ordering::Relaxed);
         inner.chain = Some(Arc::new(chain));
         inner.info = Some(info);
@@ -464,6 +479,7 @@ impl Vbd {
                 timeout: inner.timeout,
                 log,
                 secondary: self.secondary_after(&inner, change),
+                intellicache: inner.intellicache.clone(),
             };
             (request, inner.info)
         };
@@ -908,6 +924,7 @@ mod tests {
             timeout: DEFAULT_REQUEST_TIMEOUT,
             log: None,
             secondary: None,
+            intellicache: IntelliCache::default(),
         }
     }
 

@@ -220,6 +220,7 @@ mod tests {
             timeout: DEFAULT_REQUEST_TIMEOUT,
             log: None,
             secondary: None,
+            intellicache: crate::lcache::IntelliCache::default(),
         })
         .await
         .unwrap();

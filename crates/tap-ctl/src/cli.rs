@@ -12,7 +12,9 @@
 //! XCP-ng's live commit commands: `commit -p -m -a PATH` (start), `query -p -m` (prints
 //! `Commit status '<status>' (<current>/<total>)`), `cancel -p -m [-w]`.
 //!
-//! Options the daemon does not implement yet (`create -d -r -e`, `open -r -e -E`) are parsed
+//! IntelliCache's options go to tapdisk: `-r` (`ADD_LCACHE`: a local cache of the parent
+//! chain) and `-e MINOR` (`REUSE_PRT`: the parent chain is that VBD's NBD export).
+//! Options the daemon does not implement yet (`create -d`, `open -E`) are parsed
 //! and then refused with "not supported yet" and `EOPNOTSUPP` (95), without contacting any
 //! tapdisk. The changed-block log (`create`/`open`/`recover -C`, `unpause -c`) is made an
 //! absolute path, as image paths are (tapdisk runs in `/`); so is a secondary image's
@@ -274,6 +276,10 @@ struct Collected {
     secondary: Option<String>,
     /// `-s`: the secondary is a standby.
     standby: bool,
+    /// `-r`: a local cache of the parent chain (IntelliCache).
+    local_cache: bool,
+    /// `-e MINOR`: the parent chain is that VBD's NBD export (IntelliCache).
+    parent_minor: Option<u32>,
     /// Options given that the daemon does not support yet: (letter, description).
     unsupported: Vec<(char, &'static str)>,
     /// `nbd-listen -l`: TCP address.
@@ -335,11 +341,8 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
             (_, 'R') => c.readonly = true,
             (_, 'D') => c.no_o_direct = true,
             (_, 'd') => c.unsupported.push(('d', "device name")),
-            (_, 'r') => c.unsupported.push(('r', "read cache")),
-            (_, 'e') => {
-                number::<u32>(name, letter, &value)?;
-                c.unsupported.push(('e', "reuse of a parent chain"));
-            }
+            (_, 'r') => c.local_cache = true,
+            (_, 'e') => c.parent_minor = Some(number(name, letter, &value)?),
             (_, '2') => c.secondary = Some(absolute_params(value)),
             (_, 's') => c.standby = true,
             (_, 'C' | 'c') => c.log = Some(absolute_path(Path::new(&value))),
@@ -484,6 +487,9 @@ fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
     if c.no_o_direct {
         flags |= OpenFlags::NO_O_DIRECT;
     }
+    if c.local_cache {
+        flags |= OpenFlags::ADD_LCACHE;
+    }
     OpenRequest {
         params: absolute_params(args),
         flags,
@@ -491,6 +497,7 @@ fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
         options,
         log_path: c.log.clone(),
         secondary: c.secondary.clone(),
+        parent_minor: c.parent_minor,
         ..OpenRequest::default()
     }
 }
@@ -1366,13 +1373,43 @@ mod tests {
     }
 
     #[test]
+    fn intellicache_forms_of_storage_manager() {
+        // The parent's read cache, the persistent local leaf, the scratch local leaf.
+        let Command::Open { request, .. } = command("open -p 1 -m 2 -a vhd:/l/p.vhdcache -r")
+        else {
+            panic!("open -r");
+        };
+        assert!(request.flags.contains(OpenFlags::ADD_LCACHE));
+        assert_eq!(request.parent_minor, None);
+        let Command::Open { request, .. } =
+            command("open -p 1 -m 3 -a vhd:/l/c.vhdcache -r -e 2 -2 vhd:/s/c.vhd")
+        else {
+            panic!("open -r -e -2");
+        };
+        assert!(request.flags.contains(OpenFlags::ADD_LCACHE));
+        assert!(!request.flags.contains(OpenFlags::STANDBY));
+        assert_eq!(request.parent_minor, Some(2));
+        assert_eq!(request.secondary.as_deref(), Some("vhd:/s/c.vhd"));
+        let Command::Open { request, .. } =
+            command("open -p 1 -m 4 -a vhd:/l/d.vhdcache -e 2 -2 vhd:/s/d.vhd -s")
+        else {
+            panic!("open -e -2 -s");
+        };
+        assert!(!request.flags.contains(OpenFlags::ADD_LCACHE));
+        assert!(request.flags.contains(OpenFlags::STANDBY));
+        assert_eq!(request.parent_minor, Some(2));
+        let Command::Create { request } = command("create -a vhd:/l/e.vhdcache -r -e 7") else {
+            panic!("create -r -e");
+        };
+        assert!(request.flags.contains(OpenFlags::ADD_LCACHE));
+        assert_eq!(request.parent_minor, Some(7));
+        assert!(is_usage_error("open -p 1 -m 2 -a vhd:/x -e x"));
+    }
+
+    #[test]
     fn unimplemented_flags_are_refused_with_eopnotsupp() {
         for (line, letter) in [
             ("create -a vhd:/x -d tapdev3", 'd'),
-            ("create -a vhd:/x -r", 'r'),
-            ("create -a vhd:/x -e 3", 'e'),
-            ("open -p 1 -m 2 -a vhd:/x -r", 'r'),
-            ("open -p 1 -m 2 -a vhd:/x -e 3", 'e'),
             ("open -p 1 -m 2 -a vhd:/x -E", 'E'),
         ] {
             let what = unsupported(line).unwrap_or_else(|| panic!("{line:?} not refused"));
@@ -1382,7 +1419,7 @@ mod tests {
             );
         }
         // A usage error still wins over an unsupported flag.
-        assert!(is_usage_error("open -p 1 -m 2 -r"));
+        assert!(is_usage_error("open -p 1 -m 2 -E"));
         let (status, out, err) = run_captured(parse(&args("open -p 1 -m 2 -a vhd:/x -E")), false);
         assert_eq!(status, 95);
         assert!(out.is_empty());

@@ -13,7 +13,8 @@
 //! | `tap-ctl pause`, `unpause -a vhd:NEWLEAF`, `unpause` (same path) | `tap_ctl_vbd_life_cycle` |
 //! | `tap-ctl close -t 120 [-f]`, `detach`, `free -m`; NBD socket `<ctl dir>/nbd<pid>.<minor>` | `tap_ctl_vbd_life_cycle` |
 //! | `tap-ctl open -C PATH.cbtlog`, `unpause -a vhd:NEWLEAF -c PATH.cbtlog` (CBT) | `crates/tapdisk/tests/cbt.rs` `storage_manager_forms_track_writes_across_a_snapshot` |
-//! | `tap-ctl open -E` (issue 20), `-r`, `-r -e N -2 vhd:PATH`, `-e N -2 vhd:PATH -s` (IntelliCache, issue 20) | `tap_ctl_lines_not_built_yet_are_refused` |
+//! | `tap-ctl open -r`, `-r -e N -2 vhd:PATH`, `-e N -2 vhd:PATH -s` (IntelliCache: read cache, persistent and scratch local leaves, as `_setup_cache` builds them), `vhd-util snapshot -S MB -e` | `intellicache_open_forms` |
+//! | `tap-ctl open -E` (issue 20) | `tap_ctl_lines_not_built_yet_are_refused` |
 //! | `tap-ctl unpause -a vhd:NEWLEAF -2 nbd:<dp>` (storage migration), `-2 null`; `nbd:unix:SOCK:exportname=NAME` images | `crates/tapdisk/tests/mirror.rs` (`storage_migration_mirror_with_a_copy_and_fio_verify`, `nbd_images_served_by_qemu_nbd_and_nbdkit`) |
 //! | `tap-ctl commit -a PATH`, `query` (until concluded), `cancel -w` (XCP-ng qcow2 live commit) | `crates/tapdisk/tests/qcow2_commit.rs` (`commit_of_an_idle_disk_leaves_a_chain_qemu_accepts`, `cancelled_commit_keeps_the_leaf_and_says_so`) |
 //! | `vhd-util create -n -s [-r] [-S]`, `snapshot -n -p [-m] [-e] [-S]` | `vhd_util_file_sr_lines` |
@@ -275,17 +276,176 @@ fn tap_ctl_vbd_life_cycle() {
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }
 
+/// One VBD as SM starts it: allocate, spawn, attach, `open -a vhd:PATH FLAGS`; (pid, minor).
+fn sm_launch(env: &Env, path: &Path, flags: &[&str]) -> (u32, u32) {
+    let minor: u32 = env
+        .tap_ctl_ok(&["allocate"])
+        .trim()
+        .rsplit('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid: u32 = env.tap_ctl_ok(&["spawn"]).trim().parse().unwrap();
+    let (p, m) = (pid.to_string(), minor.to_string());
+    env.tap_ctl_ok(&["attach", "-p", &p, "-m", &m]);
+    let params = format!("vhd:{}", path.display());
+    let mut open = vec!["open", "-p", &p, "-m", &m, "-a", &params];
+    open.extend_from_slice(flags);
+    env.tap_ctl_ok(&open);
+    (pid, minor)
+}
+
+/// SM's teardown of one VBD: close -t 120, detach, free.
+fn sm_shutdown(env: &Env, pid: u32, minor: u32) {
+    let (p, m) = (pid.to_string(), minor.to_string());
+    env.tap_ctl_ok(&["close", "-p", &p, "-m", &m, "-t", "120"]);
+    env.tap_ctl_ok(&["detach", "-p", &p, "-m", &m]);
+    env.tap_ctl_ok(&["free", "-m", &m]);
+    assert!(wait_for(Duration::from_secs(5), || !process_alive(pid)));
+}
+
+/// `qemu-io -c COMMAND` on an NBD export, asserting success (`read -P` checks a pattern).
+fn qemu_io(env: &Env, pid: u32, minor: u32, command: &str) {
+    let out = run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &env.nbd_uri(pid, minor),
+        "-c",
+        command,
+    ]));
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "{command}: {out}"
+    );
+}
+
+/// `tap-ctl stats` of a VBD, parsed as SM parses it.
+fn sm_stats(env: &Env, pid: u32, minor: u32) -> serde_json::Value {
+    let text = env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+/// IntelliCache as SM's `_setup_cache` builds it for a VM with `allow_caching`: a read
+/// cache (an empty local snapshot of the shared golden image) opened with `-r` in its own
+/// tapdisk, and per VDI a local leaf (a snapshot of the read cache) above that VBD's export:
+/// persistent mode `-r -e N -2 vhd:SHARED_LEAF` (writes to both leaves), scratch mode
+/// `-e N -2 vhd:SHARED_LEAF -s` (writes stay local).
+#[test]
+fn intellicache_open_forms() {
+    common::require("qemu-io");
+    let env = Env::new();
+    let dir = env.dir.path();
+    let (shared, local) = (dir.join("sr"), dir.join("local-sr"));
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::create_dir_all(&local).unwrap();
+    // The golden image, with data, and two VDIs on it.
+    vhd_ok(&shared, &["create", "-n", "gold.vhd", "-s", "16"]);
+    let gold = shared.join("gold.vhd");
+    let (pid, minor) = env.create_params(&format!("vhd:{}", gold.display()), &[]);
+    qemu_io(&env, pid, minor, "write -P 0x5a 0 6M");
+    env.destroy(pid, minor);
+    vhd_ok(&shared, &["snapshot", "-n", "vdi1.vhd", "-p", "gold.vhd"]);
+    vhd_ok(&shared, &["snapshot", "-n", "vdi2.vhd", "-p", "gold.vhd"]);
+    // vhdutil.snapshot(read_cache_path, shared_target.path, False), then per VDI
+    // vhdutil.snapshot(local_leaf_path, read_cache_path, False, msize=..., checkEmpty=False).
+    let gold_path = gold.display().to_string();
+    vhd_ok(
+        &local,
+        &["snapshot", "-n", "gold.vhdcache", "-p", &gold_path],
+    );
+    for vdi in ["vdi1", "vdi2"] {
+        let name = format!("{vdi}.vhdcache");
+        vhd_ok(
+            &local,
+            &[
+                "snapshot",
+                "-n",
+                &name,
+                "-p",
+                "gold.vhdcache",
+                "-S",
+                "16",
+                "-e",
+            ],
+        );
+    }
+    let (read_cache, leaf1, leaf2) = (
+        local.join("gold.vhdcache"),
+        local.join("vdi1.vhdcache"),
+        local.join("vdi2.vhdcache"),
+    );
+    let secondary = |vdi: &str| format!("vhd:{}", shared.join(vdi).display());
+
+    let (ppid, pminor) = sm_launch(&env, &read_cache, &["-r"]);
+    let prt = pminor.to_string();
+    let (pid1, minor1) = sm_launch(
+        &env,
+        &leaf1,
+        &["-r", "-e", &prt, "-2", &secondary("vdi1.vhd")],
+    );
+    let (pid2, minor2) = sm_launch(
+        &env,
+        &leaf2,
+        &["-e", &prt, "-2", &secondary("vdi2.vhd"), "-s"],
+    );
+
+    // Both VMs read the golden data: through the local leaves, the read cache's export.
+    qemu_io(&env, pid1, minor1, "read -P 0x5a 0 6M");
+    qemu_io(&env, pid2, minor2, "read -P 0x5a 0 6M");
+    qemu_io(&env, pid1, minor1, "read -P 0 6M 10M");
+    let cache = sm_stats(&env, ppid, pminor)["local_cache"].clone();
+    assert!(cache["filled_sectors"].as_u64().unwrap() > 0, "{cache}");
+    assert!(
+        cache["hits"].as_u64().unwrap() > 0,
+        "the second VM hit the read cache: {cache}"
+    );
+    let leaf_stats = sm_stats(&env, pid1, minor1);
+    assert!(
+        leaf_stats["local_cache"]["filled_sectors"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(sm_stats(&env, pid2, minor2).get("local_cache").is_none());
+
+    // Guest writes: persistent mode mirrors them to the shared leaf, scratch mode does not.
+    qemu_io(&env, pid1, minor1, "write -P 0x71 8M 1M");
+    qemu_io(&env, pid2, minor2, "write -P 0x72 8M 1M");
+    // A snapshot's pause and unpause keep the leaf on the read cache's export.
+    let (p1, m1) = (pid1.to_string(), minor1.to_string());
+    env.tap_ctl_ok(&["pause", "-p", &p1, "-m", &m1]);
+    env.tap_ctl_ok(&["unpause", "-p", &p1, "-m", &m1]);
+    qemu_io(&env, pid1, minor1, "read -P 0x5a 0 6M");
+    qemu_io(&env, pid1, minor1, "read -P 0x71 8M 1M");
+    assert!(sm_stats(&env, pid1, minor1)["local_cache"].is_object());
+
+    sm_shutdown(&env, pid1, minor1);
+    sm_shutdown(&env, pid2, minor2);
+    sm_shutdown(&env, ppid, pminor);
+    // The shared leaves as any host sees them without the cache.
+    for (vdi, at_8m) in [("vdi1.vhd", "0x71"), ("vdi2.vhd", "0")] {
+        let (pid, minor) = env.create_params(&secondary(vdi), &[]);
+        qemu_io(&env, pid, minor, "read -P 0x5a 0 6M");
+        qemu_io(&env, pid, minor, &format!("read -P {at_8m} 8M 1M"));
+        env.destroy(pid, minor);
+    }
+    // The golden image was only read; the local files are sound VHDs.
+    vhd_ok(&shared, &["check", "-n", "gold.vhd"]);
+    for file in [&read_cache, &leaf1, &leaf2] {
+        vhd_ok(&local, &["check", "-n", &file.display().to_string()]);
+    }
+    assert_eq!(env.leftovers(), Vec::<String>::new());
+}
+
 #[test]
 fn tap_ctl_lines_not_built_yet_are_refused() {
     let env = Env::new();
     let vhd = "vhd:/srv/sr/leaf.vhd";
     // (command, arguments after "-p 1 -m 0")
     let cases: &[(&str, &[&str])] = &[
-        // Encrypted VDIs and IntelliCache: issue 20.
+        // Encrypted VDIs: issue 20.
         ("open", &["-a", vhd, "-E"]),
-        ("open", &["-a", vhd, "-r"]),
-        ("open", &["-a", vhd, "-r", "-e", "3", "-2", vhd]),
-        ("open", &["-a", vhd, "-e", "3", "-2", vhd, "-s"]),
     ];
     for (command, rest) in cases {
         let mut args = vec![*command, "-p", "1", "-m", "0"];

@@ -61,7 +61,7 @@ fn header_bytes(path: &Path) -> Vec<u8> {
 
 /// `qemu-io -c COMMAND` on the NBD export of `pid`/`minor`.
 fn qemu_io(env: &Env, pid: u32, minor: u32, command: &str) {
-    run_ok(Command::new("qemu-io").args(["-f", "raw", &env.nbd_uri(pid, minor), "-c", command]));
+    env.qemu_io(pid, minor, command);
 }
 
 #[test]

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use common::{
     fio_nbd_verify, make_certificates, require, run_ok, vhd_util_ok, wait_for, ChildGuard, Env,
+    Tmpfs,
 };
 
 const MIB: usize = 1 << 20;
@@ -40,8 +41,7 @@ fn hand_over(env: &Env, destination: (u32, u32), source_pid: u32, id: &str) {
 }
 
 fn stats(env: &Env, (pid, minor): (u32, u32)) -> serde_json::Value {
-    let text = env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
-    serde_json::from_str(&text).unwrap()
+    env.stats_json(pid, minor)
 }
 
 fn mirror_failed(env: &Env, vbd: (u32, u32)) -> u64 {
@@ -296,27 +296,6 @@ fn a_hung_destination_is_caught_by_the_request_timeout() {
     drop(stopped);
     env.destroy(source.0, source.1);
     env.destroy(destination.0, destination.1);
-}
-
-/// A tmpfs of `size` mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: PathBuf, size: &str) -> Self {
-        std::fs::create_dir_all(&at).unwrap();
-        run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(&at),
-        );
-        Self(at)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

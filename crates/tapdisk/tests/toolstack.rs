@@ -305,27 +305,6 @@ fn sm_shutdown(env: &Env, pid: u32, minor: u32) {
     assert!(wait_for(Duration::from_secs(5), || !process_alive(pid)));
 }
 
-/// `qemu-io -c COMMAND` on an NBD export, asserting success (`read -P` checks a pattern).
-fn qemu_io(env: &Env, pid: u32, minor: u32, command: &str) {
-    let out = run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &env.nbd_uri(pid, minor),
-        "-c",
-        command,
-    ]));
-    assert!(
-        !out.contains("Pattern verification failed"),
-        "{command}: {out}"
-    );
-}
-
-/// `tap-ctl stats` of a VBD, parsed as SM parses it.
-fn sm_stats(env: &Env, pid: u32, minor: u32) -> serde_json::Value {
-    let text = env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
-    serde_json::from_str(text.lines().next().unwrap()).unwrap()
-}
-
 /// IntelliCache as SM's `_setup_cache` builds it for a VM with `allow_caching`: a read
 /// cache (an empty local snapshot of the shared golden image) opened with `-r` in its own
 /// tapdisk, and per VDI a local leaf (a snapshot of the read cache) above that VBD's export:
@@ -343,7 +322,7 @@ fn intellicache_open_forms() {
     vhd_ok(&shared, &["create", "-n", "gold.vhd", "-s", "16"]);
     let gold = shared.join("gold.vhd");
     let (pid, minor) = env.create_params(&format!("vhd:{}", gold.display()), &[]);
-    qemu_io(&env, pid, minor, "write -P 0x5a 0 6M");
+    env.qemu_io(pid, minor, "write -P 0x5a 0 6M");
     env.destroy(pid, minor);
     vhd_ok(&shared, &["snapshot", "-n", "vdi1.vhd", "-p", "gold.vhd"]);
     vhd_ok(&shared, &["snapshot", "-n", "vdi2.vhd", "-p", "gold.vhd"]);
@@ -391,34 +370,34 @@ fn intellicache_open_forms() {
     );
 
     // Both VMs read the golden data: through the local leaves, the read cache's export.
-    qemu_io(&env, pid1, minor1, "read -P 0x5a 0 6M");
-    qemu_io(&env, pid2, minor2, "read -P 0x5a 0 6M");
-    qemu_io(&env, pid1, minor1, "read -P 0 6M 10M");
-    let cache = sm_stats(&env, ppid, pminor)["local_cache"].clone();
+    env.qemu_io(pid1, minor1, "read -P 0x5a 0 6M");
+    env.qemu_io(pid2, minor2, "read -P 0x5a 0 6M");
+    env.qemu_io(pid1, minor1, "read -P 0 6M 10M");
+    let cache = env.stats_json(ppid, pminor)["local_cache"].clone();
     assert!(cache["filled_sectors"].as_u64().unwrap() > 0, "{cache}");
     assert!(
         cache["hits"].as_u64().unwrap() > 0,
         "the second VM hit the read cache: {cache}"
     );
-    let leaf_stats = sm_stats(&env, pid1, minor1);
+    let leaf_stats = env.stats_json(pid1, minor1);
     assert!(
         leaf_stats["local_cache"]["filled_sectors"]
             .as_u64()
             .unwrap()
             > 0
     );
-    assert!(sm_stats(&env, pid2, minor2).get("local_cache").is_none());
+    assert!(env.stats_json(pid2, minor2).get("local_cache").is_none());
 
     // Guest writes: persistent mode mirrors them to the shared leaf, scratch mode does not.
-    qemu_io(&env, pid1, minor1, "write -P 0x71 8M 1M");
-    qemu_io(&env, pid2, minor2, "write -P 0x72 8M 1M");
+    env.qemu_io(pid1, minor1, "write -P 0x71 8M 1M");
+    env.qemu_io(pid2, minor2, "write -P 0x72 8M 1M");
     // A snapshot's pause and unpause keep the leaf on the read cache's export.
     let (p1, m1) = (pid1.to_string(), minor1.to_string());
     env.tap_ctl_ok(&["pause", "-p", &p1, "-m", &m1]);
     env.tap_ctl_ok(&["unpause", "-p", &p1, "-m", &m1]);
-    qemu_io(&env, pid1, minor1, "read -P 0x5a 0 6M");
-    qemu_io(&env, pid1, minor1, "read -P 0x71 8M 1M");
-    assert!(sm_stats(&env, pid1, minor1)["local_cache"].is_object());
+    env.qemu_io(pid1, minor1, "read -P 0x5a 0 6M");
+    env.qemu_io(pid1, minor1, "read -P 0x71 8M 1M");
+    assert!(env.stats_json(pid1, minor1)["local_cache"].is_object());
 
     sm_shutdown(&env, pid1, minor1);
     sm_shutdown(&env, pid2, minor2);
@@ -426,8 +405,8 @@ fn intellicache_open_forms() {
     // The shared leaves as any host sees them without the cache.
     for (vdi, at_8m) in [("vdi1.vhd", "0x71"), ("vdi2.vhd", "0")] {
         let (pid, minor) = env.create_params(&secondary(vdi), &[]);
-        qemu_io(&env, pid, minor, "read -P 0x5a 0 6M");
-        qemu_io(&env, pid, minor, &format!("read -P {at_8m} 8M 1M"));
+        env.qemu_io(pid, minor, "read -P 0x5a 0 6M");
+        env.qemu_io(pid, minor, &format!("read -P {at_8m} 8M 1M"));
         env.destroy(pid, minor);
     }
     // The golden image was only read; the local files are sound VHDs.

@@ -190,6 +190,28 @@ impl Env {
             .collect()
     }
 
+    /// `tap-ctl stats` of a VBD, its first line parsed as SM parses it (`json.loads`).
+    pub fn stats_json(&self, pid: u32, minor: u32) -> serde_json::Value {
+        let text = self.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
+        serde_json::from_str(text.lines().next().expect("stats prints a line")).unwrap()
+    }
+
+    /// `qemu-io -c COMMAND` on the NBD export of `pid`/`minor`, asserting success (and, for
+    /// `read -P`, that the pattern matched).
+    pub fn qemu_io(&self, pid: u32, minor: u32, command: &str) {
+        let out = run_ok(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            &self.nbd_uri(pid, minor),
+            "-c",
+            command,
+        ]));
+        assert!(
+            !out.contains("Pattern verification failed"),
+            "{command}: {out}"
+        );
+    }
+
     pub fn nbd_socket(&self, pid: u32, minor: u32) -> PathBuf {
         self.ctl_dir.join(format!("nbd{pid}.{minor}"))
     }
@@ -446,4 +468,25 @@ pub fn make_certificates(dir: &Path) {
         "-extfile",
         "server.ext",
     ]);
+}
+
+/// A tmpfs of `size` mounted for the test, unmounted when dropped.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&at),
+        );
+        Self(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }

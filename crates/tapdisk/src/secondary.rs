@@ -18,7 +18,11 @@
 //! and from then on writes go to the secondary only. Which sectors live there is recorded
 //! ([`Redirected`]), and reads of those sectors come from the secondary while every other
 //! sector is still read from the chain, so no data written before or after is lost and
-//! the secondary need not be a whole copy of the disk. `FIXME_enospc_redirect_count` counts
+//! the secondary need not be a whole copy of the disk. Under an IntelliCache local leaf
+//! (a VBD opened with `-e`, [`crate::lcache`]) the secondary is the VM's shared leaf, and any
+//! failure of a leaf write (not only `ENOSPC`; not the `EAGAIN`/`EBUSY`/`EINTR` the VBD
+//! retries) hands the writes over the same way: the local side failing falls back to the
+//! shared one. `FIXME_enospc_redirect_count` counts
 //! the sectors written to the secondary since (the C stack's name). The record lives with
 //! the VBD, across pauses; a secondary holding redirected data is never dropped (not by
 //! `-2 null` either) and must open on resume.
@@ -210,10 +214,9 @@ pub struct Secondary {
     mode: SecondaryMode,
     state: Arc<SecondaryState>,
     minor: u16,
-}
-
-fn is_enospc(error: &io::Error) -> bool {
-    errno_of(error) == libc::ENOSPC
+    /// The leaf is an IntelliCache local leaf and this its shared leaf: any failed leaf
+    /// write hands the writes over, not only `ENOSPC`.
+    behind_local_leaf: bool,
 }
 
 /// Byte length of `sectors` sectors.
@@ -232,7 +235,23 @@ impl Secondary {
             mode: config.mode,
             state: Arc::clone(&config.state),
             minor,
+            behind_local_leaf: false,
         }
+    }
+
+    /// The same secondary as the shared leaf behind an IntelliCache local leaf (`-e`).
+    pub fn behind_local_leaf(mut self, local_leaf: bool) -> Self {
+        self.behind_local_leaf = local_leaf;
+        self
+    }
+
+    /// Whether the leaf's `error` hands its writes to the secondary: `ENOSPC`, or under a
+    /// local leaf any error the VBD does not retry.
+    fn takes_over_after(&self, error: &io::Error) -> bool {
+        let errno = errno_of(error);
+        errno == libc::ENOSPC
+            || (self.behind_local_leaf
+                && !matches!(errno, libc::EAGAIN | libc::EBUSY | libc::EINTR))
     }
 
     /// The secondary image.
@@ -277,12 +296,13 @@ impl Secondary {
         }
     }
 
-    /// The leaf is full: writes go to the secondary from now on.
-    fn fail_over(&self) {
+    /// The leaf failed a write with `error` (out of space, or a local leaf failing): writes
+    /// go to the secondary from now on.
+    fn fail_over(&self, error: &io::Error) {
         if !self.state.failed_over.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 minor = self.minor,
-                "the leaf is out of space: writes go to {} secondary {} from now on",
+                "the leaf failed a write ({error}): writes go to {} secondary {} from now on",
                 self.mode.name(),
                 self.name()
             );
@@ -311,9 +331,9 @@ impl Secondary {
         }
         if !self.mirroring() {
             return match write_image(leaf, sector, Arc::clone(&buf)).await {
-                Err(e) if is_enospc(&e) && self.mode == SecondaryMode::Standby => {
+                Err(e) if self.takes_over_after(&e) && self.mode == SecondaryMode::Standby => {
                     self.write_redirected(sector, buf).await?;
-                    self.fail_over();
+                    self.fail_over(&e);
                     Ok(())
                 }
                 other => other,
@@ -330,9 +350,9 @@ impl Secondary {
                 self.mirror_failed(&e);
                 Ok(())
             }
-            (Err(e), Ok(())) if is_enospc(&e) => {
+            (Err(e), Ok(())) if self.takes_over_after(&e) => {
                 // The mirror has the data: it is the write's home from now on.
-                self.fail_over();
+                self.fail_over(&e);
                 self.state.record(sector..sector + sectors);
                 Ok(())
             }
@@ -493,12 +513,14 @@ fn open_image(params: &str, options: OpenOptions) -> io::Result<(DiskType, Image
 /// `minor`, when the VBD wants it ([`SecondaryConfig::wanted`]). As the C stack: a secondary
 /// of another size is refused (`EINVAL`); an `nbd:` mirror that cannot be opened is
 /// tolerated (the open goes on, `nbd_mirror_failed` becomes 1), any other secondary that
-/// cannot be opened fails the open, as does one holding redirected data.
+/// cannot be opened fails the open, as does one holding redirected data. `local_leaf`: the
+/// leaf is an IntelliCache local leaf ([`Secondary::behind_local_leaf`]).
 pub async fn attach(
     chain: &mut ImageChain,
     config: &SecondaryConfig,
     options: &OpenOptions,
     minor: u16,
+    local_leaf: bool,
 ) -> io::Result<()> {
     if !config.wanted() {
         return Ok(());
@@ -549,7 +571,7 @@ pub async fn attach(
         config.params,
         config.mode.name()
     );
-    chain.set_secondary(Secondary::new(image, config, minor));
+    chain.set_secondary(Secondary::new(image, config, minor).behind_local_leaf(local_leaf));
     Ok(())
 }
 
@@ -672,6 +694,45 @@ mod tests {
         let (chain2, _, spare2, _) = chain_failed_over().await;
         spare2.fail_writes(1, libc::EIO);
         assert!(chain2.write(1, data(9, 1)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failing_local_leaf_hands_its_writes_to_the_shared_leaf() {
+        for mode in [SecondaryMode::Mirror, SecondaryMode::Standby] {
+            for local_leaf in [false, true] {
+                let leaf = FakeImage::new(64).holding(&[0x11; 64 * 512]);
+                let leaf_faults = leaf.faults();
+                let mut chain = ImageChain::from_drivers(vec![Box::new(leaf)]).unwrap();
+                let config = SecondaryConfig::new("vhd:/sr/shared-leaf.vhd".into(), mode);
+                let image = Image {
+                    driver: Box::new(FakeImage::new(64)),
+                    counters: ImageCounters::default(),
+                };
+                let secondary = Secondary::new(image, &config, 9).behind_local_leaf(local_leaf);
+                chain.set_secondary(secondary);
+                // Retried errors stay the VBD's business either way.
+                leaf_faults.fail_writes(1, libc::EAGAIN);
+                let again = chain.write(0, data(0x41, 1)).await.unwrap_err();
+                assert_eq!(errno_of(&again), libc::EAGAIN);
+                leaf_faults.fail_writes(1, libc::EIO);
+                let result = chain.write(2, data(0x42, 2)).await;
+                if !local_leaf {
+                    // A storage-migration mirror or standby: the leaf's error is the guest's.
+                    assert_eq!(errno_of(&result.unwrap_err()), libc::EIO);
+                    assert!(!config.state.failed_over());
+                    continue;
+                }
+                result.unwrap();
+                assert!(config.state.failed_over(), "{mode:?}");
+                assert_eq!(config.state.redirected_sectors(), 2);
+                let read = chain.read(1, IoBuf::zeroed(4 * 512)).await.unwrap();
+                let sector = |n: usize| read.as_slice()[n * 512];
+                assert_eq!(
+                    (0..4).map(sector).collect::<Vec<_>>(),
+                    [0x11, 0x42, 0x42, 0x11]
+                );
+            }
+        }
     }
 
     async fn chain_failed_over() -> (ImageChain, Arc<Faults>, Arc<Faults>, Arc<SecondaryState>) {

@@ -225,7 +225,10 @@ pub async fn open_chain(request: &OpenRequest, minor: u16) -> io::Result<ImageCh
     .await
     .unwrap_or_else(|join_error| Err(io::Error::other(join_error)))?;
     if let Some(secondary) = &request.secondary {
-        if let Err(e) = secondary::attach(&mut chain, secondary, &request.options, minor).await {
+        let local_leaf = request.intellicache.parent_export.is_some();
+        let attached =
+            secondary::attach(&mut chain, secondary, &request.options, minor, local_leaf).await;
+        if let Err(e) = attached {
             chain.release();
             return Err(e);
         }

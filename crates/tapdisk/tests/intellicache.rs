@@ -94,6 +94,19 @@ fn compare(env: &Env, data: &Path, (pid, minor): (u32, u32)) {
     assert!(out.contains("Images are identical"), "{out}");
 }
 
+/// The export of `vbd` holds `data` outside the two ranges the full-filesystem test wrote
+/// (1 MiB + 256 KiB and 20 MiB + 1 MiB): compared piece by piece with `qemu-io read -v`
+/// would be slow, so the raw data is patched with the written patterns and compared whole.
+fn compare_outside(env: &Env, data: &Path, vbd: (u32, u32)) {
+    let mut expected = std::fs::read(data).unwrap();
+    let at = |mib: u64| usize::try_from(mib * MIB).unwrap();
+    expected[at(1)..at(1) + 256 * 1024].fill(0x3c);
+    expected[at(20)..at(21)].fill(0x3d);
+    let patched = data.with_extension("written");
+    std::fs::write(&patched, expected).unwrap();
+    compare(env, &patched, vbd);
+}
+
 /// The `local_cache` counters of a VBD's stats.
 fn cache_stats(env: &Env, (pid, minor): (u32, u32)) -> serde_json::Value {
     let stats = env.stats_json(pid, minor);
@@ -203,12 +216,24 @@ fn a_full_local_filesystem_leaves_reads_right() {
     // The second pass still needed the shared images.
     let stats = cache_stats(&env, vm);
     assert!(counter(&stats, "shared_sectors") > len / 512, "{stats}");
-    // Guest writes still work (the shared leaf mirrors them) and read back.
+    // Guest writes still work: into the local leaf where it has room, else (a new block
+    // the full filesystem cannot take) into the shared leaf, which mirrors them all.
     env.qemu_io(vm.0, vm.1, "write -P 0x3c 1M 256k");
+    env.qemu_io(vm.0, vm.1, "write -P 0x3d 20M 1M");
     env.qemu_io(vm.0, vm.1, "read -P 0x3c 1M 256k");
+    env.qemu_io(vm.0, vm.1, "read -P 0x3d 20M 1M");
+    let redirected = env.stats_json(vm.0, vm.1)["FIXME_enospc_redirect_count"].clone();
+    assert_eq!(redirected, 2048, "the write the local leaf could not take");
+    compare_outside(&env, &data, vm);
 
     env.destroy(vm.0, vm.1);
     env.destroy(parent.0, parent.1);
+    // The shared leaf, as a host without the cache sees it, has both writes.
+    let shared_vm = env.create_params(&format!("vhd:{}", files.2.display()), &[]);
+    env.qemu_io(shared_vm.0, shared_vm.1, "read -P 0x3c 1M 256k");
+    env.qemu_io(shared_vm.0, shared_vm.1, "read -P 0x3d 20M 1M");
+    compare_outside(&env, &data, shared_vm);
+    env.destroy(shared_vm.0, shared_vm.1);
     for file in [&files.0, &files.1, &files.2] {
         vhd_util_ok(&["check", "-n", &file.display().to_string()]);
     }

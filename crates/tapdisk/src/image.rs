@@ -433,7 +433,24 @@ async fn read_level(
     let result = image.driver.read(sector, buf).await;
     image.counters.count(READ, &result);
     let outcome = result?;
+    let (buf, _) = read_absent(images, level + 1, sector, outcome, false).await?;
+    Ok(buf)
+}
+
+/// What was read from below for one absent range: its sectors and their bytes.
+type Fetched = (Range<u64>, IoBuf);
+
+/// Completes `outcome` (a read at `sector` of the level above `level`) with its absent
+/// ranges read from `level` down; with `keep`, also returns each range's bytes.
+async fn read_absent(
+    images: &[Image],
+    level: usize,
+    sector: u64,
+    outcome: crate::driver::ReadOutcome,
+    keep: bool,
+) -> io::Result<(IoBuf, Vec<Fetched>)> {
     let mut buf = outcome.buf;
+    let mut fetched = Vec::new();
     for range in outcome.absent {
         let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
         let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
@@ -441,10 +458,13 @@ async fn read_level(
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         let part = IoBuf::zeroed(end - start);
-        let part = read_at_level(images, level + 1, sector + range.start, part).await?;
+        let part = read_at_level(images, level, sector + range.start, part).await?;
         buf.as_mut_slice()[start..end].copy_from_slice(part.as_slice());
+        if keep {
+            fetched.push((sector + range.start..sector + range.end, part));
+        }
     }
-    Ok(buf)
+    Ok((buf, fetched))
 }
 
 impl ImageChain {
@@ -687,19 +707,7 @@ impl ImageChain {
         let result = leaf.driver.read(sector, buf).await;
         leaf.counters.count(READ, &result);
         let outcome = result?;
-        let mut buf = outcome.buf;
-        let mut fetched: Vec<(Range<u64>, IoBuf)> = Vec::with_capacity(outcome.absent.len());
-        for range in outcome.absent {
-            let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
-            let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
-            if start >= end || end > buf.len() {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            let part = IoBuf::zeroed(end - start);
-            let part = read_at_level(&self.images, 1, sector + range.start, part).await?;
-            buf.as_mut_slice()[start..end].copy_from_slice(part.as_slice());
-            fetched.push((sector + range.start..sector + range.end, part));
-        }
+        let (buf, fetched) = read_absent(&self.images, 1, sector, outcome, true).await?;
         let shared: u64 = fetched
             .iter()
             .map(|(range, _)| range.end - range.start)
@@ -715,7 +723,7 @@ impl ImageChain {
 
     /// Writes what was `fetched` from below into the leaf where the leaf still lacks it,
     /// with the leaf's writes held off.
-    async fn fill(&self, cache: &LocalCache, fetched: &[(Range<u64>, IoBuf)]) -> io::Result<()> {
+    async fn fill(&self, cache: &LocalCache, fetched: &[Fetched]) -> io::Result<()> {
         let _fence = cache.fence().write().await;
         let mut written = 0;
         let result = self.fill_pieces(fetched, &mut written).await;
@@ -724,11 +732,7 @@ impl ImageChain {
     }
 
     /// The writes of [`ImageChain::fill`], counting the sectors written in `written`.
-    async fn fill_pieces(
-        &self,
-        fetched: &[(Range<u64>, IoBuf)],
-        written: &mut u64,
-    ) -> io::Result<()> {
+    async fn fill_pieces(&self, fetched: &[Fetched], written: &mut u64) -> io::Result<()> {
         let leaf = self.leaf();
         for (range, data) in fetched {
             let runs = leaf

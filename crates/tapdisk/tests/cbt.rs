@@ -78,30 +78,9 @@ fn storage_manager_forms_track_writes_across_a_snapshot() {
     cbt_util(&["set", "-n", s(&log), "-f", "1"]);
     assert_eq!(cbt_util(&["get", "-n", s(&log), "-f"]), "1\n");
     cbt_util(&["set", "-n", s(&log), "-f", "0"]);
-    let minor: u32 = env
-        .tap_ctl_ok(&["allocate"])
-        .trim()
-        .rsplit_once("tapdisk-")
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
-    let pid: u32 = env.tap_ctl_ok(&["spawn"]).trim().parse().unwrap();
-    let (p, m) = (pid.to_string(), minor.to_string());
-    env.tap_ctl_ok(&["attach", "-p", &p, "-m", &m]);
     let vhd = |path: &Path| format!("vhd:{}", path.display());
-    env.tap_ctl_ok(&[
-        "open",
-        "-p",
-        &p,
-        "-m",
-        &m,
-        "-a",
-        &vhd(&leaf),
-        "-D",
-        "-C",
-        s(&log),
-    ]);
+    let (pid, minor) = env.sm_launch(&vhd(&leaf), &["-D", "-C", s(&log)]);
+    let (p, m) = (pid.to_string(), minor.to_string());
     qemu_io(&env, pid, minor, "write -P 0x11 1M 4k");
     // tap-ctl stats shows the log first, as the C stack's "log" image.
     let stats = env.tap_ctl_ok(&["stats", "-p", &p, "-m", &m]);

@@ -199,19 +199,9 @@ fn tap_ctl_vbd_life_cycle() {
     assert!(env.ctl_dir.join(format!("nbd{pid}.{minor}")).exists());
 
     // A second VBD, read-only, in its own tapdisk.
-    let minor2: u32 = env
-        .tap_ctl_ok(&["allocate"])
-        .trim()
-        .rsplit('-')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let pid2: u32 = env.tap_ctl_ok(&["spawn"]).trim().parse().unwrap();
-    let (p2, m2) = (pid2.to_string(), minor2.to_string());
-    env.tap_ctl_ok(&["attach", "-p", &p2, "-m", &m2]);
     let params2 = format!("aio:{}", raw.display());
-    env.tap_ctl_ok(&["open", "-p", &p2, "-m", &m2, "-a", &params2, "-R"]);
+    let (pid2, minor2) = env.sm_launch(&params2, &["-R"]);
+    let (p2, m2) = (pid2.to_string(), minor2.to_string());
 
     // list, parsed per line as SM does (split(' ', 3), key=value).
     let list = |args: &[&str]| -> Vec<common::ListRow> {
@@ -276,26 +266,6 @@ fn tap_ctl_vbd_life_cycle() {
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }
 
-/// One VBD as SM starts it: allocate, spawn, attach, `open -a vhd:PATH FLAGS`; (pid, minor).
-fn sm_launch(env: &Env, path: &Path, flags: &[&str]) -> (u32, u32) {
-    let minor: u32 = env
-        .tap_ctl_ok(&["allocate"])
-        .trim()
-        .rsplit('-')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let pid: u32 = env.tap_ctl_ok(&["spawn"]).trim().parse().unwrap();
-    let (p, m) = (pid.to_string(), minor.to_string());
-    env.tap_ctl_ok(&["attach", "-p", &p, "-m", &m]);
-    let params = format!("vhd:{}", path.display());
-    let mut open = vec!["open", "-p", &p, "-m", &m, "-a", &params];
-    open.extend_from_slice(flags);
-    env.tap_ctl_ok(&open);
-    (pid, minor)
-}
-
 /// SM's teardown of one VBD: close -t 120, detach, free.
 fn sm_shutdown(env: &Env, pid: u32, minor: u32) {
     let (p, m) = (pid.to_string(), minor.to_string());
@@ -356,16 +326,15 @@ fn intellicache_open_forms() {
     );
     let secondary = |vdi: &str| format!("vhd:{}", shared.join(vdi).display());
 
-    let (ppid, pminor) = sm_launch(&env, &read_cache, &["-r"]);
+    let vhd = |path: &Path| format!("vhd:{}", path.display());
+    let (ppid, pminor) = env.sm_launch(&vhd(&read_cache), &["-r"]);
     let prt = pminor.to_string();
-    let (pid1, minor1) = sm_launch(
-        &env,
-        &leaf1,
+    let (pid1, minor1) = env.sm_launch(
+        &vhd(&leaf1),
         &["-r", "-e", &prt, "-2", &secondary("vdi1.vhd")],
     );
-    let (pid2, minor2) = sm_launch(
-        &env,
-        &leaf2,
+    let (pid2, minor2) = env.sm_launch(
+        &vhd(&leaf2),
         &["-e", &prt, "-2", &secondary("vdi2.vhd"), "-s"],
     );
 

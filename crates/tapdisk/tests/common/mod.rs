@@ -190,6 +190,27 @@ impl Env {
             .collect()
     }
 
+    /// A VBD started as SM starts one, step by step (SM never runs `create`): `allocate`
+    /// (the minor is the marker path's trailing number), `spawn` (the pid), `attach -p -m`,
+    /// `open -p -m -a PARAMS FLAGS...`. Returns (pid, minor).
+    pub fn sm_launch(&self, params: &str, flags: &[&str]) -> (u32, u32) {
+        let minor: u32 = self
+            .tap_ctl_ok(&["allocate"])
+            .trim()
+            .rsplit_once("tapdisk-")
+            .expect("allocate prints the marker path")
+            .1
+            .parse()
+            .unwrap();
+        let pid: u32 = self.tap_ctl_ok(&["spawn"]).trim().parse().unwrap();
+        let (p, m) = (pid.to_string(), minor.to_string());
+        self.tap_ctl_ok(&["attach", "-p", &p, "-m", &m]);
+        let mut open = vec!["open", "-p", &p, "-m", &m, "-a", params];
+        open.extend_from_slice(flags);
+        self.tap_ctl_ok(&open);
+        (pid, minor)
+    }
+
     /// `tap-ctl stats` of a VBD, its first line parsed as SM parses it (`json.loads`).
     pub fn stats_json(&self, pid: u32, minor: u32) -> serde_json::Value {
         let text = self.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);

@@ -39,7 +39,7 @@ fn exit_statuses_follow_the_c_tool() {
     assert!(missing.stdout.is_empty());
     assert!(text(&missing.stderr).starts_with("usage: attach"));
 
-    let unsupported = tap_ctl(&ctl, &["create", "-a", "vhd:/x.vhd", "-r"]);
+    let unsupported = tap_ctl(&ctl, &["create", "-a", "vhd:/x.vhd", "-d", "tapdev3"]);
     assert_eq!(unsupported.status.code(), Some(95));
     assert!(text(&unsupported.stderr).contains("not supported yet"));
     // Refused before doing anything: no minor was allocated.

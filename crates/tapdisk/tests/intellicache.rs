@@ -2,7 +2,8 @@
 //! of the golden image opened `-r` in its own tapdisk, the VM's local leaf above that VBD's
 //! export with `-r -e MINOR -2 vhd:SHARED_LEAF`), read by qemu-img and fio over NBD. The
 //! first pass fills the local caches from the shared images, the second is served locally,
-//! as `tap-ctl stats` shows; with the local filesystem full the reads stay right.
+//! as `tap-ctl stats` shows; with the local filesystem full the reads stay right. `-e` also
+//! finds an export of the same tapdisk, and names a minor that has none.
 
 mod common;
 
@@ -237,5 +238,47 @@ fn a_full_local_filesystem_leaves_reads_right() {
     for file in [&files.0, &files.1, &files.2] {
         vhd_util_ok(&["check", "-n", &file.display().to_string()]);
     }
+    assert_eq!(env.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_parent_export_in_the_same_tapdisk_and_a_missing_one() {
+    require("qemu-io");
+    let env = Env::new();
+    let dir = env.dir.path();
+    let gold = dir.join("gold.vhd");
+    let data = random_data(dir, 8 * MIB);
+    golden_image(&env, &gold, 8 * MIB, &data);
+    let (local, shared) = (dir.join("local"), dir.join("shared"));
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::create_dir_all(&shared).unwrap();
+    let (read_cache, local_leaf, _) = cache_files(&gold, &local, &shared);
+    let (pid, parent_minor) = env.create_params(&format!("vhd:{}", read_cache.display()), &["-r"]);
+    // A second minor of the same tapdisk stacks on the first one's export.
+    let minor: u32 = env
+        .tap_ctl_ok(&["allocate"])
+        .trim()
+        .rsplit_once("tapdisk-")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let (p, m) = (pid.to_string(), minor.to_string());
+    env.tap_ctl_ok(&["attach", "-p", &p, "-m", &m]);
+    let params = format!("vhd:{}", local_leaf.display());
+    // No VBD has minor 9999's export: ENOENT, naming it.
+    let missing = env.tap_ctl_err(
+        &["open", "-p", &p, "-m", &m, "-a", &params, "-e", "9999"],
+        2,
+    );
+    assert!(missing.contains("9999"), "{missing}");
+    let prt = parent_minor.to_string();
+    env.tap_ctl_ok(&["open", "-p", &p, "-m", &m, "-a", &params, "-r", "-e", &prt]);
+    compare(&env, &data, (pid, minor));
+    compare(&env, &data, (pid, minor));
+    let stats = cache_stats(&env, (pid, minor));
+    assert_eq!(counter(&stats, "shared_sectors"), 8 * MIB / 512, "{stats}");
+    env.destroy(pid, minor);
+    env.destroy(pid, parent_minor);
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }

@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 echo "== static checks (scripts/lint.sh)"
 ./scripts/lint.sh
 echo "== cargo test"
+# Every target first: the C ABI test (crates/libblktapctl/tests/c_abi.rs) needs the cdylib,
+# which `cargo test` alone does not always build.
+cargo build --workspace
 cargo test --workspace 2>&1 | tee /tmp/blktap-cargo-test.log
 echo "== fuzz smoke run"
 ./scripts/fuzz.sh "${FUZZ_SECONDS:-10}"

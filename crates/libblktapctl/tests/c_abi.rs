@@ -7,7 +7,7 @@
 //! library's soname and that it exports every function of the C stack's `tap-ctl.h`.
 //!
 //! Needs `cc`, `pkg-config` and `valgrind` (scripts/setup.sh installs them) and the
-//! workspace's binaries built (`cargo build --workspace --bins`).
+//! workspace built (`cargo build --workspace`: the binaries and the cdylib).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -69,7 +69,7 @@ fn built(name: &str) -> PathBuf {
     let path = profile_dir().join(name);
     assert!(
         path.exists(),
-        "{} is missing: build every target first (`cargo build --workspace --bins`)",
+        "{} is missing: build every target first (`cargo build --workspace`: the binaries and the cdylib)",
         path.display()
     );
     path

@@ -14,7 +14,6 @@ use vhd::image::{OpenOptions, VhdImage};
 use vhd::io::{Opener, StdOpener};
 
 use crate::getopt::getopt;
-use sha2::{Digest, Sha256};
 
 const EINVAL: i32 = 22;
 const U: &str = "usage: vhd-util key [-C -k KEYPATH [-N NONCE]] | [-s -n NAME (-k KEYPATH | -H HASH) [-N NONCE]] | [-c -n NAME -k KEYPATH] | [-p -n NAME] [-h help]";
@@ -42,9 +41,7 @@ fn read_key(path: &str) -> Result<Vec<u8>, i32> {
 }
 
 fn keyhash(nonce: [u8; 32], key: &[u8]) -> [u8; 32] {
-    let mut d = nonce.to_vec();
-    d.extend_from_slice(key);
-    Sha256::digest(&d).into()
+    vhd::crypt::keyhash(&nonce, key)
 }
 
 fn open(name: &str, writable: bool) -> Result<VhdImage<std::fs::File>, i32> {

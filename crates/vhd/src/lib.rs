@@ -20,6 +20,7 @@ mod bytes;
 pub mod chain;
 pub mod check;
 pub mod create;
+pub mod crypt;
 pub mod error;
 pub mod footer;
 pub mod geometry;

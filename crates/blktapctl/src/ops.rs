@@ -5,7 +5,10 @@
 //! fetches its LIST stream.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 use tapdisk_proto::{
     encode_key, encode_log_path, encode_open_options, Body, ImageInfo, Message, MessageType,
@@ -45,8 +48,9 @@ pub struct OpenRequest {
     pub request_timeout: u16,
     /// Changed-block log file (`-C`; adds `ADD_LOG` and sends the path after the message).
     pub log_path: Option<String>,
-    /// Encryption key (`-E`; adds `OPEN_ENCRYPTED` and sends the key after the message).
-    pub encryption_key: Option<Vec<u8>>,
+    /// Encryption key (`-E`; adds `OPEN_ENCRYPTED` and sends the key after the message),
+    /// in locked memory.
+    pub encryption_key: Option<Arc<secret::Key>>,
     /// Per-VBD open options, `key = value` lines (`-o`; a blktap-rs extension: adds
     /// `OPEN_OPTIONS` and sends the text after the message).
     pub options: Option<String>,
@@ -61,8 +65,9 @@ impl OpenRequest {
         }
     }
 
-    /// The OPEN message for `minor` and the payload that follows it.
-    pub fn to_message(&self, minor: u32) -> Result<(Message, Vec<u8>)> {
+    /// The OPEN message for `minor` and the payload that follows it (wiped when dropped: it
+    /// may hold the key).
+    pub fn to_message(&self, minor: u32) -> Result<(Message, Zeroizing<Vec<u8>>)> {
         let mut flags = self.flags;
         let mut prt_devnum = NO_PARENT_DEVNUM;
         if let Some(parent) = self.parent_minor {
@@ -72,7 +77,8 @@ impl OpenRequest {
         if self.secondary.is_some() {
             flags |= OpenFlags::SECONDARY;
         }
-        let mut trailer = Vec::new();
+        // Room for every payload at once, so the key is never left behind by a reallocation.
+        let mut trailer = Zeroizing::new(Vec::with_capacity(1024));
         if let Some(log) = &self.log_path {
             flags |= OpenFlags::ADD_LOG;
             let payload = encode_log_path(log)
@@ -81,8 +87,10 @@ impl OpenRequest {
         }
         if let Some(key) = &self.encryption_key {
             flags |= OpenFlags::OPEN_ENCRYPTED;
-            let payload = encode_key(key)
-                .map_err(|e| Error::new(libc::EINVAL, format!("encryption key: {e}")))?;
+            let payload = Zeroizing::new(
+                encode_key(key.as_bytes())
+                    .map_err(|e| Error::new(libc::EINVAL, format!("encryption key: {e}")))?,
+            );
             trailer.extend_from_slice(&payload);
         }
         if let Some(options) = &self.options {

@@ -171,7 +171,9 @@ fn open_with_log_and_key_sends_trailing_payloads() {
     });
     let mut req = OpenRequest::new("vhd:/x.vhd");
     req.log_path = Some("/var/log/cbt.log".to_owned());
-    req.encryption_key = Some(vec![0xab; 32]);
+    req.encryption_key = Some(std::sync::Arc::new(
+        secret::Key::from_slice(&[0xab; 32]).expect("key"),
+    ));
     req.parent_minor = Some(2);
     req.secondary = Some("vhd:/mirror.vhd".to_owned());
     blktapctl::open(&dir, 21, 1, &req).expect("open");

@@ -22,8 +22,9 @@
 //! kernel-device (v3) stack: `major` reports that no blktap device major exists (`ENOSYS`),
 //! `check` prints `ok` because nothing kernel-side is needed.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use blktapctl::{Error, ImageSpec, ListFilter, OpenFlags, OpenRequest, ResumeRequest};
@@ -86,6 +87,8 @@ pub enum Command {
         pid: u32,
         minor: u32,
         request: OpenRequest,
+        /// `-E`: the XTS-AES key (32 or 64 bytes) is read from stdin when the command runs.
+        key_from_stdin: bool,
     },
     Close {
         pid: u32,
@@ -282,6 +285,7 @@ struct Collected {
     parent_minor: Option<u32>,
     /// Options given that the daemon does not support yet: (letter, description).
     unsupported: Vec<(char, &'static str)>,
+    key_from_stdin: bool,
     /// `nbd-listen -l`: TCP address.
     listen: Option<String>,
     /// `nbd-listen -T`: TLS certificate directory.
@@ -346,7 +350,7 @@ fn collect(name: &'static str, args: &[String], spec: &str) -> Result<Collected,
             (_, '2') => c.secondary = Some(absolute_params(value)),
             (_, 's') => c.standby = true,
             (_, 'C' | 'c') => c.log = Some(absolute_path(Path::new(&value))),
-            (_, 'E') => c.unsupported.push(('E', "encryption")),
+            (_, 'E') => c.key_from_stdin = true,
             _ => {}
         }
     }
@@ -582,6 +586,7 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
                 pid,
                 minor,
                 request: open_request(args, &c, req_timeout),
+                key_from_stdin: c.key_from_stdin,
             }
         }
         "nbd-listen" => {
@@ -687,6 +692,8 @@ pub fn parse(argv: &[String], config: &Config) -> Action {
 
 /// Where a run writes, and whether stdout is a terminal (it changes `list` and `spawn`).
 pub struct Io<'a> {
+    /// Where `open -E` reads the key (stdin).
+    pub input: &'a mut dyn Read,
     pub out: &'a mut dyn Write,
     pub err: &'a mut dyn Write,
     pub stdout_is_tty: bool,
@@ -724,13 +731,46 @@ pub fn run(action: Action, config: &Config, io: &mut Io<'_>) -> i32 {
             );
             libc::EOPNOTSUPP
         }
-        Action::Run { name, command } => match execute(command, config, io) {
-            Ok(()) => 0,
-            Err(err) => {
-                let _ = writeln!(io.err, "tap-ctl: {name}: {err}");
-                err.errno()
+        Action::Run { name, mut command } => {
+            if let Command::Open {
+                request,
+                key_from_stdin: true,
+                ..
+            } = &mut command
+            {
+                match read_key(io.input) {
+                    Ok(key) => request.encryption_key = Some(Arc::new(key)),
+                    Err(message) => {
+                        // The C tool's words and exit status.
+                        let _ = writeln!(io.err, "{message}");
+                        return 1;
+                    }
+                }
             }
-        },
+            run_command(name, command, config, io)
+        }
+    }
+}
+
+/// Reads `open -E`'s key from `input` to its end: 32 or 64 bytes (XTS-AES-128 or -256),
+/// into locked memory. The error names the size only.
+fn read_key(input: &mut dyn Read) -> Result<secret::Key, String> {
+    const UNSUPPORTED: &str = "Unsupported keysize, use either 256 bit or 512 bit key";
+    let mut input = input;
+    match secret::Key::read_from(&mut input, 64) {
+        Ok(key) if key.len() == 32 || key.len() == 64 => Ok(key),
+        Ok(key) => Err(format!("{UNSUPPORTED} (read {} bytes)", key.len())),
+        Err(e) => Err(format!("{UNSUPPORTED} ({e})")),
+    }
+}
+
+fn run_command(name: &str, command: Command, config: &Config, io: &mut Io<'_>) -> i32 {
+    match execute(command, config, io) {
+        Ok(()) => 0,
+        Err(err) => {
+            let _ = writeln!(io.err, "tap-ctl: {name}: {err}");
+            err.errno()
+        }
     }
 }
 
@@ -789,6 +829,7 @@ fn execute(command: Command, config: &Config, io: &mut Io<'_>) -> Result<(), Err
             pid,
             minor,
             request,
+            ..
         } => {
             blktapctl::open(dir, pid, minor, &request)?;
         }
@@ -926,6 +967,7 @@ mod tests {
         let dir = ControlDir::new(tmp.path().join("ctl"));
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut io = Io {
+            input: &mut std::io::empty(),
             out: &mut out,
             err: &mut err,
             stdout_is_tty: tty,
@@ -1159,7 +1201,8 @@ mod tests {
             Command::Open {
                 pid: 1,
                 minor: 2,
-                request
+                request,
+                key_from_stdin: false,
             }
         );
         assert_eq!(
@@ -1267,7 +1310,8 @@ mod tests {
                 request: OpenRequest {
                     flags: OpenFlags::RDONLY,
                     ..OpenRequest::new("vhd:/a.vhd")
-                }
+                },
+                key_from_stdin: false,
             }
         );
     }
@@ -1408,10 +1452,7 @@ mod tests {
 
     #[test]
     fn unimplemented_flags_are_refused_with_eopnotsupp() {
-        for (line, letter) in [
-            ("create -a vhd:/x -d tapdev3", 'd'),
-            ("open -p 1 -m 2 -a vhd:/x -E", 'E'),
-        ] {
+        for (line, letter) in [("create -a vhd:/x -d tapdev3", 'd')] {
             let what = unsupported(line).unwrap_or_else(|| panic!("{line:?} not refused"));
             assert!(
                 what.starts_with(&format!("option -{letter} ")),
@@ -1419,14 +1460,34 @@ mod tests {
             );
         }
         // A usage error still wins over an unsupported flag.
-        assert!(is_usage_error("open -p 1 -m 2 -E"));
+        assert!(is_usage_error("create -d tapdev3"));
+    }
+
+    #[test]
+    fn open_e_reads_a_32_or_64_byte_key_from_stdin() {
+        // Issue 20: -E is no longer refused; the key is read when the command runs.
+        assert!(matches!(
+            command("open -p 1 -m 2 -a vhd:/x -E"),
+            Command::Open {
+                key_from_stdin: true,
+                ..
+            }
+        ));
+        assert_eq!(read_key(&mut &[7u8; 64][..]).unwrap().len(), 64);
+        assert_eq!(read_key(&mut &[7u8; 32][..]).unwrap().len(), 32);
+        for bad in [&[7u8; 33][..], &[7u8; 16][..], &[][..], &[7u8; 200][..]] {
+            let message = read_key(&mut &bad[..]).unwrap_err();
+            assert!(
+                message.starts_with("Unsupported keysize, use either 256 bit or 512 bit key"),
+                "{message}"
+            );
+            assert!(!message.contains("07"), "{message}");
+        }
+        // The C tool's exit status 1, before any tapdisk is asked.
         let (status, out, err) = run_captured(parse(&args("open -p 1 -m 2 -a vhd:/x -E")), false);
-        assert_eq!(status, 95);
+        assert_eq!(status, 1);
         assert!(out.is_empty());
-        assert_eq!(
-            err,
-            "tap-ctl: open: option -E (encryption) is not supported yet: Operation not supported\n"
-        );
+        assert!(err.starts_with("Unsupported keysize"), "{err}");
     }
 
     #[test]
@@ -1513,6 +1574,7 @@ mod tests {
         let go = |line: &str, tty: bool| {
             let (mut out, mut err) = (Vec::new(), Vec::new());
             let mut io = Io {
+                input: &mut std::io::empty(),
                 out: &mut out,
                 err: &mut err,
                 stdout_is_tty: tty,

@@ -19,7 +19,9 @@ fn main() {
     let stdout_is_tty = stdout.is_terminal();
     let mut out = stdout.lock();
     let mut err = std::io::stderr().lock();
+    let mut stdin = std::io::stdin().lock();
     let mut io = cli::Io {
+        input: &mut stdin,
         out: &mut out,
         err: &mut err,
         stdout_is_tty,

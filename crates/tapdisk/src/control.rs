@@ -114,7 +114,15 @@ async fn read_request(
             let size = read_exact_payload(stream, 1).await?;
             let size = tapdisk_proto::decode_key_size(size[0])
                 .map_err(|e| RequestError::Malformed(e.to_string()))?;
-            trailer.key = Some(read_exact_payload(stream, size).await?);
+            // Straight into locked memory: no other copy of the key is made.
+            let mut key = secret::Key::zeroed(size)?;
+            let got = read_full(stream, key.as_mut_bytes()).await?;
+            if got < size {
+                return Err(RequestError::Malformed(format!(
+                    "encryption key truncated at {got} of {size} bytes"
+                )));
+            }
+            trailer.key = Some(Arc::new(key));
         }
         if message.msg_type == MessageType::Open && params.flags.contains(OpenFlags::OPEN_OPTIONS) {
             let payload = read_exact_payload(stream, OPEN_OPTIONS_PAYLOAD_LEN).await?;

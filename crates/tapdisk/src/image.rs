@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use crate::changelog::ChangeLog;
+use crate::crypt::ChainCipher;
 use crate::driver::vhd::FileStamp;
 use crate::driver::{
     open_image, Allocation, Capabilities, DiskInfo, DiskType, DriverStats, ImageDriver,
@@ -269,6 +270,9 @@ impl ImageDriver for SharedImage {
     fn uuid(&self) -> Option<[u8; 16]> {
         self.0.uuid()
     }
+    fn keyhash(&self) -> Option<vhd::batmap::KeyHash> {
+        self.0.keyhash()
+    }
     fn validate_parent(&self, parent: &dyn ImageDriver) -> io::Result<()> {
         self.0.validate_parent(parent)
     }
@@ -472,18 +476,23 @@ impl ImageChain {
     /// description file (see [`parse_x_chain`]). Images listed (or the leaf) are opened first;
     /// then the parents of the last one are followed through [`ImageDriver::parent`]. Parents
     /// are opened read-only and shareable: one already open in this process is reused.
+    /// With a key in `options` ([`OpenOptions::key`]), every encrypted image gets the crypto
+    /// layer ([`ChainCipher::layer`]); an encrypted image without a key, or with another key,
+    /// fails the open.
     pub fn open(params: &str, options: OpenOptions) -> io::Result<Self> {
         Self::open_above(params, options, None)
     }
 
     /// [`ImageChain::open`], except that with `parent_export` the images listed are not
     /// followed: their parent is the NBD export at that socket (another VBD's chain, `-e`),
-    /// opened read-only and taken as it is (no format can check a parent it reaches by NBD).
+    /// opened read-only and taken as it is (no format can check a parent it reaches by NBD;
+    /// its data comes decrypted by the VBD that exports it, so no crypto layer goes above it).
     pub fn open_above(
         params: &str,
         options: OpenOptions,
         parent_export: Option<&Path>,
     ) -> io::Result<Self> {
+        let cipher = options.key.clone().map(ChainCipher::new).transpose()?;
         let listed = listed_images(params, &options)?;
         let mut images: Vec<Image> = Vec::with_capacity(listed.len());
         for (index, (disk_type, locator, image_options)) in listed.into_iter().enumerate() {
@@ -492,9 +501,11 @@ impl ImageChain {
             } else {
                 parent_options(&image_options)
             };
-            let driver = open_maybe_shared(disk_type, &locator, options).inspect_err(|e| {
-                tracing::error!(params, image = %locator, "cannot open image: {e}");
-            })?;
+            let driver = open_maybe_shared(disk_type, &locator, options)
+                .and_then(|driver| ChainCipher::layer(cipher.as_ref(), driver))
+                .inspect_err(|e| {
+                    tracing::error!(params, image = %locator, "cannot open image: {e}");
+                })?;
             push_validated(&mut images, driver)?;
         }
         if let Some(socket) = parent_export {
@@ -516,6 +527,7 @@ impl ImageChain {
                 return Err(io::Error::from_raw_os_error(libc::ELOOP));
             }
             let parent = open_maybe_shared(link.disk_type, &link.locator, parent_options(&options))
+                .and_then(|driver| ChainCipher::layer(cipher.as_ref(), driver))
                 .inspect_err(|e| {
                     tracing::error!(parent = %link.locator, "cannot open parent image: {e}");
                 })?;

@@ -12,6 +12,7 @@ pub mod changelog;
 pub mod commit;
 pub mod config;
 pub mod control;
+pub mod crypt;
 pub mod driver;
 pub mod engine;
 pub mod error;

@@ -42,8 +42,8 @@ use nbd::ConnectionLimit;
 pub struct Trailer {
     /// CBT log path (OPEN/RESUME with `ADD_LOG`).
     pub log_path: Option<String>,
-    /// Encryption key (OPEN with `OPEN_ENCRYPTED`).
-    pub key: Option<Vec<u8>>,
+    /// Encryption key (OPEN with `OPEN_ENCRYPTED`), in locked memory; shown redacted.
+    pub key: Option<Arc<secret::Key>>,
     /// Per-VBD open options (OPEN with `OPEN_OPTIONS`, a blktap-rs extension): `key = value`
     /// lines, see [`crate::config::DeviceSettings::with_open_options`].
     pub options: Option<String>,
@@ -71,6 +71,7 @@ const SUPPORTED_OPEN_FLAGS: u32 = OpenFlags::RDONLY.0
     | OpenFlags::REUSE_PRT.0
     | OpenFlags::BLOCKDEV_CHOICE.0
     | OpenFlags::BLOCKDEV_RECOVER.0
+    | OpenFlags::OPEN_ENCRYPTED.0
     | OpenFlags::OPEN_OPTIONS.0;
 
 /// The secondary `params` names: `u.params.secondary` when `SECONDARY` is set (required
@@ -586,15 +587,14 @@ impl Tapdisk {
             )
         })?;
         let unsupported = params.flags.0 & !SUPPORTED_OPEN_FLAGS;
-        if unsupported != 0 || trailer.key.is_some() {
-            let what = format!(
-                "open flags {unsupported:#x}{} are not supported by this tapdisk",
-                if trailer.key.is_some() {
-                    ", an encryption key"
-                } else {
-                    ""
-                },
-            );
+        if unsupported != 0 {
+            let what = format!("open flags {unsupported:#x} are not supported by this tapdisk");
+            tracing::error!(minor, "{what}");
+            return Err(failure(libc::EOPNOTSUPP, what));
+        }
+        if trailer.key.is_some() && params.flags.contains(OpenFlags::SECONDARY) {
+            // The secondary would receive the guest's plaintext.
+            let what = "a secondary image (-2) of an encrypted VBD (-E) is not supported";
             tracing::error!(minor, "{what}");
             return Err(failure(libc::EOPNOTSUPP, what));
         }
@@ -639,6 +639,7 @@ impl Tapdisk {
             shareable: params.flags.contains(OpenFlags::SHARED),
             io: self.config.io,
             nbd: self.nbd_client.clone(),
+            key: trailer.key.clone(),
         };
         let timeout = match params.req_timeout {
             0 => DEFAULT_REQUEST_TIMEOUT,

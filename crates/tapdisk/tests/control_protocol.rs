@@ -123,9 +123,14 @@ fn malformed_requests_get_einval_and_the_daemon_keeps_serving() {
         path: "aio:/x".into(),
         ..Params::default()
     };
-    let mut bad_key = request(MessageType::Open, 0, Body::Params(params));
+    let mut bad_key = request(MessageType::Open, 0, Body::Params(params.clone()));
     bad_key.push(200);
     assert_error(&exchange(&socket, &bad_key), libc::EINVAL);
+    // ... and one whose key stops short of the size it announced.
+    let mut short_key = request(MessageType::Open, 0, Body::Params(params));
+    short_key.push(64);
+    short_key.extend_from_slice(&[0x42; 10]);
+    assert_error(&exchange(&socket, &short_key), libc::EINVAL);
 
     // A reply type sent as a request, and requests with no handler.
     assert_error(

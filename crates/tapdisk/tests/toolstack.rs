@@ -14,7 +14,7 @@
 //! | `tap-ctl close -t 120 [-f]`, `detach`, `free -m`; NBD socket `<ctl dir>/nbd<pid>.<minor>` | `tap_ctl_vbd_life_cycle` |
 //! | `tap-ctl open -C PATH.cbtlog`, `unpause -a vhd:NEWLEAF -c PATH.cbtlog` (CBT) | `crates/tapdisk/tests/cbt.rs` `storage_manager_forms_track_writes_across_a_snapshot` |
 //! | `tap-ctl open -r`, `-r -e N -2 vhd:PATH`, `-e N -2 vhd:PATH -s` (IntelliCache: read cache, persistent and scratch local leaves, as `_setup_cache` builds them), `vhd-util snapshot -S MB -e` | `intellicache_open_forms` |
-//! | `tap-ctl open -E` (issue 20) | `tap_ctl_lines_not_built_yet_are_refused` |
+//! | `tap-ctl open -E` (key on stdin) | `encrypted_vhd.rs` |
 //! | `tap-ctl unpause -a vhd:NEWLEAF -2 nbd:<dp>` (storage migration), `-2 null`; `nbd:unix:SOCK:exportname=NAME` images | `crates/tapdisk/tests/mirror.rs` (`storage_migration_mirror_with_a_copy_and_fio_verify`, `nbd_images_served_by_qemu_nbd_and_nbdkit`) |
 //! | `tap-ctl commit -a PATH`, `query` (until concluded), `cancel -w` (XCP-ng qcow2 live commit) | `crates/tapdisk/tests/qcow2_commit.rs` (`commit_of_an_idle_disk_leaves_a_chain_qemu_accepts`, `cancelled_commit_keeps_the_leaf_and_says_so`) |
 //! | `vhd-util create -n -s [-r] [-S]`, `snapshot -n -p [-m] [-e] [-S]` | `vhd_util_file_sr_lines` |
@@ -384,23 +384,6 @@ fn intellicache_open_forms() {
         vhd_ok(&local, &["check", "-n", &file.display().to_string()]);
     }
     assert_eq!(env.leftovers(), Vec::<String>::new());
-}
-
-#[test]
-fn tap_ctl_lines_not_built_yet_are_refused() {
-    let env = Env::new();
-    let vhd = "vhd:/srv/sr/leaf.vhd";
-    // (command, arguments after "-p 1 -m 0")
-    let cases: &[(&str, &[&str])] = &[
-        // Encrypted VDIs: issue 20.
-        ("open", &["-a", vhd, "-E"]),
-    ];
-    for (command, rest) in cases {
-        let mut args = vec![*command, "-p", "1", "-m", "0"];
-        args.extend_from_slice(rest);
-        let stderr = env.tap_ctl_err(&args, libc::EOPNOTSUPP);
-        assert!(stderr.contains("not supported yet"), "{args:?}: {stderr}");
-    }
 }
 
 #[test]

@@ -99,6 +99,10 @@ pub struct OpenOptions {
     pub io: IoSettings,
     /// The NBD client's settings and the sockets handed to this process (`nbd:` images).
     pub nbd: self::nbd::NbdClientContext,
+    /// The XTS-AES key of an encrypted chain (`tap-ctl open -E`): the image chain checks it
+    /// against every image's keyhash and puts the crypto layer ([`crate::crypt`]) above the
+    /// images that have one.
+    pub key: Option<Arc<secret::Key>>,
 }
 
 /// The registered image types, with the C stack's `DISK_TYPE_*` numbers.
@@ -224,6 +228,11 @@ pub trait ImageDriver: Send + Sync + fmt::Debug {
     }
     /// The image's UUID, for formats that have one (a child records its parent's UUID).
     fn uuid(&self) -> Option<[u8; 16]> {
+        None
+    }
+    /// The keyhash of the key the image's data is encrypted with, for formats that record
+    /// one (tapdisk's VHD batmap); `None` for a plain image.
+    fn keyhash(&self) -> Option<::vhd::batmap::KeyHash> {
         None
     }
     /// Checks that `parent` really is this image's parent (`td_validate_parent`).

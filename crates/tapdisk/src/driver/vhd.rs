@@ -283,6 +283,7 @@ pub struct VhdDriver {
     uuid: [u8; 16],
     parent: Option<ParentLink>,
     parent_uuid: [u8; 16],
+    keyhash: Option<vhd::batmap::KeyHash>,
     stamp: FileStamp,
     meta: Mutex<Metadata>,
     locks: Locks,
@@ -406,6 +407,10 @@ impl VhdDriver {
             uuid: footer.uuid,
             parent: None,
             parent_uuid: meta.header().map_or([0; 16], |h| h.parent_uuid),
+            keyhash: meta
+                .batmap()
+                .map(|b| b.header.keyhash)
+                .filter(|k| k.cookie != 0),
             stamp: FileStamp::default(),
             meta: Mutex::new(meta),
             locks: Locks::new(),
@@ -750,6 +755,10 @@ impl ImageDriver for VhdDriver {
 
     fn uuid(&self) -> Option<[u8; 16]> {
         Some(self.uuid)
+    }
+
+    fn keyhash(&self) -> Option<vhd::batmap::KeyHash> {
+        self.keyhash
     }
 
     fn validate_parent(&self, parent: &dyn ImageDriver) -> io::Result<()> {

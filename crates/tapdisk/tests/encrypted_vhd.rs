@@ -240,3 +240,133 @@ fn a_key_for_a_plain_vhd_is_refused() {
     vbd.close(&env);
     vbd.destroy(&env);
 }
+
+fn vhd_util(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(common::vhd_util_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn vhd_util_copy_and_key_round_trip() {
+    require("qemu-io");
+    let env = Env::new();
+    let key = key_bytes(9, 32);
+    let key_file = env.dir.path().join("copy.key");
+    std::fs::write(&key_file, &key).unwrap();
+    let key_path = key_file.display().to_string();
+    let path = |name: &str| env.dir.path().join(name).display().to_string();
+
+    // A plain image with data, written through tapdisk.
+    let plain = path("plain.vhd");
+    vhd_util_ok(&["create", "-n", &plain, "-s", "8"]);
+    let vbd = attach(&env);
+    assert!(vbd.open(&env, Path::new(&plain), None).status.success());
+    vbd.qemu_io(
+        &env,
+        &["write -P 0x3c 2097152 65536", "write -P 0xd1 512 512"],
+    );
+    vbd.close(&env);
+
+    // copy -k: an encrypted copy, whose keyhash vhd-util key checks and prints.
+    let encrypted = path("encrypted.vhd");
+    let out = vhd_util(
+        &["copy", "-n", &plain, "-N", &encrypted, "-k", &key_path],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    vhd_util_ok(&["key", "-c", "-n", &encrypted, "-k", &key_path]);
+    let hash = vhd_util_ok(&["key", "-C", "-k", &key_path]);
+    let printed = vhd_util_ok(&["key", "-p", "-n", &encrypted]);
+    assert_eq!(printed, format!("{} {}", "0".repeat(64), hash));
+    let other_key = env.dir.path().join("other.key");
+    std::fs::write(&other_key, key_bytes(10, 32)).unwrap();
+    let out = vhd_util(
+        &[
+            "key",
+            "-c",
+            "-n",
+            &encrypted,
+            "-k",
+            &other_key.display().to_string(),
+        ],
+        None,
+    );
+    assert!(!out.status.success(), "{out:?}");
+    let stored = stored_sectors(Path::new(&encrypted), 4096, 1);
+    assert_ne!(stored, vec![0x3c; 512]);
+
+    // Read through tapdisk with the key: the same data, zeros elsewhere.
+    let out = vbd.open(&env, Path::new(&encrypted), None);
+    assert_eq!(out.status.code(), Some(libc::EINVAL), "{out:?}");
+    assert!(vbd
+        .open(&env, Path::new(&encrypted), Some(&key))
+        .status
+        .success());
+    vbd.qemu_io(
+        &env,
+        &[
+            "read -P 0x3c 2097152 65536",
+            "read -P 0xd1 512 512",
+            "read -P 0 0 512",
+            "read -P 0 1024 2096128",
+        ],
+    );
+    vbd.close(&env);
+
+    // copy -E of the encrypted copy: the key (on stdin) must be the image's; the copy keeps
+    // the keyhash and reads back the same through tapdisk.
+    let again = path("again.vhd");
+    let out = vhd_util(
+        &["copy", "-n", &encrypted, "-N", &again, "-E"],
+        Some(&key_bytes(10, 32)),
+    );
+    assert_eq!(out.status.code(), Some(libc::ENOKEY), "{out:?}");
+    let _ = std::fs::remove_file(&again);
+    let out = vhd_util(&["copy", "-n", &encrypted, "-N", &again, "-E"], Some(&key));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(vhd_util_ok(&["key", "-p", "-n", &again]), printed);
+    assert!(vbd
+        .open(&env, Path::new(&again), Some(&key))
+        .status
+        .success());
+    vbd.qemu_io(
+        &env,
+        &["read -P 0x3c 2097152 65536", "read -P 0xd1 512 512"],
+    );
+    vbd.close(&env);
+
+    // Keys of other sizes, and -k with -E, are refused before anything is written.
+    let out = vhd_util(
+        &["copy", "-n", &plain, "-N", &path("bad.vhd"), "-E"],
+        Some(&[1; 20]),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unsupported keysize"));
+    assert!(!Path::new(&path("bad.vhd")).exists());
+    let out = vhd_util(
+        &[
+            "copy",
+            "-n",
+            &plain,
+            "-N",
+            &path("bad.vhd"),
+            "-k",
+            &key_path,
+            "-E",
+        ],
+        Some(&key),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    vbd.destroy(&env);
+}

@@ -453,7 +453,13 @@ pub fn coalesce(settings: &Settings, args: &[String]) -> i32 {
     let mut bar = Bar::new("coalesce");
     let r = if let Some(out) = p.value('o') {
         let mut cb = |d, t| bar.update(d, t);
-        ops::copy(&StdOpener, Path::new(name), Path::new(out), Some(&mut cb))
+        ops::copy(
+            &StdOpener,
+            Path::new(name),
+            Path::new(out),
+            None,
+            Some(&mut cb),
+        )
     } else {
         if let Some(a) = p.value('a') {
             let parent = open_ro(name, false).and_then(|img| resolve_parent(&img, Path::new(name)));
@@ -690,13 +696,31 @@ pub fn copy(args: &[String]) -> i32 {
         println!("{U}");
         return EINVAL;
     };
-    if p.has('k') || p.has('E') {
-        println!("encrypted copies are not supported");
-        return ENOSYS;
-    }
+    let key = match (p.value('k'), p.has('E')) {
+        (Some(_), true) => {
+            eprintln!("Only supply -E or -k once");
+            return 1;
+        }
+        (Some(path), false) => match crate::key::read_key_file(path) {
+            Ok(key) => Some(key),
+            Err(status) => return status,
+        },
+        (None, true) => match crate::key::read_xts_key(&mut std::io::stdin().lock(), "stdin") {
+            Ok(key) => Some(key),
+            Err(status) => return status,
+        },
+        (None, false) => None,
+    };
     let mut bar = Bar::new("copy");
     let mut cb = |d, t| bar.update(d, t);
-    match ops::copy(&StdOpener, Path::new(src), Path::new(dst), Some(&mut cb)) {
+    let key = key.as_ref().map(secret::Key::as_bytes);
+    match ops::copy(
+        &StdOpener,
+        Path::new(src),
+        Path::new(dst),
+        key,
+        Some(&mut cb),
+    ) {
         Ok(_) => 0,
         Err(e) => {
             println!("error copying {src} to {dst}: {}", neg(&e));

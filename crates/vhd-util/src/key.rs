@@ -33,11 +33,43 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn read_key(path: &str) -> Result<Vec<u8>, i32> {
-    std::fs::read(path).map_err(|e| {
+fn read_key(path: &str) -> Result<secret::Key, i32> {
+    let mut file = std::fs::File::open(path).map_err(|e| {
         println!("failed to read key {path}: {e}");
         e.raw_os_error().unwrap_or(5)
+    })?;
+    secret::Key::read_from(&mut file, secret::MAX_KEY_BYTES).map_err(|e| {
+        println!("failed to read key {path}: {e}");
+        e.raw_os_error().unwrap_or(EINVAL)
     })
+}
+
+/// Reads an XTS-AES key (32 or 64 bytes, the whole of `source`) for `copy -E/-k`; on
+/// failure prints the C tool's message (the size, never the bytes) and gives exit status 1.
+pub fn read_xts_key(source: &mut impl std::io::Read, what: &str) -> Result<secret::Key, i32> {
+    match secret::Key::read_from(source, 64) {
+        Ok(key) if vhd::crypt::KEY_SIZES.contains(&key.len()) => Ok(key),
+        Ok(key) => {
+            eprintln!(
+                "Unsupported keysize, use either 256 bit or 512 bit key ({what}: {} bytes)",
+                key.len()
+            );
+            Err(1)
+        }
+        Err(e) => {
+            eprintln!("Unsupported keysize, use either 256 bit or 512 bit key ({what}: {e})");
+            Err(1)
+        }
+    }
+}
+
+/// [`read_xts_key`] from the file at `path`.
+pub fn read_key_file(path: &str) -> Result<secret::Key, i32> {
+    let mut file = std::fs::File::open(path).map_err(|e| {
+        println!("Failed to open key file {path}: {e}");
+        e.raw_os_error().unwrap_or(5)
+    })?;
+    read_xts_key(&mut file, path)
 }
 
 fn keyhash(nonce: [u8; 32], key: &[u8]) -> [u8; 32] {
@@ -91,7 +123,7 @@ pub fn run(args: &[String]) -> i32 {
             println!("{U}");
             return EINVAL;
         };
-        read_key(k).map(|key| println!("{}", hex(&keyhash(nonce, &key))))
+        read_key(k).map(|key| println!("{}", hex(&keyhash(nonce, key.as_bytes()))))
     } else if p.has('s') {
         let Some(name) = p.value('n') else {
             println!("{U}");
@@ -99,7 +131,7 @@ pub fn run(args: &[String]) -> i32 {
         };
         let hash = match (p.value('k'), p.value('H')) {
             (Some(k), None) => match read_key(k) {
-                Ok(key) => keyhash(nonce, &key),
+                Ok(key) => keyhash(nonce, key.as_bytes()),
                 Err(e) => return e,
             },
             (None, Some(h)) => match unhex32(h) {
@@ -142,7 +174,7 @@ pub fn run(args: &[String]) -> i32 {
             Err(e) => return e,
         };
         open(name, false).and_then(|img| match img.keyhash() {
-            Some(kh) if kh.cookie != 0 && keyhash(kh.nonce, &key) == kh.hash => Ok(()),
+            Some(kh) if kh.cookie != 0 && keyhash(kh.nonce, key.as_bytes()) == kh.hash => Ok(()),
             Some(kh) if kh.cookie != 0 => {
                 println!("key does not match");
                 Err(EINVAL)

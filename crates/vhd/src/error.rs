@@ -129,6 +129,14 @@ pub enum VhdError {
     /// Not enough room (depth limit, fast-resize limit).
     #[error("{0}")]
     NoSpace(String),
+    /// A key cannot be used with an image (wrong size, no keyhash, another key's hash).
+    #[error("{path}: {source}")]
+    Key {
+        /// The image whose keyhash the key was checked against.
+        path: String,
+        /// What is wrong with the key.
+        source: crate::crypt::KeyError,
+    },
     /// The target already exists.
     #[error("{0} already exists")]
     Exists(String),
@@ -173,6 +181,7 @@ impl VhdError {
             Self::NoSpace(_) => ENOSPC,
             Self::Exists(_) => EEXIST,
             Self::ParentLoop(_) => ELOOP,
+            Self::Key { source, .. } => source.errno(),
         }
     }
 }

@@ -21,7 +21,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use crate::bat::{Bat, BAT_UNUSED};
-use crate::batmap::{batmap_checksum, BatmapHeader};
+use crate::batmap::{batmap_checksum, BatmapHeader, KeyHash};
 use crate::bitmap::SectorBitmap;
 use crate::bytes::round_up;
 use crate::chain::{resolve_parent, Chain};
@@ -866,15 +866,53 @@ fn apply_reparent<F: BlockFile>(
 
 /// Writes the data of the chain at `src` into a new dynamic VHD `dst`
 /// (same virtual size); all-zero blocks stay unallocated.
+///
+/// Encryption (`vhd-util copy -k/-E`): a chain whose leaf records a keyhash
+/// is encrypted; its data is copied as it is stored (valid under the same key
+/// at the same virtual sectors) and `dst` gets the same keyhash; a `key`
+/// given with it must match that keyhash. A plain chain copied with a `key`
+/// is encrypted on the way ([`crate::crypt`]): `dst` records the key's hash
+/// (zero nonce, as the C tool) and every block written is encrypted whole, so
+/// the sectors a block's bitmap leaves clear decrypt to zeros too.
 pub fn copy<O: Opener>(
     opener: &O,
     src: &Path,
     dst: &Path,
+    key: Option<&[u8]>,
     mut progress: Progress<'_>,
 ) -> Result<u64> {
     let chain = Chain::open_with(opener, src, false)?;
+    let key_error = |path: &Path, source| VhdError::Key {
+        path: path.display().to_string(),
+        source,
+    };
+    let stored = chain.leaf().keyhash().filter(|k| k.cookie != 0);
+    let (keyhash, cipher) = match (stored, key) {
+        (Some(stored), Some(key)) => {
+            crate::crypt::check_key(Some(&stored), key).map_err(|e| key_error(src, e))?;
+            (Some(stored), None)
+        }
+        (Some(stored), None) => (Some(stored), None),
+        (None, Some(key)) => {
+            let cipher = crate::crypt::SectorCipher::new(key).map_err(|e| key_error(dst, e))?;
+            let nonce = [0u8; 32];
+            let hash = crate::crypt::keyhash(&nonce, key);
+            (
+                Some(KeyHash {
+                    cookie: 1,
+                    nonce,
+                    hash,
+                }),
+                Some(cipher),
+            )
+        }
+        (None, None) => (None, None),
+    };
     let size = chain.leaf().virtual_size();
     let mut out = create_with(opener, dst, &CreateOptions::dynamic(size), None)?;
+    if let Some(keyhash) = keyhash {
+        out.set_keyhash(keyhash)?;
+    }
     let spb = out.sectors_per_block();
     let blocks = out.block_count();
     let total = chain.total_sectors();
@@ -900,9 +938,13 @@ pub fn copy<O: Opener>(
         if buf[..len].iter().all(|&b| b == 0) {
             continue;
         }
+        if let Some(cipher) = &cipher {
+            cipher.encrypt_sectors(start, &mut buf[..len]);
+        }
         out.write_sectors(start, &buf[..len])?;
         written += n;
     }
+    buf.fill(0);
     out.sync()?;
     report(&mut progress, blocks, blocks);
     Ok(written)

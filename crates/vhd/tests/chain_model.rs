@@ -207,7 +207,7 @@ fn copy_flattens_chain() {
     let mut model = vec![0u8; SIZE as usize];
     let (_b, _m, leaf) = three_deep(dir.path(), &mut model);
     let out = dir.path().join("flat.vhd");
-    ops::copy(&StdOpener, &leaf, &out, None).unwrap();
+    ops::copy(&StdOpener, &leaf, &out, None, None).unwrap();
     assert_eq!(read_all(&out), model);
     assert_valid(&out);
 }

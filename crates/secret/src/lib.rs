@@ -10,6 +10,7 @@ mod locked;
 
 use std::fmt;
 use std::io::{self, Read};
+use std::os::fd::AsFd;
 
 pub use locked::Locked;
 
@@ -104,6 +105,17 @@ impl Key {
     /// True when the key's pages are locked in RAM.
     pub fn is_locked(&self) -> bool {
         self.0.is_locked()
+    }
+}
+
+/// A descriptor read directly, without the buffer `std::io::Stdin` puts in front of it
+/// (which would keep a copy of a key read from stdin after the key itself is wiped).
+#[derive(Debug)]
+pub struct Unbuffered<F>(pub F);
+
+impl<F: AsFd> Read for Unbuffered<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(rustix::io::read(&self.0, buf)?)
     }
 }
 

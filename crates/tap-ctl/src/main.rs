@@ -19,7 +19,8 @@ fn main() {
     let stdout_is_tty = stdout.is_terminal();
     let mut out = stdout.lock();
     let mut err = std::io::stderr().lock();
-    let mut stdin = std::io::stdin().lock();
+    // Unbuffered: `open -E` reads the key from stdin, and no copy of it may stay behind.
+    let mut stdin = secret::Unbuffered(std::io::stdin());
     let mut io = cli::Io {
         input: &mut stdin,
         out: &mut out,

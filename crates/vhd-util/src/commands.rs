@@ -705,10 +705,12 @@ pub fn copy(args: &[String]) -> i32 {
             Ok(key) => Some(key),
             Err(status) => return status,
         },
-        (None, true) => match crate::key::read_xts_key(&mut std::io::stdin().lock(), "stdin") {
-            Ok(key) => Some(key),
-            Err(status) => return status,
-        },
+        (None, true) => {
+            match crate::key::read_xts_key(&mut secret::Unbuffered(std::io::stdin()), "stdin") {
+                Ok(key) => Some(key),
+                Err(status) => return status,
+            }
+        }
         (None, false) => None,
     };
     let mut bar = Bar::new("copy");

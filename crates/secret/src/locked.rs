@@ -105,3 +105,39 @@ impl<T> Drop for Locked<T> {
         let _ = unsafe { mm::munmap(base, self.len) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `VmFlags` of the mapping starting at `addr`, from `/proc/self/smaps`.
+    fn vm_flags(addr: usize) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut in_mapping = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, _)) = range.split_once('-') {
+                    if let Ok(start) = usize::from_str_radix(start, 16) {
+                        in_mapping = start == addr;
+                        continue;
+                    }
+                }
+            }
+            if in_mapping {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().map(str::to_owned).collect();
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    #[test]
+    fn pages_are_left_out_of_core_dumps_and_locked_when_allowed() {
+        let secret = Locked::new([0x5au8; 64]).unwrap();
+        let flags = vm_flags(secret.value.as_ptr() as usize);
+        assert!(flags.iter().any(|f| f == "dd"), "{flags:?}");
+        assert_eq!(flags.iter().any(|f| f == "lo"), secret.is_locked(), "{flags:?}");
+        assert_eq!(secret[63], 0x5a);
+    }
+}

@@ -21,16 +21,10 @@ struct Vbd {
 }
 
 fn attach(env: &Env) -> Vbd {
+    // allocate prints the marker path, .../tapdisk-MINOR.
     let marker = env.tap_ctl_ok(&["allocate"]);
-    let minor: String = marker
-        .trim()
-        .chars()
-        .rev()
-        .take_while(char::is_ascii_digit)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let (_, minor) = marker.trim().rsplit_once("tapdisk-").expect("a marker path");
+    let minor = minor.to_owned();
     let pid = env.tap_ctl_ok(&["spawn"]).trim().to_owned();
     env.tap_ctl_ok(&["attach", "-p", &pid, "-m", &minor]);
     Vbd { pid, minor }

@@ -137,7 +137,11 @@ mod tests {
         let secret = Locked::new([0x5au8; 64]).unwrap();
         let flags = vm_flags(secret.value.as_ptr() as usize);
         assert!(flags.iter().any(|f| f == "dd"), "{flags:?}");
-        assert_eq!(flags.iter().any(|f| f == "lo"), secret.is_locked(), "{flags:?}");
+        assert_eq!(
+            flags.iter().any(|f| f == "lo"),
+            secret.is_locked(),
+            "{flags:?}"
+        );
         assert_eq!(secret[63], 0x5a);
     }
 }

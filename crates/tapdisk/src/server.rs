@@ -890,6 +890,12 @@ impl Tapdisk {
             Some(NULL_SECONDARY) => SecondaryChange::Remove,
             Some(secondary) => SecondaryChange::Set(secondary.to_owned()),
         };
+        if matches!(change, SecondaryChange::Set(_)) && vbd.open_options().key.is_some() {
+            // As at open: the secondary would receive the guest's plaintext.
+            let what = "a secondary image (-2) of an encrypted VBD is not supported";
+            tracing::error!(minor, "{what}");
+            return Err(failure(libc::EOPNOTSUPP, what));
+        }
         let new_params = (!params.path.is_empty()).then(|| params.path.clone());
         let reopened = tokio::select! {
             reopened = vbd.reopen(new_params, log, change) => reopened?,

@@ -23,7 +23,10 @@ struct Vbd {
 fn attach(env: &Env) -> Vbd {
     // allocate prints the marker path, .../tapdisk-MINOR.
     let marker = env.tap_ctl_ok(&["allocate"]);
-    let (_, minor) = marker.trim().rsplit_once("tapdisk-").expect("a marker path");
+    let (_, minor) = marker
+        .trim()
+        .rsplit_once("tapdisk-")
+        .expect("a marker path");
     let minor = minor.to_owned();
     let pid = env.tap_ctl_ok(&["spawn"]).trim().to_owned();
     env.tap_ctl_ok(&["attach", "-p", &pid, "-m", &minor]);
@@ -33,11 +36,17 @@ fn attach(env: &Env) -> Vbd {
 impl Vbd {
     /// `tap-ctl open -a vhd:PATH [-E]`, the key (if any) written to its stdin.
     fn open(&self, env: &Env, image: &Path, key: Option<&[u8]>) -> Output {
+        self.open_with(env, image, key, &[])
+    }
+
+    /// [`Vbd::open`] with `extra` options.
+    fn open_with(&self, env: &Env, image: &Path, key: Option<&[u8]>, extra: &[&str]) -> Output {
         let params = format!("vhd:{}", image.display());
         let mut args = vec!["open", "-p", &self.pid, "-m", &self.minor, "-a", &params];
         if key.is_some() {
             args.push("-E");
         }
+        args.extend_from_slice(extra);
         let mut child = env
             .tap_ctl_cmd(&args)
             .stdin(Stdio::piped())
@@ -175,7 +184,14 @@ fn written_and_read_back_through_tapdisk_with_the_key_only() {
     let whole = std::fs::read(&image).unwrap();
     assert!(!whole.windows(512).any(|w| w == [0xab; 512]));
 
-    // A new open with the key reads the same data.
+    // A secondary image would receive plaintext: refused at open and at unpause.
+    let mirror = env.dir.path().join("mirror.vhd");
+    vhd_util_ok(&["create", "-n", &mirror.display().to_string(), "-s", "16"]);
+    let mirror_params = format!("vhd:{}", mirror.display());
+    let out = vbd.open_with(&env, &image, Some(&key), &["-2", &mirror_params]);
+    assert_eq!(out.status.code(), Some(libc::EOPNOTSUPP), "{out:?}");
+
+    // A new open with the key reads the same data; pause and unpause reopen with it.
     let out = vbd.open(&env, &image, Some(&key));
     assert!(out.status.success(), "{out:?}");
     vbd.qemu_io(
@@ -186,6 +202,19 @@ fn written_and_read_back_through_tapdisk_with_the_key_only() {
             "read -P 0 4194304 1M",
         ],
     );
+    let (p, m) = (vbd.pid.as_str(), vbd.minor.as_str());
+    env.tap_ctl_ok(&["pause", "-p", p, "-m", m]);
+    let stderr = env.tap_ctl_err(
+        &["unpause", "-p", p, "-m", m, "-2", &mirror_params],
+        libc::EOPNOTSUPP,
+    );
+    assert!(stderr.contains("encrypted"), "{stderr}");
+    env.tap_ctl_ok(&["unpause", "-p", p, "-m", m]);
+    vbd.qemu_io(
+        &env,
+        &["read -P 0x5c 3145728 4096", "write -P 0x66 8192 512"],
+    );
+    vbd.qemu_io(&env, &["read -P 0x66 8192 512"]);
     vbd.close(&env);
 
     // A snapshot child inherits the keyhash: the chain reads the parent's data and takes new
@@ -208,7 +237,9 @@ fn written_and_read_back_through_tapdisk_with_the_key_only() {
         &[
             "read -P 0xab 0 512",
             "read -P 0x77 512 512",
-            "read -P 0xab 1024 1047552",
+            "read -P 0xab 1024 7168",
+            "read -P 0x66 8192 512",
+            "read -P 0xab 8704 1039872",
         ],
     );
     vbd.close(&env);

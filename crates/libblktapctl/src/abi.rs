@@ -581,7 +581,7 @@ unsafe fn open_args<'a>(
     flags: c_int,
     prt_minor: c_int,
     timeout: c_int,
-    key: Option<Vec<u8>>,
+    key: Option<secret::Key>,
 ) -> Result<OpenArgs<'a>> {
     let (params, secondary, logpath) = strings;
     // SAFETY: forwarded contract of this function's caller.
@@ -719,16 +719,23 @@ pub unsafe extern "C" fn tap_ctl_open(
     key_size: u8,
     encryption_key: *mut u8,
 ) -> c_int {
-    // The key is the library's to free, whatever happens next (as in the C library).
+    // The key is the library's to free, whatever happens next (as in the C library): copied
+    // into locked memory, then wiped and freed.
     let key = (!encryption_key.is_null()).then(|| {
         // SAFETY: a non-NULL key has `key_size` bytes and came from malloc (header).
         unsafe {
-            let key = std::slice::from_raw_parts(encryption_key, key_size.into()).to_vec();
+            let bytes = std::slice::from_raw_parts_mut(encryption_key, key_size.into());
+            let key = secret::Key::from_slice(bytes);
+            bytes.fill(0);
+            std::hint::black_box(&bytes);
             libc::free(encryption_key.cast());
             key
         }
     });
     entry("tap_ctl_open", || {
+        let key = key
+            .transpose()
+            .map_err(|e| Error::new(libc::EINVAL, format!("encryption key: {e}")))?;
         let strings = (params, secondary, logpath);
         // SAFETY: module contract.
         let args = unsafe { open_args(strings, flags, prt_minor, timeout, key) }?;

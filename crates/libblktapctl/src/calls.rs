@@ -128,7 +128,7 @@ pub struct OpenArgs<'a> {
     pub secondary: Option<&'a str>,
     pub timeout: i32,
     pub logpath: Option<&'a str>,
-    pub key: Option<Vec<u8>>,
+    pub key: Option<secret::Key>,
 }
 
 impl std::fmt::Debug for OpenArgs<'_> {
@@ -161,7 +161,7 @@ impl OpenArgs<'_> {
         }
         if flags.contains(OpenFlags::OPEN_ENCRYPTED) {
             let key = required(self.key, "OPEN_ENCRYPTED", "a key")?;
-            request.encryption_key = Some(key);
+            request.encryption_key = Some(std::sync::Arc::new(key));
         }
         request.request_timeout = u16::try_from(self.timeout).map_err(|_| {
             Error::new(
@@ -317,7 +317,7 @@ mod tests {
         let mut plain = args(OpenFlags::RDONLY);
         plain.secondary = Some("aio:/m");
         plain.logpath = Some("/log");
-        plain.key = Some(vec![1; 32]);
+        plain.key = Some(secret::Key::from_slice(&[1; 32]).unwrap());
         let request = plain.into_request().unwrap();
         assert_eq!(request.flags, OpenFlags::RDONLY);
         assert_eq!(request.secondary, None);

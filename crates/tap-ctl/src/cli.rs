@@ -1452,13 +1452,9 @@ mod tests {
 
     #[test]
     fn unimplemented_flags_are_refused_with_eopnotsupp() {
-        for (line, letter) in [("create -a vhd:/x -d tapdev3", 'd')] {
-            let what = unsupported(line).unwrap_or_else(|| panic!("{line:?} not refused"));
-            assert!(
-                what.starts_with(&format!("option -{letter} ")),
-                "{line}: {what}"
-            );
-        }
+        // -d (device name) is the one C option left unbuilt.
+        let what = unsupported("create -a vhd:/x -d tapdev3").expect("-d refused");
+        assert!(what.starts_with("option -d "), "{what}");
         // A usage error still wins over an unsupported flag.
         assert!(is_usage_error("create -d tapdev3"));
     }

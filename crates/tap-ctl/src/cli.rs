@@ -851,7 +851,8 @@ fn execute(command: Command, config: &Config, io: &mut Io<'_>) -> Result<(), Err
         } => blktapctl::unpause(dir, pid, minor, &request)?,
         Command::Stats { pid, minor } => {
             let text = blktapctl::stats(dir, pid, Some(minor))?;
-            let _ = writeln!(io.out, "{text}");
+            // The C tap-ctl ends the text with an empty line: SM reads the first line.
+            let _ = write!(io.out, "{text}\n\n");
         }
         Command::Commit { pid, minor, path } => {
             blktapctl::commit::commit(dir, pid, minor, &path)?;

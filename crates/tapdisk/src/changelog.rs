@@ -119,7 +119,8 @@ impl ChangeLog {
         &self.path
     }
 
-    /// Request counters, as an image's.
+    /// Sector counters, as an image's: sectors marked (writes, discards, zeroing) and read
+    /// through the log (counted by the chain).
     pub fn counters(&self) -> &ImageCounters {
         &self.counters
     }
@@ -165,7 +166,6 @@ impl ChangeLog {
             .collect();
         let offset = (cbt::HEADER_LEN + first) as u64;
         self.file.write_all_at(&bytes, offset).map_err(|e| {
-            self.counters.fail[1].fetch_add(1, Ordering::Relaxed);
             crate::error::with_context(
                 e,
                 format!(

@@ -311,12 +311,14 @@ impl ImageDriver for SharedImage {
     }
 }
 
-/// Read and write counters of one image (`hits` and `fail` in stats).
+/// Read and write counters of one image (`hits` and `fail` in stats), in sectors as the C
+/// tapdisk counts them: `hits` every sector of a request the image completed, failed or not
+/// (except `EBUSY`, which is retried), `fail` those of failed requests.
 #[derive(Debug, Default)]
 pub struct ImageCounters {
-    /// Requests served: `[reads, writes]`.
+    /// Sectors completed: `[reads, writes]`.
     pub hits: [AtomicU64; 2],
-    /// Requests failed: `[reads, writes]`.
+    /// Sectors of failed requests: `[reads, writes]`.
     pub fail: [AtomicU64; 2],
 }
 
@@ -324,23 +326,30 @@ const READ: usize = 0;
 const WRITE: usize = 1;
 
 impl ImageCounters {
-    /// Counts a read.
-    pub fn count_read<T>(&self, result: &io::Result<T>) {
-        self.count(READ, result);
+    /// Counts a read of `sectors` that ended with `result`.
+    pub fn count_read<T>(&self, sectors: u64, result: &io::Result<T>) {
+        self.count(READ, sectors, result);
     }
 
-    /// Counts a write.
-    pub fn count_write<T>(&self, result: &io::Result<T>) {
-        self.count(WRITE, result);
+    /// Counts a write of `sectors` that ended with `result`.
+    pub fn count_write<T>(&self, sectors: u64, result: &io::Result<T>) {
+        self.count(WRITE, sectors, result);
     }
 
-    fn count<T>(&self, direction: usize, result: &io::Result<T>) {
-        let counter = if result.is_ok() {
-            &self.hits
-        } else {
-            &self.fail
-        };
-        counter[direction].fetch_add(1, Ordering::Relaxed);
+    /// Counts `sectors` read without a driver request (a mapped read, a read passing
+    /// through the changed-block log).
+    pub fn count_read_passed(&self, sectors: u64) {
+        self.hits[READ].fetch_add(sectors, Ordering::Relaxed);
+    }
+
+    fn count<T>(&self, direction: usize, sectors: u64, result: &io::Result<T>) {
+        if let Err(e) = result {
+            if crate::error::errno_of(e) == libc::EBUSY {
+                return;
+            }
+            self.fail[direction].fetch_add(sectors, Ordering::Relaxed);
+        }
+        self.hits[direction].fetch_add(sectors, Ordering::Relaxed);
     }
 }
 
@@ -435,7 +444,17 @@ async fn read_level(
         return Ok(buf);
     }
     let result = image.driver.read(sector, buf).await;
-    image.counters.count(READ, &result);
+    // The sectors this image served; absent ones are counted where they are read.
+    let absent: u64 = result.as_ref().map_or(0, |outcome| {
+        outcome
+            .absent
+            .iter()
+            .map(|range| range.end.saturating_sub(range.start))
+            .sum()
+    });
+    image
+        .counters
+        .count_read(total.saturating_sub(absent), &result);
     let outcome = result?;
     let (buf, _) = read_absent(images, level + 1, sector, outcome, false).await?;
     Ok(buf)
@@ -594,9 +613,9 @@ impl ImageChain {
     fn mark(&self, sector: u64, count: u64) -> io::Result<()> {
         match &self.log {
             Some(log) => {
-                log.mark(sector, count)?;
-                log.counters().hits[WRITE].fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                let result = log.mark(sector, count);
+                log.counters().count_write(count, &result);
+                result
             }
             None => Ok(()),
         }
@@ -685,7 +704,8 @@ impl ImageChain {
     /// for sectors written there only).
     pub async fn read(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
         if let Some(log) = &self.log {
-            log.counters().hits[READ].fetch_add(1, Ordering::Relaxed);
+            log.counters()
+                .count_read_passed(buf.len() as u64 / SECTOR_SIZE);
         }
         match &self.secondary {
             Some(secondary) if secondary.holds_data() => secondary.read(self, sector, buf).await,
@@ -783,7 +803,7 @@ impl ImageChain {
             return None;
         }
         let range = image.driver.mapped(sector, len)?;
-        image.counters.hits[READ].fetch_add(1, Ordering::Relaxed);
+        image.counters.count_read_passed(len as u64 / SECTOR_SIZE);
         Some(range)
     }
 
@@ -798,7 +818,7 @@ impl ImageChain {
             Some(secondary) => secondary.write(leaf, sector, buf).await,
             None => {
                 let result = leaf.driver.write(sector, buf).await;
-                leaf.counters.count(WRITE, &result);
+                leaf.counters.count_write(count, &result);
                 result
             }
         };
@@ -951,7 +971,7 @@ mod tests {
         assert_eq!(single.mapped(2, 1024).unwrap().len(), 1024);
         assert_eq!(
             single.images()[0].counters.hits[READ].load(Ordering::Relaxed),
-            1
+            2
         );
         // Above a parent, unwritten leaf sectors would have to come from the parent.
         let layered = ImageChain::from_drivers(vec![open("top.img"), open("base.img")]).unwrap();
@@ -1162,10 +1182,11 @@ mod tests {
         assert!(marks.has_unsynced_marks());
         chain.flush().await.unwrap();
         assert!(!marks.has_unsynced_marks());
-        // Reads pass through the log without marking anything.
+        // Reads pass through the log without marking anything. Counted in sectors: 1 read;
+        // 1 written and 8 discarded.
         chain.read(0, IoBuf::zeroed(512)).await.unwrap();
         assert_eq!(marks.counters().hits[READ].load(Ordering::Relaxed), 1);
-        assert_eq!(marks.counters().hits[WRITE].load(Ordering::Relaxed), 2);
+        assert_eq!(marks.counters().hits[WRITE].load(Ordering::Relaxed), 9);
         assert!(!marks.has_unsynced_marks());
     }
 
@@ -1184,8 +1205,9 @@ mod tests {
         let buf = chain.read(0, IoBuf::zeroed(1024)).await.unwrap();
         assert!(buf.as_slice()[..512].iter().all(|b| *b == 9));
         assert!(buf.as_slice()[512..].iter().all(|b| *b == 1));
+        // Sectors: 2 read, 1 written.
         let hits = &chain.images()[0].counters.hits;
-        assert_eq!(hits[READ].load(Ordering::Relaxed), 1);
+        assert_eq!(hits[READ].load(Ordering::Relaxed), 2);
         assert_eq!(hits[WRITE].load(Ordering::Relaxed), 1);
         let status = chain.block_status(0, 128).await.unwrap();
         assert_eq!(

@@ -310,8 +310,9 @@ impl Secondary {
     }
 
     async fn write_secondary(&self, sector: u64, buf: Arc<IoBuf>) -> io::Result<()> {
+        let sectors = buf.len() as u64 / SECTOR_SIZE;
         let result = self.image.driver.write(sector, buf).await;
-        self.image.counters.count_write(&result);
+        self.image.counters.count_write(sectors, &result);
         result
     }
 
@@ -447,7 +448,7 @@ impl Secondary {
             let part = IoBuf::zeroed(len);
             let part = if redirected {
                 let result = self.image.driver.read(run.start, part).await;
-                self.image.counters.count_read(&result);
+                self.image.counters.count_read(run.end - run.start, &result);
                 // The secondary is written whole where redirected: nothing is absent.
                 result?.buf
             } else {
@@ -577,8 +578,9 @@ pub async fn attach(
 
 /// Writes `buf` to `image`, counting it.
 async fn write_image(image: &Image, sector: u64, buf: Arc<IoBuf>) -> io::Result<()> {
+    let sectors = buf.len() as u64 / SECTOR_SIZE;
     let result = image.driver.write(sector, buf).await;
-    image.counters.count_write(&result);
+    image.counters.count_write(sectors, &result);
     result
 }
 

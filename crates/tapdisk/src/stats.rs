@@ -59,9 +59,9 @@ pub struct VbdStats {
 pub struct ImageStats {
     /// The image's path.
     pub name: String,
-    /// Requests served: reads, writes.
+    /// Sectors completed, failed or not: reads, writes (the C tapdisk's meaning).
     pub hits: [u64; 2],
-    /// Requests failed: reads, writes.
+    /// Sectors of failed requests: reads, writes.
     pub fail: [u64; 2],
     /// Its driver.
     pub driver: DriverInfo,
@@ -283,7 +283,7 @@ mod tests {
         assert_eq!(
             to_text(&stats).unwrap(),
             "{ \"name\": \"aio:/srv/disk.img\", \"blockdev\": \"/dev/ublkb9\", \"secs\": [ 1, 2 ], \
-             \"images\": [ { \"name\": \"/srv/disk.img\", \"hits\": [ 1, 1 ], \"fail\": [ 0, 0 ], \
+             \"images\": [ { \"name\": \"/srv/disk.img\", \"hits\": [ 1, 2 ], \"fail\": [ 0, 0 ], \
              \"driver\": { \"type\": 0, \"name\": \"aio\", \"status\": { \"reqs\": { \"max\": 352, \
              \"pending\": 0 }, \"engine\": \"fake\", \"mapped\": false } } } ], \
              \"FIXME_enospc_redirect_count\": 0, \"nbd_mirror_failed\": 0, \"reqs_outstanding\": 0, \
@@ -323,12 +323,38 @@ mod tests {
         vbd.read(0, IoBuf::zeroed(512)).await.unwrap();
         let text = to_text(&VbdStats::of(&vbd, None)).unwrap();
         let expected = format!(
-            "\"images\": [ {{ \"name\": \"{}\", \"hits\": [ 1, 1 ], \"fail\": [ 0, 0 ], \
+            "\"images\": [ {{ \"name\": \"{}\", \"hits\": [ 1, 2 ], \"fail\": [ 0, 0 ], \
              \"driver\": {{ \"type\": 9, \"name\": \"log\", \"status\": null }} }}, \
              {{ \"name\": \"/srv/disk.img\", ",
             log.display()
         );
         assert!(text.contains(&expected), "{text}");
+    }
+
+    /// `hits` and `fail` count sectors, as the C tapdisk's (issue 23): `hits` every sector
+    /// of a completed request, failed or not, `fail` those that failed; `EBUSY` (retried)
+    /// counts nowhere.
+    #[tokio::test]
+    async fn hits_and_fail_count_sectors_as_the_c_tapdisk() {
+        let image = FakeImage::new(512).at("/srv/disk.img");
+        let faults = image.faults();
+        let vbd = fake_vbd(image, std::time::Duration::from_millis(1500));
+        // 128 KiB read and written: [ 256, 256 ] in the C tapdisk.
+        vbd.write(0, IoBuf::zeroed(128 << 10)).await.unwrap();
+        vbd.read(0, IoBuf::zeroed(128 << 10)).await.unwrap();
+        let hits = |vbd: &Vbd| {
+            let stats = VbdStats::of(vbd, None);
+            (stats.images[0].hits, stats.images[0].fail)
+        };
+        assert_eq!(hits(&vbd), ([256, 256], [0, 0]));
+        // A 4 KiB read failing with EIO: 8 sectors in both.
+        faults.fail_reads(1, libc::EIO);
+        vbd.read(0, IoBuf::zeroed(4096)).await.unwrap_err();
+        assert_eq!(hits(&vbd), ([264, 256], [8, 0]));
+        // EBUSY once, then success: only the completed attempt counts.
+        faults.fail_writes(1, libc::EBUSY);
+        vbd.write(0, IoBuf::zeroed(4096)).await.unwrap();
+        assert_eq!(hits(&vbd), ([264, 264], [8, 0]));
     }
 
     #[test]

@@ -82,12 +82,12 @@ fn storage_manager_forms_track_writes_across_a_snapshot() {
     let (pid, minor) = env.sm_launch(&vhd(&leaf), &["-D", "-C", s(&log)]);
     let (p, m) = (pid.to_string(), minor.to_string());
     qemu_io(&env, pid, minor, "write -P 0x11 1M 4k");
-    // tap-ctl stats shows the log first, as the C stack's "log" image.
+    // tap-ctl stats shows the log first, as the C stack's "log" image (sectors: 4k = 8).
     let stats = env.tap_ctl_ok(&["stats", "-p", &p, "-m", &m]);
     let images = &stats[stats.find("\"images\": [ ").unwrap()..];
     assert!(
         images.starts_with(&format!(
-            "\"images\": [ {{ \"name\": \"{}\", \"hits\": [ 0, 1 ], \"fail\": [ 0, 0 ], \
+            "\"images\": [ {{ \"name\": \"{}\", \"hits\": [ 0, 8 ], \"fail\": [ 0, 0 ], \
              \"driver\": {{ \"type\": 9, \"name\": \"log\", \"status\": null }} }}, \
              {{ \"name\": \"{}\"",
             log.display(),

@@ -44,7 +44,7 @@ fn einval() -> io::Error {
 
 /// Parses a `TYPE:LOCATOR` string ([`ImageSpec`], split at its first colon).
 ///
-/// Unknown type names give `ENOENT` (as tapdisk); a missing type gives `EINVAL`, and so does
+/// Type names without a driver give `ENOSYS` (as tapdisk); a missing type gives `EINVAL`, and so does
 /// an empty or relative path of a file-backed type (the daemon runs in `/`, so a relative
 /// path would silently mean something else) or an empty locator of another type.
 pub fn parse_params(params: &str) -> io::Result<(DiskType, ImageLocator)> {
@@ -52,7 +52,10 @@ pub fn parse_params(params: &str) -> io::Result<(DiskType, ImageLocator)> {
     let spec = ImageSpec::parse(params).map_err(|e| failure(libc::EINVAL, e.to_string()))?;
     let type_name = &spec.type_name;
     let disk_type = DiskType::from_name(type_name).map_err(|e| {
-        crate::error::with_context(e, format!("'{params}': unknown image type '{type_name}'"))
+        crate::error::with_context(
+            e,
+            format!("'{params}': no driver for image type '{type_name}'"),
+        )
     })?;
     match &spec.locator {
         ImageLocator::File(path) if !path.is_absolute() => {
@@ -76,8 +79,8 @@ pub struct ChainLine {
 
 /// Parses a chain description file (tapdisk's `x-chain:`): one image per line,
 /// `TYPE:LOCATOR [options]`, leaf first, where options is a comma-separated list (`ro`).
-/// Blank lines and `#` comments are skipped. Errors (`EINVAL`, or `ENOENT` for an unknown
-/// type) are logged with the line number.
+/// Blank lines and `#` comments are skipped. Errors (`EINVAL`, or `ENOSYS` for a type
+/// without a driver) are logged with the line number.
 pub fn parse_x_chain(text: &str, file: &Path) -> io::Result<Vec<ChainLine>> {
     let mut lines = Vec::new();
     for (number, line) in text.lines().enumerate() {
@@ -996,14 +999,15 @@ mod tests {
         let (_, p) = parse_params("nbd:fd-id").unwrap();
         assert_eq!(p, ImageLocator::Remote("fd-id".into()));
         let errno = |s: &str| Some(crate::error::errno_of(&parse_params(s).unwrap_err()));
-        assert_eq!(errno("bogus:/x"), Some(libc::ENOENT));
+        // No driver for the type: ENOSYS, as the C tapdisk (issue 23; was ENOENT).
+        assert_eq!(errno("bogus:/x"), Some(libc::ENOSYS));
         assert_eq!(errno("aio:relative.img"), Some(libc::EINVAL));
         assert_eq!(errno("aio:"), Some(libc::EINVAL));
         assert_eq!(errno("/no/type"), Some(libc::EINVAL));
         assert_eq!(errno(":/x"), Some(libc::EINVAL));
         assert_eq!(errno("nbd:"), Some(libc::EINVAL));
-        assert_eq!(errno("bogus:"), Some(libc::ENOENT));
-        assert_eq!(errno("rbd:pool/image"), Some(libc::ENOENT));
+        assert_eq!(errno("bogus:"), Some(libc::ENOSYS));
+        assert_eq!(errno("rbd:pool/image"), Some(libc::ENOSYS));
         let message = crate::error::message_of(&parse_params("rbd:pool/image").unwrap_err());
         assert!(message.contains("'rbd:pool/image'"), "{message}");
     }
@@ -1042,7 +1046,7 @@ mod tests {
         assert_eq!(errno("vhd:/a rw"), Some(libc::EINVAL));
         assert_eq!(errno("vhd:/a ro extra"), Some(libc::EINVAL));
         assert_eq!(errno("vhd:relative"), Some(libc::EINVAL));
-        assert_eq!(errno("qcow9:/a"), Some(libc::ENOENT));
+        assert_eq!(errno("qcow9:/a"), Some(libc::ENOSYS));
     }
 
     fn vhd_chain(dir: &Path, names: &[&str]) -> Vec<PathBuf> {

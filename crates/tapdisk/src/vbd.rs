@@ -40,7 +40,7 @@ use crate::secondary::{self, SecondaryConfig, SecondaryMode, SecondaryState};
 pub mod state {
     /// The VBD is dead (queue killed).
     pub const DEAD: u32 = 0x1;
-    /// No image chain is open.
+    /// The image chain was closed (set by a close; a VBD never opened shows 0).
     pub const CLOSED: u32 = 0x2;
     /// Intake stopped, waiting for in-flight requests.
     pub const QUIESCE_REQUESTED: u32 = 0x4;
@@ -237,12 +237,13 @@ pub async fn open_chain(request: &OpenRequest, minor: u16) -> io::Result<ImageCh
 }
 
 impl Vbd {
-    /// A new, attached but closed VBD for `minor`.
+    /// A new VBD for `minor`, attached and not opened yet: state 0, as the C tapdisk lists
+    /// it (`CLOSED` is set by a close, not before the first open).
     pub fn new(minor: u16) -> Self {
         Self {
             minor,
             inner: Mutex::new(Inner {
-                state: state::CLOSED,
+                state: 0,
                 params: None,
                 options: OpenOptions::default(),
                 timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -986,7 +987,7 @@ mod tests {
     async fn open_read_write_and_bounds() {
         let dir = tempfile::tempdir().unwrap();
         let vbd = Vbd::new(3);
-        assert_eq!(vbd.state(), state::CLOSED);
+        assert_eq!(vbd.state(), 0);
         let info = vbd
             .open(request(raw_image(&dir, "a.img", 65536, 0)))
             .await

@@ -121,7 +121,9 @@ pub enum DiskType {
 }
 
 impl DiskType {
-    /// Looks up a type by its `type:` prefix name. `Err(ENOENT)` for unknown names, as tapdisk.
+    /// Looks up a type by its `type:` prefix name. `Err(ENOSYS)` for any name this tapdisk
+    /// has no driver for, as the C tapdisk answers an OPEN of an unknown type (so "no such
+    /// driver" is never mistaken for "no such file", `ENOENT`).
     pub fn from_name(name: &str) -> Result<Self, io::Error> {
         match name {
             "aio" => Ok(Self::Aio),
@@ -129,7 +131,7 @@ impl DiskType {
             "qcow2" => Ok(Self::Qcow2),
             "ram" => Ok(Self::Ram),
             "nbd" => Ok(Self::Nbd),
-            _ => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+            _ => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
         }
     }
 

@@ -160,6 +160,9 @@ struct Slot {
     /// What serves the open VBD, in the order started (the NBD export first); empty while
     /// closed.
     frontends: Vec<Box<dyn Frontend>>,
+    /// Why the open VBD has no kernel block device although its site default asked for
+    /// one (shown by `tap-ctl stats` as `"blockdev_error"`).
+    blockdev_error: Option<String>,
     /// The live commit job, until a query reports it concluded.
     commit: Option<Arc<CommitJob>>,
 }
@@ -537,6 +540,7 @@ impl Tapdisk {
                 _marker: marker,
                 nbd_connections: self.vbd_connection_limit(minor),
                 frontends: Vec::new(),
+                blockdev_error: None,
                 commit: None,
             },
         );
@@ -629,6 +633,9 @@ impl Tapdisk {
         } else {
             BlockDeviceChoice::from_flags(params.flags, &self.config.block_device)?
         };
+        // Only a device the OPEN itself asks for (`tap-ctl -b`, `$BLKTAP_BLOCK_DEVICE`, a
+        // recovery) fails the open when it cannot be made; a site default falls back to NBD.
+        let required = recover || BlockDeviceChoice::chosen_by(params.flags);
         let device = match &trailer.options {
             Some(text) => self.config.device.with_open_options(text)?,
             None => self.config.device,
@@ -682,11 +689,11 @@ impl Tapdisk {
         }
         let info = vbd.install(chain, request)?;
         let context = self.frontend_context(minor, &vbd, path.clone());
-        let frontends = match self
-            .start_frontends(&context, choice, &device, recover)
+        let (frontends, blockdev_error) = match self
+            .start_frontends(&context, choice, &device, recover, required)
             .await
         {
-            Ok(frontends) => frontends,
+            Ok(started) => started,
             Err(e) => {
                 tracing::error!(minor, "open {path}: {e}");
                 vbd.close(true).await;
@@ -703,6 +710,7 @@ impl Tapdisk {
         let device = frontends.iter().find_map(|f| f.stats().blockdev);
         if let Some(slot) = self.slots().get_mut(&minor) {
             slot.frontends = frontends;
+            slot.blockdev_error = blockdev_error;
         }
         tracing::info!(
             minor,
@@ -720,7 +728,9 @@ impl Tapdisk {
     }
 
     /// Starts the frontends of a VBD just opened: the NBD export, then the block device
-    /// `choice` asks for (or the recovered one). On failure, those already started are
+    /// `choice` asks for (or the recovered one). A block device that cannot be made fails
+    /// the open only when `required`; otherwise the VBD is served over NBD alone and the
+    /// reason is returned (and logged). On failure, the frontends already started are
     /// stopped again.
     async fn start_frontends(
         &self,
@@ -728,7 +738,8 @@ impl Tapdisk {
         choice: BlockDeviceChoice,
         device: &DeviceSettings,
         recover: bool,
-    ) -> io::Result<Vec<Box<dyn Frontend>>> {
+        required: bool,
+    ) -> io::Result<(Vec<Box<dyn Frontend>>, Option<String>)> {
         let tuning = &self.config.tuning;
         let nbd_settings = NbdSettings {
             gather_replies: tuning.nbd_gather,
@@ -746,18 +757,27 @@ impl Tapdisk {
         } else {
             start_block_device(choice, context, ublk).await
         };
-        match started {
-            Ok(device) => frontends.extend(device),
-            Err(e) => {
-                // Forced: never refuses.
-                let _ = stop_all(&mut frontends, true).await;
-                return Err(crate::error::with_context(
-                    e,
-                    format!("cannot start the {} block device", choice.name()),
-                ));
+        let e = match started {
+            Ok(device) => {
+                frontends.extend(device);
+                return Ok((frontends, None));
             }
+            Err(e) => crate::error::with_context(
+                e,
+                format!("cannot start the {} block device", choice.name()),
+            ),
+        };
+        if required {
+            // Forced: never refuses.
+            let _ = stop_all(&mut frontends, true).await;
+            return Err(e);
         }
-        Ok(frontends)
+        tracing::warn!(
+            minor = context.minor,
+            "no block device, serving NBD only: {e} (the site default chose it; \
+             only an explicit choice fails the open)"
+        );
+        Ok((frontends, Some(e.to_string())))
     }
 
     /// Starts a live commit of `top` (the active layer) on VBD `minor`.
@@ -834,6 +854,7 @@ impl Tapdisk {
         let (vbd, mut frontends) = {
             let mut slots = self.slots();
             let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;
+            slot.blockdev_error = None;
             (Arc::clone(&slot.vbd), std::mem::take(&mut slot.frontends))
         };
         if !force {
@@ -950,7 +971,10 @@ impl Tapdisk {
 
     fn stats_text(&self, minor: u16) -> io::Result<String> {
         let slots = self.slots();
-        let of = |slot: &Slot| VbdStats::of(&slot.vbd, slot.block_device().as_deref());
+        let of = |slot: &Slot| VbdStats {
+            blockdev_error: slot.blockdev_error.clone(),
+            ..VbdStats::of(&slot.vbd, slot.block_device().as_deref())
+        };
         if minor == tapdisk_proto::COOKIE_ALL {
             let all: Vec<VbdStats> = slots.values().map(of).collect();
             return stats::to_text(&all);

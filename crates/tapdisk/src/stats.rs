@@ -34,6 +34,10 @@ pub struct VbdStats {
     /// The kernel block device serving the VBD, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blockdev: Option<String>,
+    /// Why the VBD has no kernel block device although its site default asked for one
+    /// (none available, or it failed to start); the VBD is served over NBD.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blockdev_error: Option<String>,
     /// Sectors read and written.
     pub secs: [u64; 2],
     /// The image chain, leaf first.
@@ -186,6 +190,7 @@ impl VbdStats {
         Self {
             name: vbd.params().unwrap_or_default(),
             blockdev: blockdev.map(|path| path.to_string_lossy().into_owned()),
+            blockdev_error: None,
             secs: [
                 counters.secs[0].load(Ordering::Relaxed),
                 counters.secs[1].load(Ordering::Relaxed),

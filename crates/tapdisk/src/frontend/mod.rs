@@ -84,6 +84,15 @@ impl BlockDeviceChoice {
         }
     }
 
+    /// Whether `flags` choose a block device themselves (`tap-ctl -b`,
+    /// `$BLKTAP_BLOCK_DEVICE`) rather than leave it to the site's defaults (C clients,
+    /// `tap-ctl open` and `create` without a choice). Only such a choice fails an open
+    /// when the device cannot be made.
+    pub fn chosen_by(flags: OpenFlags) -> bool {
+        let bits = flags.bits() & OpenFlags::BLOCKDEV_CHOICE.bits();
+        bits != 0 && bits != OpenFlags::BLOCKDEV_CREATE_DEFAULT.bits()
+    }
+
     /// The name used by `tap-ctl -b` and the configuration.
     pub fn name(self) -> &'static str {
         match self {
@@ -234,7 +243,13 @@ mod tests {
         ] {
             assert_eq!(choose(flag, &site), choice);
             assert_eq!(choose(flag | OpenFlags::NO_O_DIRECT, &built_in), choice);
+            assert!(BlockDeviceChoice::chosen_by(flag | OpenFlags::RDONLY));
         }
+        // Left to the site: a missing device does not fail the open.
+        assert!(!BlockDeviceChoice::chosen_by(OpenFlags::RDONLY));
+        assert!(!BlockDeviceChoice::chosen_by(
+            OpenFlags::BLOCKDEV_CREATE_DEFAULT
+        ));
         let two = BlockDeviceChoice::from_flags(
             OpenFlags::BLOCKDEV_AUTO | OpenFlags::BLOCKDEV_NONE,
             &built_in,

@@ -14,25 +14,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{process_alive, require, run_ok, wait_for, Env};
+use common::{needs_met, process_alive, require, run_ok, wait_for, Env};
 
 const MIB: usize = 1 << 20;
 
 /// True when this machine can run the tests; prints why not otherwise.
 fn fuse_possible(test: &str) -> bool {
-    let missing: Vec<&str> = [
-        (rustix::process::geteuid().is_root(), "root"),
-        (Path::new("/dev/fuse").exists(), "/dev/fuse"),
-        (Path::new("/dev/loop-control").exists(), "/dev/loop-control"),
-    ]
-    .into_iter()
-    .filter_map(|(ok, what)| (!ok).then_some(what))
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    eprintln!("{test}: skipped, needs {}", missing.join(", "));
-    false
+    needs_met(
+        test,
+        &[
+            (rustix::process::geteuid().is_root(), "root"),
+            (Path::new("/dev/fuse").exists(), "/dev/fuse"),
+            (Path::new("/dev/loop-control").exists(), "/dev/loop-control"),
+        ],
+    )
 }
 
 /// Mount points (from `/proc/self/mountinfo`) under `dir`.

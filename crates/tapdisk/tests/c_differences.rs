@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{process_alive, require, wait_for, Env};
+use common::{needs_met, process_alive, require, wait_for, Env};
 
 /// `tap-ctl ARGS` with no block-device choice of its own (as SM and the C `tap-ctl` run it:
 /// no `-b`, no `$BLKTAP_BLOCK_DEVICE`), inside a mount namespace without FUSE or ublk.
@@ -45,19 +45,14 @@ fn tap_ctl_without_devices(env: &Env, args: &[&str]) -> Output {
 
 /// True when the namespace test can run here; prints why not otherwise.
 fn masking_possible(test: &str) -> bool {
-    let missing: Vec<&str> = [
-        (rustix::process::geteuid().is_root(), "root"),
-        (Path::new("/dev/fuse").exists(), "/dev/fuse"),
-        (common::have("unshare"), "unshare"),
-    ]
-    .into_iter()
-    .filter_map(|(ok, what)| (!ok).then_some(what))
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    eprintln!("{test}: skipped, needs {}", missing.join(", "));
-    false
+    needs_met(
+        test,
+        &[
+            (rustix::process::geteuid().is_root(), "root"),
+            (Path::new("/dev/fuse").exists(), "/dev/fuse"),
+            (common::have("unshare"), "unshare"),
+        ],
+    )
 }
 
 fn text(bytes: &[u8]) -> String {

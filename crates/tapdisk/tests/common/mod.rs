@@ -40,6 +40,20 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// True when every need (`(met, what)`) is met; otherwise prints which are not, naming the
+/// test, so a test needing root or a device facility can skip itself.
+pub fn needs_met(test: &str, needs: &[(bool, &str)]) -> bool {
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter_map(|&(met, what)| (!met).then_some(what))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    eprintln!("{test}: skipped, needs {}", missing.join(", "));
+    false
+}
+
 /// Asserts that an external tool is installed (the setup step installs them all).
 pub fn require(tool: &str) {
     assert!(

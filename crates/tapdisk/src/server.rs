@@ -854,7 +854,6 @@ impl Tapdisk {
         let (vbd, mut frontends) = {
             let mut slots = self.slots();
             let slot = slots.get_mut(&minor).ok_or_else(|| errno(libc::ENODEV))?;
-            slot.blockdev_error = None;
             (Arc::clone(&slot.vbd), std::mem::take(&mut slot.frontends))
         };
         if !force {
@@ -879,6 +878,9 @@ impl Tapdisk {
             return Err(e);
         }
         vbd.close(force).await;
+        if let Some(slot) = self.slots().get_mut(&minor) {
+            slot.blockdev_error = None;
+        }
         tracing::info!(minor, force, "closed");
         Ok(())
     }

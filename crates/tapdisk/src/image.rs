@@ -447,7 +447,15 @@ async fn read_level(
         return Ok(buf);
     }
     let result = image.driver.read(sector, buf).await;
-    // The sectors this image served; absent ones are counted where they are read.
+    image.counters.count_read(served(total, &result), &result);
+    let outcome = result?;
+    let (buf, _) = read_absent(images, level + 1, sector, outcome, false).await?;
+    Ok(buf)
+}
+
+/// How many of a read's `total` sectors the image served itself: its absent ones are read,
+/// and counted, below.
+fn served(total: u64, result: &io::Result<crate::driver::ReadOutcome>) -> u64 {
     let absent: u64 = result.as_ref().map_or(0, |outcome| {
         outcome
             .absent
@@ -455,12 +463,7 @@ async fn read_level(
             .map(|range| range.end.saturating_sub(range.start))
             .sum()
     });
-    image
-        .counters
-        .count_read(total.saturating_sub(absent), &result);
-    let outcome = result?;
-    let (buf, _) = read_absent(images, level + 1, sector, outcome, false).await?;
-    Ok(buf)
+    total.saturating_sub(absent)
 }
 
 /// What was read from below for one absent range: its sectors and their bytes.
@@ -740,7 +743,7 @@ impl ImageChain {
             return read_level(&self.images, 0, sector, buf).await;
         }
         let result = leaf.driver.read(sector, buf).await;
-        leaf.counters.count(READ, &result);
+        leaf.counters.count_read(served(total, &result), &result);
         let outcome = result?;
         let (buf, fetched) = read_absent(&self.images, 1, sector, outcome, true).await?;
         let shared: u64 = fetched

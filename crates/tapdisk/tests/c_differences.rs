@@ -59,12 +59,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `tap-ctl stats` of a VBD, parsed as xapi and SM do (the first line).
-fn stats(env: &Env, pid: u32, minor: u32) -> serde_json::Value {
-    let out = env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
-    serde_json::from_str(out.lines().next().unwrap()).unwrap()
-}
-
 /// The minor in a marker path `tap-ctl allocate`/`create` printed.
 fn minor_of(marker: &str) -> u32 {
     marker
@@ -123,7 +117,7 @@ fn an_open_without_a_device_facility_serves_nbd() {
         .unwrap();
     let pid = row.pid.unwrap();
     assert_eq!(row.state, Some(0));
-    let shown = stats(&env, pid, minor);
+    let shown = env.stats_json(pid, minor);
     assert!(shown.get("blockdev").is_none(), "{shown}");
     let why = shown["blockdev_error"].as_str().unwrap_or_default();
     assert!(why.contains("block device"), "{shown}");
@@ -145,11 +139,11 @@ fn an_open_without_a_device_facility_serves_nbd() {
     let mut open = env.tap_ctl_cmd(&["open", "-p", &p, "-m", &m, "-a", &params]);
     let out = open.env_remove("BLKTAP_BLOCK_DEVICE").output().unwrap();
     assert!(out.status.success(), "open failed: {}", text(&out.stderr));
-    assert!(stats(&env, pid, minor)["blockdev_error"].is_string());
+    assert!(env.stats_json(pid, minor)["blockdev_error"].is_string());
     assert_served(&env, &image, pid, minor);
     // A close forgets the reason with the device choice.
     env.tap_ctl_ok(&["close", "-p", &p, "-m", &m]);
-    assert!(stats(&env, pid, minor).get("blockdev_error").is_none());
+    assert!(env.stats_json(pid, minor).get("blockdev_error").is_none());
     env.tap_ctl_ok(&["detach", "-p", &p, "-m", &m]);
     env.tap_ctl_ok(&["free", "-m", &m]);
 
@@ -197,23 +191,12 @@ fn stats_count_sectors_and_end_with_an_empty_line() {
     let env = Env::new();
     let image = env.raw_image("disk.img", 1 << 20, 1);
     let (pid, minor) = env.create(&image, &["-b", "none"]);
-    let out = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5a 0 128k",
-            "-c",
-            "read -P 0x5a 0 128k",
-        ])
-        .arg(env.nbd_uri(pid, minor))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.qemu_io(pid, minor, "write -P 0x5a 0 128k");
+    env.qemu_io(pid, minor, "read -P 0x5a 0 128k");
     let out = env.tap_ctl_ok(&["stats", "-p", &pid.to_string(), "-m", &minor.to_string()]);
     assert!(out.ends_with(" }\n\n"), "{out:?}");
     assert_eq!(out.lines().count(), 2, "{out:?}");
-    let shown = stats(&env, pid, minor);
+    let shown = env.stats_json(pid, minor);
     assert_eq!(
         shown["images"][0]["hits"],
         serde_json::json!([256, 256]),

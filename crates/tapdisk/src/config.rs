@@ -927,4 +927,71 @@ mod tests {
             );
         }
     }
+
+    /// The site file the Debian package installs as `/etc/blktap/tapdisk.toml`.
+    const SHIPPED: &str = include_str!("../../../packaging/tapdisk.toml");
+    /// Its manual page, tapdisk.toml(5).
+    const MANUAL: &str = include_str!("../../../docs/man/tapdisk.toml.5");
+
+    /// `section.key` of every key line in TOML `text`.
+    fn keys(text: &str) -> std::collections::BTreeSet<String> {
+        let mut section = "";
+        let mut found = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name;
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                if !key.starts_with('#') {
+                    found.insert(format!("{section}.{key}"));
+                }
+            }
+        }
+        found
+    }
+
+    /// The shipped file's commented `#key = value` lines, uncommented.
+    fn uncommented(text: &str) -> String {
+        text.lines()
+            .map(|line| match line.strip_prefix('#') {
+                Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `to_toml` without its comment lines (which name the file read).
+    fn settings(config: &Config) -> String {
+        let text = config.to_toml();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        lines.join("\n")
+    }
+
+    #[test]
+    fn shipped_site_file_spells_out_the_defaults() {
+        let defaults = settings(&Config::default());
+        assert_eq!(settings(&site(SHIPPED).unwrap()), defaults, "as shipped");
+        let all_set = uncommented(SHIPPED);
+        assert_eq!(settings(&site(&all_set).unwrap()), defaults, "uncommented");
+        assert_eq!(keys(&all_set), keys(&Config::default().to_toml()));
+    }
+
+    #[test]
+    fn manual_page_documents_exactly_the_keys() {
+        // Keys are the `.TP` tags (`.B key`) under a `.SS [section]` heading.
+        let mut section = None;
+        let mut documented = std::collections::BTreeSet::new();
+        for (tag, line) in MANUAL.lines().zip(MANUAL.lines().skip(1)) {
+            if line.starts_with(".SH") || line.starts_with(".SS") {
+                section = line
+                    .strip_prefix(".SS [")
+                    .and_then(|rest| rest.strip_suffix(']'));
+            } else if let (Some(section), ".TP", Some(key)) =
+                (section, tag, line.strip_prefix(".B "))
+            {
+                documented.insert(format!("{section}.{key}"));
+            }
+        }
+        assert_eq!(documented, keys(&Config::default().to_toml()));
+    }
 }

@@ -6,6 +6,8 @@
 //! (non-option arguments anywhere are skipped). The spec string uses getopt's syntax: a letter
 //! followed by `:` takes a value.
 
+pub mod manual;
+
 use std::fmt;
 
 /// Why an argument could not be parsed.

@@ -506,9 +506,10 @@ fn open_request(args: String, c: &Collected, timeout: u16) -> OpenRequest {
     }
 }
 
-/// Parses one command (`name` is a member of [`COMMANDS`]) and its arguments.
-fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result<Command, Stop> {
-    let spec = match name {
+/// The getopt spec of command `name` (a member of [`COMMANDS`]): the options it accepts,
+/// which tap-ctl(8) documents (a unit test compares the two).
+fn option_spec(name: &str) -> &'static str {
+    match name {
         "list" => "m:p:t:f:h",
         "allocate" | "spawn" => "h",
         "free" => "m:h",
@@ -524,7 +525,12 @@ fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result
         "recover" => "m:a:RDt:C:h",
         "nbd-listen" => "p:m:l:T:Ph",
         _ => "",
-    };
+    }
+}
+
+/// Parses one command (`name` is a member of [`COMMANDS`]) and its arguments.
+fn parse_command(name: &'static str, args: &[String], config: &Config) -> Result<Command, Stop> {
+    let spec = option_spec(name);
     if name == "check" {
         return if args.is_empty() {
             Ok(Command::Check)
@@ -1604,5 +1610,14 @@ mod tests {
             "{err}"
         );
         assert_eq!(go("check", false).1, "ok\n");
+    }
+
+    #[test]
+    fn manual_page_documents_exactly_the_accepted_options() {
+        let page = include_str!("../../../docs/man/tap-ctl.8");
+        let specs: Vec<(&str, &str)> = COMMANDS.iter().map(|&c| (c, option_spec(c))).collect();
+        if let Err(problems) = getopt::manual::check_page(page, &specs, &['h']) {
+            panic!("docs/man/tap-ctl.8 and the code disagree:\n{problems}");
+        }
     }
 }

@@ -41,14 +41,27 @@ fn usage(io: &mut Io<'_>, text: &str) -> Status {
     EINVAL
 }
 
-/// Runs getopt over `args` (the command's own arguments); a bad option is reported on
-/// stderr as getopt does, with the command's name in front.
+/// Each command's getopt spec: the options it accepts, which cbt-util(8) documents (a unit
+/// test compares the two).
+pub const OPTION_SPECS: [(&str, &str); 5] = [
+    ("create", "n:s:h"),
+    ("get", "n:pcfsbh"),
+    ("set", "n:p:c:f:s:h"),
+    ("coalesce", "p:c:h"),
+    ("extents", "n:h"),
+];
+
+/// Runs getopt over `args` (the arguments of command `name`) with the command's spec; a bad
+/// option is reported on stderr as getopt does, with the command's name in front.
 fn options(
     name: &str,
     args: &[String],
-    spec: &str,
     io: &mut Io<'_>,
 ) -> Result<Vec<(char, Option<String>)>, ()> {
+    let spec = OPTION_SPECS
+        .iter()
+        .find(|(command, _)| *command == name)
+        .map_or("", |(_, spec)| spec);
     let mut found = Vec::new();
     for item in Getopt::new(args, spec) {
         match item {
@@ -133,7 +146,7 @@ Options:\n\
 
 /// `create -n FILE -s BYTES`: a new log, no parent or child, not consistent, nothing changed.
 pub fn create(args: &[String], io: &mut Io<'_>) -> Status {
-    let Ok(found) = options("create", args, "n:s:h", io) else {
+    let Ok(found) = options("create", args, io) else {
         return usage(io, CREATE_USAGE);
     };
     let mut name = None;
@@ -196,7 +209,7 @@ Options:\n\
 
 /// `get -n FILE` and exactly one of `-p -c -f -s -b`.
 pub fn get(args: &[String], io: &mut Io<'_>) -> Status {
-    let Ok(found) = options("get", args, "n:pcfsbh", io) else {
+    let Ok(found) = options("get", args, io) else {
         return usage(io, GET_USAGE);
     };
     let mut name = None;
@@ -248,7 +261,7 @@ Options:\n\
 /// `set -n FILE` with any of `-p UUID -c UUID -f FLAG -s BYTES`. A UUID that does not parse
 /// leaves its field as it was; `-s 0` counts as absent.
 pub fn set(args: &[String], io: &mut Io<'_>) -> Status {
-    let Ok(found) = options("set", args, "n:p:c:f:s:h", io) else {
+    let Ok(found) = options("set", args, io) else {
         return usage(io, SET_USAGE);
     };
     let (mut name, mut parent, mut child, mut flag, mut size) = (None, None, None, None, 0);
@@ -322,7 +335,7 @@ Options:\n\
 
 /// `coalesce -p PARENT -c CHILD`: the child's bitmap becomes child OR parent; headers stay.
 pub fn coalesce(args: &[String], io: &mut Io<'_>) -> Status {
-    let Ok(found) = options("coalesce", args, "p:c:h", io) else {
+    let Ok(found) = options("coalesce", args, io) else {
         return usage(io, COALESCE_USAGE);
     };
     let (mut parent, mut child) = (None, None);
@@ -379,7 +392,7 @@ Options:\n\
 
 /// `extents -n FILE` (not in the C tool): the log's extents as JSON.
 pub fn extents(args: &[String], io: &mut Io<'_>) -> Status {
-    let Ok(found) = options("extents", args, "n:h", io) else {
+    let Ok(found) = options("extents", args, io) else {
         return usage(io, EXTENTS_USAGE);
     };
     let Some(name) = found.into_iter().find_map(|(_, value)| value) else {
@@ -422,4 +435,17 @@ fn extents_json(extents: &[cbt::Extent]) -> String {
         return "[]\n".to_owned();
     }
     format!("[\n{}\n]\n", items.join(",\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_page_documents_exactly_the_accepted_options() {
+        let page = include_str!("../../../docs/man/cbt-util.8");
+        if let Err(problems) = getopt::manual::check_page(page, &OPTION_SPECS, &['h']) {
+            panic!("docs/man/cbt-util.8 and the code disagree:\n{problems}");
+        }
+    }
 }

@@ -90,7 +90,7 @@ pub(crate) fn open_ro(name: &str, backup: bool) -> vhd::Result<VhdImage<std::fs:
 
 pub fn create(args: &[String]) -> i32 {
     const U: &str = "options: <-n name> <-s size (MB)> [-r reserve] [-S size (MB) for metadata preallocation (see vhd-util resize)] [-h help]";
-    let p = match parse(args, "n:s:S:rh", U) {
+    let p = match parse(args, crate::option_spec("create"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -128,7 +128,7 @@ pub fn create(args: &[String]) -> i32 {
 
 pub fn snapshot(args: &[String]) -> i32 {
     const U: &str = "options: <-n name> <-p parent> [-l limit] [-m parent_is_raw] [-S size (MB) for metadata preallocation (see vhd-util resize)] [-e link to supplied parent name even if it might be empty] [-h help]";
-    let p = match parse(args, "n:p:l:S:meh", U) {
+    let p = match parse(args, crate::option_spec("snapshot"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -217,7 +217,7 @@ fn recorded_parent(img: &VhdImage<std::fs::File>) -> Option<String> {
 
 pub fn query(args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-v print virtual size (in MB)] [-s print physical utilization (bytes)] [-p print parent] [-f print fields] [-m print marker] [-d print chain depth] [-S print max virtual size (MB) for fast resize] [-a print allocated block count] [-u don't resolve parent path] [-b use backup footer] [-h help]";
-    let p = match parse(args, "n:vspfdSmaubh", U) {
+    let p = match parse(args, crate::option_spec("query"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -300,7 +300,7 @@ pub fn query(args: &[String]) -> i32 {
 
 pub fn set(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> <-f field> <-v value> [-h help]";
-    let p = match parse(args, "n:f:v:h", U) {
+    let p = match parse(args, crate::option_spec("set"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -346,7 +346,7 @@ pub fn set(settings: &Settings, args: &[String]) -> i32 {
 
 pub fn repair(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-b use the back-up footer] [-h help]";
-    let p = match parse(args, "n:bh", U) {
+    let p = match parse(args, crate::option_spec("repair"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -365,7 +365,7 @@ pub fn repair(settings: &Settings, args: &[String]) -> i32 {
 
 pub fn resize(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> <-s size (MB)> <-j journal|-f fast> [-h help]";
-    let p = match parse(args, "n:s:j:fh", U) {
+    let p = match parse(args, crate::option_spec("resize"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -395,7 +395,7 @@ pub fn resize(settings: &Settings, args: &[String]) -> i32 {
 
 pub fn fill(args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-b initialise BAT and bitmaps only] [-f from sector] [-t to sector] [-B allow beyond 2 TiB] [-h help]";
-    let p = match parse(args, "n:bf:t:Bh", U) {
+    let p = match parse(args, crate::option_spec("fill"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -435,7 +435,7 @@ pub fn fill(args: &[String]) -> i32 {
 
 pub fn coalesce(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] [-x custom parent] [-h help]";
-    let p = match getopt(args, "n:o:a:x:sph") {
+    let p = match getopt(args, crate::option_spec("coalesce")) {
         Ok(p) if !p.has('h') => p,
         _ => {
             println!("{U}");
@@ -493,7 +493,7 @@ pub fn coalesce(settings: &Settings, args: &[String]) -> i32 {
 
 pub fn modify(settings: &Settings, args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-p NEW_PARENT set parent [-m raw]] [-s NEW_SIZE set size] [-z zero (kill data)] [-h help]";
-    let p = match parse(args, "n:p:s:mzh", U) {
+    let p = match parse(args, crate::option_spec("modify"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -530,7 +530,7 @@ pub fn scan(args: &[String]) -> i32 {
 
 pub fn check(args: &[String]) -> i32 {
     const U: &str = "options: -n <file> [-i ignore missing primary footers] [-I ignore parent uuids] [-t ignore timestamps] [-B do not check BAT for overlapping (precludes -s, -b)] [-p check parents] [-b check bitmaps] [-s stats] [-h help]";
-    let p = match parse(args, "n:iItpbBsh", U) {
+    let p = match parse(args, crate::option_spec("check"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -665,7 +665,7 @@ fn check_one(name: &str, opts: &CheckOptions, stats: bool) -> i32 {
 
 pub fn revert(args: &[String]) -> i32 {
     const U: &str = "options: <-n name> [-j journal (default: NAME.journal)] [-h help]";
-    let p = match parse(args, "n:j:h", U) {
+    let p = match parse(args, crate::option_spec("revert"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -688,7 +688,7 @@ pub fn revert(args: &[String]) -> i32 {
 
 pub fn copy(args: &[String]) -> i32 {
     const U: &str = "options: -n SRC -N DST [-k KEY_FILE | -E] [-h help]";
-    let p = match parse(args, "n:N:k:Eh", U) {
+    let p = match parse(args, crate::option_spec("copy"), U) {
         Ok(p) => p,
         Err(c) => return c,
     };

@@ -335,7 +335,7 @@ fn out(bytes: &[u8]) {
 /// The `read` command.
 #[allow(clippy::too_many_lines)] // one branch per option, in the C order
 pub fn read(args: &[String]) -> i32 {
-    let p = match getopt(args, "n:pt:b:Bm:i:e:aj:d:c:r:R:xCh") {
+    let p = match getopt(args, crate::option_spec("read")) {
         Ok(p) if !p.has('h') => p,
         _ => {
             println!("{USAGE}");

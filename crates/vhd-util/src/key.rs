@@ -97,7 +97,7 @@ fn open(name: &str, writable: bool) -> Result<VhdImage<std::fs::File>, i32> {
 
 /// Runs the `key` command.
 pub fn run(args: &[String]) -> i32 {
-    let p = match getopt(args, "Cscpn:k:H:N:h") {
+    let p = match getopt(args, crate::option_spec("key")) {
         Ok(p) if !p.has('h') => p,
         Ok(_) => {
             println!("{U}");

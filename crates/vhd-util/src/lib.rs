@@ -21,6 +21,34 @@ const COMMANDS: &[&str] = &[
     "scan", "check", "revert", "key", "copy",
 ];
 
+/// Each command's getopt spec: the options it accepts, which vhd-util(8) documents (a unit
+/// test compares the two).
+pub const OPTION_SPECS: [(&str, &str); 15] = [
+    ("create", "n:s:S:rh"),
+    ("snapshot", "n:p:l:S:meh"),
+    ("query", "n:vspfdSmaubh"),
+    ("read", "n:pt:b:Bm:i:e:aj:d:c:r:R:xCh"),
+    ("set", "n:f:v:h"),
+    ("repair", "n:bh"),
+    ("resize", "n:s:j:fh"),
+    ("fill", "n:bf:t:Bh"),
+    ("coalesce", "n:o:a:x:sph"),
+    ("modify", "n:p:s:mzh"),
+    ("scan", "m:fcl:pavMh"),
+    ("check", "n:iItpbBsh"),
+    ("revert", "n:j:h"),
+    ("key", "Cscpn:k:H:N:h"),
+    ("copy", "n:N:k:Eh"),
+];
+
+/// The getopt spec of `command` (one of [`OPTION_SPECS`]).
+fn option_spec(command: &str) -> &'static str {
+    OPTION_SPECS
+        .iter()
+        .find(|(name, _)| *name == command)
+        .map_or("", |(_, spec)| spec)
+}
+
 fn usage() {
     println!("usage: vhd-util COMMAND [OPTIONS]");
     println!("COMMAND := {{ {} }}", COMMANDS.join(" | "));
@@ -106,7 +134,7 @@ pub fn exit_code(status: i32) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::Settings;
+    use super::{td, Settings, OPTION_SPECS};
 
     #[test]
     fn settings_come_from_the_lookup_given() {
@@ -118,5 +146,26 @@ mod tests {
         assert_eq!(set.crash_after_writes, Some(7));
         let junk = Settings::from_lookup(|_| Some("seven".to_string()));
         assert_eq!(junk.crash_after_writes, None);
+    }
+
+    #[test]
+    fn manual_pages_document_exactly_the_accepted_options() {
+        let pages = [
+            (
+                "vhd-util",
+                include_str!("../../../docs/man/vhd-util.8"),
+                &OPTION_SPECS[..],
+            ),
+            (
+                "td-util",
+                include_str!("../../../docs/man/td-util.8"),
+                &td::OPTION_SPECS[..],
+            ),
+        ];
+        for (tool, page, specs) in pages {
+            if let Err(problems) = ::getopt::manual::check_page(page, specs, &['h']) {
+                panic!("docs/man/{tool}.8 and the code disagree:\n{problems}");
+            }
+        }
     }
 }

@@ -497,7 +497,7 @@ fn print_tree(mut images: Vec<Image>, flags: Flags, files: bool) {
 
 /// The `scan` command.
 pub fn scan(args: &[String]) -> i32 {
-    let p = match getopt(args, "m:fcl:pavMh") {
+    let p = match getopt(args, crate::option_spec("scan")) {
         Ok(p) if p.has('h') => {
             println!("{USAGE}");
             return 0;

@@ -28,6 +28,23 @@ const EIO: i32 = 5;
 const EXIT_USAGE: i32 = 255;
 
 const COMMANDS: &[&str] = &["create", "snapshot", "query", "set"];
+
+/// Each command's getopt spec (the same for both types): the options it accepts, which
+/// td-util(8) documents (a unit test compares the two).
+pub const OPTION_SPECS: [(&str, &str); 4] = [
+    ("create", "hrb"),
+    ("snapshot", "hbml:"),
+    ("query", "hvpfdb"),
+    ("set", "h"),
+];
+
+/// The getopt spec of `command` (one of [`OPTION_SPECS`]).
+fn option_spec(command: &str) -> &'static str {
+    OPTION_SPECS
+        .iter()
+        .find(|(name, _)| *name == command)
+        .map_or("", |(_, spec)| spec)
+}
 const TYPES: &[&str] = &["vhd", "aio"];
 
 fn print_types() {
@@ -108,7 +125,7 @@ fn create(kind: DiskType, args: &[String]) -> i32 {
         );
         EINVAL
     };
-    let Ok(p) = getopt(args, "hrb") else {
+    let Ok(p) = getopt(args, option_spec("create")) else {
         return usage();
     };
     let [size, name] = p.operands.as_slice() else {
@@ -163,7 +180,7 @@ fn snapshot(kind: DiskType, args: &[String]) -> i32 {
         eprintln!("Cannot create snapshot of {} image type", kind.name());
         return EINVAL;
     }
-    let p = match getopt(args, "hbml:") {
+    let p = match getopt(args, option_spec("snapshot")) {
         Ok(p) if p.has('h') => return usage(0),
         Ok(p) => p,
         Err(_) => return usage(EINVAL),
@@ -195,7 +212,7 @@ fn query(kind: DiskType, args: &[String]) -> i32 {
         );
         code
     };
-    let p = match getopt(args, "hvpfdb") {
+    let p = match getopt(args, option_spec("query")) {
         Ok(p) if p.has('h') => return usage(0),
         Ok(p) => p,
         Err(_) => return usage(EINVAL),
@@ -283,7 +300,7 @@ fn set(settings: &Settings, kind: DiskType, args: &[String]) -> i32 {
         eprintln!("Cannot set fields of {} images", kind.name());
         return EINVAL;
     }
-    let Ok(p) = getopt(args, "h") else {
+    let Ok(p) = getopt(args, option_spec("set")) else {
         return usage();
     };
     let [name, field, value] = p.operands.as_slice() else {

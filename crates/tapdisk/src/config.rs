@@ -994,4 +994,23 @@ mod tests {
         }
         assert_eq!(documented, keys(&Config::default().to_toml()));
     }
+
+    #[test]
+    fn manual_page_documents_exactly_the_flags() {
+        let page = include_str!("../../../docs/man/tapdisk.8");
+        let short = getopt::manual::documented_options(page)
+            .remove("OPTIONS")
+            .unwrap_or_default();
+        for letter in ('a'..='z').chain('A'..='Z').chain('0'..='9') {
+            let flag = format!("-{letter}");
+            let accepted = Flags::parse([flag.clone()]).is_ok()
+                || Flags::parse([flag, "file".to_owned()]).is_ok();
+            assert_eq!(accepted, short.contains(&letter), "-{letter}");
+        }
+        for long in [&["--config", "f"][..], &["--print-config"], &["--help"]] {
+            assert!(Flags::parse(long.iter().map(|arg| (*arg).to_owned())).is_ok());
+            let roff = long[0].replace('-', "\\-");
+            assert!(page.contains(&roff), "{} undocumented", long[0]);
+        }
+    }
 }

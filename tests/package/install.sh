@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Installs the Debian package into a fresh root, uses the installed tools, purges the package
+# and checks that nothing is left behind. Run as root: scripts/test.sh runs it on what
+# scripts/package.sh built.
+#
+# The fresh root is this machine's / seen through an overlay whose changes go to a scratch
+# tmpfs, in a private mount namespace, so nothing on the machine changes and parallel runs do
+# not meet. dpkg runs chrooted into it with the machine's package database: real dependency
+# checks (Depends, Conflicts), real maintainer scripts and triggers, the installed paths.
+# What is checked inside: the files at their places, the control directory made by postinst,
+# `tap-ctl create`/`list`/`destroy` from /usr/sbin spawning /usr/libexec/tapdisk, which reads
+# the installed /etc/blktap/tapdisk.toml, `vhd-util create`/`check` from /usr/bin, `man
+# tap-ctl` and `man tapdisk.toml` rendering, bash completion offering the commands; after
+# `dpkg --purge`, no file of the package, no conffile and no control directory.
+# Afterwards the overlay's upper layer must hold nothing but dpkg's own records and caches.
+#
+# Usage: tests/package/install.sh PACKAGE.deb
+# Output: one line per check and "N passed, M failed"; exit status non-zero on any failure.
+set -euo pipefail
+
+if [ "${BLKTAP_PKG_TEST_NS:-}" != 1 ]; then
+    if [ $# -ne 1 ] || [ ! -f "$1" ]; then
+        echo "usage: $0 PACKAGE.deb" >&2
+        exit 2
+    fi
+    deb=$(realpath "$1")
+    BLKTAP_PKG_TEST_NS=1 exec unshare --mount --propagation private "$0" "$deb"
+fi
+
+deb=$1
+scratch=$(mktemp -d /tmp/blktap-pkg.XXXXXX)
+trap 'umount -R "$scratch" 2>/dev/null || true; rmdir "$scratch"' EXIT
+# The upper layer lives on its own tmpfs: an upper directory inside the lower one (/) would
+# overlap it, which overlayfs refuses.
+mount -t tmpfs -o size=1g blktap-pkg "$scratch"
+mkdir "$scratch/upper" "$scratch/work" "$scratch/root"
+root=$scratch/root
+mount -t overlay overlay -o "lowerdir=/,upperdir=$scratch/upper,workdir=$scratch/work" "$root"
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+mount --rbind /sys "$root/sys"
+mount -t tmpfs tmpfs "$root/run"
+mount -t tmpfs tmpfs "$root/tmp"
+cp "$deb" "$root/tmp/"
+
+# The part that runs inside the fresh root.
+inside=$(cat <<'INSIDE'
+set -uo pipefail
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8
+unset BLKTAP_CONTROL_DIR BLKTAP_TAPDISK BLKTAP_BLOCK_DEVICE TAPDISK_CONFIG TAPDISK_LOG
+passed=0 failed=0
+check() {
+    local what=$1
+    shift
+    if "$@" >/tmp/check.out 2>&1; then
+        passed=$((passed + 1)); echo "ok   $what"
+    else
+        failed=$((failed + 1)); echo "FAIL $what"; sed 's/^/     /' /tmp/check.out
+    fi
+}
+
+check "dpkg -i" dpkg -i /tmp/*.deb
+for f in /usr/sbin/tap-ctl /usr/sbin/td-util /usr/sbin/cbt-util /usr/bin/vhd-util \
+         /usr/libexec/tapdisk; do
+    check "installed $f" test -x "$f"
+done
+for f in /etc/blktap/tapdisk.toml /usr/lib/tmpfiles.d/blktap.conf \
+         /usr/share/bash-completion/completions/tap-ctl /usr/share/man/man8/tap-ctl.8.gz \
+         /usr/share/man/man5/tapdisk.toml.5.gz; do
+    check "installed $f" test -f "$f"
+done
+check "conffile /etc/blktap/tapdisk.toml" grep -qx /etc/blktap/tapdisk.toml \
+    /var/lib/dpkg/info/blktap-rs.conffiles
+check "postinst made /run/blktap-control" test -d /run/blktap-control
+check "tapdisk reads the installed site file" \
+    sh -c '/usr/libexec/tapdisk --print-config | grep -qx "# site file: /etc/blktap/tapdisk.toml"'
+
+truncate -s 64M /tmp/disk.img
+check "tap-ctl create (finds /usr/libexec/tapdisk)" \
+    sh -c 'tap-ctl create -a aio:/tmp/disk.img >/tmp/create.out'
+pid=$(tap-ctl list 2>/dev/null | sed -n 's/^pid=\([0-9]*\) minor=\([0-9]*\) .*args=aio:\/tmp\/disk.img$/\1/p')
+minor=$(tap-ctl list 2>/dev/null | sed -n 's/^pid=[0-9]* minor=\([0-9]*\) .*args=aio:\/tmp\/disk.img$/\1/p')
+check "tap-ctl list shows the VBD" test -n "$pid"
+check "the tapdisk runs /usr/libexec/tapdisk" \
+    sh -c "[ \"\$(readlink /proc/$pid/exe)\" = /usr/libexec/tapdisk ]"
+check "tap-ctl destroy" tap-ctl destroy -p "$pid" -m "$minor"
+check "no VBD left" sh -c '[ -z "$(tap-ctl list)" ]'
+
+check "vhd-util create" vhd-util create -n /tmp/disk.vhd -s 64
+check "vhd-util check" sh -c 'vhd-util check -n /tmp/disk.vhd | grep -q "is valid"'
+
+check "man tap-ctl renders" sh -c 'MANPAGER=cat man tap-ctl 2>/dev/null | grep -q "control tapdisk processes and their virtual block devices"'
+check "man tapdisk.toml renders" \
+    sh -c 'MANPAGER=cat man 5 tapdisk.toml 2>/dev/null | grep -q "max_connections_per_vbd"'
+check "bash completion offers commands" bash -c '
+    source /usr/share/bash-completion/completions/tap-ctl
+    COMP_WORDS=(tap-ctl cre); COMP_CWORD=1
+    _blktap_rs tap-ctl cre tap-ctl
+    [ "${COMPREPLY[*]}" = create ]'
+
+check "dpkg --purge" dpkg --purge blktap-rs
+for f in /usr/sbin/tap-ctl /usr/libexec/tapdisk /usr/bin/vhd-util /etc/blktap \
+         /run/blktap-control /usr/share/man/man8/tap-ctl.8.gz; do
+    check "purged $f" test ! -e "$f"
+done
+echo "inside: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
+INSIDE
+)
+
+status=0
+chroot "$root" /bin/bash -c "$inside" || status=1
+
+# Nothing may be left in the upper layer but dpkg's records, logs and the manual-page index
+# (its trigger): directories that / has too (copied up on the way), no new ones, no files.
+left=$(cd "$scratch/upper" && find . -mindepth 1 \
+    \( -path ./var/lib/dpkg -o -path ./var/log -o -path ./var/cache/man \
+       -o -path ./var/cache/debconf \) -prune -o -print |
+    while read -r path; do
+        if [ -d "$scratch/upper/$path" ] && [ ! -L "$scratch/upper/$path" ] && [ -d "/$path" ]; then
+            continue
+        fi
+        echo "$path"
+    done)
+if [ -n "$left" ]; then
+    echo "FAIL left behind after purge:"
+    printf '     %s\n' "${left//$'\n'/$'\n     '}"
+    status=1
+else
+    echo "ok   nothing left behind after purge"
+fi
+[ $status -eq 0 ] && echo "package install test: passed" || echo "package install test: FAILED"
+exit $status

@@ -3,6 +3,8 @@
 # the shell scripts' lint, MSRV, cargo-deny), unit tests, and the end-to-end tests that drive
 # the real tap-ctl/tapdisk/vhd-util binaries against qemu-img, qemu-io, fio, nbdinfo.
 # Run as root (the tests create loop devices and FUSE mounts). Installs what is missing.
+# Then the Debian package is built (scripts/package.sh: release build, cargo-deb, lintian) and
+# installed into a fresh root, used and purged (tests/package/install.sh).
 # Last, the kernel-device tests that need ublk_drv and nbd run in a VM (scripts/vm-tests.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,9 @@ echo "== cargo test"
 # which `cargo test` alone does not always build.
 cargo build --workspace
 cargo test --workspace 2>&1 | tee /tmp/blktap-cargo-test.log
+echo "== Debian package (scripts/package.sh), installed into a fresh root and purged"
+deb=$(./scripts/package.sh | tail -n 1)
+./tests/package/install.sh "$deb"
 echo "== fuzz smoke run"
 ./scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 echo "== VM tests (ublk, recovery, kernel NBD client)"

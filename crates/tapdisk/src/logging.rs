@@ -123,3 +123,24 @@ pub fn init_syslog(pid: u32, directives: &str) {
         .with_level(false)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_reach_syslog_as_the_c_tapdisk_names_them() {
+        let (ours, journal) = UnixDatagram::pair().unwrap();
+        let syslog = Syslog {
+            socket: Some(Arc::new(ours)),
+            ident: Arc::from("tapdisk[4242]"),
+        };
+        let mut line = syslog.line(severity(&Level::WARN));
+        line.write_all(b"vbd 0: request timed out\n").unwrap();
+        drop(line);
+        let mut buf = [0u8; 128];
+        let len = journal.recv(&mut buf).unwrap();
+        // Facility daemon (3) and severity warning (4): 3 * 8 + 4.
+        assert_eq!(&buf[..len], b"<28>tapdisk[4242]: vbd 0: request timed out");
+    }
+}

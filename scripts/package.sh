@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the Debian package blktap-rs with one command: the release build of every binary,
+# Builds the Debian package blktap-rs with one command: the release build of the workspace,
 # then cargo-deb packs it (`--no-build`: nothing is compiled twice; the package's contents,
 # dependencies and relations are in crates/tap-ctl/Cargo.toml, [package.metadata.deb]), then
 # lintian checks the .deb (an error fails the build). scripts/setup.sh installs cargo-deb and
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "package: cargo build --release" >&2
-cargo build --release --workspace --bins --locked --quiet
+cargo build --release --workspace --locked --quiet
 echo "package: cargo deb" >&2
 deb=$(cargo deb -p tap-ctl --no-build --locked --quiet)
 echo "package: lintian $deb" >&2

@@ -18,8 +18,27 @@ cd "$(dirname "$0")/.."
 
 echo "package: cargo build --release" >&2
 cargo build --release --workspace --locked --quiet
+# The package's library paths name x86_64-linux-gnu (crates/tap-ctl/Cargo.toml), the one
+# target the workspace builds for (deny.toml).
+multiarch=x86_64-linux-gnu
+echo "package: staging libblktapctl" >&2
+stage=target/package-stage
+rm -rf "$stage"
+DESTDIR=$stage LIBDIR=/usr/lib/$multiarch scripts/install-libblktapctl.sh \
+    "${CARGO_TARGET_DIR:-target}/release/libblktapctl_c.so" >&2
+# cargo-deb strips what cargo built, not staged files: strip the library as dh_strip would.
+strip --remove-section=.comment --remove-section=.note --strip-unneeded \
+    "$stage/usr/lib/$multiarch/libblktapctl.so.0.1.1"
 echo "package: cargo deb" >&2
 deb=$(cargo deb -p tap-ctl --no-build --locked --quiet)
+# cargo-deb writes no shlibs control file, which a package shipping a shared library needs
+# (programs linked against libblktapctl.so.0 then depend on this package): add it.
+unpacked=$(mktemp -d)
+trap 'rm -rf "$unpacked"' EXIT
+dpkg-deb -R "$deb" "$unpacked"
+version=$(dpkg-deb -f "$deb" Version)
+echo "libblktapctl 0 blktap-rs (>= ${version%-*})" >"$unpacked/DEBIAN/shlibs"
+dpkg-deb --root-owner-group -Zxz -b "$unpacked" "$deb" >/dev/null
 echo "package: lintian $deb" >&2
 lintian --fail-on error "$deb" >&2 ||
     { echo "package: lintian found errors" >&2; exit 1; }

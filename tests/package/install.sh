@@ -9,7 +9,9 @@
 # checks (Depends, Conflicts), real maintainer scripts and triggers, the installed paths.
 # What is checked inside: the files at their places, the control directory made by postinst,
 # `tap-ctl create`/`list`/`destroy` from /usr/sbin spawning /usr/libexec/tapdisk, which reads
-# the installed /etc/blktap/tapdisk.toml, `vhd-util create`/`check` from /usr/bin, `man
+# the installed /etc/blktap/tapdisk.toml, a C program built with the installed
+# libblktapctl.pc finding that VBD through libblktapctl.so.0, `vhd-util create`/`check` from
+# /usr/bin, `man
 # tap-ctl` and `man tapdisk.toml` rendering, bash completion offering the commands; after
 # `dpkg --purge`, no file of the package, no conffile and no control directory.
 # Afterwards the overlay's upper layer must hold nothing but dpkg's own records and caches.
@@ -83,6 +85,23 @@ minor=$(tap-ctl list 2>/dev/null | sed -n 's/^pid=[0-9]* minor=\([0-9]*\) .*args
 check "tap-ctl list shows the VBD" test -n "$pid"
 check "the tapdisk runs /usr/libexec/tapdisk" \
     sh -c "[ \"\$(readlink /proc/$pid/exe)\" = /usr/libexec/tapdisk ]"
+cat >/tmp/client.c <<'C'
+#include <stdio.h>
+#include <tap-ctl.h>
+int main(void)
+{
+	int minor = tap_ctl_find_minor("aio", "/tmp/disk.img");
+	printf("%d\n", minor);
+	return minor < 0;
+}
+C
+check "libblktapctl.so.0 known to ldconfig" sh -c 'ldconfig -p | grep -q "libblktapctl.so.0 "'
+check "a C program builds against libblktapctl.pc" \
+    sh -c 'cc -o /tmp/client /tmp/client.c $(pkg-config --cflags --libs libblktapctl)'
+check "it finds the VBD through the installed library" \
+    sh -c "[ \"\$(/tmp/client)\" = \"$minor\" ]"
+check "shlibs names the package" grep -qx "libblktapctl 0 blktap-rs (>= 0.1.0)" \
+    /var/lib/dpkg/info/blktap-rs.shlibs
 check "tap-ctl destroy" tap-ctl destroy -p "$pid" -m "$minor"
 check "no VBD left" sh -c '[ -z "$(tap-ctl list)" ]'
 
@@ -100,8 +119,9 @@ check "bash completion offers commands" bash -c '
 
 check "dpkg --purge" dpkg --purge blktap-rs
 for f in /usr/sbin/tap-ctl /usr/libexec/tapdisk /usr/bin/vhd-util /etc/blktap \
-         /run/blktap-control /usr/share/man/man8/tap-ctl.8.gz; do
-    check "purged $f" test ! -e "$f"
+         /run/blktap-control /usr/share/man/man8/tap-ctl.8.gz /usr/include/blktap \
+         /usr/lib/x86_64-linux-gnu/libblktapctl.so.0; do
+    check "purged $f" test ! -e "$f" -a ! -L "$f"
 done
 echo "inside: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
@@ -111,13 +131,19 @@ INSIDE
 status=0
 chroot "$root" /bin/bash -c "$inside" || status=1
 
-# Nothing may be left in the upper layer but dpkg's records, logs and the manual-page index
-# (its trigger): directories that / has too (copied up on the way), no new ones, no files.
+# Nothing may be left in the upper layer but dpkg's records, logs and the caches its triggers
+# rebuild (manual-page index, ldconfig's): directories that / has too (copied up on the way)
+# and files rewritten with the content / has (ld.so.cache, after the ldconfig trigger ran
+# again on purge); no new directory, no other file.
 left=$(cd "$scratch/upper" && find . -mindepth 1 \
     \( -path ./var/lib/dpkg -o -path ./var/log -o -path ./var/cache/man \
-       -o -path ./var/cache/debconf \) -prune -o -print |
+       -o -path ./var/cache/ldconfig -o -path ./var/cache/debconf \) -prune -o -print |
     while read -r path; do
-        if [ -d "$scratch/upper/$path" ] && [ ! -L "$scratch/upper/$path" ] && [ -d "/$path" ]; then
+        upper=$scratch/upper/$path
+        if [ -d "$upper" ] && [ ! -L "$upper" ] && [ -d "/$path" ]; then
+            continue
+        fi
+        if [ -f "$upper" ] && [ ! -L "$upper" ] && cmp -s "$upper" "/$path"; then
             continue
         fi
         echo "$path"

@@ -11,8 +11,9 @@
 # up to date on crates.io, and still produces a policy-conformant binary package (shlibdeps
 # Depends, compressed manual pages, conffiles, maintainer scripts) that lintian accepts.
 #
-# Usage: scripts/package.sh       Output: the .deb's path on the last line
-# (target/debian/blktap-rs_VERSION-1_ARCH.deb, or under $CARGO_TARGET_DIR).
+# Usage: scripts/package.sh       Output: the .deb files' paths on stdout, one a line
+# (target/debian/blktap-rs_VERSION-1_ARCH.deb, or under $CARGO_TARGET_DIR); progress and
+# lintian's findings on stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -18,8 +18,9 @@ echo "== cargo test"
 cargo build --workspace
 cargo test --workspace 2>&1 | tee /tmp/blktap-cargo-test.log
 echo "== Debian package (scripts/package.sh), installed into a fresh root and purged"
-deb=$(./scripts/package.sh | tail -n 1)
-./tests/package/install.sh "$deb"
+debs=$(./scripts/package.sh)
+# shellcheck disable=SC2086 # one path per line, no spaces (target/debian/*.deb)
+./tests/package/install.sh $debs
 echo "== fuzz smoke run"
 ./scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 echo "== VM tests (ublk, recovery, kernel NBD client)"

@@ -16,20 +16,19 @@
 # `dpkg --purge`, no file of the package, no conffile and no control directory.
 # Afterwards the overlay's upper layer must hold nothing but dpkg's own records and caches.
 #
-# Usage: tests/package/install.sh PACKAGE.deb
+# Usage: tests/package/install.sh PACKAGE.deb...   (scripts/package.sh prints them)
 # Output: one line per check and "N passed, M failed"; exit status non-zero on any failure.
 set -euo pipefail
 
 if [ "${BLKTAP_PKG_TEST_NS:-}" != 1 ]; then
-    if [ $# -ne 1 ] || [ ! -f "$1" ]; then
-        echo "usage: $0 PACKAGE.deb" >&2
-        exit 2
-    fi
-    deb=$(realpath "$1")
-    BLKTAP_PKG_TEST_NS=1 exec unshare --mount --propagation private "$0" "$deb"
+    debs=()
+    for deb in "$@"; do
+        [ -f "$deb" ] || { echo "usage: $0 PACKAGE.deb..." >&2; exit 2; }
+        debs+=("$(realpath "$deb")")
+    done
+    [ ${#debs[@]} -gt 0 ] || { echo "usage: $0 PACKAGE.deb..." >&2; exit 2; }
+    BLKTAP_PKG_TEST_NS=1 exec unshare --mount --propagation private "$0" "${debs[@]}"
 fi
-
-deb=$1
 scratch=$(mktemp -d /tmp/blktap-pkg.XXXXXX)
 trap 'umount -R "$scratch" 2>/dev/null || true; rmdir "$scratch"' EXIT
 # The upper layer lives on its own tmpfs: an upper directory inside the lower one (/) would
@@ -43,7 +42,7 @@ mount --rbind /dev "$root/dev"
 mount --rbind /sys "$root/sys"
 mount -t tmpfs tmpfs "$root/run"
 mount -t tmpfs tmpfs "$root/tmp"
-cp "$deb" "$root/tmp/"
+cp "$@" "$root/tmp/"
 
 # The part that runs inside the fresh root.
 inside=$(cat <<'INSIDE'

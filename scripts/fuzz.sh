@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (fuzz/fuzz_targets: control messages, encryption keys and keyhashes,
 # NBD options and requests, what an NBD server sends a client, VHD and qcow2 metadata, CBT
-# logs, the VHD core's plans, tapdisk's vhd driver) for SECONDS each (default 60;
-# scripts/test.sh uses a short smoke run).
+# logs, the VHD core's plans, tapdisk's vhd driver, Xen blkif rings) for SECONDS each (default
+# 60; scripts/test.sh uses a short smoke run).
 # cargo-fuzz needs nightly-only compiler flags: RUSTC_BOOTSTRAP=1 lets the stable toolchain,
 # the only one on these machines, accept them. cargo-fuzz comes from scripts/setup.sh.
 set -euo pipefail

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tapdisk_proto::{
-    Body, ImageInfo, ListEntry, Message, MessageType, OpenFlags, Params, Query, StatInfo,
+    Blkif, Body, ImageInfo, ListEntry, Message, MessageType, OpenFlags, Params, Query, StatInfo,
 };
 use tokio::sync::watch;
 
@@ -26,14 +26,15 @@ use crate::driver::nbd::passed::PassedSockets;
 use crate::driver::nbd::NbdClientContext;
 use crate::driver::{DiskInfo, OpenOptions};
 use crate::error::{errno_of, failure, message_of};
+use crate::frontend::blkif::{BlkifRing, BlkifStart, XenBackend};
 use crate::frontend::nbd::{NbdFrontend, NbdSettings, NbdTcpFrontend, TcpListen};
 use crate::frontend::ublk::{UblkDevice, UblkStart};
 use crate::frontend::{
-    start_block_device, BlockDeviceChoice, Frontend, FrontendContext, StartFrontend,
+    downcast, start_block_device, BlockDeviceChoice, Frontend, FrontendContext, StartFrontend,
 };
 use crate::lcache::IntelliCache;
 use crate::secondary::{SecondaryConfig, SecondaryMode, NULL_SECONDARY};
-use crate::stats::{self, VbdStats};
+use crate::stats::{self, VbdStats, XenbusRings};
 use crate::vbd::{OpenRequest, SecondaryChange, Vbd, DEFAULT_REQUEST_TIMEOUT};
 use nbd::ConnectionLimit;
 
@@ -157,8 +158,8 @@ struct Slot {
     _marker: MarkerLock,
     /// The cap on this VBD's NBD connections, shared by its sockets and TCP listeners.
     nbd_connections: Arc<ConnectionLimit>,
-    /// What serves the open VBD, in the order started (the NBD export first); empty while
-    /// closed.
+    /// What serves the open VBD, in the order started (the NBD export first, Xen guest
+    /// rings as they connect); empty while closed.
     frontends: Vec<Box<dyn Frontend>>,
     /// Why the open VBD has no kernel block device although its site default asked for
     /// one (shown by `tap-ctl stats` as `"blockdev_error"`).
@@ -173,6 +174,26 @@ impl Slot {
         self.frontends
             .iter()
             .find_map(|frontend| frontend.stats().blockdev)
+    }
+
+    /// The VBD's Xen guest rings (connected, or disconnected and still completing requests).
+    fn rings(&self) -> impl Iterator<Item = &BlkifRing> {
+        self.frontends
+            .iter()
+            .filter_map(|frontend| downcast::<BlkifRing>(frontend.as_ref()))
+    }
+
+    /// The statistics of the VBD and its frontends.
+    fn stats(&self) -> VbdStats {
+        let mut stats = VbdStats::of(&self.vbd, self.block_device().as_deref());
+        stats.blockdev_error = self.blockdev_error.clone();
+        stats.xenbus = XenbusRings(
+            self.frontends
+                .iter()
+                .filter_map(|frontend| frontend.stats().xenbus)
+                .collect(),
+        );
+        stats
     }
 }
 
@@ -196,6 +217,8 @@ pub struct Tapdisk {
     /// The cap on NBD connections of the whole process; each VBD has its own inside it
     /// ([`Slot::nbd_connections`]).
     nbd_connections: Arc<ConnectionLimit>,
+    /// The Xen devices guests' rings are served on (`XENBLKIF_CONNECT`).
+    xen: XenBackend,
 }
 
 fn errno(code: i32) -> io::Error {
@@ -266,8 +289,14 @@ async fn stop_all(frontends: &mut Vec<Box<dyn Frontend>>, force: bool) -> io::Re
 }
 
 impl Tapdisk {
-    /// The state of process `pid`, configured by `config`.
+    /// The state of process `pid`, configured by `config`; guests' rings on Xen's devices,
+    /// with their statistics in `/dev/shm`.
     pub fn new(pid: u32, config: Arc<Config>) -> Self {
+        Self::with_xen(pid, config, XenBackend::real(pid))
+    }
+
+    /// As [`Tapdisk::new`], with guests' rings served by `xen` (e.g. a simulated Xen).
+    pub fn with_xen(pid: u32, config: Arc<Config>, xen: XenBackend) -> Self {
         Self {
             pid,
             control_dir: ControlDir::new(&config.control_dir),
@@ -279,6 +308,7 @@ impl Tapdisk {
             turns: Mutex::new(HashMap::new()),
             exit: watch::channel(false).0,
             nbd_connections: ConnectionLimit::new("this tapdisk", config.nbd.per_tapdisk),
+            xen,
             config,
         }
     }
@@ -344,6 +374,62 @@ impl Tapdisk {
         };
         unwanted.stop(true).await?;
         Err(errno(libc::ENODEV))
+    }
+
+    /// `XENBLKIF_CONNECT`: serves the guest ring `blkif` describes as a frontend of VBD
+    /// `minor`.
+    async fn xen_connect(&self, minor: u16, blkif: &Blkif) -> io::Result<()> {
+        let vbd = self.vbd(minor)?;
+        let connected = |slot: &Slot| {
+            slot.rings().any(|ring| {
+                ring.is_connected() && ring.guest_device() == (blkif.domid, blkif.devid)
+            })
+        };
+        if self.slots().values().any(connected) {
+            return Err(errno(libc::EALREADY));
+        }
+        let params = vbd.params().ok_or_else(|| {
+            failure(
+                libc::EINVAL,
+                format!(
+                    "ring of domain {} device {}: VBD {minor} is not open",
+                    blkif.domid, blkif.devid
+                ),
+            )
+        })?;
+        let context = self.frontend_context(minor, &vbd, params);
+        let settings = BlkifStart {
+            xen: self.xen.clone(),
+            blkif: blkif.clone(),
+        };
+        let ring = BlkifRing::start(&context, settings).await?;
+        let mut unwanted = match self.slots().get_mut(&minor) {
+            Some(slot) if vbd.is_open() => {
+                // Rings disconnected earlier whose requests have all completed are done.
+                slot.frontends.retain(|frontend| {
+                    downcast::<BlkifRing>(frontend.as_ref()).is_none_or(|ring| !ring.is_released())
+                });
+                slot.frontends.push(Box::new(ring));
+                return Ok(());
+            }
+            // Closed meanwhile (never, while requests are serialised): nothing to serve.
+            _ => ring,
+        };
+        unwanted.stop(true).await?;
+        Err(errno(libc::ENODEV))
+    }
+
+    /// `XENBLKIF_DISCONNECT`: lets go of guest `(domid, devid)`'s ring; `ENODEV` unless it is
+    /// connected. Its requests in flight complete silently afterwards.
+    fn xen_disconnect(&self, domid: u32, devid: u32) -> io::Result<()> {
+        let slots = self.slots();
+        let ring = slots
+            .values()
+            .flat_map(Slot::rings)
+            .find(|ring| ring.is_connected() && ring.guest_device() == (domid, devid))
+            .ok_or_else(|| errno(libc::ENODEV))?;
+        ring.disconnect();
+        Ok(())
     }
 
     /// Resolves once the process should exit (its last VBD was detached).
@@ -506,8 +592,13 @@ impl Tapdisk {
                 }
                 reply(MessageType::CancelCommitJobRsp, Body::Empty)
             }
-            (MessageType::XenblkifConnect | MessageType::XenblkifDisconnect, _) => {
-                Err(errno(libc::EOPNOTSUPP))
+            (MessageType::XenblkifConnect, Body::Blkif(blkif)) => {
+                self.xen_connect(minor, blkif).await?;
+                reply(MessageType::XenblkifConnectRsp, Body::Empty)
+            }
+            (MessageType::XenblkifDisconnect, Body::Blkif(blkif)) => {
+                self.xen_disconnect(blkif.domid, blkif.devid)?;
+                reply(MessageType::XenblkifDisconnectRsp, Body::Empty)
             }
             _ => Err(errno(libc::EINVAL)),
         }
@@ -973,16 +1064,12 @@ impl Tapdisk {
 
     fn stats_text(&self, minor: u16) -> io::Result<String> {
         let slots = self.slots();
-        let of = |slot: &Slot| VbdStats {
-            blockdev_error: slot.blockdev_error.clone(),
-            ..VbdStats::of(&slot.vbd, slot.block_device().as_deref())
-        };
         if minor == tapdisk_proto::COOKIE_ALL {
-            let all: Vec<VbdStats> = slots.values().map(of).collect();
+            let all: Vec<VbdStats> = slots.values().map(Slot::stats).collect();
             return stats::to_text(&all);
         }
         let slot = slots.get(&minor).ok_or_else(|| errno(libc::ENODEV))?;
-        stats::to_text(&of(slot))
+        stats::to_text(&slot.stats())
     }
 
     /// Closes every VBD (forced) and stops their exports; used on SIGTERM/SIGINT.
@@ -992,5 +1079,6 @@ impl Tapdisk {
             let _ = self.close(minor, true).await;
         }
         self.slots().clear();
+        self.xen.remove_stats_dir();
     }
 }

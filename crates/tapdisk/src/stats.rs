@@ -4,7 +4,7 @@
 //!
 //! Drivers report [`DriverStats`] ([`crate::driver::ImageDriver::stats`]); the VBD adds what
 //! is its own: the name, the block device, sector counters, requests in flight and the
-//! request limit each image's `"reqs"` shows.
+//! request limit each image's `"reqs"` shows; Xen guest rings add a `"xenbus"` object each.
 
 use std::io;
 use std::path::Path;
@@ -42,6 +42,9 @@ pub struct VbdStats {
     pub secs: [u64; 2],
     /// The image chain, leaf first.
     pub images: Vec<ImageStats>,
+    /// The connected Xen guest rings, one `"xenbus"` key each.
+    #[serde(flatten)]
+    pub xenbus: XenbusRings,
     /// Sectors written to the secondary since the leaf ran out of space (the C name).
     #[serde(rename = "FIXME_enospc_redirect_count")]
     pub enospc_redirect_count: u64,
@@ -56,6 +59,52 @@ pub struct VbdStats {
     /// addition; absent without a local cache).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_cache: Option<LocalCacheStats>,
+}
+
+/// The `"xenbus"` objects of a VBD's connected guest rings. As in the C tapdisk, each ring
+/// adds its own `"xenbus"` key to the VBD's object, so several rings repeat the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XenbusRings(pub Vec<XenbusStats>);
+
+impl Serialize for XenbusRings {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for ring in &self.0 {
+            map.serialize_entry("xenbus", ring)?;
+        }
+        map.end()
+    }
+}
+
+/// One guest ring (`td-blkif.c`'s stats).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct XenbusStats {
+    /// The context's name, always `td-xenio-default`.
+    pub pool: &'static str,
+    /// The guest's domain.
+    pub domid: u32,
+    /// Its xenbus device id.
+    pub devid: u32,
+    /// Requests taken from the ring, and completed.
+    pub reqs: [u64; 2],
+    /// Event-channel notifications received, and batches of responses published.
+    pub kicks: [u64; 2],
+    /// Failures by where they happened.
+    pub errors: XenbusErrors,
+}
+
+/// `"errors"` of a guest ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct XenbusErrors {
+    /// Always 0 (never counted in C either).
+    pub msg: u64,
+    /// Requests refused at intake (bad fields, grant copy failures).
+    pub map: u64,
+    /// Requests the VBD refused.
+    pub vbd: u64,
+    /// Requests the image chain failed.
+    pub img: u64,
 }
 
 /// One image of the chain.
@@ -196,6 +245,7 @@ impl VbdStats {
                 counters.secs[1].load(Ordering::Relaxed),
             ],
             images,
+            xenbus: XenbusRings::default(),
             enospc_redirect_count: secondary
                 .as_ref()
                 .map_or(0, |state| state.redirected_sectors()),
@@ -360,6 +410,35 @@ mod tests {
         faults.fail_writes(1, libc::EBUSY);
         vbd.write(0, IoBuf::zeroed(4096)).await.unwrap();
         assert_eq!(hits(&vbd), ([264, 264], [8, 0]));
+    }
+
+    #[test]
+    fn every_guest_ring_adds_a_xenbus_key_after_the_images() {
+        let ring = |domid, reqs| XenbusStats {
+            pool: "td-xenio-default",
+            domid,
+            devid: 51712,
+            reqs,
+            kicks: [3, 2],
+            errors: XenbusErrors {
+                msg: 0,
+                map: 1,
+                vbd: 0,
+                img: 0,
+            },
+        };
+        let mut stats = VbdStats::of(&Vbd::new(4), None);
+        stats.xenbus = XenbusRings(vec![ring(5, [7, 6]), ring(6, [0, 0])]);
+        assert_eq!(
+            to_text(&stats).unwrap(),
+            "{ \"name\": \"\", \"secs\": [ 0, 0 ], \"images\": [  ], \"xenbus\": { \"pool\": \
+             \"td-xenio-default\", \"domid\": 5, \"devid\": 51712, \"reqs\": [ 7, 6 ], \"kicks\": \
+             [ 3, 2 ], \"errors\": { \"msg\": 0, \"map\": 1, \"vbd\": 0, \"img\": 0 } }, \
+             \"xenbus\": { \"pool\": \"td-xenio-default\", \"domid\": 6, \"devid\": 51712, \
+             \"reqs\": [ 0, 0 ], \"kicks\": [ 3, 2 ], \"errors\": { \"msg\": 0, \"map\": 1, \
+             \"vbd\": 0, \"img\": 0 } }, \"FIXME_enospc_redirect_count\": 0, \
+             \"nbd_mirror_failed\": 0, \"reqs_outstanding\": 0, \"read_caching\": \"false\" }"
+        );
     }
 
     #[test]

@@ -141,18 +141,34 @@ fn malformed_requests_get_einval_and_the_daemon_keeps_serving() {
         &exchange(&socket, &request(MessageType::Exit, 0, Body::Empty)),
         libc::EINVAL,
     );
-    // Xen ring connection is not available in this tapdisk.
-    let blkif = tapdisk_proto::Blkif {
-        proto: 1,
-        ..Default::default()
-    };
-    assert_error(
-        &exchange(
-            &socket,
-            &request(MessageType::XenblkifConnect, 0, Body::Blkif(blkif)),
-        ),
-        libc::EOPNOTSUPP,
-    );
+    // Xen ring requests for a VBD or ring that does not exist: ENODEV, as the C tapdisk
+    // answers (the VBD is looked up before the order or ABI is judged).
+    for blkif in [
+        tapdisk_proto::Blkif {
+            proto: 1,
+            ..Default::default()
+        },
+        tapdisk_proto::Blkif {
+            proto: 9,
+            order: 7,
+            ..Default::default()
+        },
+    ] {
+        assert_error(
+            &exchange(
+                &socket,
+                &request(MessageType::XenblkifConnect, 0, Body::Blkif(blkif.clone())),
+            ),
+            libc::ENODEV,
+        );
+        assert_error(
+            &exchange(
+                &socket,
+                &request(MessageType::XenblkifDisconnect, 0, Body::Blkif(blkif)),
+            ),
+            libc::ENODEV,
+        );
+    }
     // Requests for a VBD that does not exist.
     assert_error(
         &exchange(&socket, &request(MessageType::Pause, 5, Body::Empty)),

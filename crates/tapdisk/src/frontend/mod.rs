@@ -6,15 +6,19 @@
 //!   listeners added by `NBD_LISTEN`;
 //! - a kernel block device, chosen per VBD at open ([`BlockDeviceChoice`]): [`ublk`]
 //!   (`/dev/ublkbN`, the in-tree successor of the blktap2 driver) or, where the kernel has no
-//!   ublk, [`fuse`] (the disk as a single FUSE file attached to a loop device, `/dev/loopN`).
+//!   ublk, [`fuse`] (the disk as a single FUSE file attached to a loop device, `/dev/loopN`);
+//! - [`blkif`]: Xen guests' shared rings (`vbd3`), one frontend per ring, added by
+//!   tapback's `XENBLKIF_CONNECT`.
 //!
 //! [`holders`] answers "who holds this device" for every kernel-device frontend.
 
+pub mod blkif;
 pub mod fuse;
 pub mod holders;
 pub mod nbd;
 pub mod ublk;
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -123,14 +127,14 @@ pub struct FrontendContext {
 }
 
 /// A running frontend of one VBD: one way its requests arrive (the NBD sockets, a TCP
-/// listener, a kernel block device, later a Xen blkif ring). A VBD slot holds a list of them;
-/// CLOSE stops them all, newest first.
+/// listener, a kernel block device, a Xen guest's blkif ring). A VBD slot holds a list of
+/// them; CLOSE stops them all, newest first.
 ///
 /// A frontend submits everything through [`Vbd`] (so a pause holds it and the counters count
 /// it) and offers only what [`Vbd::capabilities`] says the image chain really does (discard,
 /// fast zeroing, block status). It is started by its kind's [`StartFrontend::start`].
-pub trait Frontend: Send + Sync + fmt::Debug {
-    /// Short name of the kind, for logs: `nbd`, `nbd-tcp`, `ublk`, `fuse`.
+pub trait Frontend: AsAny + Send + Sync + fmt::Debug {
+    /// Short name of the kind, for logs: `nbd`, `nbd-tcp`, `ublk`, `fuse`, `blkif`.
     fn kind(&self) -> &'static str;
 
     /// The kernel block device node this frontend serves (`/dev/ublkb3`, `/dev/loop0`), if
@@ -155,8 +159,28 @@ pub trait Frontend: Send + Sync + fmt::Debug {
     fn stats(&self) -> FrontendStats {
         FrontendStats {
             blockdev: self.device().map(Path::to_path_buf),
+            ..FrontendStats::default()
         }
     }
+}
+
+/// Any frontend as [`Any`], so that the handler of a kind's own control messages (say
+/// `XENBLKIF_DISCONNECT`) can find the frontends of that kind in a VBD's list
+/// ([`downcast`]). Implemented for every frontend type.
+pub trait AsAny {
+    /// `self` as [`Any`].
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Frontend + 'static> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `frontend` as a `T`, if it is one.
+pub fn downcast<T: Frontend + 'static>(frontend: &dyn Frontend) -> Option<&T> {
+    frontend.as_any().downcast_ref::<T>()
 }
 
 /// Starting one kind of [`Frontend`] (a separate trait so that running frontends of every
@@ -177,6 +201,8 @@ pub trait StartFrontend: Frontend + Sized {
 pub struct FrontendStats {
     /// The kernel block device it serves, if any.
     pub blockdev: Option<PathBuf>,
+    /// A connected Xen guest ring's counters (`"xenbus"`).
+    pub xenbus: Option<crate::stats::XenbusStats>,
 }
 
 /// Starts the block device `choice` asks for; `Ok(None)` for [`BlockDeviceChoice::None`].

@@ -7,7 +7,8 @@
 //! * [`ipc`] is the control-socket client, [`ops`] the per-VBD requests built on it;
 //! * [`list`](mod@list) joins minors, tapdisks and VBDs for `tap-ctl list`;
 //! * [`create`](mod@create) strings allocate + spawn + attach + open together, undoing on failure;
-//! * [`recover`](mod@recover) gives a block device whose tapdisk died a new tapdisk.
+//! * [`recover`](mod@recover) gives a block device whose tapdisk died a new tapdisk;
+//! * [`xen`] connects and disconnects Xen guests' rings (what tapback sends).
 //!
 //! Every operation takes a [`ControlDir`], and those that start a tapdisk the path of the
 //! binary: the caller chooses both (`tap-ctl` from its configuration); the library reads no
@@ -24,6 +25,7 @@ pub mod ops;
 pub mod paths;
 pub mod recover;
 pub mod spawn;
+pub mod xen;
 
 pub use alloc::{allocate, allocated_minors, free, free_settling};
 pub use commit::CommitStatus;
@@ -37,4 +39,5 @@ pub use ops::{
 pub use paths::ControlDir;
 pub use recover::recover_with;
 pub use spawn::spawn_with;
-pub use tapdisk_proto::{ImageInfo, ImageLocator, ImageSpec, OpenFlags};
+pub use tapdisk_proto::{Blkif, ImageInfo, ImageLocator, ImageSpec, OpenFlags};
+pub use xen::{connect_xenblkif, disconnect_xenblkif};

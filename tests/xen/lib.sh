@@ -1,0 +1,139 @@
+#!/bin/sh
+# tests/xen/lib.sh -- helpers for the tests that run in the dom0 of a Xen host (sourced).
+#
+# scripts/xen-tests.sh starts a test as `run-in-xen.sh run tests/xen/NAME.sh REPO NAME`; REPO
+# holds tests/{xen,vm}/ and target/debug/. On top of tests/vm/lib.sh (checks, the "N passed,
+# M failed" line, cleanup, syslog into $VM_SHARE/NAME.syslog) and run-in-xen.sh's $XEN_LIB
+# (xen_guest_initrd, xen_run_guest), this gives: guests that run tests/xen/guest-io.sh in the
+# background, waiting for their console lines, and a mailbox disk to tell them to stop.
+. "$1/tests/vm/lib.sh"
+. "$XEN_LIB"
+XEN_TESTS="$REPO/tests/xen"
+
+# guest_initrd OUT SETTINGS...: an initramfs whose guest runs guest-io.sh with SETTINGS
+# (shell assignments, one per argument) in front.
+guest_initrd() {
+    local out=$1 script; shift
+    script=$(mktemp /tmp/guest.XXXXXX)
+    printf '%s\n' "$@" > "$script"
+    cat "$XEN_TESTS/guest-io.sh" >> "$script"
+    xen_guest_initrd "$script" "$out"; local rc=$?
+    rm -f "$script"; return $rc
+}
+
+# console NAME: the console log of guest NAME so far.
+console() { tr -d '\r' 2>/dev/null < "/var/log/xen/console/guest-$1.log"; }
+
+# wait_console NAME REGEX SECONDS: waits until the guest's console has a line matching REGEX
+# (grep -E); fails early if the guest already printed GUEST-RC or is gone.
+wait_console() {
+    local i=0
+    while [ $i -lt $(( $3 * 2 )) ]; do
+        console "$1" | grep -qE "$2" && return 0
+        console "$1" | grep -q '^GUEST-RC=' && return 1
+        sleep 0.5; i=$((i + 1))
+    done
+    return 1
+}
+
+# last_round NAME: the last "GUEST: round N ok" the guest printed (0 before the first).
+last_round() {
+    console "$1" | sed -n 's/^GUEST: round \([0-9]*\) ok.*/\1/p' | tail -n1 | grep . || echo 0
+}
+
+# wait_rounds NAME N SECONDS: waits until the guest finished N more rounds than now.
+wait_rounds() {
+    local want=$(( $(last_round "$1") + $2 )) i=0
+    while [ "$(last_round "$1")" -lt "$want" ]; do
+        i=$((i + 1)); [ $i -gt $(( $3 * 2 )) ] && return 1
+        console "$1" | grep -q '^GUEST-RC=' && return 1
+        sleep 0.5
+    done
+}
+
+# Guests are started paused and get their disks by XenStore nodes written here, the way
+# xenopsd attaches disks (Device.Vbd.add), with no hotplug script: libxl's hotplug timeout is
+# easily exceeded on an emulated, busy host. A disk's back end is dom0's blkback
+# ("vbd": the node names a block device's major:minor) or a tapback ("vbd3": the node
+# names the tapdisk's NBD socket, from which tapback finds the tapdisk and minor).
+
+# guest_create NAME INITRD: creates guest NAME, paused, without disks; prints its domid.
+guest_create() {
+    cat > "/run/xen/guest-$1.cfg" <<CFG
+name = "$1"
+type = "pv"
+kernel = "$XEN_GUEST_KERNEL"
+ramdisk = "$2"
+cmdline = "console=hvc0 quiet ${XEN_GUEST_CMDLINE:-}"
+memory = ${XEN_GUEST_MEM:-256}
+vcpus = 1
+on_poweroff = "destroy"
+on_reboot = "destroy"
+on_crash = "destroy"
+CFG
+    rm -f "/var/log/xen/console/guest-$1.log"
+    xl create -p "/run/xen/guest-$1.cfg" >> "$LOG" 2>&1 && xl domid "$1"
+}
+
+# vdev_number NAME: the xenbus device id of xvdX (202 << 8 | 16 * index).
+vdev_number() {
+    local letter=${1#xvd}
+    echo $(( (202 << 8) + 16 * ($(printf '%d' "'$letter") - 97) ))
+}
+
+# guest_disk DOMID VDEV TYPE TARGET: attaches a disk as VDEV (xvda...). TYPE vbd: TARGET is
+# a block device for blkback; TYPE vbd3: TARGET is "PID MINOR" of a tapdisk, for tapback.
+guest_disk() {
+    local domid=$1 vdev=$2 type=$3 target=$4 devid fe be extra
+    devid=$(vdev_number "$vdev")
+    fe=/local/domain/$domid/device/vbd/$devid
+    be=/local/domain/0/backend/$type/$domid/$devid
+    case $type in
+    vbd) extra="$be/physical-device $(stat -L -c '%t:%T' "$target") $be/params $target" ;;
+    vbd3) set -- $target
+          extra="$be/params nbd $be/physical-device-path $BLKTAP_CONTROL_DIR/nbd$1.$2 $be/hotplug-status connected" ;;
+    esac
+    # shellcheck disable=SC2086 # $extra is key/value pairs
+    xenstore-write "$be/frontend" "$fe" "$be/frontend-id" "$domid" "$be/online" 1 \
+        "$be/removable" 0 "$be/state" 1 "$be/mode" w "$be/type" phy "$be/dev" "$vdev" \
+        "$be/device-type" disk $extra &&
+    xenstore-chmod -r "$be" n0 "r$domid" &&
+    xenstore-write "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/state" 1 \
+        "$fe/virtual-device" "$devid" "$fe/device-type" disk &&
+    xenstore-chmod -r "$fe" "n$domid" r0
+}
+
+# guest_wait NAME SECONDS: waits until guest NAME is gone (destroys it after SECONDS),
+# copies its console into the log; status 0 if the guest printed GUEST-RC=0.
+guest_wait() {
+    local i=0
+    while xl domid "$1" >/dev/null 2>&1; do
+        i=$((i + 1))
+        if [ $i -gt "$2" ]; then
+            echo "guest $1 still running after $2 s: destroying it" >> "$LOG"
+            xl destroy "$1"; break
+        fi
+        sleep 1
+    done
+    i=0; while [ $i -lt 3 ] && ! console "$1" | grep -q '^GUEST-RC='; do sleep 1; i=$((i + 1)); done
+    console "$1" | sed "s/^/  $1 | /" >> "$LOG"
+    console "$1" | grep -q '^GUEST-RC=0'
+}
+
+# guest_unplug DOMID TYPE: removes the guest's back-end nodes (blkback lets go of the devices).
+guest_unplug() { xenstore-rm "/local/domain/0/backend/$2/$1" 2>/dev/null; }
+
+# make_mailbox: a 1 MiB file on a loop device (the guest's MAILBOX disk); prints the device.
+make_mailbox() {
+    truncate -s 1M "$SCRATCH/mailbox" && losetup -f --show "$SCRATCH/mailbox"
+}
+# post_stop LOOPDEV: tells the guest to finish.
+post_stop() {
+    printf 'STOP' | dd of="$1" bs=512 conv=sync,notrunc oflag=direct 2>/dev/null
+}
+
+# guest_md5 NAME DISK: the md5 the guest reported for DISK (GUEST-DISK-MD5 lines).
+guest_md5() { console "$1" | sed -n "s/^GUEST-DISK-MD5 $2 //p" | tail -n1; }
+
+# dev_md5 DEV MIB: md5 of the first MIB MiB of DEV, read in dom0.
+dev_md5() { dd if="$1" bs=1M count="$2" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1; }

@@ -2,11 +2,16 @@
 //! one, which must then fail with `EBUSY` and leave the device working (ublk and FUSE + loop
 //! alike, and any later kernel-device frontend).
 //!
-//! Three signs of use, any one suffices:
+//! Four signs of use, any one suffices:
 //! 1. `/sys/dev/block/<major>:<minor>/holders/` is not empty: device-mapper, md and the like;
-//! 2. an exclusive open (`O_EXCL`) fails with `EBUSY`: a mounted file system, a swap area or
+//! 2. Xen's blkback serves it to a guest (`xl` disk `phy:/dev/ublkbN`): blkback opens the
+//!    device inside the kernel without claiming it, so only its sysfs attribute
+//!    `/sys/bus/xen-backend/devices/vbd-<domid>-<devid>/physical_device` ("major:minor" in
+//!    hex) tells. (Removing a ublk device blkback still has open would wait for its close
+//!    forever.)
+//! 3. an exclusive open (`O_EXCL`) fails with `EBUSY`: a mounted file system, a swap area or
 //!    another exclusive claimer;
-//! 3. a process other than this one has the device open: a `/proc/<pid>/fd/*` link into
+//! 4. a process other than this one has the device open: a `/proc/<pid>/fd/*` link into
 //!    `/dev/` resolves to a block device with the same device number.
 //!
 //! The check is a snapshot: a process may open the device right after it. [`claim`] narrows
@@ -47,6 +52,8 @@ pub enum Holder {
     Exclusive,
     /// Processes with an open file descriptor.
     Processes(Vec<Opener>),
+    /// Xen block back-ends serving it to guests (`vbd-<domid>-<devid>`).
+    XenGuests(Vec<String>),
 }
 
 impl std::fmt::Display for Holder {
@@ -58,6 +65,7 @@ impl std::fmt::Display for Holder {
                 let list: Vec<String> = openers.iter().map(ToString::to_string).collect();
                 write!(f, "open in {}", list.join(", "))
             }
+            Self::XenGuests(names) => write!(f, "served to a Xen guest by {}", names.join(", ")),
         }
     }
 }
@@ -91,10 +99,36 @@ fn open_exclusive(node: &Path) -> io::Result<File> {
         .open(node)
 }
 
-/// Kernel holders of the block device numbered `rdev` (one directory read).
+/// Where Linux lists Xen back-end devices (blkback's `vbd-<domid>-<devid>`).
+const XEN_BACKEND_DEVICES: &str = "/sys/bus/xen-backend/devices";
+
+/// Kernel holders of the block device numbered `rdev`: stacked devices, then Xen guests.
 fn kernel_holders(rdev: u64) -> Option<Holder> {
     let stacked = sysfs_holders(&holders_dir(rdev));
-    (!stacked.is_empty()).then_some(Holder::Stacked(stacked))
+    if !stacked.is_empty() {
+        return Some(Holder::Stacked(stacked));
+    }
+    let guests = xen_backends_serving(Path::new(XEN_BACKEND_DEVICES), rdev);
+    (!guests.is_empty()).then_some(Holder::XenGuests(guests))
+}
+
+/// Xen block back-ends under `devices` (sysfs `xen-backend` devices) whose
+/// `physical_device` ("major:minor", hex) is `rdev`, sorted (none when it cannot be read).
+pub fn xen_backends_serving(devices: &Path, rdev: u64) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(devices) else {
+        return Vec::new();
+    };
+    let wanted = format!("{:x}:{:x}", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("physical_device"))
+                .is_ok_and(|text| text.trim() == wanted)
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Other processes with the block device numbered `rdev` open.
@@ -261,6 +295,28 @@ mod tests {
         assert_eq!(
             holders_dir(rustix::fs::makedev(259, 3)),
             Path::new("/sys/dev/block/259:3/holders")
+        );
+    }
+
+    #[test]
+    fn xen_blkback_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(xen_backends_serving(&dir.path().join("missing"), 0).is_empty());
+        for (name, device) in [
+            ("vbd-3-51712", "103:2\n"),
+            ("vbd-4-51712", "103:20\n"),
+            ("vif-3-0", ""),
+        ] {
+            std::fs::create_dir_all(dir.path().join(name)).unwrap();
+            if !device.is_empty() {
+                std::fs::write(dir.path().join(name).join("physical_device"), device).unwrap();
+            }
+        }
+        let rdev = rustix::fs::makedev(0x103, 2);
+        assert_eq!(xen_backends_serving(dir.path(), rdev), vec!["vbd-3-51712"]);
+        assert_eq!(
+            Holder::XenGuests(vec!["vbd-3-51712".into()]).to_string(),
+            "served to a Xen guest by vbd-3-51712"
         );
     }
 

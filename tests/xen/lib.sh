@@ -93,14 +93,15 @@ guest_disk() {
     vbd3) set -- $target
           extra="$be/params nbd $be/physical-device-path $BLKTAP_CONTROL_DIR/nbd$1.$2 $be/hotplug-status connected" ;;
     esac
+    # Front end first (the guest is paused), then the back end in one transaction.
+    xenstore-write "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/state" 1 \
+        "$fe/virtual-device" "$devid" "$fe/device-type" disk &&
+    xenstore-chmod -r "$fe" "n$domid" r0 &&
     # shellcheck disable=SC2086 # $extra is key/value pairs
     xenstore-write "$be/frontend" "$fe" "$be/frontend-id" "$domid" "$be/online" 1 \
         "$be/removable" 0 "$be/state" 1 "$be/mode" w "$be/type" phy "$be/dev" "$vdev" \
         "$be/device-type" disk $extra &&
-    xenstore-chmod -r "$be" n0 "r$domid" &&
-    xenstore-write "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/state" 1 \
-        "$fe/virtual-device" "$devid" "$fe/device-type" disk &&
-    xenstore-chmod -r "$fe" "n$domid" r0
+    xenstore-chmod -r "$be" n0 "r$domid"
 }
 
 # guest_wait NAME SECONDS: waits until guest NAME is gone (destroys it after SECONDS),

@@ -10,7 +10,8 @@
 //!    (`feature-barrier`, `feature-flush-cache`, `feature-discard` with granularity,
 //!    `feature-max-indirect-segments`), `sector-size`, `sectors`, `info` and state Connected
 //!    (4); Closing (5): Closing; Closed (6): XENBLKIF_DISCONNECT, then Closed (6);
-//! 4. front end `state` gone (the guest died): remove the back-end directory;
+//! 4. front end `state` gone after it was there (the guest died): remove the back-end
+//!    directory;
 //!    back-end directory gone: XENBLKIF_DISCONNECT and forget the device.
 //!
 //! Departures from the C tapback: a front end without `protocol` is native (as `blkif.h`
@@ -130,6 +131,9 @@ struct Device {
     connected: bool,
     /// The last state we wrote.
     state: u32,
+    /// Whether the front end's `state` was ever there: only its removal afterwards means
+    /// the guest went away (the toolstack may write the back end first).
+    frontend_seen: bool,
 }
 
 /// `<dir>/nbd<pid>.<minor>` -> (dir, pid, minor).
@@ -270,6 +274,7 @@ impl<S: Store, T: Tapdisks> Tapback<S, T> {
                     served: None,
                     connected: false,
                     state: 1,
+                    frontend_seen: false,
                 },
             );
         }
@@ -277,12 +282,22 @@ impl<S: Store, T: Tapdisks> Tapback<S, T> {
             return Ok(());
         }
         match self.store.read(&key(&frontend, "state"))? {
-            None => {
+            None if self
+                .devices
+                .get(&(domid, devid))
+                .is_some_and(|device| device.frontend_seen) =>
+            {
                 tracing::info!("vbd3 {domid}/{devid}: front end gone, removing {be}");
                 self.forget(domid, devid)?;
                 self.store.remove(&be)
             }
-            Some(state) => self.frontend_changed(domid, devid, &be, state.trim()),
+            None => Ok(()),
+            Some(state) => {
+                if let Some(device) = self.devices.get_mut(&(domid, devid)) {
+                    device.frontend_seen = true;
+                }
+                self.frontend_changed(domid, devid, &be, state.trim())
+            }
         }
     }
 

@@ -85,6 +85,10 @@ const BE: &str = "/local/domain/0/backend/vbd3/5/51712";
 const FE: &str = "/local/domain/5/device/vbd/51712";
 
 fn tapback(extra: &[(&str, &str)]) -> Tapback<FakeStore, FakeTapdisks> {
+    tapback_with(extra, true)
+}
+
+fn tapback_with(extra: &[(&str, &str)], with_frontend: bool) -> Tapback<FakeStore, FakeTapdisks> {
     let mut store = FakeStore::default();
     for (k, v) in [
         ("frontend", FE),
@@ -96,7 +100,9 @@ fn tapback(extra: &[(&str, &str)]) -> Tapback<FakeStore, FakeTapdisks> {
     ] {
         store.keys.insert(format!("{BE}/{k}"), v.to_owned());
     }
-    store.keys.insert(format!("{FE}/state"), "1".to_owned());
+    if with_frontend {
+        store.keys.insert(format!("{FE}/state"), "1".to_owned());
+    }
     for (k, v) in extra {
         store.keys.insert((*k).to_owned(), (*v).to_owned());
     }
@@ -249,6 +255,20 @@ fn a_vanished_front_end_removes_the_back_end_and_disconnects() {
     // The removal's own event finds nothing left to do.
     t.handle_event(BE, BACKEND_TOKEN);
     assert_eq!(t_disconnects(&mut t).len(), 1);
+}
+
+#[test]
+fn a_back_end_written_before_its_front_end_waits_for_it() {
+    let mut t = tapback_with(&[], false);
+    t.handle_event(&format!("{BE}/state"), BACKEND_TOKEN);
+    assert_eq!(get(&mut t, &format!("{BE}/state")).as_deref(), Some("1"));
+    assert!(
+        get(&mut t, &format!("{BE}/frontend")).is_some(),
+        "back end kept"
+    );
+    t.store().keys.insert(format!("{FE}/state"), "1".to_owned());
+    t.handle_event(&format!("{FE}/state"), FRONTEND_TOKEN);
+    assert_eq!(get(&mut t, &format!("{BE}/state")).as_deref(), Some("2"));
 }
 
 #[test]

@@ -22,6 +22,7 @@ tapback 2>> "$SHARE/tapback.log" &
 tapback_pid=$!
 
 cat > "$SCRATCH/guest.sh" <<G
+rmmod xen_blkfront && insmod /mods/xen-blkfront.ko max_ring_page_order=3 || exit 1
 xen_wait_dev /dev/xvda 60 && xen_wait_dev /dev/xvdb 60 || exit 1
 now() { cut -d' ' -f1 /proc/uptime; }
 run() { # DISK JOB
@@ -42,7 +43,7 @@ while [ \$r -lt $ROUNDS ]; do
 done
 G
 xen_guest_initrd "$SCRATCH/guest.sh" /run/bench.cpio.gz
-domid=$(XEN_GUEST_CMDLINE="xen_blkfront.max_ring_page_order=3" guest_create bench /run/bench.cpio.gz)
+domid=$(guest_create bench /run/bench.cpio.gz)
 guest_disk "$domid" xvda vbd3 "$vbd" && guest_disk "$domid" xvdb vbd "$loop" && xl unpause bench
 check "benchmark guest ran" guest_wait bench 1500
 guest_unplug "$domid" vbd

@@ -6,6 +6,8 @@
 #   EXPECT="xvdb:0:4:MD5"  (optional) regions dom0 filled: DISK:FIRST_MIB:MIBS:md5
 #   SLOTS=8                1 MiB slots per disk the rounds write (from MiB 8 on)
 #   MAX_ROUNDS=400         give up (failure) if no STOP came by then
+#   BLKFRONT="..."         (optional) reload xen-blkfront with these module parameters first
+#                          (the initramfs insmods it, so the kernel command line cannot)
 #
 # Every round writes 256 KiB of fresh random data into the next slot of each disk (direct
 # I/O, fsync), reads it back and compares; "GUEST: round N ok" tells dom0 how far it got.
@@ -13,6 +15,9 @@
 # the md5 of each disk's first (8 + SLOTS) MiB, for dom0 to compare after the guest halted.
 set -u
 fail() { echo "GUEST: FAIL $*"; exit 1; }
+if [ -n "${BLKFRONT:-}" ]; then
+    rmmod xen_blkfront && insmod /mods/xen-blkfront.ko $BLKFRONT || fail "reloading xen-blkfront"
+fi
 for d in $DISKS $MAILBOX; do xen_wait_dev "/dev/$d" 60 || fail "no /dev/$d"; done
 for d in $DISKS; do echo "GUEST: $d has $(cat /sys/block/$d/size) sectors"; done
 for e in ${EXPECT:-}; do

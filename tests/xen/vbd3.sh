@@ -48,8 +48,8 @@ check "VHD chain VBD ($vbd_b)" test -n "$vbd_b"
 
 mbox=$(make_mailbox)
 guest_initrd /run/vbd3.cpio.gz 'DISKS="xvda xvdb"' MAILBOX=xvdc SLOTS=8 \
-    "EXPECT=\"xvda:0:4:$raw_head xvdb:0:4:$vhd_head\""
-domid=$(XEN_GUEST_CMDLINE="xen_blkfront.max_ring_page_order=3" guest_create vbd3 /run/vbd3.cpio.gz)
+    "EXPECT=\"xvda:0:4:$raw_head xvdb:0:4:$vhd_head\"" 'BLKFRONT="max_ring_page_order=3"'
+domid=$(guest_create vbd3 /run/vbd3.cpio.gz)
 check "guest created (domain $domid)" test -n "$domid"
 attach_disks() {
     guest_disk "$domid" xvda vbd3 "$vbd_a" && guest_disk "$domid" xvdb vbd3 "$vbd_b" &&

@@ -10,7 +10,7 @@
 #
 # Usage: scripts/xen-tests.sh [NAME...]   (default: every tests/xen/*.sh but the helpers
 # lib.sh and guest-*.sh; bench-xen runs scripts/bench-xen.sh the same way)
-# Knobs: RUN_IN_XEN (default ../shared/vm/run-in-xen.sh), VM_TIMEOUT per boot (default 900 s),
+# Knobs: RUN_IN_XEN (default ../shared/vm/run-in-xen.sh), VM_TIMEOUT per boot (default 1800 s),
 # BLKTAP_PROFILE (debug or release).
 # Output: each test's checks and its "N passed, M failed" line; logs (dom0's and the guests'
 # consoles, tapdisk's syslog) stay in the shared folder, whose path is printed. Exit status:
@@ -33,7 +33,7 @@ for b in $bins; do
 done
 
 share=$(mktemp -d /tmp/blktap-xen.XXXXXX)
-export VM_SHARE=$share
+export VM_SHARE=$share VM_TIMEOUT=${VM_TIMEOUT:-1800}
 mkdir -p "$share/repo/target/debug" "$share/repo/tests/xen" "$share/repo/tests/vm"
 for b in $bins; do cp "$bin/$b" "$share/repo/target/debug/"; done
 cp tests/xen/*.sh "$share/repo/tests/xen/"

@@ -7,9 +7,9 @@
 //!
 //! | entry | x86_64 / native | x86_32 |
 //! |---|---|---|
-//! | read/write: op, nr_segments, handle, id, sector, seg[11] | 0, 1, 2, 8, 16, 24 (112 B) | 0, 1, 2, 4, 12, 20 (108 B) |
+//! | read/write: op, nr_segments, handle, id, sector, seg\[11\] | 0, 1, 2, 8, 16, 24 (112 B) | 0, 1, 2, 4, 12, 20 (108 B) |
 //! | discard: op, flag, handle, id, sector, nr_sectors | 0, 1, 2, 8, 16, 24 | 0, 1, 2, 4, 12, 20 |
-//! | indirect: op, indirect_op, nr_segments (u16), id, sector, handle, indirect_grefs[8] | 0, 1, 2, 8, 16, 24, 28 | 0, 1, 2, 4, 12, 20, 24 |
+//! | indirect: op, indirect_op, nr_segments (u16), id, sector, handle, indirect_grefs\[8\] | 0, 1, 2, 8, 16, 24, 28 | 0, 1, 2, 4, 12, 20, 24 |
 //! | response: id, operation, status (i16) | 0, 8, 10 (16 B) | 0, 8, 10 (12 B) |
 //!
 //! A segment (8 bytes, in the request or in an indirect page) is `u32 gref, u8 first_sect,

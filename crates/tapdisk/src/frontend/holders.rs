@@ -118,7 +118,11 @@ pub fn xen_backends_serving(devices: &Path, rdev: u64) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(devices) else {
         return Vec::new();
     };
-    let wanted = format!("{:x}:{:x}", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let wanted = format!(
+        "{:x}:{:x}",
+        rustix::fs::major(rdev),
+        rustix::fs::minor(rdev)
+    );
     let mut names: Vec<String> = entries
         .flatten()
         .filter(|entry| {

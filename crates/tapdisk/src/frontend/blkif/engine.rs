@@ -13,7 +13,7 @@
 //!    request is taken until it has completed (its data written and flushed).
 //!    FLUSH_DISKCACHE flushes what completed before it (with data: written, then flushed).
 //!
-//! A disconnect ([`super::Xenio::disconnect`]) removes the statistics files, and the task
+//! A disconnect ([`super::BlkifRing::disconnect`]) removes the statistics files, and the task
 //! unbinds the event channel at once; requests still in flight complete silently (no copy,
 //! no response), then the ring is unmapped and the task ends. A front end that breaks the ring
 //! protocol (a producer index running ahead) gets no more requests taken; what it already

@@ -13,7 +13,7 @@
 //! `EPROTONOSUPPORT` (ABI not 1..=3), or the errno of mapping, binding or creating the
 //! statistics files.
 //!
-//! * [`platform`]: the grant/event-channel trait and the real devices ([`xen`], the only
+//! * [`platform`]: the grant/event-channel trait and the real devices (`xen.rs`, the only
 //!   `unsafe` here); [`sim`]: a simulated guest's side, for tests off Xen;
 //! * [`stats`]: counters, the shared-memory statistics files and `tap-ctl stats`' "xenbus".
 
@@ -54,7 +54,7 @@ fn path_error(error: io::Error, what: impl fmt::Display) -> io::Error {
     crate::error::with_context(error, text)
 }
 
-/// Starts ring tasks on some [`Platform`] (kept behind a trait object so that [`Xenio`]
+/// Starts ring tasks on some [`Platform`] (kept behind a trait object so that [`XenBackend`]
 /// has no type parameter).
 trait Connector: Send + Sync + fmt::Debug {
     fn start(

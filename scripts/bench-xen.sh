@@ -9,21 +9,22 @@
 # goes first. The emulated CPU makes absolute numbers meaningless: read the ratios.
 # Knobs (environment): ROUNDS (default 2), MIB (sequential size, default 64), OPS (4 KiB
 # requests, default 2048).
+# shellcheck source=tests/xen/lib.sh
 . "$1/tests/xen/lib.sh"
 ROUNDS=${ROUNDS:-2} MIB=${MIB:-64} OPS=${OPS:-2048}
 
 img="$SCRATCH/bench.img"
 dd if=/dev/urandom of="$img" bs=1M count=256 2>/dev/null
 tap-ctl create -b none -a "aio:$img" >> "$LOG" 2>&1
-set -- $(tap-ctl list | sed -n 's/.*pid=\([0-9]*\).*minor=\([0-9]*\).*/\1 \2/p' | head -n1)
-vbd="$1 $2"
+vbd=$(tap-ctl list | sed -n 's/.*pid=\([0-9]*\).*minor=\([0-9]*\).*/\1 \2/p' | head -n1)
 loop=$(losetup -f --show "$img")
 tapback 2>> "$SHARE/tapback.log" &
 tapback_pid=$!
 
 cat > "$SCRATCH/guest.sh" <<G
-rmmod xen_blkfront && insmod /mods/xen-blkfront.ko max_ring_page_order=3 || exit 1
-xen_wait_dev /dev/xvda 60 && xen_wait_dev /dev/xvdb 60 || exit 1
+{ rmmod xen_blkfront && insmod /mods/xen-blkfront.ko max_ring_page_order=3; } || exit 1
+echo "GUEST: blkfront ready"
+{ xen_wait_dev /dev/xvda 300 && xen_wait_dev /dev/xvdb 300; } || exit 1
 now() { cut -d' ' -f1 /proc/uptime; }
 run() { # DISK JOB
     t0=\$(now)
@@ -43,8 +44,8 @@ while [ \$r -lt $ROUNDS ]; do
 done
 G
 xen_guest_initrd "$SCRATCH/guest.sh" /run/bench.cpio.gz
-domid=$(guest_create bench /run/bench.cpio.gz)
-guest_disk "$domid" xvda vbd3 "$vbd" && guest_disk "$domid" xvdb vbd "$loop" && xl unpause bench
+domid=$(guest_start bench /run/bench.cpio.gz)
+guest_disk "$domid" xvda vbd3 "$vbd" && guest_disk "$domid" xvdb vbd "$loop"
 check "benchmark guest ran" guest_wait bench 1500
 guest_unplug "$domid" vbd
 

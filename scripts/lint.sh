@@ -33,8 +33,8 @@ echo "== cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 echo "== shellcheck"
-shellcheck .ci/run scripts/*.sh tests/vm/*.sh tests/package/*.sh packaging/bash-completion \
-    packaging/debian/postinst packaging/debian/postrm
+shellcheck .ci/run scripts/*.sh tests/vm/*.sh tests/xen/*.sh tests/package/*.sh \
+    packaging/bash-completion packaging/debian/postinst packaging/debian/postrm
 
 echo "== MSRV: locked dependencies"
 metadata=$(mktemp)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the Xen tests (tests/xen/*.sh but lib.sh and guest-*.sh) in the dom0 of a throw-away
-# Xen host, through ../shared/vm/run-in-xen.sh (one boot per test script; each boot starts
-# the PV guests its script needs). Needs the binaries built (scripts/setup.sh does it) in
-# ${CARGO_TARGET_DIR:-target}/debug (or .../release).
+# Xen host, through ../shared/vm/run-in-xen.sh: ONE boot for all of them (booting dom0 is
+# the slow part), each test a separate process that starts the PV guests it needs. Needs
+# the binaries built (scripts/setup.sh does it) in ${CARGO_TARGET_DIR:-target}/debug (or
+# .../release).
 #
 # As in scripts/vm-tests.sh, dom0 sees this machine's / read-only except /tmp, /run and the
 # shared folder $VM_SHARE, so the binaries and scripts are copied into a private shared
@@ -10,13 +11,14 @@
 #
 # Usage: scripts/xen-tests.sh [NAME...]   (default: every tests/xen/*.sh but the helpers
 # lib.sh and guest-*.sh; bench-xen runs scripts/bench-xen.sh the same way)
-# Knobs: RUN_IN_XEN (default ../shared/vm/run-in-xen.sh), VM_TIMEOUT per boot (default 1800 s),
-# BLKTAP_PROFILE (debug or release).
-# Output: each test's checks and its "N passed, M failed" line; logs (dom0's and the guests'
-# consoles, tapdisk's syslog) stay in the shared folder, whose path is printed. Exit status:
-# non-zero when any test failed.
+# Knobs: RUN_IN_XEN (default ../shared/vm/run-in-xen.sh), VM_TIMEOUT for the whole boot
+# (default 1800 s), BLKTAP_PROFILE (debug or release), XEN_DOM0_MEM (dom0's MiB, default
+# 1024 here).
+# Output: each test's checks and its "N passed, M failed" line; logs (the tests', the
+# guests' consoles, tapdisk's syslog, tapback's log) stay in the shared folder, whose path is
+# printed. Exit status: non-zero when any test failed or the host did not finish.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 repo=$PWD
 run_in_xen=${RUN_IN_XEN:-$repo/../shared/vm/run-in-xen.sh}
 target=${CARGO_TARGET_DIR:-$repo/target}
@@ -26,22 +28,14 @@ if [ ! -f "$run_in_xen" ]; then
     echo "xen-tests: $run_in_xen not found" >&2
     exit 2
 fi
-bins="tap-ctl tapdisk vhd-util"
-[ -x "$bin/tapback" ] && bins="$bins tapback"
+bins="tap-ctl tapdisk vhd-util tapback"
 for b in $bins; do
     [ -x "$bin/$b" ] || { echo "xen-tests: $bin/$b missing (run scripts/setup.sh)" >&2; exit 2; }
 done
 
-share=$(mktemp -d /tmp/blktap-xen.XXXXXX)
-export VM_SHARE=$share VM_TIMEOUT=${VM_TIMEOUT:-1800}
-mkdir -p "$share/repo/target/debug" "$share/repo/tests/xen" "$share/repo/tests/vm"
-for b in $bins; do cp "$bin/$b" "$share/repo/target/debug/"; done
-cp tests/xen/*.sh "$share/repo/tests/xen/"
-cp tests/vm/lib.sh "$share/repo/tests/vm/"
-cp scripts/bench-xen.sh "$share/repo/tests/xen/" 2>/dev/null || true
-
 if [ $# -gt 0 ]; then
-    tests=("$@")
+    tests=()
+    for name in "$@"; do name=${name%.sh}; tests+=("$(basename "$name")"); done
 else
     tests=()
     for t in tests/xen/*.sh; do
@@ -49,21 +43,39 @@ else
     done
 fi
 
-status=0
-for name in "${tests[@]}"; do
-    name=${name%.sh}; name=$(basename "$name")
+share=$(mktemp -d /tmp/blktap-xen.XXXXXX)
+export VM_SHARE=$share VM_TIMEOUT=${VM_TIMEOUT:-1800} XEN_DOM0_MEM=${XEN_DOM0_MEM:-1024}
+mkdir -p "$share/repo/target/debug" "$share/repo/tests/xen" "$share/repo/tests/vm"
+for b in $bins; do cp "$bin/$b" "$share/repo/target/debug/"; done
+cp tests/xen/*.sh "$share/repo/tests/xen/"
+cp tests/vm/lib.sh "$share/repo/tests/vm/"
+cp scripts/bench-xen.sh "$share/repo/tests/xen/"
+
+# What dom0 runs: every test in turn, each with its summary line; the status is that of the
+# worst.
+{
+    echo '#!/bin/bash'
+    echo "repo=$share/repo status=0"
+    printf 'for name in'; printf ' %q' "${tests[@]}"; echo '; do'
+    cat <<'EOF'
     echo "== xen test $name"
-    start=$SECONDS
-    script="$share/repo/tests/xen/$name.sh"
-    [ -f "$script" ] || script="$share/repo/tests/xen/$name"
-    bash "$run_in_xen" run "$script" "$share/repo" "$name" 2>&1 |
-        tr -d '\r' |
-        sed -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' |
-        grep -v -e '^\[ *[0-9.]*\]' -e '^(XEN)' -e '^ *$' -e '^reboot: '
-    rc=${PIPESTATUS[0]}
-    echo "== xen test $name: exit $rc in $((SECONDS - start)) s"
+    start=$(cut -d. -f1 /proc/uptime)
+    bash "$repo/tests/xen/$name.sh" "$repo" "$name"; rc=$?
+    echo "== xen test $name: exit $rc in $(( $(cut -d. -f1 /proc/uptime) - start )) s"
     [ "$rc" -eq 0 ] || status=1
 done
+exit $status
+EOF
+} > "$share/run-tests.sh"
+
+echo "== xen tests (one boot): ${tests[*]}"
+start=$SECONDS
+bash "$run_in_xen" run "$share/run-tests.sh" 2>&1 |
+    tr -d '\r' |
+    sed -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' |
+    grep -v -e '^\[ *[0-9.]*\]' -e '^(XEN)' -e '^ *$' -e '^reboot: '
+status=${PIPESTATUS[0]}
+echo "== xen tests: exit $status in $((SECONDS - start)) s"
 rm -rf "$share/repo"
 echo "xen-tests: logs in $share"
-exit $status
+[ "$status" -eq 0 ]

@@ -1,12 +1,15 @@
-#!/bin/sh
+#!/bin/bash
 # tests/xen/lib.sh -- helpers for the tests that run in the dom0 of a Xen host (sourced).
 #
-# scripts/xen-tests.sh starts a test as `run-in-xen.sh run tests/xen/NAME.sh REPO NAME`; REPO
-# holds tests/{xen,vm}/ and target/debug/. On top of tests/vm/lib.sh (checks, the "N passed,
-# M failed" line, cleanup, syslog into $VM_SHARE/NAME.syslog) and run-in-xen.sh's $XEN_LIB
-# (xen_guest_initrd, xen_run_guest), this gives: guests that run tests/xen/guest-io.sh in the
-# background, waiting for their console lines, and a mailbox disk to tell them to stop.
+# scripts/xen-tests.sh boots one Xen host and runs each test there as
+# `bash tests/xen/NAME.sh REPO NAME`; REPO holds tests/{xen,vm}/ and target/debug/. On top of
+# tests/vm/lib.sh (checks, the "N passed, M failed" line, cleanup, syslog into
+# $VM_SHARE/NAME.syslog) and run-in-xen.sh's $XEN_LIB (xen_guest_initrd), this gives: guests
+# that run tests/xen/guest-io.sh, hot-plugged disks, waiting for the guests' console lines,
+# and a mailbox disk to tell them to stop.
+# shellcheck source=tests/vm/lib.sh
 . "$1/tests/vm/lib.sh"
+# shellcheck disable=SC1091 # written by run-in-xen.sh
 . "$XEN_LIB"
 XEN_TESTS="$REPO/tests/xen"
 
@@ -27,11 +30,13 @@ console() { tr -d '\r' 2>/dev/null < "/var/log/xen/console/guest-$1.log"; }
 # wait_console NAME REGEX SECONDS: waits until the guest's console has a line matching REGEX
 # (grep -E); fails early if the guest already printed GUEST-RC or is gone.
 wait_console() {
-    local i=0
-    while [ $i -lt $(( $3 * 2 )) ]; do
-        console "$1" | grep -qE "$2" && return 0
-        console "$1" | grep -q '^GUEST-RC=' && return 1
-        sleep 0.5; i=$((i + 1))
+    local i=0 text
+    while [ $i -lt "$3" ]; do
+        text=$(console "$1")
+        printf '%s\n' "$text" | grep -qE "$2" && return 0
+        case $text in *GUEST-RC=*) return 1 ;; esac
+        xl domid "$1" >/dev/null 2>&1 || return 1
+        sleep 1; i=$((i + 1))
     done
     return 1
 }
@@ -43,36 +48,41 @@ last_round() {
 
 # wait_rounds NAME N SECONDS: waits until the guest finished N more rounds than now.
 wait_rounds() {
-    local want=$(( $(last_round "$1") + $2 )) i=0
+    local want i=0
+    want=$(( $(last_round "$1") + $2 ))
     while [ "$(last_round "$1")" -lt "$want" ]; do
-        i=$((i + 1)); [ $i -gt $(( $3 * 2 )) ] && return 1
-        console "$1" | grep -q '^GUEST-RC=' && return 1
-        sleep 0.5
+        i=$((i + 1)); [ $i -gt "$3" ] && return 1
+        xl domid "$1" >/dev/null 2>&1 || return 1
+        sleep 1
     done
 }
 
-# Guests are started paused and get their disks by XenStore nodes written here, the way
-# xenopsd attaches disks (Device.Vbd.add), with no hotplug script: libxl's hotplug timeout is
-# easily exceeded on an emulated, busy host. A disk's back end is dom0's blkback
-# ("vbd": the node names a block device's major:minor) or a tapback ("vbd3": the node
-# names the tapdisk's NBD socket, from which tapback finds the tapdisk and minor).
+# Guests start without disks; once the guest's blkfront is ready (reloaded with the module
+# parameters the test wants: the initramfs insmods it, so the kernel command line never
+# reaches it), dom0 hot-plugs its disks by writing XenStore nodes the way xenopsd does
+# (Device.Vbd.add), with no hotplug script: libxl's hotplug timeout is easily exceeded on an
+# emulated, busy host. A disk's back end is dom0's blkback ("vbd": the node names a block
+# device's major:minor) or a tapback ("vbd3": the node names the tapdisk's NBD socket, from
+# which tapback finds the tapdisk and minor).
 
-# guest_create NAME INITRD: creates guest NAME, paused, without disks; prints its domid.
-guest_create() {
+# guest_start NAME INITRD: starts guest NAME without disks and waits until its blkfront is
+# ready ("GUEST: blkfront ready"); prints its domid.
+guest_start() {
     cat > "/run/xen/guest-$1.cfg" <<CFG
 name = "$1"
 type = "pv"
 kernel = "$XEN_GUEST_KERNEL"
 ramdisk = "$2"
 cmdline = "console=hvc0 quiet ${XEN_GUEST_CMDLINE:-}"
-memory = ${XEN_GUEST_MEM:-256}
+memory = ${XEN_GUEST_MEM:-128}
 vcpus = 1
 on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "destroy"
 CFG
     rm -f "/var/log/xen/console/guest-$1.log"
-    xl create -p "/run/xen/guest-$1.cfg" >> "$LOG" 2>&1 && xl domid "$1"
+    xl create "/run/xen/guest-$1.cfg" >> "$LOG" 2>&1 &&
+        wait_console "$1" '^GUEST: blkfront ready' "${XEN_BOOT_TIMEOUT:-600}" && xl domid "$1"
 }
 
 # vdev_number NAME: the xenbus device id of xvdX (202 << 8 | 16 * index).
@@ -81,27 +91,30 @@ vdev_number() {
     echo $(( (202 << 8) + 16 * ($(printf '%d' "'$letter") - 97) ))
 }
 
-# guest_disk DOMID VDEV TYPE TARGET: attaches a disk as VDEV (xvda...). TYPE vbd: TARGET is
+# guest_disk DOMID VDEV TYPE TARGET: hot-plugs a disk as VDEV (xvda...). TYPE vbd: TARGET is
 # a block device for blkback; TYPE vbd3: TARGET is "PID MINOR" of a tapdisk, for tapback.
+# The back end goes first (readable by the guest); then the front end's directory, made the
+# guest's own, and its keys in one transaction (they inherit that owner), so the guest's
+# xenbus sees a complete front end, state Initialising, that it may write.
 guest_disk() {
-    local domid=$1 vdev=$2 type=$3 target=$4 devid fe be extra
+    local domid=$1 vdev=$2 type=$3 target=$4 devid fe be extra pid minor
     devid=$(vdev_number "$vdev")
     fe=/local/domain/$domid/device/vbd/$devid
     be=/local/domain/0/backend/$type/$domid/$devid
     case $type in
     vbd) extra="$be/physical-device $(stat -L -c '%t:%T' "$target") $be/params $target" ;;
-    vbd3) set -- $target
-          extra="$be/params nbd $be/physical-device-path $BLKTAP_CONTROL_DIR/nbd$1.$2 $be/hotplug-status connected" ;;
+    vbd3) read -r pid minor <<<"$target"
+          extra="$be/params nbd $be/physical-device-path $BLKTAP_CONTROL_DIR/nbd$pid.$minor"
+          extra="$extra $be/hotplug-status connected" ;;
     esac
-    # Front end first (the guest is paused), then the back end in one transaction.
-    xenstore-write "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/state" 1 \
-        "$fe/virtual-device" "$devid" "$fe/device-type" disk &&
-    xenstore-chmod -r "$fe" "n$domid" r0 &&
     # shellcheck disable=SC2086 # $extra is key/value pairs
     xenstore-write "$be/frontend" "$fe" "$be/frontend-id" "$domid" "$be/online" 1 \
         "$be/removable" 0 "$be/state" 1 "$be/mode" w "$be/type" phy "$be/dev" "$vdev" \
         "$be/device-type" disk $extra &&
-    xenstore-chmod -r "$be" n0 "r$domid"
+    xenstore-chmod -r "$be" n0 "r$domid" &&
+    xenstore-write "$fe" "" && xenstore-chmod "$fe" "n$domid" r0 &&
+    xenstore-write "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/virtual-device" "$devid" \
+        "$fe/device-type" disk "$fe/state" 1
 }
 
 # guest_wait NAME SECONDS: waits until guest NAME is gone (destroys it after SECONDS),

@@ -9,6 +9,8 @@
 # new leaf); it checks tap-ctl stats and the statistics files xcp-rrdd reads. After the guest
 # halted, tapback disconnects the rings and dom0 reads both disks through NBD and compares
 # them with what the guest reported.
+# shellcheck disable=SC2317 # the helpers below run through check
+# shellcheck source=tests/xen/lib.sh
 . "$1/tests/xen/lib.sh"
 
 # create_vbd PARAMS: a VBD with no block device (the guest's ring is its frontend); prints
@@ -17,7 +19,7 @@ create_vbd() {
     tap-ctl create -b none -a "$1" >> "$LOG" 2>&1 || return 1
     tap-ctl list | grep -F "args=$1" | sed -n 's/.*pid=\([0-9]*\).*minor=\([0-9]*\).*/\1 \2/p' | head -n1
 }
-nbd_of() { set -- $1; echo "nbd+unix:///?socket=$BLKTAP_CONTROL_DIR/nbd$1.$2"; }
+nbd_of() { echo "nbd+unix:///?socket=$BLKTAP_CONTROL_DIR/nbd${1% *}.${1#* }"; }
 nbd_md5() {
     qemu-img convert -f raw "$(nbd_of "$1")" -O raw "$SCRATCH/read.raw" >> "$LOG" 2>&1 &&
         dd if="$SCRATCH/read.raw" bs=1M count="$2" 2>/dev/null | md5sum | cut -d' ' -f1
@@ -28,20 +30,19 @@ tapback_pid=$!
 check "tapback runs" kill -0 "$tapback_pid"
 
 raw="$SCRATCH/raw.img"
-dd if=/dev/urandom of="$raw" bs=1M count=4 2>/dev/null && truncate -s 64M "$raw"
+dd if=/dev/urandom of="$raw" bs=1M count=4 2>/dev/null && truncate -s 32M "$raw"
 raw_head=$(dd if="$raw" bs=1M count=4 2>/dev/null | md5sum | cut -d' ' -f1)
 vbd_a=$(create_vbd "aio:$raw")
 check "raw VBD without a block device ($vbd_a)" test -n "$vbd_a"
 
 base="$SCRATCH/base.vhd" leaf1="$SCRATCH/leaf1.vhd" leaf2="$SCRATCH/leaf2.vhd"
-check "vhd-util create base" vhd-util create -n "$base" -s 64
+check "vhd-util create base" vhd-util create -n "$base" -s 32
 dd if=/dev/urandom of="$SCRATCH/prefill" bs=1M count=4 2>/dev/null
 vhd_head=$(md5sum < "$SCRATCH/prefill" | cut -d' ' -f1)
 fill=$(create_vbd "vhd:$base")
 check "fill the base through the NBD export" \
     qemu-img convert -n -f raw "$SCRATCH/prefill" -O raw "$(nbd_of "$fill")"
-set -- $fill
-check "destroy the filling VBD" tap-ctl destroy -p "$1" -m "$2"
+check "destroy the filling VBD" tap-ctl destroy -p "${fill% *}" -m "${fill#* }"
 check "vhd-util snapshot base -> leaf1" vhd-util snapshot -n "$leaf1" -p "$base"
 vbd_b=$(create_vbd "vhd:$leaf1")
 check "VHD chain VBD ($vbd_b)" test -n "$vbd_b"
@@ -49,17 +50,16 @@ check "VHD chain VBD ($vbd_b)" test -n "$vbd_b"
 mbox=$(make_mailbox)
 guest_initrd /run/vbd3.cpio.gz 'DISKS="xvda xvdb"' MAILBOX=xvdc SLOTS=8 \
     "EXPECT=\"xvda:0:4:$raw_head xvdb:0:4:$vhd_head\"" 'BLKFRONT="max_ring_page_order=3"'
-domid=$(guest_create vbd3 /run/vbd3.cpio.gz)
-check "guest created (domain $domid)" test -n "$domid"
+domid=$(guest_start vbd3 /run/vbd3.cpio.gz)
+check "guest started, blkfront ready (domain $domid)" test -n "$domid"
 attach_disks() {
     guest_disk "$domid" xvda vbd3 "$vbd_a" && guest_disk "$domid" xvdb vbd3 "$vbd_b" &&
         guest_disk "$domid" xvdc vbd "$mbox"
 }
 check "vbd3 disks (raw, VHD) and a blkback mailbox" attach_disks
-check "guest started" xl unpause vbd3
 
-set -- $vbd_a; pid_a=$1 minor_a=$2
-set -- $vbd_b; pid_b=$1 minor_b=$2
+read -r pid_a minor_a <<<"$vbd_a"
+read -r pid_b minor_b <<<"$vbd_b"
 be_a=/local/domain/0/backend/vbd3/$domid/51712
 if check "guest reads dom0's data through our back-end and finishes a round" \
         wait_console vbd3 '^GUEST: round 1 ok' 300; then

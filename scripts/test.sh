@@ -5,7 +5,8 @@
 # Run as root (the tests create loop devices and FUSE mounts). Installs what is missing.
 # Then the Debian package is built (scripts/package.sh: release build, cargo-deb, lintian) and
 # installed into a fresh root, used and purged (tests/package/install.sh).
-# Last, the kernel-device tests that need ublk_drv and nbd run in a VM (scripts/vm-tests.sh).
+# Last, the kernel-device tests that need ublk_drv and nbd run in a VM (scripts/vm-tests.sh),
+# and the Xen tests (PV guests on our disks) in one boot of a Xen host (scripts/xen-tests.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -25,3 +26,5 @@ echo "== fuzz smoke run"
 ./scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 echo "== VM tests (ublk, recovery, kernel NBD client)"
 ./scripts/vm-tests.sh
+echo "== Xen tests (PV guests on phy: and vbd3 disks, one Xen boot)"
+VM_TIMEOUT=${XEN_TESTS_TIMEOUT:-840} ./scripts/xen-tests.sh

@@ -11,6 +11,8 @@
 #
 # Usage: scripts/xen-tests.sh [NAME...]   (default: every tests/xen/*.sh but the helpers
 # lib.sh and guest-*.sh; bench-xen runs scripts/bench-xen.sh the same way)
+# scripts/test.sh (CI) runs it last, with VM_TIMEOUT=840 unless XEN_TESTS_TIMEOUT says
+# otherwise; the first run sets the Xen host up (run-in-xen.sh setup, cached).
 # Knobs: RUN_IN_XEN (default ../shared/vm/run-in-xen.sh), VM_TIMEOUT for the whole boot
 # (default 1800 s), BLKTAP_PROFILE (debug or release), XEN_DOM0_MEM (dom0's MiB, default
 # 1024 here).
@@ -32,6 +34,11 @@ bins="tap-ctl tapdisk vhd-util tapback"
 for b in $bins; do
     [ -x "$bin/$b" ] || { echo "xen-tests: $bin/$b missing (run scripts/setup.sh)" >&2; exit 2; }
 done
+xen_dir=${XEN_DIR:-/var/cache/blktap-xen}
+if [ ! -f "$xen_dir/xen.elf" ] || [ ! -f "$xen_dir/initrd.gz" ] || [ ! -f "$xen_dir/guest-base.cpio" ]; then
+    echo "xen-tests: setting the Xen host up (once)"
+    bash "$run_in_xen" setup || { echo "xen-tests: Xen setup failed" >&2; exit 2; }
+fi
 
 if [ $# -gt 0 ]; then
     tests=()

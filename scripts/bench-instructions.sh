@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Instructions per NBD request, server side only (a benchmark, not a test).
+#
+# Every server runs under `valgrind --tool=cachegrind`, which counts the instructions the
+# server's own threads execute (Ir; the kernel's work is not counted), on a small raw image:
+#   ours           tapdisk's export, default O_DIRECT open (tap-ctl create -b none)
+#   ours-buffered  the same opened without O_DIRECT (tap-ctl create -b none -D)
+#   qemu-none      qemu-nbd --cache=none --aio=io_uring (O_DIRECT)
+#   qemu-wb        qemu-nbd --cache=writeback --aio=threads (page cache)
+#   nbdkit         nbdkit's file plugin (page cache)
+# fio's nbd engine (not under valgrind) drives a fixed number of 4k random requests at QD32
+# over one UNIX-socket connection. Each server and job runs twice, with BASE and with N
+# requests, each time on a freshly started server; the table shows
+#   (Ir with N requests - Ir with BASE requests) / (N - BASE)
+# so start-up, handshake and shutdown cancel out. Instruction counts do not depend on the
+# host's load (wall time under valgrind does, and means nothing here).
+#
+# io_uring under valgrind: valgrind 3.19 knows io_uring_setup/enter/register; tapdisk's
+# engine in use is printed (from `tap-ctl stats`) so a fallback would show; it is io_uring.
+#
+# Environment: N (default 20000), BASE (default 2000), SIZE (default 256M), SERVERS (subset
+# of "ours ours-buffered qemu-none qemu-wb nbdkit"), JOBS (subset of "randread randwrite"),
+# QD (default 32), KEEP=1 keeps the cachegrind files (for cg_annotate) in KEEP_DIR (default
+# ./cachegrind), named SERVER-JOB-COUNT.out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${N:-20000}
+BASE=${BASE:-2000}
+SIZE=${SIZE:-256M}
+SERVERS=${SERVERS:-"ours ours-buffered qemu-none qemu-wb nbdkit"}
+JOBS=${JOBS:-"randread randwrite"}
+QD=${QD:-32}
+KEEP=${KEEP:-0}
+KEEP_DIR=${KEEP_DIR:-$PWD/cachegrind}
+
+if [ "$N" -le "$BASE" ]; then
+    echo "N ($N) must be larger than BASE ($BASE)" >&2
+    exit 1
+fi
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+cargo build --release -q -p tapdisk -p tap-ctl --bins
+BIN=$CARGO_TARGET_DIR/release
+
+# O_DIRECT needs a filesystem on storage: /var/tmp, not a tmpfs /tmp.
+WORK=$(mktemp -d "${WORK_DIR:-/var/tmp}/bench-instructions.XXXXXX")
+export BLKTAP_CONTROL_DIR=$WORK/ctl
+SERVER_PID=
+OURS=
+cleanup() {
+    stop_server || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+IMAGE=$WORK/disk.img
+echo "# image: $SIZE raw at $IMAGE (random data)" >&2
+fio --name=fill --filename="$IMAGE" --size="$SIZE" --rw=write --bs=1M --refill_buffers \
+    --ioengine=psync --end_fsync=1 --output=/dev/null
+
+VALGRIND=(valgrind --tool=cachegrind --cache-sim=no --branch-sim=no)
+# tap-ctl starts tapdisk through this wrapper; valgrind's own messages go to a log file,
+# since tap-ctl reads the daemon's handshake from its output.
+cat >"$WORK/tapdisk-under-cachegrind" <<EOF
+#!/bin/sh
+exec ${VALGRIND[*]} --log-file=$WORK/valgrind.%p.log --cachegrind-out-file=$WORK/cg.%p $BIN/tapdisk "\$@"
+EOF
+chmod +x "$WORK/tapdisk-under-cachegrind"
+
+SOCK=
+CG_FILE=
+start_server() {
+    rm -f "$WORK"/cg.*
+    case $1 in
+    ours | ours-buffered)
+        local direct=()
+        [ "$1" = ours-buffered ] && direct=(-D)
+        local marker minor pid
+        marker=$(BLKTAP_TAPDISK=$WORK/tapdisk-under-cachegrind \
+            "$BIN/tap-ctl" create -a "aio:$IMAGE" -b none "${direct[@]}")
+        minor=${marker##*tapdisk-}
+        pid=$("$BIN/tap-ctl" list -m "$minor" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
+        SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
+        OURS="$pid $minor"
+        SERVER_PID=$pid
+        CG_FILE=$WORK/cg.$pid
+        # The engine tapdisk chose under valgrind (io_uring, or a fallback to pread).
+        echo "# $1: tapdisk $("$BIN/tap-ctl" stats -p "$pid" -m "$minor" |
+            grep -o '"engine": *"[^"]*"' | head -1 || true)" >&2
+        ;;
+    qemu-none | qemu-wb)
+        local opts=(--cache=none --aio=io_uring)
+        [ "$1" = qemu-wb ] && opts=(--cache=writeback --aio=threads)
+        SOCK=$WORK/qemu.sock
+        "${VALGRIND[@]}" --log-file="$WORK/valgrind.qemu.log" \
+            --cachegrind-out-file="$WORK/cg.qemu" \
+            qemu-nbd -t -f raw "${opts[@]}" -k "$SOCK" "$IMAGE" &
+        SERVER_PID=$!
+        CG_FILE=$WORK/cg.qemu
+        ;;
+    nbdkit)
+        SOCK=$WORK/nbdkit.sock
+        "${VALGRIND[@]}" --log-file="$WORK/valgrind.nbdkit.log" \
+            --cachegrind-out-file="$WORK/cg.nbdkit" \
+            nbdkit -f -U "$SOCK" file "file=$IMAGE" &
+        SERVER_PID=$!
+        CG_FILE=$WORK/cg.nbdkit
+        ;;
+    esac
+    for _ in $(seq 600); do [ -S "$SOCK" ] && return 0; sleep 0.1; done
+    echo "server $1 did not come up" >&2
+    return 1
+}
+
+# Stops the server and waits until valgrind has written its counts.
+stop_server() {
+    if [ -n "$OURS" ]; then
+        local pid minor
+        read -r pid minor <<<"$OURS"
+        "$BIN/tap-ctl" destroy -p "$pid" -m "$minor" || true
+        OURS=
+    elif [ -n "$SERVER_PID" ]; then
+        # fio connects twice (size probe, then the job): qemu-nbd runs with -t and both
+        # peers are stopped by SIGTERM, on which they exit cleanly.
+        kill "$SERVER_PID" 2>/dev/null || true
+    fi
+    if [ -n "$SERVER_PID" ]; then
+        for _ in $(seq 600); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+    fi
+    rm -f "$WORK"/*.sock
+}
+
+# measure SERVER JOB COUNT -> prints the server's total Ir
+measure() {
+    start_server "$1"
+    # fio's nbd engine prints a line on stdout before its JSON; only the count matters here.
+    fio --name="$2" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw="$2" --bs=4k \
+        --iodepth="$QD" --size="$SIZE" --number_ios="$3" --output=/dev/null
+    stop_server
+    if [ "$KEEP" = 1 ]; then
+        mkdir -p "$KEEP_DIR"
+        cp "$CG_FILE" "$KEEP_DIR/$1-$2-$3.out"
+    fi
+    sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$CG_FILE"
+}
+
+RESULTS=$WORK/results
+: >"$RESULTS"
+for server in $SERVERS; do
+    for job in $JOBS; do
+        base=$(measure "$server" "$job" "$BASE")
+        full=$(measure "$server" "$job" "$N")
+        per=$(((full - base) / (N - BASE)))
+        echo "$server $job $per" >>"$RESULTS"
+        printf '%-14s %-10s %8s instructions/request  (Ir %s with %s, %s with %s)\n' \
+            "$server" "$job" "$per" "$base" "$BASE" "$full" "$N" >&2
+    done
+done
+
+python3 - "$RESULTS" <<'EOF'
+import sys
+rows = [line.split() for line in open(sys.argv[1])]
+data = {(s, j): int(v) for s, j, v in rows}
+servers = list(dict.fromkeys(r[0] for r in rows))
+jobs = list(dict.fromkeys(r[1] for r in rows))
+print()
+print("| 4k QD32, instructions per request | " + " | ".join(servers) + " |")
+print("|---|" + "---|" * len(servers))
+for job in jobs:
+    cells = [f"{data[(s, job)]:,}" if (s, job) in data else "-" for s in servers]
+    print(f"| {job} | " + " | ".join(cells) + " |")
+EOF

@@ -122,6 +122,8 @@ pub(crate) struct Outbox<B> {
     spare: Vec<u8>,
     /// Read buffers no longer needed, to hand back to the export.
     returned: Vec<B>,
+    /// The chunks of the read reply being encoded (kept to reuse its allocation).
+    chunks: Vec<ReadChunk>,
     /// Structured replies were negotiated.
     structured: bool,
     /// Extended headers were negotiated (every reply is an extended chunk).
@@ -139,6 +141,7 @@ impl<B: ExportBuffer> Outbox<B> {
             bytes: 0,
             spare: Vec::new(),
             returned: Vec::new(),
+            chunks: Vec::new(),
         }
     }
 
@@ -320,22 +323,25 @@ impl<B: ExportBuffer> Outbox<B> {
             self.returned.push(buf);
             return;
         }
-        let chunks = if no_fragment {
-            vec![ReadChunk::Data {
+        let mut chunks = std::mem::take(&mut self.chunks);
+        if no_fragment {
+            chunks.clear();
+            chunks.push(ReadChunk::Data {
                 offset,
                 range: 0..len,
-            }]
+            });
         } else {
-            proto::split_read(offset, buf.bytes())
-        };
+            proto::split_read_into(offset, buf.bytes(), &mut chunks);
+        }
         if small {
-            self.read_chunks(cookie, offset, chunks, buf.bytes(), None);
+            self.read_chunks(cookie, offset, &chunks, buf.bytes(), None);
             self.returned.push(buf);
         } else {
             let buf = Arc::new(buf);
-            self.read_chunks(cookie, offset, chunks, buf.bytes(), Some(&buf));
+            self.read_chunks(cookie, offset, &chunks, buf.bytes(), Some(&buf));
             self.give_back(buf);
         }
+        self.chunks = chunks;
     }
 
     /// Queues the chunks of a structured read reply; data ranges are copied from `bytes`,
@@ -344,15 +350,19 @@ impl<B: ExportBuffer> Outbox<B> {
         &mut self,
         cookie: u64,
         offset: u64,
-        chunks: Vec<ReadChunk>,
+        chunks: &[ReadChunk],
         bytes: &[u8],
         shared: Option<&Arc<B>>,
     ) {
         let last = chunks.len().saturating_sub(1);
-        for (index, chunk) in chunks.into_iter().enumerate() {
+        for (index, chunk) in chunks.iter().enumerate() {
             let done = index == last;
-            match chunk {
-                ReadChunk::Data { offset: at, range } => {
+            match *chunk {
+                ReadChunk::Data {
+                    offset: at,
+                    ref range,
+                } => {
+                    let range = range.clone();
                     self.chunk_header(
                         done,
                         proto::REPLY_TYPE_OFFSET_DATA,

@@ -419,6 +419,10 @@ fn read_at_level(images: &[Image], level: usize, sector: u64, buf: IoBuf) -> IoF
 
 /// Reads through `images` from `level` down: sectors a level reports absent come from the
 /// next one, zeros below the last one or past a smaller image's end.
+///
+/// The common case (the level holds every sector asked for) awaits only the driver's
+/// future; the other two run in boxed futures of their own, so that this future, which the
+/// frontends allocate with every request, stays small.
 async fn read_level(
     images: &[Image],
     level: usize,
@@ -434,22 +438,37 @@ async fn read_level(
     // Sectors past a (smaller) parent's end read as zeros.
     let inside = size.saturating_sub(sector).min(total);
     if inside < total {
-        let keep = usize::try_from(inside * SECTOR_SIZE).map_err(|_| einval())?;
-        if inside == 0 {
-            buf.as_mut_slice().fill(0);
-            return Ok(buf);
-        }
-        let mut head = IoBuf::zeroed(keep);
-        head = read_at_level(images, level, sector, head).await?;
-        buf.as_mut_slice()[..keep].copy_from_slice(head.as_slice());
-        let len = buf.len();
-        buf.zero_range(keep..len);
-        return Ok(buf);
+        return Box::pin(read_past_end(images, level, sector, buf, inside)).await;
     }
     let result = image.driver.read(sector, buf).await;
     image.counters.count_read(served(total, &result), &result);
     let outcome = result?;
-    let (buf, _) = read_absent(images, level + 1, sector, outcome, false).await?;
+    if outcome.absent.is_empty() {
+        return Ok(outcome.buf);
+    }
+    let (buf, _) = Box::pin(read_absent(images, level + 1, sector, outcome, false)).await?;
+    Ok(buf)
+}
+
+/// [`read_level`] of a read reaching past the end of the image at `level`, which holds the
+/// first `inside` sectors.
+async fn read_past_end(
+    images: &[Image],
+    level: usize,
+    sector: u64,
+    mut buf: IoBuf,
+    inside: u64,
+) -> io::Result<IoBuf> {
+    let keep = usize::try_from(inside * SECTOR_SIZE).map_err(|_| einval())?;
+    if inside == 0 {
+        buf.as_mut_slice().fill(0);
+        return Ok(buf);
+    }
+    let mut head = IoBuf::zeroed(keep);
+    head = read_at_level(images, level, sector, head).await?;
+    buf.as_mut_slice()[..keep].copy_from_slice(head.as_slice());
+    let len = buf.len();
+    buf.zero_range(keep..len);
     Ok(buf)
 }
 
@@ -714,7 +733,11 @@ impl ImageChain {
                 .count_read_passed(buf.len() as u64 / SECTOR_SIZE);
         }
         match &self.secondary {
-            Some(secondary) if secondary.holds_data() => secondary.read(self, sector, buf).await,
+            // Boxed: this rare path's larger state would otherwise enlarge every read's
+            // future (allocated per request by the frontends).
+            Some(secondary) if secondary.holds_data() => {
+                Box::pin(secondary.read(self, sector, buf)).await
+            }
             _ => self.read_chain(sector, buf).await,
         }
     }
@@ -722,7 +745,8 @@ impl ImageChain {
     /// Reads through the images, leaf first, ignoring the secondary.
     pub(crate) async fn read_chain(&self, sector: u64, buf: IoBuf) -> io::Result<IoBuf> {
         match &self.local_cache {
-            Some(cache) => self.read_through_cache(cache, sector, buf).await,
+            // Boxed, so that its state does not enlarge the future of every other read.
+            Some(cache) => Box::pin(self.read_through_cache(cache, sector, buf)).await,
             // The leaf level runs in the caller's future; only parents need a boxed future.
             None => read_level(&self.images, 0, sector, buf).await,
         }

@@ -294,9 +294,10 @@ static ZERO_BLOCK: [u8; HOLE_GRANULARITY] = [0; HOLE_GRANULARITY];
 
 /// Split a read buffer into data and hole chunks: every `HOLE_GRANULARITY`-aligned (in
 /// export offsets) all-zero block becomes part of a hole, everything else data. Adjacent
-/// pieces of the same kind merge. An empty buffer gives no chunks.
-pub fn split_read(offset: u64, data: &[u8]) -> Vec<ReadChunk> {
-    let mut chunks: Vec<ReadChunk> = Vec::new();
+/// pieces of the same kind merge. An empty buffer gives no chunks. The chunks replace what
+/// `chunks` held (a vector the caller keeps, so that a reply costs no allocation).
+pub fn split_read_into(offset: u64, data: &[u8], chunks: &mut Vec<ReadChunk>) {
+    chunks.clear();
     let granularity = HOLE_GRANULARITY as u64;
     let mut pos = 0usize;
     while pos < data.len() {
@@ -324,13 +325,18 @@ pub fn split_read(offset: u64, data: &[u8]) -> Vec<ReadChunk> {
         }
         pos += step;
     }
-    chunks
 }
 
 #[cfg(test)]
 mod tests {
     use crate::proto::*;
     use proptest::prelude::*;
+
+    fn split_read(offset: u64, data: &[u8]) -> Vec<ReadChunk> {
+        let mut chunks = Vec::new();
+        split_read_into(offset, data, &mut chunks);
+        chunks
+    }
 
     #[test]
     fn reply_encodings() {

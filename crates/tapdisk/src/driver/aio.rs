@@ -232,12 +232,16 @@ impl ImageDriver for AioImage {
     }
 
     fn write(&self, sector: u64, buf: Arc<IoBuf>) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            if self.read_only {
-                return Err(io::Error::from_raw_os_error(libc::EPERM));
-            }
-            self.engine.write_at(buf, byte_offset(sector)?).await
-        })
+        // The engine's future is the write's own: no second future around it.
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(io::Error::from_raw_os_error(
+                libc::EPERM,
+            ))));
+        }
+        match byte_offset(sector) {
+            Ok(offset) => self.engine.write_at(buf, offset),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {

@@ -72,6 +72,8 @@ struct Ring {
     free: Vec<usize>,
     /// Operations submitted and not yet reaped.
     submitted: usize,
+    /// Owners to wake after a drain (kept to reuse its allocation).
+    woken: Vec<Waker>,
 }
 
 impl Ring {
@@ -109,7 +111,7 @@ impl Ring {
 
     /// Moves every available completion into its slot and wakes its owner.
     fn drain_completions(&mut self) {
-        let mut woken = Vec::new();
+        let mut woken = std::mem::take(&mut self.woken);
         for cqe in self.ring.completion() {
             let Ok(index) = usize::try_from(cqe.user_data()) else {
                 continue;
@@ -130,9 +132,10 @@ impl Ring {
                 woken.push(waker);
             }
         }
-        for waker in woken {
+        for waker in woken.drain(..) {
             waker.wake();
         }
+        self.woken = woken;
     }
 
     fn take_slot(&mut self) -> usize {
@@ -272,6 +275,7 @@ impl UringEngine {
                 slots: Vec::new(),
                 free: Vec::new(),
                 submitted: 0,
+                woken: Vec::new(),
             }),
             file: Arc::clone(&file),
             pending: AtomicUsize::new(0),

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use blktapctl::list::ListRow;
-use blktapctl::{Error, Result};
+use blktapctl::{Blkif, Error, Result};
 use libc::{pid_t, size_t, ssize_t, timeval, FILE};
 use tapdisk_proto::MESSAGE_SIZE;
 
@@ -840,39 +840,70 @@ pub unsafe extern "C" fn tap_ctl_stats_fwrite(pid: pid_t, minor: c_int, out: *mu
 
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
-pub extern "C" fn tap_ctl_connect_xenblkif(
-    _pid: pid_t,
-    _domid: u16,
-    _devid: c_int,
-    _poll_duration: c_int,
-    _poll_idle_threshold: c_int,
-    _grefs: *const u32,
-    _order: c_int,
-    _port: u32,
-    _proto: c_int,
-    _pool: *const c_char,
-    _minor: c_int,
+pub unsafe extern "C" fn tap_ctl_connect_xenblkif(
+    pid: pid_t,
+    domid: u16,
+    devid: c_int,
+    poll_duration: c_int,
+    poll_idle_threshold: c_int,
+    grefs: *const u32,
+    order: c_int,
+    port: u32,
+    proto: c_int,
+    pool: *const c_char,
+    minor: c_int,
 ) -> c_int {
     entry("tap_ctl_connect_xenblkif", || {
-        Err(Error::new(
-            libc::EOPNOTSUPP,
-            "connecting a Xen ring is not available in this build",
-        ))
+        if grefs.is_null() {
+            return Err(null("grefs"));
+        }
+        // The ring's grant references: one per page, 1 << order of them (at most GREF_COUNT).
+        let order = u32::try_from(order)
+            .ok()
+            .filter(|order| *order <= tapdisk_proto::MAX_BLKIF_ORDER)
+            .ok_or_else(|| {
+                Error::new(libc::EINVAL, format!("ring order {order} is out of range"))
+            })?;
+        let pages = 1usize << order;
+        let mut gref = [0u32; tapdisk_proto::GREF_COUNT];
+        // SAFETY: grefs is non-NULL and, by the function's contract (as in the C library),
+        // points at 1 << order grant references; order was checked against the array's size.
+        gref[..pages].copy_from_slice(unsafe { std::slice::from_raw_parts(grefs, pages) });
+        let number = |value: c_int, what: &str| {
+            u32::try_from(value)
+                .map_err(|_| Error::new(libc::EINVAL, format!("{what} {value} is negative")))
+        };
+        // SAFETY: a non-NULL pool is a NUL-terminated string (module contract).
+        let pool = unsafe { opt_str(pool, "pool") }?.unwrap_or_default();
+        let blkif = Blkif {
+            domid: u32::from(domid),
+            devid: number(devid, "devid")?,
+            gref,
+            order,
+            proto: number(proto, "proto")?,
+            pool: pool.to_owned(),
+            port,
+            poll_duration: number(poll_duration, "poll_duration")?,
+            poll_idle_threshold: number(poll_idle_threshold, "poll_idle_threshold")?,
+        };
+        calls::connect_xenblkif(pid_of(pid)?, minor_of(minor)?, &blkif)?;
+        Ok(0)
     })
 }
 
+/// The timeout is not used: the request has the library's usual deadline.
 #[no_mangle]
 pub extern "C" fn tap_ctl_disconnect_xenblkif(
-    _pid: pid_t,
-    _domid: u16,
-    _devid: c_int,
+    pid: pid_t,
+    domid: u16,
+    devid: c_int,
     _timeout: *mut timeval,
 ) -> c_int {
     entry("tap_ctl_disconnect_xenblkif", || {
-        Err(Error::new(
-            libc::EOPNOTSUPP,
-            "disconnecting a Xen ring is not available in this build",
-        ))
+        let devid = u32::try_from(devid)
+            .map_err(|_| Error::new(libc::EINVAL, format!("devid {devid} is negative")))?;
+        calls::disconnect_xenblkif(pid_of(pid)?, u32::from(domid), devid)?;
+        Ok(0)
     })
 }
 

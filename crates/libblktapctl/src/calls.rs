@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use blktapctl::list::{split_params, ListRow};
-use blktapctl::{Error, OpenFlags, OpenRequest, Result, ResumeRequest};
+use blktapctl::{Blkif, Error, OpenFlags, OpenRequest, Result, ResumeRequest};
 use tapdisk_proto::{encode_key, encode_log_path, ImageInfo, MESSAGE_SIZE};
 
 use crate::rawio::{read_full, write_full};
@@ -84,6 +84,16 @@ pub fn destroy(pid: u32, minor: u32, timeout: Option<Duration>) -> Result<()> {
 
 pub fn info(pid: u32, minor: u32) -> Result<ImageInfo> {
     blktapctl::info(&control_dir(), pid, minor)
+}
+
+/// Connects a guest's ring to VBD `minor` of tapdisk `pid` (XENBLKIF_CONNECT, as tapback).
+pub fn connect_xenblkif(pid: u32, minor: u32, blkif: &Blkif) -> Result<()> {
+    blktapctl::connect_xenblkif(&control_dir(), pid, minor, blkif)
+}
+
+/// Disconnects device `devid` of guest `domid` from tapdisk `pid` (XENBLKIF_DISCONNECT).
+pub fn disconnect_xenblkif(pid: u32, domid: u32, devid: u32) -> Result<()> {
+    blktapctl::disconnect_xenblkif(&control_dir(), pid, domid, devid)
 }
 
 /// The statistics text of VBD `minor` (negative: every VBD) of tapdisk `pid`.

@@ -313,14 +313,15 @@ ssize_t tap_ctl_stats(pid_t pid, int minor, char *buf, size_t size);
 /* The same text and a newline, written to out. */
 int tap_ctl_stats_fwrite(pid_t pid, int minor, FILE *out);
 
-/* Connects tapdisk pid's VBD minor to a guest's shared ring (tapback).
- * blktap-rs: not available yet in this build: -EOPNOTSUPP. */
+/* Connects tapdisk pid's VBD minor to a guest's shared ring (tapback): grefs holds the
+ * ring's 1 << order grant references (order 0-3; NULL or another order: -EINVAL). */
 int tap_ctl_connect_xenblkif(const pid_t pid, const domid_t domid, const int devid,
 			     int poll_duration, int poll_idle_threshold,
 			     const grant_ref_t *grefs, const int order,
 			     const evtchn_port_t port, int proto, const char *pool,
 			     const int minor);
-/* Disconnects a guest's ring. blktap-rs: not available yet in this build: -EOPNOTSUPP. */
+/* Disconnects a guest's ring (-ENODEV when it is not connected). blktap-rs: timeout is not
+ * used; the request has the library's usual deadline. */
 int tap_ctl_disconnect_xenblkif(const pid_t pid, const domid_t domid, const int devid,
 				struct timeval *timeout);
 

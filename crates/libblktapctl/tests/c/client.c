@@ -161,6 +161,15 @@ static int tapback(pid_t pid, int minor)
 
 	/* A minor this tapdisk does not serve. */
 	CHECK(tap_ctl_info(pid, &sectors, &sector_size, &info, minor + 1) < 0);
+
+	/* tapback's ring calls reach the daemon: no VBD at minor + 1, no ring connected. */
+	{
+		grant_ref_t gref = 8;
+
+		CHECK(tap_ctl_connect_xenblkif(pid, 1, 51712, 0, 0, &gref, 0, 5, 1, "pool",
+					       minor + 1) == -ENODEV);
+		CHECK(tap_ctl_disconnect_xenblkif(pid, 1, 51712, NULL) == -ENODEV);
+	}
 	return 0;
 }
 
@@ -202,6 +211,7 @@ static int checks(const char *ctl_dir)
 	unsigned int sector_size, info;
 	int major = 0, minor = 0, fd = 5;
 	char *devname = NULL;
+	grant_ref_t grefs[8] = { 8, 9, 10, 11, 12, 13, 14, 15 };
 
 	tap_ctl_version(&major, &minor);
 	CHECK(major == 1 && minor == 1);
@@ -242,10 +252,9 @@ static int checks(const char *ctl_dir)
 	CHECK(list.next == &list);
 	tap_ctl_list_free(&list);
 
-	/* Not in this build. */
-	CHECK(tap_ctl_connect_xenblkif(1, 1, 51712, 0, 0, NULL, 0, 0, 1, NULL, 0) ==
-	      -EOPNOTSUPP);
-	CHECK(tap_ctl_disconnect_xenblkif(1, 1, 51712, NULL) == -EOPNOTSUPP);
+	/* A ring's grant references: NULL, or an order above 3, is refused. */
+	CHECK(tap_ctl_connect_xenblkif(1, 1, 51712, 0, 0, NULL, 0, 0, 1, NULL, 0) == -EINVAL);
+	CHECK(tap_ctl_connect_xenblkif(1, 1, 51712, 0, 0, grefs, 4, 0, 1, NULL, 0) == -EINVAL);
 
 	/* allocate and free: the marker file the C library names. */
 	CHECK(tap_ctl_allocate(&minor, &devname) == 0);

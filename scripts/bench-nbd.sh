@@ -67,6 +67,7 @@ sync
 
 SOCK=
 start_server() {
+    sync # the previous server's writes reach the disk before this one is measured
     case $1 in
     ours | ours-nogather | ours-direct)
         gather=true

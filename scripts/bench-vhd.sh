@@ -117,6 +117,7 @@ for server in $SERVERS; do
             "$BIN/vhd-util" create -n "$file" -s 65536
             ;;
         esac
+        sync # the previous server's writes reach the disk before this one is measured
         start_server "$server" "$file"
         case $job in
         randread) iops=$(fio_iops "$job" --rw=randread) ;;

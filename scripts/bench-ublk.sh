@@ -12,6 +12,12 @@
 # with and without O_DIRECT on the image (-D)), or the driver copying out of the tag's buffer
 # (plain copy, `tap-ctl create -o ublk.user_copy=off`).
 #
+# Then the production case: the image on storage. The guest has no disk of its own; its
+# shared folder is a 9p mount of a directory on the host's disk, so a file there is an image
+# on storage reached through the guest's kernel (mapped reads never apply: not tmpfs). Loop
+# with direct I/O against tapdisk's default (O_DIRECT on the image, user copy), 4k random
+# reads and 4k random writes at QD32, every round running loop first.
+#
 # On the host: scripts/bench-ublk.sh   (builds tap-ctl and tapdisk in release mode first)
 # In the guest (run by scripts/vm-tests.sh): bench-ublk.sh REPO NAME
 # Knobs: BENCH_SECONDS per run (default 20), BENCH_MIB image size (default 256),
@@ -22,7 +28,7 @@
 if [ -z "${1:-}" ]; then
     cd "$(dirname "$0")/.." || exit 2
     cargo build --release --quiet -p tapdisk -p tap-ctl --bins || exit 2
-    BLKTAP_PROFILE=release exec scripts/vm-tests.sh bench-ublk
+    VM_TIMEOUT=${VM_TIMEOUT:-1800} BLKTAP_PROFILE=release exec scripts/vm-tests.sh bench-ublk
 fi
 . "$1/tests/vm/lib.sh"
 seconds=${BENCH_SECONDS:-20}
@@ -30,13 +36,16 @@ mib=${BENCH_MIB:-256}
 img=$(make_raw bench.img "$mib")
 dd if=/dev/urandom of="$img" bs=1M count="$mib" conv=notrunc 2>/dev/null
 
-# iops DEVICE: fio 4k randread QD32 on DEVICE, prints the IOPS.
+# iops DEVICE [RW]: fio 4k RW (default randread) QD32 on DEVICE, prints the IOPS.
 iops() {
-    fio --name=bench --filename="$1" --direct=1 --ioengine=libaio --iodepth=32 --rw=randread \
+    local rw=${2:-randread}
+    fio --name=bench --filename="$1" --direct=1 --ioengine=libaio --iodepth=32 --rw="$rw" \
         --bs=4k --time_based --runtime="$seconds" --ramp_time=2 --size="${mib}M" \
         --output-format=json --output="$SCRATCH/fio.json" >> "$LOG" 2>&1 || return 1
-    python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"]))' \
-        "$SCRATCH/fio.json"
+    python3 -c '
+import json, sys
+job = json.load(open(sys.argv[1]))["jobs"][0]
+print(int(job["read"]["iops"] + job["write"]["iops"]))' "$SCRATCH/fio.json"
 }
 
 rounds=${BENCH_ROUNDS:-3}
@@ -74,25 +83,60 @@ for round in $(seq "$rounds"); do
     done
 done
 
+# The image on storage (the shared folder, 9p onto the host's disk): loop (direct I/O) and
+# tapdisk's default, random reads and random writes.
+disk_img="$SHARE/bench-disk.img"
+dd if=/dev/urandom of="$disk_img" bs=1M count="$mib" 2>/dev/null
+disk_runs="$SCRATCH/disk-runs"
+: > "$disk_runs"
+for round in $(seq "$rounds"); do
+    for rw in randread randwrite; do
+        loop=$(losetup -f --show --direct-io=on "$disk_img")
+        disk_dio=$(cat "/sys/block/${loop#/dev/}/loop/dio" 2>/dev/null)
+        result=$(iops "$loop" "$rw")
+        losetup -d "$loop"
+        check "round $round: storage, loop (dio=$disk_dio) $rw: $result IOPS" test -n "$result"
+        echo "$round loop-$rw ${result:-0}" >> "$disk_runs"
+        : > "$site"
+        dev=$(TAPDISK_CONFIG="$site" tap-ctl create -b ublk -a "aio:$disk_img" 2>>"$LOG")
+        result=$(iops "$dev" "$rw")
+        minor=$(minor_of_device "$dev")
+        tap-ctl destroy -p "$(pid_of_minor "$minor")" -m "$minor" >> "$LOG" 2>&1
+        check "round $round: storage, ublk default $rw: $result IOPS" test -n "$result"
+        echo "$round ublk-$rw ${result:-0}" >> "$disk_runs"
+    done
+done
+rm -f "$disk_img"
+
+# table RUNS NAME...: medians per device, against loop, and each round against its loop.
+table() {
+    python3 - "$@" <<'PY'
+import statistics, sys
+runs = [line.split() for line in open(sys.argv[1])]
+names = sys.argv[2:]
+keys = list(dict.fromkeys(r[1] for r in runs))
+print("%-50s %10s %8s   %s" % ("device", "IOPS", "vs-loop", "each round vs its loop"))
+for key, name in zip(keys, names):
+    values = [int(r[2]) for r in runs if r[1] == key]
+    median = statistics.median(values)
+    loop_key = "loop" + key[key.index("-"):] if "-" in key else "loop"
+    loop_rounds = {r[0]: int(r[2]) or 1 for r in runs if r[1] == loop_key}
+    loop = statistics.median(loop_rounds.values()) or 1
+    paired = [int(r[2]) / loop_rounds[r[0]] for r in runs if r[1] == key]
+    print("%-50s %10d %8.2f   %s" % (name, median, median / loop, " ".join("%.2f" % p for p in paired)))
+PY
+}
+
 echo
 echo "fio randread 4k QD32, ${seconds}s per run, ${mib} MiB raw file on tmpfs, $(nproc) vCPUs," \
     "median of $rounds rounds (emulated CPU: compare ratios only)"
 names=("loop (direct-io=$loop_dio)")
 for variant in "${variants[@]}"; do names+=("ublk ${variant%%;*}"); done
-python3 - "$runs" "${names[@]}" <<'PY'
-import statistics, sys
-runs = [line.split() for line in open(sys.argv[1])]
-names = sys.argv[2:]
-keys = ["loop"] + [str(i) for i in range(len(names) - 1)]
-by_key = {k: [int(r[2]) for r in runs if r[1] == k] for k in keys}
-loop = statistics.median(by_key["loop"]) or 1
-print("%-44s %10s %8s   %s" % ("device", "IOPS", "vs-loop", "each round vs its loop"))
-loops = {r[0]: int(r[2]) or 1 for r in runs if r[1] == "loop"}
-for key, name in zip(keys, names):
-    values = by_key[key]
-    median = statistics.median(values)
-    paired = [int(r[2]) / loops[r[0]] for r in runs if r[1] == key]
-    print("%-44s %10d %8.2f   %s" % (name, median, median / loop, " ".join("%.2f" % p for p in paired)))
-PY
+table "$runs" "${names[@]}"
+echo
+echo "fio 4k QD32, ${seconds}s per run, ${mib} MiB raw file on storage (9p onto the host's disk)," \
+    "median of $rounds rounds"
+table "$disk_runs" "loop (direct-io=$disk_dio) randread" "ublk default randread" \
+    "loop (direct-io=$disk_dio) randwrite" "ublk default randwrite"
 echo
 finish

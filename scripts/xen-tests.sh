@@ -18,8 +18,10 @@
 # (default 1800 s), BLKTAP_PROFILE (debug or release), XEN_DOM0_MEM (dom0's MiB, default
 # 1024 here).
 # Output: each test's checks and its "N passed, M failed" line; logs (the tests', the
-# guests' consoles, tapdisk's syslog, tapback's log) stay in the shared folder, whose path is
-# printed. Exit status: non-zero when any test failed or the host did not finish.
+# guests' consoles, tapdisk's syslog, tapback's log, dom0's dmesg in dom0.dmesg and Xen's in
+# xen.dmesg) stay in the shared folder, whose path is printed; a line says so when dom0's
+# kernel logged crashed user processes. Exit status: non-zero when any test failed or the
+# host did not finish.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 repo=$PWD
@@ -72,6 +74,12 @@ cp scripts/bench-xen.sh "$share/repo/tests/xen/"
     echo "== xen test $name: exit $rc in $(( $(cut -d. -f1 /proc/uptime) - start )) s"
     [ "$rc" -eq 0 ] || status=1
 done
+# Post-mortem: the kernel's and Xen's logs, and how many user processes the kernel saw
+# crash (the tests' own output cannot tell a broken host from a broken test).
+dmesg > "$repo/../dom0.dmesg" 2>&1
+xl dmesg > "$repo/../xen.dmesg" 2>&1
+crashed=$(grep -cE 'segfault at|traps: .*(general protection|invalid opcode)' "$repo/../dom0.dmesg")
+[ "$crashed" -eq 0 ] || echo "== dom0: the kernel logged $crashed crashed user processes (dom0.dmesg)"
 exit $status
 EOF
 } > "$share/run-tests.sh"

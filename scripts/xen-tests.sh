@@ -55,6 +55,14 @@ fi
 
 share=$(mktemp -d /tmp/blktap-xen.XXXXXX)
 export VM_SHARE=$share VM_TIMEOUT=${VM_TIMEOUT:-1800} XEN_DOM0_MEM=${XEN_DOM0_MEM:-1024}
+# Xen switches FPU state eagerly here. On the AMD CPU QEMU emulates, its default is lazy
+# switching (CR0.TS and #NM), and runs with that default saw user processes crash once a
+# guest ran, in dom0 (heap corruption in bash and grep, phy and vbd3 tests alike) and in a
+# guest (a segfault in run-in-xen.sh's selftest, where none of our code runs): register
+# state lost between domains under QEMU's TCG is the suspect, not yet confirmed by a
+# finished run (README, Tests). Later options win: XEN_CMDLINE_EXTRA=spec-ctrl=eager-fpu=0
+# brings Xen's default back.
+export XEN_CMDLINE_EXTRA="spec-ctrl=eager-fpu${XEN_CMDLINE_EXTRA:+ $XEN_CMDLINE_EXTRA}"
 mkdir -p "$share/repo/target/debug" "$share/repo/tests/xen" "$share/repo/tests/vm"
 for b in $bins; do cp "$bin/$b" "$share/repo/target/debug/"; done
 cp tests/xen/*.sh "$share/repo/tests/xen/"

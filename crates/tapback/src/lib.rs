@@ -11,7 +11,9 @@
 //! * [`xenstore`]: the xenstored wire protocol (a pure codec) and a small client over its
 //!   UNIX socket (or `/dev/xen/xenbus`);
 //! * [`backend`]: the per-device state machine, over a [`backend::Store`] and a
-//!   [`backend::Tapdisks`] so that it can be tested without Xen.
+//!   [`backend::Tapdisks`] so that it can be tested without Xen;
+//! * [`cli`]: the command line (its manual page is `docs/man/tapback.8`).
 
 pub mod backend;
+pub mod cli;
 pub mod xenstore;

@@ -1,6 +1,7 @@
 //! `tapback [-d] [-v] [-n NAME] [-b] [-s PATH]`: connects Xen guests' `vbd3` disks to their
 //! tapdisks (see the library's documentation). It stays in the foreground and logs to
-//! stderr (`-d` is accepted for the C tool's "debug: don't daemonise"; `-v` logs more).
+//! stderr (`-d` is accepted for the C tool's "debug: don't daemonise"; `-v` logs more);
+//! the options are parsed by [`tapback::cli`], documented in tapback(8).
 //!
 //! * `-n NAME`: the back-end type to serve (default `vbd3`): `/local/domain/<own domid>/
 //!   backend/NAME`;
@@ -10,42 +11,11 @@
 //!
 //! Exit status: the errno of what failed (XenStore unreachable or gone).
 
-use tapback::backend::{ControlSockets, Features, Store, Tapback};
+use std::io::IsTerminal;
+
+use tapback::backend::{ControlSockets, Store, Tapback};
+use tapback::cli::{self, Command};
 use tapback::xenstore::Client;
-
-const USAGE: &str = "usage: tapback [-d] [-v] [-n NAME] [-b] [-s XENSTORE-SOCKET]\n";
-
-struct Options {
-    name: String,
-    verbose: bool,
-    features: Features,
-    socket: Option<String>,
-}
-
-fn parse_args() -> Result<Options, String> {
-    let mut options = Options {
-        name: "vbd3".to_owned(),
-        verbose: false,
-        features: Features::default(),
-        socket: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-d" | "--debug" => {}
-            "-v" | "--verbose" => options.verbose = true,
-            "-b" | "--nobarrier" => options.features.barrier = false,
-            "-n" | "--name" => options.name = args.next().ok_or("-n needs a name")?,
-            "-s" | "--socket" => options.socket = Some(args.next().ok_or("-s needs a path")?),
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
-        }
-    }
-    Ok(options)
-}
 
 fn fail(what: &str, error: &std::io::Error) -> ! {
     eprintln!("tapback: {what}: {error}");
@@ -53,13 +23,22 @@ fn fail(what: &str, error: &std::io::Error) -> ! {
 }
 
 fn main() {
-    let options = parse_args().unwrap_or_else(|message| {
-        eprint!("tapback: {message}");
-        std::process::exit(libc::EINVAL);
-    });
+    let options = match cli::parse(std::env::args().skip(1)) {
+        Ok(Command::Run(options)) => options,
+        Ok(Command::Help) => {
+            print!("{}", cli::USAGE);
+            return;
+        }
+        Err(message) => {
+            eprint!("tapback: {message}");
+            std::process::exit(libc::EINVAL);
+        }
+    };
     let level = if options.verbose { "debug" } else { "info" };
+    // Under systemd, stderr goes to the journal: no colour codes there.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .init();
     let mut client = Client::open(options.socket.as_deref())

@@ -11,9 +11,11 @@
 # `tap-ctl create`/`list`/`destroy` from /usr/sbin spawning /usr/libexec/tapdisk, which reads
 # the installed /etc/blktap/tapdisk.toml, a C program built with the installed
 # libblktapctl.pc finding that VBD through libblktapctl.so.0, `vhd-util create`/`check` from
-# /usr/bin, `man
-# tap-ctl` and `man tapdisk.toml` rendering, bash completion offering the commands; after
-# `dpkg --purge`, no file of the package, no conffile and no control directory.
+# /usr/bin, `tapback --help` from /usr/sbin, its unit installed and enabled but not started
+# (the root runs no systemd: no /run/systemd/system), `man tap-ctl`, `man tapdisk.toml` and
+# `man tapback` rendering, bash completion offering the commands and tapback's options;
+# after `dpkg --purge`, no file of the package, no conffile, no unit enablement and no
+# control directory.
 # Afterwards the overlay's upper layer must hold nothing but dpkg's own records and caches.
 #
 # Usage: tests/package/install.sh PACKAGE.deb...   (scripts/package.sh prints them)
@@ -62,12 +64,13 @@ check() {
 
 check "dpkg -i" dpkg -i /tmp/*.deb
 for f in /usr/sbin/tap-ctl /usr/sbin/td-util /usr/sbin/cbt-util /usr/bin/vhd-util \
-         /usr/libexec/tapdisk; do
+         /usr/libexec/tapdisk /usr/sbin/tapback; do
     check "installed $f" test -x "$f"
 done
 for f in /etc/blktap/tapdisk.toml /usr/lib/tmpfiles.d/blktap.conf \
          /usr/share/bash-completion/completions/tap-ctl /usr/share/man/man8/tap-ctl.8.gz \
-         /usr/share/man/man5/tapdisk.toml.5.gz; do
+         /usr/share/man/man5/tapdisk.toml.5.gz /usr/share/man/man8/tapback.8.gz \
+         /usr/lib/systemd/system/tapback.service /usr/share/bash-completion/completions/tapback; do
     check "installed $f" test -f "$f"
 done
 check "conffile /etc/blktap/tapdisk.toml" grep -qx /etc/blktap/tapdisk.toml \
@@ -104,22 +107,43 @@ check "shlibs names the package" grep -qx "libblktapctl 0 blktap-rs (>= 0.1.0)" 
 check "tap-ctl destroy" tap-ctl destroy -p "$pid" -m "$minor"
 check "no VBD left" sh -c '[ -z "$(tap-ctl list)" ]'
 
+check "tapback --help from /usr/sbin" \
+    sh -c '/usr/sbin/tapback --help | grep -q "^usage: tapback "'
+check "tapback.service enabled" sh -c '[ "$(readlink /etc/systemd/system/multi-user.target.wants/tapback.service)" = /usr/lib/systemd/system/tapback.service ]'
+check "systemd-analyze verify tapback.service" \
+    systemd-analyze verify /usr/lib/systemd/system/tapback.service
+# Nothing started it: the fresh root runs no systemd, and postinst starts units only where
+# one does.
+check "no tapback started" sh -c '
+    for exe in /proc/[0-9]*/exe; do
+        [ "$(readlink "$exe" 2>/dev/null)" != /usr/sbin/tapback ] || exit 1
+    done'
+
 check "vhd-util create" vhd-util create -n /tmp/disk.vhd -s 64
 check "vhd-util check" sh -c 'vhd-util check -n /tmp/disk.vhd | grep -q "is valid"'
 
 check "man tap-ctl renders" sh -c 'MANPAGER=cat man tap-ctl 2>/dev/null | grep -q "control tapdisk processes and their virtual block devices"'
 check "man tapdisk.toml renders" \
     sh -c 'MANPAGER=cat man 5 tapdisk.toml 2>/dev/null | grep -q "max_connections_per_vbd"'
+check "man tapback renders" \
+    sh -c 'MANPAGER=cat man tapback 2>/dev/null | grep -q "connect Xen guests"'
 check "bash completion offers commands" bash -c '
     source /usr/share/bash-completion/completions/tap-ctl
     COMP_WORDS=(tap-ctl cre); COMP_CWORD=1
     _blktap_rs tap-ctl cre tap-ctl
     [ "${COMPREPLY[*]}" = create ]'
+check "bash completion offers tapback's options" bash -c '
+    source /usr/share/bash-completion/completions/tapback
+    COMP_WORDS=(tapback -); COMP_CWORD=1
+    _blktap_rs tapback - tapback
+    [ "${COMPREPLY[*]}" = "-b -d -n -s -v" ]'
 
 check "dpkg --purge" dpkg --purge blktap-rs
 for f in /usr/sbin/tap-ctl /usr/libexec/tapdisk /usr/bin/vhd-util /etc/blktap \
          /run/blktap-control /usr/share/man/man8/tap-ctl.8.gz /usr/include/blktap \
-         /usr/lib/x86_64-linux-gnu/libblktapctl.so.0; do
+         /usr/lib/x86_64-linux-gnu/libblktapctl.so.0 /usr/sbin/tapback \
+         /usr/lib/systemd/system/tapback.service \
+         /etc/systemd/system/multi-user.target.wants/tapback.service; do
     check "purged $f" test ! -e "$f" -a ! -L "$f"
 done
 echo "inside: $passed passed, $failed failed"

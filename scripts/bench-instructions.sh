@@ -5,6 +5,13 @@
 # server's own threads execute (Ir; the kernel's work is not counted), on a small raw image:
 #   ours           tapdisk's export, default O_DIRECT open (tap-ctl create -b none)
 #   ours-buffered  the same opened without O_DIRECT (tap-ctl create -b none -D)
+#   ours-mirror    ours with an active storage-migration mirror (writes only): a second
+#                  tapdisk, also under cachegrind, serves an empty image of the same size on
+#                  its old-style fd receiver, a connected socket pair is handed over as xapi
+#                  does (scripts/bench-lib.sh's hand_over), and the source is unpaused with
+#                  `-2 nbd:ID`; both tapdisks are counted: "ours-mirror" is the source (the
+#                  guest's server and the NBD client of the mirror), "ours-mirror-dst" the
+#                  destination (the mirror's NBD server)
 #   qemu-none      qemu-nbd --cache=none --aio=io_uring (O_DIRECT)
 #   qemu-wb        qemu-nbd --cache=writeback --aio=threads (page cache)
 #   nbdkit         nbdkit's file plugin (page cache)
@@ -24,16 +31,18 @@
 # runs ROUNDS times (default 3) and the table shows the median.
 #
 # Environment: N (default 20000), BASE (default 2000), SIZE (default 256M), SERVERS (subset
-# of "ours ours-buffered qemu-none qemu-wb nbdkit"), JOBS (subset of "randread randwrite"),
-# QD (default 32), ROUNDS (default 3), KEEP=1 keeps the cachegrind files (for cg_annotate)
-# in KEEP_DIR (default ./cachegrind), named SERVER-JOB-COUNT-roundR.out.
+# of "ours ours-buffered ours-mirror qemu-none qemu-wb nbdkit"), JOBS (subset of "randread
+# randwrite"), QD (default 32), ROUNDS (default 3), BIN_DIR (take tapdisk and tap-ctl from
+# there instead of building them: a copy of an earlier build, for before/after counts),
+# KEEP=1 keeps the cachegrind files (for cg_annotate) in KEEP_DIR (default ./cachegrind),
+# named SERVER-JOB-COUNT-roundR.out (the mirror's destination: ours-mirror-dst-...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-20000}
 BASE=${BASE:-2000}
 SIZE=${SIZE:-256M}
-SERVERS=${SERVERS:-"ours ours-buffered qemu-none qemu-wb nbdkit"}
+SERVERS=${SERVERS:-"ours ours-buffered ours-mirror qemu-none qemu-wb nbdkit"}
 JOBS=${JOBS:-"randread randwrite"}
 QD=${QD:-32}
 ROUNDS=${ROUNDS:-3}
@@ -45,15 +54,22 @@ if [ "$N" -le "$BASE" ]; then
     exit 1
 fi
 
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p tapdisk -p tap-ctl --bins
-BIN=$CARGO_TARGET_DIR/release
+if [ -n "${BIN_DIR:-}" ]; then
+    BIN=$BIN_DIR
+else
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+    cargo build --release -q -p tapdisk -p tap-ctl --bins
+    BIN=$CARGO_TARGET_DIR/release
+fi
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 
 # O_DIRECT needs a filesystem on storage: /var/tmp, not a tmpfs /tmp.
 WORK=$(mktemp -d "${WORK_DIR:-/var/tmp}/bench-instructions.XXXXXX")
 export BLKTAP_CONTROL_DIR=$WORK/ctl
 SERVER_PID=
 OURS=
+MIRROR_DST=
 cleanup() {
     stop_server || true
     rm -rf "$WORK"
@@ -64,6 +80,11 @@ IMAGE=$WORK/disk.img
 echo "# image: $SIZE raw at $IMAGE (random data)" >&2
 fio --name=fill --filename="$IMAGE" --size="$SIZE" --rw=write --bs=1M --refill_buffers \
     --ioengine=psync --end_fsync=1 --output=/dev/null
+if [[ " $SERVERS " == *" ours-mirror "* ]]; then
+    # Written in full, so the mirror overwrites allocated blocks as the source does.
+    fio --name=fill --filename="$WORK/mirror.img" --size="$SIZE" --rw=write --bs=1M \
+        --zero_buffers --ioengine=psync --end_fsync=1 --output=/dev/null
+fi
 
 VALGRIND=(valgrind --tool=cachegrind --cache-sim=no --branch-sim=no)
 # tap-ctl starts tapdisk through this wrapper; valgrind's own messages go to a log file,
@@ -76,21 +97,32 @@ chmod +x "$WORK/tapdisk-under-cachegrind"
 
 SOCK=
 CG_FILE=
+CG_DST_FILE=
 start_server() {
     rm -f "$WORK"/cg.*
+    CG_DST_FILE=
     case $1 in
-    ours | ours-buffered)
+    ours | ours-buffered | ours-mirror)
         local direct=()
         [ "$1" = ours-buffered ] && direct=(-D)
-        local marker minor pid
-        marker=$(BLKTAP_TAPDISK=$WORK/tapdisk-under-cachegrind \
-            "$BIN/tap-ctl" create -a "aio:$IMAGE" -b none "${direct[@]}")
-        minor=${marker##*tapdisk-}
-        pid=$("$BIN/tap-ctl" list -m "$minor" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
+        local pid minor
+        read -r pid minor < <(BLKTAP_TAPDISK=$WORK/tapdisk-under-cachegrind \
+            create_vbd -a "aio:$IMAGE" -b none "${direct[@]}")
         SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
         OURS="$pid $minor"
         SERVER_PID=$pid
         CG_FILE=$WORK/cg.$pid
+        if [ "$1" = ours-mirror ]; then
+            local dst_pid dst_minor
+            read -r dst_pid dst_minor < <(BLKTAP_TAPDISK=$WORK/tapdisk-under-cachegrind \
+                create_vbd -a "aio:$WORK/mirror.img" -b none)
+            MIRROR_DST="$dst_pid $dst_minor"
+            CG_DST_FILE=$WORK/cg.$dst_pid
+            hand_over "$BLKTAP_CONTROL_DIR/nbdserver$dst_pid.$dst_minor" \
+                "$BLKTAP_CONTROL_DIR/nbdclient$pid" bench
+            "$BIN/tap-ctl" pause -p "$pid" -m "$minor"
+            "$BIN/tap-ctl" unpause -p "$pid" -m "$minor" -2 nbd:bench
+        fi
         # The engine tapdisk chose under valgrind (io_uring, or a fallback to pread).
         echo "# $1: tapdisk $("$BIN/tap-ctl" stats -p "$pid" -m "$minor" |
             grep -o '"engine": *"[^"]*"' | head -1 || true)" >&2
@@ -122,10 +154,20 @@ start_server() {
 # Stops the server and waits until valgrind has written its counts.
 stop_server() {
     if [ -n "$OURS" ]; then
-        local pid minor
-        read -r pid minor <<<"$OURS"
-        "$BIN/tap-ctl" destroy -p "$pid" -m "$minor" || true
+        if [ -n "$MIRROR_DST" ]; then
+            local failed
+            failed=$("$BIN/tap-ctl" stats -p "${OURS% *}" -m "${OURS#* }" |
+                python3 -c 'import json, sys; print(json.load(sys.stdin)["nbd_mirror_failed"])')
+            [ "$failed" = 0 ] || echo "the mirror failed (nbd_mirror_failed=$failed)" >&2
+        fi
+        destroy_vbd "$OURS" || true
         OURS=
+        if [ -n "$MIRROR_DST" ]; then
+            local dst_pid=${MIRROR_DST% *}
+            destroy_vbd "$MIRROR_DST" || true
+            MIRROR_DST=
+            for _ in $(seq 600); do kill -0 "$dst_pid" 2>/dev/null || break; sleep 0.1; done
+        fi
     elif [ -n "$SERVER_PID" ]; then
         # fio connects twice (size probe, then the job): qemu-nbd runs with -t and both
         # peers are stopped by SIGTERM, on which they exit cleanly.
@@ -139,7 +181,13 @@ stop_server() {
     rm -f "$WORK"/*.sock
 }
 
-# measure SERVER JOB COUNT -> prints the server's total Ir
+# cg_total FILE -> the total Ir a cachegrind file counts
+cg_total() {
+    sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$1"
+}
+
+# measure SERVER JOB COUNT -> prints the server's total Ir (for ours-mirror: the source's,
+# then the destination's)
 measure() {
     start_server "$1"
     # fio's nbd engine prints a line on stdout before its JSON; only the count matters here.
@@ -149,8 +197,11 @@ measure() {
     if [ "$KEEP" = 1 ]; then
         mkdir -p "$KEEP_DIR"
         cp "$CG_FILE" "$KEEP_DIR/$1-$2-$3-round$round.out"
+        if [ -n "$CG_DST_FILE" ]; then
+            cp "$CG_DST_FILE" "$KEEP_DIR/$1-dst-$2-$3-round$round.out"
+        fi
     fi
-    sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$CG_FILE"
+    echo "$(cg_total "$CG_FILE") ${CG_DST_FILE:+$(cg_total "$CG_DST_FILE")}"
 }
 
 RESULTS=$WORK/results
@@ -158,12 +209,20 @@ RESULTS=$WORK/results
 for round in $(seq "$ROUNDS"); do
 for server in $SERVERS; do
     for job in $JOBS; do
-        base=$(measure "$server" "$job" "$BASE")
-        full=$(measure "$server" "$job" "$N")
-        per=$(((full - base) / (N - BASE)))
-        echo "$server $job $per" >>"$RESULTS"
-        printf 'round %s  %-14s %-10s %8s instructions/request  (Ir %s with %s, %s with %s)\n' \
-            "$round" "$server" "$job" "$per" "$base" "$BASE" "$full" "$N" >&2
+        # Reads never reach the mirror.
+        [ "$server" = ours-mirror ] && [ "$job" != randwrite ] && continue
+        read -r base base_dst < <(measure "$server" "$job" "$BASE")
+        read -r full full_dst < <(measure "$server" "$job" "$N")
+        names=("$server")
+        [ -n "$base_dst" ] && names+=("$server-dst")
+        bases=("$base" "$base_dst")
+        fulls=("$full" "$full_dst")
+        for i in "${!names[@]}"; do
+            per=$(((fulls[i] - bases[i]) / (N - BASE)))
+            echo "${names[i]} $job $per" >>"$RESULTS"
+            printf 'round %s  %-16s %-10s %8s instructions/request  (Ir %s with %s, %s with %s)\n' \
+                "$round" "${names[i]}" "$job" "$per" "${bases[i]}" "$BASE" "${fulls[i]}" "$N" >&2
+        done
     done
 done
 done

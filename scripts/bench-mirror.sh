@@ -30,6 +30,8 @@ OPEN_FLAGS=${OPEN_FLAGS:-}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release --bins -q
 BIN=$CARGO_TARGET_DIR/release
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 
 WORK=$(mktemp -d "${WORK_DIR:-/tmp}/bench-mirror.XXXXXX")
 export BLKTAP_CONTROL_DIR=$WORK/ctl
@@ -39,8 +41,7 @@ export TAPDISK_CONFIG=$WORK/tapdisk.toml
 VBDS=()
 cleanup() {
     for vbd in "${VBDS[@]}"; do
-        read -r pid minor <<<"$vbd"
-        "$BIN/tap-ctl" destroy -p "$pid" -m "$minor" >/dev/null 2>&1 || true
+        destroy_vbd "$vbd" >/dev/null 2>&1 || true
     done
     rm -rf "$WORK"
 }
@@ -54,36 +55,13 @@ fio --name=fill --filename="$WORK/src.img" --size="$SIZE" --rw=write --bs=1M \
 fio --name=fill --filename="$WORK/dst.img" --size="$SIZE" --rw=write --bs=1M \
     --zero_buffers --ioengine=psync --end_fsync=1 --output=/dev/null
 
-# create IMAGE -> "pid minor"
-create() {
-    local marker minor pid
-    # shellcheck disable=SC2086
-    marker=$("$BIN/tap-ctl" create -a "aio:$1" -b none $OPEN_FLAGS)
-    minor=${marker##*tapdisk-}
-    pid=$("$BIN/tap-ctl" list -m "$minor" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
-    echo "$pid $minor"
-}
-read -r SRC_PID SRC_MINOR < <(create "$WORK/src.img")
+# shellcheck disable=SC2086
+read -r SRC_PID SRC_MINOR < <(create_vbd -a "aio:$WORK/src.img" -b none $OPEN_FLAGS)
 VBDS+=("$SRC_PID $SRC_MINOR")
-read -r DST_PID DST_MINOR < <(create "$WORK/dst.img")
+# shellcheck disable=SC2086
+read -r DST_PID DST_MINOR < <(create_vbd -a "aio:$WORK/dst.img" -b none $OPEN_FLAGS)
 VBDS+=("$DST_PID $DST_MINOR")
 SRC=(-p "$SRC_PID" -m "$SRC_MINOR")
-
-# hand_over ID: a connected pair, one end to the destination's old-style fd receiver, the
-# other to the source's nbdclient socket, both with the text ID (what xapi sends).
-hand_over() {
-    python3 - "$BLKTAP_CONTROL_DIR/nbdserver$DST_PID.$DST_MINOR" \
-        "$BLKTAP_CONTROL_DIR/nbdclient$SRC_PID" "$1" <<'EOF'
-import socket, sys
-destination, source, ident = sys.argv[1:4]
-ends = socket.socketpair()
-for receiver, end in zip((destination, source), ends):
-    helper = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    helper.connect(receiver)
-    socket.send_fds(helper, [ident.encode()], [end.fileno()])
-    helper.close()
-EOF
-}
 
 stat_field() {
     "$BIN/tap-ctl" stats "${SRC[@]}" |
@@ -110,7 +88,8 @@ for round in $(seq "$ROUNDS"); do
     echo "plain $iops $mean $p99" >>"$RESULTS"
     printf 'round %s  plain   %8s IOPS  mean %6s us  p99 %6s us\n' "$round" "$iops" "$mean" "$p99" >&2
 
-    hand_over "bench/$round"
+    hand_over "$BLKTAP_CONTROL_DIR/nbdserver$DST_PID.$DST_MINOR" \
+        "$BLKTAP_CONTROL_DIR/nbdclient$SRC_PID" "bench/$round"
     "$BIN/tap-ctl" pause "${SRC[@]}"
     "$BIN/tap-ctl" unpause "${SRC[@]}" -2 "nbd:bench/$round"
     read -r iops mean p99 < <(run)

@@ -31,6 +31,8 @@ QEMU_AIO=${QEMU_AIO:-io_uring}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release --bins -q
 BIN=$CARGO_TARGET_DIR/release
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 
 WORK=$(mktemp -d "${WORK_DIR:-/tmp}/bench-qcow2.XXXXXX")
 export BLKTAP_CONTROL_DIR=$WORK/ctl
@@ -69,11 +71,8 @@ start_server() { # SERVER MODE IMAGE
     ours)
         local flags=()
         [ "$2" = cache ] && flags=(-D)
-        marker=$("$BIN/tap-ctl" create -a "qcow2:$3" -b none "${flags[@]}")
-        minor=${marker##*tapdisk-}
-        pid=$("$BIN/tap-ctl" list -m "$minor" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
-        SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
-        OURS="$pid $minor"
+        OURS=$(create_vbd -a "qcow2:$3" -b none "${flags[@]}")
+        SOCK=$BLKTAP_CONTROL_DIR/nbd${OURS% *}.${OURS#* }
         ;;
     qemu-nbd)
         local cache=writeback
@@ -90,9 +89,7 @@ start_server() { # SERVER MODE IMAGE
 
 stop_server() {
     if [ -n "$OURS" ]; then
-        # shellcheck disable=SC2086
-        set -- $OURS
-        "$BIN/tap-ctl" destroy -p "$1" -m "$2" || true
+        destroy_vbd "$OURS" || true
         OURS=
     fi
     if [ -n "$SERVER_PID" ]; then

@@ -28,6 +28,8 @@ JOBS=${JOBS:-"randread randwrite randwrite-alloc"}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release --bins -q
 BIN=$CARGO_TARGET_DIR/release
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 
 WORK=$(mktemp -d /tmp/bench-vhd.XXXXXX)
 export BLKTAP_CONTROL_DIR=$WORK/ctl
@@ -46,11 +48,8 @@ start_server() { # SERVER FILE
     ours | ours-direct)
         local flags=(-b none)
         [ "$1" = ours ] && flags+=(-D)
-        "$BIN/tap-ctl" create -a "vhd:$2" "${flags[@]}" >/dev/null
-        OURS=$("$BIN/tap-ctl" list | sed -n 's/^pid=\([0-9]*\) minor=\([0-9]*\).*/\1 \2/p' | head -1)
-        local pid minor
-        read -r pid minor <<<"$OURS"
-        SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
+        OURS=$(create_vbd -a "vhd:$2" "${flags[@]}")
+        SOCK=$BLKTAP_CONTROL_DIR/nbd${OURS% *}.${OURS#* }
         ;;
     qemu | qemu-direct)
         local cache=(--cache=writeback)
@@ -67,9 +66,7 @@ start_server() { # SERVER FILE
 
 stop_server() {
     if [ -n "$OURS" ]; then
-        local pid minor
-        read -r pid minor <<<"$OURS"
-        "$BIN/tap-ctl" destroy -p "$pid" -m "$minor" || true
+        destroy_vbd "$OURS" || true
         OURS=
     fi
     if [ -n "$QEMU_PID" ]; then

@@ -22,7 +22,9 @@
 //! than the server's maximum are split.
 //!
 //! **Failures.** Every request has a deadline ([`ClientConfig::request_timeout`]) covering
-//! its wait for a slot, its sending and its reply: a hung server is detected. A timed-out
+//! its wait for a slot, its sending and its reply: a hung server is detected. Replies are
+//! held to it by one watchdog task per connection, asleep until the earliest deadline of
+//! the requests in flight, so a request costs no timer of its own. A timed-out
 //! request, a failed read or write on the socket, or anything the server sends that the
 //! protocol does not allow breaks the connection: every request in flight fails, later ones
 //! fail at once ([`ClientError::Disconnected`]), and the socket is shut down. The client
@@ -32,10 +34,14 @@
 pub mod codec;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -353,9 +359,37 @@ fn cover(covered: &mut Vec<Range<usize>>, range: Range<usize>) -> Result<(), Cli
     Ok(())
 }
 
+/// Hashes the client's own cookies: sequential numbers, so a multiplication spreads them
+/// well enough, and far cheaper than the default SipHash. A server can only look cookies
+/// up, never insert them, so there is nothing to flood.
+#[derive(Default)]
+struct CookieHasher(u64);
+
+impl Hasher for CookieHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, cookie: u64) {
+        self.0 = cookie.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A request waiting for its reply, with the deadline the connection's watchdog holds it to.
+struct Pending<B> {
+    deadline: Instant,
+    waiter: Waiter<B>,
+}
+
 struct State<B> {
     next_cookie: u64,
-    pending: HashMap<u64, Waiter<B>>,
+    pending: HashMap<u64, Pending<B>, BuildHasherDefault<CookieHasher>>,
     /// Why the connection is broken, once it is.
     broken: Option<String>,
 }
@@ -366,6 +400,8 @@ struct Shared<B> {
     max_queued: usize,
     writer: tokio::sync::Mutex<BoxedWriter>,
     state: Mutex<State<B>>,
+    /// Set with `state.broken`: checked without the lock on every request.
+    is_broken: AtomicBool,
     slots: Semaphore,
     queued: AtomicUsize,
     /// Set once the connection is broken or closed: the reader stops.
@@ -379,23 +415,38 @@ impl<B: ExportBuffer> Shared<B> {
     }
 
     fn broken(&self) -> Option<String> {
+        if !self.is_broken.load(Ordering::Acquire) {
+            return None;
+        }
         self.state().broken.clone()
     }
 
     /// Breaks the connection: every request in flight fails with `reason`, later ones fail
     /// at once, the reader stops and the socket is shut down.
     fn break_connection(self: &Arc<Self>, reason: String) {
-        let waiters: Vec<Waiter<B>> = {
+        let waiters = {
             let mut state = self.state();
             if state.broken.is_some() {
                 return;
             }
-            tracing::warn!("NBD connection broken: {reason}");
-            state.broken = Some(reason.clone());
-            state.pending.drain().map(|(_, waiter)| waiter).collect()
+            self.mark_broken(&mut state, &reason)
         };
+        self.finish_break(&reason, waiters);
+    }
+
+    /// Records that the connection is broken and takes every request in flight.
+    fn mark_broken(&self, state: &mut State<B>, reason: &str) -> Vec<Waiter<B>> {
+        tracing::warn!("NBD connection broken: {reason}");
+        state.broken = Some(reason.to_owned());
+        self.is_broken.store(true, Ordering::Release);
+        state.pending.drain().map(|(_, p)| p.waiter).collect()
+    }
+
+    /// Fails `waiters` (taken by [`Self::mark_broken`]), stops the reader and shuts the
+    /// socket down.
+    fn finish_break(self: &Arc<Self>, reason: &str, waiters: Vec<Waiter<B>>) {
         for waiter in waiters {
-            waiter.fail(ClientError::Disconnected(reason.clone()));
+            waiter.fail(ClientError::Disconnected(reason.to_owned()));
         }
         self.stop.send_replace(true);
         // Tell the server we are gone once no request is being written.
@@ -408,16 +459,68 @@ impl<B: ExportBuffer> Shared<B> {
         }
     }
 
-    /// Registers a waiter and returns its cookie.
-    fn register(&self, waiter: Waiter<B>) -> Result<u64, ClientError> {
+    /// Registers a waiter that must have its reply by `deadline` and returns its cookie.
+    fn register(&self, waiter: Waiter<B>, deadline: Instant) -> Result<u64, ClientError> {
         let mut state = self.state();
         if let Some(reason) = &state.broken {
             return Err(ClientError::Disconnected(reason.clone()));
         }
         let cookie = state.next_cookie;
         state.next_cookie = state.next_cookie.wrapping_add(1);
-        state.pending.insert(cookie, waiter);
+        state.pending.insert(cookie, Pending { deadline, waiter });
         Ok(cookie)
+    }
+
+    /// The watchdog's look at the requests in flight: breaks the connection if a deadline
+    /// has passed, else returns the earliest one ahead (`None`: the connection is broken).
+    fn expire_due(self: &Arc<Self>) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next = now + self.request_timeout;
+        let expired: Vec<u64> = {
+            let state = self.state();
+            if state.broken.is_some() {
+                return None;
+            }
+            let mut expired = Vec::new();
+            for (cookie, pending) in &state.pending {
+                if pending.deadline <= now {
+                    expired.push(*cookie);
+                } else {
+                    next = next.min(pending.deadline);
+                }
+            }
+            expired
+        };
+        if expired.is_empty() {
+            return Some(next);
+        }
+        self.time_out(&expired);
+        None
+    }
+
+    /// Breaks the connection because a request timed out: those of `cookies` still in
+    /// flight fail with [`ClientError::TimedOut`], the others with
+    /// [`ClientError::Disconnected`].
+    fn time_out(self: &Arc<Self>, cookies: &[u64]) {
+        let timeout = self.request_timeout;
+        let reason = format!("a request got no reply within {timeout:?}");
+        let (expired, waiters) = {
+            let mut state = self.state();
+            if state.broken.is_some() {
+                return;
+            }
+            let expired: Vec<Waiter<B>> = cookies
+                .iter()
+                .filter_map(|cookie| state.pending.remove(cookie))
+                .map(|pending| pending.waiter)
+                .collect();
+            (expired, self.mark_broken(&mut state, &reason))
+        };
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+        for waiter in expired {
+            waiter.fail(ClientError::TimedOut(timeout));
+        }
+        self.finish_break(&reason, waiters);
     }
 
     /// Writes one request; a write abandoned half-way breaks the connection (the stream
@@ -481,6 +584,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
 pub struct Client<B: ExportBuffer> {
     shared: Arc<Shared<B>>,
     reader: tokio::task::AbortHandle,
+    watchdog: tokio::task::AbortHandle,
 }
 
 impl<B: ExportBuffer> std::fmt::Debug for Client<B> {
@@ -495,6 +599,7 @@ impl<B: ExportBuffer> std::fmt::Debug for Client<B> {
 impl<B: ExportBuffer> Drop for Client<B> {
     fn drop(&mut self) {
         self.reader.abort();
+        self.watchdog.abort();
     }
 }
 
@@ -581,9 +686,10 @@ impl<B: ExportBuffer> Client<B> {
             writer: tokio::sync::Mutex::new(write),
             state: Mutex::new(State {
                 next_cookie: 1,
-                pending: HashMap::new(),
+                pending: HashMap::default(),
                 broken: None,
             }),
+            is_broken: AtomicBool::new(false),
             slots: Semaphore::new(config.max_in_flight.max(1)),
             queued: AtomicUsize::new(0),
             stop: watch::channel(false).0,
@@ -594,7 +700,12 @@ impl<B: ExportBuffer> Client<B> {
             BufReader::with_capacity(64 * 1024, read),
         ))
         .abort_handle();
-        Self { shared, reader }
+        let watchdog = tokio::spawn(watch_deadlines(Arc::clone(&shared))).abort_handle();
+        Self {
+            shared,
+            reader,
+            watchdog,
+        }
     }
 
     /// What negotiation settled.
@@ -643,40 +754,50 @@ impl<B: ExportBuffer> Client<B> {
                 match acquired {
                     Ok(Ok(permit)) => permit,
                     Ok(Err(_)) => return Err(ClientError::Disconnected("closed".into())),
-                    Err(_) => return Err(self.timed_out(None)),
+                    Err(_) => return Err(self.timed_out(&[])),
                 }
             }
         };
         let mut header = header;
-        let cookie = shared.register(waiter)?;
+        let cookie = shared.register(waiter, deadline)?;
         header[8..16].copy_from_slice(&cookie.to_be_bytes());
-        let exchange = async {
-            shared.send(&header, payload).await?;
-            reply
-                .await
-                .unwrap_or_else(|_| Err(ClientError::Disconnected("reader stopped".into())))
+        // Sending: almost always done at the first try (the socket has room), then without a
+        // timer; one that must wait for the socket or for another request's sending waits
+        // within the deadline.
+        let mut send = pin!(shared.send(&header, payload));
+        let first_try = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+        let sent = match first_try {
+            Poll::Ready(sent) => sent,
+            Poll::Pending => match tokio::time::timeout_at(deadline, send).await {
+                Ok(sent) => sent,
+                Err(_) => Err(self.timed_out(&[cookie])),
+            },
         };
-        let result = match tokio::time::timeout_at(deadline, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(self.timed_out(Some(cookie))),
+        // The reply: the connection's watchdog fails it at the deadline.
+        let result = match sent {
+            Ok(()) => reply
+                .await
+                .unwrap_or_else(|_| Err(ClientError::Disconnected("reader stopped".into()))),
+            Err(e) => Err(e),
         };
         drop(permit);
         result
     }
 
-    /// Breaks the connection for a request that timed out.
-    fn timed_out(&self, cookie: Option<u64>) -> ClientError {
-        let shared = &self.shared;
-        if let Some(cookie) = cookie {
-            shared.state().pending.remove(&cookie);
-        }
-        shared.timeouts.fetch_add(1, Ordering::Relaxed);
-        let timeout = shared.request_timeout;
-        shared.break_connection(format!("a request got no reply within {timeout:?}"));
-        ClientError::TimedOut(timeout)
+    /// Breaks the connection for a request that timed out before it was sent (`cookies`:
+    /// its cookie, once registered).
+    fn timed_out(&self, cookies: &[u64]) -> ClientError {
+        self.shared.time_out(cookies);
+        ClientError::TimedOut(self.shared.request_timeout)
     }
 
-    fn chunks(&self, offset: u64, len: usize) -> Result<Vec<(u64, Range<usize>)>, ClientError> {
+    /// `len` bytes at `offset` cut into requests of at most the server's maximum: each
+    /// request's offset and its range of the caller's buffer.
+    fn chunks(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Result<impl Iterator<Item = (u64, Range<usize>)>, ClientError> {
         let max = usize::try_from(self.shared.negotiated.max_request).unwrap_or(usize::MAX);
         let size = self.shared.negotiated.size;
         let inside = u64::try_from(len)
@@ -690,8 +811,7 @@ impl<B: ExportBuffer> Client<B> {
         }
         Ok((0..len)
             .step_by(max.max(1))
-            .map(|start| (offset + start as u64, start..len.min(start + max)))
-            .collect())
+            .map(move |start| (offset + start as u64, start..len.min(start + max))))
     }
 
     /// Reads `buf.bytes().len()` bytes at `offset` into `buf`.
@@ -1030,6 +1150,24 @@ async fn options<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
+/// Holds the requests in flight to their deadlines: one timer for the connection, set to
+/// the earliest deadline, instead of one per request. A request past its deadline breaks
+/// the connection (a hung server). Ends when the connection is broken or closed.
+async fn watch_deadlines<B: ExportBuffer>(shared: Arc<Shared<B>>) {
+    let mut stop = shared.stop.subscribe();
+    let mut next = Instant::now() + shared.request_timeout;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        match shared.expire_due() {
+            Some(at) => next = at,
+            None => return,
+        }
+    }
+}
+
 /// Reads replies until the connection breaks or is stopped, then breaks it.
 async fn read_loop<B: ExportBuffer>(shared: Arc<Shared<B>>, mut reader: BufReader<BoxedReader>) {
     let mut stop = shared.stop.subscribe();
@@ -1047,16 +1185,24 @@ async fn read_replies<B: ExportBuffer>(
 ) -> String {
     let structured = shared.negotiated.structured;
     loop {
-        let mut magic = [0u8; 4];
-        match reader.read_exact(&mut magic).await {
+        // Without structured replies every reply starts with a whole simple reply header:
+        // read it at once. Otherwise the magic says what follows.
+        let mut bytes = [0u8; SIMPLE_REPLY_LEN];
+        let start = if structured {
+            &mut bytes[..4]
+        } else {
+            &mut bytes[..]
+        };
+        match reader.read_exact(start).await {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return "the server closed the connection".into()
             }
             Err(e) => return format!("reading a reply: {e}"),
         }
+        let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
         let outcome = match codec::parse_reply_magic(magic, structured) {
-            Ok(ReplyKind::Simple) => simple_reply(shared, reader, magic).await,
+            Ok(ReplyKind::Simple) => simple_reply(shared, reader, bytes, structured).await,
             Ok(ReplyKind::Chunk) => chunk(shared, reader, magic).await,
             Err(e) => Err(e.to_string()),
         };
@@ -1066,7 +1212,7 @@ async fn read_replies<B: ExportBuffer>(
     }
 }
 
-fn take_waiter<B: ExportBuffer>(shared: &Shared<B>, cookie: u64) -> Result<Waiter<B>, String> {
+fn take_waiter<B: ExportBuffer>(shared: &Shared<B>, cookie: u64) -> Result<Pending<B>, String> {
     shared
         .state()
         .pending
@@ -1091,19 +1237,21 @@ async fn read_into<B: ExportBuffer>(
         .map_err(|e| format!("reading read data: {e}"))
 }
 
+/// A simple reply in `bytes`: all of it, or (`partial`) its first 4 bytes.
 async fn simple_reply<B: ExportBuffer>(
     shared: &Arc<Shared<B>>,
     reader: &mut BufReader<BoxedReader>,
-    magic: [u8; 4],
+    mut bytes: [u8; SIMPLE_REPLY_LEN],
+    partial: bool,
 ) -> Result<(), String> {
-    let mut bytes = [0u8; SIMPLE_REPLY_LEN];
-    bytes[..4].copy_from_slice(&magic);
-    reader
-        .read_exact(&mut bytes[4..])
-        .await
-        .map_err(|e| format!("reading a reply: {e}"))?;
+    if partial {
+        reader
+            .read_exact(&mut bytes[4..])
+            .await
+            .map_err(|e| format!("reading a reply: {e}"))?;
+    }
     let reply = codec::parse_simple_reply(&bytes);
-    let waiter = take_waiter(shared, reply.cookie)?;
+    let waiter = take_waiter(shared, reply.cookie)?.waiter;
     if reply.error != 0 {
         waiter.fail(ClientError::Server {
             errno: codec::errno_of_nbd_error(reply.error),
@@ -1142,7 +1290,10 @@ async fn chunk<B: ExportBuffer>(
         .await
         .map_err(|e| format!("reading a reply chunk: {e}"))?;
     let header = codec::parse_chunk_header(&bytes);
-    let mut waiter = take_waiter(shared, header.cookie)?;
+    let Pending {
+        deadline,
+        mut waiter,
+    } = take_waiter(shared, header.cookie)?;
     let context = waiter.context();
     let prefix_len = codec::chunk_prefix_len(&header, context).map_err(|e| e.to_string())?;
     let mut prefix = vec![0u8; prefix_len];
@@ -1204,7 +1355,10 @@ async fn chunk<B: ExportBuffer>(
     if header.done {
         waiter.finish().map_err(|e| e.to_string())?;
     } else {
-        shared.state().pending.insert(header.cookie, waiter);
+        shared
+            .state()
+            .pending
+            .insert(header.cookie, Pending { deadline, waiter });
     }
     Ok(())
 }

@@ -279,6 +279,14 @@ impl NbdImage {
         if let Some(client) = self.connection().as_ref().filter(|c| c.broken().is_none()) {
             return Ok(Arc::clone(client));
         }
+        // Boxed: a connection's handshake (TLS included) is a large future, and every
+        // request's future would otherwise be as large, too large for the allocator's
+        // per-thread cache and copied whole into its box.
+        Box::pin(self.reconnect()).await
+    }
+
+    /// [`Self::client`] when the last connection broke.
+    async fn reconnect(&self) -> io::Result<Arc<Client<IoBuf>>> {
         if !self.target.can_reconnect() {
             return Err(failure(
                 libc::EIO,

@@ -24,8 +24,8 @@ use crate::changelog::ChangeLog;
 use crate::crypt::ChainCipher;
 use crate::driver::vhd::FileStamp;
 use crate::driver::{
-    open_image, Allocation, Capabilities, DiskInfo, DiskType, DriverStats, ImageDriver,
-    OpenOptions, StatusRun, ZeroFlags, SECTOR_SIZE,
+    open_image, push_status, Allocation, Capabilities, DiskInfo, DiskType, DriverStats,
+    ImageDriver, OpenOptions, StatusRun, ZeroFlags, SECTOR_SIZE,
 };
 use crate::engine::mapped::MappedBytes;
 use crate::engine::IoFuture;
@@ -966,10 +966,7 @@ impl ImageChain {
                     vec![run.clone()]
                 };
                 for piece in pieces {
-                    match resolved.last_mut() {
-                        Some(last) if last.state == piece.state => last.sectors += piece.sectors,
-                        _ => resolved.push(piece),
-                    }
+                    push_status(&mut resolved, piece);
                 }
                 at += run.sectors;
             }

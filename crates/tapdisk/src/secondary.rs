@@ -38,7 +38,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::driver::{DiskType, OpenOptions, StatusRun, ZeroFlags, SECTOR_SIZE};
+use crate::driver::{push_status, DiskType, OpenOptions, StatusRun, ZeroFlags, SECTOR_SIZE};
 use crate::error::errno_of;
 use crate::image::{Image, ImageChain, ImageCounters};
 use crate::iobuf::IoBuf;
@@ -482,10 +482,7 @@ impl Secondary {
                     .await?
             };
             for piece in pieces {
-                match status.last_mut() {
-                    Some(last) if last.state == piece.state => last.sectors += piece.sectors,
-                    _ => status.push(piece),
-                }
+                push_status(&mut status, piece);
             }
         }
         Ok(status)

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{
-    Allocation, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
-    OpenOptions, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
+    push_status, Allocation, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats,
+    ImageDriver, OpenOptions, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE,
 };
 use crate::engine::mapped::{self, FileMapping, MappedBytes};
 use crate::engine::{open_engine, IoEngine, IoFuture};
@@ -48,15 +48,7 @@ impl AioImage {
 
     fn open_file(path: &Path, options: OpenOptions) -> io::Result<Self> {
         let read_only = options.read_only;
-        let mut direct = !options.no_o_direct;
-        let mut file = match super::open_image_file(path, !read_only, direct) {
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::info!(path = %path.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
-                direct = false;
-                super::open_image_file(path, !read_only, false)?
-            }
-            other => other?,
-        };
+        let (mut file, direct) = super::open_for_io(path, &options)?;
         let metadata = file.metadata()?;
         let block_device = metadata.file_type().is_block_device();
         let (bytes, sector_size) = if block_device {
@@ -70,11 +62,7 @@ impl AioImage {
         } else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
-        let info = DiskInfo {
-            sectors: bytes / SECTOR_SIZE,
-            sector_size,
-            info: if read_only { VDISK_READONLY } else { 0 },
-        };
+        let info = DiskInfo::new(bytes, sector_size, read_only);
         let mapping = if !block_device && options.io.mapped_reads && mapped::worth_mapping(&file) {
             match FileMapping::new(&file, bytes) {
                 Ok(mapping) => Some(Arc::new(mapping)),
@@ -151,13 +139,13 @@ fn allocation_runs(file: &File, start: u64, end: u64) -> io::Result<Vec<StatusRu
             return;
         }
         covered = last;
-        match runs.last_mut() {
-            Some(prev) if prev.state == state => prev.sectors += last - first,
-            _ => runs.push(StatusRun {
+        push_status(
+            runs,
+            StatusRun {
                 sectors: last - first,
                 state,
-            }),
-        }
+            },
+        );
     };
     let mut at = start;
     while at < end {
@@ -190,13 +178,13 @@ fn allocation_runs(file: &File, start: u64, end: u64) -> io::Result<Vec<StatusRu
     let wanted = (end - start) / SECTOR_SIZE;
     let have = runs.iter().map(|run| run.sectors).sum::<u64>();
     if have < wanted {
-        match runs.last_mut() {
-            Some(last) if last.state == Allocation::Zero => last.sectors += wanted - have,
-            _ => runs.push(StatusRun {
+        push_status(
+            &mut runs,
+            StatusRun {
                 sectors: wanted - have,
                 state: Allocation::Zero,
-            }),
-        }
+            },
+        );
     }
     Ok(runs)
 }
@@ -311,19 +299,19 @@ impl ImageDriver for AioImage {
     }
 
     fn stats(&self) -> Option<DriverStats> {
-        Some(DriverStats {
-            pending: self.engine.pending(),
-            engine: self.engine.name(),
-            detail: DriverDetail::Raw {
+        Some(DriverStats::of_engine(
+            &*self.engine,
+            DriverDetail::Raw {
                 mapped: self.is_mapped(),
             },
-        })
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::VDISK_READONLY;
 
     #[tokio::test]
     async fn reads_and_writes_a_raw_file() {

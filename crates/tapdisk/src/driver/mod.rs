@@ -8,6 +8,11 @@
 //!
 //! Every request method takes `&self` and returns a future, so a driver serves requests from
 //! several queues at once and completes them asynchronously.
+//!
+//! What the drivers share lives here too: opening a file for I/O ([`open_for_io`]: `O_DIRECT`
+//! with a buffered fallback), request checks ([`DiskInfo::check_range`],
+//! [`DiskInfo::request_sectors`]), merging block-status runs ([`push_status`]), the common part
+//! of their stats ([`DriverStats::of_engine`]) and running I/O futures together (`run_all`).
 
 pub mod aio;
 pub mod nbd;
@@ -19,11 +24,12 @@ use std::io;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::Poll;
 
 pub use tapdisk_proto::image::ImageLocator;
 
 use crate::engine::mapped::MappedBytes;
-use crate::engine::{IoFuture, IoSettings};
+use crate::engine::{IoEngine, IoFuture, IoSettings};
 use crate::error::failure;
 use crate::image::Below;
 use crate::iobuf::IoBuf;
@@ -68,6 +74,74 @@ pub fn open_image_file(path: &Path, writable: bool, direct: bool) -> io::Result<
     Ok(file)
 }
 
+/// Opens an image file for its I/O engine: with `O_DIRECT` unless `options` say not to, and
+/// through the page cache where the filesystem refuses `O_DIRECT` (tmpfs, some FUSE
+/// filesystems), with a notice. Returns the file and whether it is open with `O_DIRECT`.
+pub fn open_for_io(path: &Path, options: &OpenOptions) -> io::Result<(std::fs::File, bool)> {
+    let writable = !options.read_only;
+    let direct = !options.no_o_direct;
+    match open_image_file(path, writable, direct) {
+        Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::info!(path = %path.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
+            Ok((open_image_file(path, writable, false)?, false))
+        }
+        other => Ok((other?, direct)),
+    }
+}
+
+/// An error carrying just `code`.
+pub(crate) fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Converts a computed byte length into a buffer length (`EINVAL` if it does not fit).
+pub(crate) fn to_len(bytes: u64) -> io::Result<usize> {
+    usize::try_from(bytes).map_err(|_| errno(libc::EINVAL))
+}
+
+/// A future being joined and, once done, its result.
+type JoinSlot<'a, T> = (Option<IoFuture<'a, T>>, Option<io::Result<T>>);
+
+/// Polls several futures concurrently and returns their results in order.
+async fn join_all<'a, T>(futures: Vec<IoFuture<'a, T>>) -> Vec<io::Result<T>> {
+    let mut slots: Vec<JoinSlot<'a, T>> = futures.into_iter().map(|f| (Some(f), None)).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, result) in &mut slots {
+            if let Some(f) = future {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(r) => {
+                        *result = Some(r);
+                        *future = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    slots
+        .into_iter()
+        .map(|(_, r)| r.unwrap_or_else(|| Err(errno(libc::EIO))))
+        .collect()
+}
+
+/// Runs `futures` concurrently (one is simply awaited) and returns their results, or the
+/// first error.
+pub(crate) async fn run_all<'a, T>(mut futures: Vec<IoFuture<'a, T>>) -> io::Result<Vec<T>> {
+    if futures.len() == 1 {
+        if let Some(only) = futures.pop() {
+            return Ok(vec![only.await?]);
+        }
+    }
+    join_all(futures).await.into_iter().collect()
+}
+
 /// Bytes per sector used for VBD addressing (the C stack's `SECTOR_SIZE`).
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -80,6 +154,38 @@ pub struct DiskInfo {
     pub sector_size: u32,
     /// `VDISK_*` information bits (e.g. `VDISK_READONLY` 0x4).
     pub info: u32,
+}
+
+impl DiskInfo {
+    /// A disk of `bytes` bytes (counted in whole 512-byte sectors) with logical sectors of
+    /// `sector_size` bytes; `read_only` sets `VDISK_READONLY`.
+    pub fn new(bytes: u64, sector_size: u32, read_only: bool) -> Self {
+        Self {
+            sectors: bytes / SECTOR_SIZE,
+            sector_size,
+            info: if read_only { VDISK_READONLY } else { 0 },
+        }
+    }
+
+    /// `EINVAL` unless the `count` sectors at `sector` lie inside the disk.
+    pub fn check_range(&self, sector: u64, count: u64) -> io::Result<()> {
+        match sector.checked_add(count) {
+            Some(end) if end <= self.sectors => Ok(()),
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    /// The sectors a request of `bytes` bytes at `sector` covers; `EINVAL` unless they are
+    /// whole sectors inside the disk.
+    pub fn request_sectors(&self, sector: u64, bytes: usize) -> io::Result<u64> {
+        let bytes = bytes as u64;
+        if bytes % SECTOR_SIZE != 0 {
+            return Err(errno(libc::EINVAL));
+        }
+        let count = bytes / SECTOR_SIZE;
+        self.check_range(sector, count)?;
+        Ok(count)
+    }
 }
 
 /// The `VDISK_READONLY` information bit.
@@ -185,6 +291,14 @@ pub struct StatusRun {
     pub sectors: u64,
     /// Their state.
     pub state: Allocation,
+}
+
+/// Appends `run` to a block-status answer, growing the last run when it has the same state.
+pub fn push_status(runs: &mut Vec<StatusRun>, run: StatusRun) {
+    match runs.last_mut() {
+        Some(last) if last.state == run.state => last.sectors += run.sectors,
+        _ => runs.push(run),
+    }
 }
 
 /// Optional operations a driver really implements, so frontends can advertise them truthfully
@@ -305,6 +419,17 @@ pub struct DriverStats {
     pub engine: &'static str,
     /// What only this kind of driver reports.
     pub detail: DriverDetail,
+}
+
+impl DriverStats {
+    /// The stats of a driver doing its I/O through `engine`.
+    pub fn of_engine(engine: &dyn IoEngine, detail: DriverDetail) -> Self {
+        Self {
+            pending: engine.pending(),
+            engine: engine.name(),
+            detail,
+        }
+    }
 }
 
 /// Driver-specific fields of [`DriverStats`], shown beside `reqs` and `engine`.

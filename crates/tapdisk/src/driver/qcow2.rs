@@ -49,11 +49,10 @@ use ::qcow2::meta::{
 };
 use ::qcow2::{Metadata, Qcow2Error};
 
-use super::vhd::run_all;
 use super::{
-    Allocation as Status, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
-    ImageLocator, OpenOptions, ParentLink, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE,
-    VDISK_READONLY,
+    errno, push_status, run_all, to_len, Allocation as Status, Capabilities, DiskInfo, DiskType,
+    DriverDetail, DriverStats, ImageDriver, ImageLocator, OpenOptions, ParentLink, ReadOutcome,
+    StatusRun, ZeroFlags, SECTOR_SIZE,
 };
 use crate::engine::{open_engine, IoEngine, IoFuture};
 use crate::image::Below;
@@ -65,14 +64,6 @@ const CLUSTER_LOCK_STRIPES: usize = 256;
 const TABLE_LOCK_STRIPES: usize = 64;
 /// Pieces of one large request run at once.
 const BATCH: usize = 32;
-
-fn errno(code: i32) -> io::Error {
-    io::Error::from_raw_os_error(code)
-}
-
-fn to_len(bytes: u64) -> io::Result<usize> {
-    usize::try_from(bytes).map_err(|_| errno(libc::EINVAL))
-}
 
 /// A qcow2 image's part of `tap-ctl stats` (the driver status's `"qcow2"` object).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -278,25 +269,12 @@ impl Qcow2Driver {
         let file_len = file.metadata().map_err(io_error("cannot stat"))?.len();
         let meta =
             Metadata::open(&header, &l1, &table, file_len).map_err(|e| format_error(path, &e))?;
-        let mut direct = !options.no_o_direct;
-        let io_file = match super::open_image_file(path, !read_only, direct) {
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::info!(path = %path.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
-                direct = false;
-                super::open_image_file(path, !read_only, false)
-            }
-            other => other,
-        }
-        .map_err(io_error("cannot open for I/O"))?;
+        let (io_file, direct) =
+            super::open_for_io(path, &options).map_err(io_error("cannot open for I/O"))?;
         let layout = Layout::of(&header);
-        let info = DiskInfo {
-            sectors: header.size / SECTOR_SIZE,
-            sector_size: 512,
-            info: if read_only { VDISK_READONLY } else { 0 },
-        };
         Ok(Self {
             path: path.to_path_buf(),
-            info,
+            info: DiskInfo::new(header.size, 512, read_only),
             engine: open_engine(Arc::new(io_file), !direct, options.io.engine),
             file,
             read_only,
@@ -579,13 +557,6 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    fn check_range(&self, sector: u64, sectors: u64) -> io::Result<()> {
-        match sector.checked_add(sectors) {
-            Some(end) if end <= self.info.sectors => Ok(()),
-            _ => Err(errno(libc::EINVAL)),
-        }
-    }
-
     /// The decompressed cluster whose data is at `host` (`len` bytes).
     async fn decompressed(&self, host: u64, len: u64) -> io::Result<Arc<Vec<u8>>> {
         if let Some((cached, data)) = self
@@ -843,7 +814,7 @@ impl Qcow2Driver {
             return Err(errno(libc::EPERM));
         }
         self.refuse_if_corrupt()?;
-        self.check_range(sector, count)?;
+        self.info.check_range(sector, count)?;
         let cs = self.layout.cluster_size();
         let (offset, end) = (sector * SECTOR_SIZE, (sector + count) * SECTOR_SIZE);
         let mut at = offset;
@@ -962,10 +933,7 @@ impl ImageDriver for Qcow2Driver {
 
     fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, ReadOutcome> {
         Box::pin(async move {
-            if buf.len() as u64 % SECTOR_SIZE != 0 {
-                return Err(errno(libc::EINVAL));
-            }
-            self.check_range(sector, buf.len() as u64 / SECTOR_SIZE)?;
+            self.info.request_sectors(sector, buf.len())?;
             self.read_runs(sector, buf).await
         })
     }
@@ -976,10 +944,7 @@ impl ImageDriver for Qcow2Driver {
                 return Err(errno(libc::EPERM));
             }
             self.refuse_if_corrupt()?;
-            if buf.len() as u64 % SECTOR_SIZE != 0 {
-                return Err(errno(libc::EINVAL));
-            }
-            self.check_range(sector, buf.len() as u64 / SECTOR_SIZE)?;
+            self.info.request_sectors(sector, buf.len())?;
             self.write_bytes(sector * SECTOR_SIZE, buf).await
         })
     }
@@ -1011,7 +976,7 @@ impl ImageDriver for Qcow2Driver {
 
     fn block_status(&self, sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
         Box::pin(async move {
-            self.check_range(sector, count)?;
+            self.info.check_range(sector, count)?;
             let runs = self.map(sector * SECTOR_SIZE, count * SECTOR_SIZE).await?;
             let mut out: Vec<StatusRun> = Vec::with_capacity(runs.len());
             for run in runs {
@@ -1021,10 +986,7 @@ impl ImageDriver for Qcow2Driver {
                     RunKind::Absent => Status::Absent,
                 };
                 let sectors = run.len / SECTOR_SIZE;
-                match out.last_mut() {
-                    Some(last) if last.state == state => last.sectors += sectors,
-                    _ => out.push(StatusRun { sectors, state }),
-                }
+                push_status(&mut out, StatusRun { sectors, state });
             }
             Ok(out)
         })
@@ -1035,10 +997,9 @@ impl ImageDriver for Qcow2Driver {
             let meta = self.meta();
             (meta.cached_l2_tables(), meta.pool_len())
         };
-        Some(DriverStats {
-            pending: self.engine.pending(),
-            engine: self.engine.name(),
-            detail: DriverDetail::Qcow2 {
+        Some(DriverStats::of_engine(
+            &*self.engine,
+            DriverDetail::Qcow2 {
                 qcow2: Qcow2Stats {
                     version: self.header.version,
                     cluster_size: self.layout.cluster_size(),
@@ -1051,7 +1012,7 @@ impl ImageDriver for Qcow2Driver {
                     decompressions: self.counters.decompressions.load(Ordering::Relaxed),
                 },
             },
-        })
+        ))
     }
 }
 

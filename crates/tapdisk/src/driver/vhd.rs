@@ -36,7 +36,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 
 use vhd::create::format_uuid;
 use vhd::metadata::Metadata;
@@ -46,9 +45,9 @@ use vhd::plan::{
 };
 
 use super::{
-    Allocation, Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver,
-    ImageLocator, OpenOptions, ParentLink, ReadOutcome, StatusRun, ZeroFlags, SECTOR_SIZE,
-    VDISK_READONLY,
+    errno, push_status, run_all, to_len, Allocation, Capabilities, DiskInfo, DiskType,
+    DriverDetail, DriverStats, ImageDriver, ImageLocator, OpenOptions, ParentLink, ReadOutcome,
+    StatusRun, ZeroFlags, SECTOR_SIZE,
 };
 use crate::engine::{open_engine, IoEngine, IoFuture};
 use crate::iobuf::IoBuf;
@@ -133,58 +132,6 @@ impl VhdDriverError {
         tracing::error!("{self}");
         crate::error::Error::with_source(self.errno(), "", self).into()
     }
-}
-
-fn errno(code: i32) -> io::Error {
-    io::Error::from_raw_os_error(code)
-}
-
-/// Converts a computed byte length into a buffer length.
-fn to_len(bytes: u64) -> io::Result<usize> {
-    usize::try_from(bytes).map_err(|_| errno(libc::EINVAL))
-}
-
-/// A future being joined and, once done, its result.
-type JoinSlot<'a, T> = (Option<IoFuture<'a, T>>, Option<io::Result<T>>);
-
-/// Polls several futures concurrently and returns their results in order.
-async fn join_all<'a, T>(futures: Vec<IoFuture<'a, T>>) -> Vec<io::Result<T>> {
-    let mut slots: Vec<JoinSlot<'a, T>> = futures.into_iter().map(|f| (Some(f), None)).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, result) in &mut slots {
-            if let Some(f) = future {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(r) => {
-                        *result = Some(r);
-                        *future = None;
-                    }
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    slots
-        .into_iter()
-        .map(|(_, r)| r.unwrap_or_else(|| Err(errno(libc::EIO))))
-        .collect()
-}
-
-/// Runs `futures` concurrently (one is simply awaited) and returns their results, or the
-/// first error.
-pub(crate) async fn run_all<'a, T>(mut futures: Vec<IoFuture<'a, T>>) -> io::Result<Vec<T>> {
-    if futures.len() == 1 {
-        if let Some(only) = futures.pop() {
-            return Ok(vec![only.await?]);
-        }
-    }
-    join_all(futures).await.into_iter().collect()
 }
 
 /// Identity of a file at open time, to tell whether a shared parent is still the same file.
@@ -360,16 +307,8 @@ impl VhdDriver {
         };
         let (_, meta) = image.into_parts();
 
-        let mut direct = !options.no_o_direct;
-        let file = match super::open_image_file(path, !read_only, direct) {
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::info!(path = %path.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
-                direct = false;
-                super::open_image_file(path, !read_only, false)
-            }
-            other => other,
-        }
-        .map_err(io_error("cannot open for I/O"))?;
+        let (file, direct) =
+            super::open_for_io(path, &options).map_err(io_error("cannot open for I/O"))?;
         let engine = open_engine(Arc::new(file), !direct, options.io.engine);
         let mut driver = Self::assemble(path, meta, engine, read_only);
         driver.direct = direct;
@@ -392,14 +331,9 @@ impl VhdDriver {
 
     fn assemble(path: &Path, meta: Metadata, engine: Box<dyn IoEngine>, read_only: bool) -> Self {
         let footer = meta.footer();
-        let info = DiskInfo {
-            sectors: footer.current_size / SECTOR_SIZE,
-            sector_size: 512,
-            info: if read_only { VDISK_READONLY } else { 0 },
-        };
         Self {
             path: path.to_path_buf(),
-            info,
+            info: DiskInfo::new(footer.current_size, 512, read_only),
             engine,
             read_only,
             direct: false,
@@ -477,13 +411,6 @@ impl VhdDriver {
     fn core_error(&self, error: &vhd::VhdError) -> io::Error {
         tracing::error!(path = %self.path.display(), "{error}");
         errno(error.errno())
-    }
-
-    fn check_range(&self, sector: u64, sectors: u64) -> io::Result<()> {
-        match sector.checked_add(sectors) {
-            Some(end) if end <= self.info.sectors => Ok(()),
-            _ => Err(errno(libc::EINVAL)),
-        }
     }
 
     /// Reads the bitmap the core asked for.
@@ -730,7 +657,7 @@ impl VhdDriver {
         if self.read_only {
             return Err(errno(libc::EPERM));
         }
-        self.check_range(sector, count)?;
+        self.info.check_range(sector, count)?;
         self.apply(Op::Zero { deallocate }, sector, count, None)
             .await
     }
@@ -768,10 +695,7 @@ impl ImageDriver for VhdDriver {
 
     fn read(&self, sector: u64, buf: IoBuf) -> IoFuture<'_, ReadOutcome> {
         Box::pin(async move {
-            if buf.len() as u64 % SECTOR_SIZE != 0 {
-                return Err(errno(libc::EINVAL));
-            }
-            self.check_range(sector, buf.len() as u64 / SECTOR_SIZE)?;
+            self.info.request_sectors(sector, buf.len())?;
             self.read_mapped(sector, buf).await
         })
     }
@@ -781,11 +705,7 @@ impl ImageDriver for VhdDriver {
             if self.read_only {
                 return Err(errno(libc::EPERM));
             }
-            if buf.len() as u64 % SECTOR_SIZE != 0 {
-                return Err(errno(libc::EINVAL));
-            }
-            let count = buf.len() as u64 / SECTOR_SIZE;
-            self.check_range(sector, count)?;
+            let count = self.info.request_sectors(sector, buf.len())?;
             self.apply(Op::Write, sector, count, Some(buf)).await
         })
     }
@@ -817,20 +737,20 @@ impl ImageDriver for VhdDriver {
 
     fn block_status(&self, sector: u64, count: u64) -> IoFuture<'_, Vec<StatusRun>> {
         Box::pin(async move {
-            self.check_range(sector, count)?;
+            self.info.check_range(sector, count)?;
             let mut runs: Vec<StatusRun> = Vec::new();
             for run in self.map(sector, count).await? {
                 let state = match run {
                     Extent::Present { .. } => Allocation::Data,
                     Extent::Absent { .. } => Allocation::Absent,
                 };
-                match runs.last_mut() {
-                    Some(last) if last.state == state => last.sectors += run.count(),
-                    _ => runs.push(StatusRun {
+                push_status(
+                    &mut runs,
+                    StatusRun {
                         sectors: run.count(),
                         state,
-                    }),
-                }
+                    },
+                );
             }
             Ok(runs)
         })
@@ -846,10 +766,9 @@ impl ImageDriver for VhdDriver {
             let meta = self.meta();
             (meta.allocated_blocks(), meta.cached_bitmaps())
         };
-        Some(DriverStats {
-            pending: self.engine.pending(),
-            engine: self.engine.name(),
-            detail: DriverDetail::Vhd {
+        Some(DriverStats::of_engine(
+            &*self.engine,
+            DriverDetail::Vhd {
                 vhd: VhdStats {
                     kind,
                     allocated_blocks,
@@ -859,7 +778,7 @@ impl ImageDriver for VhdDriver {
                     cached_bitmaps,
                 },
             },
-        })
+        ))
     }
 }
 

@@ -46,7 +46,7 @@ use self::locator::NbdTarget;
 use self::passed::{PassedSocket, PassedSockets};
 use super::{
     Capabilities, DiskInfo, DiskType, DriverDetail, DriverStats, ImageDriver, OpenOptions,
-    ReadOutcome, ZeroFlags, SECTOR_SIZE, VDISK_READONLY,
+    ReadOutcome, ZeroFlags, SECTOR_SIZE,
 };
 use crate::engine::IoFuture;
 use crate::error::failure;
@@ -377,11 +377,7 @@ impl ImageDriver for NbdImage {
     }
 
     fn info(&self) -> DiskInfo {
-        DiskInfo {
-            sectors: self.negotiated.size / SECTOR_SIZE,
-            sector_size: 512,
-            info: if self.read_only { VDISK_READONLY } else { 0 },
-        }
+        DiskInfo::new(self.negotiated.size, 512, self.read_only)
     }
 
     fn path(&self) -> &Path {

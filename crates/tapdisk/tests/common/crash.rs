@@ -1,14 +1,16 @@
 //! The crash-test harness shared by the drivers' kill -9 tests: a minimal blocking NBD client
 //! that streams random writes and discards with a flush after every batch until tapdisk is
-//! killed, and a model of what every sector may hold afterwards (the last write covered by a
-//! completed flush, or any write issued since).
+//! killed, a model of what every sector may hold afterwards (the last write covered by a
+//! completed flush, or any write issued since), and the test's loop ([`kill_during_writes`]):
+//! each driver only says how to make a child image, check an image and read the disk back.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
-use super::Lcg;
+use super::{process_alive, wait_for, Env, Lcg};
 use nbd::proto;
 
 pub const MIB: u64 = 1 << 20;
@@ -235,4 +237,73 @@ impl Model {
             self.since[s].clear();
         }
     }
+}
+
+/// What the kill -9 test needs to know about one image format.
+pub struct Format<'a> {
+    /// The image type tapdisk opens (`vhd`, `qcow2`).
+    pub disk_type: &'a str,
+    /// Makes `child` a differencing image of `base`.
+    pub make_child: &'a dyn Fn(&Path, &Path),
+    /// Fails the test unless the image is consistent (after kill `iteration`).
+    pub check: &'a dyn Fn(&Path, usize),
+    /// The whole virtual disk of the chain whose leaf is given, as read by a peer.
+    pub read_disk: &'a dyn Fn(&Path) -> Vec<u8>,
+}
+
+/// The number of kills: `$var` if set, else `default`.
+pub fn iterations(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Kills tapdisk `iterations` times while [`stream_until_killed`] writes to `base` (the first
+/// half) and then to a child of it made at `child`, checking after every kill that the image
+/// is consistent and that every sector holds what the model allows; at the end, that enough
+/// flushes completed and that `base` is still consistent.
+pub fn kill_during_writes(
+    format: &Format<'_>,
+    base: &Path,
+    child: &Path,
+    iterations: usize,
+    seed: u64,
+) {
+    let mut model = Model::new();
+    let mut rng = Lcg(seed);
+    let mut total_flushes = 0;
+    let mut leaf: PathBuf = base.to_path_buf();
+    for iteration in 0..iterations {
+        if iteration == iterations / 2 {
+            (format.make_child)(base, child);
+            leaf = child.to_path_buf();
+        }
+        let env = Env::new();
+        let (pid, minor) = env.create_params(
+            &format!("{}:{}", format.disk_type, leaf.display()),
+            &["-b", "none"],
+        );
+        let socket = env.nbd_socket(pid, minor);
+        let delay = Duration::from_millis(20 + rng.next(150));
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        });
+        total_flushes += stream_until_killed(&socket, &mut model, &mut rng);
+        killer.join().unwrap();
+        assert!(
+            wait_for(Duration::from_secs(10), || !process_alive(pid)),
+            "tapdisk {pid} survived SIGKILL"
+        );
+        (format.check)(&leaf, iteration);
+        let disk = (format.read_disk)(&leaf);
+        assert_eq!(disk.len() as u64, DISK);
+        model.verify(&disk, iteration);
+    }
+    assert!(
+        total_flushes > iterations,
+        "only {total_flushes} flushes completed"
+    );
+    (format.check)(base, iterations);
 }

@@ -243,6 +243,15 @@ fn foreign(gref: u32, offset: u16, domid: u16) -> u64 {
     u64::from(gref) | (u64::from(offset) << 32) | (u64::from(domid) << 48)
 }
 
+/// Which way a batch of grant copies goes.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    /// From the guest's pages into local memory.
+    FromGuest,
+    /// From local memory into the guest's pages.
+    ToGuest,
+}
+
 /// Grant copies to and from one guest.
 #[derive(Debug)]
 pub struct GntCopier {
@@ -272,47 +281,57 @@ impl GntCopier {
         }
         Ok(())
     }
+
+    /// Copies between the guest's pages and local memory going `direction`, all of `copies`
+    /// in one batch: `piece` tells where a copy's bytes are (grant reference, offset in the
+    /// guest page, local address, length; the address taken from a borrow that lasts across
+    /// the call, mutable for copies into local memory), `set_status` records how it went.
+    fn copy<C>(
+        &mut self,
+        direction: Direction,
+        copies: &mut [C],
+        piece: impl Fn(&mut C) -> (u32, u16, u64, usize),
+        set_status: impl Fn(&mut C, i16),
+    ) -> io::Result<()> {
+        self.segments.clear();
+        for copy in copies.iter_mut() {
+            let (gref, offset, local, len) = piece(copy);
+            let guest = foreign(gref, offset, self.domid);
+            let (source, dest, flags) = match direction {
+                Direction::FromGuest => (guest, local, GNTCOPY_SOURCE_GREF),
+                Direction::ToGuest => (local, guest, GNTCOPY_DEST_GREF),
+            };
+            self.segments.push(CopySegment {
+                source,
+                dest,
+                len: u16::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+                flags,
+                status: 0,
+                pad: 0,
+            });
+        }
+        self.run()?;
+        for (copy, segment) in copies.iter_mut().zip(&self.segments) {
+            set_status(copy, segment.status);
+        }
+        Ok(())
+    }
 }
 
 impl GrantCopy for GntCopier {
     fn copy_from_guest(&mut self, copies: &mut [FromGuest<'_>]) -> io::Result<()> {
-        self.segments.clear();
-        for copy in copies.iter_mut() {
-            self.segments.push(CopySegment {
-                source: foreign(copy.gref, copy.offset, self.domid),
-                dest: copy.dest.as_mut_ptr() as u64,
-                len: u16::try_from(copy.dest.len())
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
-                flags: GNTCOPY_SOURCE_GREF,
-                status: 0,
-                pad: 0,
-            });
-        }
-        self.run()?;
-        for (copy, segment) in copies.iter_mut().zip(&self.segments) {
-            copy.status = segment.status;
-        }
-        Ok(())
+        let piece =
+            |c: &mut FromGuest<'_>| (c.gref, c.offset, c.dest.as_mut_ptr() as u64, c.dest.len());
+        self.copy(Direction::FromGuest, copies, piece, |c, status| {
+            c.status = status
+        })
     }
 
     fn copy_to_guest(&mut self, copies: &mut [ToGuest<'_>]) -> io::Result<()> {
-        self.segments.clear();
-        for copy in copies.iter() {
-            self.segments.push(CopySegment {
-                source: copy.src.as_ptr() as u64,
-                dest: foreign(copy.gref, copy.offset, self.domid),
-                len: u16::try_from(copy.src.len())
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
-                flags: GNTCOPY_DEST_GREF,
-                status: 0,
-                pad: 0,
-            });
-        }
-        self.run()?;
-        for (copy, segment) in copies.iter_mut().zip(&self.segments) {
-            copy.status = segment.status;
-        }
-        Ok(())
+        let piece = |c: &mut ToGuest<'_>| (c.gref, c.offset, c.src.as_ptr() as u64, c.src.len());
+        self.copy(Direction::ToGuest, copies, piece, |c, status| {
+            c.status = status
+        })
     }
 }
 

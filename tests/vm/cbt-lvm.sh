@@ -9,17 +9,7 @@
 # shellcheck disable=SC2317 # the helpers below run through check
 . "$1/tests/vm/lib.sh"
 
-modprobe dm_mod 2>/dev/null
-mkdir -p /run/lvm /run/lock/lvm
-# No udev in the guest: LVM makes its own /dev nodes; no metadata backups on the read-only root.
-export LVM_SYSTEM_DIR="$SCRATCH/lvm"
-mkdir -p "$LVM_SYSTEM_DIR"
-cat > "$LVM_SYSTEM_DIR/lvm.conf" <<'EOF'
-activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
-devices { obtain_device_list_from_udev = 0 filter = [ "a|^/dev/loop|", "r|.*|" ] }
-backup { backup = 0 archive = 0 }
-EOF
-export LVM_SUPPRESS_FD_WARNINGS=1
+lvm_setup
 
 VG=VG_XenStorage-5e1d0c2b-3a49-4f87-9b6e-0c1d2e3f4a5b
 VDI=7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d

@@ -89,6 +89,23 @@ make_raw() {
     truncate -s "${2}M" "$path" && echo "$path"
 }
 
+# lvm_setup: real LVM without udev (the guest runs none): LVM makes its own /dev nodes and
+# must not wait for udev, looks only at loop devices, and keeps no metadata backups (they
+# would go to the read-only root). LVM_SYSTEM_DIR is exported, so it also reaches the
+# lvs/vgs that vhd-util runs.
+lvm_setup() {
+    modprobe dm_mod 2>/dev/null
+    mkdir -p /run/lvm /run/lock/lvm
+    export LVM_SYSTEM_DIR="$SCRATCH/lvm"
+    mkdir -p "$LVM_SYSTEM_DIR"
+    cat > "$LVM_SYSTEM_DIR/lvm.conf" <<'EOF'
+activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
+devices { obtain_device_list_from_udev = 0 filter = [ "a|^/dev/loop|", "r|.*|" ] }
+backup { backup = 0 archive = 0 }
+EOF
+    export LVM_SUPPRESS_FD_WARNINGS=1
+}
+
 # Starts a syslog receiver so tapdisk's messages land in $SHARE/$TEST_NAME.syslog.
 start_syslog() {
     rm -f /dev/log

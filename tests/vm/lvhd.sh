@@ -11,19 +11,7 @@
 # shellcheck disable=SC2317 # the helpers below run through check
 . "$1/tests/vm/lib.sh"
 
-modprobe dm_mod 2>/dev/null
-mkdir -p /run/lvm /run/lock/lvm
-# No udev in the guest: LVM makes its own /dev nodes and must not wait for udev; its
-# metadata backups would go to the read-only root. LVM_SYSTEM_DIR also reaches the lvs/vgs
-# that vhd-util runs.
-export LVM_SYSTEM_DIR="$SCRATCH/lvm"
-mkdir -p "$LVM_SYSTEM_DIR"
-cat > "$LVM_SYSTEM_DIR/lvm.conf" <<'EOF'
-activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
-devices { obtain_device_list_from_udev = 0 filter = [ "a|^/dev/loop|", "r|.*|" ] }
-backup { backup = 0 archive = 0 }
-EOF
-export LVM_SUPPRESS_FD_WARNINGS=1
+lvm_setup
 
 SR=41d3c3a4-7a2b-4c1d-8e9f-102030405060
 VG="VG_XenStorage-$SR"

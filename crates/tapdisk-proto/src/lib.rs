@@ -1000,42 +1000,57 @@ impl Message {
 /// Builds the fixed 256-byte log-path payload sent after OPEN/RESUME with
 /// [`OpenFlags::ADD_LOG`]: the path, a NUL, then zeros.
 pub fn encode_log_path(path: &str) -> Result<[u8; LOG_PATH_PAYLOAD_LEN], EncodeError> {
-    let mut buf = [0u8; LOG_PATH_PAYLOAD_LEN];
-    write_c_string(&mut buf, 0, LOG_PATH_PAYLOAD_LEN, path, "log path")?;
-    Ok(buf)
+    encode_text_payload(path, "log path")
 }
 
 /// Parses the 256-byte log-path payload; offsets in errors are relative to the payload.
 pub fn decode_log_path(buf: &[u8]) -> Result<String, DecodeError> {
-    if buf.len() != LOG_PATH_PAYLOAD_LEN {
-        return Err(DecodeError::WrongLength {
-            what: "log path payload",
-            expected: LOG_PATH_PAYLOAD_LEN,
-            actual: buf.len(),
-        });
-    }
-    read_c_string(buf, 0, LOG_PATH_PAYLOAD_LEN, "log path")
+    decode_text_payload(buf, LOG_PATH_PAYLOAD_LEN, "log path", "log path payload")
 }
 
 /// Builds the open-options payload sent after OPEN with [`OpenFlags::OPEN_OPTIONS`]: `text`
 /// (at most 255 bytes, no NUL) NUL-padded to [`OPEN_OPTIONS_PAYLOAD_LEN`] bytes. What the
 /// text means is tapdisk's business (`key = value` lines).
 pub fn encode_open_options(text: &str) -> Result<[u8; OPEN_OPTIONS_PAYLOAD_LEN], EncodeError> {
-    let mut buf = [0u8; OPEN_OPTIONS_PAYLOAD_LEN];
-    write_c_string(&mut buf, 0, OPEN_OPTIONS_PAYLOAD_LEN, text, "open options")?;
-    Ok(buf)
+    encode_text_payload(text, "open options")
 }
 
 /// Parses the open-options payload; offsets in errors are relative to the payload.
 pub fn decode_open_options(buf: &[u8]) -> Result<String, DecodeError> {
-    if buf.len() != OPEN_OPTIONS_PAYLOAD_LEN {
+    decode_text_payload(
+        buf,
+        OPEN_OPTIONS_PAYLOAD_LEN,
+        "open options",
+        "open options payload",
+    )
+}
+
+/// A text trailer of `N` bytes: `text` (the `what` of errors), a NUL, then zeros.
+fn encode_text_payload<const N: usize>(
+    text: &str,
+    what: &'static str,
+) -> Result<[u8; N], EncodeError> {
+    let mut buf = [0u8; N];
+    write_c_string(&mut buf, 0, N, text, what)?;
+    Ok(buf)
+}
+
+/// The text of a `len`-byte trailer (`payload` names the trailer in a length error, `what`
+/// its text in the others).
+fn decode_text_payload(
+    buf: &[u8],
+    len: usize,
+    what: &'static str,
+    payload: &'static str,
+) -> Result<String, DecodeError> {
+    if buf.len() != len {
         return Err(DecodeError::WrongLength {
-            what: "open options payload",
-            expected: OPEN_OPTIONS_PAYLOAD_LEN,
+            what: payload,
+            expected: len,
             actual: buf.len(),
         });
     }
-    read_c_string(buf, 0, OPEN_OPTIONS_PAYLOAD_LEN, "open options")
+    read_c_string(buf, 0, len, what)
 }
 
 /// Builds the encryption-key payload sent after OPEN with [`OpenFlags::OPEN_ENCRYPTED`]:

@@ -879,16 +879,8 @@ impl ImageChain {
     /// Discards sectors of the leaf (zeroes them on the secondary it writes), after marking
     /// them in the log.
     pub async fn discard(&self, sector: u64, count: u64) -> io::Result<()> {
-        self.mark(sector, count)?;
-        let fence = self.fence_fills().await;
-        let leaf = self.leaf().driver.discard(sector, count);
-        let result = match &self.secondary {
-            Some(secondary) => secondary.zero(sector, count, leaf).await,
-            None => leaf.await,
-        };
-        drop(fence);
-        self.written(sector, count);
-        result
+        self.zero_leaf(sector, count, |leaf| leaf.discard(sector, count))
+            .await
     }
 
     /// Optional operations of the chain: the leaf's, except that zeroing without writing
@@ -907,9 +899,24 @@ impl ImageChain {
         if self.images.len() > 1 && !self.leaf().driver.zeroes_hide_parent() {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
+        self.zero_leaf(sector, count, |leaf| {
+            leaf.write_zeroes(sector, count, flags)
+        })
+        .await
+    }
+
+    /// A discard or write-zeroes of `count` sectors at `sector`, which `zero` starts on the
+    /// leaf's driver: marked in the log first, run under the fill fence, given to the
+    /// secondary (which mirrors or redirects it) if there is one.
+    async fn zero_leaf<'a>(
+        &'a self,
+        sector: u64,
+        count: u64,
+        zero: impl FnOnce(&'a dyn ImageDriver) -> IoFuture<'a, ()>,
+    ) -> io::Result<()> {
         self.mark(sector, count)?;
         let fence = self.fence_fills().await;
-        let leaf = self.leaf().driver.write_zeroes(sector, count, flags);
+        let leaf = zero(&*self.leaf().driver);
         let result = match &self.secondary {
             Some(secondary) => secondary.zero(sector, count, leaf).await,
             None => leaf.await,

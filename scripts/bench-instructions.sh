@@ -2,8 +2,11 @@
 # Instructions per NBD request, server side only (a benchmark, not a test).
 #
 # Every server runs under `valgrind --tool=cachegrind`, which counts the instructions the
-# server's own threads execute (Ir; the kernel's work is not counted), on a small raw image:
-#   ours           tapdisk's export, default O_DIRECT open (tap-ctl create -b none)
+# server's own threads execute (Ir; the kernel's work is not counted), on a small image
+# (raw, or with IMAGE_FORMAT=qcow2 the same random data converted to qcow2 with 64 KiB
+# clusters, every cluster allocated; nbdkit's file plugin serves raw only):
+#   ours           tapdisk's export, default O_DIRECT open (tap-ctl create -b none; `aio:`
+#                  or `qcow2:`)
 #   ours-buffered  the same opened without O_DIRECT (tap-ctl create -b none -D)
 #   ours-mirror    ours with an active storage-migration mirror (writes only): a second
 #                  tapdisk, also under cachegrind, serves an empty image of the same size on
@@ -32,7 +35,8 @@
 #
 # Environment: N (default 20000), BASE (default 2000), SIZE (default 256M), SERVERS (subset
 # of "ours ours-buffered ours-mirror qemu-none qemu-wb nbdkit"), JOBS (subset of "randread
-# randwrite"), QD (default 32), ROUNDS (default 3), BIN_DIR (take tapdisk and tap-ctl from
+# randwrite"), QD (default 32), ROUNDS (default 3), IMAGE_FORMAT (raw, the default, or
+# qcow2; results are labelled SERVER-qcow2), BIN_DIR (take tapdisk and tap-ctl from
 # there instead of building them: a copy of an earlier build, for before/after counts),
 # KEEP=1 keeps the cachegrind files (for cg_annotate) in KEEP_DIR (default ./cachegrind),
 # named SERVER-JOB-COUNT-roundR.out (the mirror's destination: ours-mirror-dst-...).
@@ -48,6 +52,20 @@ QD=${QD:-32}
 ROUNDS=${ROUNDS:-3}
 KEEP=${KEEP:-0}
 KEEP_DIR=${KEEP_DIR:-$PWD/cachegrind}
+IMAGE_FORMAT=${IMAGE_FORMAT:-raw}
+
+case $IMAGE_FORMAT in
+raw) DRIVER=aio LABEL= ;;
+qcow2) DRIVER=qcow2 LABEL=-qcow2 ;;
+*)
+    echo "IMAGE_FORMAT must be raw or qcow2, not '$IMAGE_FORMAT'" >&2
+    exit 1
+    ;;
+esac
+if [ "$IMAGE_FORMAT" = qcow2 ] && [[ " $SERVERS " == *" nbdkit "* || " $SERVERS " == *" ours-mirror "* ]]; then
+    echo "with IMAGE_FORMAT=qcow2, leave nbdkit (raw only) and ours-mirror out of SERVERS" >&2
+    exit 1
+fi
 
 if [ "$N" -le "$BASE" ]; then
     echo "N ($N) must be larger than BASE ($BASE)" >&2
@@ -77,9 +95,14 @@ cleanup() {
 trap cleanup EXIT
 
 IMAGE=$WORK/disk.img
-echo "# image: $SIZE raw at $IMAGE (random data)" >&2
+echo "# image: $SIZE $IMAGE_FORMAT at $IMAGE (random data)" >&2
 fio --name=fill --filename="$IMAGE" --size="$SIZE" --rw=write --bs=1M --refill_buffers \
     --ioengine=psync --end_fsync=1 --output=/dev/null
+if [ "$IMAGE_FORMAT" = qcow2 ]; then
+    qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$IMAGE" "$IMAGE.qcow2"
+    mv "$IMAGE.qcow2" "$IMAGE"
+    sync "$IMAGE"
+fi
 if [[ " $SERVERS " == *" ours-mirror "* ]]; then
     # Written in full, so the mirror overwrites allocated blocks as the source does.
     fio --name=fill --filename="$WORK/mirror.img" --size="$SIZE" --rw=write --bs=1M \
@@ -107,7 +130,7 @@ start_server() {
         [ "$1" = ours-buffered ] && direct=(-D)
         local pid minor
         read -r pid minor < <(BLKTAP_TAPDISK=$WORK/tapdisk-under-cachegrind \
-            create_vbd -a "aio:$IMAGE" -b none "${direct[@]}")
+            create_vbd -a "$DRIVER:$IMAGE" -b none "${direct[@]}")
         SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
         OURS="$pid $minor"
         SERVER_PID=$pid
@@ -133,7 +156,7 @@ start_server() {
         SOCK=$WORK/qemu.sock
         "${VALGRIND[@]}" --log-file="$WORK/valgrind.qemu.log" \
             --cachegrind-out-file="$WORK/cg.qemu" \
-            qemu-nbd -t -f raw "${opts[@]}" -k "$SOCK" "$IMAGE" &
+            qemu-nbd -t -f "$IMAGE_FORMAT" "${opts[@]}" -k "$SOCK" "$IMAGE" &
         SERVER_PID=$!
         CG_FILE=$WORK/cg.qemu
         ;;
@@ -196,7 +219,7 @@ measure() {
     stop_server
     if [ "$KEEP" = 1 ]; then
         mkdir -p "$KEEP_DIR"
-        cp "$CG_FILE" "$KEEP_DIR/$1-$2-$3-round$round.out"
+        cp "$CG_FILE" "$KEEP_DIR/$1$LABEL-$2-$3-round$round.out"
         if [ -n "$CG_DST_FILE" ]; then
             cp "$CG_DST_FILE" "$KEEP_DIR/$1-dst-$2-$3-round$round.out"
         fi
@@ -219,9 +242,9 @@ for server in $SERVERS; do
         fulls=("$full" "$full_dst")
         for i in "${!names[@]}"; do
             per=$(((fulls[i] - bases[i]) / (N - BASE)))
-            echo "${names[i]} $job $per" >>"$RESULTS"
+            echo "${names[i]}$LABEL $job $per" >>"$RESULTS"
             printf 'round %s  %-16s %-10s %8s instructions/request  (Ir %s with %s, %s with %s)\n' \
-                "$round" "${names[i]}" "$job" "$per" "${bases[i]}" "$BASE" "${fulls[i]}" "$N" >&2
+                "$round" "${names[i]}$LABEL" "$job" "$per" "${bases[i]}" "$BASE" "${fulls[i]}" "$N" >&2
         done
     done
 done

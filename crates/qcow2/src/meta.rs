@@ -528,6 +528,31 @@ impl Metadata {
         Ok(Plan::Ready(runs))
     }
 
+    /// Where guest bytes `[offset, offset + len)` are read from when they lie in one cluster
+    /// whose L2 table is in memory and whose entry maps all of them to data in this file
+    /// (not zeros, not compressed, not absent): the host offset of `offset`. A read's fast
+    /// path: it never asks for a load, and `None` (anything else, an invalid entry included)
+    /// sends the read to [`Metadata::map`], which answers every case and reports errors.
+    pub fn data_in_cluster(&mut self, offset: u64, len: u64) -> Option<u64> {
+        let cs = self.layout.cluster_size();
+        let (cluster, within) = (offset / cs, offset % cs);
+        if len == 0 || within + len > cs {
+            return None;
+        }
+        match self.entry(cluster) {
+            Ok(Plan::Ready(Entry::Standard {
+                host: Some(host),
+                alloc,
+                zero,
+                ..
+            })) => {
+                let (_, _, touched) = self.touched(within, len);
+                (alloc & touched == touched && zero & touched == 0).then_some(host + within)
+            }
+            _ => None,
+        }
+    }
+
     /// Subcluster mask of bytes `[start, start + len)` of a cluster.
     fn touched(&self, start: u64, len: u64) -> (u64, u64, u32) {
         let sub = self.layout.subcluster_size();

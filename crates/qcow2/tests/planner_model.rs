@@ -9,6 +9,8 @@
 use proptest::prelude::*;
 use qcow2::check::check;
 use qcow2::image::{create, CreateOptions, Image, Storage};
+use qcow2::meta::{Run, RunKind};
+use qcow2::{Metadata, Need, Plan};
 
 const SIZE: u64 = 512 << 10;
 
@@ -135,6 +137,56 @@ fn apply(image: &mut Image<Recording>, model: &mut [u8], op: &Op) {
     }
 }
 
+/// Checks the read fast path ([`Metadata::data_in_cluster`]) against [`Metadata::map`] on the
+/// image `bytes`: for pieces of one and of eight sectors at every sector, the fast path gives
+/// a host offset exactly when the piece lies in one cluster and `map` (with its L2 table
+/// loaded) reads all of it from that offset, and never when the table is not loaded.
+fn fast_path_agrees_with_map(bytes: &[u8]) {
+    let header = qcow2::Header::parse(bytes).unwrap();
+    let part = |offset: u64, len: u64| {
+        let at = usize::try_from(offset).unwrap();
+        &bytes[at..at + usize::try_from(len).unwrap()]
+    };
+    let l1 = part(header.l1_table_offset, u64::from(header.l1_size) * 8);
+    let cs = header.cluster_size();
+    let table = part(
+        header.refcount_table_offset,
+        u64::from(header.refcount_table_clusters) * cs,
+    );
+    let mut meta = Metadata::open(&header, l1, table, bytes.len() as u64).unwrap();
+    for sector in 0..SIZE / 512 {
+        for sectors in [1, 8] {
+            let (offset, len) = (sector * 512, sectors * 512);
+            if offset + len > SIZE {
+                continue;
+            }
+            let runs = loop {
+                match meta.map(offset, len).unwrap() {
+                    Plan::Ready(runs) => break runs,
+                    Plan::Load(Need::L2 { l1_index, offset }) => {
+                        assert_eq!(meta.data_in_cluster(sector * 512, len), None, "not loaded");
+                        meta.insert_l2(l1_index, offset, part(offset, cs)).unwrap();
+                    }
+                    Plan::Load(other) => panic!("a read needs {other:?}"),
+                }
+            };
+            let in_one_cluster = offset / cs == (offset + len - 1) / cs;
+            let expected = match runs.as_slice() {
+                [Run {
+                    kind: RunKind::Data { host },
+                    ..
+                }] if in_one_cluster => Some(*host),
+                _ => None,
+            };
+            assert_eq!(
+                meta.data_in_cluster(offset, len),
+                expected,
+                "{len} bytes at {offset}: {runs:?}"
+            );
+        }
+    }
+}
+
 fn read_all(image: &mut Image<Recording>) -> Vec<u8> {
     let mut all = vec![0u8; usize::try_from(SIZE).unwrap()];
     image.read(0, &mut all).unwrap();
@@ -171,6 +223,7 @@ proptest! {
             prop_assert_eq!(read_all(&mut image) == model, true, "after {:?}", op);
             completed.push((image.storage().log.len(), model.clone()));
         }
+        fast_path_agrees_with_map(&image.storage().bytes);
         let mut storage = image.close().unwrap();
         let report = check(&mut storage).unwrap();
         prop_assert!(report.is_consistent(), "{:?}", report);

@@ -67,6 +67,7 @@ image_for() {
 
 SOCK=
 start_server() { # SERVER MODE IMAGE
+    sync # the previous server's writes reach the disk before this one is measured
     case $1 in
     ours)
         local flags=()

@@ -602,11 +602,9 @@ impl Qcow2Driver {
     /// cluster that holds its data, with that cluster's L2 table cached (no I/O, no plan);
     /// `None` sends it to [`Qcow2Driver::read_runs`], which answers every other case.
     fn data_in_cluster(&self, sector: u64, len: usize) -> Option<u64> {
-        let len = len as u64;
-        if len % SECTOR_SIZE != 0 || self.check_range(sector, len / SECTOR_SIZE).is_err() {
-            return None;
-        }
-        self.meta().data_in_cluster(sector * SECTOR_SIZE, len)
+        let sectors = self.info.request_sectors(sector, len).ok()?;
+        self.meta()
+            .data_in_cluster(sector * SECTOR_SIZE, sectors * SECTOR_SIZE)
     }
 
     async fn read_runs(&self, sector: u64, mut buf: IoBuf) -> io::Result<ReadOutcome> {

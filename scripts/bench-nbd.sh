@@ -43,6 +43,8 @@ ENGINE=${ENGINE:-auto}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release --bins -q
 BIN=$CARGO_TARGET_DIR/release
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 
 # WORK_DIR: where the image lives (default /tmp; /dev/shm keeps it in memory, off the
 # filesystem write path every server otherwise shares).
@@ -79,9 +81,8 @@ start_server() {
         else
             open=(-a "aio:$IMAGE" -D)
         fi
-        marker=$(TAPDISK_CONFIG=$WORK/tapdisk.toml "$BIN/tap-ctl" create "${open[@]}" -b none)
-        minor=${marker##*tapdisk-}
-        pid=$("$BIN/tap-ctl" list -m "$minor" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
+        local pid minor
+        read -r pid minor < <(TAPDISK_CONFIG=$WORK/tapdisk.toml create_vbd "${open[@]}" -b none)
         SOCK=$BLKTAP_CONTROL_DIR/nbd$pid.$minor
         OURS="$pid $minor"
         ;;
@@ -112,9 +113,7 @@ start_server() {
 
 stop_server() {
     if [ -n "${OURS:-}" ]; then
-        local pid minor
-        read -r pid minor <<<"$OURS"
-        "$BIN/tap-ctl" destroy -p "$pid" -m "$minor" || true
+        destroy_vbd "$OURS" || true
         OURS=
     fi
     if [ -n "$SERVER_PID" ]; then

@@ -367,15 +367,22 @@ async fn control_messages_answer_as_the_c_tapdisk() {
     let wrote = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let record = std::fs::read(w.shm.join("td3-4242/vbd-7-51712")).unwrap();
-            if record[16..24] == 1u64.to_le_bytes() && record[32..40] == 8u64.to_le_bytes() {
+            // The task writes the records, then `io_ring`: wait for both.
+            let ring_written = w.shm.join("vbd3-7-51712/io_ring").exists();
+            if record[16..24] == 1u64.to_le_bytes()
+                && record[32..40] == 8u64.to_le_bytes()
+                && ring_written
+            {
                 break record;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await;
-    assert!(wrote.is_ok(), "the td3 record counts the read");
-    assert!(w.shm.join("vbd3-7-51712/io_ring").exists());
+    assert!(
+        wrote.is_ok(),
+        "the td3 record counts the read and io_ring is written"
+    );
     // Disconnect removes the files; connecting again works.
     w.ok(MessageType::XenblkifDisconnect, disconnect_body())
         .await;

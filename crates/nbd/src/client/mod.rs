@@ -32,26 +32,25 @@
 //! handed-over socket cannot) is for the owner to decide.
 
 pub mod codec;
+mod outgoing;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io::{self, IoSlice};
+use std::io;
 use std::ops::Range;
-use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, Semaphore};
 use tokio::time::Instant;
 
 use self::codec::{
     ChunkContext, ChunkMeaning, ClientProtoError, ExportFacts, GreetingStyle, InfoItem, ReplyKind,
     ServerFlags,
 };
+use self::outgoing::{Outgoing, Payload};
 use crate::handover::ReceivedStream;
 use crate::proto::{
     self, CMD_DISC, CMD_FLAG_FAST_ZERO, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
@@ -392,14 +391,17 @@ struct State<B> {
     pending: HashMap<u64, Pending<B>, BuildHasherDefault<CookieHasher>>,
     /// Why the connection is broken, once it is.
     broken: Option<String>,
+    /// Requests registered and not yet taken by the writer task, in cookie order.
+    outgoing: Outgoing<B>,
 }
 
 struct Shared<B> {
     negotiated: Negotiated,
     request_timeout: Duration,
     max_queued: usize,
-    writer: tokio::sync::Mutex<BoxedWriter>,
     state: Mutex<State<B>>,
+    /// Wakes the writer task when requests are queued on an empty queue.
+    send_ready: Notify,
     /// Set with `state.broken`: checked without the lock on every request.
     is_broken: AtomicBool,
     slots: Semaphore,
@@ -448,27 +450,37 @@ impl<B: ExportBuffer> Shared<B> {
         for waiter in waiters {
             waiter.fail(ClientError::Disconnected(reason.to_owned()));
         }
+        // The writer task shuts the socket down, telling the server we are gone.
         self.stop.send_replace(true);
-        // Tell the server we are gone once no request is being written.
-        let shared = Arc::clone(self);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let mut writer = shared.writer.lock().await;
-                let _ = writer.shutdown().await;
-            });
-        }
     }
 
-    /// Registers a waiter that must have its reply by `deadline` and returns its cookie.
-    fn register(&self, waiter: Waiter<B>, deadline: Instant) -> Result<u64, ClientError> {
-        let mut state = self.state();
-        if let Some(reason) = &state.broken {
-            return Err(ClientError::Disconnected(reason.clone()));
+    /// Registers a waiter that must have its reply by `deadline` and queues its request
+    /// (`header` gets the cookie) for the writer task.
+    fn enqueue(
+        &self,
+        waiter: Waiter<B>,
+        deadline: Instant,
+        mut header: [u8; proto::REQUEST_HEADER_LEN],
+        payload: Payload<'_, B>,
+    ) -> Result<(), ClientError> {
+        let was_idle = {
+            let mut state = self.state();
+            if let Some(reason) = &state.broken {
+                return Err(ClientError::Disconnected(reason.clone()));
+            }
+            let cookie = state.next_cookie;
+            state.next_cookie = state.next_cookie.wrapping_add(1);
+            state.pending.insert(cookie, Pending { deadline, waiter });
+            header[8..16].copy_from_slice(&cookie.to_be_bytes());
+            let was_idle = state.outgoing.is_empty();
+            state.outgoing.push(&header, payload);
+            was_idle
+        };
+        // Requests queued behind others ride with them: the writer takes the whole queue.
+        if was_idle {
+            self.send_ready.notify_one();
         }
-        let cookie = state.next_cookie;
-        state.next_cookie = state.next_cookie.wrapping_add(1);
-        state.pending.insert(cookie, Pending { deadline, waiter });
-        Ok(cookie)
+        Ok(())
     }
 
     /// The watchdog's look at the requests in flight: breaks the connection if a deadline
@@ -522,61 +534,47 @@ impl<B: ExportBuffer> Shared<B> {
         }
         self.finish_break(&reason, waiters);
     }
-
-    /// Writes one request; a write abandoned half-way breaks the connection (the stream
-    /// would be out of step).
-    async fn send(self: &Arc<Self>, header: &[u8], payload: &[u8]) -> Result<(), ClientError> {
-        let mut writer = self.writer.lock().await;
-        let mut guard = BreakOnDrop {
-            shared: Some(self),
-            reason: "a request was abandoned while being sent",
-        };
-        let result = write_all_vectored(&mut *writer, header, payload).await;
-        guard.shared = None;
-        drop(writer);
-        result.map_err(|e| {
-            let error = ClientError::io("sending a request", &e);
-            self.break_connection(error.to_string());
-            error
-        })
-    }
 }
 
-/// Breaks the connection when dropped armed.
-struct BreakOnDrop<'a, B: ExportBuffer> {
-    shared: Option<&'a Arc<Shared<B>>>,
-    reason: &'static str,
-}
-
-impl<B: ExportBuffer> Drop for BreakOnDrop<'_, B> {
-    fn drop(&mut self) {
-        if let Some(shared) = self.shared.take() {
-            shared.break_connection(self.reason.to_owned());
+/// Sends what requests queue, a batch at a time, until the connection breaks or closes;
+/// then shuts the socket down. A request past its deadline because the server does not
+/// read is the watchdog's to catch.
+async fn write_loop<B: ExportBuffer>(shared: Arc<Shared<B>>, mut writer: BoxedWriter) {
+    let mut stop = shared.stop.subscribe();
+    let stopped = stop.wait_for(|stopped| *stopped);
+    tokio::pin!(stopped);
+    let mut batch = Outgoing::default();
+    'connection: loop {
+        tokio::select! {
+            biased;
+            _ = &mut stopped => break 'connection,
+            () = shared.send_ready.notified() => {}
+        }
+        loop {
+            {
+                let mut state = shared.state();
+                if state.outgoing.is_empty() {
+                    break;
+                }
+                std::mem::swap(&mut state.outgoing, &mut batch);
+            }
+            let sent = tokio::select! {
+                biased;
+                _ = &mut stopped => break 'connection,
+                sent = batch.send(&mut writer) => sent,
+            };
+            if let Err(e) = sent {
+                shared.break_connection(ClientError::io("sending requests", &e).to_string());
+                break 'connection;
+            }
+            let closing = batch.closing;
+            batch.clear();
+            if closing {
+                break 'connection;
+            }
         }
     }
-}
-
-/// Writes `header` then `payload`, with vectored writes.
-async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
-    writer: &mut W,
-    header: &[u8],
-    payload: &[u8],
-) -> io::Result<()> {
-    let total = header.len() + payload.len();
-    let mut written = 0;
-    while written < total {
-        let n = if written < header.len() {
-            let slices = [IoSlice::new(&header[written..]), IoSlice::new(payload)];
-            writer.write_vectored(&slices).await?
-        } else {
-            writer.write(&payload[written - header.len()..]).await?
-        };
-        if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::WriteZero));
-        }
-        written += n;
-    }
-    writer.flush().await
+    let _ = writer.shutdown().await;
 }
 
 /// A connected, negotiated NBD client. Dropping it stops its reader; [`Client::close`]
@@ -585,6 +583,7 @@ pub struct Client<B: ExportBuffer> {
     shared: Arc<Shared<B>>,
     reader: tokio::task::AbortHandle,
     watchdog: tokio::task::AbortHandle,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl<B: ExportBuffer> std::fmt::Debug for Client<B> {
@@ -600,6 +599,7 @@ impl<B: ExportBuffer> Drop for Client<B> {
     fn drop(&mut self) {
         self.reader.abort();
         self.watchdog.abort();
+        self.writer.abort();
     }
 }
 
@@ -683,12 +683,13 @@ impl<B: ExportBuffer> Client<B> {
             negotiated,
             request_timeout: config.request_timeout,
             max_queued: config.max_queued,
-            writer: tokio::sync::Mutex::new(write),
             state: Mutex::new(State {
                 next_cookie: 1,
                 pending: HashMap::default(),
                 broken: None,
+                outgoing: Outgoing::default(),
             }),
+            send_ready: Notify::new(),
             is_broken: AtomicBool::new(false),
             slots: Semaphore::new(config.max_in_flight.max(1)),
             queued: AtomicUsize::new(0),
@@ -701,10 +702,12 @@ impl<B: ExportBuffer> Client<B> {
         ))
         .abort_handle();
         let watchdog = tokio::spawn(watch_deadlines(Arc::clone(&shared))).abort_handle();
+        let writer = tokio::spawn(write_loop(Arc::clone(&shared), write));
         Self {
             shared,
             reader,
             watchdog,
+            writer,
         }
     }
 
@@ -733,7 +736,7 @@ impl<B: ExportBuffer> Client<B> {
     async fn call<T>(
         &self,
         header: [u8; proto::REQUEST_HEADER_LEN],
-        payload: &[u8],
+        payload: Payload<'_, B>,
         waiter: Waiter<B>,
         reply: oneshot::Receiver<Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
@@ -744,44 +747,37 @@ impl<B: ExportBuffer> Client<B> {
         }
         let permit = match shared.slots.try_acquire() {
             Ok(permit) => permit,
-            Err(_) => {
-                if shared.queued.fetch_add(1, Ordering::Relaxed) >= shared.max_queued {
-                    shared.queued.fetch_sub(1, Ordering::Relaxed);
-                    return Err(ClientError::Busy);
-                }
-                let acquired = tokio::time::timeout_at(deadline, shared.slots.acquire()).await;
-                shared.queued.fetch_sub(1, Ordering::Relaxed);
-                match acquired {
-                    Ok(Ok(permit)) => permit,
-                    Ok(Err(_)) => return Err(ClientError::Disconnected("closed".into())),
-                    Err(_) => return Err(self.timed_out(&[])),
-                }
-            }
+            // Boxed: the wait (and its timer) is rare, and would make every request's
+            // future larger.
+            Err(_) => Box::pin(self.wait_for_slot(deadline)).await?,
         };
-        let mut header = header;
-        let cookie = shared.register(waiter, deadline)?;
-        header[8..16].copy_from_slice(&cookie.to_be_bytes());
-        // Sending: almost always done at the first try (the socket has room), then without a
-        // timer; one that must wait for the socket or for another request's sending waits
-        // within the deadline.
-        let mut send = pin!(shared.send(&header, payload));
-        let first_try = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
-        let sent = match first_try {
-            Poll::Ready(sent) => sent,
-            Poll::Pending => match tokio::time::timeout_at(deadline, send).await {
-                Ok(sent) => sent,
-                Err(_) => Err(self.timed_out(&[cookie])),
-            },
-        };
-        // The reply: the connection's watchdog fails it at the deadline.
-        let result = match sent {
-            Ok(()) => reply
-                .await
-                .unwrap_or_else(|_| Err(ClientError::Disconnected("reader stopped".into()))),
-            Err(e) => Err(e),
-        };
+        // Sent by the writer task; the connection's watchdog fails the reply at the
+        // deadline, also when the server does not even read the request.
+        shared.enqueue(waiter, deadline, header, payload)?;
+        let result = reply
+            .await
+            .unwrap_or_else(|_| Err(ClientError::Disconnected("reader stopped".into())));
         drop(permit);
         result
+    }
+
+    /// Waits for a slot on the wire, within `deadline`, unless too many wait already.
+    async fn wait_for_slot(
+        &self,
+        deadline: Instant,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, ClientError> {
+        let shared = &self.shared;
+        if shared.queued.fetch_add(1, Ordering::Relaxed) >= shared.max_queued {
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(ClientError::Busy);
+        }
+        let acquired = tokio::time::timeout_at(deadline, shared.slots.acquire()).await;
+        shared.queued.fetch_sub(1, Ordering::Relaxed);
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(ClientError::Disconnected("closed".into())),
+            Err(_) => Err(self.timed_out(&[])),
+        }
     }
 
     /// Breaks the connection for a request that timed out before it was sent (`cookies`:
@@ -833,7 +829,7 @@ impl<B: ExportBuffer> Client<B> {
                 done,
             };
             let header = codec::encode_request(CMD_READ, 0, 0, at, length);
-            buf = self.call(header, &[], waiter, reply).await?;
+            buf = self.call(header, Payload::None, waiter, reply).await?;
         }
         Ok(buf)
     }
@@ -844,7 +840,7 @@ impl<B: ExportBuffer> Client<B> {
         flags: u16,
         offset: u64,
         length: u32,
-        payload: &[u8],
+        payload: Payload<'_, B>,
     ) -> Result<(), ClientError> {
         let (done, reply) = oneshot::channel();
         let waiter = Waiter::Command {
@@ -860,11 +856,23 @@ impl<B: ExportBuffer> Client<B> {
         self.call(header, payload, waiter, reply).await
     }
 
-    /// Writes `data` at `offset`.
+    /// Writes `data` at `offset` (copied into the send queue).
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
         for (at, range) in self.chunks(offset, data.len())? {
             let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
-            self.command(CMD_WRITE, 0, at, length, &data[range]).await?;
+            let payload = Payload::Borrowed(&data[range]);
+            self.command(CMD_WRITE, 0, at, length, payload).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `data` at `offset`, sent straight from `data`: the send queue holds
+    /// a reference until it is on the wire, so nothing is copied.
+    pub async fn write_shared(&self, offset: u64, data: Arc<B>) -> Result<(), ClientError> {
+        for (at, range) in self.chunks(offset, data.bytes().len())? {
+            let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
+            let payload = Payload::Shared(&data, range);
+            self.command(CMD_WRITE, 0, at, length, payload).await?;
         }
         Ok(())
     }
@@ -874,7 +882,7 @@ impl<B: ExportBuffer> Client<B> {
         if !self.shared.negotiated.can_flush() {
             return Ok(());
         }
-        self.command(CMD_FLUSH, 0, 0, 0, &[]).await
+        self.command(CMD_FLUSH, 0, 0, 0, Payload::None).await
     }
 
     /// Zeroes `len` bytes at `offset` with `NBD_CMD_WRITE_ZEROES`; `may_trim` lets the
@@ -924,22 +932,29 @@ impl<B: ExportBuffer> Client<B> {
             usize::try_from(len).map_err(|_| ClientError::Invalid("range too long".into()))?;
         for (at, range) in self.chunks(offset, len)? {
             let length = u32::try_from(range.len()).unwrap_or(u32::MAX);
-            self.command(command, flags, at, length, &[]).await?;
+            self.command(command, flags, at, length, Payload::None)
+                .await?;
         }
         Ok(())
     }
 
     /// Says goodbye (`NBD_CMD_DISC`, which has no reply) once nothing is in flight, and
     /// stops the connection.
-    pub async fn close(self) {
-        if self.broken().is_none() {
-            let header = codec::encode_request(CMD_DISC, 0, 0, 0, 0);
-            let sent = tokio::time::timeout(Duration::from_secs(1), async {
-                let mut writer = self.shared.writer.lock().await;
-                let _ = write_all_vectored(&mut *writer, &header, &[]).await;
-                let _ = writer.shutdown().await;
-            })
-            .await;
+    pub async fn close(mut self) {
+        let queued = {
+            let mut state = self.shared.state();
+            let queued = state.broken.is_none();
+            if queued {
+                let header = codec::encode_request(CMD_DISC, 0, 0, 0, 0);
+                state.outgoing.push(&header, Payload::None);
+                state.outgoing.closing = true;
+            }
+            queued
+        };
+        if queued {
+            self.shared.send_ready.notify_one();
+            // The writer task ends once it has sent it and shut the socket down.
+            let sent = tokio::time::timeout(Duration::from_secs(1), &mut self.writer).await;
             if sent.is_err() {
                 tracing::debug!("NBD disconnect not sent within 1 s");
             }

@@ -403,7 +403,7 @@ impl ImageDriver for NbdImage {
             self.refuse_writes()?;
             let client = self.client().await?;
             client
-                .write(Self::offset(sector)?, buf.as_slice())
+                .write_shared(Self::offset(sector)?, buf)
                 .await
                 .map_err(|e| self.request_error(&e))
         })

@@ -12,10 +12,14 @@
 //! on TLS is reported as such ([`ClientError::TlsRequired`]). The whole handshake has a
 //! deadline ([`ClientConfig::handshake_timeout`]).
 //!
-//! **Transmission.** Requests are written by the task that makes them (one lock around the
-//! socket's write half, header and payload in one vectored write), so a request costs no
-//! hand-off to another task; one reader task reads replies and completes requests by cookie,
-//! reading read data straight into the caller's buffer. At most
+//! **Transmission.** One task per connection does its I/O. A request registers its cookie
+//! and queues its header and payload (a write's payload by reference, [`Client::write_shared`],
+//! or copied, [`Client::write`]); the first one queued on an empty queue wakes the task, which
+//! takes the whole queue and sends it with as few vectored writes as it fits (the `outgoing`
+//! module): requests made together (a guest's queue of writes) leave in one message, so the
+//! server wakes once for all of them, and nobody holds a lock across a write. The same task
+//! reads replies and completes requests by cookie, reading read data straight into the
+//! caller's buffer. At most
 //! [`ClientConfig::max_in_flight`] requests are on the wire; up to
 //! [`ClientConfig::max_queued`] more wait for a slot, and beyond that a request fails at once
 //! with [`ClientError::Busy`] (`EBUSY`) instead of queueing without bound. Requests larger
@@ -391,7 +395,7 @@ struct State<B> {
     pending: HashMap<u64, Pending<B>, BuildHasherDefault<CookieHasher>>,
     /// Why the connection is broken, once it is.
     broken: Option<String>,
-    /// Requests registered and not yet taken by the writer task, in cookie order.
+    /// Requests registered and not yet taken by the I/O task, in cookie order.
     outgoing: Outgoing<B>,
 }
 
@@ -400,7 +404,7 @@ struct Shared<B> {
     request_timeout: Duration,
     max_queued: usize,
     state: Mutex<State<B>>,
-    /// Wakes the writer task when requests are queued on an empty queue.
+    /// Wakes the I/O task when requests are queued on an empty queue.
     send_ready: Notify,
     /// Set with `state.broken`: checked without the lock on every request.
     is_broken: AtomicBool,
@@ -450,12 +454,12 @@ impl<B: ExportBuffer> Shared<B> {
         for waiter in waiters {
             waiter.fail(ClientError::Disconnected(reason.to_owned()));
         }
-        // The writer task shuts the socket down, telling the server we are gone.
+        // The I/O task shuts the socket down, telling the server we are gone.
         self.stop.send_replace(true);
     }
 
     /// Registers a waiter that must have its reply by `deadline` and queues its request
-    /// (`header` gets the cookie) for the writer task.
+    /// (`header` gets the cookie) for the I/O task.
     fn enqueue(
         &self,
         waiter: Waiter<B>,
@@ -536,54 +540,12 @@ impl<B: ExportBuffer> Shared<B> {
     }
 }
 
-/// Sends what requests queue, a batch at a time, until the connection breaks or closes;
-/// then shuts the socket down. A request past its deadline because the server does not
-/// read is the watchdog's to catch.
-async fn write_loop<B: ExportBuffer>(shared: Arc<Shared<B>>, mut writer: BoxedWriter) {
-    let mut stop = shared.stop.subscribe();
-    let stopped = stop.wait_for(|stopped| *stopped);
-    tokio::pin!(stopped);
-    let mut batch = Outgoing::default();
-    'connection: loop {
-        tokio::select! {
-            biased;
-            _ = &mut stopped => break 'connection,
-            () = shared.send_ready.notified() => {}
-        }
-        loop {
-            {
-                let mut state = shared.state();
-                if state.outgoing.is_empty() {
-                    break;
-                }
-                std::mem::swap(&mut state.outgoing, &mut batch);
-            }
-            let sent = tokio::select! {
-                biased;
-                _ = &mut stopped => break 'connection,
-                sent = batch.send(&mut writer) => sent,
-            };
-            if let Err(e) = sent {
-                shared.break_connection(ClientError::io("sending requests", &e).to_string());
-                break 'connection;
-            }
-            let closing = batch.closing;
-            batch.clear();
-            if closing {
-                break 'connection;
-            }
-        }
-    }
-    let _ = writer.shutdown().await;
-}
-
-/// A connected, negotiated NBD client. Dropping it stops its reader; [`Client::close`]
+/// A connected, negotiated NBD client. Dropping it stops its I/O task; [`Client::close`]
 /// says goodbye to the server first.
 pub struct Client<B: ExportBuffer> {
     shared: Arc<Shared<B>>,
-    reader: tokio::task::AbortHandle,
+    io: tokio::task::JoinHandle<()>,
     watchdog: tokio::task::AbortHandle,
-    writer: tokio::task::JoinHandle<()>,
 }
 
 impl<B: ExportBuffer> std::fmt::Debug for Client<B> {
@@ -597,9 +559,8 @@ impl<B: ExportBuffer> std::fmt::Debug for Client<B> {
 
 impl<B: ExportBuffer> Drop for Client<B> {
     fn drop(&mut self) {
-        self.reader.abort();
+        self.io.abort();
         self.watchdog.abort();
-        self.writer.abort();
     }
 }
 
@@ -624,7 +585,7 @@ impl Transport for tokio::net::TcpStream {
 
 impl<B: ExportBuffer> Client<B> {
     /// Negotiates on `stream` (connected to the server) as `config` says, within its
-    /// handshake deadline. Must be called within a tokio runtime; the reader task is spawned
+    /// handshake deadline. Must be called within a tokio runtime; the I/O task is spawned
     /// on it.
     pub async fn connect(
         stream: ReceivedStream,
@@ -696,18 +657,16 @@ impl<B: ExportBuffer> Client<B> {
             stop: watch::channel(false).0,
             timeouts: AtomicU64::new(0),
         });
-        let reader = tokio::spawn(read_loop(
+        let io = tokio::spawn(run_connection(
             Arc::clone(&shared),
             BufReader::with_capacity(64 * 1024, read),
-        ))
-        .abort_handle();
+            write,
+        ));
         let watchdog = tokio::spawn(watch_deadlines(Arc::clone(&shared))).abort_handle();
-        let writer = tokio::spawn(write_loop(Arc::clone(&shared), write));
         Self {
             shared,
-            reader,
+            io,
             watchdog,
-            writer,
         }
     }
 
@@ -751,7 +710,7 @@ impl<B: ExportBuffer> Client<B> {
             // future larger.
             Err(_) => Box::pin(self.wait_for_slot(deadline)).await?,
         };
-        // Sent by the writer task; the connection's watchdog fails the reply at the
+        // Sent by the I/O task; the connection's watchdog fails the reply at the
         // deadline, also when the server does not even read the request.
         shared.enqueue(waiter, deadline, header, payload)?;
         let result = reply
@@ -953,8 +912,8 @@ impl<B: ExportBuffer> Client<B> {
         };
         if queued {
             self.shared.send_ready.notify_one();
-            // The writer task ends once it has sent it and shut the socket down.
-            let sent = tokio::time::timeout(Duration::from_secs(1), &mut self.writer).await;
+            // The I/O task ends once it has sent it and shut the socket down.
+            let sent = tokio::time::timeout(Duration::from_secs(1), &mut self.io).await;
             if sent.is_err() {
                 tracing::debug!("NBD disconnect not sent within 1 s");
             }
@@ -1183,14 +1142,48 @@ async fn watch_deadlines<B: ExportBuffer>(shared: Arc<Shared<B>>) {
     }
 }
 
-/// Reads replies until the connection breaks or is stopped, then breaks it.
-async fn read_loop<B: ExportBuffer>(shared: Arc<Shared<B>>, mut reader: BufReader<BoxedReader>) {
+/// The connection's one I/O task: sends what requests queue, a batch at a time, and reads
+/// replies, until the connection breaks, is stopped or closes; then shuts the socket down.
+/// Both directions on one task: a batch is written (and its shared payloads let go) before
+/// any reply to it can be read, and a server that does not read is the watchdog's to catch
+/// while replies keep being read.
+async fn run_connection<B: ExportBuffer>(
+    shared: Arc<Shared<B>>,
+    mut reader: BufReader<BoxedReader>,
+    mut writer: BoxedWriter,
+) {
     let mut stop = shared.stop.subscribe();
-    let reason = tokio::select! {
-        _ = stop.wait_for(|stopped| *stopped) => return,
-        error = read_replies(&shared, &mut reader) => error,
+    let stopped = stop.wait_for(|stopped| *stopped);
+    tokio::pin!(stopped);
+    let replies = read_replies(&shared, &mut reader);
+    tokio::pin!(replies);
+    let mut batch = Outgoing::default();
+    let broken = loop {
+        let sending = !batch.is_empty();
+        tokio::select! {
+            biased;
+            _ = &mut stopped => break None,
+            reason = &mut replies => break Some(reason),
+            sent = batch.send(&mut writer), if sending => match sent {
+                Ok(()) => {
+                    let closing = batch.closing;
+                    batch.clear();
+                    if closing {
+                        break None;
+                    }
+                }
+                Err(e) => break Some(ClientError::io("sending requests", &e).to_string()),
+            },
+            // Requests queued behind the first ride with it: the whole queue is taken.
+            () = shared.send_ready.notified(), if !sending => {
+                std::mem::swap(&mut shared.state().outgoing, &mut batch);
+            }
+        }
     };
-    shared.break_connection(reason);
+    if let Some(reason) = broken {
+        shared.break_connection(reason);
+    }
+    let _ = writer.shutdown().await;
 }
 
 /// Reads replies and completes their requests; returns why it stopped.

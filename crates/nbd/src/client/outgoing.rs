@@ -4,8 +4,8 @@
 //! Requests never write the socket themselves. Each appends its header (and a payload it
 //! lends as a slice, copied) to one packed buffer, or shares a payload it owns by reference
 //! ([`Payload::Shared`]: sent straight from the caller's buffer, no copy), and the
-//! connection's writer task takes everything queued and sends it with as few `writev`
-//! calls as it fits: requests made together (a guest's queue of writes arriving in one
+//! connection's I/O task takes everything queued and sends it with as few `writev` calls
+//! as it fits: requests made together (a guest's queue of writes arriving in one
 //! message) leave in one message, and the server wakes once for all of them.
 
 use std::io::{self, IoSlice};
@@ -35,12 +35,15 @@ enum Piece<B> {
     Packed(usize),
     /// A range of a shared buffer.
     Shared(Arc<B>, Range<usize>),
+    /// A shared range of this length, sent: the buffer is let go at once, so its owner
+    /// can reuse it when the reply comes while later pieces still wait for the socket.
+    Sent(usize),
 }
 
 impl<B: ExportBuffer> Piece<B> {
     fn len(&self) -> usize {
         match self {
-            Self::Packed(len) => *len,
+            Self::Packed(len) | Self::Sent(len) => *len,
             Self::Shared(_, range) => range.len(),
         }
     }
@@ -54,6 +57,12 @@ pub(crate) struct Outgoing<B> {
     pieces: Vec<Piece<B>>,
     /// The last request queued is `NBD_CMD_DISC`: shut the socket down once it is sent.
     pub(crate) closing: bool,
+    /// How far sending got (kept here, so a [`Outgoing::send`] dropped between two writes
+    /// resumes where it stopped): the first piece not completely written, where it starts
+    /// in `packed` (when packed), and how many of its bytes are written.
+    piece: usize,
+    packed_at: usize,
+    skip: usize,
 }
 
 impl<B> Default for Outgoing<B> {
@@ -62,6 +71,9 @@ impl<B> Default for Outgoing<B> {
             packed: Vec::new(),
             pieces: Vec::new(),
             closing: false,
+            piece: 0,
+            packed_at: 0,
+            skip: 0,
         }
     }
 }
@@ -77,6 +89,9 @@ impl<B: ExportBuffer> Outgoing<B> {
         self.packed.clear();
         self.pieces.clear();
         self.closing = false;
+        self.piece = 0;
+        self.packed_at = 0;
+        self.skip = 0;
     }
 
     fn pack(&mut self, bytes: &[u8]) {
@@ -105,27 +120,31 @@ impl<B: ExportBuffer> Outgoing<B> {
         }
     }
 
-    /// Writes everything queued to `writer`, then flushes it.
+    /// Writes everything queued to `writer`, then flushes it; each shared payload is let go
+    /// as soon as it is written. Cancel-safe: dropped while waiting for the socket, a later
+    /// call goes on where this one stopped.
     pub(crate) async fn send<W: AsyncWrite + Unpin + ?Sized>(
-        &self,
+        &mut self,
         writer: &mut W,
     ) -> io::Result<()> {
-        // The first piece not completely written, where it starts in `packed` (when
-        // packed), and how much of it is written.
-        let mut piece = 0;
-        let mut packed_at = 0;
-        let mut skip = 0;
-        while piece < self.pieces.len() {
+        while self.piece < self.pieces.len() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut count = 0;
-            let mut at = packed_at;
-            for (i, p) in self.pieces[piece..].iter().take(MAX_SLICES).enumerate() {
+            let mut at = self.packed_at;
+            let skip = self.skip;
+            for (i, p) in self.pieces[self.piece..]
+                .iter()
+                .take(MAX_SLICES)
+                .enumerate()
+            {
                 let bytes = match p {
                     Piece::Packed(len) => {
                         at += len;
                         &self.packed[at - len..at]
                     }
                     Piece::Shared(buf, range) => &buf.bytes()[range.clone()],
+                    // Behind `piece`: never reached.
+                    Piece::Sent(_) => &[],
                 };
                 slices[i] = IoSlice::new(if i == 0 { &bytes[skip..] } else { bytes });
                 count += 1;
@@ -140,18 +159,20 @@ impl<B: ExportBuffer> Outgoing<B> {
             }
             // Step over what was written.
             let mut left = skip + written;
-            skip = 0;
-            while let Some(p) = self.pieces.get(piece) {
+            self.skip = 0;
+            while let Some(p) = self.pieces.get_mut(self.piece) {
                 let len = p.len();
                 if left < len {
-                    skip = left;
+                    self.skip = left;
                     break;
                 }
                 left -= len;
-                if let Piece::Packed(_) = p {
-                    packed_at += len;
+                match p {
+                    Piece::Packed(_) => self.packed_at += len,
+                    Piece::Shared(..) => *p = Piece::Sent(len),
+                    Piece::Sent(_) => {}
                 }
-                piece += 1;
+                self.piece += 1;
             }
         }
         writer.flush().await
@@ -160,6 +181,7 @@ impl<B: ExportBuffer> Outgoing<B> {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
@@ -235,7 +257,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_goes_out_in_one_write_and_in_order() {
-        let (outgoing, expected) = queue();
+        let (mut outgoing, expected) = queue();
         // Headers and the copied payload share a piece: packed, shared, packed.
         assert_eq!(outgoing.pieces.len(), 3);
         let mut writer = Trickle {
@@ -250,8 +272,8 @@ mod tests {
 
     #[tokio::test]
     async fn partial_writes_resume_where_they_stopped() {
-        let (outgoing, expected) = queue();
         for step in [1, 7, 28, 29, 60, 93] {
+            let (mut outgoing, expected) = queue();
             let mut writer = Trickle {
                 step,
                 out: Vec::new(),
@@ -264,7 +286,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn more_pieces_than_one_writev_takes() {
+    async fn more_pieces_than_one_writev_takes_and_sent_buffers_are_let_go() {
         let shared = Arc::new(vec![9u8; 8]);
         let mut outgoing: Outgoing<Vec<u8>> = Outgoing::default();
         let mut expected = Vec::new();
@@ -281,13 +303,85 @@ mod tests {
         outgoing.send(&mut writer).await.unwrap();
         assert_eq!(writer.out, expected);
         assert_eq!(writer.calls, 200usize.div_ceil(MAX_SLICES));
+        // Every shared payload was let go as soon as it was written.
+        assert_eq!(Arc::strong_count(&shared), 1);
         outgoing.clear();
         assert!(outgoing.is_empty());
     }
 
+    /// Takes `step` bytes on every second call and is not ready on the others.
+    struct Stalling {
+        inner: Trickle,
+        ready: bool,
+    }
+
+    impl AsyncWrite for Stalling {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.ready = !self.ready;
+            if !self.ready {
+                return Poll::Pending;
+            }
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            slices: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.ready = !self.ready;
+            if !self.ready {
+                return Poll::Pending;
+            }
+            Pin::new(&mut self.inner).poll_write_vectored(cx, slices)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_send_dropped_while_waiting_resumes_where_it_stopped() {
+        let (mut outgoing, expected) = queue();
+        let mut writer = Stalling {
+            inner: Trickle {
+                step: 9,
+                out: Vec::new(),
+                calls: 0,
+            },
+            ready: false,
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Each call writes once, then is dropped at its next wait (the last one finishes).
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let send = std::pin::pin!(outgoing.send(&mut writer));
+            if let Poll::Ready(result) = send.poll(&mut cx) {
+                result.unwrap();
+                break;
+            }
+        }
+        assert_eq!(writer.inner.out, expected);
+        assert_eq!(attempts, expected.len().div_ceil(9));
+    }
+
     #[tokio::test]
     async fn a_writer_taking_nothing_is_an_error() {
-        let (outgoing, _) = queue();
+        let (mut outgoing, _) = queue();
         let mut writer = Trickle {
             step: 0,
             out: Vec::new(),

@@ -39,6 +39,7 @@ pub mod codec;
 mod outgoing;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::ops::Range;
@@ -272,13 +273,16 @@ enum Waiter<B> {
         context: ChunkContext,
         /// Buffer ranges filled so far (structured replies), sorted, never overlapping.
         covered: Vec<Range<usize>>,
-        error: Option<ClientError>,
+        /// The first error a reply chunk reported (boxed: rare, and it keeps every waiter,
+        /// which each request moves around, small).
+        error: Option<Box<ClientError>>,
         done: oneshot::Sender<Result<B, ClientError>>,
     },
     /// Any other request.
     Command {
         context: ChunkContext,
-        error: Option<ClientError>,
+        /// As for reads.
+        error: Option<Box<ClientError>>,
         done: oneshot::Sender<Result<(), ClientError>>,
     },
 }
@@ -313,7 +317,7 @@ impl<B> Waiter<B> {
                 ..
             } => {
                 let result = match error {
-                    Some(error) => Err(error),
+                    Some(error) => Err(*error),
                     None => {
                         let whole = usize::try_from(context.length).unwrap_or(usize::MAX);
                         let complete =
@@ -334,7 +338,7 @@ impl<B> Waiter<B> {
                 let _ = done.send(result);
             }
             Self::Command { error, done, .. } => {
-                let _ = done.send(error.map_or(Ok(()), Err));
+                let _ = done.send(error.map_or(Ok(()), |error| Err(*error)));
             }
         }
         Ok(())
@@ -793,14 +797,16 @@ impl<B: ExportBuffer> Client<B> {
         Ok(buf)
     }
 
-    async fn command(
-        &self,
+    /// A request without read data. Not an `async fn`: the future is [`Self::call`]'s own,
+    /// so the waiter is not held twice in every request's future.
+    fn command<'a>(
+        &'a self,
         command: u16,
         flags: u16,
         offset: u64,
         length: u32,
-        payload: Payload<'_, B>,
-    ) -> Result<(), ClientError> {
+        payload: Payload<'a, B>,
+    ) -> impl Future<Output = Result<(), ClientError>> + 'a {
         let (done, reply) = oneshot::channel();
         let waiter = Waiter::Command {
             context: ChunkContext {
@@ -812,7 +818,7 @@ impl<B: ExportBuffer> Client<B> {
             done,
         };
         let header = codec::encode_request(command, flags, 0, offset, length);
-        self.call(header, payload, waiter, reply).await
+        self.call(header, payload, waiter, reply)
     }
 
     /// Writes `data` at `offset` (copied into the send queue).
@@ -1344,14 +1350,14 @@ async fn chunk<B: ExportBuffer>(
             },
         ) => {
             if error.is_none() {
-                *error = Some(ClientError::Server {
+                *error = Some(Box::new(ClientError::Server {
                     errno: codec::errno_of_nbd_error(code),
                     message: if message.is_empty() {
                         message
                     } else {
                         format!(": {message}")
                     },
-                });
+                }));
             }
         }
         (_, ChunkMeaning::Nothing) => {}

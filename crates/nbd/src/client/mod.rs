@@ -444,11 +444,13 @@ impl<B: ExportBuffer> Shared<B> {
         self.finish_break(&reason, waiters);
     }
 
-    /// Records that the connection is broken and takes every request in flight.
+    /// Records that the connection is broken and takes every request in flight; requests
+    /// still queued are never sent, and the buffers they share are let go.
     fn mark_broken(&self, state: &mut State<B>, reason: &str) -> Vec<Waiter<B>> {
         tracing::warn!("NBD connection broken: {reason}");
         state.broken = Some(reason.to_owned());
         self.is_broken.store(true, Ordering::Release);
+        state.outgoing.clear();
         state.pending.drain().map(|(_, p)| p.waiter).collect()
     }
 

@@ -80,6 +80,9 @@ pub struct Qcow2Stats {
     pub allocations: u64,
     /// L2 tables read.
     pub l2_loads: u64,
+    /// Writes of L2 table entries (each carries every entry update of its table that was
+    /// waiting for it).
+    pub l2_writes: u64,
     /// L2 tables in the cache.
     pub cached_l2_tables: usize,
     /// Chunks of clusters reserved.
@@ -95,6 +98,7 @@ pub struct Qcow2Stats {
 struct Qcow2Counters {
     allocations: AtomicU64,
     l2_loads: AtomicU64,
+    l2_writes: AtomicU64,
     reservations: AtomicU64,
     decompressions: AtomicU64,
 }
@@ -554,6 +558,7 @@ impl Qcow2Driver {
         let unit = self
             .resolve(Some(update.l1_index), |m| m.render_l2(update))
             .await?;
+        self.counters.l2_writes.fetch_add(1, Ordering::Relaxed);
         self.write_meta(&unit).await?;
         self.meta().publish_l2(update);
         Ok(())
@@ -1027,6 +1032,7 @@ impl ImageDriver for Qcow2Driver {
                     extended_l2: self.layout.extended_l2,
                     allocations: self.counters.allocations.load(Ordering::Relaxed),
                     l2_loads: self.counters.l2_loads.load(Ordering::Relaxed),
+                    l2_writes: self.counters.l2_writes.load(Ordering::Relaxed),
                     cached_l2_tables,
                     reservations: self.counters.reservations.load(Ordering::Relaxed),
                     reserved_clusters,

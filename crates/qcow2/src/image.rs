@@ -9,7 +9,9 @@ use crate::compress::decompress;
 use crate::error::{Qcow2Error, Result};
 use crate::header::{self, Extension, Header};
 use crate::layout::Layout;
-use crate::meta::{Allocation, Fill, MetaWrite, Metadata, Need, Plan, Release, RunKind, ZeroPlan};
+use crate::meta::{
+    Allocation, Fill, L2Update, MetaWrite, Metadata, Need, Plan, Release, RunKind, ZeroPlan,
+};
 use crate::refcount;
 
 /// Positioned byte storage holding an image.
@@ -245,6 +247,15 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    /// Writes one L2 entry and publishes it.
+    fn update_l2(&mut self, update: &L2Update) -> io::Result<()> {
+        for write in self.resolve(|m| m.render_l2(std::slice::from_ref(update)))? {
+            self.put(&write)?;
+        }
+        self.meta.publish_l2(update);
+        Ok(())
+    }
+
     fn release(&mut self, releases: &[Release]) -> io::Result<()> {
         if releases.is_empty() {
             return Ok(());
@@ -374,9 +385,7 @@ impl<S: Storage> Image<S> {
             self.storage.write_at(&buf, plan.host + base)?;
         }
         if let Some(update) = plan.entry {
-            let unit = self.resolve(|m| m.render_l2(&update))?;
-            self.put(&unit)?;
-            self.meta.publish_l2(&update);
+            self.update_l2(&update)?;
         }
         self.release(&plan.release)
     }
@@ -400,9 +409,7 @@ impl<S: Storage> Image<S> {
                 ZeroPlan::Nothing => {}
                 ZeroPlan::WriteZeros => self.write(at, &vec![0u8; to_index(piece)?])?,
                 ZeroPlan::Update { update, release } => {
-                    let unit = self.resolve(|m| m.render_l2(&update))?;
-                    self.put(&unit)?;
-                    self.meta.publish_l2(&update);
+                    self.update_l2(&update)?;
                     self.release(&release)?;
                 }
             }

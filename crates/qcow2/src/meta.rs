@@ -15,7 +15,8 @@
 //! header), and only then are its clusters handed out. An allocating write then needs:
 //!
 //! 1. the data (and whatever copy-on-write fill the cluster needs) written to its new place;
-//! 2. the L2 entry, rewritten in place ([`Metadata::render_l2`]), which makes it visible;
+//! 2. the L2 entry, rewritten in place ([`Metadata::render_l2`]), which makes it visible
+//!    (entries of one table whose data is written may go out together, in one write);
 //! 3. for a cluster that replaced another (compressed, shared), the old one's refcount
 //!    decremented ([`Metadata::plan_release`]).
 //!
@@ -27,9 +28,10 @@
 //! reserved clusters are given back at close ([`Metadata::plan_release_pool`]).
 //!
 //! Executors must serialise updates that share a metadata unit: L2 updates per table, L1
-//! updates, and every refcount structure change (reservation, release). Each update is
-//! rendered from the in-memory table at the moment it is written, and published in memory
-//! only once written, so concurrent updates never undo each other on disk.
+//! updates, and every refcount structure change (reservation, release). Each update (or batch
+//! of updates of one table) is rendered from the in-memory table at the moment it is written,
+//! and published in memory only once written, so concurrent updates never undo each other on
+//! disk.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -276,6 +278,8 @@ pub struct Metadata {
 
 /// Bytes of L2 tables kept in memory at most.
 const L2_CACHE_BYTES: u64 = 64 << 20;
+/// Longest write of L2 units that [`Metadata::render_l2`] renders for a batch of updates.
+pub const L2_WRITE_SPAN: u64 = 64 << 10;
 /// Bytes of clusters reserved at once.
 const RESERVE_BYTES: u64 = 32 << 20;
 
@@ -758,35 +762,75 @@ impl Metadata {
         }
     }
 
-    /// Renders the metadata unit of the L2 table holding `update`'s entry, with that entry
-    /// changed and every other one as currently published. The caller holds the table's
-    /// write lock until it has written the unit and called [`Metadata::publish_l2`].
-    pub fn render_l2(&mut self, update: &L2Update) -> Result<Plan<MetaWrite>> {
+    /// Renders the writes that put `updates` (entries of one L2 table, applied in order: a
+    /// later update of an entry wins) on disk: the metadata units holding them, with those
+    /// entries changed and every other one as currently published. Units less than
+    /// [`L2_WRITE_SPAN`] apart are written as one range, the unchanged units between them
+    /// included, so any batch of updates to a table of 64 KiB or less is one write. The
+    /// caller holds the table's write lock until it has written every unit and called
+    /// [`Metadata::publish_l2`] for each update.
+    pub fn render_l2(&mut self, updates: &[L2Update]) -> Result<Plan<Vec<MetaWrite>>> {
+        let Some(first) = updates.first() else {
+            return Ok(Plan::Ready(Vec::new()));
+        };
+        let l1_index = first.l1_index;
+        if let Some(other) = updates.iter().find(|u| u.l1_index != l1_index) {
+            return Err(Qcow2Error::field(
+                "L2 table",
+                "l1_index",
+                self.layout.l1_table_offset + other.l1_index * 8,
+                format!(
+                    "one L2 write holds entries of tables {l1_index} and {}",
+                    other.l1_index
+                ),
+            ));
+        }
         let layout = self.layout;
-        let table = ready!(self.l2_table(update.l1_index)?);
         let unit = layout.meta_unit();
         let n = layout.l2_entry_words();
-        let byte = update.l2_index * n * 8;
-        let unit_start = byte / unit * unit;
-        let first_word = to_index(unit_start / 8);
-        let words = to_index(unit / 8);
-        let mut bytes = Vec::with_capacity(to_index(unit));
-        let new = update.entry.encode(&layout);
-        let own = to_index(byte / 8);
-        for i in first_word..first_word + words {
-            let word = if i == own {
-                new[0]
-            } else if n == 2 && i == own + 1 {
-                new[1]
-            } else {
-                table.words[i]
-            };
-            bytes.extend_from_slice(&word.to_be_bytes());
+        let table = ready!(self.l2_table(l1_index)?);
+        // (word index, new word) in the order given, and the units they fall in.
+        let mut changes = Vec::with_capacity(updates.len() * to_index(n));
+        let mut units = Vec::with_capacity(updates.len());
+        for update in updates {
+            let own = update.l2_index * n;
+            let new = update.entry.encode(&layout);
+            changes.push((own, new[0]));
+            if n == 2 {
+                changes.push((own + 1, new[1]));
+            }
+            units.push(own * 8 / unit);
         }
-        Ok(Plan::Ready(MetaWrite {
-            offset: table.offset + unit_start,
-            bytes,
-        }))
+        units.sort_unstable();
+        units.dedup();
+        // Spans of units [first, last], each at most L2_WRITE_SPAN bytes.
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for index in units {
+            match spans.last_mut() {
+                Some((first, last)) if (index + 1 - *first) * unit <= L2_WRITE_SPAN => {
+                    *last = index
+                }
+                _ => spans.push((index, index)),
+            }
+        }
+        let per_unit = unit / 8;
+        let writes = spans
+            .into_iter()
+            .map(|(first, last)| {
+                let words = first * per_unit..(last + 1) * per_unit;
+                let mut span = table.words[to_index(words.start)..to_index(words.end)].to_vec();
+                for (index, word) in &changes {
+                    if words.contains(index) {
+                        span[to_index(index - words.start)] = *word;
+                    }
+                }
+                MetaWrite {
+                    offset: table.offset + first * unit,
+                    bytes: span.iter().flat_map(|w| w.to_be_bytes()).collect(),
+                }
+            })
+            .collect();
+        Ok(Plan::Ready(writes))
     }
 
     /// Publishes a written L2 entry in memory.

@@ -8,8 +8,9 @@
 
 use proptest::prelude::*;
 use qcow2::check::check;
+use qcow2::entry::Entry;
 use qcow2::image::{create, CreateOptions, Image, Storage};
-use qcow2::meta::{Run, RunKind};
+use qcow2::meta::{L2Update, Run, RunKind};
 use qcow2::{Metadata, Need, Plan};
 
 const SIZE: u64 = 512 << 10;
@@ -302,4 +303,86 @@ fn a_refcount_table_far_away_fails_the_first_allocation() {
     let mut image = Image::open(bytes, true).unwrap();
     let err = image.write(0, &[1u8; 512]).unwrap_err();
     assert!(err.to_string().contains("past 8 MiB"), "{err}");
+}
+
+/// A batch of L2 updates renders as one write per span of nearby units (here 2 MiB clusters:
+/// a 2 MiB table of 4 KiB units): units 0 and 1 together, unit 20 (beyond 64 KiB) apart;
+/// every other entry as published, and the last update of an entry wins. Updates of two
+/// tables in one batch are refused.
+#[test]
+fn a_batch_of_l2_updates_is_written_in_spans() {
+    let cs = 2u64 << 20;
+    let options = CreateOptions {
+        cluster_bits: 21,
+        ..CreateOptions::new(32 << 30)
+    };
+    let mut image = Image::open(create(&options).unwrap(), true).unwrap();
+    image.write(0, &[7u8; 512]).unwrap();
+    let bytes = image.close().unwrap();
+    let header = qcow2::Header::parse(&bytes).unwrap();
+    let part = |offset: u64, len: u64| {
+        let at = usize::try_from(offset).unwrap();
+        &bytes[at..at + usize::try_from(len).unwrap()]
+    };
+    let mut meta = Metadata::open(
+        &header,
+        part(header.l1_table_offset, u64::from(header.l1_size) * 8),
+        part(
+            header.refcount_table_offset,
+            u64::from(header.refcount_table_clusters) * cs,
+        ),
+        bytes.len() as u64,
+    )
+    .unwrap();
+    let entry = |host: u64| Entry::Standard {
+        host: Some(host * cs),
+        copied: true,
+        alloc: 1,
+        zero: 0,
+    };
+    let update = |l1_index: u64, l2_index: u64, host: u64| L2Update {
+        l1_index,
+        l2_index,
+        entry: entry(host),
+    };
+    let updates = [
+        update(0, 3, 40),
+        update(0, 600, 41),
+        update(0, 20 * 512 + 5, 42),
+        update(0, 3, 43),
+    ];
+    let writes = loop {
+        match meta.render_l2(&updates).unwrap() {
+            Plan::Ready(writes) => break writes,
+            Plan::Load(Need::L2 { l1_index, offset }) => {
+                meta.insert_l2(l1_index, offset, part(offset, cs)).unwrap()
+            }
+            Plan::Load(other) => panic!("rendering needs {other:?}"),
+        }
+    };
+    let l1 = u64::from_be_bytes(part(header.l1_table_offset, 8).try_into().unwrap());
+    let table = l1 & qcow2::entry::OFFSET_MASK;
+    let ranges: Vec<(u64, usize)> = writes.iter().map(|w| (w.offset, w.bytes.len())).collect();
+    assert_eq!(ranges, [(table, 8192), (table + 20 * 4096, 4096)]);
+    let word = |bytes: &[u8], index: usize| {
+        u64::from_be_bytes(bytes[index * 8..index * 8 + 8].try_into().unwrap())
+    };
+    let layout = *meta.layout();
+    let encoded = |host: u64| entry(host).encode(&layout)[0];
+    // Cluster 0, written above, keeps its published entry.
+    assert_eq!(word(&writes[0].bytes, 0), word(part(table, 8), 0));
+    assert_ne!(word(&writes[0].bytes, 0), 0);
+    assert_eq!(word(&writes[0].bytes, 3), encoded(43));
+    assert_eq!(word(&writes[0].bytes, 600), encoded(41));
+    assert_eq!(word(&writes[1].bytes, 5), encoded(42));
+    let untouched = writes[0]
+        .bytes
+        .chunks(8)
+        .enumerate()
+        .filter(|(i, w)| ![0, 3, 600].contains(i) && w.iter().any(|b| *b != 0))
+        .count();
+    assert_eq!(untouched, 0);
+    let mixed = [update(0, 1, 50), update(1, 1, 51)];
+    let err = meta.render_l2(&mixed).unwrap_err();
+    assert!(err.to_string().contains("tables 0 and 1"), "{err}");
 }

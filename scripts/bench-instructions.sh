@@ -36,7 +36,9 @@
 # Environment: N (default 20000), BASE (default 2000), SIZE (default 256M), SERVERS (subset
 # of "ours ours-buffered ours-mirror qemu-none qemu-wb nbdkit"), JOBS (subset of "randread
 # randwrite"), QD (default 32), ROUNDS (default 3), IMAGE_FORMAT (raw, the default, or
-# qcow2; results are labelled SERVER-qcow2), BIN_DIR (take tapdisk and tap-ctl from
+# qcow2; results are labelled SERVER-qcow2), QCOW2_IMAGE (with qcow2: filled, the default, or
+# fresh: an empty image made anew before every server starts, so reads find holes and writes
+# allocate; labelled SERVER-qcow2-fresh), BIN_DIR (take tapdisk and tap-ctl from
 # there instead of building them: a copy of an earlier build, for before/after counts),
 # KEEP=1 keeps the cachegrind files (for cg_annotate) in KEEP_DIR (default ./cachegrind),
 # named SERVER-JOB-COUNT-roundR.out (the mirror's destination: ours-mirror-dst-...).
@@ -53,6 +55,7 @@ ROUNDS=${ROUNDS:-3}
 KEEP=${KEEP:-0}
 KEEP_DIR=${KEEP_DIR:-$PWD/cachegrind}
 IMAGE_FORMAT=${IMAGE_FORMAT:-raw}
+QCOW2_IMAGE=${QCOW2_IMAGE:-filled}
 
 case $IMAGE_FORMAT in
 raw) DRIVER=aio LABEL= ;;
@@ -62,6 +65,18 @@ qcow2) DRIVER=qcow2 LABEL=-qcow2 ;;
     exit 1
     ;;
 esac
+case $QCOW2_IMAGE in
+filled) ;;
+fresh) LABEL=$LABEL-fresh ;;
+*)
+    echo "QCOW2_IMAGE must be filled or fresh, not '$QCOW2_IMAGE'" >&2
+    exit 1
+    ;;
+esac
+if [ "$QCOW2_IMAGE" = fresh ] && [ "$IMAGE_FORMAT" != qcow2 ]; then
+    echo "QCOW2_IMAGE=fresh needs IMAGE_FORMAT=qcow2" >&2
+    exit 1
+fi
 if [ "$IMAGE_FORMAT" = qcow2 ] && [[ " $SERVERS " == *" nbdkit "* || " $SERVERS " == *" ours-mirror "* ]]; then
     echo "with IMAGE_FORMAT=qcow2, leave nbdkit (raw only) and ours-mirror out of SERVERS" >&2
     exit 1
@@ -95,10 +110,14 @@ cleanup() {
 trap cleanup EXIT
 
 IMAGE=$WORK/disk.img
-echo "# image: $SIZE $IMAGE_FORMAT at $IMAGE (random data)" >&2
-fio --name=fill --filename="$IMAGE" --size="$SIZE" --rw=write --bs=1M --refill_buffers \
-    --ioengine=psync --end_fsync=1 --output=/dev/null
-if [ "$IMAGE_FORMAT" = qcow2 ]; then
+if [ "$QCOW2_IMAGE" = fresh ]; then
+    echo "# image: $SIZE qcow2 at $IMAGE, made empty for every server" >&2
+else
+    echo "# image: $SIZE $IMAGE_FORMAT at $IMAGE (random data)" >&2
+    fio --name=fill --filename="$IMAGE" --size="$SIZE" --rw=write --bs=1M --refill_buffers \
+        --ioengine=psync --end_fsync=1 --output=/dev/null
+fi
+if [ "$IMAGE_FORMAT" = qcow2 ] && [ "$QCOW2_IMAGE" = filled ]; then
     qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$IMAGE" "$IMAGE.qcow2"
     mv "$IMAGE.qcow2" "$IMAGE"
     sync "$IMAGE"
@@ -123,6 +142,10 @@ CG_FILE=
 CG_DST_FILE=
 start_server() {
     rm -f "$WORK"/cg.*
+    if [ "$QCOW2_IMAGE" = fresh ]; then
+        rm -f "$IMAGE"
+        qemu-img create -q -f qcow2 -o cluster_size=65536 "$IMAGE" "$SIZE"
+    fi
     CG_DST_FILE=
     case $1 in
     ours | ours-buffered | ours-mirror)

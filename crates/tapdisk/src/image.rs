@@ -442,12 +442,30 @@ async fn read_level(
     }
     let result = image.driver.read(sector, buf).await;
     image.counters.count_read(served(total, &result), &result);
-    let outcome = result?;
+    let mut outcome = result?;
     if outcome.absent.is_empty() {
+        return Ok(outcome.buf);
+    }
+    if level + 1 == images.len() {
+        // Nothing below: what is absent reads as zeros (no recursion, no other buffer).
+        for range in &outcome.absent {
+            let bytes = absent_bytes(range, outcome.buf.len())?;
+            outcome.buf.as_mut_slice()[bytes].fill(0);
+        }
         return Ok(outcome.buf);
     }
     let (buf, _) = Box::pin(read_absent(images, level + 1, sector, outcome, false)).await?;
     Ok(buf)
+}
+
+/// The bytes of a read buffer of `len` bytes that the absent sectors `range` cover.
+fn absent_bytes(range: &Range<u64>, len: usize) -> io::Result<Range<usize>> {
+    let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
+    let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
+    if start >= end || end > len {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(start..end)
 }
 
 /// [`read_level`] of a read reaching past the end of the image at `level`, which holds the
@@ -500,11 +518,7 @@ async fn read_absent(
     let mut buf = outcome.buf;
     let mut fetched = Vec::new();
     for range in outcome.absent {
-        let start = usize::try_from(range.start * SECTOR_SIZE).map_err(|_| einval())?;
-        let end = usize::try_from(range.end * SECTOR_SIZE).map_err(|_| einval())?;
-        if start >= end || end > buf.len() {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
+        let Range { start, end } = absent_bytes(&range, buf.len())?;
         let part = IoBuf::zeroed(end - start);
         let part = read_at_level(images, level, sector + range.start, part).await?;
         buf.as_mut_slice()[start..end].copy_from_slice(part.as_slice());

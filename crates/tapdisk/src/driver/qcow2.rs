@@ -107,15 +107,20 @@ struct Qcow2Counters {
     decompressions: AtomicU64,
 }
 
-/// How the write of a batch of L2 updates ended: `Err((errno, message))` when it failed.
-type BatchOutcome = OnceLock<Result<(), (i32, String)>>;
+/// How the write of a batch of L2 updates ended, and the wake-up of those waiting for it.
+#[derive(Debug, Default)]
+struct BatchDone {
+    /// `Err((errno, message))` when the write failed; set by whoever wrote the batch.
+    outcome: OnceLock<Result<(), (i32, String)>>,
+    /// Woken once `outcome` is set.
+    notify: tokio::sync::Notify,
+}
 
 /// L2 entry updates of one table waiting for its next write.
 #[derive(Debug, Default)]
 struct L2Batch {
     updates: Vec<L2Update>,
-    /// Set by whoever writes the batch, read by the others once they get the table's lock.
-    done: Arc<BatchOutcome>,
+    done: Arc<BatchDone>,
 }
 
 /// An open qcow2 image.
@@ -571,12 +576,12 @@ impl Qcow2Driver {
     }
 
     /// Writes an L2 entry, in one write with every other update of its table that waits
-    /// meanwhile: the update joins its table's open batch, then waits for the table's lock.
-    /// The first of a batch to get the lock takes the batch (later updates open the next
-    /// one) and renders, writes and publishes all of it; the others find it done when they
-    /// get the lock in turn. So while one write of a table is in flight, the updates that
-    /// arrive meanwhile gather for the next, and each returns only once its entry is on
-    /// disk (its data was written before it joined).
+    /// meanwhile: the update joins its table's open batch, then waits for the table's lock
+    /// or for its batch to be written, whichever comes first. The first of a batch to get
+    /// the lock takes the batch (later updates open the next one), renders, writes and
+    /// publishes all of it, then wakes the others. So while one write of a table is in
+    /// flight, the updates that arrive meanwhile gather for the next, and each returns only
+    /// once its entry is on disk (its data was written before it joined).
     async fn update_l2(&self, update: &L2Update) -> io::Result<()> {
         let l1_index = update.l1_index;
         let done = {
@@ -585,12 +590,26 @@ impl Qcow2Driver {
             batch.updates.push(*update);
             Arc::clone(&batch.done)
         };
-        let _table = self.table_lock(l1_index).lock().await;
-        if let Some(outcome) = done.get() {
+        let written = done.notify.notified();
+        tokio::pin!(written);
+        // Registered before the outcome is looked at: the writer sets it, then wakes.
+        written.as_mut().enable();
+        let table = match done.outcome.get() {
+            Some(_) => None,
+            None => tokio::select! {
+                () = &mut written => None,
+                table = self.table_lock(l1_index).lock() => Some(table),
+            },
+        };
+        if let Some(outcome) = done.outcome.get() {
             return outcome
                 .clone()
                 .map_err(|(code, message)| crate::error::failure(code, message));
         }
+        let Some(_table) = table else {
+            tracing::error!(path = %self.path.display(), l1_index, "woken before the L2 write of its batch ended");
+            return Err(errno(libc::EIO));
+        };
         let batch = {
             let mut pending = self.pending_l2();
             match pending.get(&l1_index) {
@@ -608,7 +627,8 @@ impl Qcow2Driver {
             Ok(()) => Ok(()),
             Err(e) => Err((e.raw_os_error().unwrap_or(libc::EIO), e.to_string())),
         };
-        let _ = done.set(outcome);
+        let _ = done.outcome.set(outcome);
+        done.notify.notify_waiters();
         result
     }
 

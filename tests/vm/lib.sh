@@ -30,11 +30,15 @@ FAILED=0
 ok() { PASSED=$((PASSED + 1)); echo "ok - $*"; }
 fail() { FAILED=$((FAILED + 1)); echo "FAIL - $*"; }
 
-# check DESCRIPTION COMMAND...: runs COMMAND (output to the log), records the result.
+# check DESCRIPTION COMMAND...: runs COMMAND (output to the log), records the result and
+# returns COMMAND's status (so `if check ...` branches on the command, not on the record).
 check() {
-    local what=$1; shift
+    local what=$1 rc; shift
     echo "== $what: $*" >> "$LOG"
-    if "$@" >> "$LOG" 2>&1; then ok "$what"; else fail "$what (see $TEST_NAME.log)"; fi
+    "$@" >> "$LOG" 2>&1
+    rc=$?
+    if [ "$rc" -eq 0 ]; then ok "$what"; else fail "$what (see $TEST_NAME.log)"; fi
+    return "$rc"
 }
 
 # expect_status N DESCRIPTION COMMAND...: COMMAND must exit with status N.

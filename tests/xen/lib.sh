@@ -66,7 +66,10 @@ wait_rounds() {
 # which tapback finds the tapdisk and minor).
 
 # guest_start NAME INITRD: starts guest NAME without disks and waits until its blkfront is
-# ready ("GUEST: blkfront ready"); prints its domid.
+# ready ("GUEST: blkfront ready"); prints its domid. 256 MiB (XEN_GUEST_MEM): blkfront keeps
+# a page per grant of every ring slot when the back end offers persistent grants (blkback
+# does): (32 segments + 1 indirect page) x 256 slots of an order-3 ring, 33 MiB per disk;
+# with three disks a 128 MiB guest ran out of memory before its disks appeared.
 guest_start() {
     cat > "/run/xen/guest-$1.cfg" <<CFG
 name = "$1"
@@ -74,7 +77,7 @@ type = "pv"
 kernel = "$XEN_GUEST_KERNEL"
 ramdisk = "$2"
 cmdline = "console=hvc0 quiet ${XEN_GUEST_CMDLINE:-}"
-memory = ${XEN_GUEST_MEM:-128}
+memory = ${XEN_GUEST_MEM:-256}
 vcpus = 1
 on_poweroff = "destroy"
 on_reboot = "destroy"
@@ -93,9 +96,12 @@ vdev_number() {
 
 # guest_disk DOMID VDEV TYPE TARGET: hot-plugs a disk as VDEV (xvda...). TYPE vbd: TARGET is
 # a block device for blkback; TYPE vbd3: TARGET is "PID MINOR" of a tapdisk, for tapback.
-# The back end goes first (readable by the guest); then the front end's directory, made the
-# guest's own, and its keys in one transaction (they inherit that owner), so the guest's
-# xenbus sees a complete front end, state Initialising, that it may write.
+# Both ends' nodes are written first without their `state`: the back end's (readable by the
+# guest), then the front end's directory, made the guest's own, and its keys (they inherit
+# that owner). The two `state` nodes (Initialising) come last, in one transaction: a kernel
+# xenbus driver probes a device only once its `state` is Initialising, and its probe fails
+# for good when the other end does not exist yet (blkback's and blkfront's alike), so
+# neither end may appear before the other (xenopsd writes both in one transaction).
 guest_disk() {
     local domid=$1 vdev=$2 type=$3 target=$4 devid fe be extra pid minor
     devid=$(vdev_number "$vdev")
@@ -109,12 +115,13 @@ guest_disk() {
     esac
     # shellcheck disable=SC2086 # $extra is key/value pairs
     xenstore-write "$be/frontend" "$fe" "$be/frontend-id" "$domid" "$be/online" 1 \
-        "$be/removable" 0 "$be/state" 1 "$be/mode" w "$be/type" phy "$be/dev" "$vdev" \
+        "$be/removable" 0 "$be/mode" w "$be/type" phy "$be/dev" "$vdev" \
         "$be/device-type" disk $extra &&
     xenstore-chmod -r "$be" n0 "r$domid" &&
     xenstore-write "$fe" "" && xenstore-chmod "$fe" "n$domid" r0 &&
     xenstore-write "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/virtual-device" "$devid" \
-        "$fe/device-type" disk "$fe/state" 1
+        "$fe/device-type" disk &&
+    xenstore-write "$be/state" 1 "$fe/state" 1
 }
 
 # guest_wait NAME SECONDS: waits until guest NAME is gone (destroys it after SECONDS),
@@ -132,6 +139,19 @@ guest_wait() {
     i=0; while [ $i -lt 3 ] && ! console "$1" | grep -q '^GUEST-RC='; do sleep 1; i=$((i + 1)); done
     console "$1" | sed "s/^/  $1 | /" >> "$LOG"
     console "$1" | grep -q '^GUEST-RC=0'
+}
+
+# xen_diag DOMID: appends to the log what the disks' handshake left in XenStore (the back
+# ends and the guest's front ends, states and error nodes) and dom0's recent kernel messages.
+xen_diag() {
+    {
+        echo "== diagnostics: XenStore back ends, domain $1's front ends, error nodes, dmesg"
+        xenstore-ls -f /local/domain/0/backend
+        xenstore-ls -f "/local/domain/$1/device"
+        xenstore-ls -f /local/domain/0/error
+        xenstore-ls -f "/local/domain/$1/error"
+        dmesg | tail -n 40
+    } >> "$LOG" 2>&1
 }
 
 # guest_unplug DOMID TYPE: removes the guest's back-end nodes (blkback lets go of the devices).

@@ -74,6 +74,8 @@ if check "guest reads dom0's data and finishes a round" wait_console phy '^GUEST
     check "unpause onto leaf2" tap-ctl unpause -p "$pid_b" -m "$minor_b" -a "vhd:$leaf2"
     check "the guest goes on on the new leaf" wait_rounds phy 3 120
     check "tap-ctl list shows the new leaf" sh -c "tap-ctl list -m $minor_b | grep -q 'vhd:$leaf2'"
+else
+    xen_diag "$domid"
 fi
 post_stop "$mbox"
 check "guest verified every slot and halted cleanly (GUEST-RC=0)" guest_wait phy 300

@@ -84,6 +84,8 @@ if check "guest reads dom0's data through our back-end and finishes a round" \
     leaf2_size=$(stat -c %s "$leaf2")
     check "unpause onto leaf2" tap-ctl unpause -p "$pid_b" -m "$minor_b" -a "vhd:$leaf2"
     check "the guest goes on on the new leaf" wait_rounds vbd3 3 180
+else
+    xen_diag "$domid"
 fi
 post_stop "$mbox"
 check "guest verified every slot and halted cleanly (GUEST-RC=0)" guest_wait vbd3 300

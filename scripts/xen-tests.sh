@@ -11,7 +11,7 @@
 #
 # Usage: scripts/xen-tests.sh [NAME...]   (default: every tests/xen/*.sh but the helpers
 # lib.sh and guest-*.sh; bench-xen runs scripts/bench-xen.sh the same way)
-# scripts/test.sh (CI) runs it last when BLKTAP_XEN_TESTS=1, with VM_TIMEOUT=1800 unless
+# scripts/test.sh (CI) runs it last (unless BLKTAP_XEN_TESTS=0), with VM_TIMEOUT=1800 unless
 # XEN_TESTS_TIMEOUT says otherwise; the first run sets the Xen host up (run-in-xen.sh setup,
 # cached).
 # Knobs: RUN_IN_XEN (default ../shared/vm/run-in-xen.sh), VM_TIMEOUT for the whole boot

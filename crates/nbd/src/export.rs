@@ -127,4 +127,13 @@ pub trait Export: Send + Sync + 'static {
             }])
         }
     }
+
+    /// Runs one turn of a connection's loop (everything the connection task does between
+    /// two waits: parsing requests and starting them, finishing replies). An export whose
+    /// I/O can be queued now and handed to the kernel later does so here: `turn` starts the
+    /// turn's requests, and what they queued goes out together when it returns. Default:
+    /// just `turn`.
+    fn turn<R>(&self, turn: impl FnOnce() -> R) -> R {
+        turn()
+    }
 }

@@ -7,6 +7,8 @@
 //! * every admitted request becomes a future in one [`FuturesUnordered`] polled by the
 //!   connection task itself, so an export that completes at once (page-cache hits) costs no
 //!   wake-up; a request that waits (a paused disk, a slow device) only delays its own reply;
+//!   every poll of the connection task is one [`Export::turn`], so an export can hand the
+//!   I/O of all requests started in it to the kernel together;
 //! * replies are encoded into the connection's [`Outbox`] and written with vectored writes:
 //!   small replies and small read payloads are packed into one buffer, large payloads are
 //!   written from the export's buffer without a copy, and everything queued goes out in one
@@ -433,14 +435,17 @@ pub(crate) async fn serve<E, S>(
         },
         outbox,
     };
-    let end = run(
-        &mut conn,
-        backlog.as_ref(),
-        &mut reader,
-        &mut writer,
-        shutdown,
-    )
-    .await;
+    let export = Arc::clone(&conn.export);
+    let end = {
+        let mut turns = std::pin::pin!(run(
+            &mut conn,
+            backlog.as_ref(),
+            &mut reader,
+            &mut writer,
+            shutdown,
+        ));
+        std::future::poll_fn(|cx| export.turn(|| turns.as_mut().poll(cx))).await
+    };
     match end {
         End::Graceful => {
             let _ = writer.shutdown().await;

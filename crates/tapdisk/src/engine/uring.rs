@@ -3,7 +3,10 @@
 //!
 //! How a request runs:
 //! 1. the request's future takes the ring lock, queues one SQE and calls `io_uring_enter`; a
-//!    buffered read that hits the page cache completes inside that call;
+//!    buffered read that hits the page cache completes inside that call. Inside a
+//!    [`SubmitBatch`] (a frontend's turn of its event loop: one poll of an NBD connection,
+//!    one round of a ublk queue's ready tags) the entry is only queued, and the batch's end
+//!    hands every entry its thread queued to the kernel with one `io_uring_enter` per ring;
 //! 2. still under the lock, it reaps whatever completed (its own completion included) and
 //!    wakes the owners of the others;
 //! 3. completions that arrive later (device I/O, page-cache misses handled by the kernel's
@@ -15,6 +18,7 @@
 //! still write to; dropping the engine waits for every submitted operation first. Discard
 //! and zeroing (rare, and often slow) run on the blocking pool through [`PreadEngine`].
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::future::Future;
 use std::io;
@@ -152,14 +156,15 @@ impl Ring {
         self.slots.len() - 1
     }
 
-    /// Queues `entry` (tagged with `index`) and tells the kernel.
-    fn submit(&mut self, entry: squeue::Entry) -> io::Result<()> {
+    /// Queues `entry` (tagged with `index`) and, unless `defer`, tells the kernel.
+    fn submit(&mut self, entry: squeue::Entry, defer: bool) -> io::Result<()> {
         loop {
             // SAFETY: every buffer an entry points at is owned by its slot (`Held`) until the
             // completion is reaped: the heap memory of an `IoBuf` does not move when the
             // value moves, slots are only released after their completion, and dropping the
             // ring first waits for every submitted operation. The file descriptor belongs
-            // to the engine, which outlives the ring.
+            // to the engine, which outlives the ring (the ring holds its own reference to
+            // the registered file, too).
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 break;
@@ -168,7 +173,32 @@ impl Ring {
             self.enter()?;
         }
         self.submitted += 1;
+        if defer {
+            return Ok(());
+        }
         self.enter()
+    }
+
+    /// Hands every queued entry to the kernel (the end of a [`SubmitBatch`]), then reaps.
+    fn flush(&mut self) {
+        // `io_uring_enter` may take fewer entries than queued (no memory for a request just
+        // now): enter again until the queue is empty, as the entries' owners wait for them.
+        let mut stalled = 0;
+        while !self.ring.submission().is_empty() {
+            let queued = self.ring.submission().len();
+            if let Err(e) = self.enter() {
+                tracing::warn!("io_uring: queued requests not submitted yet: {e}");
+            }
+            if self.ring.submission().len() >= queued {
+                stalled += 1;
+                if stalled > 1000 {
+                    tracing::error!("io_uring: the kernel takes no more requests");
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        self.reap();
     }
 
     /// Hands the queued entries to the kernel. `EBUSY` means completions are waiting in
@@ -206,6 +236,88 @@ impl Drop for Ring {
                 std::thread::yield_now();
             }
         }
+    }
+}
+
+/// The entries of one thread's turn, handed to the kernel together.
+///
+/// While one is alive on a thread, the engine's operations started on that thread queue
+/// their entries without `io_uring_enter`; when the outermost one is dropped, every ring
+/// that got entries is entered once. The frontends open one around each turn of their
+/// event loop, so that requests that arrived together reach the kernel together: one
+/// system call for all of them instead of one each. A batch must not outlive the turn
+/// (nothing may wait for an operation queued in it before it ends).
+#[derive(Debug)]
+#[must_use = "entries are submitted when the batch is dropped"]
+pub struct SubmitBatch {
+    /// Only the outermost batch of a thread submits.
+    outermost: bool,
+}
+
+/// The current thread's open batch: the rings with entries waiting for its end.
+#[derive(Default)]
+struct ThreadBatch {
+    open: bool,
+    rings: Vec<Arc<Shared>>,
+}
+
+thread_local! {
+    static BATCH: RefCell<ThreadBatch> = RefCell::default();
+}
+
+impl SubmitBatch {
+    /// Opens a batch on this thread (or joins the one already open).
+    pub fn begin() -> Self {
+        let outermost = BATCH.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            !std::mem::replace(&mut batch.open, true)
+        });
+        Self { outermost }
+    }
+
+    /// Runs `turn` inside a batch.
+    pub fn around<R>(turn: impl FnOnce() -> R) -> R {
+        let _batch = Self::begin();
+        turn()
+    }
+
+    /// Whether a batch is open on this thread; if so, `shared` is entered at its end.
+    fn defer(shared: &Arc<Shared>) -> bool {
+        BATCH.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            if !batch.open {
+                return false;
+            }
+            if !batch.rings.iter().any(|ring| Arc::ptr_eq(ring, shared)) {
+                batch.rings.push(Arc::clone(shared));
+            }
+            true
+        })
+    }
+}
+
+impl Drop for SubmitBatch {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        // Taken out while the rings are entered: waking a completed operation's owner
+        // must not find the batch borrowed.
+        let mut rings = BATCH.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            batch.open = false;
+            std::mem::take(&mut batch.rings)
+        });
+        for shared in rings.drain(..) {
+            shared.lock().flush();
+        }
+        // Keep the allocation for the next turn.
+        BATCH.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            if batch.rings.is_empty() {
+                batch.rings = rings;
+            }
+        });
     }
 }
 
@@ -260,6 +372,9 @@ impl UringEngine {
     pub fn new(file: Arc<File>) -> io::Result<Self> {
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let ring = IoUring::new(RING_ENTRIES)?;
+        // The file is registered with the ring (entries name it as fixed file 0): the
+        // kernel then looks it up once, not on every request.
+        ring.submitter().register_files(&[file.as_raw_fd()])?;
         let notify = eventfd()?;
         ring.submitter().register_eventfd(notify.as_raw_fd())?;
         let notify = {
@@ -283,13 +398,16 @@ impl UringEngine {
         let weak = Arc::downgrade(&shared);
         let reaper = runtime
             .spawn(async move {
-                let mut counter = [0u8; 8];
                 loop {
                     let Ok(mut ready) = notify.readable().await else {
                         break;
                     };
-                    // Clear the counter; `WouldBlock` means it already was.
-                    let _ = rustix::io::read(notify.get_ref(), &mut counter);
+                    // The counter is never read (a system call per wake-up saved): tokio
+                    // watches the descriptor edge-triggered, and every signal the ring
+                    // sends is a new edge, however high the counter stands. A signal that
+                    // arrives between the wake-up and this clearing is not lost: tokio
+                    // keeps readiness newer than the guard, and the reap below would
+                    // find its completion anyway.
                     ready.clear_ready();
                     let Some(shared) = weak.upgrade() else {
                         break;
@@ -322,6 +440,7 @@ impl UringEngine {
 
     /// Submits one operation and waits for its result (a byte count or `-errno`).
     fn op(&self, entry: squeue::Entry, held: Held) -> Op {
+        let defer = SubmitBatch::defer(&self.shared);
         let mut ring = self.shared.lock();
         let index = ring.take_slot();
         let slot = &mut ring.slots[index];
@@ -331,10 +450,12 @@ impl UringEngine {
         slot.abandoned = false;
         slot.in_use = true;
         let entry = entry.user_data(index as u64);
-        let state = match ring.submit(entry) {
+        let state = match ring.submit(entry, defer) {
             Ok(()) => {
                 self.shared.pending.fetch_add(1, Ordering::Relaxed);
-                ring.reap();
+                if !defer {
+                    ring.reap();
+                }
                 OpState::Submitted(index)
             }
             Err(e) => {
@@ -351,8 +472,9 @@ impl UringEngine {
         }
     }
 
-    fn fd(&self) -> types::Fd {
-        types::Fd(self.shared.file.as_raw_fd())
+    /// The engine's file, as registered with its ring.
+    fn fd(&self) -> types::Fixed {
+        types::Fixed(0)
     }
 }
 
@@ -585,6 +707,57 @@ mod tests {
         }
         assert_eq!(engine.pending(), 0);
         drop(engine);
+    }
+}
+
+/// Entries queued inside a [`SubmitBatch`] reach the kernel when it ends.
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn queued(engine: &UringEngine) -> usize {
+        engine.shared.lock().ring.submission().len()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_batch_submits_its_entries_together_when_it_ends() {
+        if !supported() {
+            eprintln!("skipped: io_uring unavailable");
+            return;
+        }
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        std::os::unix::fs::FileExt::write_all_at(&*file, &[0x77; 16384], 0).unwrap();
+        let engine = UringEngine::new(file).unwrap();
+        let waker = Waker::noop();
+        let mut context = Context::from_waker(waker);
+        let outer = SubmitBatch::begin();
+        let inner = SubmitBatch::begin();
+        let mut reads: Vec<_> = (0..4u64)
+            .map(|i| engine.read_at(IoBuf::zeroed(4096), i * 4096))
+            .collect();
+        for read in &mut reads {
+            assert!(read.as_mut().poll(&mut context).is_pending());
+        }
+        assert_eq!(queued(&engine), 4, "entered inside the batch");
+        drop(inner);
+        assert_eq!(queued(&engine), 4, "an inner batch submitted");
+        drop(outer);
+        assert_eq!(queued(&engine), 0, "the batch's end left entries queued");
+        for read in reads {
+            assert!(read.await.unwrap().as_slice().iter().all(|b| *b == 0x77));
+        }
+        // Outside a batch, every operation is entered at once.
+        let mut read = engine.read_at(IoBuf::zeroed(4096), 0);
+        let first = read.as_mut().poll(&mut context);
+        assert_eq!(queued(&engine), 0);
+        match first {
+            // A page-cache hit completes inside the submitting call.
+            Poll::Ready(result) => drop(result.unwrap()),
+            Poll::Pending => drop(read.await.unwrap()),
+        }
+        // Inside one, without any operation: nothing to enter.
+        SubmitBatch::around(|| ());
+        assert_eq!(engine.pending(), 0);
     }
 }
 

@@ -18,6 +18,7 @@ use nbd::{
 
 use super::{Frontend, FrontendContext, StartFrontend};
 use crate::driver::{Allocation, ZeroFlags, SECTOR_SIZE};
+use crate::engine::uring::SubmitBatch;
 use crate::engine::IoFuture;
 use crate::iobuf::IoBuf;
 use crate::vbd::Vbd;
@@ -208,6 +209,12 @@ impl Export for VbdExport {
 
     fn recycle(&self, buf: IoBuf) {
         self.pool.give(buf);
+    }
+
+    fn turn<R>(&self, turn: impl FnOnce() -> R) -> R {
+        // The requests one poll of the connection started reach the engine's rings with
+        // one `io_uring_enter` each.
+        SubmitBatch::around(turn)
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {

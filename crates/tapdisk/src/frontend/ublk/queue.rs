@@ -41,6 +41,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Wake, Waker};
 
@@ -54,6 +55,7 @@ use super::chardev::borrow_char_device;
 use super::config::Bridge;
 use crate::driver::{ZeroFlags, SECTOR_SIZE};
 use crate::engine::mapped::MappedBytes;
+use crate::engine::uring::SubmitBatch;
 use crate::iobuf::IoBuf;
 use crate::vbd::Vbd;
 
@@ -85,9 +87,15 @@ fn errno(code: i32) -> io::Error {
 }
 
 /// Wakes a queue thread waiting in `io_uring_enter`.
+///
+/// Completions often arrive in bunches (an engine's reaper wakes every tag whose I/O it
+/// found done): only the first of them since the queue thread last drained writes the
+/// eventfd, the others see `kicked` set and know the queue thread will run their tags.
 #[derive(Debug)]
 struct Wakeup {
     eventfd: OwnedFd,
+    /// The eventfd was written and the queue thread has not drained it yet.
+    kicked: AtomicBool,
 }
 
 impl Wakeup {
@@ -96,19 +104,29 @@ impl Wakeup {
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )?;
-        Ok(Self { eventfd })
+        Ok(Self {
+            eventfd,
+            kicked: AtomicBool::new(false),
+        })
     }
 
-    /// Makes the queue's armed poll complete.
+    /// Makes the queue's armed poll complete (called after the task to run was woken).
     fn notify(&self) {
+        if self.kicked.swap(true, Ordering::AcqRel) {
+            return;
+        }
         // EAGAIN only when the counter is saturated, which means a wake-up is pending anyway.
         let _ = rustix::io::write(&self.eventfd, &1u64.to_ne_bytes());
     }
 
-    /// Resets the counter so the next poll waits again.
+    /// Resets the counter so the next poll waits again. Runs on the queue thread among its
+    /// ready tasks, which it keeps running until none is left: a task woken before `kicked`
+    /// is cleared (its kick skipped, or read away here) runs in this same round; one woken
+    /// after writes the eventfd again.
     fn drain(&self) {
         let mut counter = [0u8; 8];
         let _ = rustix::io::read(&self.eventfd, &mut counter);
+        self.kicked.store(false, Ordering::Release);
     }
 }
 
@@ -318,7 +336,9 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, context: &Arc<QueueContext>) {
     let listener = executor.spawn(listen_for_wakeups(Arc::clone(&wakeup), minor));
     let run = Rc::clone(&executor);
     smol::block_on(executor.run(async {
-        let run_ready_tasks = || while run.try_tick() {};
+        // Every engine ring the tags' requests queued entries on is entered once per
+        // round, as the driver's commands of the round are.
+        let run_ready_tasks = || SubmitBatch::around(|| while run.try_tick() {});
         let all_done = || tasks.iter().all(smol::Task::is_finished);
         if let Err(e) =
             libublk::wait_and_handle_io_events(&queue, Some(20), run_ready_tasks, all_done).await
@@ -706,14 +726,24 @@ mod tests {
         wakeup.notify();
         wakeup.notify();
         let mut counter = [0u8; 8];
+        // One write for both: the second saw the first's kick still pending.
         assert_eq!(rustix::io::read(&wakeup.eventfd, &mut counter).unwrap(), 8);
-        assert_eq!(u64::from_ne_bytes(counter), 2);
-        // Drained: reading again would block.
+        assert_eq!(u64::from_ne_bytes(counter), 1);
+        wakeup.notify();
+        assert_eq!(
+            rustix::io::read(&wakeup.eventfd, &mut counter).unwrap_err(),
+            rustix::io::Errno::AGAIN,
+            "kicked again before the queue thread drained"
+        );
+        // Drained: reading again would block, and the next wake-up writes again.
         wakeup.drain();
         assert_eq!(
             rustix::io::read(&wakeup.eventfd, &mut counter).unwrap_err(),
             rustix::io::Errno::AGAIN
         );
+        wakeup.notify();
+        assert_eq!(rustix::io::read(&wakeup.eventfd, &mut counter).unwrap(), 8);
+        assert_eq!(u64::from_ne_bytes(counter), 1);
     }
 
     #[test]

@@ -281,6 +281,13 @@ impl SubmitBatch {
         turn()
     }
 
+    /// `future` with each of its polls inside a batch: for a task whose every poll is a turn
+    /// of its loop.
+    pub fn each_poll<F: Future>(future: F) -> impl Future<Output = F::Output> {
+        let mut future = Box::pin(future);
+        std::future::poll_fn(move |cx| Self::around(|| future.as_mut().poll(cx)))
+    }
+
     /// Whether a batch is open on this thread; if so, `shared` is entered at its end.
     fn defer(shared: &Arc<Shared>) -> bool {
         BATCH.with(|batch| {

@@ -39,6 +39,7 @@ use self::engine::RingTask;
 use self::platform::Platform;
 use self::stats::{RingCounters, SharedFiles, StatsFiles, StatsLocation};
 use super::{Frontend, FrontendContext, FrontendStats, StartFrontend};
+use crate::engine::uring::SubmitBatch;
 use crate::engine::IoFuture;
 use crate::error::{errno_of, failure};
 use crate::vbd::Vbd;
@@ -123,7 +124,9 @@ impl<P: Platform> Connector for PlatformConnector<P> {
             files: Arc::clone(&files),
             name,
         };
-        let handle = tokio::spawn(task.run(stopped));
+        // Every poll of the ring's task is a turn: the requests it takes off the ring
+        // together reach the engine's rings with one `io_uring_enter` each.
+        let handle = tokio::spawn(SubmitBatch::each_poll(task.run(stopped)));
         Ok(BlkifRing {
             domid,
             devid,

@@ -4,8 +4,8 @@
 //! How a request runs:
 //! 1. the request's future takes the ring lock, queues one SQE and calls `io_uring_enter`; a
 //!    buffered read that hits the page cache completes inside that call. Inside a
-//!    [`SubmitBatch`] (a frontend's turn of its event loop: one poll of an NBD connection,
-//!    one round of a ublk queue's ready tags) the entry is only queued, and the batch's end
+//!    [`SubmitBatch`] (a frontend's turn of its event loop: one poll of an NBD connection
+//!    or of a blkif ring's task, one round of a ublk queue's ready tags) the entry is only queued, and the batch's end
 //!    hands every entry its thread queued to the kernel with one `io_uring_enter` per ring;
 //! 2. still under the lock, it reaps whatever completed (its own completion included) and
 //!    wakes the owners of the others;

@@ -82,20 +82,10 @@ if [ "$IMAGE_FORMAT" = qcow2 ] && [[ " $SERVERS " == *" nbdkit "* || " $SERVERS 
     exit 1
 fi
 
-if [ "$N" -le "$BASE" ]; then
-    echo "N ($N) must be larger than BASE ($BASE)" >&2
-    exit 1
-fi
-
-if [ -n "${BIN_DIR:-}" ]; then
-    BIN=$BIN_DIR
-else
-    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-    cargo build --release -q -p tapdisk -p tap-ctl --bins
-    BIN=$CARGO_TARGET_DIR/release
-fi
 # shellcheck source=scripts/bench-lib.sh
 source scripts/bench-lib.sh
+counted_requests "$N" "$BASE"
+bench_binaries
 
 # O_DIRECT needs a filesystem on storage: /var/tmp, not a tmpfs /tmp.
 WORK=$(mktemp -d "${WORK_DIR:-/var/tmp}/bench-instructions.XXXXXX")

@@ -1,7 +1,28 @@
 # shellcheck shell=bash
 # Helpers the benchmark scripts share (sourced, not run). The caller sets BIN (the directory
-# of the built tap-ctl) and exports BLKTAP_CONTROL_DIR; BLKTAP_TAPDISK, if set, chooses the
-# tapdisk that tap-ctl starts (e.g. a wrapper running it under valgrind).
+# of the built tap-ctl; bench_binaries does) and exports BLKTAP_CONTROL_DIR; BLKTAP_TAPDISK,
+# if set, chooses the tapdisk that tap-ctl starts (e.g. a wrapper running it under valgrind).
+
+# bench_binaries: sets BIN to $BIN_DIR if given (an earlier build, to compare against), else
+# builds tapdisk and tap-ctl in release mode and sets BIN to their directory.
+bench_binaries() {
+    if [ -n "${BIN_DIR:-}" ]; then
+        BIN=$BIN_DIR
+    else
+        export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+        cargo build --release -q -p tapdisk -p tap-ctl --bins
+        BIN=$CARGO_TARGET_DIR/release
+    fi
+}
+
+# counted_requests N BASE: the per-request scripts measure N and BASE requests and divide the
+# difference; N must be the larger.
+counted_requests() {
+    if [ "$1" -le "$2" ]; then
+        echo "N ($1) must be larger than BASE ($2)" >&2
+        exit 1
+    fi
+}
 
 # create_vbd TAP-CTL-CREATE-ARGS... -> prints "pid minor" of the new VBD (one new tapdisk).
 create_vbd() {
